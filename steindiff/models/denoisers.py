@@ -1,0 +1,130 @@
+"""Denoisers ``D(x, sigma, **extra) -> x0_hat`` in VE coordinates, and adapters that turn
+epsilon-, v-, x0- or score-prediction networks on a VP process into one.
+
+Convention (k-diffusion): ``x = x0 + sigma * eps`` with ``sigma`` the VE noise level, passed as a
+tensor of shape ``(batch,)``.  A VP network sees ``x_vp = alpha x`` with ``alpha = 1/sqrt(1+sigma^2)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Protocol
+
+import torch
+from torch import nn
+
+from ..noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess
+
+__all__ = ["Denoiser", "VPDenoiser", "EDMPrecond", "PREDICTION_TYPES"]
+
+PREDICTION_TYPES = ("epsilon", "v", "x0", "score")
+
+
+class Denoiser(Protocol):
+    """``D(x, sigma, **extra)``: estimate of ``E[x0 | x]`` for ``x = x0 + sigma eps``."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor: ...
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector ``(B,)`` (or scalar) to broadcast against ``x``."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if v.ndim == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+
+
+class VPDenoiser(nn.Module):
+    """Wrap a network ``net(x_vp, t, **extra)`` trained on a VP process into a VE denoiser.
+
+    With ``alpha = 1/sqrt(1+sigma^2)``, ``sigma_vp = alpha sigma`` and network output ``F``:
+
+    - ``epsilon``: ``D = x - sigma F``                         (Ho et al. 2020)
+    - ``v``:       ``D = alpha (alpha x_vp... ) = alpha^2 x - sigma_vp F``, i.e. ``x0 = alpha x_vp - sigma_vp v``
+      (Salimans & Ho 2022, Eq. 22)
+    - ``x0``:      ``D = F``
+    - ``score``:   ``D = x + sigma^2 F / alpha``... with ``F = grad log p(x_vp)``: ``eps = -sigma_vp F``.
+
+    ``timestep``: how a noise level maps to the network's time input.  ``"interp"`` gives the
+    fractional timestep (k-diffusion, diffusers' Euler/Heun); ``"round"`` rounds it to the nearest
+    integer (diffusers' DPM-Solver++ and UniPC with Karras sigmas).  For a continuous process the
+    time is ``t * time_scale`` (e.g. ``time_scale=1000`` for score-SDE checkpoints).
+    ``dtype`` is the network's dtype; its input is cast to it and its output cast back.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        process: DiscreteVPProcess | ContinuousVPProcess,
+        prediction: Literal["epsilon", "v", "x0", "score"] = "epsilon",
+        timestep: Literal["interp", "round"] = "interp",
+        time_scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        if timestep not in ("interp", "round"):
+            raise ValueError(f"timestep must be 'interp' or 'round', got {timestep!r}")
+        if not hasattr(process, "sigma_to_t"):
+            raise TypeError(f"VPDenoiser needs a VP process with sigma_to_t, got {process!r}")
+        self.net = net
+        self.process = process
+        self.prediction, self.timestep, self.time_scale, self.dtype = prediction, timestep, time_scale, dtype
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        t = self.process.sigma_to_t(sigma.detach().to(torch.float64))
+        if self.timestep == "round":
+            t = t.round()
+        return t * self.time_scale
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        s = _bcast(sigma, x)
+        alpha = torch.rsqrt(1 + s**2)
+        x_vp = x * alpha
+        t = self.sigma_to_t(sigma).to(x.device)
+        net_dtype = self.dtype or x.dtype
+        out = self.net(x_vp.to(net_dtype), t.to(net_dtype if net_dtype.is_floating_point else torch.float32), **extra)
+        out = out.to(x.dtype)
+        if out.shape != x.shape:
+            raise ValueError(f"network output has shape {tuple(out.shape)}, expected {tuple(x.shape)} (same as its input)")
+        if self.prediction == "epsilon":
+            return x - s * out
+        if self.prediction == "v":
+            return alpha * x_vp - alpha * s * out
+        if self.prediction == "x0":
+            return out
+        # score of the VP marginal: eps = -sigma_vp * score
+        return x + s * (alpha * s) * out
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning (Karras et al. 2022, Table 1 and Eq. 7):
+    ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with
+    ``c_skip = sd^2/(sigma^2+sd^2)``, ``c_out = sigma sd / sqrt(sigma^2+sd^2)``,
+    ``c_in = 1/sqrt(sigma^2+sd^2)``, ``c_noise = log(sigma)/4``."""
+
+    def __init__(self, net: Callable[..., torch.Tensor], sigma_data: float = 0.5, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net, self.sigma_data, self.dtype = net, float(sigma_data), dtype
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.coefficients(_bcast(sigma, x))
+        net_dtype = self.dtype or x.dtype
+        F = self.net((c_in * x).to(net_dtype), c_noise.reshape(-1).to(net_dtype), **extra).to(x.dtype)
+        if F.shape != x.shape:
+            raise ValueError(f"network output has shape {tuple(F.shape)}, expected {tuple(x.shape)} (same as its input)")
+        return c_skip * x + c_out * F

@@ -1,0 +1,98 @@
+"""Solvers as step operators.
+
+A solver advances the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al.
+2022, Eq. 3, VE coordinates) from ``sigmas[i]`` to ``sigmas[i + 1]``.  Each solver exposes exactly one
+step as a pure function of the current state and the history it carries:
+
+    step(denoise, x, i, sigmas, state) -> Step(x_next, denoised, state)
+
+``x_next = T(x)`` is differentiable with respect to ``x`` through the model (the history in ``state``
+is treated as constant), which is what a stabilizer wraps (:mod:`steindiff.stabilizers`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr"]
+
+
+class NonFiniteModelOutput(FloatingPointError):
+    """The model returned NaN or Inf."""
+
+
+@dataclass
+class Step:
+    """One solver step: the candidate ``T(x_k)``, the denoised estimate ``D(x_k)`` and the new history."""
+
+    x_next: torch.Tensor
+    denoised: torch.Tensor
+    state: dict = field(default_factory=dict)
+
+
+def log_snr(sigma: float) -> float:
+    """``lambda = -log(sigma)`` in VE coordinates (``+inf`` at ``sigma = 0``)."""
+    return math.inf if sigma == 0 else -math.log(sigma)
+
+
+def detach_state(obj: Any) -> Any:
+    """Detach every tensor in a (nested) solver state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: detach_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detach_state(v) for v in obj)
+    return obj
+
+
+class Denoise:
+    """Calls the model at one noise level, checks its output and counts passes (NFE).
+
+    ``denoise(x, sigma, step)`` broadcasts the scalar ``sigma`` to the batch, passes ``extra``
+    through, casts the output to the state's dtype and raises a clear error on a wrong shape or a
+    non-finite value (naming the step and sigma).
+    """
+
+    def __init__(self, model: Callable[..., torch.Tensor], extra: dict | None = None, check_finite: bool = True):
+        self.model, self.extra, self.check_finite = model, extra or {}, check_finite
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        out = self.model(x, s, **self.extra)
+        self.calls += 1
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, expected {tuple(x.shape)}")
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            raise NonFiniteModelOutput(f"model returned NaN or Inf at step {step} (sigma={sigma:.6g})")
+        return out
+
+
+class Solver:
+    """Base class.  Subclasses set ``name`` and ``order`` and implement :meth:`step`."""
+
+    name: ClassVar[str] = "solver"
+    order: int = 1
+
+    def init_state(self) -> dict:
+        """History before the first step."""
+        return {}
+
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+        raise NotImplementedError
+
+    def nfe(self, sigmas: list[float] | torch.Tensor) -> int:
+        """Model passes per sample for a full solve on ``sigmas`` (one per step by default)."""
+        return len(sigmas) - 1
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({opts})"
