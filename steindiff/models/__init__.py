@@ -3,3 +3,7 @@
 from .denoisers import PREDICTION_TYPES, Denoiser, EDMPrecond, VPDenoiser
 
 __all__ = ["Denoiser", "EDMPrecond", "VPDenoiser", "PREDICTION_TYPES"]
+
+from .gmm import GMM_PRESETS, GaussianMixture, get_gmm  # noqa: E402
+
+__all__ += ["GaussianMixture", "GMM_PRESETS", "get_gmm"]

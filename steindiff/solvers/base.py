@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr"]
+__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe"]
 
 
 class NonFiniteModelOutput(FloatingPointError):
@@ -96,3 +96,20 @@ class Solver:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({opts})"
+
+
+def steps_for_nfe(solver: Solver, nfe: int, final_zero: bool = True) -> int:
+    """The largest number of steps whose full solve costs at most ``nfe`` model passes per sample."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    steps = 0
+    while solver.nfe(_schedule_of(steps + 1, final_zero)) <= nfe:
+        steps += 1
+    if steps < 1:
+        raise ValueError(f"solver {solver.name!r} needs more than nfe={nfe} model passes for one step")
+    return steps
+
+
+def _schedule_of(steps: int, final_zero: bool) -> list[float]:
+    """A placeholder schedule with ``steps`` steps (only its length and final zero matter to ``nfe``)."""
+    return [float(steps - i) + (0.0 if final_zero else 1.0) for i in range(steps + 1)]

@@ -1,0 +1,49 @@
+"""Arguments and checks shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..schedules import SCHEDULES
+from ..solvers import SOLVERS
+from . import UsageError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_sampling(p: argparse.ArgumentParser, *, model_default: str = "gmm:image64") -> None:
+    p.add_argument("--model", default=model_default, help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, or a checkpoint path")
+    p.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
+    p.add_argument("--nfe", type=int, default=10, help="model passes per sample (budget)")
+    p.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")
+    p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Reject bad names and values before any work (exit code 2)."""
+    if args.solver not in SOLVERS:
+        raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
+    if args.schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if args.nfe < 1:
+        raise UsageError(f"--nfe must be >= 1, got {args.nfe}")
+    if getattr(args, "n", 1) < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+
+
+def load_model_or_usage(name: str):
+    from ..models.registry import load_model
+
+    try:
+        return load_model(name)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None

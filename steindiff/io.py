@@ -1,0 +1,67 @@
+"""Atomic file output: nothing half-written is ever left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["atomic_path", "check_writable", "save_json", "save_npz", "to_jsonable"]
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise ``OSError`` naming ``path`` if a file cannot be created there (checked before work starts)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise IsADirectoryError(f"output path {str(p)!r} is a directory")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(p)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {str(p)!r}: directory {str(parent)!r} is not writable")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    p = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix or p.suffix, dir=p.parent if str(p.parent) else ".")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values and dataclass-like dicts to JSON-friendly types."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(to_jsonable(obj), f, indent=1)
+            f.write("\n")
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **{k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in arrays.items()})

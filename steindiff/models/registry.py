@@ -1,0 +1,49 @@
+"""Named models for the CLI and benchmarks: ``gmm:<preset>`` (exact mixtures), and more
+registered by other modules (e.g. the shipped digits model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..noise import NoiseProcess, VEProcess
+from .gmm import GaussianMixture, get_gmm
+
+__all__ = ["ModelSpec", "load_model", "register_model_loader"]
+
+
+@dataclass
+class ModelSpec:
+    """A denoiser with what sampling it needs: its noise process and the shape of one sample.
+
+    ``gmm`` is set for exact mixtures (enables exact metrics, exact divergence and the oracle).
+    ``info`` carries loader-specific extras (e.g. reference data for image metrics).
+    """
+
+    name: str
+    denoiser: Callable[..., torch.Tensor]
+    process: NoiseProcess
+    sample_shape: tuple[int, ...]
+    gmm: GaussianMixture | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_LOADERS: list[tuple[Callable[[str], bool], Callable[[str], ModelSpec]]] = []
+
+
+def register_model_loader(matches: Callable[[str], bool], load: Callable[[str], ModelSpec]) -> None:
+    """Add a loader tried (after the built-in ones) for model names where ``matches(name)``."""
+    _LOADERS.append((matches, load))
+
+
+def load_model(name: str) -> ModelSpec:
+    """Resolve a model name: ``gmm:<preset>`` or any registered name/path."""
+    if name.startswith("gmm:"):
+        gmm = get_gmm(name)
+        return ModelSpec(name=gmm.name, denoiser=gmm, process=VEProcess(0.002, 80.0), sample_shape=(gmm.dim,), gmm=gmm)
+    for matches, load in _LOADERS:
+        if matches(name):
+            return load(name)
+    raise ValueError(f"unknown model {name!r}; use gmm:<preset> (e.g. gmm:image64) or a registered model")
