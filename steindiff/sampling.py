@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .noise import NoiseProcess, VEProcess
 from .schedules import validate_sigmas
-from .solvers import Denoise, Solver, get_solver
+from .solvers import Denoise, Solver, StepOperator, get_solver
 
 __all__ = ["sample", "SampleResult", "prior_noise"]
 
@@ -67,7 +67,8 @@ def sample(
     """Solve the PF-ODE from ``x`` (VE state at ``sigmas[0]``) down the schedule ``sigmas``.
 
     ``model(x, sigma, **extra_args)`` is a VE denoiser.  ``stabilizer`` (see
-    :mod:`steindiff.stabilizers`) wraps each solver step.  ``callback`` receives a dict with
+    :mod:`steindiff.stabilizers`) wraps each step operator: ``stabilizer.step(T, x) ->
+    (x_next, step, record)``, where ``record`` (a dict) goes into the trace.  ``callback`` receives a dict with
     ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.  The state is kept in
     ``dtype`` (default: ``x``'s dtype, or float32 for half precision input).
     """
@@ -88,14 +89,13 @@ def sample(
     extra_passes = 0
     t0 = time.perf_counter()
     for i in tqdm(range(n), disable=not progress, desc=f"{solver.name}", leave=False):
+        op = StepOperator(solver, denoise, i, sig_list, state)
         if stabilizer is None:
             with torch.no_grad():
-                step = solver.step(denoise, x, i, sig_list, state)
+                step = op(x)
             x_next = step.x_next
         else:
-            x_next, step, record = stabilizer.step(
-                lambda x_: solver.step(denoise, x_, i, sig_list, state), x, i, sig_list
-            )
+            x_next, step, record = stabilizer.step(op, x)
             extra_passes += int(record.get("extra_passes", 0))
             trace.append(record)
         if callback is not None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import Denoise, NonFiniteModelOutput, Solver, Step, detach_state, log_snr, steps_for_nfe
+from .base import Denoise, NonFiniteModelOutput, Solver, Step, detach_state, log_snr, steps_for_nfe, StepOperator
 from .dpmpp import DPMSolverPP
 from .euler import Euler, Heun
 from .ipndm import IPNDM
 from .unipc import UniPC
 
 __all__ = [
-    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe",
+    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe", "StepOperator",
     "Euler", "Heun", "DPMSolverPP", "UniPC", "IPNDM",
 ]
 

@@ -12,13 +12,14 @@ is treated as constant), which is what a stabilizer wraps (:mod:`steindiff.stabi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe"]
+__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe", "StepOperator"]
 
 
 class NonFiniteModelOutput(FloatingPointError):
@@ -60,12 +61,26 @@ class Denoise:
 
     def __init__(self, model: Callable[..., torch.Tensor], extra: dict | None = None, check_finite: bool = True):
         self.model, self.extra, self.check_finite = model, extra or {}, check_finite
-        self.calls = 0
+        self.calls = 0  # solver passes (NFE)
+        self.extra_calls = 0  # passes made inside :meth:`extra_passes` (e.g. forward-mode probes)
+        self._extra = False
+
+    @contextlib.contextmanager
+    def extra_passes(self) -> Iterator[None]:
+        """Count the model passes made inside this block as extra passes, not NFE."""
+        prev, self._extra = self._extra, True
+        try:
+            yield
+        finally:
+            self._extra = prev
 
     def __call__(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         out = self.model(x, s, **self.extra)
-        self.calls += 1
+        if self._extra:
+            self.extra_calls += 1
+        else:
+            self.calls += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, expected {tuple(x.shape)}")
@@ -96,6 +111,30 @@ class Solver:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({opts})"
+
+
+class StepOperator:
+    """The step operator ``T`` of step ``i``: ``T(x) = solver.step(denoise, x, i, sigmas, state)``
+    with the solver's history fixed.  This is all a stabilizer sees of a solver."""
+
+    def __init__(self, solver: Solver, denoise: Denoise, i: int, sigmas: list[float], state: dict):
+        self.solver, self.denoise, self.i, self.sigmas, self.state = solver, denoise, i, sigmas, state
+        self.sigma, self.sigma_next = sigmas[i], sigmas[i + 1]
+
+    def __call__(self, x: torch.Tensor) -> Step:
+        return self.solver.step(self.denoise, x, self.i, self.sigmas, self.state)
+
+    def extra_passes(self) -> contextlib.AbstractContextManager:
+        """Context in which model passes count as extra (Jacobian-product) passes, not NFE."""
+        return self.denoise.extra_passes()
+
+    @property
+    def is_first(self) -> bool:
+        return self.i == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.i == len(self.sigmas) - 2
 
 
 def steps_for_nfe(solver: Solver, nfe: int, final_zero: bool = True) -> int:
