@@ -155,9 +155,9 @@ class SteinStabilizer:
             xg = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 st = op(xg)
-            if not st.x_next.requires_grad:
+            if not (st.x_next.requires_grad and st.denoised.requires_grad):
                 raise NotDifferentiableError(
-                    f"step {op.i} (sigma={sigma:.6g}): the solver step's output does not depend differentiably on x; "
+                    f"step {op.i} (sigma={sigma:.6g}): the model output does not depend differentiably on its input x; "
                     "the model must be differentiable for the Stein divergence (use a calibrated gamma schedule "
                     "(steindiff calibrate) or the 'lookahead' estimator, which need no Jacobian)")
             nfe_step = op.denoise.calls - calls0
