@@ -28,6 +28,29 @@ def add_sampling(p: argparse.ArgumentParser, *, model_default: str = "gmm:image6
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 
+def add_stabilizer(p: argparse.ArgumentParser) -> None:
+    from ..stabilizers import STABILIZERS
+
+    p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}")
+    p.add_argument("--coords", default="ve", choices=["ve", "vp"], help="state coordinates of the Stein statistics")
+    p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step")
+    p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"], help="reverse- or forward-mode Jacobian products")
+    p.add_argument("--gamma-min", type=float, default=0.0)
+    p.add_argument("--gamma-max", type=float, default=None)
+
+
+def stabilizer_from_args(args: argparse.Namespace, spec):
+    """Build the stabilizer named by ``--stabilizer`` (``None`` for ``none``), or raise UsageError."""
+    from ..stabilizers import make_stabilizer
+
+    opts = {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
+            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed}
+    try:
+        return make_stabilizer(args.stabilizer, spec, **opts)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
 def check_sampling(args: argparse.Namespace) -> None:
     """Reject bad names and values before any work (exit code 2)."""
     if args.solver not in SOLVERS:

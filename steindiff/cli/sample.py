@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 
 from ..generate import generate
-from ..io import check_writable, save_npz
+from ..io import check_writable, save_json, save_npz
 from ..metrics import mixture_metrics
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, check_sampling, load_model_or_usage
+from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples with a solver", description=__doc__)
     add_sampling(p)
+    add_stabilizer(p)
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=None, help="samples per model call (default: all)")
-    p.add_argument("--out", default=None, help="write samples to this .npz file")
+    p.add_argument("--out", default=None, help="write samples (and the per-step trace) to this .npz file")
+    p.add_argument("--trace", default=None, help="write the stabilizer's per-step trace to this JSON file")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -24,29 +26,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_sampling(args)
     spec = load_model_or_usage(args.model)
-    if args.out is not None:
-        try:
-            check_writable(args.out)
-        except OSError as e:
-            raise UsageError(str(e)) from None
+    stabilizer = stabilizer_from_args(args, spec)
+    for path in (args.out, args.trace):
+        if path is not None:
+            try:
+                check_writable(path)
+            except OSError as e:
+                raise UsageError(str(e)) from None
     try:
         gen = generate(
             spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, n=args.n, seed=args.seed,
             batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress, rho=args.rho,
+            stabilizer=stabilizer,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
     summary = {
-        "model": spec.name, "solver": args.solver, "schedule": args.schedule, "nfe": gen.nfe,
+        "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": args.stabilizer,
+        "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe,
         "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
+        "gammas": [r.get("gamma") for r in gen.trace],
     }
     if spec.gmm is not None:
         summary["metrics"] = mixture_metrics(gen.x, spec.gmm, seed=args.seed)
     if args.out is not None:
-        save_npz(args.out, samples=gen.x, sigmas=gen.sigmas)
+        save_npz(args.out, samples=gen.x, sigmas=gen.sigmas, gammas=[r.get("gamma", 1.0) for r in gen.trace])
         summary["out"] = args.out
-    lines = [f"{spec.name}: {args.solver} / {args.schedule}, NFE {gen.nfe}, {args.n} samples"]
+    if args.trace is not None:
+        save_json(args.trace, {"schema": "steindiff.trace/1", "config": {k: summary[k] for k in ("model", "solver", "schedule", "stabilizer", "coords", "nfe")}, "steps": gen.trace})
+        summary["trace"] = args.trace
+    lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {args.stabilizer}, NFE {gen.nfe}"
+             f" (+{gen.extra_passes} Jacobian passes), {args.n} samples"]
+    if gen.trace:
+        lines.append("  gammas     " + " ".join(f"{r.get('gamma', 1.0):.3g}" for r in gen.trace))
     for k, v in summary.get("metrics", {}).items():
         lines.append(f"  {k:10s} {v:.5g}")
     if args.out:
