@@ -1,8 +1,8 @@
-"""Stabilizers wrap any solver's step operator ``T`` and rescale its step (see :mod:`.stein`)."""
+"""Stabilizers wrap any solver's step operator ``T`` and rescale its step by ``gamma_k``."""
 
-from .stein import NotDifferentiableError, SteinStabilizer, coordinate_scales
+from .base import GammaStabilizer, NotDifferentiableError, StepStats, coordinate_scales
+from .registry import STABILIZERS, make_stabilizer
+from .stein import SteinStabilizer
 
-__all__ = ["SteinStabilizer", "NotDifferentiableError", "coordinate_scales"]
-from .registry import STABILIZERS, make_stabilizer  # noqa: E402
-
-__all__ += ["STABILIZERS", "make_stabilizer"]
+__all__ = ["GammaStabilizer", "StepStats", "SteinStabilizer", "NotDifferentiableError", "coordinate_scales",
+           "STABILIZERS", "make_stabilizer"]

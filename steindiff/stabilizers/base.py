@@ -1,0 +1,215 @@
+"""Per-step rescaling of any solver step: ``x_{k-1} = x_k - gamma_k (x_k - T(x_k))``.
+
+:class:`GammaStabilizer` runs the step operator ``T`` (with the Jacobian products a variant asks
+for), maps states to the chosen coordinates, reduces per-sample statistics over the batch (and
+across processes), clips ``gamma`` and applies the update.  A variant only says which statistics it
+needs (:meth:`GammaStabilizer.statistics`) and how they give ``gamma``
+(:meth:`GammaStabilizer.coefficient`).  Nothing here knows which solver ``T`` comes from.
+
+Coordinates: ``ve`` (EDM, ``alpha = 1``, the state as the solver carries it) or ``vp``
+(``x_vp = alpha x`` with ``alpha = 1/sqrt(1 + sigma^2)``, ``T_vp(x_vp) = alpha_{k-1} T(x_vp/alpha_k)``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from ..solvers import Step, StepOperator, detach_state
+from .divergence import jvp_quadratic_forms, make_probes, unit_probes, vjp_quadratic_forms
+
+__all__ = ["GammaStabilizer", "StepStats", "NotDifferentiableError", "coordinate_scales", "dot"]
+
+
+class NotDifferentiableError(RuntimeError):
+    """The model's output does not depend differentiably on its input."""
+
+
+def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[float, float, float]:
+    """``(alpha_k, alpha_{k-1}, sigma_k)`` in coordinates ``ve`` or ``vp``."""
+    if coords == "ve":
+        return 1.0, 1.0, sigma
+    if coords == "vp":
+        a, a_next = 1 / math.sqrt(1 + sigma**2), 1 / math.sqrt(1 + sigma_next**2)
+        return a, a_next, a * sigma
+    raise ValueError(f"coords must be 've' or 'vp', got {coords!r}")
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product, float64."""
+    return (a.to(torch.float64) * b.to(torch.float64)).reshape(a.shape[0], -1).sum(-1)
+
+
+@dataclass
+class StepStats:
+    """What a variant may use at step ``k``: the operator, the states in the chosen coordinates
+    (``x_c = alpha_k x``, ``u = x_c - alpha_{k-1} T(x)``), the step output and, when requested, the
+    per-sample Hutchinson (or exact) divergence of ``T`` or of ``D`` with respect to the VE state."""
+
+    op: StepOperator
+    x: torch.Tensor
+    step: Step
+    x_c: torch.Tensor
+    u: torch.Tensor
+    alpha: float
+    alpha_next: float
+    sigma_c: float
+    dim: int
+    div: torch.Tensor | None = None
+
+
+class GammaStabilizer:
+    """Base class of the per-step ``gamma`` stabilizers.
+
+    ``jacobian_of``: ``None``, ``"T"`` (divergence of the step operator) or ``"D"`` (divergence of
+    the denoiser output ``D(x_k)`` of the step); set by the variant.
+    ``divergence``: ``vjp`` (reverse mode), ``jvp`` (forward mode) or ``exact`` (``d`` unit probes).
+    ``gamma_min``/``gamma_max``: clip (``None`` for no bound).  ``first_step``/``final_step``:
+    ``stein`` (correct as any step) or ``skip`` (``gamma = 1``) for the first step and for a final
+    step to ``sigma = 0``.  ``per_sample``: one ``gamma`` per sample from its own statistics.
+    ``reduce``: sums a tensor of statistics across processes (distributed sampling).
+    """
+
+    name = "gamma"
+    jacobian_of: str | None = None
+
+    def __init__(
+        self,
+        *,
+        coords: Literal["ve", "vp"] = "ve",
+        divergence: Literal["vjp", "jvp", "exact"] = "vjp",
+        probes: int = 5,
+        probe_kind: Literal["gaussian", "rademacher"] = "gaussian",
+        gamma_min: float | None = 0.0,
+        gamma_max: float | None = None,
+        first_step: Literal["stein", "skip"] = "stein",
+        final_step: Literal["stein", "skip"] = "stein",
+        per_sample: bool = False,
+        batched_probes: bool = True,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        denoiser_divergence: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+        exact_chunk: int = 64,
+        seed: int = 0,
+    ):
+        coordinate_scales(coords, 1.0, 0.5)
+        if divergence not in ("vjp", "jvp", "exact"):
+            raise ValueError(f"divergence must be 'vjp', 'jvp' or 'exact', got {divergence!r}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes <= 0:
+            raise ValueError(f"number of Hutchinson probes must be a positive integer, got {probes!r}")
+        if probe_kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"probe_kind must be 'gaussian' or 'rademacher', got {probe_kind!r}")
+        if gamma_min is not None and gamma_max is not None and gamma_max < gamma_min:
+            raise ValueError(f"gamma_max ({gamma_max}) must be >= gamma_min ({gamma_min})")
+        for key, v in (("first_step", first_step), ("final_step", final_step)):
+            if v not in ("stein", "skip"):
+                raise ValueError(f"{key} must be 'stein' or 'skip', got {v!r}")
+        self.coords, self.divergence, self.probes, self.probe_kind = coords, divergence, probes, probe_kind
+        self.gamma_min, self.gamma_max = gamma_min, gamma_max
+        self.first_step, self.final_step, self.per_sample = first_step, final_step, per_sample
+        self.batched_probes, self.reduce, self.exact_chunk = batched_probes, reduce, exact_chunk
+        self.denoiser_divergence = denoiser_divergence
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # -- variant hooks --------------------------------------------------------------------------
+    def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
+        """Per-sample statistics (``(B,)`` float64 tensors); their batch means go to :meth:`coefficient`."""
+        raise NotImplementedError
+
+    def coefficient(self, m: dict, s: StepStats):
+        """``gamma`` from the statistics ``m`` (floats: batch means; or per-sample tensors)."""
+        raise NotImplementedError
+
+    # -- the step -------------------------------------------------------------------------------
+    def _run_operator(self, op: StepOperator, x: torch.Tensor) -> tuple[Step, torch.Tensor | None, int]:
+        """``T(x)`` and, if the variant asks, the per-sample divergence of ``T`` or ``D``."""
+        calls0, extra0 = op.denoise.calls, op.denoise.extra_calls
+        if self.jacobian_of is None:
+            with torch.no_grad():
+                return op(x), None, 0
+        pick = (lambda st: st.x_next) if self.jacobian_of == "T" else (lambda st: st.denoised)
+        if self.divergence == "jvp":
+            with torch.no_grad():
+                st = op(x)
+            V = make_probes(x, self.probes, self.probe_kind, self.generator)
+            with op.extra_passes():
+                q = jvp_quadratic_forms(lambda z: pick(op(z)), x, V).mean(0)
+            return st, q.detach().to(torch.float64), op.denoise.extra_calls - extra0
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            st = op(xg)
+        if not (st.x_next.requires_grad and st.denoised.requires_grad):
+            raise NotDifferentiableError(
+                f"step {op.i} (sigma={op.sigma:.6g}): the model output does not depend differentiably on its input x; "
+                "the Stein divergence needs a differentiable model (alternatives: a calibrated gamma schedule "
+                "from `steindiff calibrate`, or the look-ahead estimator stein-sc, which need no Jacobian)")
+        nfe_step = op.denoise.calls - calls0
+        out = pick(st)
+        if self.divergence == "exact":
+            V = unit_probes(x)
+            q = torch.cat([vjp_quadratic_forms(out, xg, V[j : j + self.exact_chunk], self.batched_probes)
+                           for j in range(0, V.shape[0], self.exact_chunk)]).sum(0)
+        else:
+            V = make_probes(x, self.probes, self.probe_kind, self.generator)
+            q = vjp_quadratic_forms(out, xg, V, self.batched_probes).mean(0)
+        st = Step(st.x_next.detach(), st.denoised.detach(), detach_state(st.state))
+        return st, q.detach().to(torch.float64), V.shape[0] * nfe_step
+
+    def step(self, op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, dict]:
+        """One stabilized step: ``(x_{k-1}, solver step, trace record)``."""
+        t0 = time.perf_counter()
+        sigma, sigma_next = op.sigma, op.sigma_next
+        a, a_next, sig_c = coordinate_scales(self.coords, sigma, sigma_next)
+        record: dict = {"step": op.i, "sigma": sigma, "sigma_next": sigma_next, "alpha": a, "coords": self.coords}
+        if (op.is_first and self.first_step == "skip") or (sigma_next == 0 and self.final_step == "skip"):
+            with torch.no_grad():
+                st = op(x)
+            record.update(gamma=1.0, skipped=True, extra_passes=0, wall_s=time.perf_counter() - t0)
+            return st.x_next, st, record
+        if x.shape[0] < 2 and not self.per_sample:
+            raise ValueError("Stein batch statistics need a batch of at least 2 samples (got 1); "
+                             "use per_sample=True or a calibrated gamma schedule")
+        calls0 = op.denoise.calls
+        x = x.detach()
+        st, div, extra = self._run_operator(op, x)
+        x_c = a * x
+        s = StepStats(op, x, st, x_c, x_c - a_next * st.x_next, a, a_next, sig_c, x[0].numel(), div)
+        per = self.statistics(s)
+        names = list(per)
+        stats = torch.stack([per[k].sum() for k in names] + [torch.tensor(float(x.shape[0]), dtype=torch.float64)])
+        if self.reduce is not None:
+            stats = self.reduce(stats)
+        n_tot = float(stats[-1])
+        means = {k: float(v) / n_tot for k, v in zip(names, stats[:-1])}
+        if not all(math.isfinite(v) for v in means.values()):
+            raise FloatingPointError(f"non-finite stabilizer statistics at step {op.i} (sigma={sigma:.6g}): {means}")
+        if "uu" in means and means["uu"] <= 1e-24 * (float(dot(x_c, x_c).mean()) + 1e-30):
+            raise ValueError(f"gamma undefined at step {op.i} (sigma={sigma:.6g}): the solver residual s_uu="
+                             f"{means['uu']:.3g} is ~0 (the step does not move the state)")
+        if self.per_sample:
+            g_raw = self.coefficient(per, s)
+            g = g_raw.clamp(min=self.gamma_min, max=self.gamma_max)
+            gamma_raw, gamma = float(g_raw.mean()), float(g.mean())
+            gam = g.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        else:
+            gamma_raw = float(self.coefficient(means, s))
+            gamma = gamma_raw
+            if self.gamma_min is not None:
+                gamma = max(gamma, self.gamma_min)
+            if self.gamma_max is not None:
+                gamma = min(gamma, self.gamma_max)
+            gam = gamma
+        x_next = (x_c - gam * s.u) / a_next
+        record.update({"gamma": gamma, "gamma_raw": gamma_raw, **{f"s_{k}": v for k, v in means.items()},
+                       "extra_passes": int(extra), "nfe_step": op.denoise.calls - calls0})
+        if self.denoiser_divergence is not None:
+            with torch.no_grad():
+                divD = self.denoiser_divergence(x, sigma).to(torch.float64)
+            E_k = float((dot(x_c - st.denoised, x_c - st.denoised) + sigma**2 * divD).mean())
+            uu = means.get("uu", float(dot(s.u, s.u).mean()))
+            record["rho"] = gamma_raw**2 * uu / E_k if E_k > 0 else None
+        record["wall_s"] = time.perf_counter() - t0
+        return x_next.to(x.dtype), st, record
