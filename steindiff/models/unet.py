@@ -34,10 +34,10 @@ class UNetConfig:
     """Architecture of :class:`UNet` (stored in a checkpoint's ``config.json``)."""
 
     in_channels: int = 1
-    model_channels: int = 64
-    channel_mult: Sequence[int] = (1, 2)
-    num_blocks: int = 2
-    attn_levels: Sequence[int] = (1,)
+    model_channels: int = 32
+    channel_mult: Sequence[int] = (1, 2, 2)
+    num_blocks: int = 1
+    attn_levels: Sequence[int] = (2,)
     dropout: float = 0.0
     embedding: str = "fourier"
     fourier_scale: float = 16.0

@@ -1,0 +1,77 @@
+"""Trained U-Net checkpoints as named models: ``digits`` (shipped) and any checkpoint folder.
+
+``load_model("digits")`` returns the shipped EDM model of the 8x8 digits (weights in
+``steindiff/weights/digits``); ``load_model("path/to/checkpoint")`` loads a folder written by
+``steindiff train``.  The denoiser is ``EDMPrecond(unet)`` (or ``VPDenoiser`` for a VP epsilon
+model) in eval mode with frozen parameters.  For digits checkpoints ``info`` carries the held-out
+and training images of the recorded split (for :func:`steindiff.metrics.image.image_metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .registry import ModelSpec, register_model_loader
+
+__all__ = ["DIGITS_DIR", "load_trained", "is_trained_checkpoint"]
+
+DIGITS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
+
+
+def is_trained_checkpoint(name: str) -> bool:
+    """``digits``, or a folder holding a steindiff ``config.json`` or a ``model.safetensors``
+    (folders of other formats, e.g. diffusers pipelines with ``model_index.json``, are left alone)."""
+    if name == "digits":
+        return True
+    p = Path(name)
+    if not p.is_dir() or (p / "model_index.json").exists():
+        return False
+    from ..train import is_checkpoint_dir
+
+    return is_checkpoint_dir(p) or (p / "model.safetensors").is_file()
+
+
+def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
+    """Held-out and training images of the checkpoint's split, when its data can be reloaded."""
+    from ..train import DataError, load_dataset
+
+    data = config["data"]
+    src = data.get("source")
+    try:
+        ds = load_dataset(src)
+    except (DataError, OSError, TypeError) as e:
+        return {"data_note": f"training data not available ({e})"}
+    if ds.fingerprint() != data.get("fingerprint"):
+        return {"data_note": f"training data at {src!r} changed since training (fingerprint differs)"}
+    held = torch.as_tensor(data["holdout"]["indices"], dtype=torch.long)
+    mask = torch.ones(ds.x.shape[0], dtype=torch.bool)
+    mask[held] = False
+    info: dict[str, Any] = {"heldout": ds.x[held], "train": ds.x[mask]}
+    if ds.labels is not None:
+        info["heldout_labels"], info["train_labels"] = ds.labels[held], ds.labels[mask]
+    return info
+
+
+def load_trained(name: str) -> ModelSpec:
+    """ModelSpec of ``digits`` or of a checkpoint folder (see the module doc)."""
+    from ..train import build_denoiser, load_checkpoint
+
+    path = DIGITS_DIR if name == "digits" else Path(name)
+    if name == "digits" and not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped digits model is missing from this installation")
+    net, config = load_checkpoint(path)
+    net.requires_grad_(False)
+    denoiser, process = build_denoiser(net, config)
+    denoiser.eval().requires_grad_(False)
+    shape = tuple(int(s) for s in config["data"]["shape"])
+    info: dict[str, Any] = {"kind": "image", "path": str(path), "config": config}
+    info.update(_reference_data(config))
+    spec_name = "digits" if name == "digits" else os.fspath(path)
+    return ModelSpec(name=spec_name, denoiser=denoiser, process=process, sample_shape=shape, info=info)
+
+
+register_model_loader(is_trained_checkpoint, load_trained)
