@@ -1,0 +1,109 @@
+"""``steindiff train``: train a small U-Net denoiser on the 8x8 digits or your own images.
+
+Data: ``digits`` (scikit-learn's 8x8 digits, 297 images held out), a ``.npy``/``.npz`` array
+``N x C x H x W`` (floats in [-1, 1], or 8-bit integers in [0, 255]) or a folder of 8-bit PNGs.
+The checkpoint folder ``--out`` gets ``model.safetensors`` (EMA weights), ``config.json`` and
+``train_state.pt``; ``--resume`` continues it.  Load it with ``--model OUT`` in other commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import UsageError, emit
+from .common import add_common
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()] if text.strip() else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a U-Net denoiser on images", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", help="'digits', a .npy/.npz file or a folder of .png images")
+    p.add_argument("--out", required=True, help="checkpoint folder to create (or continue with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out up to --iters")
+    p.add_argument("--loss", default="edm", choices=["edm", "vp-eps"], help="EDM (Karras et al. 2022) or VP epsilon prediction")
+    p.add_argument("--iters", type=int, default=6000, help="total training iterations")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up iterations")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--holdout", type=int, default=None, help="images held out for evaluation (default: 297 for digits, else 0)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many iterations")
+    p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    arch = p.add_argument_group("architecture")
+    arch.add_argument("--channels", type=int, default=32, help="base channel count")
+    arch.add_argument("--channel-mult", type=_ints, default=[1, 2, 2], help="channel multiplier per level, e.g. 1,2,2")
+    arch.add_argument("--num-blocks", type=int, default=1, help="residual blocks per level")
+    arch.add_argument("--attn-levels", type=_ints, default=[2], help="levels with self-attention, e.g. 2 (empty: none)")
+    arch.add_argument("--dropout", type=float, default=0.1)
+    arch.add_argument("--num-classes", type=int, default=0, help="class-conditional with this many classes (needs labels)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..models.unet import UNetConfig
+    from ..train import CheckpointError, DataError, TrainConfig, is_checkpoint_dir, load_dataset, train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise UsageError(f"--time-limit must be > 0, got {args.time_limit}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot create {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    if args.resume and not (out / "train_state.pt").is_file():
+        raise UsageError(f"--resume: {out / 'train_state.pt'} not found (nothing to resume)")
+    if not args.resume and out.exists():
+        if is_checkpoint_dir(out):
+            raise UsageError(f"{out}: a checkpoint already exists; pass --resume to continue it or choose another --out")
+        if not out.is_dir() or any(out.iterdir()):
+            raise UsageError(f"{out}: exists and is not an empty folder")
+    try:
+        cfg = TrainConfig(
+            data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+            ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
+            seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit,
+        )
+        ds = load_dataset(args.data)
+        unet = UNetConfig(
+            in_channels=ds.shape[0], model_channels=args.channels, channel_mult=args.channel_mult,
+            num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
+            embedding="fourier" if args.loss == "edm" else "positional", num_classes=args.num_classes,
+        )
+    except ValueError as e:  # DataError is a ValueError
+        raise UsageError(str(e)) from None
+    try:
+        res = train(cfg, out, unet, resume=args.resume, progress=not args.no_progress, dataset=ds)
+    except (DataError, CheckpointError, FileExistsError) as e:
+        raise UsageError(str(e)) from None
+    t = res.config["training"]
+    summary = {
+        "out": str(res.out), "step": res.step, "iters": args.iters, "stopped_early": res.stopped_early,
+        "wall_s": res.wall_s, "loss": res.loss, "n_params": res.n_params,
+        "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
+        "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"], "batch_size": t["batch_size"],
+    }
+    lines = [
+        f"trained {res.step}/{args.iters} iterations in {res.wall_s:.1f} s" + (" (stopped early)" if res.stopped_early else ""),
+        f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} train, {summary['holdout']} held out",
+        f"  model     U-Net, {res.n_params} parameters, {args.loss} loss",
+        f"  loss      {res.loss:.4g} (mean of the last 200 iterations)",
+        f"  wrote     {res.out}",
+    ]
+    emit(args, summary, "\n".join(lines))
+    return 0
