@@ -22,7 +22,7 @@ import torch
 from ..solvers import Step, StepOperator, detach_state
 from .divergence import jvp_quadratic_forms, make_probes, unit_probes, vjp_quadratic_forms
 
-__all__ = ["GammaStabilizer", "StepStats", "NotDifferentiableError", "coordinate_scales", "dot"]
+__all__ = ["GammaStabilizer", "StepStats", "NotDifferentiableError", "coordinate_scales", "dot", "rescaled_update"]
 
 
 class NotDifferentiableError(RuntimeError):
@@ -37,6 +37,11 @@ def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[flo
         a, a_next = 1 / math.sqrt(1 + sigma**2), 1 / math.sqrt(1 + sigma_next**2)
         return a, a_next, a * sigma
     raise ValueError(f"coords must be 've' or 'vp', got {coords!r}")
+
+
+def rescaled_update(x_c: torch.Tensor, u: torch.Tensor, gamma, alpha_next: float) -> torch.Tensor:
+    """``x_{k-1} = (x_c - gamma u) / alpha_{k-1}``: the rectified step in coordinates, back to VE."""
+    return (x_c - gamma * u) / alpha_next
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,9 @@ class GammaStabilizer:
         self.batched_probes, self.reduce, self.exact_chunk = batched_probes, reduce, exact_chunk
         self.denoiser_divergence = denoiser_divergence
         self.generator = torch.Generator().manual_seed(seed)
+        # hook (x, n, kind, generator) -> (n, *x.shape) replacing make_probes; distributed sampling
+        # draws the global batch's probes and takes this shard's slice
+        self.probe_fn: Callable | None = None
 
     # -- variant hooks --------------------------------------------------------------------------
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
@@ -134,7 +142,7 @@ class GammaStabilizer:
         if self.divergence == "jvp":
             with torch.no_grad():
                 st = op(x)
-            V = make_probes(x, self.probes, self.probe_kind, self.generator)
+            V = (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
             with op.extra_passes():
                 q = jvp_quadratic_forms(lambda z: pick(op(z)), x, V).mean(0)
             return st, q.detach().to(torch.float64), op.denoise.extra_calls - extra0
@@ -153,7 +161,7 @@ class GammaStabilizer:
             q = torch.cat([vjp_quadratic_forms(out, xg, V[j : j + self.exact_chunk], self.batched_probes)
                            for j in range(0, V.shape[0], self.exact_chunk)]).sum(0)
         else:
-            V = make_probes(x, self.probes, self.probe_kind, self.generator)
+            V = (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
             q = vjp_quadratic_forms(out, xg, V, self.batched_probes).mean(0)
         st = Step(st.x_next.detach(), st.denoised.detach(), detach_state(st.state))
         return st, q.detach().to(torch.float64), V.shape[0] * nfe_step
@@ -202,7 +210,7 @@ class GammaStabilizer:
             if self.gamma_max is not None:
                 gamma = min(gamma, self.gamma_max)
             gam = gamma
-        x_next = (x_c - gam * s.u) / a_next
+        x_next = rescaled_update(x_c, s.u, gam, a_next)
         record.update({"gamma": gamma, "gamma_raw": gamma_raw, **{f"s_{k}": v for k, v in means.items()},
                        "extra_passes": int(extra), "nfe_step": op.denoise.calls - calls0})
         if self.denoiser_divergence is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .marginal import EnergyMatchingStabilizer
 from .stein import SteinStabilizer
 
 __all__ = ["STABILIZERS", "make_stabilizer"]
@@ -33,7 +34,18 @@ STABILIZERS: dict[str, Callable[..., Any]] = {
     "stein-oracle": lambda name, spec, **kw: SteinStabilizer(
         "oracle", clean_target=_needs_mixture(name, spec).denoise, denoiser_divergence=_needs_mixture(name, spec).divergence,
         **{k: v for k, v in kw.items() if k not in ("probes", "divergence")}),
+    # ours (issue: Stein stabilization that helps); see docs/stabilizers.md
+    "stein-tr": lambda name, spec, **kw: _stein(name, spec, **{"gamma_min": 0.8, "gamma_max": 1.25, **_no_none(kw)}),
+    "stein-energy": lambda name, spec, **kw: EnergyMatchingStabilizer(**_no_none(kw)),
 }
+
+
+def _no_none(kw: dict) -> dict:
+    """Drop options left at ``None`` and clip bounds left at the literal default, so a variant's own defaults apply."""
+    out = {k: v for k, v in kw.items() if v is not None}
+    if out.get("gamma_min") == 0.0:
+        out.pop("gamma_min")
+    return out
 
 
 def make_stabilizer(name: str, spec: Any = None, **options: Any) -> Any:
