@@ -15,7 +15,7 @@ from ..io import to_jsonable
 
 __all__ = ["main", "UsageError", "emit"]
 
-COMMANDS = ["sample", "train", "calibrate", "diagnose"]
+COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo"]
 
 
 class UsageError(Exception):
