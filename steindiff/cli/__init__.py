@@ -15,7 +15,7 @@ from ..io import to_jsonable
 
 __all__ = ["main", "UsageError", "emit"]
 
-COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo"]
+COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo", "bench"]
 
 
 class UsageError(Exception):

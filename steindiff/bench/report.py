@@ -1,0 +1,324 @@
+"""Benchmark reports: a compact Markdown table per model and PNG plots (written atomically).
+
+Input: a ``steindiff.bench/1`` object and its :func:`~steindiff.bench.runner.summarize` output.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..io import atomic_path
+
+__all__ = ["markdown", "write_markdown", "write_plots", "label_of"]
+
+MARK = {"helps": "+", "hurts": "−", "tie": "=", "failed": "✗", "n/a": "?"}
+NAMES = {"sw2": "excess sliced-W2", "mode_tv": "excess mode TV", "nll": "|NLL − NLL of true data| per dim",
+         "traj_err": "trajectory error (RMS per dim vs 1000-step reference)", "mmd": "excess MMD"}
+
+
+def label_of(cell: dict) -> str:
+    """``stein/ve``, ``stein-sc/vp``, ``none``."""
+    return cell["stabilizer"] + ("" if cell["coords"] == "-" else f"/{cell['coords']}")
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def _labels(cells: Sequence[dict]) -> list[str]:
+    order = {"none": 0, "stein": 1, "stein-exact": 2, "stein-sc": 3, "stein-oracle": 4}
+    labels = sorted({label_of(c) for c in cells}, key=lambda s: (order.get(s.split("/")[0], 9), s))
+    return labels
+
+
+def _cell_text(c: dict | None, metric: str) -> str:
+    if c is None:
+        return ""
+    e = c["excess"].get(metric)
+    if e is None:
+        return "✗ failed" if c["n_failed"] else "–"
+    txt = f"{_fmt(e['mean'])}±{_fmt(e['std'], 2)}"
+    v = c.get("verdicts", {}).get(metric)
+    if v is not None:
+        mark = MARK[v["verdict"]] if v["room"] else ("°!" if v["worse_at_floor"] else "°")
+        txt += f" {mark}"
+    return txt
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "nll", "mode_tv"), title: str | None = None,
+             command: str | None = None) -> str:
+    """The report as Markdown: per model, verdict counts, best vanilla per NFE, per-cell tables of the
+    excess ``metrics`` (mean ± seed std, verdict mark), gamma statistics, cost ratios and failures."""
+    cfg, mach = result.get("config", {}), result.get("machine", {})
+    lines = [f"# {title or 'SteinDiff benchmark'}", ""]
+    if command:
+        lines += ["Regenerate with:", "", "```", command, "```", ""]
+    if cfg and result.get("rows"):
+        lines.append(f"Schema `{result.get('schema')}`; N = {cfg.get('n')} samples per configuration, seeds "
+                     f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, float64 states, "
+                     f"trajectory reference: {cfg.get('reference', {}).get('solver')} with "
+                     f"{cfg.get('reference', {}).get('steps')} Karras steps from the same noise.")
+    if result.get("cost"):
+        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after one "
+                     "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
+    if mach:
+        lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, {mach.get('torch_threads')} torch "
+                     f"threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")
+    if result.get("rows"):
+        lines += ["", "Marks (protocol's comparison rules, against vanilla at the same solver, schedule, NFE and noise): "
+                  "`+` helps (lower by more than the seed spread), `−` hurts (higher by more than 2% of vanilla plus "
+                  "the spread), `=` tie, `°` vanilla already at the floor (a tie, no room; `°!` the stabilizer is past "
+                  "the hurt threshold there), `✗` failed. Values: mean ± standard deviation over seeds. Spread of a "
+                  "comparison: the larger seed standard deviation of the two cells."]
+    lines.append("")
+    cells = summary["cells"]
+    for model in sorted({c["model"] for c in cells}):
+        mc = [c for c in cells if c["model"] == model]
+        labels = _labels(mc)
+        lines += [f"## {model}", ""]
+        counts = summary["counts"].get(model, {})
+        if counts:
+            mnames = [m for m in ("sw2", "mode_tv", "nll", "traj_err", "mmd") if any(m in d for d in counts.values())]
+            lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells with room; % helped of those)", ""]
+            rows = []
+            for lab in labels:
+                if lab not in counts:
+                    continue
+                r = [lab]
+                for m in mnames:
+                    d = counts[lab].get(m)
+                    r.append("" if d is None else f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} "
+                             f"(room {d['room']}, {_fmt(d['helps_pct'], 2)}%)")
+                rows.append(r)
+            lines += _table(["stabilizer"] + [NAMES[m].split(" (")[0] for m in mnames], rows) + [""]
+        best = [b for b in summary["best_vanilla"] if b["model"] == model]
+        if best:
+            lines += ["### Best vanilla configuration per NFE (all solvers and schedules)", ""]
+            rows = [[str(b["nfe_budget"]), b["solver"], b["schedule"], str(b["nfe"]),
+                     f"{_fmt(b['excess_sw2']['mean'])}±{_fmt(b['excess_sw2']['std'], 2)}"] for b in best]
+            lines += _table(["NFE budget", "solver", "schedule", "NFE", "excess sw2"], rows) + [""]
+            vsb = {}
+            for c in mc:
+                if "vs_best_vanilla" in c:
+                    d = vsb.setdefault(label_of(c), {"helps": 0, "tie": 0, "hurts": 0, "failed": 0, "room": 0})
+                    d[c["vs_best_vanilla"]["verdict"]] = d.get(c["vs_best_vanilla"]["verdict"], 0) + 1
+                    d["room"] += int(c["vs_best_vanilla"]["room"])
+            if vsb:
+                lines += ["Excess sw2 against the best vanilla configuration with no more NFE "
+                          "(helps / ties / hurts / failed, cells with room):", ""]
+                lines += _table(["stabilizer", "vs best vanilla"],
+                                [[k, f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} (room {d['room']})"]
+                                 for k, d in vsb.items()]) + [""]
+        by = {(c["solver"], c["schedule"], c["nfe_budget"], label_of(c)): c for c in mc}
+        keys = sorted({(c["solver"], c["schedule"], c["nfe_budget"]) for c in mc},
+                      key=lambda k: (_order(result, "solvers", k[0]), _order(result, "schedules", k[1]), k[2]))
+        for m in metrics:
+            if not any(m in c["excess"] for c in mc):
+                continue
+            lines += [f"### {NAMES[m]}", ""]
+            rows = []
+            for k in keys:
+                nfe = by.get((*k, "none"), {}).get("nfe") if (*k, "none") in by else None
+                rows.append([k[0], k[1], f"{k[2]}" + (f" ({nfe})" if nfe is not None and nfe != k[2] else "")]
+                            + [_cell_text(by.get((*k, lab)), m) for lab in labels])
+            lines += _table(["solver", "schedule", "NFE"] + labels, rows) + [""]
+        gam = [g for g in summary["gammas"] if g["model"] == model]
+        if gam:
+            lines += ["### Gamma per step (all steps of all configurations)", ""]
+            rows = [[f"{g['stabilizer']}/{g['coords']}", _fmt(g["median"]), _fmt(g["p10"]), _fmt(g["p90"]), _fmt(g["min"]),
+                     _fmt(g["max"]), f"{100 * g['frac_outside_0.5_1.5']:.0f}%"] for g in gam]
+            lines += _table(["stabilizer", "median", "p10", "p90", "min", "max", "outside [0.5, 1.5]"], rows) + [""]
+        fails: dict[tuple, int] = {}
+        for r in result.get("rows", []):
+            if r["model"] == model and r["status"] != "ok" and not r.get("reused"):
+                k = (f"{r['stabilizer']}/{r['coords']}", re.sub(r"[-0-9.e+]+\b", "#", r["status"])[:120])
+                fails[k] = fails.get(k, 0) + 1
+        if fails:
+            lines += ["### Failures (numbers replaced by #)", ""]
+            lines += _table(["stabilizer", "count", "reason"], [[k[0], str(v), k[1].replace("|", "/")] for k, v in sorted(fails.items())]) + [""]
+    lines += _cost_markdown(summary.get("cost", {}))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _order(result: dict, key: str, value: str) -> int:
+    lst = result.get("config", {}).get(key, [])
+    return lst.index(value) if value in lst else len(lst)
+
+
+def _cost_markdown(cost: dict) -> list[str]:
+    lines: list[str] = []
+    if cost.get("side_by_side"):
+        lines += ["## Cost: wall-clock per sample, side by side (medians of interleaved repeats)", ""]
+        rows = [[e["model"], e["solver"], str(e["nfe_budget"]), e["stabilizer"] + (f" P={e['probes']}" if e["probes"] else ""),
+                 str(e["nfe"]), str(e["extra_passes"]), _fmt(e["wall_s_per_sample"]), _fmt(e["ratio"])]
+                for e in cost["side_by_side"]]
+        lines += _table(["model", "solver", "NFE budget", "stabilizer", "NFE", "extra passes", "s / sample", "ratio to none"], rows) + [""]
+        if cost.get("model"):
+            lines += ["Cost model `ratio(P) = a + b·P` fitted to the `stein` ratios (a: fixed overhead of the "
+                      "differentiable step, b: one more probe, in units of a vanilla solve):", ""]
+            lines += _table(["model", "solver", "NFE budget", "a", "b"],
+                            [[m["model"], m["solver"], str(m["nfe_budget"]), _fmt(m["a"]), _fmt(m["b"])] for m in cost["model"]]) + [""]
+    if cost.get("grid"):
+        lines += ["## Cost within the grid (ratio to the vanilla solve of the same configuration, run just before it)", ""]
+        rows = [[g["model"], g["stabilizer"] + (f" P={g['probes']}" if g["probes"] else ""), _fmt(g["median_ratio"]),
+                 f"{_fmt(g['min_ratio'])}–{_fmt(g['max_ratio'])}", str(g["pairs"])] for g in cost["grid"]]
+        lines += _table(["model", "stabilizer", "median ratio", "range", "pairs"], rows) + [""]
+    return lines
+
+
+def write_markdown(path: str, result: dict, summary: dict, **kw: Any) -> None:
+    """Write :func:`markdown` to ``path`` atomically."""
+    text = markdown(result, summary, **kw)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+def _grid_axes(n: int, ncols: int = 3, w: float = 4.2, h: float = 3.2):
+    import matplotlib.pyplot as plt
+
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str] = ("sw2", "nll")) -> list[str]:
+    """PNG plots into ``outdir`` (created if missing); returns the paths.
+
+    ``{metric}_vs_nfe_{model}_{schedule}.png``: excess metric against NFE budget, one panel per solver,
+    one line per stabilizer (error bars: seed std; log y, values <= 0 drawn at the bottom).  ``gamma_{model}_{schedule}_{coords}.png``:
+    gamma against step for every non-vanilla stabilizer (rows) and solver (columns), one line per NFE
+    (mean over seeds).  ``cost_quality_{model}.png``: excess sw2 against wall-clock seconds per sample.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = summary["cells"]
+    paths: list[str] = []
+    solvers_cfg = result.get("config", {}).get("solvers", [])
+    for model in sorted({c["model"] for c in cells}):
+        mc = [c for c in cells if c["model"] == model]
+        labels = _labels(mc)
+        colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+        solvers = sorted({c["solver"] for c in mc}, key=lambda s: solvers_cfg.index(s) if s in solvers_cfg else 99)
+        for schedule in sorted({c["schedule"] for c in mc}):
+            for metric in metrics:
+                sc = [c for c in mc if c["schedule"] == schedule and metric in c["excess"]]
+                if not sc:
+                    continue
+                lo = _floor_value(sc, metric)
+                fig, axes = _grid_axes(len(solvers))
+                for ax, solver in zip(axes, solvers):
+                    for lab in labels:
+                        pts = sorted((c["nfe_budget"], c["excess"][metric]) for c in sc if c["solver"] == solver and label_of(c) == lab)
+                        if not pts:
+                            continue
+                        x = [p[0] for p in pts]
+                        y = np.maximum([p[1]["mean"] for p in pts], lo)
+                        e = np.asarray([p[1]["std"] for p in pts])
+                        ls = "-" if lab == "none" else ("--" if lab.endswith("/vp") else "-")
+                        ax.errorbar(x, y, yerr=[np.minimum(e, y - lo), e], label=lab, color=colors[lab], ls=ls,
+                                    marker="o", ms=3, lw=2.2 if lab == "none" else 1.2, capsize=2)
+                    ax.set_yscale("log")
+                    ax.set_ylim(bottom=lo * 0.8)
+                    ax.set_title(f"{solver} / {schedule}", fontsize=10)
+                    ax.set_xlabel("NFE")
+                    ax.grid(alpha=0.3)
+                axes[0].set_ylabel(NAMES[metric].split(" (")[0])
+                axes[0].legend(fontsize=7)
+                fig.suptitle(f"{model}: {NAMES[metric]} vs NFE (mean ± seed std; values <= 0 drawn at the bottom)", fontsize=11)
+                fig.tight_layout()
+                paths.append(_save(fig, out / f"{metric}_vs_nfe_{_slug(model)}_{schedule}.png"))
+            for coords in sorted({c["coords"] for c in mc if c["coords"] != "-"}):
+                stabs = [lab for lab in labels if lab.endswith(f"/{coords}")]
+                gc = [c for c in mc if c["schedule"] == schedule and label_of(c) in stabs and "gamma_mean" in c]
+                if not gc:
+                    continue
+                nfes = sorted({c["nfe_budget"] for c in gc})
+                cmap = plt.cm.viridis(np.linspace(0, 0.9, len(nfes)))
+                fig, axes = plt.subplots(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)), squeeze=False)
+                for i, lab in enumerate(stabs):
+                    for j, solver in enumerate(solvers):
+                        ax = axes[i][j]
+                        ax.axhspan(0.5, 1.5, color="0.9")
+                        ax.axhline(1.0, color="0.5", lw=0.8)
+                        for k, nfe in enumerate(nfes):
+                            c = next((c for c in gc if c["solver"] == solver and label_of(c) == lab and c["nfe_budget"] == nfe), None)
+                            if c is not None:
+                                g = c["gamma_mean"]
+                                ax.plot(range(len(g)), g, marker="o", ms=2.5, lw=1, color=cmap[k], label=f"NFE {nfe}")
+                        ax.set_yscale("symlog", linthresh=1.0)
+                        ax.set_title(f"{lab} · {solver}", fontsize=9)
+                        if i == len(stabs) - 1:
+                            ax.set_xlabel("step")
+                        if j == 0:
+                            ax.set_ylabel("gamma")
+                axes[0][0].legend(fontsize=6)
+                fig.suptitle(f"{model}, {schedule}, {coords}: gamma per step (seed mean; band [0.5, 1.5])", fontsize=11)
+                fig.tight_layout()
+                paths.append(_save(fig, out / f"gamma_{_slug(model)}_{schedule}_{coords}.png"))
+        # equal compute: quality against wall-clock seconds per sample
+        qc = [c for c in mc if "sw2" in c["excess"] and c["wall_s_per_sample"]]
+        if qc:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+            for lab in labels:
+                pts = [(c["wall_s_per_sample"], c["excess"]["sw2"]["mean"]) for c in qc if label_of(c) == lab]
+                if pts:
+                    pts = [(t, max(v, _floor_value(qc, "sw2"))) for t, v in pts]
+                    ax.scatter(*zip(*pts), s=10, color=colors[lab], label=lab, alpha=0.7)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=_floor_value(qc, "sw2") * 0.8)
+            ax.set_xlabel("wall-clock seconds per sample (this run)")
+            ax.set_ylabel("excess sliced-W2")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            ax.set_title(f"{model}: quality against compute (every cell)", fontsize=10)
+            fig.tight_layout()
+            paths.append(_save(fig, out / f"cost_quality_{_slug(model)}.png"))
+    return paths
+
+
+def _floor_value(cells: Sequence[dict], metric: str) -> float:
+    """Bottom of a log axis: a tenth of the smallest positive mean, at least 1e-5 (values at or below
+    the floor are drawn there)."""
+    pos = [c["excess"][metric]["mean"] for c in cells if c["excess"][metric]["mean"] > 0]
+    return max(1e-5, 0.1 * min(pos)) if pos else 1e-3

@@ -1,0 +1,519 @@
+"""The benchmark grid of the protocol (``/work/shared/benchmark-protocol.md``) on the mixture suite.
+
+:func:`run_grid` samples every configuration ``model x seed x solver x schedule x NFE x
+stabilizer x coords`` and returns the ``steindiff.bench/1`` object: ``machine``, ``config`` and one
+row per configuration.  :func:`summarize` turns rows into per-cell means and spreads over seeds,
+the protocol's verdicts (:func:`verdict`), the best vanilla configuration per NFE and cost ratios.
+:func:`run_cost` measures wall-clock ratios ``stabilizer / none`` side by side (``--cost``).
+
+Conventions (documented here once, used by the report and the CLI):
+
+- Equal-NFE rule: every configuration of one ``(model, seed)`` starts from the same initial noise
+  (drawn once at ``sigma_max``, which all schedules share).  States are float64.
+- ``none`` rows do not depend on the stabilizer's coordinates: they are run once per
+  ``(model, seed, solver, schedule, nfe)`` and labelled ``coords = "-"``; every ``ve``/``vp``
+  stabilizer cell is compared with that one vanilla cell.
+- ``nfe`` in a row is the actual number of model passes per sample of the solve (Heun at a budget of
+  4 makes 3; the look-ahead ``stein-sc`` adds one pass per step); ``nfe_budget`` is the requested
+  grid value.  Cells are keyed by ``nfe_budget``.  A configuration whose schedule equals one already
+  run (same steps) reuses that row (``reused: true``) instead of sampling it again.
+- ``traj_err`` is measured against a reference solve (``ref_solver``, ``ref_steps`` steps, Karras
+  schedule from the same ``sigma_max``) from the same initial noise, cached per ``(model, seed, n)``.
+- A configuration that raises (non-finite statistics, non-finite samples, ...) is a result: its row
+  has ``status = "failed: <reason>"`` and empty metrics; the grid goes on.
+- Vanilla rows carry ``gammas = [1.0] * steps`` and empty ``gamma_raw`` and ``rho``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..generate import generate
+from ..metrics import mixture_metrics
+from ..models.registry import ModelSpec, load_model
+from ..sampling import prior_noise
+from ..schedules import SCHEDULES, get_sigmas
+from ..solvers import SOLVERS, get_solver, steps_for_nfe
+from ..stabilizers import STABILIZERS, make_stabilizer
+
+__all__ = [
+    "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
+    "excess", "machine_info", "row_key",
+]
+
+SCHEMA = "steindiff.bench/1"
+COORDS = ("ve", "vp")
+#: Metrics of the summary, each as an "excess" over its floor (see :func:`excess`).
+METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
+                  coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int,
+                  probes: int = 5) -> dict[str, ModelSpec]:
+    """Check every name and value of a grid before any work; return the loaded models.
+
+    Raises ``ValueError`` naming the first bad entry.  The benchmark needs exact-score mixtures
+    (``gmm:...``): its metrics and the oracle stabilizer use the true distribution.
+    """
+    def nonempty(name, xs):
+        if not xs:
+            raise ValueError(f"{name}: need at least one value")
+        if len(set(xs)) != len(xs):
+            raise ValueError(f"{name}: duplicate values in {list(xs)}")
+
+    for name, xs in (("models", models), ("solvers", solvers), ("nfe", nfes), ("schedules", schedules),
+                     ("coords", coords), ("stabilizers", stabilizers), ("seeds", seeds)):
+        nonempty(name, list(xs))
+    for s in solvers:
+        if s not in SOLVERS:
+            raise ValueError(f"unknown solver {s!r}; choose from {', '.join(SOLVERS)}")
+    for s in schedules:
+        if s not in SCHEDULES:
+            raise ValueError(f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
+    for c in coords:
+        if c not in COORDS:
+            raise ValueError(f"unknown coords {c!r}; choose from {', '.join(COORDS)}")
+    for s in stabilizers:
+        if s not in STABILIZERS:
+            raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}")
+    for v in nfes:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"NFE values must be positive integers, got {v!r}")
+    for v in seeds:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"seeds must be non-negative integers, got {v!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an integer >= 2 (Stein statistics are batch means), got {n!r}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive integer, got {probes!r}")
+    for s in solvers:
+        for v in nfes:
+            steps_for_nfe(get_solver(s), v)  # raises when one step does not fit
+    specs = {}
+    for m in models:
+        spec = load_model(m)
+        if spec.gmm is None:
+            raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...), got {m!r}")
+        specs[m] = spec
+        for s in stabilizers:  # needs-mixture checks and option errors, before any work
+            make_stabilizer(s, spec, coords=coords[0], probes=probes)
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """Where and with what the numbers were measured (absolute times are only comparable within a run)."""
+    import steindiff
+
+    return {
+        "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+        "steindiff": steindiff.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": "cpu", "dtype": "float64",
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def row_key(row: dict) -> tuple:
+    """The configuration a row belongs to (its cell plus its seed)."""
+    return (row["model"], row["solver"], row["schedule"], row["coords"], row["nfe_budget"], row["stabilizer"], row["seed"])
+
+
+def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
+    sigmas = get_sigmas("karras", steps, spec.process)
+    return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=torch.float64).x
+
+
+def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
+    """``mode_tv`` and ``nll`` of an independent true sample set of the same size: their floors."""
+    m = mixture_metrics(spec.gmm.sample(n, seed=30_000 + seed), spec.gmm, seed=seed)
+    return {"mode_tv_floor": m["mode_tv"], "nll_floor": m["nll"]}
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"failed: {type(e).__name__}: {msg[:300]}"
+
+
+def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd) -> dict:
+    row: dict[str, Any] = {"steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas]}
+    try:
+        stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed)
+        gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,
+                       dtype=torch.float64)
+    except Exception as e:  # a stabilizer that blows up is a result
+        return {**row, "nfe": None, "extra_passes": None, "metrics": {}, "wall_s_per_sample": None,
+                "gammas": [], "gamma_raw": [], "rho": [], "status": _reason(e)}
+    row.update(nfe=gen.nfe, extra_passes=gen.extra_passes, wall_s_per_sample=gen.wall_s / noise.shape[0])
+    if stab is None:
+        row.update(gammas=[1.0] * row["steps"], gamma_raw=[], rho=[])
+    else:
+        row.update(gammas=[r.get("gamma") for r in gen.trace], gamma_raw=[r.get("gamma_raw") for r in gen.trace],
+                   rho=[r.get("rho") for r in gen.trace])
+    try:
+        metrics = mixture_metrics(gen.x, spec.gmm, seed=seed, ref=ref, mmd=mmd)
+    except Exception as e:
+        return {**row, "metrics": {}, "status": _reason(e)}
+    metrics.update(floors)
+    row.update(metrics=metrics, status="ok")
+    return row
+
+
+def run_grid(
+    models: Sequence[str],
+    solvers: Sequence[str],
+    nfes: Sequence[int],
+    schedules: Sequence[str],
+    coords: Sequence[str],
+    stabilizers: Sequence[str],
+    seeds: Sequence[int],
+    n: int,
+    probes: int = 5,
+    progress: bool = True,
+    *,
+    mmd: bool = False,
+    ref_solver: str = "dpmpp_3m",
+    ref_steps: int = 1000,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
+
+    Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
+    solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
+    side by side.  ``on_row`` is called with each finished row.
+    """
+    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes)
+    if ref_solver not in SOLVERS or ref_steps < 1:
+        raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
+    configs = [(s, None) if s == "none" else (s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
+    total = len(models) * len(seeds) * len(solvers) * len(schedules) * len(nfes) * len(configs)
+    rows: list[dict] = []
+    machine = machine_info()
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, disable=not progress, desc="bench", unit="run", mininterval=2.0)
+    try:
+        for m in models:
+            spec = specs[m]
+            sigma_max = float(spec.process.sigma_max)
+            for seed in seeds:
+                noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=torch.float64)
+                ref = _reference(spec, noise, ref_solver, ref_steps)
+                floors = _floors(spec, n, seed)
+                done: dict[tuple, dict] = {}
+                for solver in solvers:
+                    for schedule in schedules:
+                        for nfe in nfes:
+                            sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
+                            for stab, c in configs:
+                                key = (solver, tuple(sigmas.tolist()), stab, c)
+                                base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
+                                        "coords": c or "-", "stabilizer": stab, "nfe_budget": nfe, "n": n,
+                                        "probes": probes if stab == "stein" else None, "reused": False}
+                                if key in done:
+                                    row = {**done[key], **base, "reused": True}
+                                else:
+                                    row = {**base, **_run_one(spec, noise, sigmas, solver, stab, c or "ve", probes,
+                                                              seed, ref, floors, mmd)}
+                                    done[key] = row
+                                rows.append(row)
+                                if on_row is not None:
+                                    on_row(row)
+                                bar.update(1)
+    finally:
+        bar.close()
+    machine["wall_s_total"] = time.perf_counter() - t_start
+    config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
+              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
+              "probes": probes, "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+    return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+# cost, side by side
+# --------------------------------------------------------------------------------------------
+def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedule: str = "karras",
+             stabilizers: Sequence[str] = ("none", "stein"), probes_list: Sequence[int] = (1, 5), n: int = 1000,
+             repeats: int = 5, coords: str = "ve", seed: int = 0, progress: bool = True) -> list[dict]:
+    """Wall-clock seconds per sample of ``none`` and each stabilizer at equal NFE, measured in one
+    process with the repeats interleaved (``none, stein P=1, stein P=5, ...`` then again), medians,
+    after one untimed warm-up round.
+
+    ``stein`` is measured once per probe count in ``probes_list``; other stabilizers once.  Each
+    entry has ``ratio`` = median time / median time of ``none`` in the same (model, solver, nfe).
+    """
+    stabilizers = list(dict.fromkeys(["none", *stabilizers]))
+    specs = validate_grid(models, solvers, nfes, [schedule], [coords], stabilizers, [seed], n, max(probes_list))
+    if repeats < 1 or any(p < 1 for p in probes_list):
+        raise ValueError("repeats and probe counts must be >= 1")
+    variants = [(s, p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
+    out: list[dict] = []
+    bar = tqdm(total=len(models) * len(solvers) * len(nfes) * (repeats + 1) * len(variants), disable=not progress,
+               desc="cost", unit="run", mininterval=2.0)
+    try:
+        for m in models:
+            spec = specs[m]
+            noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=seed,
+                                dtype=torch.float64)
+            for solver in solvers:
+                for nfe in nfes:
+                    sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
+                    times: dict[tuple, list[float]] = {v: [] for v in variants}
+                    info: dict[tuple, dict] = {}
+                    for rep in range(repeats + 1):  # round 0: untimed warm-up
+                        for v in variants:
+                            stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed)
+                            try:
+                                gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=n, stabilizer=stab,
+                                               dtype=torch.float64)
+                                if rep > 0:
+                                    times[v].append(gen.wall_s / n)
+                                info[v] = {"nfe": gen.nfe, "extra_passes": gen.extra_passes, "status": "ok"}
+                            except Exception as e:
+                                info[v] = {"nfe": None, "extra_passes": None, "status": _reason(e)}
+                            bar.update(1)
+                    t_none = statistics.median(times[("none", None)]) if times[("none", None)] else None
+                    for v in variants:
+                        t = statistics.median(times[v]) if times[v] else None
+                        out.append({"model": spec.name, "solver": solver, "schedule": schedule, "coords": coords if v[0] != "none" else "-",
+                                    "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n, "repeats": len(times[v]),
+                                    **info[v], "wall_s_per_sample": t,
+                                    "ratio": (t / t_none) if (t is not None and t_none) else None})
+    finally:
+        bar.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------------
+def excess(metrics: dict, name: str) -> float | None:
+    """A row's excess of metric ``name`` over its floor (``None`` when not measured).
+
+    ``sw2``, ``mmd``, ``mode_tv``: metric minus its floor (the same statistic of an independent true
+    sample set of size N).  ``nll``: ``|nll - nll_floor|``, two-sided, because samples can also be
+    *more* likely than true data (over-concentrated, the isotropic spread lost), which is no better.
+    ``traj_err``: itself (floor 0).
+    """
+    if name not in metrics or metrics[name] is None:
+        return None
+    v = float(metrics[name])
+    if name == "traj_err":
+        return v
+    floor = metrics.get(f"{name}_floor")
+    if floor is None:
+        return None
+    return abs(v - floor) if name == "nll" else v - floor
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    """Mean, seed spread (sample standard deviation, 0 for one seed), min and max."""
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def verdict(vanilla: dict | None, stabilized: dict | None) -> dict:
+    """The protocol's verdict of a stabilizer against vanilla in one cell, for one excess metric.
+
+    ``vanilla`` and ``stabilized`` are ``{"mean", "std"}`` of the excess metric over seeds (same
+    seeds, so same initial noise), or ``None`` when a seed failed.  The protocol
+    (``benchmark-protocol.md``, "Comparison rules"):
+
+        A stabilizer "helps" in a cell when its excess metric is lower by more than the seed spread;
+        it "hurts" when higher by more than 2% of the vanilla value plus the spread.
+        A cell where vanilla is already at the floor (its excess within the seed spread) cannot be
+        improved: it counts as a tie, neither help nor hurt, and is left out of any "better in X% of
+        cells" rule. Such rules count only the cells that have room.
+
+    Implemented as follows (``spread`` of the comparison: the larger seed standard deviation of the
+    two cells; ``2% of the vanilla value``: of the vanilla mean excess, in absolute value):
+
+    - vanilla failed: ``"n/a"`` (no room);
+    - vanilla at the floor, ``mean_v <= std_v``: ``"tie"`` with ``room = False``, whatever the
+      stabilizer does (``worse_at_floor`` flags a stabilizer past the hurt threshold, for the report);
+    - stabilizer failed (error or non-finite samples on any seed): ``"failed"`` (counted apart);
+    - ``mean_s < mean_v - spread``: ``"helps"``;
+    - ``mean_s > mean_v + 0.02 |mean_v| + spread``: ``"hurts"``;
+    - otherwise ``"tie"``.
+
+    Returns ``{"verdict", "room", "worse_at_floor"}``.
+    """
+    if vanilla is None:
+        return {"verdict": "n/a", "room": False, "worse_at_floor": False}
+    mv, sv = vanilla["mean"], vanilla["std"]
+    at_floor = mv <= sv
+    if stabilized is None:
+        return {"verdict": "tie" if at_floor else "failed", "room": not at_floor, "worse_at_floor": at_floor}
+    ms, ss = stabilized["mean"], stabilized["std"]
+    spread = max(sv, ss)
+    worse = ms > mv + 0.02 * abs(mv) + spread
+    if at_floor:
+        return {"verdict": "tie", "room": False, "worse_at_floor": bool(worse)}
+    if ms < mv - spread:
+        v = "helps"
+    elif worse:
+        v = "hurts"
+    else:
+        v = "tie"
+    return {"verdict": v, "room": True, "worse_at_floor": False}
+
+
+def _cells(rows: Iterable[dict]) -> dict[tuple, dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(row_key(r)[:-1], []).append(r)
+    cells = {}
+    for key, rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        failed = [r for r in rs if r["status"] != "ok"]
+        cell: dict[str, Any] = dict(zip(("model", "solver", "schedule", "coords", "nfe_budget", "stabilizer"), key))
+        nfes = sorted({r["nfe"] for r in rs if r.get("nfe") is not None})
+        extra = [r["extra_passes"] for r in rs if r.get("extra_passes") is not None]
+        cell.update(seeds=sorted(r["seed"] for r in rs), n_failed=len(failed),
+                    failures=sorted({r["status"] for r in failed}),
+                    nfe=nfes[-1] if nfes else None, extra_passes=max(extra) if extra else None,
+                    wall_s_per_sample=float(np.mean([r["wall_s_per_sample"] for r in ok])) if ok else None)
+        metrics = {}
+        for name in METRICS:
+            vals = [excess(r["metrics"], name) for r in ok]
+            if vals and all(v is not None for v in vals) and not failed:
+                metrics[name] = _stats(vals)
+        cell["excess"] = metrics
+        g = [np.asarray(r["gammas"], dtype=float) for r in ok if r["gammas"]]
+        if g and len({len(x) for x in g}) == 1:
+            cell["gamma_mean"] = np.mean(g, axis=0).tolist()
+        cells[key] = cell
+    return cells
+
+
+def summarize(result: dict) -> dict:
+    """Per-cell summary of a ``steindiff.bench/1`` object.
+
+    ``cells``: one per ``(model, solver, schedule, coords, nfe_budget, stabilizer)`` with mean, std,
+    min and max over seeds of each excess metric (:func:`excess`), and for stabilizers the verdict of
+    each metric against vanilla (:func:`verdict`) and the excess-sw2 verdict against the best vanilla
+    configuration whose actual NFE is at most the cell's.  ``best_vanilla``: per model and NFE budget,
+    the vanilla solver and schedule with the lowest mean excess sw2.  ``counts``: per model,
+    stabilizer and coords, the verdict counts of each metric (``helps_pct`` among cells with room).
+    ``cost``: median wall-clock ratio stabilizer/none over the paired rows of the grid, plus the
+    side-by-side measurements of ``result["cost"]`` when present.  ``gammas``: per model,
+    stabilizer and coords, the distribution of per-step gammas.
+    """
+    rows = result.get("rows", [])
+    cells = _cells(rows)
+    vanilla = {(k[0], k[1], k[2], k[4]): c for k, c in cells.items() if k[5] == "none"}
+    # best vanilla per (model, nfe budget), over all solvers and schedules
+    best: dict[tuple, dict] = {}
+    for (model, solver, schedule, nfe_b), c in vanilla.items():
+        e = c["excess"].get("sw2")
+        if e is None:
+            continue
+        k = (model, nfe_b)
+        if k not in best or e["mean"] < best[k]["excess"]["sw2"]["mean"]:
+            best[k] = c
+    for k, c in cells.items():
+        if k[5] == "none":
+            continue
+        v = vanilla.get((k[0], k[1], k[2], k[4]))
+        c["verdicts"] = {name: verdict(v["excess"].get(name) if v else None, c["excess"].get(name))
+                         for name in METRICS if v is not None and (name in v["excess"] or name in c["excess"])}
+        # against the best vanilla configuration at no more actual NFE
+        cands = [b for (m, _), b in best.items() if m == k[0] and c["nfe"] is not None and b["nfe"] <= c["nfe"]]
+        if cands:
+            b = min(cands, key=lambda x: x["excess"]["sw2"]["mean"])
+            c["vs_best_vanilla"] = {"solver": b["solver"], "schedule": b["schedule"], "nfe": b["nfe"],
+                                    **verdict(b["excess"]["sw2"], c["excess"].get("sw2"))}
+    counts: dict[str, dict] = {}
+    for c in cells.values():
+        if "verdicts" not in c:
+            continue
+        label = c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}")
+        for name, v in c["verdicts"].items():
+            d = counts.setdefault(c["model"], {}).setdefault(label, {}).setdefault(
+                name, {"helps": 0, "hurts": 0, "tie": 0, "failed": 0, "n/a": 0, "at_floor": 0, "room": 0})
+            d[v["verdict"]] += 1
+            d["room"] += int(v["room"])
+            d["at_floor"] += int(not v["room"] and v["verdict"] == "tie")
+    for per_model in counts.values():
+        for per_label in per_model.values():
+            for d in per_label.values():
+                d["helps_pct"] = 100.0 * d["helps"] / d["room"] if d["room"] else None
+                d["hurts_pct"] = 100.0 * (d["hurts"] + d["failed"]) / d["room"] if d["room"] else None
+    return {"cells": list(cells.values()),
+            "best_vanilla": [{"model": m, "nfe_budget": nb, "solver": b["solver"], "schedule": b["schedule"],
+                              "nfe": b["nfe"], "excess_sw2": b["excess"]["sw2"]} for (m, nb), b in sorted(best.items())],
+            "counts": counts, "cost": _cost_summary(result), "gammas": _gamma_summary(rows)}
+
+
+def _cost_summary(result: dict) -> dict:
+    """Wall-clock ratios stabilizer/none: from the grid's paired rows, and from ``--cost`` runs."""
+    rows = result.get("rows", [])
+    none = {(r["model"], r["seed"], r["solver"], r["schedule"], r["nfe_budget"]): r
+            for r in rows if r["stabilizer"] == "none" and r["status"] == "ok" and not r.get("reused")}
+    ratios: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["stabilizer"] == "none" or r["status"] != "ok" or r.get("reused"):
+            continue
+        v = none.get((r["model"], r["seed"], r["solver"], r["schedule"], r["nfe_budget"]))
+        if v is not None and v["wall_s_per_sample"]:
+            ratios.setdefault((r["model"], r["stabilizer"], r["probes"]), []).append(r["wall_s_per_sample"] / v["wall_s_per_sample"])
+    grid = [{"model": m, "stabilizer": s, "probes": p, "median_ratio": float(np.median(v)),
+             "min_ratio": float(np.min(v)), "max_ratio": float(np.max(v)), "pairs": len(v)}
+            for (m, s, p), v in sorted(ratios.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]
+    out: dict[str, Any] = {"grid": grid}
+    if result.get("cost"):
+        out["side_by_side"] = result["cost"]
+        out["model"] = cost_model(result["cost"])
+    return out
+
+
+def cost_model(entries: Sequence[dict]) -> list[dict]:
+    """Fit ``ratio(P) = a + b P`` per (model, solver, nfe) from the side-by-side ``stein`` ratios at
+    two or more probe counts ``P``: ``a`` is the fixed overhead of the differentiable step (graph and
+    first backward), ``b`` the cost of one more probe, both in units of a vanilla solve."""
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    for e in entries:
+        if e["stabilizer"] == "stein" and e.get("ratio") is not None:
+            groups.setdefault((e["model"], e["solver"], e["nfe_budget"]), []).append((e["probes"], e["ratio"]))
+    out = []
+    for (m, s, nfe), pts in sorted(groups.items()):
+        if len({p for p, _ in pts}) < 2:
+            continue
+        P, R = np.array([p for p, _ in pts], float), np.array([r for _, r in pts], float)
+        b, a = np.polyfit(P, R, 1)
+        out.append({"model": m, "solver": s, "nfe_budget": nfe, "a": float(a), "b": float(b)})
+    return out
+
+
+def _gamma_summary(rows: Sequence[dict]) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["stabilizer"] == "none" or r["status"] != "ok" or r.get("reused"):
+            continue
+        g = [x for x in r["gammas"] if x is not None and math.isfinite(x)]
+        groups.setdefault((r["model"], r["stabilizer"], r["coords"]), []).extend(g)
+    out = []
+    for (m, s, c), g in sorted(groups.items()):
+        if not g:
+            continue
+        a = np.asarray(g)
+        out.append({"model": m, "stabilizer": s, "coords": c, "steps": len(a), "median": float(np.median(a)),
+                    "p10": float(np.quantile(a, 0.1)), "p90": float(np.quantile(a, 0.9)),
+                    "min": float(a.min()), "max": float(a.max()),
+                    "frac_outside_0.5_1.5": float(((a < 0.5) | (a > 1.5)).mean())})
+    return out

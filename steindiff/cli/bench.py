@@ -1,0 +1,175 @@
+"""``steindiff bench``: the benchmark protocol's grid on the mixture suite.
+
+Runs every configuration model x seed x solver x schedule x NFE x stabilizer x coords (lists are
+comma-separated), then writes the ``steindiff.bench/1`` results (``--json FILE``; ``--json -`` prints
+them to stdout instead of the text summary), a Markdown report (``--markdown FILE``) and PNG plots
+(``--plots DIR``).  ``--cost`` measures wall-clock ratios stabilizer/none side by side instead of
+running the grid (stein at each ``--cost-probes`` count, repeats interleaved, medians; results
+under ``"cost"``).  ``--from FILE`` rebuilds the report and plots from saved results without
+sampling.  Every name and output path is checked before any work (exit code 2); a configuration
+that fails is recorded in its row (``status``), not fatal.  Exit codes: 0 success, 1 runtime
+failure, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+from ..io import check_writable, save_json, to_jsonable
+from ..schedules import SCHEDULES
+from ..solvers import SOLVERS
+from . import UsageError
+
+PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run the benchmark grid on exact-score mixtures",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "--models", dest="models", default="gmm:image64", help="comma-separated gmm:<preset> names")
+    p.add_argument("--solvers", default=PROTOCOL_SOLVERS, help=f"comma-separated, from: {', '.join(SOLVERS)}")
+    p.add_argument("--nfe", default="3,4,5,6,8,10", help="comma-separated NFE budgets")
+    p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
+    p.add_argument("--coords", default="ve,vp", help="stabilizer coordinates, comma-separated: ve, vp")
+    p.add_argument("--stabilizers", default="none,stein,stein-sc,stein-oracle",
+                   help="comma-separated: none, stein, stein-sc, stein-exact, stein-oracle")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
+    p.add_argument("--n", type=int, default=1000, help="samples per configuration")
+    p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
+    p.add_argument("--mmd", action="store_true", help="also compute the RBF MMD and its floor")
+    p.add_argument("--ref-solver", default="dpmpp_3m", help="solver of the trajectory reference")
+    p.add_argument("--ref-steps", type=int, default=1000, help="steps of the trajectory reference (Karras)")
+    p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
+                   "(first schedule and coords, first seed)")
+    p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats for --cost")
+    p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
+                   help="read results from FILE (a steindiff.bench/1 JSON) instead of running")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results JSON to FILE ('-': stdout)")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown report")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR (created if missing)")
+    p.add_argument("--title", default=None, help="title of the Markdown report")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def _list(value: str, what: str, kind=str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise UsageError(f"--{what}: empty list")
+    try:
+        return [kind(v) for v in items]
+    except ValueError:
+        raise UsageError(f"--{what}: expected comma-separated {kind.__name__} values, got {value!r}") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    try:
+        for path in (args.json, args.markdown):
+            if path not in (None, "-"):
+                check_writable(path)
+        if args.plots is not None:
+            d = Path(args.plots)
+            if d.exists() and not d.is_dir():
+                raise NotADirectoryError(f"--plots {args.plots!r} is not a directory")
+            if not d.exists():
+                check_writable(d)  # its parent must exist and be writable
+    except OSError as e:
+        raise UsageError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import SCHEMA, run_cost, run_grid, summarize, validate_grid, write_markdown, write_plots
+    from ..bench.runner import machine_info
+
+    _check_outputs(args)
+    if args.from_file is not None:
+        try:
+            result = json.loads(Path(args.from_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"--from {args.from_file!r}: {e}") from None
+        if not isinstance(result, dict) or result.get("schema") != "steindiff.bench/1":
+            raise UsageError(f"--from {args.from_file!r}: not a steindiff.bench/1 results file")
+    else:
+        grid = dict(models=_list(args.models, "model"), solvers=_list(args.solvers, "solvers"),
+                    nfes=_list(args.nfe, "nfe", int), schedules=_list(args.schedules, "schedules"),
+                    coords=_list(args.coords, "coords"), stabilizers=_list(args.stabilizers, "stabilizers"),
+                    seeds=_list(args.seeds, "seeds", int))
+        cost_probes = _list(args.cost_probes, "cost-probes", int)
+        if args.ref_solver not in SOLVERS:
+            raise UsageError(f"--ref-solver: unknown solver {args.ref_solver!r}")
+        if args.ref_steps < 1 or args.repeats < 1 or min(cost_probes) < 1:
+            raise UsageError("--ref-steps, --repeats and --cost-probes must be >= 1")
+        try:
+            validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
+                          grid["stabilizers"], grid["seeds"], args.n, args.probes)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        progress = not args.no_progress
+        if args.cost:
+            machine, t0 = machine_info(), time.perf_counter()
+            entries = run_cost(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"][0], grid["stabilizers"],
+                               cost_probes, args.n, args.repeats, grid["coords"][0], grid["seeds"][0], progress)
+            machine["wall_s_total"] = time.perf_counter() - t0
+            result = {"schema": SCHEMA, "machine": machine,
+                      "config": {**grid, "n": args.n, "cost_probes": cost_probes, "repeats": args.repeats},
+                      "rows": [], "cost": entries}
+        else:
+            result = run_grid(**grid, n=args.n, probes=args.probes, progress=progress, mmd=args.mmd,
+                              ref_solver=args.ref_solver, ref_steps=args.ref_steps)
+        result["command"] = _command(args)
+    summary = summarize(result)
+    if args.json not in (None, "-"):
+        save_json(args.json, result)
+    if args.markdown is not None:
+        write_markdown(args.markdown, result, summary, title=args.title, command=result.get("command"))
+    plots = write_plots(result, summary, args.plots) if args.plots is not None else []
+    if args.json == "-":
+        print(json.dumps(to_jsonable(result), indent=1))
+    else:
+        print(_text(result, summary, args, plots))
+    return 0
+
+
+def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str]) -> str:
+    rows = result.get("rows", [])
+    failed = sum(r["status"] != "ok" for r in rows)
+    lines = [f"steindiff bench: {len(rows)} configurations ({failed} failed), {len(summary['cells'])} cells"]
+    for model, per in summary["counts"].items():
+        for label, d in per.items():
+            s = d.get("sw2")
+            if s:
+                lines.append(f"  {model} {label:16s} excess sw2 vs vanilla: {s['helps']} helps, {s['tie']} ties "
+                             f"({s['at_floor']} at floor), {s['hurts']} hurts, {s['failed']} failed")
+    for e in summary["cost"].get("side_by_side", []):
+        if e["stabilizer"] != "none":
+            p = f" P={e['probes']}" if e["probes"] else ""
+            lines.append(f"  cost {e['model']} {e['solver']} NFE {e['nfe_budget']} {e['stabilizer']}{p}: "
+                         f"{e['ratio']:.2f}x none" if e["ratio"] is not None else f"  cost {e['stabilizer']}{p}: {e['status']}")
+    for path in (args.json, args.markdown):
+        if path not in (None, "-"):
+            lines.append(f"  wrote {path}")
+    if plots:
+        lines.append(f"  wrote {len(plots)} plots into {args.plots}")
+    return "\n".join(lines)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that regenerates these results (every grid option spelled out)."""
+    parts = ["steindiff", "bench", "--model", args.models, "--solvers", args.solvers, "--nfe", args.nfe,
+             "--schedules", args.schedules, "--coords", args.coords, "--stabilizers", args.stabilizers,
+             "--seeds", args.seeds, "--n", str(args.n)]
+    if args.cost:
+        parts += ["--cost", "--cost-probes", args.cost_probes, "--repeats", str(args.repeats)]
+    else:
+        parts += ["--probes", str(args.probes), "--ref-solver", args.ref_solver, "--ref-steps", str(args.ref_steps)]
+        if args.mmd:
+            parts.append("--mmd")
+    for opt, v in (("--json", args.json), ("--markdown", args.markdown), ("--plots", args.plots), ("--title", args.title)):
+        if v is not None:
+            parts += [opt, v]
+    return " ".join(shlex.quote(p) for p in parts)
