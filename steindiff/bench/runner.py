@@ -151,7 +151,7 @@ def _reason(e: BaseException) -> str:
 
 
 def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd) -> dict:
-    row: dict[str, Any] = {"steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas]}
+    row: dict[str, Any] = {"steps": len(sigmas) - 1}
     try:
         stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed)
         gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,

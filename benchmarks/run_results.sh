@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, and the
+# side-by-side cost ratios.  Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|all]
+# (default all; about 30 minutes on one CPU thread).  Every output is written atomically.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread: the machines are shared, timings steadier
+out=docs/results
+mkdir -p "$out/plots"
+what="${1:-all}"
+SOLVERS=euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm
+
+if [[ $what == image64 || $what == all ]]; then
+  steindiff bench --model gmm:image64 --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
+    --coords ve,vp --stabilizers none,stein,stein-sc,stein-oracle --seeds 0,1,2 --n 1000 --probes 5 \
+    --json $out/image64.json --markdown $out/image64.md --plots $out/plots/image64 \
+    --title "gmm:image64: Stein stabilizers against vanilla solvers"
+fi
+if [[ $what == toy2d || $what == all ]]; then
+  steindiff bench --model gmm:toy2d --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
+    --coords ve,vp --stabilizers none,stein,stein-sc,stein-oracle --seeds 0,1,2 --n 1000 --probes 5 \
+    --json $out/toy2d.json --markdown $out/toy2d.md --plots $out/plots/toy2d \
+    --title "gmm:toy2d: Stein stabilizers against vanilla solvers"
+fi
+if [[ $what == exact || $what == all ]]; then
+  # stein-exact costs d = 64 Jacobian passes per step: a few cells only
+  steindiff bench --model gmm:image64 --solvers euler,dpmpp_2m --nfe 4,6 --schedules karras \
+    --coords ve,vp --stabilizers none,stein,stein-exact --seeds 0,1,2 --n 1000 --probes 5 \
+    --json $out/image64-exact.json --markdown $out/image64-exact.md --plots $out/plots/image64-exact \
+    --title "gmm:image64: Hutchinson (5 probes) against exact divergence"
+fi
+if [[ $what == cost || $what == all ]]; then
+  steindiff bench --cost --model gmm:image64 --solvers euler,dpmpp_2m --nfe 5,10 --schedules karras --coords ve \
+    --stabilizers none,stein,stein-sc,stein-oracle --cost-probes 1,5 --repeats 5 --n 1000 \
+    --json $out/cost-image64.json --markdown $out/cost-image64.md --title "Cost on gmm:image64 (d = 64)"
+  steindiff bench --cost --model gmm:hd1024 --solvers dpmpp_2m --nfe 5 --schedules karras --coords ve \
+    --stabilizers none,stein --cost-probes 1,5 --repeats 3 --n 500 \
+    --json $out/cost-hd1024.json --markdown $out/cost-hd1024.md --title "Cost on gmm:hd1024 (d = 1024)"
+fi

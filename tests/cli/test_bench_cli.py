@@ -1,0 +1,72 @@
+"""``steindiff bench``: outputs, stdout JSON, cost mode, --from, usage errors before any work."""
+
+import json
+import os
+
+import pytest
+
+from steindiff.cli import main
+
+TINY = ["--model", "gmm:toy2d", "--solvers", "euler", "--nfe", "3", "--schedules", "karras", "--coords", "ve",
+        "--stabilizers", "none,stein", "--seeds", "0", "--n", "32", "--ref-steps", "20", "--no-progress"]
+
+
+def test_bench_writes_json_markdown_plots(tmp_path, capsys):
+    j, md, plots = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "plots"
+    assert main(["bench", *TINY, "--json", str(j), "--markdown", str(md), "--plots", str(plots)]) == 0
+    res = json.loads(j.read_text())
+    assert res["schema"] == "steindiff.bench/1" and len(res["rows"]) == 2
+    assert {r["stabilizer"] for r in res["rows"]} == {"none", "stein"}
+    assert res["command"].startswith("steindiff bench --model gmm:toy2d")
+    assert "| solver | schedule | NFE | none | stein/ve |" in md.read_text()
+    assert len(list(plots.glob("*.png"))) == 4
+    out = capsys.readouterr().out
+    assert "2 configurations (0 failed)" in out and f"wrote {j}" in out
+    # --from rebuilds the report without sampling; --json - prints the results object
+    md2 = tmp_path / "again.md"
+    assert main(["bench", "--from", str(j), "--markdown", str(md2), "--json", "-"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == res["rows"] and md2.read_text() == md.read_text()
+
+
+def test_bench_json_to_stdout(capsys):
+    assert main(["bench", *TINY, "--json", "-"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["schema"] == "steindiff.bench/1" and res["rows"][0]["status"] == "ok"
+
+
+def test_bench_cost_mode(tmp_path, capsys):
+    j = tmp_path / "cost.json"
+    args = ["bench", *TINY, "--cost", "--cost-probes", "1,2", "--repeats", "1", "--json", str(j)]
+    assert main(args) == 0
+    res = json.loads(j.read_text())
+    assert res["rows"] == [] and [(e["stabilizer"], e["probes"]) for e in res["cost"]] == [("none", None), ("stein", 1), ("stein", 2)]
+    assert "stein P=2:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [
+    ["--solvers", "euler,nope"], ["--stabilizers", "none,magic"], ["--coords", "ve,xy"], ["--schedules", "cosine"],
+    ["--model", "gmm:nope"], ["--nfe", "3,x"], ["--nfe", "0"], ["--seeds", ""], ["--n", "1"], ["--probes", "0"],
+    ["--ref-solver", "nope"], ["--plots", "/nonexistent-dir/plots"], ["--markdown", "/nonexistent-dir/r.md"],
+])
+def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
+    j = tmp_path / "r.json"
+    assert main(["bench", *TINY, "--json", str(j), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("steindiff bench: error:")
+    assert os.listdir(tmp_path) == []
+
+
+def test_from_rejects_other_files(tmp_path, capsys):
+    f = tmp_path / "x.json"
+    f.write_text('{"schema": "other"}')
+    assert main(["bench", "--from", str(f)]) == 2
+    assert "not a steindiff.bench/1" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--stabilizers" in out and "--cost" in out and "'-': stdout" in out
