@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.png is not None:
         plot_diagnosis(result, args.png)
     if args.out is not None:
-        save_json(args.out, result)
+        save_json(args.out, {k: v for k, v in result.items() if k != "x"})
     summary = summarize(result)
     summary["png"], summary["out"] = args.png, args.out
     cfg, s = result["config"], result["summary"]

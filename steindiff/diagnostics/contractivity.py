@@ -97,13 +97,34 @@ class _StabilizedOperator:
         return self.op.extra_passes()
 
 
+def _slice_state(obj: Any, sl: slice, n: int) -> Any:
+    """The history of samples ``sl``: every tensor whose leading dimension is the batch is sliced."""
+    if isinstance(obj, torch.Tensor):
+        return obj[sl] if obj.ndim >= 1 and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: _slice_state(v, sl, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_slice_state(v, sl, n) for v in obj)
+    return obj
+
+
+def _chunk_operator(op: Any, sl: slice, n: int) -> Any:
+    """The step operator restricted to the samples ``sl`` (its solver history sliced too)."""
+    if isinstance(op, _StabilizedOperator):
+        return _StabilizedOperator(_chunk_operator(op.op, sl, n), op.gamma, op.c)
+    return StepOperator(op.solver, op.denoise, op.i, op.sigmas, _slice_state(op.state, sl, n))
+
+
 def _chunked(fn: Callable[..., tuple[torch.Tensor, dict]], x: torch.Tensor, batch_size: int | None, seed: int):
-    """Run a sample-wise estimator over chunks of ``x``; concatenate values, add up pass counts."""
-    bs = x.shape[0] if batch_size is None else int(batch_size)
+    """Run a sample-wise estimator ``fn(x_chunk, seed, slice)`` over chunks of ``x``; concatenate
+    the values, add up the pass counts."""
+    n = x.shape[0]
+    bs = n if batch_size is None else int(batch_size)
     vals, info = [], {"jvp_passes": 0, "vjp_passes": 0, "model_passes": 0, "jvp_mode": None}
     rel = []
-    for j, start in enumerate(range(0, x.shape[0], bs)):
-        v, inf = fn(x[start : start + bs], seed + 7919 * j)
+    for j, start in enumerate(range(0, n, bs)):
+        sl = slice(start, min(start + bs, n))
+        v, inf = fn(x[sl], seed + 7919 * j, sl)
         vals.append(v)
         rel.append(inf["rel_change"])
         for k in ("jvp_passes", "vjp_passes", "model_passes"):
@@ -149,7 +170,8 @@ def diagnose(
     Returns the full record (JSON-ready through :func:`steindiff.io.to_jsonable`): ``schema``,
     ``config``, ``definitions``, ``steps`` (one dict per step: noise levels, ``h``, quantiles of
     ``lipschitz``, ``lipschitz_D``, ``bound``, ``bound_first_order``, stabilizer values, power or
-    Lanczos convergence, and ``per_sample`` tensors), ``passes`` and ``summary``.
+    Lanczos convergence, and ``per_sample`` tensors), ``passes``, ``summary`` and ``x`` (the final
+    samples, identical to :func:`~steindiff.generate.generate`'s with the same arguments).
     """
     t0 = time.perf_counter()
     if isinstance(spec, str):
@@ -187,6 +209,9 @@ def diagnose(
     amp = torch.ones(n, dtype=torch.float64)
     amp_s = torch.ones(n, dtype=torch.float64) if stabilizer is not None else None
 
+    def _part(op: Any, sl: slice) -> Any:
+        return op if sl == slice(0, n) else _chunk_operator(op, sl, n)
+
     def add_passes(info: dict) -> None:
         passes["jvp"] += info["jvp_passes"]
         passes["vjp"] += info["vjp_passes"]
@@ -199,7 +224,8 @@ def diagnose(
         a_s, a_t, sc_s = coordinate_scales(coords, s, t)
         sc_t = a_t * t
         x = x.detach()
-        L_ve, info_T = _chunked(lambda xs, sd: step_lipschitz(op, xs, seed=sd, return_info=True, **lip_opts), x, batch_size, seed + 101 * i)
+        L_ve, info_T = _chunked(lambda xs, sd, sl: step_lipschitz(_part(op, sl), xs, seed=sd, return_info=True, **lip_opts),
+                                x, batch_size, seed + 101 * i)
         add_passes(info_T)
         L = L_ve * (a_t / a_s)
         amp *= L.cpu()
@@ -210,7 +236,7 @@ def diagnose(
         per: dict[str, torch.Tensor] = {"lipschitz": L}
         conv = {"rel_change_max": float(info_T["rel_change"].max()), "rel_change_median": float(info_T["rel_change"].median())}
         if denoiser:
-            LD_ve, info_D = _chunked(lambda xs, sd: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
+            LD_ve, info_D = _chunked(lambda xs, sd, sl: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
                                      x, batch_size, seed + 101 * i + 50)
             add_passes(info_D)
             LD = LD_ve / a_s
@@ -238,7 +264,8 @@ def diagnose(
             gamma = float(srec["gamma"])
             ga, ga_next, _ = coordinate_scales(getattr(stabilizer, "coords", "ve"), s, t)
             S = _StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next)
-            LS_ve, info_S = _chunked(lambda xs, sd: step_lipschitz(S, xs, seed=sd, return_info=True, **lip_opts), x, batch_size, seed + 101 * i)
+            LS_ve, info_S = _chunked(lambda xs, sd, sl: step_lipschitz(_part(S, sl), xs, seed=sd, return_info=True, **lip_opts),
+                                      x, batch_size, seed + 101 * i)
             add_passes(info_S)
             LS = LS_ve * (a_t / a_s)
             amp_s *= LS.cpu()
@@ -284,13 +311,14 @@ def diagnose(
         summ["stabilized_trajectory_amplification"] = quantiles(amp_s, threshold=None)
         result["per_sample"]["stabilized_trajectory_amplification"] = amp_s
     result["summary"] = summ
+    result["x"] = x
     result["wall_s"] = time.perf_counter() - t0
     return result
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """The record of :func:`diagnose` without the per-sample tensors (for ``--json``)."""
-    out = {k: v for k, v in result.items() if k not in ("per_sample", "definitions")}
+    """The record of :func:`diagnose` without the per-sample tensors and samples (for ``--json``)."""
+    out = {k: v for k, v in result.items() if k not in ("per_sample", "definitions", "x")}
     out["steps"] = [{k: v for k, v in r.items() if k != "per_sample"} for r in result["steps"]]
     return out
 

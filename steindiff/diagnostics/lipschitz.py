@@ -20,7 +20,8 @@ VJP: because the map is sample-wise they give every sample's ``J_i v_i`` and ``J
 ``rel_change`` in the info dict reports the relative change of the estimate in the last iteration.
 
 Cost: one forward pass with a graph (kept for the VJPs), then per iteration one Jacobian-vector
-product (forward mode, :func:`torch.func.jvp`: a forward pass through ``f``) and one
+product (forward-mode AD, :mod:`torch.autograd.forward_ad`, the engine of :func:`torch.func.jvp`:
+a forward pass through ``f`` with tangents) and one
 vector-Jacobian product (a backward pass on the kept graph).  ``jvp="double_backward"`` (or the
 automatic fallback when forward mode is not supported by a model) gets ``J v`` as the gradient of
 ``u -> <J^T u, v>`` instead: a double-backward pass, no extra forward pass.
@@ -31,11 +32,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ..solvers import Denoise, StepOperator
 from ..stabilizers.base import NotDifferentiableError
 
-__all__ = ["lipschitz", "step_lipschitz", "denoiser_lipschitz", "NotDifferentiableError"]
+__all__ = ["local_lipschitz", "step_lipschitz", "denoiser_lipschitz", "NotDifferentiableError"]
 
 _TINY = 1e-30
 
@@ -49,7 +51,7 @@ def _per_sample(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t * scale.to(t.dtype).reshape(-1, *([1] * (t.ndim - 1)))
 
 
-def lipschitz(
+def local_lipschitz(
     f: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     iters: int = 20,
@@ -62,7 +64,7 @@ def lipschitz(
     """Per-sample local Lipschitz constant (largest singular value of the per-sample Jacobian) of
     the sample-wise map ``f`` at ``x``, shape ``(B,)``, float64.
 
-    ``jvp``: ``"forward"`` (:func:`torch.func.jvp`), ``"double_backward"``, or ``"auto"`` (forward
+    ``jvp``: ``"forward"`` (forward-mode AD), ``"double_backward"``, or ``"auto"`` (forward
     mode, falling back to double backward if the model does not support it).  ``method``:
     ``"power"`` (power iteration) or ``"lanczos"`` (Lanczos on ``J^T J`` from the same start, same
     products, full reorthogonalization; much faster convergence when the top singular values are
@@ -113,8 +115,10 @@ def lipschitz(
         return torch.zeros_like(x) if jv is None else jv
 
     def jvp_forward(vec: torch.Tensor) -> torch.Tensor:
-        _, jv = torch.func.jvp(f, (x,), (vec,))
-        return jv
+        # forward-mode AD (the engine behind torch.func.jvp, without functorch's first-call cost)
+        with torch.no_grad(), fwAD.dual_level():
+            jv = fwAD.unpack_dual(f(fwAD.make_dual(x, vec))).tangent
+        return torch.zeros_like(x) if jv is None else jv
 
     def jvp_(vec: torch.Tensor) -> torch.Tensor:
         mode = info["jvp_mode"]
@@ -166,6 +170,7 @@ def _lanczos(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iter
     reorthogonalization in float64): ``sqrt`` of the largest Ritz value per sample (a lower bound on
     ``sigma_max``), and the relative change of that estimate in the last iteration."""
     B = v.shape[0]
+    eps = torch.finfo(v.dtype).eps  # precision of the Jacobian products
     q = v.reshape(B, -1).to(torch.float64)
     Q: list[torch.Tensor] = []
     alphas, betas = [], []
@@ -178,11 +183,17 @@ def _lanczos(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iter
         a = (q * w).sum(1)
         alphas.append(a)
         Qm = torch.stack(Q, 1)  # (B, j+1, d)
-        for _ in range(2):  # full reorthogonalization, twice is enough
-            w = w - torch.einsum("bkd,bk->bd", Qm, torch.einsum("bkd,bd->bk", Qm, w))
+
+        def project_out(u: torch.Tensor) -> torch.Tensor:
+            return u - torch.einsum("bkd,bk->bd", Qm, torch.einsum("bkd,bd->bk", Qm, u))
+
+        w = project_out(project_out(w))  # full reorthogonalization, twice
         b = w.norm(dim=1)
-        alive = b > 1e-12 * n_aq  # else breakdown: an invariant subspace of this sample's A was found
-        q = torch.where(alive[:, None], w / b.clamp_min(_TINY)[:, None], torch.zeros_like(w))
+        q = w / b.clamp_min(_TINY)[:, None]
+        # breakdown (an invariant subspace of this sample's A was found): the residual is at the
+        # precision of the products, or what is left of it is not orthogonal to the basis
+        alive = (b > 10 * eps * n_aq) & (project_out(q).norm(dim=1) > 0.5)
+        q = torch.where(alive[:, None], q, torch.zeros_like(q))
         betas.append(torch.where(alive, b, torch.zeros_like(b)))
         T = torch.diag_embed(torch.stack(alphas, 1))
         if j > 0:
@@ -209,13 +220,13 @@ def step_lipschitz(
 
     Solver-agnostic: only calls ``op(x).x_next`` (the solver's history in ``op.state`` is held
     fixed).  The model passes are made inside ``op.extra_passes()`` so they do not count as NFE;
-    with ``return_info`` the info dict of :func:`lipschitz` also has ``model_passes`` (model
+    with ``return_info`` the info dict of :func:`local_lipschitz` also has ``model_passes`` (model
     evaluations made, from the operator's :class:`~steindiff.solvers.Denoise` counter).
     """
     denoise = getattr(op, "denoise", None)
     extra0 = denoise.extra_calls if denoise is not None else 0
     with op.extra_passes():
-        est, info = lipschitz(lambda z: op(z).x_next, x, iters, seed, jvp=jvp, method=method, return_info=True)
+        est, info = local_lipschitz(lambda z: op(z).x_next, x, iters, seed, jvp=jvp, method=method, return_info=True)
     info["model_passes"] = (denoise.extra_calls - extra0) if denoise is not None else None
     return (est, info) if return_info else est
 
@@ -241,7 +252,7 @@ def denoiser_lipschitz(
     if isinstance(model, Denoise):
         extra0 = model.extra_calls
         with model.extra_passes():
-            est, info = lipschitz(lambda z: model(z, float(sigma), -1), x, iters, seed, jvp=jvp, method=method, return_info=True)
+            est, info = local_lipschitz(lambda z: model(z, float(sigma), -1), x, iters, seed, jvp=jvp, method=method, return_info=True)
         info["model_passes"] = model.extra_calls - extra0
     else:
         kw = extra or {}
@@ -250,6 +261,6 @@ def denoiser_lipschitz(
             s = torch.full((z.shape[0],), float(sigma), dtype=z.dtype, device=z.device)
             return model(z, s, **kw)
 
-        est, info = lipschitz(f, x, iters, seed, jvp=jvp, method=method, return_info=True)
+        est, info = local_lipschitz(f, x, iters, seed, jvp=jvp, method=method, return_info=True)
         info["model_passes"] = info["graph_passes"] + (info["jvp_passes"] if info["jvp_mode"] == "forward" else 0)
     return (est, info) if return_info else est
