@@ -15,7 +15,7 @@ from ..io import to_jsonable
 
 __all__ = ["main", "UsageError", "emit"]
 
-COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo", "bench"]
+COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo", "bench", "dist"]
 
 
 class UsageError(Exception):

@@ -1,0 +1,156 @@
+"""``steindiff sample-dist`` (multi-process sampling, run under torchrun) and ``steindiff merge``.
+
+    torchrun --standalone --nproc_per_node 4 -m steindiff sample-dist --model gmm:image64 --n 50000 \\
+        --stabilizer stein --out-dir runs/x
+    steindiff merge runs/x --out samples.npz
+
+Every rank samples its shard of the global batch (noise from ``--seed`` for all ``--n`` samples) and
+writes ``shard-{rank:05d}.npz``; rank 0 writes ``manifest.json`` and prints the summary.  Without
+torchrun it runs as a single process (world size 1).  See :mod:`steindiff.distributed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from . import UsageError, emit
+from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample-dist", help="sample a global batch sharded over torchrun processes",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling(p)
+    add_stabilizer(p)
+    p.add_argument("--n", type=int, default=2000, help="number of samples of the global batch")
+    p.add_argument("--out-dir", required=True, help="directory for the shards and manifest.json (created if missing)")
+    p.add_argument("--probe-mode", default="global", choices=["global", "per-sample"],
+                   help="Hutchinson probes: slice of the global batch's (equals `steindiff sample`; memory probes*n*dim "
+                        "per rank) or per-sample generators (memory probes*shard*dim)")
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="auto: nccl with CUDA, else gloo")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective waiting for a dead or stalled rank fails")
+    add_common(p)
+    p.set_defaults(func=run_sample)
+
+    m = sub.add_parser("merge", help="merge the shards of a sample-dist run into one .npz",
+                       description="Merge the shards of a `steindiff sample-dist` directory into one .npz (samples in "
+                                   "global order, sigmas, gammas, config). Refuses, naming them, if shards are missing "
+                                   "or stale (exit code 2).")
+    m.add_argument("dir", help="the --out-dir of a sample-dist run")
+    m.add_argument("--out", required=True, help="merged .npz file")
+    m.add_argument("--metrics", action="store_true", help="also compute mixture metrics (gmm models only)")
+    add_common(m)
+    m.set_defaults(func=run_merge)
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_as_error(rank: str):
+    """torchrun stops the other ranks with SIGTERM when one fails: say so instead of dying silently."""
+    def handler(signum, frame):
+        raise _Terminated(f"rank {rank}: terminated by SIGTERM from the launcher (another rank probably failed; "
+                          "see its error). Finished shards are kept; `steindiff merge` lists the missing ones")
+
+    try:
+        prev = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from ..distributed import sample_distributed
+
+    check_sampling(args)
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    spec = load_model_or_usage(args.model)
+    stabilizer = stabilizer_from_args(args, spec)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.n < world:
+        raise UsageError(f"--n {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
+    if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --n {args.n} over {world} ranks")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
+    if not out.exists() and not out.parent.is_dir():
+        raise UsageError(f"cannot create --out-dir {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    opts = {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
+            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed}
+    with _sigterm_as_error(os.environ.get("RANK", "0")):
+        res = sample_distributed(
+            spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
+            stabilizer=stabilizer, stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
+            probe_mode=args.probe_mode, dtype=DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
+            progress=not args.no_progress)
+    if res.rank != 0:
+        return 0
+    summary = {
+        "out_dir": res.out_dir, "manifest": str(Path(res.out_dir) / "manifest.json"), "run_id": res.run_id,
+        "world_size": res.world_size, "n": args.n, "model": spec.name, "solver": args.solver, "schedule": args.schedule,
+        "stabilizer": args.stabilizer, "probe_mode": args.probe_mode, "nfe": res.nfe, "extra_passes": res.extra_passes,
+        "steps": len(res.config["sigmas"]) - 1, "seed": args.seed, "gammas": res.gammas,
+        "shards": [f"shard-{r:05d}.npz" for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
+    }
+    lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {args.stabilizer}, NFE {res.nfe} "
+             f"(+{res.extra_passes} Jacobian passes), {args.n} samples over {res.world_size} rank(s)"]
+    if args.stabilizer != "none":
+        lines.append("  gammas     " + " ".join(f"{g:.3g}" for g in res.gammas))
+    lines.append(f"  wrote {res.world_size} shard(s) and manifest.json to {res.out_dir}; merge with `steindiff merge {res.out_dir} --out FILE`")
+    emit(args, summary, "\n".join(lines))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from ..distributed import MissingShardsError, merge_shards
+    from ..io import check_writable
+
+    try:
+        check_writable(args.out)
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    if args.metrics:
+        from ..distributed import _read_manifest
+
+        try:
+            model = str(_read_manifest(Path(args.dir))["config"].get("model"))
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        if not model.startswith("gmm:"):
+            raise UsageError(f"--metrics needs a gmm model, the run used {model!r}")
+    try:
+        summary = merge_shards(args.dir, args.out)
+    except (FileNotFoundError, MissingShardsError) as e:
+        raise UsageError(str(e)) from None
+    if args.metrics:
+        summary["metrics"] = _metrics(summary)
+    lines = [f"merged {summary['shards']} shard(s), {summary['n']} samples ({summary['config'].get('model')}, "
+             f"{summary['config'].get('solver')}, stabilizer {summary['config'].get('stabilizer')}) into {summary['out']}"]
+    for k, v in summary.get("metrics", {}).items():
+        lines.append(f"  {k:10s} {v:.5g}")
+    emit(args, summary, "\n".join(lines))
+    return 0
+
+
+def _metrics(summary: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from ..metrics import mixture_metrics
+
+    spec = load_model_or_usage(summary["config"]["model"])
+    with np.load(summary["out"]) as z:
+        x = torch.from_numpy(z["samples"])
+    return mixture_metrics(x, spec.gmm, seed=int(summary["config"].get("seed", 0)))
