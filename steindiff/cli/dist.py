@@ -1,10 +1,10 @@
 """``steindiff sample-dist`` (multi-process sampling, run under torchrun) and ``steindiff merge``.
 
-    torchrun --standalone --nproc_per_node 4 -m steindiff sample-dist --model gmm:image64 --n 50000 \\
+    torchrun --standalone --nproc_per_node 4 -m steindiff sample-dist --model gmm:image64 --num-samples 50000 \\
         --stabilizer stein --out-dir runs/x
     steindiff merge runs/x --out samples.npz
 
-Every rank samples its shard of the global batch (noise from ``--seed`` for all ``--n`` samples) and
+Every rank samples its shard of the global batch (noise from ``--seed`` for all ``--num-samples``) and
 writes ``shard-{rank:05d}.npz``; rank 0 writes ``manifest.json`` and prints the summary.  Without
 torchrun it runs as a single process (world size 1).  See :mod:`steindiff.distributed`.
 """
@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling(p)
     add_stabilizer(p)
-    p.add_argument("--n", type=int, default=2000, help="number of samples of the global batch")
+    p.add_argument("--num-samples", "--n", dest="n", type=int, default=2000,
+                   help="number of samples of the global batch (under torchrun spell it --num-samples: torchrun "
+                        "takes --n for an abbreviation of its own options)")
     p.add_argument("--out-dir", required=True, help="directory for the shards and manifest.json (created if missing)")
     p.add_argument("--probe-mode", default="global", choices=["global", "per-sample"],
                    help="Hutchinson probes: slice of the global batch's (equals `steindiff sample`; memory probes*n*dim "
@@ -79,9 +81,9 @@ def run_sample(args: argparse.Namespace) -> int:
     stabilizer = stabilizer_from_args(args, spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.n < world:
-        raise UsageError(f"--n {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
+        raise UsageError(f"--num-samples {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
-        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --n {args.n} over {world} ranks")
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} over {world} ranks")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")

@@ -1,0 +1,93 @@
+"""``steindiff sample-dist`` and ``steindiff merge``: help, single process, torchrun with 2 ranks, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from steindiff.cli import main
+
+RUN = ["--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--stabilizer", "stein", "--probes", "2",
+       "--dtype", "float64", "--seed", "5", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun_env(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.mark.parametrize("cmd", ["sample-dist", "merge"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and cmd in capsys.readouterr().out
+
+
+def reference(tmp_path, capsys):
+    """`steindiff sample` on the same configuration: samples and gammas."""
+    assert main(["sample", *RUN, "--n", "16", "--out", str(tmp_path / "ref.npz"), "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    with np.load(tmp_path / "ref.npz") as z:
+        return z["samples"], z["gammas"]
+
+
+def test_single_process_then_merge_equals_sample(tmp_path, capsys):
+    ref_x, ref_g = reference(tmp_path, capsys)
+    assert main(["sample-dist", *RUN, "--num-samples", "16", "--out-dir", str(tmp_path / "run"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["world_size"] == 1 and s["shards"] == ["shard-00000.npz"] and s["nfe"] == 4
+    np.testing.assert_allclose(s["gammas"], ref_g, rtol=1e-12)
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m.npz"), "--json", "--metrics"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["n"] == 16 and "sw2" in m["metrics"]
+    with np.load(tmp_path / "m.npz") as z:
+        np.testing.assert_allclose(z["samples"], ref_x, rtol=1e-12)
+    # text mode
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m2.npz")]) == 0
+    assert "merged 1 shard(s), 16 samples" in capsys.readouterr().out
+
+
+def test_torchrun_two_ranks_equal_sample(tmp_path, capsys):
+    ref_x, ref_g = reference(tmp_path, capsys)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "steindiff",
+           "sample-dist", *RUN, "--num-samples", "16", "--backend", "gloo", "--timeout", "60",
+           "--out-dir", str(tmp_path / "run"), "--json"]
+    p = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads(p.stdout)  # rank 0 alone prints the summary
+    assert s["world_size"] == 2 and s["shards"] == ["shard-00000.npz", "shard-00001.npz"]
+    np.testing.assert_allclose(s["gammas"], ref_g, rtol=1e-6)
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_size"] == 2
+    with np.load(tmp_path / "m.npz") as z:
+        np.testing.assert_allclose(z["samples"], ref_x, rtol=1e-6, atol=1e-9)
+
+
+def test_refusals(tmp_path, capsys):
+    assert main(["sample-dist", *RUN, "--solver", "nope", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "unknown solver 'nope'" in capsys.readouterr().err
+    assert main(["sample-dist", *RUN, "--num-samples", "1", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "at least 2 samples per rank" in capsys.readouterr().err
+    assert main(["sample-dist", *RUN, "--out-dir", str(tmp_path / "no" / "such" / "dir")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main(["merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a run whose shard is gone: merge names it, exit 2, writes nothing
+    assert main(["sample-dist", *RUN, "--num-samples", "4", "--out-dir", str(tmp_path / "r"), "--json"]) == 0
+    capsys.readouterr()
+    os.unlink(tmp_path / "r" / "shard-00000.npz")
+    assert main(["merge", str(tmp_path / "r"), "--out", str(tmp_path / "m.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "steindiff merge: error:" in err and "missing shard-00000.npz" in err
+    assert not (tmp_path / "m.npz").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["merge", str(tmp_path / "r")])  # --out is required
+    assert e.value.code == 2
