@@ -1,0 +1,310 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import steindiff.train as T
+from steindiff.models import EDMPrecond, VPDenoiser
+from steindiff.models.registry import load_model
+from steindiff.models.unet import UNetConfig
+from steindiff.noise import DiscreteVPProcess, VEProcess
+
+TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,))
+
+
+def tiny_cfg(**kw):
+    base = dict(iters=4, batch_size=8, ckpt_every=2, warmup=2)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return T.load_digits_dataset()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("ck") / "run"
+    res = T.train(tiny_cfg(), out, TINY, progress=False, dataset=digits)
+    return out, res
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+# ---------------------------------------------------------------- training and checkpoints
+
+
+def test_tiny_run_writes_a_loadable_checkpoint(ckpt):
+    out, res = ckpt
+    assert res.step == 4 and np.isfinite(res.loss)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_state.pt"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["schema"] == T.CHECKPOINT_SCHEMA
+    assert config["data"]["shape"] == [1, 8, 8]
+    assert config["data"]["holdout"]["n"] == 297 and len(config["data"]["holdout"]["indices"]) == 297
+    assert config["data"]["n_train"] == 1500
+    assert config["precond"] == {"type": "edm", "sigma_data": 0.5}
+    assert config["training"]["step"] == 4 and config["training"]["P_mean"] == -1.2
+    net, cfg = T.load_checkpoint(out)
+    assert not net.training
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_holdout_split_is_fixed_and_disjoint():
+    tr, ho = T.split_indices(1797, 297, 0)
+    tr2, ho2 = T.split_indices(1797, 297, 0)
+    assert np.array_equal(ho, ho2) and len(set(tr) & set(ho)) == 0 and len(tr) + len(ho) == 1797
+    with pytest.raises(T.DataError, match="hold out"):
+        T.split_indices(10, 10, 0)
+
+
+def test_load_model_on_checkpoint_folder(ckpt):
+    out, _ = ckpt
+    spec = load_model(str(out))
+    assert isinstance(spec.denoiser, EDMPrecond) and isinstance(spec.process, VEProcess)
+    assert spec.sample_shape == (1, 8, 8)
+    assert not any(p.requires_grad for p in spec.denoiser.parameters())
+    assert spec.info["heldout"].shape == (297, 1, 8, 8) and spec.info["train"].shape == (1500, 1, 8, 8)
+    # the held-out images are exactly the recorded split and never among the training images
+    ho = torch.as_tensor(spec.info["config"]["data"]["holdout"]["indices"])
+    assert torch.equal(spec.info["heldout"], T.load_digits_dataset().x[ho])
+    x = spec.denoiser(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 10.0]))
+    assert x.shape == (2, 1, 8, 8)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, digits, ckpt):
+    out_full, _ = ckpt
+    out = tmp_path / "resumed"
+    T.train(tiny_cfg(iters=2), out, TINY, progress=False, dataset=digits)
+    with pytest.raises(FileExistsError, match="already exists"):
+        T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits)
+    res = T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits, resume=True)
+    assert res.step == 4
+    a, _ = T.load_checkpoint(out_full)
+    b, _ = T.load_checkpoint(out)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
+def test_resume_rejects_another_architecture(tmp_path, digits):
+    out = tmp_path / "r"
+    T.train(tiny_cfg(iters=2), out, TINY, progress=False, dataset=digits)
+    other = UNetConfig(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,))
+    with pytest.raises(T.CheckpointError, match="architecture differs"):
+        T.train(tiny_cfg(iters=4), out, other, progress=False, dataset=digits, resume=True)
+    with pytest.raises(T.CheckpointError, match="nothing to resume"):
+        T.train(tiny_cfg(iters=4), tmp_path / "none", TINY, progress=False, dataset=digits, resume=True)
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, digits, monkeypatch):
+    out = tmp_path / "run"
+    T.train(tiny_cfg(iters=2), out, TINY, progress=False, dataset=digits)
+    before = _files(out)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the training state is being written
+
+    monkeypatch.setattr(T.torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits, resume=True)
+    monkeypatch.undo()
+    assert _files(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    net, cfg = T.load_checkpoint(out)
+    assert cfg["training"]["step"] == 2
+
+
+def test_crash_between_the_swap_renames_is_recovered(tmp_path, ckpt):
+    src, _ = ckpt
+    old = tmp_path / ".run.old-123-456"
+    os.makedirs(old)
+    for name, data in _files(src).items():
+        (old / name).write_bytes(data)
+    net, cfg = T.load_checkpoint(tmp_path / "run")  # "run" is missing: its previous copy is restored
+    assert (tmp_path / "run" / "model.safetensors").is_file() and not old.exists()
+
+
+def test_ctrl_c_during_training_saves_a_resumable_checkpoint(tmp_path, digits):
+    out = tmp_path / "run"
+
+    def stop(info):
+        if info["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(tiny_cfg(iters=10, ckpt_every=100), out, TINY, progress=False, dataset=digits, callback=stop)
+    _, cfg = T.load_checkpoint(out)
+    assert cfg["training"]["step"] == 3 and cfg["training"]["stopped_early"]
+    res = T.train(tiny_cfg(iters=5, ckpt_every=100), out, TINY, progress=False, dataset=digits, resume=True)
+    assert res.step == 5
+
+
+def test_time_limit_stops_early(tmp_path, digits):
+    res = T.train(tiny_cfg(iters=10_000, time_limit_s=1e-9), tmp_path / "run", TINY, progress=False, dataset=digits)
+    assert res.stopped_early and res.step == 1
+
+
+def test_vp_epsilon_training(tmp_path, digits):
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(), embedding="positional")
+    T.train(tiny_cfg(iters=2, loss="vp-eps"), tmp_path / "vp", unet, progress=False, dataset=digits)
+    spec = load_model(str(tmp_path / "vp"))
+    assert isinstance(spec.denoiser, VPDenoiser) and isinstance(spec.process, DiscreteVPProcess)
+    assert torch.isfinite(spec.denoiser(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 50.0]))).all()
+
+
+def test_class_conditional_training(tmp_path, digits):
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(), num_classes=10)
+    T.train(tiny_cfg(iters=2), tmp_path / "c", unet, progress=False, dataset=digits)
+    spec = load_model(str(tmp_path / "c"))
+    out = spec.denoiser(torch.randn(2, 1, 8, 8), torch.ones(2), class_labels=torch.tensor([3, 7]))
+    assert out.shape == (2, 1, 8, 8)
+    x = np.random.default_rng(0).uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(T.DataError, match="needs labels"):
+        T.train(tiny_cfg(iters=2), tmp_path / "c2", unet, progress=False, dataset=T.ImageDataset(torch.from_numpy(x), None, "x", "x"))
+
+
+# ---------------------------------------------------------------- checkpoint errors
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name, data in _files(src).items():
+        (dst / name).write_bytes(data)
+    return dst
+
+
+def test_config_that_does_not_match_the_weights(tmp_path, ckpt):
+    d = _copy(ckpt[0], tmp_path / "bad")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architecture"]["model_channels"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(T.CheckpointError, match=r"model\.safetensors.*do not match.*config\.json.*shape mismatch"):
+        load_model(str(d))
+
+
+def test_missing_and_corrupt_weights(tmp_path, ckpt):
+    d = _copy(ckpt[0], tmp_path / "bad")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(T.CheckpointError, match=r"model\.safetensors: corrupt"):
+        T.load_checkpoint(d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(T.CheckpointError, match=r"model\.safetensors: missing"):
+        load_model(str(d))
+
+
+def test_missing_or_invalid_config(tmp_path, ckpt):
+    d = _copy(ckpt[0], tmp_path / "bad")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(T.CheckpointError, match=r"config\.json: not valid JSON"):
+        load_model(str(d))  # matched by its model.safetensors
+    (d / "config.json").unlink()
+    with pytest.raises(T.CheckpointError, match=r"config\.json: missing"):
+        T.load_checkpoint(d)
+    with pytest.raises(FileNotFoundError):
+        T.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_save_checkpoint_never_replaces_an_unrelated_folder(tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a steindiff checkpoint"):
+        T.save_checkpoint(d, {"schema": T.CHECKPOINT_SCHEMA}, {"w": torch.zeros(1)})
+    assert (d / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def test_digits_dataset(digits):
+    assert digits.x.shape == (1797, 1, 8, 8) and digits.x.dtype == torch.float32
+    assert float(digits.x.min()) == -1.0 and float(digits.x.max()) == 1.0
+    assert digits.labels.shape == (1797,)
+
+
+def test_npy_and_npz(tmp_path):
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 3, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    ds = T.load_dataset(tmp_path / "a.npy")
+    assert ds.shape == (3, 4, 4) and torch.allclose(ds.x, torch.from_numpy(x))
+    np.savez(tmp_path / "b.npz", images=x, labels=np.arange(5))
+    ds = T.load_dataset(tmp_path / "b.npz")
+    assert ds.labels.tolist() == [0, 1, 2, 3, 4]
+    u8 = np.array([0, 255], dtype=np.uint8).reshape(2, 1, 1, 1).repeat(2, 2).repeat(2, 3)
+    np.save(tmp_path / "u.npy", u8)
+    ds = T.load_dataset(tmp_path / "u.npy")
+    assert ds.x.min() == -1 and ds.x.max() == 1
+
+
+@pytest.mark.parametrize("arr,match", [
+    (np.zeros((5, 8, 8), np.float32), "rank 4.*x\\[:, None\\]"),
+    (np.zeros((0, 1, 8, 8), np.float32), "no images"),
+    (np.full((2, 1, 8, 8), 2.0, np.float32), r"in \[-1, 1\], got range"),
+    (np.full((2, 1, 8, 8), 300, np.int16), r"\[0, 255\]"),
+    (np.zeros((2, 8, 8, 3), np.float32), "channels-last"),
+    (np.array([[[[np.nan]]]], np.float32), "NaN"),
+    (np.zeros((2, 1, 8, 8), bool), "dtype bool"),
+])
+def test_bad_arrays(tmp_path, arr, match):
+    f = tmp_path / "bad.npy"
+    np.save(f, arr)
+    with pytest.raises(T.DataError, match=match) as e:
+        T.load_dataset(f)
+    assert str(f) in str(e.value)
+
+
+def test_zero_one_floats_warn(tmp_path):
+    np.save(tmp_path / "z.npy", np.random.default_rng(0).uniform(0, 1, (3, 1, 4, 4)).astype(np.float32))
+    with pytest.warns(UserWarning, match=r"\[0, 1\]"):
+        T.load_dataset(tmp_path / "z.npy")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(T.DataError, match="no such file"):
+        T.load_dataset(tmp_path / "missing.npy")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(T.DataError, match="unsupported"):
+        T.load_dataset(tmp_path / "x.txt")
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    with pytest.raises(T.DataError, match=r"broken\.npy: cannot read"):
+        T.load_dataset(tmp_path / "broken.npy")
+    np.savez(tmp_path / "many.npz", a=np.zeros((1, 1, 2, 2)), b=np.zeros((1, 1, 2, 2)))
+    with pytest.raises(T.DataError, match="which array"):
+        T.load_dataset(tmp_path / "many.npz")
+
+
+def test_png_folder(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    with pytest.raises(T.DataError, match="no .png images"):
+        T.load_dataset(d)
+    for i in range(3):
+        Image.fromarray(np.full((6, 4), 50 * i, np.uint8), mode="L").save(d / f"{i}.png")
+    ds = T.load_dataset(d)
+    assert ds.shape == (1, 6, 4)
+    assert torch.allclose(ds.x[1], torch.full((1, 6, 4), 50 / 127.5 - 1))
+    Image.fromarray(np.zeros((6, 4, 3), np.uint8)).save(d / "rgb.png")
+    assert T.load_dataset(d).shape == (3, 6, 4)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(d / "z_small.png")
+    with pytest.raises(T.DataError, match=r"z_small\.png: size 5x5 differs"):
+        T.load_dataset(d)
+    (d / "z_small.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(T.DataError, match=r"z_small\.png: not a readable PNG"):
+        T.load_dataset(d)
+
+
+def test_image_size_must_fit_the_unet(tmp_path):
+    x = np.zeros((4, 1, 6, 6), np.float32)
+    ds = T.ImageDataset(torch.from_numpy(x), None, "x", "x")
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2, 2), attn_levels=())
+    with pytest.raises(T.DataError, match="not divisible by 4"):
+        T.train(tiny_cfg(), tmp_path / "o", unet, progress=False, dataset=ds)
