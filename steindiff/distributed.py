@@ -219,8 +219,10 @@ def sample_distributed(
             raise ValueError(f"the stabilizer's batch statistics need at least 2 samples per rank; n={n} over "
                              f"{world} ranks leaves {n // world}")
         start, stop = shard_range(n, world, rank)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if owned and dist.get_backend() == "nccl" else torch.device("cpu")
+        if device is None:  # the rank's GPU under nccl for a movable (nn.Module) model, else the CPU
+            on_gpu = (dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+                      and isinstance(spec.denoiser, torch.nn.Module))
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         device = torch.device(device)
         config = {
             "model": spec.name, "solver": solver, "nfe": nfe, "schedule": schedule, "rho": rho, "seed": seed, "n": n,

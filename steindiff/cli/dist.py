@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_merge)
 
 
-class _Terminated(Exception):
+class Terminated(Exception):
     pass
 
 
@@ -57,7 +57,7 @@ class _Terminated(Exception):
 def _sigterm_as_error(rank: str):
     """torchrun stops the other ranks with SIGTERM when one fails: say so instead of dying silently."""
     def handler(signum, frame):
-        raise _Terminated(f"rank {rank}: terminated by SIGTERM from the launcher (another rank probably failed; "
+        raise Terminated(f"rank {rank}: terminated by SIGTERM from the launcher (another rank probably failed; "
                           "see its error). Finished shards are kept; `steindiff merge` lists the missing ones")
 
     try:

@@ -188,7 +188,8 @@ class CFGDenoiser(nn.Module):
     arguments (e.g. ``{"class_labels": labels}``).  Tensors of batch 1 (or a divisor of the batch)
     are repeated to the batch.  With ``batched=True`` both halves go through one model call of
     twice the batch (counted as one pass); ``scale == 1`` calls the conditional model only.  Pure
-    tensor algebra, so a stabilizer differentiates through it.
+    tensor algebra, so a stabilizer differentiates through it.  For epsilon- and v-prediction models
+    it equals diffusers' guidance on the network output (``D`` is affine in it at fixed ``x``).
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], scale: float, cond: Any, uncond: Any = None, *,
@@ -311,6 +312,8 @@ def sample_pipeline(
         stabilizer = make_stabilizer(stabilizer)
 
     # batch size and conditioning
+    class_labels = None if class_labels is None else torch.as_tensor(class_labels)
+    negative_class_labels = None if negative_class_labels is None else torch.as_tensor(negative_class_labels)
     n = None
     if latents is not None:
         n = latents.shape[0]
@@ -333,7 +336,7 @@ def sample_pipeline(
         cond["class_labels"] = class_labels
         uncond["class_labels"] = negative_class_labels
     device = getattr(unet, "device", torch.device("cpu"))
-    cond = {k: _batch_to(v.to(device), n, k) for k, v in cond.items()}
+    cond = {k: _batch_to(torch.as_tensor(v).to(device), n, k) for k, v in cond.items()}
     if guidance_scale > 1.0:
         if not cond:
             raise ValueError("guidance_scale > 1 needs conditioning (prompt_embeds or class_labels)")
@@ -342,7 +345,7 @@ def sample_pipeline(
         if missing:
             raise ValueError(f"guidance_scale={guidance_scale} needs {', '.join(missing)} "
                              "(the unconditional inputs, e.g. the encoded empty prompt or the null class)")
-        uncond = {k: _batch_to(v.to(device), n, "negative " + k) for k, v in uncond.items()}
+        uncond = {k: _batch_to(torch.as_tensor(v).to(device), n, "negative " + k) for k, v in uncond.items()}
         model: Callable[..., torch.Tensor] = CFGDenoiser(den, guidance_scale, cond, uncond)
         extra_args: dict = {}
     else:

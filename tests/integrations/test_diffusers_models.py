@@ -182,3 +182,19 @@ def test_errors_name_the_value():
         sample_pipeline(pipe, prompt_embeds=torch.zeros(1, 5, 8), guidance_scale=5.0)
     with pytest.raises(ValueError, match="output_type"):
         sample_pipeline(pipe, prompt_embeds=torch.zeros(1, 5, 8), output_type="jpeg")
+
+
+def test_class_conditional_guidance():
+    unet = tiny_unet(num_class_embeds=3)
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    kw = dict(solver="euler", nfe=2, dtype=torch.float64, output_type="latent", seed=0)
+    guided = sample_pipeline(pipe, class_labels=[0, 1], negative_class_labels=[2], guidance_scale=2.0, **kw)
+    # the same guidance by hand: D_u + 2 (D_c - D_u) with the null class 2
+    D = denoiser_from_diffusers(unet, pipe.scheduler)
+    cfg = CFGDenoiser(D, 2.0, {"class_labels": torch.tensor([0, 1])}, {"class_labels": torch.tensor([2])})
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sig = guided.sigmas
+    want = sample(cfg, x * (1 + sig[0] ** 2).sqrt(), sig, "euler").x
+    torch.testing.assert_close(guided.latents, want)
+    plain = sample_pipeline(pipe, class_labels=[0, 1], **kw)
+    assert not torch.allclose(plain.latents, guided.latents)
