@@ -100,7 +100,13 @@ def _init_group(backend: str, timeout_s: float) -> tuple[int, int, bool]:
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timed-out collective raises instead of aborting
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        raise DistributedSamplingError(
+            f"rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}: could not join the process group "
+            f"({backend}, timeout {timeout_s:g} s); did every rank start? {type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:300]}") from e
     return dist.get_rank(), dist.get_world_size(), True
 
 
