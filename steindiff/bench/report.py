@@ -83,8 +83,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "n
         lines += ["", "Marks (protocol's comparison rules, against vanilla at the same solver, schedule, NFE and noise): "
                   "`+` helps (lower by more than the seed spread), `−` hurts (higher by more than 2% of vanilla plus "
                   "the spread), `=` tie, `°` vanilla already at the floor (a tie, no room; `°!` the stabilizer is past "
-                  "the hurt threshold there), `✗` failed. Values: mean ± standard deviation over seeds. Spread of a "
-                  "comparison: the larger seed standard deviation of the two cells."]
+                  "the hurt threshold there), `✗` failed. Values: mean ± standard deviation over seeds. The spread "
+                  "of a comparison is vanilla's seed standard deviation in the cell."]
     lines.append("")
     cells = summary["cells"]
     for model in sorted({c["model"] for c in cells}):
@@ -174,7 +174,9 @@ def _cost_markdown(cost: dict) -> list[str]:
             lines += _table(["model", "solver", "NFE budget", "a", "b"],
                             [[m["model"], m["solver"], str(m["nfe_budget"]), _fmt(m["a"]), _fmt(m["b"])] for m in cost["model"]]) + [""]
     if cost.get("grid"):
-        lines += ["## Cost within the grid (ratio to the vanilla solve of the same configuration, run just before it)", ""]
+        lines += ["## Cost within the grid (ratio to the vanilla solve of the same configuration, run just before it; "
+                  "single runs, and the stabilizers' timings include the per-step `rho` diagnostic, an exact divergence "
+                  "of the mixture's denoiser: the side-by-side `--cost` figures leave it out)", ""]
         rows = [[g["model"], g["stabilizer"] + (f" P={g['probes']}" if g["probes"] else ""), _fmt(g["median_ratio"]),
                  f"{_fmt(g['min_ratio'])}–{_fmt(g['max_ratio'])}", str(g["pairs"])] for g in cost["grid"]]
         lines += _table(["model", "stabilizer", "median ratio", "range", "pairs"], rows) + [""]
