@@ -16,14 +16,18 @@ _AB_FIXED = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [5
 
 def adams_bashforth_weights(nodes: list[float], a: float, b: float) -> list[float]:
     """Weights ``w_j = int_a^b L_j(s) ds / (b - a)`` of the Lagrange basis on ``nodes``:
-    the variable-step Adams-Bashforth rule ``x(b) = x(a) + (b - a) sum_j w_j d(nodes[j])``."""
-    nodes_arr = np.asarray(nodes, dtype=np.float64)
+    the variable-step Adams-Bashforth rule ``x(b) = x(a) + (b - a) sum_j w_j d(nodes[j])``.
+
+    Computed in the affine coordinate ``u = (s - a) / (b - a)`` (the Lagrange basis is invariant
+    under it), so ``w_j = int_0^1 L_j(u) du``: integrating in raw ``sigma`` loses all precision when
+    the steps are small relative to ``sigma`` (cancellation between ``integ(b)`` and ``integ(a)``)."""
+    nodes_arr = (np.asarray(nodes, dtype=np.float64) - a) / (b - a)
     out = []
     for j in range(len(nodes_arr)):
         others = np.delete(nodes_arr, j)
         poly = np.poly1d(others, r=True) / np.prod(nodes_arr[j] - others) if len(others) else np.poly1d([1.0])
         integ = poly.integ()
-        out.append(float((integ(b) - integ(a)) / (b - a)))
+        out.append(float(integ(1.0) - integ(0.0)))
     return out
 
 
