@@ -86,7 +86,8 @@ class Denoise:
             raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, expected {tuple(x.shape)}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        # a NaN or Inf anywhere makes the sum non-finite: one reduction, the full check only then
+        if self.check_finite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             raise NonFiniteModelOutput(f"model returned NaN or Inf at step {step} (sigma={sigma:.6g})")
         return out
 

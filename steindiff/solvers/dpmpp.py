@@ -27,14 +27,20 @@ class DPMSolverPP(Solver):
     A step to ``sigma = 0`` is first order (``lambda = inf`` leaves no higher-order term).
     ``lower_order_final``: as diffusers, with fewer than 15 steps the last step is first order and
     (3M) the one before it at most second order, which stabilizes few-step sampling.
+    ``exact_third_order``: the standard 3M update (the DPM-Solver++ reference code, diffusers,
+    k-diffusion) weights ``D_2 = (D1_0 - D1_1)/(r_0 + r_1) ~ h^2 D''/2`` by ``phi_3`` where the Taylor
+    expansion of the exact solution needs ``2 phi_3``, so it converges with order 2 (measured in
+    tests/solvers/test_convergence.py).  ``True`` uses ``2 phi_3``: order 3.  Default ``False``
+    keeps agreement with diffusers and the paper's baselines.
     """
 
     name = "dpmpp"
 
-    def __init__(self, order: int = 2, lower_order_final: bool = True):
+    def __init__(self, order: int = 2, lower_order_final: bool = True, exact_third_order: bool = False):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
         self.order, self.lower_order_final = order, lower_order_final
+        self.d2_weight = 2.0 if exact_third_order else 1.0
 
     def init_state(self) -> dict:
         return {"denoised": [], "lambdas": []}
@@ -71,7 +77,7 @@ class DPMSolverPP(Solver):
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi2 = e / h + 1.0
                 phi3 = (e + h) / h**2 - 0.5
-                x_next = (s_next / s) * x - e * m0 + phi2 * d1 - phi3 * d2
+                x_next = (s_next / s) * x - e * m0 + phi2 * d1 - self.d2_weight * phi3 * d2
         keep = max(self.order - 1, 0)
         new_state = {"denoised": (hist_d + [m0])[-keep:] if keep else [], "lambdas": (hist_l + [lam])[-keep:] if keep else []}
         return Step(x_next, m0, new_state)

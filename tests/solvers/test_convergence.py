@@ -78,10 +78,10 @@ CASES = [
     ("euler", {}, 0, 1),
     ("heun", {}, 0, 2),
     ("dpmpp_2m", {}, 1, 2),
-    pytest.param("dpmpp_3m", {}, 2, 3, marks=pytest.mark.xfail(strict=True, reason=(
-        "DPM-Solver++(3M) as in diffusers / k-diffusion / the official DPM-Solver code weights the second "
-        "difference D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 D''/2 by phi_3 where the Taylor expansion needs 2 phi_3: "
-        "measured order 2.0; with the factor 2 it is 3.1 (same as UniP-3 below)"))),
+    # DPM-Solver++(3M) as in diffusers / k-diffusion / the reference code weights the second difference
+    # D2 ~ h^2 D''/2 by phi_3 where the Taylor expansion needs 2 phi_3: order 2 (measured 2.0)
+    ("dpmpp_3m", {}, 2, 2),
+    ("dpmpp_3m", {"exact_third_order": True}, 2, 3),
     # UniP-3 alone (no corrector) is the exact third-order exponential multistep (Adams-Bashforth) formula
     ("unipc_bh2", {"order": 3, "corrector": False}, 2, 3),
     # UniPC-p with the corrector UniC-p has order p + 1 (Zhao et al. 2023, Thm 3.1 / Cor. 3.2)
