@@ -32,7 +32,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -189,18 +189,17 @@ def run_grid(
     mmd: bool = False,
     ref_solver: str = "dpmpp_3m",
     ref_steps: int = 1000,
-    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
 
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
-    side by side.  ``on_row`` is called with each finished row.
+    side by side.
     """
     specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes)
     if ref_solver not in SOLVERS or ref_steps < 1:
         raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
-    configs = [(s, None) if s == "none" else (s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
+    configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
     total = len(models) * len(seeds) * len(solvers) * len(schedules) * len(nfes) * len(configs)
     rows: list[dict] = []
     machine = machine_info()
@@ -222,17 +221,15 @@ def run_grid(
                             for stab, c in configs:
                                 key = (solver, tuple(sigmas.tolist()), stab, c)
                                 base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
-                                        "coords": c or "-", "stabilizer": stab, "nfe_budget": nfe, "n": n,
+                                        "coords": c, "stabilizer": stab, "nfe_budget": nfe, "n": n,
                                         "probes": probes if stab == "stein" else None, "reused": False}
                                 if key in done:
                                     row = {**done[key], **base, "reused": True}
                                 else:
-                                    row = {**base, **_run_one(spec, noise, sigmas, solver, stab, c or "ve", probes,
-                                                              seed, ref, floors, mmd)}
+                                    row = {**base, **_run_one(spec, noise, sigmas, solver, stab, "ve" if c == "-" else c,
+                                                              probes, seed, ref, floors, mmd)}
                                     done[key] = row
                                 rows.append(row)
-                                if on_row is not None:
-                                    on_row(row)
                                 bar.update(1)
     finally:
         bar.close()
