@@ -46,11 +46,13 @@ def calibrate(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     rho: float = 7.0,
+    sigmas: torch.Tensor | None = None,
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for this configuration (module docstring).  ``seed`` draws the
-    calibration noise; use one not used for evaluation."""
-    steps = steps_for_nfe(get_solver(solver), nfe)
-    sigmas = get_sigmas(schedule, steps, spec.process, rho=rho)
+    calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``."""
+    if sigmas is None:
+        sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process, rho=rho)
+    steps = len(sigmas) - 1
     meta: dict[str, Any] = {
         "model": spec.name, "solver": solver, "schedule": schedule, "nfe": get_solver(solver).nfe(sigmas),
         "sigmas": [float(s) for s in sigmas], "variant": variant,

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import generate
+from ..calibrate import calibrate
 from ..metrics import mixture_metrics
 from ..models.registry import ModelSpec, load_model
 from ..sampling import prior_noise
@@ -87,8 +88,9 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
         if c not in COORDS:
             raise ValueError(f"unknown coords {c!r}; choose from {', '.join(COORDS)}")
     for s in stabilizers:
-        if s not in STABILIZERS:
-            raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}")
+        if s.removeprefix("cal:") not in STABILIZERS or s == "cal:none":
+            raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, "
+                             "or cal:<stabilizer> (its gamma schedule calibrated on another batch, then applied)")
     for v in nfes:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"NFE values must be positive integers, got {v!r}")
@@ -109,7 +111,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
             raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...), got {m!r}")
         specs[m] = spec
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
-            make_stabilizer(s, spec, coords=coords[0], probes=probes)
+            make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes)
     return specs
 
 
@@ -153,7 +155,14 @@ def _reason(e: BaseException) -> str:
 def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd) -> dict:
     row: dict[str, Any] = {"steps": len(sigmas) - 1}
     try:
-        stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed)
+        if stab_name.startswith("cal:"):
+            # calibrated once on a separate batch (other noise), applied with no extra passes;
+            # the calibration's own cost is not in wall_s_per_sample
+            stab = calibrate(spec, solver=solver, sigmas=sigmas, coords=coords, variant=stab_name[4:], n=noise.shape[0],
+                             seed=50_000 + seed, probes=probes, dtype=torch.float64)
+            row["calibrated_gammas"] = stab.gammas
+        else:
+            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed)
         gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,
                        dtype=torch.float64)
     except Exception as e:  # a stabilizer that blows up is a result
@@ -222,7 +231,7 @@ def run_grid(
                                 key = (solver, tuple(sigmas.tolist()), stab, c)
                                 base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
                                         "coords": c, "stabilizer": stab, "nfe_budget": nfe, "n": n,
-                                        "probes": probes if stab == "stein" else None, "reused": False}
+                                        "probes": probes if stab.removeprefix("cal:") in ("stein", "stein-tr", "stein-energy") else None, "reused": False}
                                 if key in done:
                                     row = {**done[key], **base, "reused": True}
                                 else:

@@ -77,6 +77,8 @@ class GammaStabilizer:
     ``stein`` (correct as any step) or ``skip`` (``gamma = 1``) for the first step and for a final
     step to ``sigma = 0``.  ``per_sample``: one ``gamma`` per sample from its own statistics.
     ``reduce``: sums a tensor of statistics across processes (distributed sampling).
+    ``batched_probes``: all reverse-mode probes in one vmapped backward pass; default (``None``) on
+    GPUs only (on CPU a loop of backward passes measured about 2x faster).
     """
 
     name = "gamma"
@@ -94,7 +96,7 @@ class GammaStabilizer:
         first_step: Literal["stein", "skip"] = "stein",
         final_step: Literal["stein", "skip"] = "stein",
         per_sample: bool = False,
-        batched_probes: bool = True,
+        batched_probes: bool | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         denoiser_divergence: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
         exact_chunk: int = 64,
@@ -131,6 +133,9 @@ class GammaStabilizer:
         """``gamma`` from the statistics ``m`` (floats: batch means; or per-sample tensors)."""
         raise NotImplementedError
 
+    def _batched(self, x: torch.Tensor) -> bool:
+        return x.is_cuda if self.batched_probes is None else self.batched_probes
+
     # -- the step -------------------------------------------------------------------------------
     def _run_operator(self, op: StepOperator, x: torch.Tensor) -> tuple[Step, torch.Tensor | None, int]:
         """``T(x)`` and, if the variant asks, the per-sample divergence of ``T`` or ``D``."""
@@ -158,11 +163,11 @@ class GammaStabilizer:
         out = pick(st)
         if self.divergence == "exact":
             V = unit_probes(x)
-            q = torch.cat([vjp_quadratic_forms(out, xg, V[j : j + self.exact_chunk], self.batched_probes)
+            q = torch.cat([vjp_quadratic_forms(out, xg, V[j : j + self.exact_chunk], self._batched(x))
                            for j in range(0, V.shape[0], self.exact_chunk)]).sum(0)
         else:
             V = (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
-            q = vjp_quadratic_forms(out, xg, V, self.batched_probes).mean(0)
+            q = vjp_quadratic_forms(out, xg, V, self._batched(x)).mean(0)
         st = Step(st.x_next.detach(), st.denoised.detach(), detach_state(st.state))
         return st, q.detach().to(torch.float64), V.shape[0] * nfe_step
 
