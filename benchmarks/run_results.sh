@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, and the
-# side-by-side cost ratios.  Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|all]
-# (default all; about 30 minutes on one CPU thread).  Every output is written atomically.
+# side-by-side cost ratios.  Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|all]
+# (default all; about 50 minutes on one CPU thread).  Every output is written atomically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread: the machines are shared, timings steadier
@@ -36,4 +36,11 @@ if [[ $what == cost || $what == all ]]; then
   steindiff bench --cost --model gmm:hd1024 --solvers dpmpp_2m --nfe 5 --schedules karras --coords ve \
     --stabilizers none,stein --cost-probes 1,5 --repeats 3 --n 500 \
     --json $out/cost-hd1024.json --markdown $out/cost-hd1024.md --title "Cost on gmm:hd1024 (d = 1024)"
+fi
+if [[ $what == variants || $what == all ]]; then
+  # the project's own variants (issue: Stein stabilization that helps); ve coordinates
+  steindiff bench --model gmm:image64 --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
+    --coords ve --stabilizers none,stein-tr,stein-energy,cal:stein-energy --seeds 0,1,2 --n 1000 --probes 5 \
+    --json $out/variants-image64.json --markdown $out/variants-image64.md --plots $out/plots/variants-image64 \
+    --title "gmm:image64: the project's stabilizer variants against vanilla solvers"
 fi
