@@ -15,15 +15,6 @@ from steindiff.noise import DiscreteVPProcess, VEProcess
 TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared machine 2 threads can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw):
     base = dict(iters=4, batch_size=8, ckpt_every=2, warmup=2)
     base.update(kw)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 from torch import nn
 
-from ..noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess
+from ..noise import ContinuousVPProcess, DiscreteVPProcess
 
 __all__ = ["Denoiser", "VPDenoiser", "EDMPrecond", "PREDICTION_TYPES"]
 

@@ -17,7 +17,7 @@ denoiser with respect to its input.  Attention is written with plain matmul/soft
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch

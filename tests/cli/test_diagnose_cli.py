@@ -3,19 +3,10 @@
 import json
 
 import pytest
-import torch
 
 from steindiff.cli import main
 
 BASE = ["diagnose", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "12", "--iters", "5", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_json_png_and_full_record(tmp_path, capsys):

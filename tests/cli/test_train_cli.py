@@ -2,20 +2,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from steindiff.cli import main
 
 TINY = ["--channels", "8", "--channel-mult", "1,2", "--attn-levels", "1", "--batch-size", "8", "--warmup", "2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared machine 2 threads can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_help(capsys):

@@ -15,14 +15,6 @@ from steindiff.stabilizers import SteinStabilizer
 S2 = torch.tensor([2.0, 0.5, 0.1, 0.02], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gauss_denoiser(x, sigma):
     s = sigma.to(torch.float64).reshape(-1, 1)
     return (S2 / (S2 + s**2) * x.to(torch.float64)).to(x.dtype)

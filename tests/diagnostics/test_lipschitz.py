@@ -14,14 +14,6 @@ from steindiff.solvers import Denoise, StepOperator, get_solver
 S2 = torch.tensor([4.0, 1.0, 0.5, 0.25, 0.1, 0.05], dtype=torch.float64)  # data N(0, diag(S2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gauss_denoiser(x, sigma):
     """Exact posterior mean of N(0, diag(S2)) data: D(x) = S2 / (S2 + sigma^2) x."""
     s = sigma.to(torch.float64).reshape(-1, 1)

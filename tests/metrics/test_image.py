@@ -7,15 +7,6 @@ from steindiff.metrics import image as M
 from steindiff.train import load_digits_dataset, split_indices
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared machine 2 threads can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ref():
     ds = load_digits_dataset()

@@ -8,15 +8,6 @@ from steindiff.noise import DiscreteVPProcess
 TINY = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared machine 2 threads can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fresh U-Nets have zero output layers; give every parameter a small random value."""
     g = torch.Generator().manual_seed(seed)

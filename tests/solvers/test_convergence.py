@@ -32,15 +32,6 @@ NFES = (40, 80, 160, 320)
 GMM = GaussianMixture(get_gmm("gmm:toy2d").means, s2=0.2**2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threading only adds overhead (and stalls on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def x_init(dim: int = 2, scale: float = SMAX, batch: int = 32) -> torch.Tensor:
     return torch.randn(batch, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * scale
 
