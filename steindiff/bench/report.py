@@ -1,6 +1,8 @@
 """Benchmark reports: a compact Markdown table per model and PNG plots (written atomically).
 
 Input: a ``steindiff.bench/1`` object and its :func:`~steindiff.bench.runner.summarize` output.
+Each model's tables and plots lead with its primary metric (``summary["primary"]``: ``sw2`` for
+mixtures, ``digits_fid`` for image models).
 """
 
 from __future__ import annotations
@@ -18,7 +20,26 @@ __all__ = ["markdown", "write_markdown", "write_plots", "label_of"]
 
 MARK = {"helps": "+", "hurts": "−", "tie": "=", "failed": "✗", "n/a": "?"}
 NAMES = {"sw2": "excess sliced-W2", "mode_tv": "excess mode TV", "nll": "|NLL − NLL of true data| per dim",
-         "traj_err": "trajectory error (RMS per dim vs 1000-step reference)", "mmd": "excess MMD"}
+         "traj_err": "trajectory error (RMS per dim vs 1000-step reference)", "mmd": "excess MMD",
+         "digits_fid": "excess digits-FID", "digits_kid": "excess digits-KID", "class_tv": "excess class TV",
+         "precision": "precision deficit (floor − precision)", "recall": "recall deficit (floor − recall)",
+         "memorization": "excess memorization rate"}
+#: Metric tables of the Markdown report and plots, per primary metric.
+TABLES = {"sw2": ("sw2", "nll", "mode_tv"), "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err")}
+PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err")}
+_ORDER = ("sw2", "mode_tv", "nll", "traj_err", "mmd", "digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
+
+
+def _primary(summary: dict, model: str) -> str:
+    return summary.get("primary", {}).get(model, "sw2")
+
+
+def _names(result: dict, primary: str) -> dict[str, str]:
+    """:data:`NAMES`, with the reference steps of image models in the trajectory-error name."""
+    steps = result.get("config", {}).get("reference", {}).get("image_model_steps")
+    if primary == "sw2" or steps is None:
+        return NAMES
+    return {**NAMES, "traj_err": f"trajectory error (RMS per dim vs {steps}-step reference)"}
 
 
 def label_of(cell: dict) -> str:
@@ -60,19 +81,28 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "nll", "mode_tv"), title: str | None = None,
+def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = None, title: str | None = None,
              command: str | None = None) -> str:
     """The report as Markdown: per model, verdict counts, best vanilla per NFE, per-cell tables of the
-    excess ``metrics`` (mean ± seed std, verdict mark), gamma statistics, cost ratios and failures."""
+    excess ``metrics`` (mean ± seed std, verdict mark; default :data:`TABLES` of the model's primary
+    metric), gamma statistics, cost ratios and failures."""
     cfg, mach = result.get("config", {}), result.get("machine", {})
     lines = [f"# {title or 'SteinDiff benchmark'}", ""]
     if command:
         lines += ["Regenerate with:", "", "```", command, "```", ""]
     if cfg and result.get("rows"):
+        ref = cfg.get("reference", {})
+        img = ref.get("image_model_steps")
+        kinds = set(summary.get("primary", {}).values())
+        steps = (f"{img}" if kinds == {"digits_fid"} else f"{ref.get('steps')} ({img} for image models)") if img is not None else f"{ref.get('steps')}"
         lines.append(f"Schema `{result.get('schema')}`; N = {cfg.get('n')} samples per configuration, seeds "
-                     f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, float64 states, "
-                     f"trajectory reference: {cfg.get('reference', {}).get('solver')} with "
-                     f"{cfg.get('reference', {}).get('steps')} Karras steps from the same noise.")
+                     f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, {mach.get('dtype', 'float64')} states, "
+                     f"trajectory reference: {ref.get('solver')} with {steps} Karras steps from the same noise.")
+        if "digits_fid" in kinds:
+            lines.append("Image metrics (`steindiff.metrics.image`, samples clamped to [-1, 1]) against the held-out "
+                         "images; each excess is over the same metric of as many real training images (precision and "
+                         "recall: floor minus value). digits-FID/KID use the project's own digits classifier and are "
+                         "comparable only with each other.")
     if result.get("cost"):
         lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after one "
                      "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
@@ -90,10 +120,12 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "n
     for model in sorted({c["model"] for c in cells}):
         mc = [c for c in cells if c["model"] == model]
         labels = _labels(mc)
+        p = _primary(summary, model)
+        names = _names(result, p)
         lines += [f"## {model}", ""]
         counts = summary["counts"].get(model, {})
         if counts:
-            mnames = [m for m in ("sw2", "mode_tv", "nll", "traj_err", "mmd") if any(m in d for d in counts.values())]
+            mnames = [m for m in (_ORDER if p == "sw2" else TABLES[p] + ("memorization",)) if any(m in d for d in counts.values())]
             lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells with room; % helped of those)", ""]
             rows = []
             for lab in labels:
@@ -105,13 +137,13 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "n
                     r.append("" if d is None else f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} "
                              f"(room {d['room']}, {_fmt(d['helps_pct'], 2)}%)")
                 rows.append(r)
-            lines += _table(["stabilizer"] + [NAMES[m].split(" (")[0] for m in mnames], rows) + [""]
+            lines += _table(["stabilizer"] + [names[m].split(" (")[0] for m in mnames], rows) + [""]
         best = [b for b in summary["best_vanilla"] if b["model"] == model]
         if best:
             lines += ["### Best vanilla configuration per NFE (all solvers and schedules)", ""]
             rows = [[str(b["nfe_budget"]), b["solver"], b["schedule"], str(b["nfe"]),
-                     f"{_fmt(b['excess_sw2']['mean'])}±{_fmt(b['excess_sw2']['std'], 2)}"] for b in best]
-            lines += _table(["NFE budget", "solver", "schedule", "NFE", "excess sw2"], rows) + [""]
+                     f"{_fmt(b[f'excess_{p}']['mean'])}±{_fmt(b[f'excess_{p}']['std'], 2)}"] for b in best]
+            lines += _table(["NFE budget", "solver", "schedule", "NFE", f"excess {p}"], rows) + [""]
             vsb = {}
             for c in mc:
                 if "vs_best_vanilla" in c:
@@ -119,7 +151,7 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "n
                     d[c["vs_best_vanilla"]["verdict"]] = d.get(c["vs_best_vanilla"]["verdict"], 0) + 1
                     d["room"] += int(c["vs_best_vanilla"]["room"])
             if vsb:
-                lines += ["Excess sw2 against the best vanilla configuration with no more NFE "
+                lines += [f"Excess {p} against the best vanilla configuration with no more NFE "
                           "(helps / ties / hurts / failed, cells with room):", ""]
                 lines += _table(["stabilizer", "vs best vanilla"],
                                 [[k, f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} (room {d['room']})"]
@@ -127,10 +159,10 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] = ("sw2", "n
         by = {(c["solver"], c["schedule"], c["nfe_budget"], label_of(c)): c for c in mc}
         keys = sorted({(c["solver"], c["schedule"], c["nfe_budget"]) for c in mc},
                       key=lambda k: (_order(result, "solvers", k[0]), _order(result, "schedules", k[1]), k[2]))
-        for m in metrics:
+        for m in (TABLES.get(p, (p,)) if metrics is None else metrics):
             if not any(m in c["excess"] for c in mc):
                 continue
-            lines += [f"### {NAMES[m]}", ""]
+            lines += [f"### {names[m]}", ""]
             rows = []
             for k in keys:
                 nfe = by.get((*k, "none"), {}).get("nfe") if (*k, "none") in by else None
@@ -218,13 +250,14 @@ def _grid_axes(n: int, ncols: int = 3, w: float = 4.2, h: float = 3.2):
     return fig, flat[:n]
 
 
-def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str] = ("sw2", "nll")) -> list[str]:
+def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str] | None = None) -> list[str]:
     """PNG plots into ``outdir`` (created if missing); returns the paths.
 
     ``{metric}_vs_nfe_{model}_{schedule}.png``: excess metric against NFE budget, one panel per solver,
     one line per stabilizer (error bars: seed std; log y, values <= 0 drawn at the bottom).  ``gamma_{model}_{schedule}_{coords}.png``:
     gamma against step for every non-vanilla stabilizer (rows) and solver (columns), one line per NFE
-    (mean over seeds).  ``cost_quality_{model}.png``: excess sw2 against wall-clock seconds per sample.
+    (mean over seeds).  ``cost_quality_{model}.png``: excess of the primary metric against wall-clock
+    seconds per sample.  ``metrics``: default :data:`PLOTS` of the model's primary metric.
     """
     import matplotlib
 
@@ -239,10 +272,12 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
     for model in sorted({c["model"] for c in cells}):
         mc = [c for c in cells if c["model"] == model]
         labels = _labels(mc)
+        p = _primary(summary, model)
+        names = _names(result, p)
         colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
         solvers = sorted({c["solver"] for c in mc}, key=lambda s: solvers_cfg.index(s) if s in solvers_cfg else 99)
         for schedule in sorted({c["schedule"] for c in mc}):
-            for metric in metrics:
+            for metric in (PLOTS.get(p, (p,)) if metrics is None else metrics):
                 sc = [c for c in mc if c["schedule"] == schedule and metric in c["excess"]]
                 if not sc:
                     continue
@@ -264,9 +299,9 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                     ax.set_title(f"{solver} / {schedule}", fontsize=10)
                     ax.set_xlabel("NFE")
                     ax.grid(alpha=0.3)
-                axes[0].set_ylabel(NAMES[metric].split(" (")[0])
+                axes[0].set_ylabel(names[metric].split(" (")[0])
                 axes[0].legend(fontsize=7)
-                fig.suptitle(f"{model}: {NAMES[metric]} vs NFE (mean ± seed std; values <= 0 drawn at the bottom)", fontsize=11)
+                fig.suptitle(f"{model}: {names[metric]} vs NFE (mean ± seed std; values <= 0 drawn at the bottom)", fontsize=11)
                 fig.tight_layout()
                 paths.append(_save(fig, out / f"{metric}_vs_nfe_{_slug(model)}_{schedule}.png"))
             for coords in sorted({c["coords"] for c in mc if c["coords"] != "-"}):
@@ -298,19 +333,19 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 fig.tight_layout()
                 paths.append(_save(fig, out / f"gamma_{_slug(model)}_{schedule}_{coords}.png"))
         # equal compute: quality against wall-clock seconds per sample
-        qc = [c for c in mc if "sw2" in c["excess"] and c["wall_s_per_sample"]]
+        qc = [c for c in mc if p in c["excess"] and c["wall_s_per_sample"]]
         if qc:
             fig, ax = plt.subplots(figsize=(6.5, 4.5))
             for lab in labels:
-                pts = [(c["wall_s_per_sample"], c["excess"]["sw2"]["mean"]) for c in qc if label_of(c) == lab]
+                pts = [(c["wall_s_per_sample"], c["excess"][p]["mean"]) for c in qc if label_of(c) == lab]
                 if pts:
-                    pts = [(t, max(v, _floor_value(qc, "sw2"))) for t, v in pts]
+                    pts = [(t, max(v, _floor_value(qc, p))) for t, v in pts]
                     ax.scatter(*zip(*pts), s=10, color=colors[lab], label=lab, alpha=0.7)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_ylim(bottom=_floor_value(qc, "sw2") * 0.8)
+            ax.set_ylim(bottom=_floor_value(qc, p) * 0.8)
             ax.set_xlabel("wall-clock seconds per sample (this run)")
-            ax.set_ylabel("excess sliced-W2")
+            ax.set_ylabel(names[p].split(" (")[0])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             ax.set_title(f"{model}: quality against compute (every cell)", fontsize=10)

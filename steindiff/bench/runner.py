@@ -1,4 +1,5 @@
-"""The benchmark grid of the protocol (``/work/shared/benchmark-protocol.md``) on the mixture suite.
+"""The benchmark grid of the protocol (``/work/shared/benchmark-protocol.md``) on the mixture suite
+and on image models with reference images (``digits``).
 
 :func:`run_grid` samples every configuration ``model x seed x solver x schedule x NFE x
 stabilizer x coords`` and returns the ``steindiff.bench/1`` object: ``machine``, ``config`` and one
@@ -9,7 +10,14 @@ the protocol's verdicts (:func:`verdict`), the best vanilla configuration per NF
 Conventions (documented here once, used by the report and the CLI):
 
 - Equal-NFE rule: every configuration of one ``(model, seed)`` starts from the same initial noise
-  (drawn once at ``sigma_max``, which all schedules share).  States are float64.
+  (drawn once at ``sigma_max``, which all schedules share).  States are float64 for mixtures,
+  float32 for image models.
+- Two kinds of model (:func:`model_kind`): an exact-score mixture (``spec.gmm``; metrics
+  :func:`~steindiff.metrics.mixture_metrics`, primary metric ``sw2``) or an image model carrying
+  reference images (``spec.info["heldout"]``, e.g. ``digits``; metrics
+  :func:`~steindiff.metrics.image.image_metrics` of the samples clamped to [-1, 1], each with its
+  floor, primary metric ``digits_fid``).  :func:`primary_metric` is the one place that says which
+  metric ranks vanilla configurations and headlines the summary.
 - ``none`` rows do not depend on the stabilizer's coordinates: they are run once per
   ``(model, seed, solver, schedule, nfe)`` and labelled ``coords = "-"``; every ``ve``/``vp``
   stabilizer cell is compared with that one vanilla cell.
@@ -19,6 +27,7 @@ Conventions (documented here once, used by the report and the CLI):
   run (same steps) reuses that row (``reused: true``) instead of sampling it again.
 - ``traj_err`` is measured against a reference solve (``ref_solver``, ``ref_steps`` steps, Karras
   schedule from the same ``sigma_max``) from the same initial noise, cached per ``(model, seed, n)``.
+  Image models use at most ``IMAGE_REF_STEPS`` reference steps (``config.reference.image_model_steps``).
 - A configuration that raises (non-finite statistics, non-finite samples, ...) is a result: its row
   has ``status = "failed: <reason>"`` and empty metrics; the grid goes on.
 - Vanilla rows carry ``gammas = [1.0] * steps`` and empty ``gamma_raw`` and ``rho``.
@@ -40,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ..generate import generate
 from ..calibrate import calibrate
-from ..metrics import mixture_metrics
+from ..metrics import mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
 from ..sampling import prior_noise
 from ..schedules import SCHEDULES, get_sigmas
@@ -49,13 +58,45 @@ from ..stabilizers import STABILIZERS, make_stabilizer
 
 __all__ = [
     "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
-    "excess", "machine_info", "row_key",
+    "excess", "machine_info", "row_key", "model_kind", "primary_metric", "IMAGE_METRICS", "IMAGE_REF_STEPS",
 ]
 
 SCHEMA = "steindiff.bench/1"
 COORDS = ("ve", "vp")
 #: Metrics of the summary, each as an "excess" over its floor (see :func:`excess`).
 METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
+#: The same for image models (``traj_err`` is in :data:`METRICS`).
+IMAGE_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
+#: At most this many reference steps for image models (a U-Net pass costs far more than a mixture's).
+IMAGE_REF_STEPS = 100
+_IMAGE_KEYS = ("heldout", "heldout_labels", "train")
+
+
+def model_kind(spec: ModelSpec) -> str | None:
+    """``"mixture"`` (exact score, ``spec.gmm``), ``"image"`` (reference images in ``spec.info``) or ``None``."""
+    if spec.gmm is not None:
+        return "mixture"
+    info = spec.info or {}
+    if all(info.get(k) is not None for k in _IMAGE_KEYS):
+        return "image"
+    return None
+
+
+def primary_metric(obj: Any) -> str:
+    """The primary metric: ``"sw2"`` for mixtures, ``"digits_fid"`` for image models.
+
+    ``obj``: a :class:`ModelSpec`, a row or cell (dict with ``metrics`` or ``excess``), or an iterable
+    of rows or cells of one model (the first that has metrics decides; ``"sw2"`` when none has).
+    """
+    if isinstance(obj, ModelSpec):
+        return "digits_fid" if model_kind(obj) == "image" else "sw2"
+    for r in ([obj] if isinstance(obj, dict) else obj):
+        m = r.get("metrics") or r.get("excess") or {}
+        if "digits_fid" in m:
+            return "digits_fid"
+        if "sw2" in m:
+            return "sw2"
+    return "sw2"
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +108,9 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     """Check every name and value of a grid before any work; return the loaded models.
 
     Raises ``ValueError`` naming the first bad entry.  The benchmark needs exact-score mixtures
-    (``gmm:...``): its metrics and the oracle stabilizer use the true distribution.
+    (``gmm:...``) or image models with reference images (``digits``): its metrics compare with the
+    true distribution or with held-out images.  Stabilizers that need the mixture (``stein-oracle``,
+    ``stein-exact``) are rejected for image models.
     """
     def nonempty(name, xs):
         if not xs:
@@ -107,8 +150,10 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     specs = {}
     for m in models:
         spec = load_model(m)
-        if spec.gmm is None:
-            raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...), got {m!r}")
+        if model_kind(spec) is None:
+            note = (spec.info or {}).get("data_note")
+            raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...) or an image model with "
+                             f"reference images (digits), got {m!r}" + (f": {note}" if note else ""))
         specs[m] = spec
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes)
@@ -136,13 +181,24 @@ def row_key(row: dict) -> tuple:
     return (row["model"], row["solver"], row["schedule"], row["coords"], row["nfe_budget"], row["stabilizer"], row["seed"])
 
 
+def _dtype(spec: ModelSpec) -> torch.dtype:
+    return torch.float64 if model_kind(spec) == "mixture" else torch.float32
+
+
+def _ref_steps(spec: ModelSpec, ref_steps: int) -> int:
+    return ref_steps if model_kind(spec) == "mixture" else min(ref_steps, IMAGE_REF_STEPS)
+
+
 def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
     sigmas = get_sigmas("karras", steps, spec.process)
-    return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=torch.float64).x
+    return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=_dtype(spec)).x
 
 
 def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
-    """``mode_tv`` and ``nll`` of an independent true sample set of the same size: their floors."""
+    """``mode_tv`` and ``nll`` of an independent true sample set of the same size: their floors
+    (image models: none here, :func:`~steindiff.metrics.image.image_metrics` gives its own)."""
+    if model_kind(spec) != "mixture":
+        return {}
     m = mixture_metrics(spec.gmm.sample(n, seed=30_000 + seed), spec.gmm, seed=seed)
     return {"mode_tv_floor": m["mode_tv"], "nll_floor": m["nll"]}
 
@@ -159,12 +215,12 @@ def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, 
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
             stab = calibrate(spec, solver=solver, sigmas=sigmas, coords=coords, variant=stab_name[4:], n=noise.shape[0],
-                             seed=50_000 + seed, probes=probes, dtype=torch.float64)
+                             seed=50_000 + seed, probes=probes, dtype=_dtype(spec))
             row["calibrated_gammas"] = stab.gammas
         else:
             stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed)
         gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,
-                       dtype=torch.float64)
+                       dtype=_dtype(spec))
     except Exception as e:  # a stabilizer that blows up is a result
         return {**row, "nfe": None, "extra_passes": None, "metrics": {}, "wall_s_per_sample": None,
                 "gammas": [], "gamma_raw": [], "rho": [], "status": _reason(e)}
@@ -175,7 +231,13 @@ def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, 
         row.update(gammas=[r.get("gamma") for r in gen.trace], gamma_raw=[r.get("gamma_raw") for r in gen.trace],
                    rho=[r.get("rho") for r in gen.trace])
     try:
-        metrics = mixture_metrics(gen.x, spec.gmm, seed=seed, ref=ref, mmd=mmd)
+        if model_kind(spec) == "mixture":
+            metrics = mixture_metrics(gen.x, spec.gmm, seed=seed, ref=ref, mmd=mmd)
+        else:
+            from ..metrics.image import image_metrics
+
+            metrics = image_metrics(gen.x.clamp(-1, 1), spec, seed=seed)
+            metrics["traj_err"] = traj_err(gen.x, ref)
     except Exception as e:
         return {**row, "metrics": {}, "status": _reason(e)}
     metrics.update(floors)
@@ -203,7 +265,7 @@ def run_grid(
 
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
-    side by side.
+    side by side.  Image models use float32 states and at most :data:`IMAGE_REF_STEPS` reference steps.
     """
     specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes)
     if ref_solver not in SOLVERS or ref_steps < 1:
@@ -212,6 +274,9 @@ def run_grid(
     total = len(models) * len(seeds) * len(solvers) * len(schedules) * len(nfes) * len(configs)
     rows: list[dict] = []
     machine = machine_info()
+    kinds = {model_kind(s) for s in specs.values()}
+    if "image" in kinds:
+        machine["dtype"] = "float32" if kinds == {"image"} else "float64 (mixtures), float32 (image models)"
     t_start = time.perf_counter()
     bar = tqdm(total=total, disable=not progress, desc="bench", unit="run", mininterval=2.0)
     try:
@@ -219,8 +284,8 @@ def run_grid(
             spec = specs[m]
             sigma_max = float(spec.process.sigma_max)
             for seed in seeds:
-                noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=torch.float64)
-                ref = _reference(spec, noise, ref_solver, ref_steps)
+                noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=_dtype(spec))
+                ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
                 floors = _floors(spec, n, seed)
                 done: dict[tuple, dict] = {}
                 for solver in solvers:
@@ -246,6 +311,8 @@ def run_grid(
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
               "probes": probes, "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+    if "image" in kinds:
+        config["reference"]["image_model_steps"] = min(ref_steps, IMAGE_REF_STEPS)
     return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
 
 
@@ -276,7 +343,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
         for m in models:
             spec = specs[m]
             noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=seed,
-                                dtype=torch.float64)
+                                dtype=_dtype(spec))
             for solver in solvers:
                 for nfe in nfes:
                     sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
@@ -289,7 +356,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                                 stab.denoiser_divergence = None
                             try:
                                 gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=n, stabilizer=stab,
-                                               dtype=torch.float64)
+                                               dtype=_dtype(spec))
                                 if rep > 0:
                                     times[v].append(gen.wall_s / n)
                                 info[v] = {"nfe": gen.nfe, "extra_passes": gen.extra_passes, "status": "ok"}
@@ -317,7 +384,9 @@ def excess(metrics: dict, name: str) -> float | None:
     ``sw2``, ``mmd``, ``mode_tv``: metric minus its floor (the same statistic of an independent true
     sample set of size N).  ``nll``: ``|nll - nll_floor|``, two-sided, because samples can also be
     *more* likely than true data (over-concentrated, the isotropic spread lost), which is no better.
-    ``traj_err``: itself (floor 0).
+    ``traj_err``: itself (floor 0).  Image metrics: ``digits_fid``, ``digits_kid``, ``class_tv``,
+    ``memorization``: metric minus its floor (real training images of the same count); ``precision``
+    and ``recall`` (higher is better): floor minus metric.
     """
     if name not in metrics or metrics[name] is None:
         return None
@@ -327,7 +396,9 @@ def excess(metrics: dict, name: str) -> float | None:
     floor = metrics.get(f"{name}_floor")
     if floor is None:
         return None
-    return abs(v - floor) if name == "nll" else v - floor
+    if name == "nll":
+        return abs(v - floor)
+    return floor - v if name in ("precision", "recall") else v - floor
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -401,7 +472,7 @@ def _cells(rows: Iterable[dict]) -> dict[tuple, dict]:
                     nfe=nfes[-1] if nfes else None, extra_passes=max(extra) if extra else None,
                     wall_s_per_sample=float(np.mean([r["wall_s_per_sample"] for r in ok])) if ok else None)
         metrics = {}
-        for name in METRICS:
+        for name in METRICS + IMAGE_METRICS:
             vals = [excess(r["metrics"], name) for r in ok]
             if vals and all(v is not None for v in vals) and not failed:
                 metrics[name] = _stats(vals)
@@ -418,9 +489,11 @@ def summarize(result: dict) -> dict:
 
     ``cells``: one per ``(model, solver, schedule, coords, nfe_budget, stabilizer)`` with mean, std,
     min and max over seeds of each excess metric (:func:`excess`), and for stabilizers the verdict of
-    each metric against vanilla (:func:`verdict`) and the excess-sw2 verdict against the best vanilla
-    configuration whose actual NFE is at most the cell's.  ``best_vanilla``: per model and NFE budget,
-    the vanilla solver and schedule with the lowest mean excess sw2.  ``counts``: per model,
+    each metric against vanilla (:func:`verdict`) and the verdict of the model's primary metric
+    (:func:`primary_metric`: ``sw2`` for mixtures, ``digits_fid`` for image models) against the best
+    vanilla configuration whose actual NFE is at most the cell's.  ``primary``: per model, that metric.
+    ``best_vanilla``: per model and NFE budget, the vanilla solver and schedule with the lowest mean
+    excess of the primary metric (``metric``, ``excess_<metric>``).  ``counts``: per model,
     stabilizer and coords, the verdict counts of each metric (``helps_pct`` among cells with room).
     ``cost``: median wall-clock ratio stabilizer/none over the paired rows of the grid, plus the
     side-by-side measurements of ``result["cost"]`` when present.  ``gammas``: per model,
@@ -428,28 +501,32 @@ def summarize(result: dict) -> dict:
     """
     rows = result.get("rows", [])
     cells = _cells(rows)
+    primary = {m: primary_metric([r for r in rows if r["model"] == m]) for m in dict.fromkeys(r["model"] for r in rows)}
     vanilla = {(k[0], k[1], k[2], k[4]): c for k, c in cells.items() if k[5] == "none"}
     # best vanilla per (model, nfe budget), over all solvers and schedules
     best: dict[tuple, dict] = {}
     for (model, solver, schedule, nfe_b), c in vanilla.items():
-        e = c["excess"].get("sw2")
+        p = primary[model]
+        e = c["excess"].get(p)
         if e is None:
             continue
         k = (model, nfe_b)
-        if k not in best or e["mean"] < best[k]["excess"]["sw2"]["mean"]:
+        if k not in best or e["mean"] < best[k]["excess"][p]["mean"]:
             best[k] = c
     for k, c in cells.items():
         if k[5] == "none":
             continue
+        p = primary[k[0]]
         v = vanilla.get((k[0], k[1], k[2], k[4]))
         c["verdicts"] = {name: verdict(v["excess"].get(name) if v else None, c["excess"].get(name))
-                         for name in METRICS if v is not None and (name in v["excess"] or name in c["excess"])}
+                         for name in METRICS + IMAGE_METRICS
+                         if v is not None and (name in v["excess"] or name in c["excess"])}
         # against the best vanilla configuration at no more actual NFE
         cands = [b for (m, _), b in best.items() if m == k[0] and c["nfe"] is not None and b["nfe"] <= c["nfe"]]
         if cands:
-            b = min(cands, key=lambda x: x["excess"]["sw2"]["mean"])
+            b = min(cands, key=lambda x: x["excess"][p]["mean"])
             c["vs_best_vanilla"] = {"solver": b["solver"], "schedule": b["schedule"], "nfe": b["nfe"],
-                                    **verdict(b["excess"]["sw2"], c["excess"].get("sw2"))}
+                                    **verdict(b["excess"][p], c["excess"].get(p))}
     counts: dict[str, dict] = {}
     for c in cells.values():
         if "verdicts" not in c:
@@ -466,9 +543,10 @@ def summarize(result: dict) -> dict:
             for d in per_label.values():
                 d["helps_pct"] = 100.0 * d["helps"] / d["room"] if d["room"] else None
                 d["hurts_pct"] = 100.0 * (d["hurts"] + d["failed"]) / d["room"] if d["room"] else None
-    return {"cells": list(cells.values()),
+    return {"cells": list(cells.values()), "primary": primary,
             "best_vanilla": [{"model": m, "nfe_budget": nb, "solver": b["solver"], "schedule": b["schedule"],
-                              "nfe": b["nfe"], "excess_sw2": b["excess"]["sw2"]} for (m, nb), b in sorted(best.items())],
+                              "nfe": b["nfe"], "metric": primary[m], f"excess_{primary[m]}": b["excess"][primary[m]]}
+                             for (m, nb), b in sorted(best.items())],
             "counts": counts, "cost": _cost_summary(result), "gammas": _gamma_summary(rows)}
 
 

@@ -1,4 +1,4 @@
-"""``steindiff bench``: the benchmark protocol's grid on the mixture suite.
+"""``steindiff bench``: the benchmark protocol's grid on the mixture suite and on the digits U-Net.
 
 Runs every configuration model x seed x solver x schedule x NFE x stabilizer x coords (lists are
 comma-separated), then writes the ``steindiff.bench/1`` results (``--json FILE``; ``--json -`` prints
@@ -9,6 +9,12 @@ under ``"cost"``).  ``--from FILE`` rebuilds the report and plots from saved res
 sampling.  Every name and output path is checked before any work (exit code 2); a configuration
 that fails is recorded in its row (``status``), not fatal.  Exit codes: 0 success, 1 runtime
 failure, 2 usage.
+
+Models: exact-score mixtures (``gmm:<preset>``; float64 states, metrics against the true
+distribution, primary metric sw2) or ``digits`` (the shipped 8x8 U-Net, or a digits checkpoint
+folder; float32 states, image metrics against the held-out images, primary metric digits_fid,
+trajectory reference of at most 100 steps; stein-oracle and stein-exact need a mixture and are
+refused).  The small U-Net runs fastest on one thread on a shared CPU: OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run the benchmark grid on exact-score mixtures",
+    p = sub.add_parser("bench", help="run the benchmark grid on exact-score mixtures or the digits U-Net",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "--models", dest="models", default="gmm:image64", help="comma-separated gmm:<preset> names")
+    p.add_argument("--model", "--models", dest="models", default="gmm:image64", help="comma-separated gmm:<preset> names, or digits")
     p.add_argument("--solvers", default=PROTOCOL_SOLVERS, help=f"comma-separated, from: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", default="3,4,5,6,8,10", help="comma-separated NFE budgets")
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
@@ -42,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
     p.add_argument("--mmd", action="store_true", help="also compute the RBF MMD and its floor")
     p.add_argument("--ref-solver", default="dpmpp_3m", help="solver of the trajectory reference")
-    p.add_argument("--ref-steps", type=int, default=1000, help="steps of the trajectory reference (Karras)")
+    p.add_argument("--ref-steps", type=int, default=1000, help="steps of the trajectory reference (Karras; at most 100 for image models)")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
@@ -140,10 +146,11 @@ def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str
     failed = sum(r["status"] != "ok" for r in rows)
     lines = [f"steindiff bench: {len(rows)} configurations ({failed} failed), {len(summary['cells'])} cells"]
     for model, per in summary["counts"].items():
+        p = summary["primary"].get(model, "sw2")
         for label, d in per.items():
-            s = d.get("sw2")
+            s = d.get(p)
             if s:
-                lines.append(f"  {model} {label:16s} excess sw2 vs vanilla: {s['helps']} helps, {s['tie']} ties "
+                lines.append(f"  {model} {label:16s} excess {p} vs vanilla: {s['helps']} helps, {s['tie']} ties "
                              f"({s['at_floor']} at floor), {s['hurts']} hurts, {s['failed']} failed")
     for e in summary["cost"].get("side_by_side", []):
         if e["stabilizer"] != "none":
