@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, and the
-# side-by-side cost ratios.  Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|all]
-# (default all; about 50 minutes on one CPU thread).  Every output is written atomically.
+# Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
+# side-by-side cost ratios and a small grid on the digits U-Net.
+# Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|all]
+# (default all; about 50 minutes on one CPU thread, plus about 12 for digits).  Every output is written atomically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread: the machines are shared, timings steadier
@@ -43,4 +44,12 @@ if [[ $what == variants || $what == all ]]; then
     --coords ve --stabilizers none,stein-tr,stein-energy,cal:stein-energy --seeds 0,1,2 --n 1000 --probes 5 \
     --json $out/variants-image64.json --markdown $out/variants-image64.md --plots $out/plots/variants-image64 \
     --title "gmm:image64: the project's stabilizer variants against vanilla solvers"
+fi
+if [[ $what == digits || $what == all ]]; then
+  # the shipped 8x8 digits U-Net: float32, image metrics against the held-out images (primary: digits_fid),
+  # trajectory reference of 100 steps; stein-oracle/stein-exact need a mixture
+  steindiff bench --model digits --solvers euler,dpmpp_2m,heun --nfe 4,6,10 --schedules karras --coords ve \
+    --stabilizers none,stein,stein-tr,stein-energy,cal:stein-energy --seeds 0,1 --n 400 \
+    --json $out/digits.json --markdown $out/digits.md --plots $out/plots/digits \
+    --title "digits U-Net: Stein stabilizers against vanilla solvers"
 fi
