@@ -40,6 +40,13 @@ STABILIZERS: dict[str, Callable[..., Any]] = {
 }
 
 
+# What ``--stabilizer auto`` means, chosen by evidence: the rule of steindiff/bench/auto.py applied
+# with benchmarks/select_auto.py to the committed results in docs/results (README, "A default
+# chosen by evidence").  "none" when no variant meets the rule.
+AUTO = "none"
+STABILIZERS["auto"] = lambda name, spec, **kw: make_stabilizer(AUTO, spec, **kw)
+
+
 def _no_none(kw: dict) -> dict:
     """Drop options left at ``None`` and clip bounds left at the literal default, so a variant's own defaults apply."""
     out = {k: v for k, v in kw.items() if v is not None}

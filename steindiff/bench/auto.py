@@ -1,0 +1,54 @@
+"""The evidence rule for ``--stabilizer auto`` (issue: "a default chosen by evidence").
+
+A candidate qualifies when, on the whole benchmark grid, at equal NFE against the same vanilla
+solver, schedule and noise, on each model's primary metric (excess sliced-W2 for mixtures,
+excess digits-FID for the digits model):
+
+- it is never worse: no cell "hurts" (higher by more than 2% of vanilla's excess plus the seed
+  spread), none failed, and none past that threshold where vanilla is already at the floor;
+- it is strictly better ("helps") in at least 70% of the cells with NFE <= 8 that have room.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from .runner import summarize
+
+__all__ = ["auto_rule", "evaluate_candidates"]
+
+
+def auto_rule(cells: Iterable[dict], label: str, *, max_nfe: int = 8, min_help: float = 70.0) -> dict:
+    """Evaluate one stabilizer label (``name`` or ``name/coords``) over summary cells."""
+    n_cells = worse = helps = room_small = 0
+    worst = None
+    for c in cells:
+        lab = c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}")
+        if lab != label or "verdicts" not in c:
+            continue
+        v = c["verdicts"].get(c["primary"])
+        if v is None:
+            continue
+        n_cells += 1
+        if v["verdict"] in ("hurts", "failed") or v["worse_at_floor"]:
+            worse += 1
+            worst = worst or f"{c['model']} {c['solver']} {c['schedule']} NFE {c['nfe_budget']}"
+        if c["nfe_budget"] <= max_nfe and v["room"]:
+            room_small += 1
+            helps += v["verdict"] == "helps"
+    pct = 100.0 * helps / room_small if room_small else 0.0
+    return {"label": label, "cells": n_cells, "worse_cells": worse, "first_worse": worst,
+            "helps_small_nfe": helps, "room_small_nfe": room_small, "helps_pct": pct,
+            "qualifies": n_cells > 0 and worse == 0 and pct >= min_help}
+
+
+def evaluate_candidates(results: list[dict]) -> list[dict]:
+    """Apply :func:`auto_rule` to every stabilizer label in one or more ``steindiff.bench/1`` results."""
+    cells = []
+    for res in results:
+        summ = summarize(res)
+        for c in summ["cells"]:
+            c["primary"] = summ["primary"][c["model"]]
+        cells.extend(summ["cells"])
+    labels = sorted({c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}") for c in cells if c["stabilizer"] != "none"})
+    return [auto_rule(cells, lab) for lab in labels]
