@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
 # side-by-side cost ratios and a small grid on the digits U-Net.
-# Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|all]
+# Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|diagnose|engine|all]
 # (default all; about 50 minutes on one CPU thread, plus about 12 for digits).  Every output is written atomically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ if [[ $what == exact || $what == all ]]; then
 fi
 if [[ $what == cost || $what == all ]]; then
   steindiff bench --cost --model gmm:image64 --solvers euler,dpmpp_2m --nfe 5,10 --schedules karras --coords ve \
-    --stabilizers none,stein,stein-sc,stein-oracle --cost-probes 1,5 --repeats 5 --n 1000 \
+    --stabilizers none,stein,stein-energy,stein-sc,stein-oracle --cost-probes 1,5 --repeats 5 --n 1000 \
     --json $out/cost-image64.json --markdown $out/cost-image64.md --title "Cost on gmm:image64 (d = 64)"
   steindiff bench --cost --model gmm:hd1024 --solvers dpmpp_2m --nfe 5 --schedules karras --coords ve \
     --stabilizers none,stein --cost-probes 1,5 --repeats 3 --n 500 \
@@ -52,4 +52,12 @@ if [[ $what == digits || $what == all ]]; then
     --stabilizers none,stein,stein-tr,stein-energy,cal:stein-energy --seeds 0,1 --n 400 \
     --json $out/digits.json --markdown $out/digits.md --plots $out/plots/digits \
     --title "digits U-Net: Stein stabilizers against vanilla solvers"
+fi
+if [[ $what == diagnose || $what == all ]]; then
+  steindiff diagnose --model gmm:image64 --solver dpmpp_2m --nfe 6 --n 256 --no-progress \
+    --png $out/plots/diagnose-image64-dpmpp_2m-6.png --out $out/diagnose-image64-dpmpp_2m-6.json \
+    > $out/diagnose-image64-dpmpp_2m-6.txt
+fi
+if [[ $what == engine || $what == all ]]; then
+  python benchmarks/engine_overhead.py > $out/engine-overhead.txt
 fi
