@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from .noise import NoiseProcess, VEProcess
 from .schedules import validate_sigmas
-from .solvers import Denoise, Solver, StepOperator, get_solver
+from .solvers import Denoise, Solver, Step, StepOperator, get_solver
 
-__all__ = ["sample", "SampleResult", "prior_noise"]
+__all__ = ["sample", "advance", "SampleResult", "prior_noise"]
 
 
 @dataclass
@@ -48,6 +48,16 @@ def prior_noise(
     eps = torch.randn(tuple(shape), generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
     scale = (process or VEProcess()).prior_scale(sigma_max)
     return eps * scale
+
+
+def advance(op: StepOperator, x: torch.Tensor, stabilizer: Any | None = None) -> tuple[torch.Tensor, Step, dict | None]:
+    """One step of the loop: ``T(x)`` of the step operator, or the stabilizer wrapping it
+    (``(x_next, step, trace record or None)``)."""
+    if stabilizer is None:
+        with torch.no_grad():
+            step = op(x)
+        return step.x_next, step, None
+    return stabilizer.step(op, x)
 
 
 def sample(
@@ -89,13 +99,8 @@ def sample(
     extra_passes = 0
     t0 = time.perf_counter()
     for i in tqdm(range(n), disable=not progress, desc=f"{solver.name}", leave=False):
-        op = StepOperator(solver, denoise, i, sig_list, state)
-        if stabilizer is None:
-            with torch.no_grad():
-                step = op(x)
-            x_next = step.x_next
-        else:
-            x_next, step, record = stabilizer.step(op, x)
+        x_next, step, record = advance(StepOperator(solver, denoise, i, sig_list, state), x, stabilizer)
+        if record is not None:
             extra_passes += int(record.get("extra_passes", 0))
             trace.append(record)
         if callback is not None:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
-from ..sampling import prior_noise
+from ..sampling import advance, prior_noise
 from ..schedules import get_sigmas, validate_sigmas
 from ..solvers import Denoise, Step, StepOperator, detach_state, get_solver, steps_for_nfe
 from ..stabilizers import make_stabilizer
@@ -254,12 +254,8 @@ def diagnose(
             per["lipschitz_D"] = LD
             conv["rel_change_max_D"] = float(info_D["rel_change"].max())
         calls0 = denoise.calls
-        if stabilizer is None:
-            with torch.no_grad():
-                st = op(x)
-            x_next = st.x_next
-        else:
-            x_next, st, srec = stabilizer.step(op, x)
+        x_next, st, srec = advance(op, x, stabilizer)
+        if stabilizer is not None:
             stab_extra += int(srec.get("extra_passes", 0))
             gamma = float(srec["gamma"])
             ga, ga_next, _ = coordinate_scales(getattr(stabilizer, "coords", "ve"), s, t)
