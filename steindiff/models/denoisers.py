@@ -38,11 +38,10 @@ class VPDenoiser(nn.Module):
 
     With ``alpha = 1/sqrt(1+sigma^2)``, ``sigma_vp = alpha sigma`` and network output ``F``:
 
-    - ``epsilon``: ``D = x - sigma F``                         (Ho et al. 2020)
-    - ``v``:       ``D = alpha (alpha x_vp... ) = alpha^2 x - sigma_vp F``, i.e. ``x0 = alpha x_vp - sigma_vp v``
-      (Salimans & Ho 2022, Eq. 22)
+    - ``epsilon``: ``D = x - sigma F``                                   (Ho et al. 2020)
+    - ``v``:       ``D = alpha x_vp - sigma_vp F``                       (Salimans & Ho 2022, Eq. 22)
     - ``x0``:      ``D = F``
-    - ``score``:   ``D = x + sigma^2 F / alpha``... with ``F = grad log p(x_vp)``: ``eps = -sigma_vp F``.
+    - ``score``:   ``F = grad log p(x_vp)``, ``eps = -sigma_vp F``, ``D = x + sigma sigma_vp F``
 
     ``timestep``: how a noise level maps to the network's time input.  ``"interp"`` gives the
     fractional timestep (k-diffusion, diffusers' Euler/Heun); ``"round"`` rounds it to the nearest
