@@ -1,0 +1,71 @@
+"""``steindiff sample``: JSON summary, outputs, exit codes, nothing half-written."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from steindiff.cli import main
+from steindiff.models.registry import ModelSpec, register_model_loader
+from steindiff.noise import VEProcess
+
+
+def _nan_model(x, sigma):
+    out = torch.zeros_like(x)
+    if float(sigma[0]) < 1.0:  # fails mid-run, after some steps succeeded
+        out[0, 0] = float("nan")
+    return out
+
+
+register_model_loader(lambda name: name == "test:nan-late",
+                      lambda name: ModelSpec(name, _nan_model, VEProcess(0.002, 80.0), (3,)))
+
+
+def test_sample_json_summary_and_npz(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", "gmm:image64", "--solver", "dpmpp_2m", "--nfe", "10", "--schedule", "karras",
+                 "--n", "300", "--seed", "0", "--out", str(out), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["nfe"] == 10 and summary["extra_passes"] == 0 and len(summary["sigmas"]) == 11
+    m = summary["metrics"]
+    assert set(m) >= {"sw2", "sw2_floor", "mode_tv", "nll"} and 0 < m["sw2_floor"] < 0.5 and 0 < m["sw2"] < 0.5
+    data = np.load(out)
+    assert data["samples"].shape == (300, 64) and np.isfinite(data["samples"]).all()
+
+
+def test_same_seed_same_samples(tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for p in (a, b):
+        assert main(["sample", "--model", "gmm:toy2d", "--nfe", "4", "--n", "50", "--seed", "7", "--out", str(p),
+                     "--no-progress"]) == 0
+    assert np.array_equal(np.load(a)["samples"], np.load(b)["samples"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--solver", "eulr"], "unknown solver 'eulr'"),
+    (["--schedule", "cosine"], "unknown schedule 'cosine'"),
+    (["--model", "gmm:nope"], "unknown mixture preset"),
+    (["--nfe", "0"], "--nfe must be >= 1"),
+    (["--stabilizer", "stien"], "unknown stabilizer 'stien'"),
+    (["--stabilizer", "stein-oracle", "--model", "test:nan-late"], "needs an exact-score mixture"),
+])
+def test_usage_errors_exit_2(args, needle, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--n", "10", "--out", str(out), "--no-progress", *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unwritable_output_is_a_usage_error(tmp_path, capsys):
+    assert main(["sample", "--n", "10", "--out", str(tmp_path / "missing" / "s.npz"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_runtime_failure_names_step_and_leaves_no_file(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", "test:nan-late", "--solver", "euler", "--nfe", "6", "--n", "4",
+                 "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "NaN or Inf at step" in err and "sigma=" in err and len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
