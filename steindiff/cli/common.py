@@ -35,18 +35,24 @@ def add_stabilizer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coords", default="ve", choices=["ve", "vp"], help="state coordinates of the Stein statistics")
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step")
     p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"], help="reverse- or forward-mode Jacobian products")
-    p.add_argument("--gamma-min", type=float, default=0.0)
-    p.add_argument("--gamma-max", type=float, default=None)
+    p.add_argument("--gamma-min", type=float, default=None,
+                   help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 stein-tr, 0.5 stein-energy)")
+    p.add_argument("--gamma-max", type=float, default=None,
+                   help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 stein-tr, 1.5 stein-energy)")
+
+
+def stabilizer_options(args: argparse.Namespace) -> dict:
+    """The stabilizer options given on the command line (``None``: the stabilizer's default)."""
+    return {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
+            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed}
 
 
 def stabilizer_from_args(args: argparse.Namespace, spec):
     """Build the stabilizer named by ``--stabilizer`` (``None`` for ``none``), or raise UsageError."""
     from ..stabilizers import make_stabilizer
 
-    opts = {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
-            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed}
     try:
-        return make_stabilizer(args.stabilizer, spec, **opts)
+        return make_stabilizer(args.stabilizer, spec, **stabilizer_options(args))
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 

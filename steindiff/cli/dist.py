@@ -18,7 +18,7 @@ import signal
 from pathlib import Path
 
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args
+from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args, stabilizer_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,8 +89,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
     if not out.exists() and not out.parent.is_dir():
         raise UsageError(f"cannot create --out-dir {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    opts = {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
-            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed}
+    opts = stabilizer_options(args)
     with _sigterm_as_error(os.environ.get("RANK", "0")):
         res = sample_distributed(
             spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,

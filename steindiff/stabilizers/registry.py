@@ -27,16 +27,16 @@ def _stein(name: str, spec: Any, **kw: Any) -> SteinStabilizer:
 STABILIZERS: dict[str, Callable[..., Any]] = {
     "none": lambda name, spec, **kw: None,
     "stein": _stein,
-    "stein-sc": lambda name, spec, **kw: SteinStabilizer("lookahead", **{k: v for k, v in kw.items() if k not in ("probes", "divergence")}),
+    # probes and divergence do not apply to the look-ahead and oracle estimators (no Jacobian)
+    "stein-sc": lambda name, spec, **kw: SteinStabilizer("lookahead", **kw),
     "stein-exact": lambda name, spec, **kw: SteinStabilizer(
-        "stein", divergence="exact", denoiser_divergence=_needs_mixture(name, spec).divergence,
-        **{k: v for k, v in kw.items() if k not in ("probes", "divergence")}),
+        "stein", denoiser_divergence=_needs_mixture(name, spec).divergence, **{**kw, "divergence": "exact"}),
     "stein-oracle": lambda name, spec, **kw: SteinStabilizer(
         "oracle", clean_target=_needs_mixture(name, spec).denoise, denoiser_divergence=_needs_mixture(name, spec).divergence,
-        **{k: v for k, v in kw.items() if k not in ("probes", "divergence")}),
+        **kw),
     # ours (issue: Stein stabilization that helps); see docs/stabilizers.md
-    "stein-tr": lambda name, spec, **kw: _stein(name, spec, **{"gamma_min": 0.8, "gamma_max": 1.25, **_no_none(kw)}),
-    "stein-energy": lambda name, spec, **kw: EnergyMatchingStabilizer(**_no_none(kw)),
+    "stein-tr": lambda name, spec, **kw: _stein(name, spec, **{"gamma_min": 0.8, "gamma_max": 1.25, **kw}),
+    "stein-energy": lambda name, spec, **kw: EnergyMatchingStabilizer(**kw),
 }
 
 
@@ -47,18 +47,11 @@ AUTO = "none"
 STABILIZERS["auto"] = lambda name, spec, **kw: make_stabilizer(AUTO, spec, **kw)
 
 
-def _no_none(kw: dict) -> dict:
-    """Drop options left at ``None`` and clip bounds left at the literal default, so a variant's own defaults apply."""
-    out = {k: v for k, v in kw.items() if v is not None}
-    if out.get("gamma_min") == 0.0:
-        out.pop("gamma_min")
-    return out
-
-
 def make_stabilizer(name: str, spec: Any = None, **options: Any) -> Any:
     """A stabilizer by name (``none`` gives ``None``), for the model ``spec`` (a
     :class:`~steindiff.models.registry.ModelSpec`); ``options`` go to the stabilizer (``coords``,
-    ``probes``, ``gamma_min``, ``seed``, ...)."""
+    ``probes``, ``gamma_min``, ``seed``, ...).  Options given as ``None`` are left to the
+    stabilizer's own defaults (e.g. the clip of ``stein-tr`` and ``stein-energy``)."""
     if name not in STABILIZERS:
         raise ValueError(f"unknown stabilizer {name!r}; choose one of {', '.join(STABILIZERS)}")
-    return STABILIZERS[name](name, spec, **options)
+    return STABILIZERS[name](name, spec, **{k: v for k, v in options.items() if v is not None})

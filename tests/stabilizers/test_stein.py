@@ -156,3 +156,15 @@ def test_non_finite_statistics_name_the_step():
     with pytest.raises(FloatingPointError, match="step 0"):
         sample(lambda z, s: z * 0.5, x, sig, "euler", stabilizer=SteinStabilizer(), check_finite=False)
     del g
+
+
+def test_registry_options_none_means_the_variants_default():
+    assert make_stabilizer("stein-energy", None, gamma_min=None).gamma_min == 0.5
+    assert make_stabilizer("stein-energy", None, gamma_min=0.0).gamma_min == 0.0  # an explicit 0 is kept
+    tr = make_stabilizer("stein-tr", None, gamma_max=None)
+    assert (tr.gamma_min, tr.gamma_max) == (0.8, 1.25)
+    assert make_stabilizer("stein-exact", get_gmm_spec(), divergence="vjp").divergence == "exact"
+
+
+def get_gmm_spec():
+    return type("Spec", (), {"gmm": get_gmm("gmm:toy2d"), "name": "gmm:toy2d"})()
