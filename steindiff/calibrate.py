@@ -1,17 +1,29 @@
-"""Estimate a gamma schedule once, apply it for free (:mod:`steindiff.stabilizers.schedule`).
+"""Calibrate a sampler once, sample for free (:mod:`steindiff.stabilizers.schedule`).
 
-Two modes:
+Three objectives:
 
-- reference-free (default): run a stabilizer variant (``stein-energy``, ``stein``, ...) on a
-  calibration batch and keep its per-step ``gamma`` (averaged over calibration batches);
+- ``trajectory`` (default): SteinDiff's closed-form step scale aimed at the probability-flow ODE's own
+  solution, refined on the final samples, with the interior noise levels optionally fitted too
+  (:mod:`steindiff.trajectory`).  Needs only the model: no data, no training.
+- ``variant``: run a stabilizer variant (``stein-energy``, ``stein``, ...) on a calibration batch and
+  keep its per-step ``gamma`` (averaged over calibration batches);
 - ``reference``: with reference data the user already has (held out from any evaluation data),
   choose ``gamma_k`` by coordinate search to minimize the sliced Wasserstein-2 distance between the
   calibration batch's samples and the reference.  This uses data; it is labelled as such in the file.
+
+:func:`calibrated_plan` is what ``--stabilizer auto`` runs: the cached trajectory calibration of a
+(model, solver, schedule, NFE), fitted on first use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,12 +32,41 @@ from tqdm.auto import tqdm
 from .generate import generate
 from .metrics import sliced_w2
 from .models.registry import ModelSpec
-from .schedules import get_sigmas
-from .solvers import get_solver, steps_for_nfe
+from .plan import SamplingPlan, make_plan
+from .sampling import prior_noise
 from .stabilizers import make_stabilizer
-from .stabilizers.schedule import GammaSchedule
+from .io import check_writable
+from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
+from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory, reference_solve
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "calibrated_plan", "calibration_key", "default_cache_dir", "plan_from_schedule", "OBJECTIVES",
+           "model_fingerprint", "CALIBRATION_SEED"]
+
+OBJECTIVES = ("trajectory", "variant", "reference")
+#: Default seed of the calibration noise: far from the evaluation seeds (0, 1, 2, ...) of the benchmarks.
+CALIBRATION_SEED = 12345
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """A hash of the model's weights (``state_dict``) or mixture parameters, and its noise range."""
+    h = hashlib.sha256()
+    den = spec.denoiser
+    if spec.gmm is not None:
+        g = spec.gmm
+        tensors = [("means", g.means), ("weights", g.weights), ("basis", g.basis), ("lam", g.lam), ("s2", g.s2)]
+    elif hasattr(den, "state_dict"):
+        tensors = sorted(den.state_dict().items())
+    else:
+        raise ValueError(f"cannot fingerprint model {spec.name!r}: it has no state_dict and is not a mixture")
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(f"{spec.process!r}{tuple(spec.sample_shape)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _calibration_noise(spec: ModelSpec, sigma_max: float, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    return prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=dtype)
 
 
 def calibrate(
@@ -35,9 +76,11 @@ def calibrate(
     nfe: int = 10,
     schedule: str = "karras",
     coords: str = "ve",
-    variant: str = "stein-energy",
-    n: int = 1000,
-    seed: int = 12345,
+    objective: str | None = None,
+    fit: str = "both",
+    variant: str | None = None,
+    n: int | None = None,
+    seed: int = CALIBRATION_SEED,
     batch_size: int | None = None,
     reference: torch.Tensor | None = None,
     grid: tuple[float, float, float] = (0.5, 1.5, 0.1),
@@ -47,19 +90,53 @@ def calibrate(
     progress: bool = False,
     rho: float = 7.0,
     sigmas: torch.Tensor | None = None,
+    ref_solver: str = "dpmpp_2m",
+    ref_steps: int = 200,
+    ref: ReferenceSolve | None = None,
+    max_solves: int = 200,
+    max_seconds: float = 60.0,
+    extra_args: dict | None = None,
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for this configuration (module docstring).  ``seed`` draws the
-    calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``."""
-    if sigmas is None:
-        sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process, rho=rho)
-    steps = len(sigmas) - 1
+    calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``.
+
+    ``objective``: ``trajectory``, ``variant`` or ``reference``.  Default: ``trajectory``, unless
+    ``variant`` is given (a stabilizer name: ``variant``; ``"reference"``: ``reference``).  ``n``: calibration batch
+    (default 512 for ``trajectory``, half of it validates; 1000 otherwise).  Trajectory options:
+    ``fit`` (``gamma``, ``steps`` or ``both``), ``ref_solver``/``ref_steps`` (the fine solve),
+    ``ref`` (a reference solve of the same noise to reuse), ``max_solves``/``max_seconds`` (budget of
+    the refinement), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
+    """
+    if objective is None:
+        objective = "trajectory" if variant is None else ("reference" if variant == "reference" else "variant")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    variant = variant or "stein-energy"
+    base = make_plan(spec.process, solver, nfe, schedule, rho=rho, sigmas=sigmas)
+    sigmas = base.sigmas
+    steps = base.steps
+    if n is None:
+        n = 512 if objective == "trajectory" else 1000
     meta: dict[str, Any] = {
-        "model": spec.name, "solver": solver, "schedule": schedule, "nfe": get_solver(solver).nfe(sigmas),
-        "sigmas": [float(s) for s in sigmas], "variant": variant,
-        "calibration": {"n": n, "seed": seed, "uses_reference_data": variant == "reference"},
+        "model": spec.name, "solver": solver, "schedule": schedule, "nfe": base.nfe,
+        "sigmas": [float(s) for s in sigmas], "base_sigmas": [float(s) for s in sigmas],
+        "objective": objective, "variant": variant if objective == "variant" else objective,
+        "calibration": {"n": n, "seed": seed, "uses_reference_data": objective == "reference"},
     }
+    if objective == "trajectory":
+        if fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+        t0 = time.perf_counter()
+        noise = _calibration_noise(spec, float(sigmas[0]), n, seed, dtype)
+        result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit, ref=ref,
+                                ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
+                                max_seconds=max_seconds, extra_args=extra_args, progress=progress)
+        rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0}
+        meta.update(name="calibrated:trajectory", variant="trajectory", fingerprint=model_fingerprint(spec))
+        meta["calibration"] = rec
+        return result.schedule(meta)
     common = dict(solver=solver, sigmas=sigmas, n=n, seed=seed, dtype=dtype)
-    if variant != "reference":
+    if objective == "variant":
         stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed)
         if stab is None:
             gammas = [1.0] * steps
@@ -108,3 +185,94 @@ def calibrate(
     meta["name"] = "calibrated:reference"
     meta["calibration"]["objective"] = {"sliced_w2": best}
     return GammaSchedule(gammas, coords, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# calibrated plans for ``--stabilizer auto``: fitted on first use, cached
+# --------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/steindiff/calibrations`` (``~/.cache/steindiff/calibrations`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "steindiff" / "calibrations"
+
+
+def calibration_key(spec: ModelSpec, base: SamplingPlan, *, fit: str = "both", conditioning: str | None = None) -> dict:
+    """What a cached calibration is valid for: the model's weights, the solver and its options, the
+    plain plan's noise levels (schedule, NFE, noise range), the coordinates, the fit and the
+    conditioning (e.g. a hash of the prompt embeddings and the guidance scale)."""
+    return {"fingerprint": model_fingerprint(spec), "model": spec.name, "solver": base.solver,
+            "solver_options": dict(sorted(base.solver_options.items())), "schedule": base.schedule, "nfe": base.nfe,
+            "base_sigmas": [round(float(s), 12) for s in base.sigmas], "coords": base.coords, "fit": fit,
+            "conditioning": conditioning}
+
+
+def _key_file(root: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key["model"]))[-40:]
+    return root / f"{stem}-{key['solver']}-{key['schedule']}-nfe{key['nfe']}-{digest}.json"
+
+
+def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan:
+    """The plan a calibration file describes: its noise levels and gammas, with ``base``'s solver."""
+    sigmas = sched.meta.get("sigmas", base.sigmas)
+    fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12 for a, b in zip(sigmas, base.sigmas))
+    return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64), "fitted" if fitted else base.schedule,
+                        list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta})
+
+
+def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.PathLike | None = None,
+                    calibrate_missing: bool = True, fit: str = "both", conditioning: str | None = None,
+                    extra_args: dict | None = None, dtype: torch.dtype | None = None, progress: bool = False,
+                    notice: Callable[[str], None] | None = None, **options: Any) -> SamplingPlan:
+    """The trajectory-calibrated version of the plain plan ``base`` for ``spec``, from the cache
+    (``cache_dir``, default :func:`default_cache_dir`), or fitted now and cached.
+
+    Falls back to ``base`` (the plain solver) with a warning when the cache cannot be written, and
+    without one when ``calibrate_missing`` is false.  ``notice`` receives a one-line message before
+    a calibration starts (what is fitted, about how long).  A cached file that is corrupt or made for
+    another configuration is ignored with a warning and fitted again.  ``options`` go to :func:`calibrate`.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = calibration_key(spec, base, fit=fit, conditioning=conditioning)
+    path = _key_file(root, key)
+    if path.exists():
+        try:
+            sched = load_gamma_schedule(path)
+            if sched.meta.get("key") != key:
+                raise ValueError("it was made for another configuration")
+            return plan_from_schedule(sched, base)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"ignoring the cached calibration {str(path)!r} ({e}); calibrating again", stacklevel=2)
+    if not calibrate_missing:
+        return base
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        check_writable(path)
+    except OSError as e:
+        warnings.warn(f"calibration cache {str(root)!r} is not writable ({e}); using the plain solver", stacklevel=2)
+        return base
+    if dtype is None:
+        dtype = torch.float64 if spec.gmm is not None else torch.float32
+    if notice is not None:
+        notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {spec.name} once "
+               f"(fit: {fit}; {_eta(spec, base, dtype, options)}); cached in {root}")
+    sched = calibrate(spec, solver=base.solver, sigmas=base.sigmas, schedule=base.schedule, coords=base.coords, fit=fit,
+                      dtype=dtype, progress=progress, extra_args=extra_args, objective="trajectory", **options)
+    sched.meta["key"] = key
+    sched.save(path)
+    return plan_from_schedule(sched, base)
+
+
+def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict) -> str:
+    """A rough duration: one timed model pass on the calibration batch, times the passes of the
+    reference solve, plus the refinement's time budget."""
+    n = int(options.get("n") or 512)
+    steps = int(options.get("ref_steps", 200))
+    x = torch.zeros((n, *spec.sample_shape), dtype=dtype)
+    s = torch.full((n,), float(base.sigmas[1]), dtype=dtype)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        spec.denoiser(x, s)
+    t_pass = time.perf_counter() - t0
+    refine_s = min(float(options.get("max_seconds", 60.0)), t_pass / 2 * base.nfe * int(options.get("max_solves", 200)))
+    return f"about {t_pass * 1.5 * steps + refine_s:.0f} s or less"

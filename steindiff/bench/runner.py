@@ -47,10 +47,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..calibrate import CALIBRATION_SEED, calibrate
 from ..generate import generate
-from ..calibrate import calibrate
 from ..metrics import mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
+from ..plan import make_plan
 from ..sampling import prior_noise
 from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
@@ -62,6 +63,9 @@ __all__ = [
 ]
 
 SCHEMA = "steindiff.bench/1"
+#: The calibrated sampler's label: trajectory calibration (:mod:`steindiff.trajectory`) fitted once per
+#: cell on calibration noise (seed :data:`~steindiff.calibrate.CALIBRATION_SEED`), applied to every seed.
+TRAJECTORY = "cal:trajectory"
 COORDS = ("ve", "vp")
 #: Metrics of the summary, each as an "excess" over its floor (see :func:`excess`).
 METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
@@ -131,9 +135,10 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
         if c not in COORDS:
             raise ValueError(f"unknown coords {c!r}; choose from {', '.join(COORDS)}")
     for s in stabilizers:
-        if s.removeprefix("cal:") not in STABILIZERS or s == "cal:none":
-            raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, "
-                             "or cal:<stabilizer> (its gamma schedule calibrated on another batch, then applied)")
+        if s != TRAJECTORY and (s.removeprefix("cal:") not in STABILIZERS or s == "cal:none"):
+            raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, {TRAJECTORY} (the "
+                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule calibrated on another batch, "
+                             "then applied)")
     for v in nfes:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"NFE values must be positive integers, got {v!r}")
@@ -156,7 +161,8 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
                              f"reference images (digits), got {m!r}" + (f": {note}" if note else ""))
         specs[m] = spec
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
-            make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes)
+            if s != TRAJECTORY:
+                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes)
     return specs
 
 
@@ -194,6 +200,26 @@ def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) ->
     return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=_dtype(spec)).x
 
 
+def calibration_options(spec: ModelSpec) -> dict[str, Any]:
+    """Defaults of the ``cal:trajectory`` calibration per kind of model: batch ``n`` (half validates),
+    calibration seed (disjoint from evaluation seeds), fine-solve steps and the refinement's budget."""
+    if model_kind(spec) == "mixture":
+        return {"n": 512, "seed": CALIBRATION_SEED, "ref_steps": 200, "max_solves": 200, "max_seconds": 45.0}
+    return {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 60.0}
+
+
+def _calibration_reference(spec: ModelSpec, opts: dict):
+    """The fine solve of a model's calibration noise, shared by every ``cal:trajectory`` cell of a grid
+    (it depends only on the model and the noise); its states are kept for the fit half of the batch."""
+    from ..trajectory import reference_solve
+
+    n = opts["n"]
+    noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=opts["seed"],
+                        dtype=_dtype(spec))
+    return reference_solve(spec.denoiser, noise, float(spec.process.sigma_max), float(spec.process.sigma_min),
+                           steps=opts["ref_steps"])
+
+
 def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
     """``mode_tv`` and ``nll`` of an independent true sample set of the same size: their floors
     (image models: none here, :func:`~steindiff.metrics.image.image_metrics` gives its own)."""
@@ -203,15 +229,33 @@ def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
     return {"mode_tv_floor": m["mode_tv"], "nll_floor": m["nll"]}
 
 
+def _calibration_summary(sched) -> dict:
+    """What a ``cal:trajectory`` row records of its calibration (the full record is in the schedule)."""
+    c = sched.meta.get("calibration", {})
+    cand = c.get("candidates", {})
+    return {"chosen": c.get("chosen"), "val_ratio": c.get("val_ratio"), "wall_s": c.get("wall_s"),
+            "fit_wall_s": c.get("fit_wall_s"), "reference_wall_s": c.get("reference", {}).get("wall_s"),
+            "reference_convergence_rms": c.get("reference", {}).get("convergence_rms"),
+            "val_rms": {k: v.get("val_rms") for k, v in cand.items()}, "n": c.get("n"), "seed": c.get("seed"),
+            "solves": sum(v.get("solves", 0) for v in c.get("refine", {}).values()), "fit": c.get("fit")}
+
+
 def _reason(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"failed: {type(e).__name__}: {msg[:300]}"
 
 
-def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd) -> dict:
+def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd, calibrated=None) -> dict:
     row: dict[str, Any] = {"steps": len(sigmas) - 1}
     try:
-        if stab_name.startswith("cal:"):
+        if stab_name == TRAJECTORY:
+            # fitted once per cell on calibration noise (``calibrated()``), applied here with no extra pass
+            sched = calibrated()
+            sigmas = torch.tensor(sched.meta["sigmas"], dtype=torch.float64)
+            stab = sched
+            row.update(calibrated_gammas=sched.gammas, calibrated_sigmas=sched.meta["sigmas"],
+                       calibration=_calibration_summary(sched))
+        elif stab_name.startswith("cal:"):
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
             stab = calibrate(spec, solver=solver, sigmas=sigmas, coords=coords, variant=stab_name[4:], n=noise.shape[0],
@@ -260,8 +304,13 @@ def run_grid(
     mmd: bool = False,
     ref_solver: str = "dpmpp_3m",
     ref_steps: int = 1000,
+    calibration: dict | None = None,
 ) -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
+
+    ``calibration``: options of the ``cal:trajectory`` cells' calibration (:func:`calibration_options`
+    gives the defaults per kind of model); one reference solve of the calibration noise per model is
+    shared by all its cells, and each cell is fitted once and applied to every seed.
 
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
@@ -273,6 +322,7 @@ def run_grid(
     configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
     total = len(models) * len(seeds) * len(solvers) * len(schedules) * len(nfes) * len(configs)
     rows: list[dict] = []
+    cal_config: dict[str, dict] = {}
     machine = machine_info()
     kinds = {model_kind(s) for s in specs.values()}
     if "image" in kinds:
@@ -283,6 +333,29 @@ def run_grid(
         for m in models:
             spec = specs[m]
             sigma_max = float(spec.process.sigma_max)
+            cal_opts = {**calibration_options(spec), **(calibration or {})}
+            cal_cache: dict[tuple, Any] = {}
+            cal_ref: list = []
+            cal_config[spec.name] = cal_opts
+
+            def calibrated(solver: str, schedule: str, sigmas: torch.Tensor, spec=spec, cal_opts=cal_opts,
+                           cal_cache=cal_cache, cal_ref=cal_ref):
+                key = (solver, tuple(sigmas.tolist()))
+                if key not in cal_cache:
+                    if not cal_ref:
+                        cal_ref.append(_calibration_reference(spec, cal_opts))
+                    t0 = time.perf_counter()
+                    try:
+                        sched = calibrate(spec, solver=solver, sigmas=sigmas, schedule=schedule, objective="trajectory",
+                                          dtype=_dtype(spec), ref=cal_ref[0], **cal_opts)
+                        sched.meta["calibration"]["fit_wall_s"] = time.perf_counter() - t0
+                        cal_cache[key] = sched
+                    except Exception as e:
+                        cal_cache[key] = e
+                if isinstance(cal_cache[key], Exception):
+                    raise cal_cache[key]
+                return cal_cache[key]
+
             for seed in seeds:
                 noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=_dtype(spec))
                 ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
@@ -300,8 +373,10 @@ def run_grid(
                                 if key in done:
                                     row = {**done[key], **base, "reused": True}
                                 else:
+                                    cal = (lambda solver=solver, schedule=schedule, sigmas=sigmas:
+                                           calibrated(solver, schedule, sigmas))
                                     row = {**base, **_run_one(spec, noise, sigmas, solver, stab, "ve" if c == "-" else c,
-                                                              probes, seed, ref, floors, mmd)}
+                                                              probes, seed, ref, floors, mmd, cal)}
                                     done[key] = row
                                 rows.append(row)
                                 bar.update(1)
@@ -311,6 +386,8 @@ def run_grid(
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
               "probes": probes, "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+    if TRAJECTORY in stabilizers:
+        config["calibration"] = cal_config
     if "image" in kinds:
         config["reference"]["image_model_steps"] = min(ref_steps, IMAGE_REF_STEPS)
     return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
