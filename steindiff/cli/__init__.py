@@ -26,13 +26,13 @@ class UsageError(Exception):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the commands' hand-wrapped descriptions and appends ``(default: ...)`` to every option
-    with a default, unless its help already says ``(default``."""
+    with a default, unless its help already says ``(default:``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if (action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS
-                and "(default" not in text and not isinstance(action, argparse._StoreConstAction)):
+                and "(default:" not in text and not isinstance(action, argparse._StoreConstAction)):
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
             text = f"{text} (default: {shown})" if text else f"(default: {shown})"
         return text

@@ -101,24 +101,27 @@ def steps_for(solver: str, nfe: int) -> int:
     from ..solvers import get_solver, steps_for_nfe
 
     obj = get_solver(solver)
-    least = next((k for k in range(nfe + 1, nfe + 20) if _steps(obj, k) >= 2), None)
     try:
         steps = steps_for_nfe(obj, nfe)
     except ValueError:
-        raise UsageError(f"--nfe {nfe} is too small for {solver}: use --nfe {least} or more") from None
+        raise UsageError(f"--nfe {nfe} is too small for {solver}: use --nfe {_least(obj, nfe)} or more") from None
     if steps == 1 and obj.nfe([2.0, 1.0, 0.0]) > 2:  # heun: its one step to sigma 0 is a plain Euler step
         raise UsageError(f"--nfe {nfe} buys {solver} a single step to sigma 0, which is a plain Euler step; "
-                         f"use --nfe {least} or more, or --solver euler")
+                         f"use --nfe {_least(obj, nfe)} or more, or --solver euler")
     return steps
 
 
-def _steps(solver, nfe: int) -> int:
+def _least(solver, nfe: int) -> int | None:
+    """The smallest budget above ``nfe`` that buys the solver two steps."""
     from ..solvers import steps_for_nfe
 
-    try:
-        return steps_for_nfe(solver, nfe)
-    except ValueError:
-        return 0
+    for k in range(nfe + 1, nfe + 20):
+        try:
+            if steps_for_nfe(solver, k) >= 2:
+                return k
+        except ValueError:
+            pass
+    return None
 
 
 def load_model_or_usage(name: str):

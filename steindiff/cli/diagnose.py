@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             action.help = "coordinates of the reported Lipschitz constants and bounds (and of the stabilizer's statistics)"
     p.add_argument("--n", type=int, default=256, help="number of samples (trajectories)")
     p.add_argument("--iters", type=int, default=20, help="Jacobian-product iterations per estimate")
-    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="Lanczos (default) or plain power iteration on J^T J")
+    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="Lanczos or plain power iteration on J^T J")
     p.add_argument("--jvp", default="auto", choices=["auto", "forward", "double_backward"],
                    help="how Jacobian-vector products are taken (auto: forward mode, else double backward)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per Jacobian-product batch (default: all)")
