@@ -84,7 +84,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.n < world:
         raise UsageError(f"--num-samples {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
-        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} over {world} ranks")
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} over "
+                         f"{world} ranks (pass --per-sample for one gamma per sample)")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
