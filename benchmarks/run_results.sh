@@ -14,35 +14,35 @@ SOLVERS=euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm
 if [[ $what == image64 || $what == all ]]; then
   steindiff bench --model gmm:image64 --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve,vp --stabilizers none,stein,stein-sc,stein-oracle --seeds 0,1,2 --n 1000 --probes 5 \
-    --json $out/image64.json --markdown $out/image64.md --plots $out/plots/image64 \
+    --json-out $out/image64.json --markdown $out/image64.md --plots $out/plots/image64 \
     --title "gmm:image64: Stein stabilizers against vanilla solvers"
 fi
 if [[ $what == toy2d || $what == all ]]; then
   steindiff bench --model gmm:toy2d --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve,vp --stabilizers none,stein,stein-sc,stein-oracle --seeds 0,1,2 --n 1000 --probes 5 \
-    --json $out/toy2d.json --markdown $out/toy2d.md --plots $out/plots/toy2d \
+    --json-out $out/toy2d.json --markdown $out/toy2d.md --plots $out/plots/toy2d \
     --title "gmm:toy2d: Stein stabilizers against vanilla solvers"
 fi
 if [[ $what == exact || $what == all ]]; then
   # stein-exact costs d = 64 Jacobian passes per step: a few cells only
   steindiff bench --model gmm:image64 --solvers euler,dpmpp_2m --nfe 4,6 --schedules karras \
     --coords ve,vp --stabilizers none,stein,stein-exact --seeds 0,1,2 --n 1000 --probes 5 \
-    --json $out/image64-exact.json --markdown $out/image64-exact.md --plots $out/plots/image64-exact \
+    --json-out $out/image64-exact.json --markdown $out/image64-exact.md --plots $out/plots/image64-exact \
     --title "gmm:image64: Hutchinson (5 probes) against exact divergence"
 fi
 if [[ $what == cost || $what == all ]]; then
   steindiff bench --cost --model gmm:image64 --solvers euler,dpmpp_2m --nfe 5,10 --schedules karras --coords ve \
     --stabilizers none,stein,stein-energy,stein-sc,stein-oracle --cost-probes 1,5 --repeats 5 --n 1000 \
-    --json $out/cost-image64.json --markdown $out/cost-image64.md --title "Cost on gmm:image64 (d = 64)"
+    --json-out $out/cost-image64.json --markdown $out/cost-image64.md --title "Cost on gmm:image64 (d = 64)"
   steindiff bench --cost --model gmm:hd1024 --solvers dpmpp_2m --nfe 5 --schedules karras --coords ve \
     --stabilizers none,stein --cost-probes 1,5 --repeats 3 --n 500 \
-    --json $out/cost-hd1024.json --markdown $out/cost-hd1024.md --title "Cost on gmm:hd1024 (d = 1024)"
+    --json-out $out/cost-hd1024.json --markdown $out/cost-hd1024.md --title "Cost on gmm:hd1024 (d = 1024)"
 fi
 if [[ $what == variants || $what == all ]]; then
   # the project's own variants (issue: Stein stabilization that helps); ve coordinates
   steindiff bench --model gmm:image64 --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve --stabilizers none,stein-tr,stein-energy,cal:stein-energy --seeds 0,1,2 --n 1000 --probes 5 \
-    --json $out/variants-image64.json --markdown $out/variants-image64.md --plots $out/plots/variants-image64 \
+    --json-out $out/variants-image64.json --markdown $out/variants-image64.md --plots $out/plots/variants-image64 \
     --title "gmm:image64: the project's stabilizer variants against vanilla solvers"
 fi
 if [[ $what == digits || $what == all ]]; then
@@ -50,7 +50,7 @@ if [[ $what == digits || $what == all ]]; then
   # trajectory reference of 100 steps; stein-oracle/stein-exact need a mixture
   steindiff bench --model digits --solvers euler,dpmpp_2m,heun --nfe 4,6,10 --schedules karras --coords ve \
     --stabilizers none,stein,stein-tr,stein-energy,cal:stein-energy --seeds 0,1 --n 400 \
-    --json $out/digits.json --markdown $out/digits.md --plots $out/plots/digits \
+    --json-out $out/digits.json --markdown $out/digits.md --plots $out/plots/digits \
     --title "digits U-Net: Stein stabilizers against vanilla solvers"
 fi
 if [[ $what == diagnose || $what == all ]]; then

@@ -613,7 +613,7 @@ def train(
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
             if callback is not None:
-                callback({"step": step, "loss": float(loss)})
+                callback({"step": step, "loss": losses[-1]})  # a float: loss still requires grad
             if step % cfg.ckpt_every == 0 and step < cfg.iters:
                 checkpoint()
             if cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s and step < cfg.iters:

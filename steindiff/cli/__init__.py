@@ -1,12 +1,14 @@
 """Command line: ``steindiff <command> [--json] ...``.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage (bad arguments or input detected before work).
+Exit codes: 0 success, 1 runtime failure, 2 usage (bad arguments or input detected before work),
+130 interrupted (Ctrl-C).
 Each command module defines ``add_parser(subparsers)``, which registers itself with ``func=run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from typing import Any, Sequence
@@ -20,6 +22,26 @@ COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo", "bench", "dist"]
 
 class UsageError(Exception):
     """Bad arguments or input, detected before any work: exit code 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the commands' hand-wrapped descriptions and appends ``(default: ...)`` to every option
+    with a default, unless its help already says ``(default:``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS
+                and "(default:" not in text and not isinstance(action, argparse._StoreConstAction)):
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text = f"{text} (default: {shown})" if text else f"(default: {shown})"
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings:  # options without help still show their default
+            action = copy.copy(action)
+            action.help = self._get_help_string(action) or None
+        return super()._format_action(action)
 
 
 def emit(args: argparse.Namespace, summary: dict[str, Any], text: str) -> None:
@@ -39,20 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f".{name}", __name__).add_parser(sub)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter
     return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, so the message names the command (exits 2)
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
         print(f"steindiff {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"steindiff {args.command}: interrupted", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: the conventional 128 + SIGINT; a command may say what it kept
+        print(f"steindiff {args.command}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        return 130
     except Exception as e:  # runtime failure: one line, no traceback
         print(f"steindiff {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

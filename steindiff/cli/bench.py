@@ -1,7 +1,7 @@
 """``steindiff bench``: the benchmark protocol's grid on the mixture suite and on the digits U-Net.
 
 Runs every configuration model x seed x solver x schedule x NFE x stabilizer x coords (lists are
-comma-separated), then writes the ``steindiff.bench/1`` results (``--json FILE``; ``--json -`` prints
+comma-separated), then writes the ``steindiff.bench/1`` results (``--json-out FILE``; ``--json`` prints
 them to stdout instead of the text summary), a Markdown report (``--markdown FILE``) and PNG plots
 (``--plots DIR``).  ``--cost`` measures wall-clock ratios stabilizer/none side by side instead of
 running the grid (stein at each ``--cost-probes`` count, repeats interleaved, medians; results
@@ -28,6 +28,7 @@ from pathlib import Path
 from ..io import check_writable, save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
+from ..stabilizers import STABILIZERS
 from . import UsageError
 
 PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
@@ -42,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     p.add_argument("--coords", default="ve,vp", help="stabilizer coordinates, comma-separated: ve, vp")
     p.add_argument("--stabilizers", default="none,stein,stein-sc,stein-oracle",
-                   help="comma-separated: none, stein, stein-sc, stein-exact, stein-oracle")
+                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, or cal:<stabilizer> (its gamma schedule "
+                        "calibrated on another batch, then applied)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
@@ -55,11 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats for --cost")
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                    help="read results from FILE (a steindiff.bench/1 JSON) instead of running")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the results JSON to FILE ('-': stdout)")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="write the results JSON to FILE ('-': stdout)")
+    p.add_argument("--json", action="store_true", help="print the results JSON instead of the text summary")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown report")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR (created if missing)")
     p.add_argument("--title", default=None, help="title of the Markdown report")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
@@ -75,7 +78,7 @@ def _list(value: str, what: str, kind=str) -> list:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     try:
-        for path in (args.json, args.markdown):
+        for path in (args.json_out, args.markdown):
             if path not in (None, "-"):
                 check_writable(path)
         if args.plots is not None:
@@ -129,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
                               ref_solver=args.ref_solver, ref_steps=args.ref_steps)
         result["command"] = _command(args)
     summary = summarize(result)
-    if args.json not in (None, "-"):
-        save_json(args.json, result)
+    if args.json_out not in (None, "-"):
+        save_json(args.json_out, result)
     if args.markdown is not None:
         write_markdown(args.markdown, result, summary, title=args.title, command=result.get("command"))
     plots = write_plots(result, summary, args.plots) if args.plots is not None else []
-    if args.json == "-":
+    if args.json or args.json_out == "-":
         print(json.dumps(to_jsonable(result), indent=1))
     else:
         print(_text(result, summary, args, plots))
@@ -157,7 +160,7 @@ def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str
             p = f" P={e['probes']}" if e["probes"] else ""
             lines.append(f"  cost {e['model']} {e['solver']} NFE {e['nfe_budget']} {e['stabilizer']}{p}: "
                          f"{e['ratio']:.2f}x none" if e["ratio"] is not None else f"  cost {e['stabilizer']}{p}: {e['status']}")
-    for path in (args.json, args.markdown):
+    for path in (args.json_out, args.markdown):
         if path not in (None, "-"):
             lines.append(f"  wrote {path}")
     if plots:
@@ -176,7 +179,7 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--probes", str(args.probes), "--ref-solver", args.ref_solver, "--ref-steps", str(args.ref_steps)]
         if args.mmd:
             parts.append("--mmd")
-    for opt, v in (("--json", args.json), ("--markdown", args.markdown), ("--plots", args.plots), ("--title", args.title)):
+    for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots), ("--title", args.title)):
         if v is not None:
             parts += [opt, v]
     return " ".join(shlex.quote(p) for p in parts)

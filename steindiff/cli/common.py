@@ -23,12 +23,12 @@ def add_sampling(p: argparse.ArgumentParser, *, model_default: str = "gmm:image6
     p.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", type=int, default=10, help="model passes per sample (budget)")
     p.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")
-    p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent (> 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the probes")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the sampler state")
 
 
-def add_stabilizer(p: argparse.ArgumentParser) -> None:
+def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True) -> None:
     from ..stabilizers import STABILIZERS
 
     p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}")
@@ -39,12 +39,34 @@ def add_stabilizer(p: argparse.ArgumentParser) -> None:
                    help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 stein-tr, 0.5 stein-energy)")
     p.add_argument("--gamma-max", type=float, default=None,
                    help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 stein-tr, 1.5 stein-energy)")
+    if per_sample:
+        p.add_argument("--per-sample", action="store_true",
+                       help="one gamma per sample from its own statistics, instead of the batch's (works with --n 1)")
 
 
 def stabilizer_options(args: argparse.Namespace) -> dict:
     """The stabilizer options given on the command line (``None``: the stabilizer's default)."""
     return {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
-            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed}
+            "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed,
+            "per_sample": True if getattr(args, "per_sample", False) else None}
+
+
+def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) -> None:
+    """A batch-statistics stabilizer needs every batch of at least 2 samples: refuse, with the way out."""
+    if stabilizer is None or getattr(stabilizer, "per_sample", True):
+        return
+    bs = n if batch_size is None else batch_size
+    smallest = min(bs, n % bs or bs)
+    if smallest < 2:
+        where = f"--n {n}" + (f" with --batch-size {batch_size} (a batch of {smallest})" if batch_size is not None else "")
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per batch, got {where}; "
+                         "pass --per-sample (one gamma per sample), or --gamma-schedule FILE from `steindiff calibrate`")
+
+
+def check_extension(path: str | None, flag: str, *suffixes: str) -> None:
+    """Refuse an output file name whose extension does not match what is written to it."""
+    if path is not None and not path.lower().endswith(suffixes):
+        raise UsageError(f"{flag} {path!r}: expected a {' or '.join(suffixes)} file name")
 
 
 def stabilizer_from_args(args: argparse.Namespace, spec):
@@ -65,8 +87,41 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if args.nfe < 1:
         raise UsageError(f"--nfe must be >= 1, got {args.nfe}")
+    if not args.rho > 0:
+        raise UsageError(f"--rho must be > 0, got {args.rho}")
     if getattr(args, "n", 1) < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    steps_for(args.solver, args.nfe)
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    """Steps that fit the NFE budget, or a UsageError when the budget is too small for the solver."""
+    from ..solvers import get_solver, steps_for_nfe
+
+    obj = get_solver(solver)
+    try:
+        steps = steps_for_nfe(obj, nfe)
+    except ValueError:
+        raise UsageError(f"--nfe {nfe} is too small for {solver}: use --nfe {_least(obj, nfe)} or more") from None
+    if steps == 1 and obj.nfe([2.0, 1.0, 0.0]) > 2:  # heun: its one step to sigma 0 is a plain Euler step
+        raise UsageError(f"--nfe {nfe} buys {solver} a single step to sigma 0, which is a plain Euler step; "
+                         f"use --nfe {_least(obj, nfe)} or more, or --solver euler")
+    return steps
+
+
+def _least(solver, nfe: int) -> int | None:
+    """The smallest budget above ``nfe`` that buys the solver two steps."""
+    from ..solvers import steps_for_nfe
+
+    for k in range(nfe + 1, nfe + 20):
+        try:
+            if steps_for_nfe(solver, k) >= 2:
+                return k
+        except ValueError:
+            pass
+    return None
 
 
 def load_model_or_usage(name: str):

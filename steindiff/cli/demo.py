@@ -4,6 +4,7 @@ Stein stabilizers at a few NFEs: print the table, write an image grid and a metr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import torch
 
 from ..generate import generate
 from ..io import atomic_path, save_json
+from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS, make_stabilizer
 from . import UsageError, emit
-from .common import add_common, load_model_or_usage
+from .common import add_common, load_model_or_usage, steps_for
 
+DEFAULT_OUT = "demo-out"  # also in .gitignore
 DEFAULT_STABILIZERS = "none,stein,stein-energy"
 
 
@@ -22,14 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="compare vanilla and Stein-stabilized sampling on the shipped digits model",
                        description=__doc__)
     p.add_argument("--model", default="digits", help="digits (shipped) or a trained checkpoint directory")
-    p.add_argument("--solver", default="dpmpp_2m")
-    p.add_argument("--nfe", default="4,6,10", help="comma-separated NFE values")
+    p.add_argument("--solver", default="dpmpp_2m", help=f"the solver of every row, one of: {', '.join(SOLVERS)}")
+    p.add_argument("--nfe", default="4,6,10", help="comma-separated NFE budgets")
     p.add_argument("--stabilizers", default=DEFAULT_STABILIZERS, help=f"comma-separated, from: {', '.join(STABILIZERS)}")
     p.add_argument("--n", type=int, default=400, help="samples per configuration (metrics)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="demo-out", help="output directory for grid.png, metrics.png, results.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the probes")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory for grid.png, metrics.png, results.json")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -45,42 +48,63 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         raise UsageError(f"unknown stabilizer(s) {', '.join(map(repr, bad))}; choose from {', '.join(STABILIZERS)}")
     if not nfes or min(nfes) < 1 or args.n < 8:
         raise UsageError("need at least one NFE >= 1 and --n >= 8")
+    if args.solver not in SOLVERS:
+        raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
+    for nfe in nfes:
+        steps_for(args.solver, nfe)
     return nfes, stabs
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics.image import image_metrics
-    from ..plotting import image_grid
-
     nfes, stabs = _parse(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     spec = load_model_or_usage(args.model)
     out = Path(args.out)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if the run does not finish
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create output directory {str(out)!r}: {e}") from None
+    try:
+        return _run(args, spec, out, nfes, stabs)
+    except BaseException:  # Ctrl-C or a failure: leave no empty folder behind
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+        raise
+
+
+def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list[str]) -> int:
+    from tqdm import tqdm
+
+    from ..metrics.image import image_metrics
+    from ..plotting import image_grid
+
     t_start = time.perf_counter()
     rows, grids = [], []
     n_show = 12
-    for nfe in nfes:
-        for name in stabs:
-            stab = make_stabilizer(name, spec, seed=args.seed)
-            try:
-                gen = generate(spec, solver=args.solver, nfe=nfe, n=args.n, seed=args.seed, stabilizer=stab,
-                               progress=not args.no_progress)
-                x = gen.x.clamp(-1, 1)
-                m = image_metrics(x, spec, seed=args.seed)
-                status = "ok"
-            except (FloatingPointError, ValueError, RuntimeError) as e:
-                gen, x, m, status = None, None, {}, f"failed: {e}"
-            rows.append({"nfe": gen.nfe if gen else nfe, "stabilizer": name, "status": status,
-                         "extra_passes": gen.extra_passes if gen else None,
-                         "wall_s_per_sample": gen.wall_s / args.n if gen else None,
-                         "gammas": [r.get("gamma") for r in gen.trace] if gen else None, "metrics": m})
-            grids.append((f"NFE {nfe} {name}", x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
+    # one bar over every configuration, labelled with the one running (not one bar per solve)
+    with tqdm(total=len(nfes) * len(stabs), disable=args.no_progress, desc=f"demo {args.solver}", unit="run",
+              dynamic_ncols=True) as bar:
+        for nfe in nfes:
+            for name in stabs:
+                bar.set_postfix_str(f"NFE {nfe} {name}")
+                stab = make_stabilizer(name, spec, seed=args.seed)
+                try:
+                    gen = generate(spec, solver=args.solver, nfe=nfe, n=args.n, seed=args.seed, stabilizer=stab)
+                    x = gen.x.clamp(-1, 1)
+                    m = image_metrics(x, spec, seed=args.seed)
+                    status = "ok"
+                except (FloatingPointError, ValueError, RuntimeError) as e:
+                    gen, x, m, status = None, None, {}, f"failed: {e}"
+                rows.append({"nfe": gen.nfe if gen else nfe, "stabilizer": name, "status": status,
+                             "extra_passes": gen.extra_passes if gen else None,
+                             "wall_s_per_sample": gen.wall_s / args.n if gen else None,
+                             "gammas": [r.get("gamma") for r in gen.trace] if gen else None, "metrics": m})
+                grids.append((f"NFE {nfe} {name}", x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
+                bar.update(1)
     grid_png, plot_png = out / "grid.png", out / "metrics.png"
     _save_grid(grids, grid_png, image_grid)
     _save_plot(rows, nfes, stabs, plot_png, args.solver)

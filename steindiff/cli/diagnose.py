@@ -16,20 +16,21 @@ from ..diagnostics import diagnose, plot_diagnosis, summarize
 from ..io import check_writable, save_json
 from ..solvers import get_solver, steps_for_nfe
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args
+from .common import (DTYPES, add_common, add_sampling, add_stabilizer, check_extension, check_sampling, load_model_or_usage,
+                     stabilizer_from_args)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="local Lipschitz constants of each solver step (contractivity)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling(p)
-    add_stabilizer(p)
+    add_stabilizer(p, per_sample=False)  # the diagnostics need one gamma per step
     for action in p._actions:
         if "--coords" in action.option_strings:
             action.help = "coordinates of the reported Lipschitz constants and bounds (and of the stabilizer's statistics)"
     p.add_argument("--n", type=int, default=256, help="number of samples (trajectories)")
     p.add_argument("--iters", type=int, default=20, help="Jacobian-product iterations per estimate")
-    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="Lanczos (default) or plain power iteration on J^T J")
+    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="Lanczos or plain power iteration on J^T J")
     p.add_argument("--jvp", default="auto", choices=["auto", "forward", "double_backward"],
                    help="how Jacobian-vector products are taken (auto: forward mode, else double backward)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per Jacobian-product batch (default: all)")
@@ -45,6 +46,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--iters must be >= 1, got {args.iters}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_extension(args.png, "--png", ".png")
+    check_extension(args.out, "--out", ".json")
     paths = [p for p in (args.png, args.out) if p is not None]
     if len(paths) == 2 and paths[0] == paths[1]:
         raise UsageError("--png and --out name the same file")

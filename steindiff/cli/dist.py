@@ -18,7 +18,8 @@ import signal
 from pathlib import Path
 
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args, stabilizer_options
+from .common import (DTYPES, add_common, add_sampling, add_stabilizer, check_extension, check_sampling, load_model_or_usage,
+                     stabilizer_from_args, stabilizer_options)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "global order, sigmas, gammas, config). Refuses, naming them, if shards are missing "
                                    "or stale (exit code 2).")
     m.add_argument("dir", help="the --out-dir of a sample-dist run")
-    m.add_argument("--out", required=True, help="merged .npz file")
+    m.add_argument("--out", required=True, metavar="FILE.npz", help="merged .npz file")
     m.add_argument("--metrics", action="store_true", help="also compute mixture metrics (gmm models only)")
     add_common(m)
     m.set_defaults(func=run_merge)
@@ -83,7 +84,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.n < world:
         raise UsageError(f"--num-samples {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
-        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} over {world} ranks")
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} over "
+                         f"{world} ranks (pass --per-sample for one gamma per sample)")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
@@ -118,6 +120,7 @@ def run_merge(args: argparse.Namespace) -> int:
     from ..distributed import MissingShardsError, merge_shards
     from ..io import check_writable
 
+    check_extension(args.out, "--out", ".npz")
     try:
         check_writable(args.out)
     except OSError as e:

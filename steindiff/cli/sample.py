@@ -8,7 +8,10 @@ from ..generate import generate
 from ..io import check_writable, save_json, save_npz
 from ..metrics import mixture_metrics
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args
+from .common import (DTYPES, add_common, add_sampling, add_stabilizer, check_batch_statistics, check_extension, check_sampling,
+                     load_model_or_usage, stabilizer_from_args)
+
+GRID_MAX = 64  # samples shown by --grid (8 per row)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_stabilizer(p)
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=None, help="samples per model call (default: all)")
-    p.add_argument("--out", default=None, help="write samples (and the per-step trace) to this .npz file")
-    p.add_argument("--trace", default=None, help="write the stabilizer's per-step trace to this JSON file")
+    p.add_argument("--out", default=None, metavar="FILE.npz",
+                   help="write samples, sigmas and gammas to this .npz file (default: not saved)")
+    p.add_argument("--grid", default=None, metavar="FILE.png",
+                   help=f"image models: write the first {GRID_MAX} samples as an image grid to this PNG file")
+    p.add_argument("--trace", default=None, metavar="FILE.json", help="write the stabilizer's per-step trace to this JSON file")
     p.add_argument("--gamma-schedule", default=None,
                    help="apply a calibrated gamma schedule (from `steindiff calibrate`): no extra passes")
     add_common(p)
@@ -45,19 +51,27 @@ def _load_schedule(args: argparse.Namespace, spec):
 
 def run(args: argparse.Namespace) -> int:
     check_sampling(args)
+    check_extension(args.out, "--out", ".npz")
+    check_extension(args.grid, "--grid", ".png")
+    check_extension(args.trace, "--trace", ".json")
+    outputs = [p for p in (args.out, args.grid, args.trace) if p is not None]
+    if len(set(outputs)) < len(outputs):
+        raise UsageError("--out, --grid and --trace must name different files")
     spec = load_model_or_usage(args.model)
+    if args.grid is not None and len(spec.sample_shape) != 3:
+        raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of shape {spec.sample_shape}")
     if args.gamma_schedule is not None:
         if args.stabilizer != "none":
             raise UsageError("give either --stabilizer or --gamma-schedule, not both")
         stabilizer = _load_schedule(args, spec)
     else:
         stabilizer = stabilizer_from_args(args, spec)
-    for path in (args.out, args.trace):
-        if path is not None:
-            try:
-                check_writable(path)
-            except OSError as e:
-                raise UsageError(str(e)) from None
+    check_batch_statistics(stabilizer, args.n, args.batch_size)
+    for path in outputs:
+        try:
+            check_writable(path)
+        except OSError as e:
+            raise UsageError(str(e)) from None
     try:
         gen = generate(
             spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, n=args.n, seed=args.seed,
@@ -68,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     summary = {
         "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}",
-        "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe,
-        "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
+        "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe, "nfe_budget": args.nfe,
+        "per_sample": bool(getattr(stabilizer, "per_sample", False)), "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
         "gammas": [r.get("gamma") for r in gen.trace],
     }
@@ -78,16 +92,33 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         save_npz(args.out, samples=gen.x, sigmas=gen.sigmas, gammas=[r.get("gamma", 1.0) for r in gen.trace])
         summary["out"] = args.out
+    if args.grid is not None:
+        _save_grid(gen.x, args.grid)
+        summary["grid"] = args.grid
     if args.trace is not None:
         save_json(args.trace, {"schema": "steindiff.trace/1", "config": {k: summary[k] for k in ("model", "solver", "schedule", "stabilizer", "coords", "nfe")}, "steps": gen.trace})
         summary["trace"] = args.trace
-    lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {summary['stabilizer']}, NFE {gen.nfe}"
-             f" (+{gen.extra_passes} Jacobian passes), {args.n} samples"]
+    budget = "" if gen.nfe == args.nfe else f" of --nfe {args.nfe}"
+    lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {summary['stabilizer']}, NFE {gen.nfe}{budget}"
+             f" ({summary['steps']} steps, +{gen.extra_passes} Jacobian passes), {args.n} samples"]
     if gen.trace:
         lines.append("  gammas     " + " ".join(f"{r.get('gamma', 1.0):.3g}" for r in gen.trace))
     for k, v in summary.get("metrics", {}).items():
         lines.append(f"  {k:10s} {v:.5g}")
-    if args.out:
-        lines.append(f"  wrote {args.out}")
+    lines += [f"  wrote {path}" for path in outputs]
     emit(args, summary, "\n".join(lines))
     return 0
+
+
+def _save_grid(x, path: str) -> None:
+    """The first samples as a PNG image grid (values in [-1, 1]; small images enlarged to >= 32 pixels)."""
+    from PIL import Image
+
+    from ..io import atomic_path
+    from ..plotting import image_grid
+
+    x = x[:GRID_MAX].float().clamp(-1, 1)
+    scale = max(1, 32 // max(x.shape[-2:]))
+    img = image_grid(x, nrow=min(8, x.shape[0]), scale=scale, padding=scale)
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")

@@ -9,6 +9,8 @@ The checkpoint folder ``--out`` gets ``model.safetensors`` (EMA weights), ``conf
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 from . import UsageError, emit
@@ -30,23 +32,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out up to --iters")
     p.add_argument("--loss", default="edm", choices=["edm", "vp-eps"], help="EDM (Karras et al. 2022) or VP epsilon prediction")
     p.add_argument("--iters", type=int, default=6000, help="total training iterations")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128, help="images per iteration")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up iterations")
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' moving average (the saved model)")
     p.add_argument("--holdout", type=int, default=None, help="images held out for evaluation (default: 297 for digits, else 0)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, batches and noise")
     p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many iterations")
-    p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds (default: no limit)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     arch = p.add_argument_group("architecture")
     arch.add_argument("--channels", type=int, default=32, help="base channel count")
     arch.add_argument("--channel-mult", type=_ints, default=[1, 2, 2], help="channel multiplier per level, e.g. 1,2,2")
     arch.add_argument("--num-blocks", type=int, default=1, help="residual blocks per level")
     arch.add_argument("--attn-levels", type=_ints, default=[2], help="levels with self-attention, e.g. 2 (empty: none)")
-    arch.add_argument("--dropout", type=float, default=0.1)
-    arch.add_argument("--num-classes", type=int, default=0, help="class-conditional with this many classes (needs labels)")
+    arch.add_argument("--dropout", type=float, default=0.1, help="dropout rate in the residual blocks")
+    arch.add_argument("--num-classes", type=int, default=0, help="class-conditional with this many classes (needs labels; 0: unconditional)")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot create {str(out)!r}: directory {str(out.parent)!r} does not exist")
     if args.resume and not (out / "train_state.pt").is_file():
         raise UsageError(f"--resume: {out / 'train_state.pt'} not found (nothing to resume)")
+    _check_writable_parent(out)
     if not args.resume and out.exists():
         if is_checkpoint_dir(out):
             raise UsageError(f"{out}: a checkpoint already exists; pass --resume to continue it or choose another --out")
@@ -87,10 +90,17 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # DataError is a ValueError
         raise UsageError(str(e)) from None
+    start = _checkpoint_step(out) if args.resume else 0
+    if start is not None and start >= args.iters:
+        return _nothing_to_do(args, out, start)
     try:
         res = train(cfg, out, unet, resume=args.resume, progress=not args.no_progress, dataset=ds)
     except (DataError, CheckpointError, FileExistsError) as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:  # train() saved a checkpoint if it got past its first iteration
+        step = _checkpoint_step(out) if is_checkpoint_dir(out) else None
+        raise KeyboardInterrupt(f"checkpoint saved at step {step}; resume with --resume" if step
+                                else "no checkpoint written (stopped before the first iteration)") from None
     t = res.config["training"]
     summary = {
         "out": str(res.out), "step": res.step, "iters": args.iters, "stopped_early": res.stopped_early,
@@ -98,12 +108,42 @@ def run(args: argparse.Namespace) -> int:
         "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
         "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"], "batch_size": t["batch_size"],
     }
+    summary["start_step"], summary["trained"] = start, res.step - (start or 0)
+    resumed = f" (resumed at {start})" if args.resume else ""
     lines = [
-        f"trained {res.step}/{args.iters} iterations in {res.wall_s:.1f} s" + (" (stopped early)" if res.stopped_early else ""),
+        f"trained {res.step}/{args.iters} iterations{resumed} in {res.wall_s:.1f} s" + (" (stopped early)" if res.stopped_early else ""),
         f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} train, {summary['holdout']} held out",
         f"  model     U-Net, {res.n_params} parameters, {args.loss} loss",
         f"  loss      {res.loss:.4g} (mean of the last 200 iterations)",
         f"  wrote     {res.out}",
     ]
     emit(args, summary, "\n".join(lines))
+    return 0
+
+
+def _check_writable_parent(out: Path) -> None:
+    """Checkpoints are written into a temporary sibling of ``out`` and renamed: create (and remove) one
+    now, so an unwritable folder is refused before any training (exit code 2)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"cannot write checkpoint {str(out)!r}: directory {str(parent)!r} is not writable ({e.strerror})") from None
+
+
+def _checkpoint_step(out: Path) -> int | None:
+    """The step recorded in a checkpoint's config.json (None if unreadable)."""
+    from ..train import read_config
+
+    try:
+        return int(read_config(out)["training"]["step"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def _nothing_to_do(args: argparse.Namespace, out: Path, step: int) -> int:
+    """``--resume`` of a checkpoint already at or past ``--iters``: say so, change nothing."""
+    summary = {"out": str(out), "step": step, "iters": args.iters, "start_step": step, "trained": 0, "nothing_done": True}
+    emit(args, summary, f"nothing done: the checkpoint in {out} is already at step {step} (--iters {args.iters}); "
+                        f"raise --iters above {step} to train further")
     return 0

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .._forward_ad import load_quietly
 from ..solvers import Denoise, StepOperator
 from ..stabilizers.base import NotDifferentiableError
 
@@ -116,6 +117,7 @@ def local_lipschitz(
 
     def jvp_forward(vec: torch.Tensor) -> torch.Tensor:
         # forward-mode AD (the engine behind torch.func.jvp, without functorch's first-call cost)
+        load_quietly()
         with torch.no_grad(), fwAD.dual_level():
             jv = fwAD.unpack_dual(f(fwAD.make_dual(x, vec))).tangent
         return torch.zeros_like(x) if jv is None else jv

@@ -4,6 +4,7 @@ registered by other modules (e.g. the shipped digits model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -46,4 +47,19 @@ def load_model(name: str) -> ModelSpec:
     for matches, load in _LOADERS:
         if matches(name):
             return load(name)
-    raise ValueError(f"unknown model {name!r}; use gmm:<preset> (e.g. gmm:image64) or a registered model")
+    raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64), digits "
+                     "(the shipped model) or a checkpoint folder written by `steindiff train` (config.json, model.safetensors)")
+
+
+def _why_not(name: str) -> str:
+    """What is missing for ``name`` to be a checkpoint folder (the last kind of name tried)."""
+    p = Path(name)
+    if not p.exists():
+        return f"no such folder {name!r}"
+    if not p.is_dir():
+        return f"{name!r} is a file, not a checkpoint folder"
+    if (p / "model_index.json").is_file():
+        return f"{name!r} is a diffusers pipeline (load it from Python: steindiff.integrations.diffusers)"
+    if (p / "config.json").is_file():
+        return f"{p / 'config.json'} is not a steindiff checkpoint config, and model.safetensors is missing"
+    return f"folder {name!r} has no config.json"

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .._forward_ad import load_quietly
+
 __all__ = ["make_probes", "unit_probes", "vjp_quadratic_forms", "jvp_quadratic_forms"]
 
 
@@ -56,6 +58,7 @@ def vjp_quadratic_forms(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor
 
 def jvp_quadratic_forms(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """``v_p^T J v_p`` per probe and sample, ``(P, B)``, by forward mode (one JVP per probe)."""
+    load_quietly()
     rows = []
     for v in probes:
         _, jv = torch.func.jvp(f, (x,), (v,))

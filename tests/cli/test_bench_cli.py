@@ -13,7 +13,7 @@ TINY = ["--model", "gmm:toy2d", "--solvers", "euler", "--nfe", "3", "--schedules
 
 def test_bench_writes_json_markdown_plots(tmp_path, capsys):
     j, md, plots = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "plots"
-    assert main(["bench", *TINY, "--json", str(j), "--markdown", str(md), "--plots", str(plots)]) == 0
+    assert main(["bench", *TINY, "--json-out", str(j), "--markdown", str(md), "--plots", str(plots)]) == 0
     res = json.loads(j.read_text())
     assert res["schema"] == "steindiff.bench/1" and len(res["rows"]) == 2
     assert {r["stabilizer"] for r in res["rows"]} == {"none", "stein"}
@@ -22,22 +22,23 @@ def test_bench_writes_json_markdown_plots(tmp_path, capsys):
     assert len(list(plots.glob("*.png"))) == 4
     out = capsys.readouterr().out
     assert "2 configurations (0 failed)" in out and f"wrote {j}" in out
-    # --from rebuilds the report without sampling; --json - prints the results object
+    # --from rebuilds the report without sampling; --json prints the results object
     md2 = tmp_path / "again.md"
-    assert main(["bench", "--from", str(j), "--markdown", str(md2), "--json", "-"]) == 0
+    assert main(["bench", "--from", str(j), "--markdown", str(md2), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["rows"] == res["rows"] and md2.read_text() == md.read_text()
 
 
-def test_bench_json_to_stdout(capsys):
-    assert main(["bench", *TINY, "--json", "-"]) == 0
+@pytest.mark.parametrize("flags", [["--json"], ["--json-out", "-"]])
+def test_bench_json_to_stdout(capsys, flags):
+    assert main(["bench", *TINY, *flags]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["schema"] == "steindiff.bench/1" and res["rows"][0]["status"] == "ok"
 
 
 def test_bench_cost_mode(tmp_path, capsys):
     j = tmp_path / "cost.json"
-    args = ["bench", *TINY, "--cost", "--cost-probes", "1,2", "--repeats", "1", "--json", str(j)]
+    args = ["bench", *TINY, "--cost", "--cost-probes", "1,2", "--repeats", "1", "--json-out", str(j)]
     assert main(args) == 0
     res = json.loads(j.read_text())
     assert res["rows"] == [] and [(e["stabilizer"], e["probes"]) for e in res["cost"]] == [("none", None), ("stein", 1), ("stein", 2)]
@@ -51,7 +52,7 @@ def test_bench_cost_mode(tmp_path, capsys):
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
     j = tmp_path / "r.json"
-    assert main(["bench", *TINY, "--json", str(j), *bad]) == 2
+    assert main(["bench", *TINY, "--json-out", str(j), *bad]) == 2
     err = capsys.readouterr().err
     assert err.startswith("steindiff bench: error:")
     assert os.listdir(tmp_path) == []
