@@ -1,5 +1,7 @@
-"""``steindiff calibrate``: estimate a gamma schedule once and save it as JSON; then
-``steindiff sample --gamma-schedule FILE`` applies it with no extra passes."""
+"""``steindiff calibrate``: fit a sampler once and save it as JSON; then ``steindiff sample
+--gamma-schedule FILE`` applies it with no extra passes.  The default objective, ``trajectory``, fits
+each step's scale (and, with ``--fit steps|both``, the noise levels) so that the few-step solve follows
+a fine solve of the same model from the same noise: no data, no training."""
 
 from __future__ import annotations
 
@@ -8,28 +10,37 @@ import argparse
 import numpy as np
 import torch
 
-from ..calibrate import calibrate
+from ..calibrate import CALIBRATION_SEED, OBJECTIVES, calibrate
 from ..io import check_writable
 from ..stabilizers import STABILIZERS
+from ..trajectory import FIT_MODES
 from . import UsageError, emit
 from .common import DTYPES, add_common, add_sampling, check_sampling, load_model_or_usage
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="estimate a per-step gamma schedule", description=__doc__)
+    p = sub.add_parser("calibrate", help="fit a sampler's per-step gammas (and noise levels) once", description=__doc__)
     add_sampling(p)
-    p.add_argument("--coords", default="ve", choices=["ve", "vp"])
-    p.add_argument("--variant", default="stein-energy",
-                   help=f"a stabilizer ({', '.join(k for k in STABILIZERS if k != 'none')}) run on the calibration batch, "
-                        "or 'reference' (fit to --reference data)")
+    p.add_argument("--objective", default="trajectory", choices=OBJECTIVES,
+                   help="trajectory: follow a fine solve of the model (no data); variant: keep the gammas a "
+                        "stabilizer (--stabilizer) estimates on the calibration batch; reference: fit to --reference data")
+    p.add_argument("--fit", default="both", choices=FIT_MODES,
+                   help="trajectory: fit the per-step gammas, the interior noise levels, or both")
+    p.add_argument("--stabilizer", default="stein-energy",
+                   help=f"--objective variant: the stabilizer run on the calibration batch "
+                        f"({', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))})")
+    p.add_argument("--coords", default="ve", choices=["ve", "vp"], help="coordinates of the rescaled update")
     p.add_argument("--reference", default=None,
-                   help="reference samples (.npy/.npz, key 'samples' or the first array), held out from evaluation; "
-                        "for gmm:* models 'true' draws them from the mixture")
-    p.add_argument("--n", type=int, default=1000, help="calibration batch size")
-    p.add_argument("--probes", type=int, default=5)
+                   help="--objective reference: reference samples (.npy/.npz, key 'samples' or the first array), held "
+                        "out from evaluation; for gmm:* models 'true' draws them from the mixture")
+    p.add_argument("--n", type=int, default=None,
+                   help="calibration batch size (default: 512 for trajectory, half of it validates; 1000 otherwise)")
+    p.add_argument("--ref-steps", type=int, default=200, help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
+    p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", required=True, help="output JSON file")
     add_common(p)
-    p.set_defaults(func=run, seed=12345)
+    p.set_defaults(func=run, seed=CALIBRATION_SEED)
 
 
 def _load_reference(arg: str, spec) -> torch.Tensor:
@@ -53,23 +64,41 @@ def _load_reference(arg: str, spec) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     check_sampling(args)
-    if args.variant != "reference" and args.variant not in STABILIZERS:
-        raise UsageError(f"unknown variant {args.variant!r}; choose 'reference' or one of {', '.join(STABILIZERS)}")
-    if args.variant == "reference" and args.reference is None:
-        raise UsageError("--variant reference needs --reference FILE (or 'true' for gmm:* models)")
+    if args.objective == "variant" and (args.stabilizer not in STABILIZERS or args.stabilizer in ("none", "auto")):
+        raise UsageError(f"unknown stabilizer {args.stabilizer!r} for --objective variant; choose one of "
+                         f"{', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))}")
+    if args.objective == "reference" and args.reference is None:
+        raise UsageError("--objective reference needs --reference FILE (or 'true' for gmm:* models)")
+    if args.n is not None and args.n < (4 if args.objective == "trajectory" else 2):
+        raise UsageError(f"--n must be at least 4 for trajectory (fit and validation halves), got {args.n}")
+    if args.ref_steps < 4 or not args.max_seconds > 0:
+        raise UsageError(f"--ref-steps must be >= 4 and --max-seconds > 0, got {args.ref_steps} and {args.max_seconds}")
     spec = load_model_or_usage(args.model)
     try:
         check_writable(args.out)
     except OSError as e:
         raise UsageError(str(e)) from None
-    ref = _load_reference(args.reference, spec) if args.variant == "reference" else None
+    ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
     try:
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
-                          variant=args.variant, n=args.n, seed=args.seed, reference=ref, probes=args.probes,
-                          dtype=DTYPES[args.dtype], progress=not args.no_progress, rho=args.rho)
+                          objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
+                          reference=ref, probes=args.probes, dtype=DTYPES[args.dtype], progress=not args.no_progress,
+                          rho=args.rho, ref_steps=args.ref_steps, max_seconds=args.max_seconds)
     except ValueError as e:
         raise UsageError(str(e)) from None
     sched.save(args.out)
     summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
-    emit(args, summary, f"wrote {args.out}: gammas " + " ".join(f"{g:.3f}" for g in sched.gammas))
+    lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",
+             "  gammas " + " ".join(f"{g:.3f}" for g in sched.gammas)]
+    cal = sched.meta.get("calibration", {})
+    if sched.meta["objective"] == "trajectory":
+        lines.append("  sigmas " + " ".join(f"{s:.4g}" for s in sched.meta["sigmas"]))
+        cand = cal["candidates"]
+        lines.append(f"  validation: distance to the fine solve {cand[cal['chosen']]['val_rms']:.4g} vs plain "
+                     f"{cand['plain']['val_rms']:.4g} ({cal['chosen']}"
+                     + ("" if cal["beats_plain"] else ": nothing beat the plain solver, gammas stay 1") + ")")
+        lines.append(f"  reference: {cal['reference']['steps']} {cal['reference']['solver']} steps, converged to "
+                     f"{cal['reference']['convergence_rms']:.2g} (RMS, {cal['reference']['steps'] // 2} vs "
+                     f"{cal['reference']['steps']} steps); took {cal['wall_s']:.1f} s")
+    emit(args, summary, "\n".join(lines))
     return 0

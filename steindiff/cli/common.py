@@ -89,7 +89,7 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UsageError(f"--nfe must be >= 1, got {args.nfe}")
     if not args.rho > 0:
         raise UsageError(f"--rho must be > 0, got {args.rho}")
-    if getattr(args, "n", 1) < 1:
+    if getattr(args, "n", None) is not None and args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -26,27 +26,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"image models: write the first {GRID_MAX} samples as an image grid to this PNG file")
     p.add_argument("--trace", default=None, metavar="FILE.json", help="write the stabilizer's per-step trace to this JSON file")
     p.add_argument("--gamma-schedule", default=None,
-                   help="apply a calibrated gamma schedule (from `steindiff calibrate`): no extra passes")
+                   help="apply a calibration file from `steindiff calibrate` (its gammas and, if fitted, its noise "
+                        "levels): no extra passes")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="with --stabilizer auto: never calibrate; use a cached calibration if there is one, else the plain solver")
+    p.add_argument("--calibration-dir", default=None,
+                   help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
     add_common(p)
     p.set_defaults(func=run)
 
 
-def _load_schedule(args: argparse.Namespace, spec):
-    from ..schedules import get_sigmas
-    from ..solvers import get_solver, steps_for_nfe
+def _load_schedule(args: argparse.Namespace, spec, base):
+    """The plan of a calibration file, refused (naming the mismatch) when made for another configuration."""
+    from ..calibrate import model_fingerprint, plan_from_schedule
     from ..stabilizers.schedule import load_gamma_schedule
 
     try:
         sched = load_gamma_schedule(args.gamma_schedule)
-        solver = get_solver(args.solver)
-        sigmas = get_sigmas(args.schedule, steps_for_nfe(solver, args.nfe), spec.process, rho=args.rho)
-        sched.check_matches(model=spec.name, solver=args.solver, schedule=args.schedule, nfe=solver.nfe(sigmas))
-        if len(sched.meta["sigmas"]) != len(sigmas) or any(
-                abs(a - float(b)) > 1e-9 * max(1.0, abs(a)) for a, b in zip(sched.meta["sigmas"], sigmas)):
+        sched.check_matches(model=spec.name, solver=args.solver, schedule=args.schedule, nfe=base.nfe)
+        base_sigmas = sched.meta.get("base_sigmas", sched.meta["sigmas"])
+        if len(base_sigmas) != len(base.sigmas) or any(
+                abs(a - float(b)) > 1e-9 * max(1.0, abs(a)) for a, b in zip(base_sigmas, base.sigmas)):
             raise ValueError("gamma schedule does not match this run (sigmas differ: other rho or noise range)")
+        if "fingerprint" in sched.meta and sched.meta["fingerprint"] != model_fingerprint(spec):
+            raise ValueError(f"gamma schedule was calibrated for other weights of {spec.name!r} (fingerprint "
+                             f"{sched.meta['fingerprint']} vs {model_fingerprint(spec)})")
+        return plan_from_schedule(sched, base)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
-    return sched
+
+
+def sampling_plan(args: argparse.Namespace, spec):
+    """The plan of this run: plain, from ``--gamma-schedule``, or (``--stabilizer auto`` when ``auto``
+    is the calibrated sampler) the cached calibration, fitted now on first use."""
+    import sys
+
+    from ..calibrate import calibrated_plan
+    from ..plan import make_plan
+    from ..stabilizers.registry import AUTO, CALIBRATED
+
+    base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
+    if args.gamma_schedule is not None:
+        return _load_schedule(args, spec, base)
+    if args.stabilizer == "auto" and AUTO == CALIBRATED:
+        return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=not args.no_calibrate,
+                               progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))
+    return base
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,32 +85,34 @@ def run(args: argparse.Namespace) -> int:
     spec = load_model_or_usage(args.model)
     if args.grid is not None and len(spec.sample_shape) != 3:
         raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of shape {spec.sample_shape}")
-    if args.gamma_schedule is not None:
-        if args.stabilizer != "none":
-            raise UsageError("give either --stabilizer or --gamma-schedule, not both")
-        stabilizer = _load_schedule(args, spec)
-    else:
-        stabilizer = stabilizer_from_args(args, spec)
-    check_batch_statistics(stabilizer, args.n, args.batch_size)
+    if args.gamma_schedule is not None and args.stabilizer != "none":
+        raise UsageError("give either --stabilizer or --gamma-schedule, not both")
     for path in outputs:
         try:
             check_writable(path)
         except OSError as e:
             raise UsageError(str(e)) from None
+    plan = sampling_plan(args, spec)
+    calibrated = args.gamma_schedule is not None or plan.gammas is not None
+    stabilizer = plan.stabilizer() if calibrated else stabilizer_from_args(args, spec)
+    check_batch_statistics(stabilizer, args.n, args.batch_size)
     try:
         gen = generate(
-            spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, n=args.n, seed=args.seed,
-            batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress, rho=args.rho,
+            spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed,
+            batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress,
             stabilizer=stabilizer,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    label = args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}"
+    if args.stabilizer == "auto":
+        label = "auto (calibrated)" if calibrated else "auto (plain solver)"
     summary = {
-        "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}",
+        "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": label,
         "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe, "nfe_budget": args.nfe,
         "per_sample": bool(getattr(stabilizer, "per_sample", False)), "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
-        "gammas": [r.get("gamma") for r in gen.trace],
+        "gammas": [r.get("gamma") for r in gen.trace] if gen.trace else [1.0] * (len(gen.sigmas) - 1),
     }
     if spec.gmm is not None:
         summary["metrics"] = mixture_metrics(gen.x, spec.gmm, seed=args.seed)

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from .marginal import EnergyMatchingStabilizer
 from .stein import SteinStabilizer
 
-__all__ = ["STABILIZERS", "make_stabilizer"]
+__all__ = ["STABILIZERS", "make_stabilizer", "AUTO", "CALIBRATED"]
 
 
 def _needs_mixture(name: str, spec: Any) -> Any:
@@ -40,11 +40,25 @@ STABILIZERS: dict[str, Callable[..., Any]] = {
 }
 
 
+#: ``auto`` as the calibrated sampler (:func:`steindiff.calibrate.calibrated_plan`): it changes the sampling
+#: plan (gammas and noise levels), so it is resolved where the plan is made, not by :func:`make_stabilizer`.
+CALIBRATED = "calibrated"
+
 # What ``--stabilizer auto`` means, chosen by evidence: the rule of steindiff/bench/auto.py applied
 # with benchmarks/select_auto.py to the committed results in docs/results (README, "A default
-# chosen by evidence").  "none" when no variant meets the rule.
+# chosen by evidence").  "none" when no candidate meets the rule.
 AUTO = "none"
-STABILIZERS["auto"] = lambda name, spec, **kw: make_stabilizer(AUTO, spec, **kw)
+
+
+def _auto(name: str, spec: Any, **kw: Any) -> Any:
+    if AUTO == CALIBRATED:
+        raise ValueError("'auto' is the calibrated sampler, which sets the noise levels too: use "
+                         "steindiff.sample(..., stabilizer='auto'), `steindiff sample --stabilizer auto`, or "
+                         "steindiff.calibrate.calibrated_plan")
+    return make_stabilizer(AUTO, spec, **kw)
+
+
+STABILIZERS["auto"] = _auto
 
 
 def make_stabilizer(name: str, spec: Any = None, **options: Any) -> Any:
