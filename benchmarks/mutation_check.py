@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; baseline ({len(baseline['tests'])} test selections, {baseline['passed']} tests) {'passes' if baseline['outcome'] == 'survived' else 'FAILS'}"
            if baseline else "; no baseline run"),
         f"Total {total} s ({os.cpu_count()} CPUs, shared; Python {platform.python_version()}).",
+        "Regenerate: python benchmarks/mutation_check.py --json docs/results/mutation-check.json > docs/results/mutation-check.txt",
         "Each mutation changes one line in a temporary copy; the listed tests run with pytest -x"
         + (" (each run a fork of one process with the third-party modules preloaded)." if fork else " (one interpreter per run)."),
         "",
