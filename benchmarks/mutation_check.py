@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"baseline: {len(union)} test selections on the unmutated copy ...", file=sys.stderr, flush=True)
             baseline = run_pytest(copy, union, args.timeout * 3, fork)
             baseline["tests"] = union
-            if baseline["outcome"] != "survived":
+            baseline["outcome"] = {"survived": "passed", "caught": "failed"}.get(baseline["outcome"], baseline["outcome"])
+            if baseline["outcome"] != "passed":
                 print(f"mutation_check: the baseline fails ({baseline['outcome']}); fix the tests first\n{baseline.get('tail') or baseline['caught_by']}",
                       file=sys.stderr)
         results = []
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     caught = sum(r["outcome"] == "caught" for r in results)
     lines = [
         f"Mutation check: {caught} of {len(results)} mutations caught"
-        + (f"; baseline ({len(baseline['tests'])} test selections, {baseline['passed']} tests) {'passes' if baseline['outcome'] == 'survived' else 'FAILS'}"
+        + (f"; baseline ({len(baseline['tests'])} test selections, {baseline['passed']} tests) {'passes' if baseline['outcome'] == 'passed' else 'FAILS'}"
            if baseline else "; no baseline run"),
         f"Total {total} s ({os.cpu_count()} CPUs, shared; Python {platform.python_version()}).",
         "Regenerate: python benchmarks/mutation_check.py --json docs/results/mutation-check.json > docs/results/mutation-check.txt",
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "schema": SCHEMA, "total_s": total, "python": platform.python_version(), "cpus": os.cpu_count(),
             "baseline": baseline, "mutations": results, "caught": caught, "n": len(results)}, indent=1) + "\n")
-    ok = (baseline is None or baseline["outcome"] == "survived") and caught == len(results)
+    ok = (baseline is None or baseline["outcome"] == "passed") and caught == len(results)
     return 0 if ok else 1
 
 
