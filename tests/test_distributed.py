@@ -22,6 +22,11 @@ from steindiff.stabilizers import make_stabilizer
 
 CFG = dict(n=12, solver="dpmpp_2m", nfe=5, seed=3)
 STAB = {"probes": 2, "seed": 0}
+# Two ranks sum their statistics in another order than one process: measured differences (float64,
+# CPU) are 4e-14 relative on the gammas and 8e-13 absolute on samples of magnitude up to ~180
+# (the Stein trajectory here is far from tame).  The tolerances keep a margin of 100x or more.
+GAMMA_TOL = dict(rtol=1e-11, atol=0)
+SAMPLE_TOL = dict(rtol=1e-10, atol=1e-10)
 
 WORKER = textwrap.dedent("""
     import datetime, json, os, signal, sys
@@ -79,13 +84,13 @@ def test_two_ranks_equal_single_process(two_ranks, tmp_path):
     info = merge_shards(d / "global", tmp_path / "g.npz")
     assert info["n"] == 12 and info["world_size"] == 2
     with np.load(tmp_path / "g.npz") as z:
-        np.testing.assert_allclose(z["gammas"], g_single, rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(z["samples"], single.x.numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(z["gammas"], g_single, **GAMMA_TOL)
+        np.testing.assert_allclose(z["samples"], single.x.numpy(), **SAMPLE_TOL)
     for r in range(2):  # each shard holds its slice of the global order, and the full trajectory
         with np.load(d / "global" / shard_name(r)) as z:
             lo, hi = shard_range(12, 2, r)
             assert z["indices"].tolist() == list(range(lo, hi))
-            np.testing.assert_allclose(z["gammas"], g_single, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(z["gammas"], g_single, **GAMMA_TOL)
     m = json.loads((d / "global" / "manifest.json").read_text())
     assert m["status"] == "complete" and m["world_size"] == 2 and [s["file"] for s in m["shards"]] == [shard_name(0), shard_name(1)]
 
@@ -96,8 +101,8 @@ def test_two_ranks_equal_single_process(two_ranks, tmp_path):
     merge_shards(tmp_path / "one", tmp_path / "one.npz")
     merge_shards(d / "per-sample", tmp_path / "p.npz")
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "p.npz") as b:
-        np.testing.assert_allclose(b["gammas"], a["gammas"], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(b["samples"], a["samples"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(b["gammas"], a["gammas"], **GAMMA_TOL)
+        np.testing.assert_allclose(b["samples"], a["samples"], **SAMPLE_TOL)
         assert not np.allclose(a["gammas"], g_single)  # another probe stream than the global one
 
 

@@ -169,6 +169,57 @@ def test_class_conditional_training(tmp_path, digits):
         T.train(tiny_cfg(iters=2), tmp_path / "c2", unet, progress=False, dataset=T.ImageDataset(torch.from_numpy(x), None, "x", "x"))
 
 
+class _RandomUNet(T.UNet):
+    """A U-Net with every parameter perturbed (fresh ones have zero output layers, which would hide
+    the network's inputs from the loss); deterministic given the global seed train() sets."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("loss", ["edm", "vp-eps"])
+def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss):
+    """The loss of the first iteration (initial weights) on the batch drawn from the documented
+    generator stream, recomputed here from the papers' formulas: EDM (Karras et al. 2022, Table 1
+    preconditioning, ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2)/(sigma sd)^2) and DDPM
+    epsilon prediction on linear betas 1e-4..0.02 over 1000 steps (Ho et al. 2020)."""
+    monkeypatch.setattr(T, "UNet", _RandomUNet)
+    x = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32))
+    ds = T.ImageDataset(x, None, "x", "x")
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(),
+                      embedding="fourier" if loss == "edm" else "positional")
+    cfg = tiny_cfg(iters=1, batch_size=6, loss=loss, seed=5)
+    seen = []
+    T.train(cfg, tmp_path / "run", unet, progress=False, dataset=ds, callback=lambda info: seen.append(info["loss"]))
+
+    torch.manual_seed(cfg.seed)
+    net = _RandomUNet(unet)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randint(0, 10, (6,), generator=gen)  # holdout 0: the training set is the whole set
+    x0 = x[idx]
+    noise = torch.randn(x0.shape, generator=gen)
+    with torch.no_grad():
+        if loss == "edm":
+            sigma = (torch.randn(6, generator=gen) * 1.2 - 1.2).exp().reshape(-1, 1, 1, 1)
+            sd = 0.5
+            c_skip, c_out, c_in = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sigma**2 + sd**2).sqrt()
+            D = c_skip * (x0 + sigma * noise) + c_out * net(c_in * (x0 + sigma * noise), sigma.log().reshape(-1) / 4)
+            expected = ((sigma**2 + sd**2) / (sigma * sd) ** 2 * (D - x0) ** 2).mean()
+        else:
+            t = torch.randint(0, 1000, (6,), generator=gen)
+            abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float().reshape(-1, 1, 1, 1)
+            expected = ((net(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.float()) - noise) ** 2).mean()
+        zero_net = ((c_skip * (x0 + sigma * noise) - x0) ** 2 * (sigma**2 + sd**2) / (sigma * sd) ** 2).mean() \
+            if loss == "edm" else (noise**2).mean()
+    assert len(seen) == 1
+    assert seen[0] == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(zero_net) / float(expected) - 1) > 0.05  # the network's output is part of the check
+
+
 # ---------------------------------------------------------------- checkpoint errors
 
 

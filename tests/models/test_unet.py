@@ -52,9 +52,14 @@ def test_class_conditioning():
     assert torch.allclose(net(x, c, class_labels=onehot), out_a, atol=1e-5)
     # None means the null class
     assert torch.allclose(net(x, c), net(x, c, class_labels=torch.full((4,), 10)), atol=1e-6)
-    # pass-through from EDMPrecond
-    d = EDMPrecond(net)
-    assert d(x, torch.ones(4), class_labels=torch.tensor([0, 1, 2, 3])).shape == x.shape
+    # pass-through from EDMPrecond: the labels reach the network and change the denoiser's output
+    d = EDMPrecond(net, sigma_data=0.5)
+    sig = torch.full((4,), 1.5)
+    d_a = d(x, sig, class_labels=torch.tensor([0, 1, 2, 3]))
+    assert (d_a - d(x, sig, class_labels=torch.tensor([4, 5, 6, 7]))).abs().max() > 1e-3
+    c_skip, c_out, c_in = 0.25 / (1.5**2 + 0.25), 1.5 * 0.5 / (1.5**2 + 0.25) ** 0.5, 1 / (1.5**2 + 0.25) ** 0.5
+    direct = c_skip * x + c_out * net(c_in * x, sig.log() / 4, class_labels=torch.tensor([0, 1, 2, 3]))
+    torch.testing.assert_close(d_a, direct, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="class labels must be in"):
         net(x, c, class_labels=torch.tensor([0, 1, 2, 11]))
     with pytest.raises(ValueError, match="shape"):

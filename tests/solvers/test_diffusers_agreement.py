@@ -6,11 +6,15 @@ check the solver arithmetic, not schedule construction; the Karras construction 
 
 diffusers keeps VP state ``x_vp = alpha x_ve`` (DDIM, DPM-Solver, UniPC) or VE state (Euler, Heun);
 we always keep VE state, so VP latents are converted with ``x_ve = x_vp * sqrt(1 + sigma^2)``.  At
-the final ``sigma = 0`` the two coordinates coincide.  Residual differences (~1e-7) come from
-diffusers computing its schedule tables in float32.
+the final ``sigma = 0`` the two coordinates coincide.  Residual differences come from diffusers
+computing its schedule tables in float32: measured 2.5e-8 to 4.7e-7 relative over these cases
+(diffusers 0.42, CPU), so ``RTOL = 2e-6`` keeps a 4x margin over the worst case; a wrong
+coefficient shows at 1e-3 or more.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -19,8 +23,9 @@ diffusers = pytest.importorskip("diffusers")
 
 from steindiff import DiscreteVPProcess, karras_sigmas, sample  # noqa: E402
 from steindiff.models import VPDenoiser  # noqa: E402
+from steindiff.solvers import get_solver  # noqa: E402
 
-RTOL = 1e-4
+RTOL = 2e-6
 DIM, BATCH, STEPS = 8, 4, 10
 
 _W = torch.randn(DIM, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.4
@@ -262,3 +267,118 @@ def test_karras_sigmas_match_diffusers(cls, steps):
     assert ours.shape == theirs.shape
     # diffusers stores sigmas in float32
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("variant,final", [("bh2", "zero"), ("bh2", "sigma_min"), ("bh1", "sigma_min")])
+def test_unipc_order_1_matches_unipc(variant, final):
+    """UniPC-1: a DDIM predictor and the UniC-1 corrector (c = 1/2).  bh1 with a final step to 0 is
+    left out: diffusers returns NaN there (test_unipc_bh1_final_zero_is_finite)."""
+    sch = diffusers.UniPCMultistepScheduler(beta_schedule="linear", solver_type=variant, solver_order=1,
+                                            final_sigmas_type=final)
+    sch.set_timesteps(STEPS)
+    x_vp = latents()
+    ref = run_vp_scheduler(sch, x_vp)
+    sig = sch.sigmas.double()
+    D = VPDenoiser(eps_net, process_of(sch), "epsilon")
+    ours = sample(D, x_vp * (1 + sig[0] ** 2).sqrt(), sig, f"unipc_{variant}", solver_options={"order": 1})
+    assert ours.nfe == STEPS
+    assert rel_err(ours.x / (1 + sig[-1] ** 2).sqrt(), ref) < RTOL
+    # the corrector acts: UniP alone (no corrector) is another sampler
+    plain = sample(D, x_vp * (1 + sig[0] ** 2).sqrt(), sig, f"unipc_{variant}", solver_options={"order": 1, "corrector": False})
+    assert rel_err(plain.x / (1 + sig[-1] ** 2).sqrt(), ref) > 1e-3
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_bh1_karras_matches_unipc_up_to_diffusers_final_step(order):
+    """UniPC-bh1 with Karras sigmas.  diffusers 0.42 has no usable final step here: with
+    final_sigmas_type="zero" its bh1 last step is NaN (B(h) = -h = -inf times an empty sum), and with
+    "sigma_min" it repeats the last Karras sigma (a zero-length, model-calling step, which we reject).
+    Both are pinned below; every state before diffusers' final step agrees, and ours ends finite."""
+    sch = diffusers.UniPCMultistepScheduler(beta_schedule="linear", solver_type="bh1", solver_order=order,
+                                            use_karras_sigmas=True)
+    sch.set_timesteps(STEPS)
+    sig = sch.sigmas.double()
+    assert sig[-1] == 0
+    x = latents()
+    theirs = []
+    for t in sch.timesteps:
+        x = sch.step(eps_net(x, t.expand(BATCH)), t, x).prev_sample
+        theirs.append(x)
+    assert torch.isnan(theirs[-1]).all() and torch.isfinite(theirs[-2]).all()
+    D = VPDenoiser(eps_net, process_of(sch), "epsilon", timestep="round")
+    ours_states = []
+    ours = sample(D, latents() * (1 + sig[0] ** 2).sqrt(), sig, "unipc_bh1", solver_options={"order": order},
+                  callback=lambda d: ours_states.append(d["x"] / (1 + d["sigma_next"] ** 2) ** 0.5))
+    assert torch.isfinite(ours.x).all() and len(ours_states) == STEPS
+    for k in range(STEPS - 1):
+        assert rel_err(ours_states[k], theirs[k]) < RTOL, k
+    dup = diffusers.UniPCMultistepScheduler(beta_schedule="linear", solver_type="bh1", use_karras_sigmas=True,
+                                            final_sigmas_type="sigma_min")
+    dup.set_timesteps(STEPS)
+    assert dup.sigmas[-1] == dup.sigmas[-2]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample(D, latents(), dup.sigmas.double(), "unipc_bh1")
+
+
+def v_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth nonlinear v-prediction network on t in [0, 1] (the IPNDM scheduler's time)."""
+    tt = t.to(x.dtype).reshape(-1, 1)
+    return 0.8 * x * tt + 0.3 * torch.tanh(x @ _W) * (0.5 + tt) + 0.1 * torch.sin(3 * x) * (1 - tt)
+
+
+def v_denoiser(x_ve: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The VE denoiser of ``v_net``: ``D = alpha x_vp - sigma_vp v`` with diffusers' IPNDM time
+    ``t = atan2(sigma_vp, alpha) 2/pi = atan(sigma) 2/pi`` (its ``alpha^2 + sigma_vp^2 = 1``)."""
+    s = sigma.reshape(-1, 1)
+    a = 1 / (1 + s**2).sqrt()
+    x_vp = a * x_ve
+    return a * x_vp - a * s * v_net(x_vp, torch.atan(sigma) * 2 / torch.pi)
+
+
+def ipndm_reference(sch, x_vp: torch.Tensor) -> torch.Tensor:
+    x = x_vp.clone()
+    for t in sch.timesteps:
+        x = sch.step(v_net(x, t.expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+def test_ipndm_matches_ipndm_scheduler():
+    """diffusers' IPNDMScheduler is Adams-Bashforth (fixed weights, orders 1 to 4 with warm-up) on
+    eps = sigma_vp x + alpha v followed by a DDIM step: in VE coordinates x' = x + (s' - s) eps_AB,
+    our ``ipndm`` with slope (x - D)/s = eps.  Its sigma_vp table is given as trained_betas (our
+    Karras sigmas), so both step on the same levels; ``ipndm_v`` (variable-step weights) differs."""
+    sig = karras_sigmas(STEPS, 0.02, 20.0)
+    sch = diffusers.IPNDMScheduler(trained_betas=(sig / (1 + sig**2).sqrt()).numpy())
+    sch.set_timesteps(STEPS)
+    assert len(sch.timesteps) == STEPS
+    x_vp = latents()
+    ref = ipndm_reference(sch, x_vp)
+    ours = sample(v_denoiser, x_vp * (1 + sig[0] ** 2).sqrt(), sig, "ipndm")
+    assert ours.nfe == STEPS
+    assert rel_err(ours.x, ref) < RTOL
+    assert rel_err(sample(v_denoiser, x_vp * (1 + sig[0] ** 2).sqrt(), sig, "ipndm_v").x, ref) > 1e-3
+
+
+def test_ipndm_default_schedule_starts_at_infinite_sigma():
+    """diffusers' default IPNDM schedule starts at t = 1, where alpha = 0: VE sigma = inf, which no
+    schedule of ours may hold (finite, validated).  Its first step ignores the model (its output is
+    multiplied by alpha = 0) and stores eps = x_T as the first slope.  From step 1 on, with that
+    first slope as history, our iPNDM step arithmetic agrees on diffusers' own levels."""
+    from steindiff.solvers import Denoise
+
+    sch = diffusers.IPNDMScheduler()
+    sch.set_timesteps(STEPS)
+    assert sch.alphas[0] == 0 and sch.betas[0] == 1
+    alpha, beta = sch.alphas.double(), sch.betas.double()
+    sig = [math.inf] + (beta[1:-1] / alpha[1:-1]).tolist() + [0.0]
+    with pytest.raises(ValueError, match="finite"):
+        sample(v_denoiser, latents(), sig, "ipndm")
+    x_T = latents()
+    ref = ipndm_reference(sch, x_T)
+    solver = get_solver("ipndm")
+    state = {"slopes": [x_T], "sigmas": [math.inf]}
+    x = x_T * beta[1] / alpha[1]  # diffusers' first step: x_vp1 = sigma_vp1 x_T, in VE coordinates
+    for i in range(1, STEPS):
+        st = solver.step(Denoise(v_denoiser), x, i, sig, state)
+        x, state = st.x_next, st.state
+    assert rel_err(x, ref) < RTOL
