@@ -92,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
             check_writable(path)
         except OSError as e:
             raise UsageError(str(e)) from None
+    from ..stabilizers.registry import AUTO, CALIBRATED
+
     plan = sampling_plan(args, spec)
-    calibrated = args.gamma_schedule is not None or plan.gammas is not None
-    stabilizer = plan.stabilizer() if calibrated else stabilizer_from_args(args, spec)
+    calibrated = plan.gammas is not None
+    by_plan = args.gamma_schedule is not None or (args.stabilizer == "auto" and AUTO == CALIBRATED)
+    stabilizer = plan.stabilizer() if by_plan else stabilizer_from_args(args, spec)
     check_batch_statistics(stabilizer, args.n, args.batch_size)
     try:
         gen = generate(

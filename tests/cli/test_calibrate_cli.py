@@ -8,7 +8,7 @@ from steindiff.cli import main
 def test_calibrate_then_sample(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "4", "--n", "200",
-                 "--out", str(out), "--json", "--no-progress"]) == 0
+                 "--ref-steps", "40", "--max-seconds", "5", "--out", str(out), "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert len(summary["gammas"]) == 4 and out.exists()
     assert main(["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "4", "--n", "100",
@@ -27,8 +27,64 @@ def test_calibrate_then_sample(tmp_path, capsys):
 
 
 def test_calibrate_bad_input(tmp_path, capsys):
-    assert main(["calibrate", "--model", "gmm:toy2d", "--variant", "nope", "--out", str(tmp_path / "x.json")]) == 2
-    assert "unknown variant" in capsys.readouterr().err
-    assert main(["calibrate", "--model", "gmm:toy2d", "--variant", "reference", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "variant", "--stabilizer", "nope",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown stabilizer 'nope'" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "reference", "--out", str(tmp_path / "x.json")]) == 2
+    assert "needs --reference" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--n", "3", "--out", str(tmp_path / "x.json")]) == 2
+    assert "at least 4" in capsys.readouterr().err
     assert main(["calibrate", "--model", "gmm:toy2d", "--out", str(tmp_path / "nodir" / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_variant_objective_still_estimates_a_stabilizers_gammas(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "100", "--objective",
+                 "variant", "--stabilizer", "stein-energy", "--out", str(out), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["objective"] == "variant" and summary["variant"] == "stein-energy"
+    assert summary["sigmas"] == summary["base_sigmas"]
+
+
+def test_trajectory_file_carries_fitted_sigmas_into_sample(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "128", "--fit", "both",
+                 "--ref-steps", "60", "--max-seconds", "10", "--out", str(out), "--json", "--no-progress"]) == 0
+    cal = json.loads(capsys.readouterr().out)
+    assert cal["objective"] == "trajectory" and cal["calibration"]["fit"] == "both"
+    assert main(["sample", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "50",
+                 "--gamma-schedule", str(out), "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["sigmas"] == cal["sigmas"] and res["gammas"] == cal["gammas"] and res["extra_passes"] == 0
+    # a file made for other weights is refused, naming the fingerprint
+    obj = json.loads(out.read_text())
+    obj["fingerprint"] = "0" * 16
+    out.write_text(json.dumps(obj))
+    assert main(["sample", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--gamma-schedule", str(out),
+                 "--no-progress"]) == 2
+    assert "other weights" in capsys.readouterr().err
+
+
+def test_sample_auto_calibrates_once_into_the_cache(tmp_path, capsys, monkeypatch):
+    import steindiff.stabilizers.registry as reg
+
+    monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
+    args = ["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "50", "--stabilizer", "auto",
+            "--calibration-dir", str(tmp_path), "--json", "--no-progress"]
+    import steindiff.calibrate as cal
+
+    real = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: real(*a, **{**k, "n": 64, "ref_steps": 40, "max_solves": 20}))
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "calibrating euler at NFE 3" in first.err and len(list(tmp_path.glob("*.json"))) == 1
+    assert json.loads(first.out)["stabilizer"].startswith("auto (")
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert "calibrating" not in second.err
+    assert json.loads(second.out)["sigmas"] == json.loads(first.out)["sigmas"]
+    # --no-calibrate with an empty cache is the plain solver
+    assert main([*args[:-4], "--calibration-dir", str(tmp_path / "empty"), "--no-calibrate", "--json",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["stabilizer"] == "auto (plain solver)"

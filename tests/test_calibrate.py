@@ -1,0 +1,104 @@
+"""steindiff.calibrate: the trajectory objective's file, the fingerprint, and the cache behind ``auto``."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import steindiff.calibrate as cal
+from steindiff.calibrate import calibrate, calibrated_plan, model_fingerprint, plan_from_schedule
+from steindiff.models.gmm import GaussianMixture
+from steindiff.models.registry import ModelSpec, load_model
+from steindiff.noise import VEProcess
+from steindiff.plan import make_plan
+from steindiff.stabilizers.schedule import load_gamma_schedule
+
+FAST = {"n": 64, "ref_steps": 40, "max_solves": 30}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model("gmm:toy2d")
+
+
+def test_trajectory_calibration_file_round_trip(toy, tmp_path):
+    sched = calibrate(toy, solver="dpmpp_2m", nfe=4, dtype=torch.float64, **FAST)
+    m = sched.meta
+    assert m["objective"] == "trajectory" and m["fingerprint"] == model_fingerprint(toy)
+    assert len(m["sigmas"]) == len(m["base_sigmas"]) == len(sched.gammas) + 1 == 5
+    rec = m["calibration"]
+    assert set(rec["candidates"]) >= {"plain", "closed_form", "refined"} and rec["chosen"] in rec["candidates"]
+    assert rec["n"] == 64 and rec["seed"] == cal.CALIBRATION_SEED and rec["wall_s"] > 0
+    assert sched.gammas == rec["candidates"][rec["chosen"]]["gammas"]
+    sched.save(tmp_path / "c.json")
+    back = load_gamma_schedule(tmp_path / "c.json")
+    plan = plan_from_schedule(back, make_plan(toy.process, "dpmpp_2m", 4))
+    assert plan.gammas == sched.gammas and plan.sigmas.tolist() == m["sigmas"]
+
+
+def test_fingerprint_follows_the_weights():
+    g = GaussianMixture(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    h = GaussianMixture(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    k = GaussianMixture(torch.tensor([[0.0, 1.0], [1.0, 1e-9]]))
+    spec = lambda m: ModelSpec("m", m, VEProcess(), (2,), gmm=m)  # noqa: E731
+    assert model_fingerprint(spec(g)) == model_fingerprint(spec(h)) != model_fingerprint(spec(k))
+    net = torch.nn.Linear(2, 2)
+    a = model_fingerprint(ModelSpec("n", net, VEProcess(), (2,)))
+    with torch.no_grad():
+        net.weight[0, 0] += 1e-6
+    assert model_fingerprint(ModelSpec("n", net, VEProcess(), (2,))) != a
+    with pytest.raises(ValueError, match="cannot fingerprint"):
+        model_fingerprint(ModelSpec("f", lambda x, s: x, VEProcess(), (2,)))
+
+
+def test_calibrated_plan_fits_once_then_reads_the_cache(toy, tmp_path, monkeypatch):
+    base = make_plan(toy.process, "euler", 4, "karras")
+    notices = []
+    plan = calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, **FAST)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and len(notices) == 1 and "calibrating euler at NFE 4" in notices[0]
+    assert json.loads(files[0].read_text())["key"]["fingerprint"] == model_fingerprint(toy)
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    again = calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, **FAST)
+    assert len(notices) == 1 and again.gammas == plan.gammas and torch.equal(again.sigmas, plan.sigmas)
+    # another NFE is another key: with calibration off it is the plain plan, and nothing is written
+    other = make_plan(toy.process, "euler", 5, "karras")
+    assert calibrated_plan(toy, other, cache_dir=tmp_path, calibrate_missing=False) is other
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_corrupt_cache_file_is_refitted_with_a_warning(toy, tmp_path):
+    base = make_plan(toy.process, "euler", 3, "karras")
+    calibrated_plan(toy, base, cache_dir=tmp_path, **FAST)
+    (f,) = tmp_path.glob("*.json")
+    f.write_text(f.read_text()[:100])
+    with pytest.warns(UserWarning, match="corrupt or truncated"):
+        plan = calibrated_plan(toy, base, cache_dir=tmp_path, **FAST)
+    assert load_gamma_schedule(f).gammas == plan.gammas
+
+
+def test_unwritable_cache_falls_back_to_the_plain_solver(toy, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    base = make_plan(toy.process, "euler", 3, "karras")
+    with pytest.warns(UserWarning, match="not writable.*plain solver"):
+        plan = calibrated_plan(toy, base, cache_dir=blocker / "cache", **FAST)
+    assert plan is base
+
+
+def test_interrupted_calibration_leaves_no_file(toy, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal, "fit_trajectory", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrated_plan(toy, make_plan(toy.process, "euler", 3, "karras"), cache_dir=tmp_path, **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_refuses_unknown_objective(toy):
+    with pytest.raises(ValueError, match="unknown objective"):
+        calibrate(toy, objective="magic")
+    with pytest.raises(ValueError, match="fit must be one of"):
+        calibrate(toy, fit="all", **FAST)
