@@ -65,6 +65,19 @@ def model_fingerprint(spec: ModelSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def _tile_batch(extra: dict | None, n: int) -> dict | None:
+    """Per-sample conditioning (tensors with a batch dimension) cycled to the calibration batch of ``n``:
+    the calibration sees the user's labels or prompts in the user's proportions."""
+    if not extra:
+        return extra
+    out = {}
+    for k, v in extra.items():
+        if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] != n:
+            v = v[torch.arange(n, device=v.device) % v.shape[0]]
+        out[k] = v
+    return out
+
+
 def _calibration_noise(spec: ModelSpec, sigma_max: float, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=dtype)
 
@@ -128,6 +141,7 @@ def calibrate(
             raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
         t0 = time.perf_counter()
         noise = _calibration_noise(spec, float(sigmas[0]), n, seed, dtype)
+        extra_args = _tile_batch(extra_args, n)
         result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit, ref=ref,
                                 ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
                                 max_seconds=max_seconds, extra_args=extra_args, progress=progress)

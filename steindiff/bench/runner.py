@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any, Iterable, Sequence
 
@@ -47,11 +48,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import CALIBRATION_SEED, calibrate
+from ..calibrate import CALIBRATION_SEED, calibrate, calibrated_plan
 from ..generate import generate
 from ..metrics import mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
-from ..plan import make_plan
+from ..plan import SamplingPlan
 from ..sampling import prior_noise
 from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
@@ -229,12 +230,14 @@ def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
     return {"mode_tv_floor": m["mode_tv"], "nll_floor": m["nll"]}
 
 
-def _calibration_summary(sched) -> dict:
-    """What a ``cal:trajectory`` row records of its calibration (the full record is in the schedule)."""
-    c = sched.meta.get("calibration", {})
+def _calibration_summary(meta: dict) -> dict:
+    """What a ``cal:trajectory`` row records of its calibration (the full record is in its file)."""
+    c = meta.get("calibration", {})
     cand = c.get("candidates", {})
+    ref_s = c.get("reference", {}).get("wall_s")
+    # the grid shares one reference solve per model; a calibration on its own also pays for it
     return {"chosen": c.get("chosen"), "val_ratio": c.get("val_ratio"), "wall_s": c.get("wall_s"),
-            "fit_wall_s": c.get("fit_wall_s"), "reference_wall_s": c.get("reference", {}).get("wall_s"),
+            "reference_wall_s": ref_s, "standalone_s": (c.get("wall_s") or 0.0) + (ref_s or 0.0),
             "reference_convergence_rms": c.get("reference", {}).get("convergence_rms"),
             "val_rms": {k: v.get("val_rms") for k, v in cand.items()}, "n": c.get("n"), "seed": c.get("seed"),
             "solves": sum(v.get("solves", 0) for v in c.get("refine", {}).values()), "fit": c.get("fit")}
@@ -250,11 +253,10 @@ def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, 
     try:
         if stab_name == TRAJECTORY:
             # fitted once per cell on calibration noise (``calibrated()``), applied here with no extra pass
-            sched = calibrated()
-            sigmas = torch.tensor(sched.meta["sigmas"], dtype=torch.float64)
-            stab = sched
-            row.update(calibrated_gammas=sched.gammas, calibrated_sigmas=sched.meta["sigmas"],
-                       calibration=_calibration_summary(sched))
+            plan = calibrated()
+            sigmas, stab = plan.sigmas, plan.stabilizer()
+            row.update(calibrated_gammas=plan.gammas, calibrated_sigmas=plan.sigmas.tolist(),
+                       calibration=_calibration_summary(plan.meta))
         elif stab_name.startswith("cal:"):
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
@@ -305,12 +307,16 @@ def run_grid(
     ref_solver: str = "dpmpp_3m",
     ref_steps: int = 1000,
     calibration: dict | None = None,
+    calibration_dir: str | None = None,
 ) -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
 
     ``calibration``: options of the ``cal:trajectory`` cells' calibration (:func:`calibration_options`
     gives the defaults per kind of model); one reference solve of the calibration noise per model is
-    shared by all its cells, and each cell is fitted once and applied to every seed.
+    shared by all its cells, and each cell is fitted once and applied to every seed.  ``calibration_dir``:
+    where the fitted calibrations are cached (the format of ``--stabilizer auto``'s cache; a cell found
+    there is not fitted again, and its recorded calibration time is the original one); default: a
+    temporary folder, removed afterwards.
 
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
@@ -328,6 +334,8 @@ def run_grid(
     if "image" in kinds:
         machine["dtype"] = "float32" if kinds == {"image"} else "float64 (mixtures), float32 (image models)"
     t_start = time.perf_counter()
+    tmp_cal = tempfile.TemporaryDirectory(prefix="steindiff-cal-") if calibration_dir is None else None
+    cal_dir = tmp_cal.name if tmp_cal is not None else calibration_dir
     bar = tqdm(total=total, disable=not progress, desc="bench", unit="run", mininterval=2.0)
     try:
         for m in models:
@@ -342,14 +350,15 @@ def run_grid(
                            cal_cache=cal_cache, cal_ref=cal_ref):
                 key = (solver, tuple(sigmas.tolist()))
                 if key not in cal_cache:
-                    if not cal_ref:
-                        cal_ref.append(_calibration_reference(spec, cal_opts))
-                    t0 = time.perf_counter()
                     try:
-                        sched = calibrate(spec, solver=solver, sigmas=sigmas, schedule=schedule, objective="trajectory",
-                                          dtype=_dtype(spec), ref=cal_ref[0], **cal_opts)
-                        sched.meta["calibration"]["fit_wall_s"] = time.perf_counter() - t0
-                        cal_cache[key] = sched
+                        base = SamplingPlan(solver, sigmas, schedule)
+                        plan = calibrated_plan(spec, base, cache_dir=cal_dir, calibrate_missing=False)
+                        if plan is base:  # not cached: fit, with the model's shared reference solve
+                            if not cal_ref:
+                                cal_ref.append(_calibration_reference(spec, cal_opts))
+                            plan = calibrated_plan(spec, base, cache_dir=cal_dir, dtype=_dtype(spec), ref=cal_ref[0],
+                                                   **cal_opts)
+                        cal_cache[key] = plan
                     except Exception as e:
                         cal_cache[key] = e
                 if isinstance(cal_cache[key], Exception):
@@ -382,6 +391,8 @@ def run_grid(
                                 bar.update(1)
     finally:
         bar.close()
+        if tmp_cal is not None:
+            tmp_cal.cleanup()
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,

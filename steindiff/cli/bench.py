@@ -43,14 +43,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     p.add_argument("--coords", default="ve,vp", help="stabilizer coordinates, comma-separated: ve, vp")
     p.add_argument("--stabilizers", default="none,stein,stein-sc,stein-oracle",
-                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, or cal:<stabilizer> (its gamma schedule "
-                        "calibrated on another batch, then applied)")
+                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the calibrated sampler, fitted "
+                        "once per cell on other noise), or cal:<stabilizer> (its gamma schedule calibrated on another "
+                        "batch, then applied)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
     p.add_argument("--mmd", action="store_true", help="also compute the RBF MMD and its floor")
     p.add_argument("--ref-solver", default="dpmpp_3m", help="solver of the trajectory reference")
     p.add_argument("--ref-steps", type=int, default=1000, help="steps of the trajectory reference (Karras; at most 100 for image models)")
+    p.add_argument("--calibration-dir", default=None, metavar="DIR",
+                   help="cal:trajectory: cache the fitted calibrations here (reused when present; the format of "
+                        "`sample --stabilizer auto`'s cache); default: a temporary folder")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
@@ -87,6 +91,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
                 raise NotADirectoryError(f"--plots {args.plots!r} is not a directory")
             if not d.exists():
                 check_writable(d)  # its parent must exist and be writable
+        if args.calibration_dir is not None:
+            d = Path(args.calibration_dir)
+            if d.exists() and not d.is_dir():
+                raise NotADirectoryError(f"--calibration-dir {args.calibration_dir!r} is not a directory")
+            check_writable(d / "probe.json") if d.is_dir() else check_writable(d)
     except OSError as e:
         raise UsageError(str(e)) from None
 
@@ -129,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                       "rows": [], "cost": entries}
         else:
             result = run_grid(**grid, n=args.n, probes=args.probes, progress=progress, mmd=args.mmd,
-                              ref_solver=args.ref_solver, ref_steps=args.ref_steps)
+                              ref_solver=args.ref_solver, ref_steps=args.ref_steps,
+                              calibration_dir=args.calibration_dir)
         result["command"] = _command(args)
     summary = summarize(result)
     if args.json_out not in (None, "-"):

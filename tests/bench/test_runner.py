@@ -188,3 +188,27 @@ def test_run_cost_side_by_side():
     model = summarize({"schema": SCHEMA, "rows": [], "cost": entries})["cost"]["model"]
     assert len(model) == 1 and model[0]["solver"] == "euler"
     assert model[0]["a"] + model[0]["b"] == pytest.approx(by[("stein", 1)]["ratio"])
+
+
+def test_calibrated_cells_fit_once_per_cell_and_apply_to_every_seed(tmp_path, monkeypatch):
+    from steindiff import trajectory
+
+    opts = {"n": 64, "ref_steps": 40, "max_solves": 20}
+    res = run_grid(["gmm:toy2d"], ["euler"], [3, 4], ["karras"], ["ve"], ["none", "cal:trajectory"], [0, 1], 100,
+                   progress=False, ref_steps=50, calibration=opts, calibration_dir=str(tmp_path))
+    cal = [r for r in res["rows"] if r["stabilizer"] == "cal:trajectory"]
+    assert len(cal) == 4 and all(r["status"] == "ok" and r["extra_passes"] == 0 for r in cal)
+    by_nfe = {}
+    for r in cal:
+        by_nfe.setdefault(r["nfe_budget"], []).append(r)
+    for rows in by_nfe.values():  # one calibration per cell, the same for both seeds
+        assert rows[0]["calibrated_sigmas"] == rows[1]["calibrated_sigmas"]
+        assert rows[0]["calibration"]["seed"] == 12345 and rows[0]["calibration"]["n"] == 64
+        assert rows[0]["calibration"]["standalone_s"] >= rows[0]["calibration"]["wall_s"] > 0
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert res["config"]["calibration"]["gmm:toy2d"]["n"] == 64
+    # a second grid reads the cached calibrations instead of fitting again
+    monkeypatch.setattr(trajectory, "refine", lambda *a, **k: pytest.fail("fitted again"))
+    again = run_grid(["gmm:toy2d"], ["euler"], [3, 4], ["karras"], ["ve"], ["cal:trajectory"], [0], 100,
+                     progress=False, ref_steps=50, calibration=opts, calibration_dir=str(tmp_path))
+    assert [r["calibrated_sigmas"] for r in again["rows"]] == [r["calibrated_sigmas"] for r in cal if r["seed"] == 0]
