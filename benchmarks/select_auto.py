@@ -1,5 +1,6 @@
 """Which stabilizer may be ``--stabilizer auto``?  Applies the evidence rule of
-``steindiff.bench.auto`` to saved benchmark results.
+``steindiff.bench.auto`` to saved benchmark results (helps in >= 80% of the cells with room at
+NFE <= 8, worse in none, secondary metrics not worse in >= 90%).
 
     python benchmarks/select_auto.py docs/results/variants-image64.json docs/results/digits.json [--json]
 """
@@ -25,12 +26,14 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| stabilizer | cells | worse than vanilla | helps at NFE <= 8 (cells with room) | qualifies |")
-    print("|---|---|---|---|---|")
+    print("| stabilizer | cells | worse than vanilla | helps at NFE <= 8 (cells with room) | secondary metrics not worse "
+          "| qualifies |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         worse = f"{r['worse_cells']}" + (f" (first: {r['first_worse']})" if r["first_worse"] else "")
         print(f"| {r['label']} | {r['cells']} | {worse} | {r['helps_small_nfe']}/{r['room_small_nfe']} "
-              f"({r['helps_pct']:.0f}%) | {'yes' if r['qualifies'] else 'no'} |")
+              f"({r['helps_pct']:.0f}%) | {r['cells'] - r['secondary_worse_cells']}/{r['cells']} ({r['secondary_ok_pct']:.0f}%) "
+              f"| {'yes' if r['qualifies'] else 'no'} |")
     return 0
 
 

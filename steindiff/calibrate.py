@@ -238,8 +238,9 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
                     calibrate_missing: bool = True, fit: str = "both", conditioning: str | None = None,
                     extra_args: dict | None = None, dtype: torch.dtype | None = None, progress: bool = False,
                     notice: Callable[[str], None] | None = None, **options: Any) -> SamplingPlan:
-    """The trajectory-calibrated version of the plain plan ``base`` for ``spec``, from the cache
-    (``cache_dir``, default :func:`default_cache_dir`), or fitted now and cached.
+    """The trajectory-calibrated version of the plain plan ``base`` for ``spec``: shipped with the model
+    (``spec.info["calibrations"]``, a folder of calibration files, e.g. the digits model's), else from the
+    cache (``cache_dir``, default :func:`default_cache_dir`), else fitted now and cached.
 
     Falls back to ``base`` (the plain solver) with a warning when the cache cannot be written, and
     without one when ``calibrate_missing`` is false.  ``notice`` receives a one-line message before
@@ -249,14 +250,17 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = calibration_key(spec, base, fit=fit, conditioning=conditioning)
     path = _key_file(root, key)
-    if path.exists():
+    shipped = (spec.info or {}).get("calibrations")  # read-only calibrations shipped with a model
+    for p in ([_key_file(Path(shipped), key)] if shipped else []) + [path]:
+        if not p.exists():
+            continue
         try:
-            sched = load_gamma_schedule(path)
+            sched = load_gamma_schedule(p)
             if sched.meta.get("key") != key:
                 raise ValueError("it was made for another configuration")
             return plan_from_schedule(sched, base)
         except (OSError, ValueError) as e:
-            warnings.warn(f"ignoring the cached calibration {str(path)!r} ({e}); calibrating again", stacklevel=2)
+            warnings.warn(f"ignoring the cached calibration {str(p)!r} ({e}); calibrating again", stacklevel=2)
     if not calibrate_missing:
         return base
     try:

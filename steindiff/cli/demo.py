@@ -1,33 +1,42 @@
-"""``steindiff demo``: the main job.  With the shipped digits model, compare the plain solver with
-Stein stabilizers at a few NFEs: print the table, write an image grid and a metric plot."""
+"""``steindiff demo``: the main job.  With the shipped digits model, compare at equal NFE the plain
+solver, the calibrated sampler (SteinDiff's step scale fitted once to the model's own ODE solution;
+the digits model ships its calibrations) and the paper's literal Stein stabilizer: print the table,
+write an image grid and a metric plot."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..calibrate import calibrated_plan
 from ..generate import generate
 from ..io import atomic_path, save_json
+from ..plan import make_plan
 from ..solvers import SOLVERS
-from ..stabilizers import STABILIZERS, make_stabilizer
+from ..stabilizers import STABILIZERS, make_stabilizer, registry
 from . import UsageError, emit
 from .common import add_common, load_model_or_usage, steps_for
 
 DEFAULT_OUT = "demo-out"  # also in .gitignore
-DEFAULT_STABILIZERS = "none,stein,stein-energy"
+CALIBRATED = "calibrated"  # the demo's name for the trajectory-calibrated sampler
+DEFAULT_STABILIZERS = f"none,{CALIBRATED},stein"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="compare vanilla and Stein-stabilized sampling on the shipped digits model",
+    p = sub.add_parser("demo", help="plain, calibrated and Stein-stabilized sampling side by side on the shipped digits model",
                        description=__doc__)
     p.add_argument("--model", default="digits", help="digits (shipped) or a trained checkpoint directory")
     p.add_argument("--solver", default="dpmpp_2m", help=f"the solver of every row, one of: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", default="4,6,10", help="comma-separated NFE budgets")
-    p.add_argument("--stabilizers", default=DEFAULT_STABILIZERS, help=f"comma-separated, from: {', '.join(STABILIZERS)}")
+    p.add_argument("--stabilizers", default=DEFAULT_STABILIZERS,
+                   help=f"comma-separated, from: {CALIBRATED} (the calibrated sampler), {', '.join(STABILIZERS)}")
+    p.add_argument("--calibration-dir", default=None,
+                   help="where calibrations not shipped with the model are cached (default: $XDG_CACHE_HOME/steindiff/calibrations)")
     p.add_argument("--n", type=int, default=400, help="samples per configuration (metrics)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
@@ -43,9 +52,10 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     except ValueError:
         raise UsageError(f"--nfe must be comma-separated integers, got {args.nfe!r}") from None
     stabs = [s for s in args.stabilizers.split(",") if s]
-    bad = [s for s in stabs if s not in STABILIZERS]
+    bad = [s for s in stabs if s not in STABILIZERS and s != CALIBRATED]
     if bad:
-        raise UsageError(f"unknown stabilizer(s) {', '.join(map(repr, bad))}; choose from {', '.join(STABILIZERS)}")
+        raise UsageError(f"unknown stabilizer(s) {', '.join(map(repr, bad))}; choose from {CALIBRATED}, "
+                         f"{', '.join(STABILIZERS)}")
     if not nfes or min(nfes) < 1 or args.n < 8:
         raise UsageError("need at least one NFE >= 1 and --n >= 8")
     if args.solver not in SOLVERS:
@@ -91,15 +101,22 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
         for nfe in nfes:
             for name in stabs:
                 bar.set_postfix_str(f"NFE {nfe} {name}")
-                stab = make_stabilizer(name, spec, seed=args.seed)
+                plan = make_plan(spec.process, args.solver, nfe)
+                if name == CALIBRATED or (name == "auto" and registry.AUTO == registry.CALIBRATED):
+                    plan = calibrated_plan(spec, plan, cache_dir=args.calibration_dir, progress=not args.no_progress,
+                                           notice=lambda m: bar.write(m, file=sys.stderr))
+                    stab = plan.stabilizer()
+                else:
+                    stab = make_stabilizer(name, spec, seed=args.seed)
                 try:
-                    gen = generate(spec, solver=args.solver, nfe=nfe, n=args.n, seed=args.seed, stabilizer=stab)
+                    gen = generate(spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed, stabilizer=stab)
                     x = gen.x.clamp(-1, 1)
                     m = image_metrics(x, spec, seed=args.seed)
                     status = "ok"
                 except (FloatingPointError, ValueError, RuntimeError) as e:
                     gen, x, m, status = None, None, {}, f"failed: {e}"
                 rows.append({"nfe": gen.nfe if gen else nfe, "stabilizer": name, "status": status,
+                             "sigmas": plan.sigmas.tolist(),
                              "extra_passes": gen.extra_passes if gen else None,
                              "wall_s_per_sample": gen.wall_s / args.n if gen else None,
                              "gammas": [r.get("gamma") for r in gen.trace] if gen else None, "metrics": m})
@@ -124,7 +141,7 @@ def _table(rows: list[dict], args: argparse.Namespace, model: str) -> str:
         if r["status"] != "ok":
             lines.append(f"{r['nfe']:>4} {r['stabilizer']:14s} {r['status']}")
             continue
-        g = " ".join(f"{v:.2f}" for v in r["gammas"]) if r["gammas"] else "-"
+        g = " ".join(f"{v:.2f}" for v in r["gammas"]) if r["gammas"] else "1 (plain)"
         lines.append(f"{r['nfe']:>4} {r['stabilizer']:14s} {r['extra_passes']:>5} "
                      + " ".join(f"{r['metrics'][c]:>10.4f}" for c in cols) + f"  {g}")
     ok = next((r for r in rows if r["status"] == "ok"), None)

@@ -1,0 +1,29 @@
+"""The evidence rule behind ``--stabilizer auto`` (steindiff.bench.auto)."""
+
+from steindiff.bench.auto import auto_rule
+
+
+def cell(nfe, verdict, room=True, secondary="tie", label="cal:trajectory", coords="ve"):
+    v = {"verdict": verdict, "room": room, "worse_at_floor": False}
+    return {"model": "gmm:image64", "solver": "euler", "schedule": "karras", "nfe_budget": nfe, "stabilizer": label,
+            "coords": coords, "primary": "sw2",
+            "verdicts": {"sw2": v, "nll": {"verdict": secondary, "room": True, "worse_at_floor": False}}}
+
+
+def test_qualifies_with_enough_helps_no_hurt_and_secondaries_kept():
+    cells = [cell(3, "helps")] * 8 + [cell(4, "tie")] * 2 + [cell(10, "tie")] * 5
+    r = auto_rule(cells, "cal:trajectory/ve")
+    assert r["qualifies"] and r["helps_pct"] == 80.0 and r["cells"] == 15
+
+
+def test_one_hurt_or_too_few_helps_or_worse_secondaries_disqualify():
+    base = [cell(3, "helps")] * 9 + [cell(4, "tie")]
+    assert auto_rule(base, "cal:trajectory/ve")["qualifies"]
+    assert not auto_rule(base + [cell(10, "hurts")], "cal:trajectory/ve")["qualifies"]
+    assert not auto_rule([cell(3, "helps")] * 7 + [cell(4, "tie")] * 3, "cal:trajectory/ve")["qualifies"]  # 70%
+    two_worse = [cell(3, "helps", secondary="hurts")] * 2 + [cell(3, "helps")] * 8
+    r = auto_rule(two_worse, "cal:trajectory/ve")
+    assert r["secondary_worse_cells"] == 2 and r["secondary_ok_pct"] == 80.0 and not r["qualifies"]
+    # cells without room do not count towards the help share; other labels are ignored
+    r = auto_rule(base + [cell(3, "tie", room=False)] * 5 + [cell(3, "hurts", label="stein")], "cal:trajectory/ve")
+    assert r["qualifies"] and r["room_small_nfe"] == 10
