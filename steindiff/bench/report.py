@@ -138,6 +138,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                              f"(room {d['room']}, {_fmt(d['helps_pct'], 2)}%)")
                 rows.append(r)
             lines += _table(["stabilizer"] + [names[m].split(" (")[0] for m in mnames], rows) + [""]
+        for cs in (c for c in summary.get("calibration", []) if c["model"] == model):
+            lines += _calibration_markdown(cs)
         best = [b for b in summary["best_vanilla"] if b["model"] == model]
         if best:
             lines += ["### Best vanilla configuration per NFE (all solvers and schedules)", ""]
@@ -185,6 +187,26 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
             lines += _table(["stabilizer", "count", "reason"], [[k[0], str(v), k[1].replace("|", "/")] for k, v in sorted(fails.items())]) + [""]
     lines += _cost_markdown(summary.get("cost", {}))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _calibration_markdown(cs: dict) -> list[str]:
+    """The calibrated sampler's section: its cost, its choices, its distance to the ODE's solution, and the
+    best calibrated configuration against the best vanilla one at each NFE."""
+    st = cs["standalone_s"] or {}
+    chosen = ", ".join(f"{k} {v}" for k, v in sorted(cs["chosen"].items()))
+    lines = ["### The calibrated sampler (cal:trajectory)", "",
+             f"{cs['cells']} cells calibrated (candidate kept on validation: {chosen}); calibration time per cell on "
+             f"its own (fit plus its reference solve): median {_fmt(st.get('median'))} s, max {_fmt(st.get('max'))} s. "
+             f"Distance to the fine solve on validation noise, calibrated / plain: median {_fmt(cs['val_ratio_median'])}; "
+             f"trajectory error on the evaluation seeds, calibrated / plain: median {_fmt(cs['traj_err_ratio_median'])}.",
+             ""]
+    if cs["best_per_nfe"]:
+        rows = [[str(b["nfe_budget"]), f"{b['best_vanilla']['solver']} / {b['best_vanilla']['schedule']}",
+                 _fmt(b["best_vanilla"]["excess"]), f"{b['best_calibrated']['solver']} / {b['best_calibrated']['schedule']}",
+                 _fmt(b["best_calibrated"]["excess"]), _fmt(b["ratio"])] for b in cs["best_per_nfe"]]
+        lines += [f"Best configuration per NFE budget, excess {cs['metric']} (mean over seeds):", ""]
+        lines += _table(["NFE", "best vanilla", "excess", "best calibrated", "excess", "ratio"], rows) + [""]
+    return lines
 
 
 def _order(result: dict, key: str, value: str) -> int:

@@ -206,7 +206,7 @@ def calibration_options(spec: ModelSpec) -> dict[str, Any]:
     calibration seed (disjoint from evaluation seeds), fine-solve steps and the refinement's budget."""
     if model_kind(spec) == "mixture":
         return {"n": 512, "seed": CALIBRATION_SEED, "ref_steps": 200, "max_solves": 200, "max_seconds": 45.0}
-    return {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 60.0}
+    return {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 40.0}
 
 
 def _calibration_reference(spec: ModelSpec, opts: dict):
@@ -437,13 +437,22 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
                     times: dict[tuple, list[float]] = {v: [] for v in variants}
                     info: dict[tuple, dict] = {}
+                    plan = None
+                    if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
+                        with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
+                            plan = calibrated_plan(spec, SamplingPlan(solver, sigmas, schedule), cache_dir=tmp,
+                                                   dtype=_dtype(spec), **calibration_options(spec))
                     for rep in range(repeats + 1):  # round 0: untimed warm-up
                         for v in variants:
-                            stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed)
-                            if stab is not None:  # rho (exact div D per step) is a diagnostic, not the method's cost
-                                stab.denoiser_divergence = None
+                            run_sigmas = sigmas
+                            if v[0] == TRAJECTORY:
+                                stab, run_sigmas = plan.stabilizer(), plan.sigmas
+                            else:
+                                stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed)
+                            if stab is not None and hasattr(stab, "denoiser_divergence"):
+                                stab.denoiser_divergence = None  # rho (exact div D per step) is a diagnostic
                             try:
-                                gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=n, stabilizer=stab,
+                                gen = generate(spec, solver=solver, sigmas=run_sigmas, noise=noise, n=n, stabilizer=stab,
                                                dtype=_dtype(spec))
                                 if rep > 0:
                                     times[v].append(gen.wall_s / n)
@@ -631,11 +640,57 @@ def summarize(result: dict) -> dict:
             for d in per_label.values():
                 d["helps_pct"] = 100.0 * d["helps"] / d["room"] if d["room"] else None
                 d["hurts_pct"] = 100.0 * (d["hurts"] + d["failed"]) / d["room"] if d["room"] else None
-    return {"cells": list(cells.values()), "primary": primary,
+    return {"cells": list(cells.values()), "primary": primary, "calibration": _calibration_stats(rows, cells, primary, best),
             "best_vanilla": [{"model": m, "nfe_budget": nb, "solver": b["solver"], "schedule": b["schedule"],
                               "nfe": b["nfe"], "metric": primary[m], f"excess_{primary[m]}": b["excess"][primary[m]]}
                              for (m, nb), b in sorted(best.items())],
             "counts": counts, "cost": _cost_summary(result), "gammas": _gamma_summary(rows)}
+
+
+def _calibration_stats(rows: Sequence[dict], cells: dict, primary: dict, best: dict) -> list[dict]:
+    """Per model, for the ``cal:trajectory`` cells: the calibration's own cost and choices, the distance to the
+    reference solve against vanilla's (``traj_err`` ratio, median over cells), and per NFE budget the best
+    calibrated configuration's excess primary metric against the best vanilla configuration's."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cal = {}
+        for r in rows:
+            if r["model"] == model and r["stabilizer"] == TRAJECTORY and r.get("calibration") and not r.get("reused"):
+                cal.setdefault((r["solver"], r["schedule"], r["nfe_budget"]), r["calibration"])
+        if not cal:
+            continue
+        p = primary[model]
+        standalone = [c["standalone_s"] for c in cal.values() if c.get("standalone_s") is not None]
+        chosen: dict[str, int] = {}
+        for c in cal.values():
+            chosen[c["chosen"]] = chosen.get(c["chosen"], 0) + 1
+        ratios, per_nfe = [], []
+        for k, c in cells.items():
+            if k[0] != model or k[5] != TRAJECTORY:
+                continue
+            v = cells.get((k[0], k[1], k[2], "-", k[4], "none"))
+            te, tv = c["excess"].get("traj_err"), (v or {}).get("excess", {}).get("traj_err")
+            if te and tv and tv["mean"] > 0:
+                ratios.append(te["mean"] / tv["mean"])
+        for (m, nfe_b), b in sorted(best.items()):
+            if m != model:
+                continue
+            cands = [c for k, c in cells.items() if k[0] == model and k[5] == TRAJECTORY and k[4] == nfe_b
+                     and p in c["excess"]]
+            if cands:
+                bc = min(cands, key=lambda c: c["excess"][p]["mean"])
+                bv = b["excess"][p]["mean"]
+                per_nfe.append({"nfe_budget": nfe_b, "best_vanilla": {"solver": b["solver"], "schedule": b["schedule"],
+                                                                      "excess": bv},
+                                "best_calibrated": {"solver": bc["solver"], "schedule": bc["schedule"],
+                                                    "excess": bc["excess"][p]["mean"]},
+                                "ratio": bc["excess"][p]["mean"] / bv if bv > 0 else None})
+        out.append({"model": model, "metric": p, "cells": len(cal), "chosen": chosen,
+                    "standalone_s": {"median": float(np.median(standalone)), "max": float(np.max(standalone))}
+                    if standalone else None,
+                    "val_ratio_median": float(np.median([c["val_ratio"] for c in cal.values() if c.get("val_ratio")])),
+                    "traj_err_ratio_median": float(np.median(ratios)) if ratios else None, "best_per_nfe": per_nfe})
+    return out
 
 
 def _cost_summary(result: dict) -> dict:
