@@ -47,9 +47,11 @@ def calibrate(
     progress: bool = False,
     rho: float = 7.0,
     sigmas: torch.Tensor | None = None,
+    jacobian_batch: int | None = None,
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for this configuration (module docstring).  ``seed`` draws the
-    calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``."""
+    calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``.
+    Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes."""
     if sigmas is None:
         sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process, rho=rho)
     steps = len(sigmas) - 1
@@ -60,7 +62,7 @@ def calibrate(
     }
     common = dict(solver=solver, sigmas=sigmas, n=n, seed=seed, dtype=dtype)
     if variant != "reference":
-        stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed)
+        stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
         if stab is None:
             gammas = [1.0] * steps
         else:

@@ -80,6 +80,7 @@ class DistResult:
     wall_s: float = 0.0
     config: dict = field(default_factory=dict)
     run_id: str = ""
+    device: str = "cpu"
 
 
 # -- process group --------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def sample_distributed(
                                        "missing": st["missing"], "stale": st["stale"],
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return DistResult(rank, world, str(out), str(out / shard_name(rank)), start, stop, gen.nfe, gen.extra_passes,
-                          gammas, gen.wall_s, config, run_id)
+                          gammas, gen.wall_s, config, run_id, str(device))
     finally:
         if owned:
             with contextlib.suppress(Exception):

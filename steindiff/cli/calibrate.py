@@ -12,7 +12,8 @@ from ..calibrate import calibrate
 from ..io import check_writable
 from ..stabilizers import STABILIZERS
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, check_sampling, load_model_or_usage
+from .common import (DTYPES, add_common, add_device, add_jacobian_batch, add_sampling, check_sampling, device_from_args,
+                     model_on_device)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1000, help="calibration batch size")
     p.add_argument("--probes", type=int, default=5)
     p.add_argument("--out", required=True, help="output JSON file")
+    add_jacobian_batch(p)
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run, seed=12345)
 
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown variant {args.variant!r}; choose 'reference' or one of {', '.join(STABILIZERS)}")
     if args.variant == "reference" and args.reference is None:
         raise UsageError("--variant reference needs --reference FILE (or 'true' for gmm:* models)")
-    spec = load_model_or_usage(args.model)
+    device = device_from_args(args)
+    spec = model_on_device(args.model, device)
     try:
         check_writable(args.out)
     except OSError as e:
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
                           variant=args.variant, n=args.n, seed=args.seed, reference=ref, probes=args.probes,
-                          dtype=DTYPES[args.dtype], progress=not args.no_progress, rho=args.rho)
+                          dtype=DTYPES[args.dtype], progress=not args.no_progress, rho=args.rho,
+                          jacobian_batch=args.jacobian_batch)
     except ValueError as e:
         raise UsageError(str(e)) from None
     sched.save(args.out)

@@ -13,7 +13,7 @@ from ..generate import generate
 from ..io import atomic_path, save_json
 from ..stabilizers import STABILIZERS, make_stabilizer
 from . import UsageError, emit
-from .common import add_common, load_model_or_usage
+from .common import add_common, add_device, add_jacobian_batch, device_from_args, model_on_device
 
 DEFAULT_STABILIZERS = "none,stein,stein-energy"
 
@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo-out", help="output directory for grid.png, metrics.png, results.json")
+    add_jacobian_batch(p)
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -55,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     nfes, stabs = _parse(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    device = device_from_args(args)
     torch.set_num_threads(args.threads)
-    spec = load_model_or_usage(args.model)
+    spec = model_on_device(args.model, device)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     n_show = 12
     for nfe in nfes:
         for name in stabs:
-            stab = make_stabilizer(name, spec, seed=args.seed)
+            stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch)
             try:
                 gen = generate(spec, solver=args.solver, nfe=nfe, n=args.n, seed=args.seed, stabilizer=stab,
                                progress=not args.no_progress)
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     _save_grid(grids, grid_png, image_grid)
     _save_plot(rows, nfes, stabs, plot_png, args.solver)
     result = {"schema": "steindiff.demo/1", "model": spec.name, "solver": args.solver, "n": args.n, "seed": args.seed,
+              "device": str(device),
               "rows": rows, "grid": str(grid_png), "plot": str(plot_png), "wall_s": time.perf_counter() - t_start}
     save_json(out / "results.json", result)
     emit(args, result, _table(rows, args, spec.name) + f"\nwrote {grid_png}, {plot_png}, {out / 'results.json'}"

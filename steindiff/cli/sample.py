@@ -8,7 +8,8 @@ from ..generate import generate
 from ..io import check_writable, save_json, save_npz
 from ..metrics import mixture_metrics
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, add_stabilizer, check_sampling, load_model_or_usage, stabilizer_from_args
+from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_sampling, device_from_args,
+                     model_on_device, stabilizer_from_args)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", default=None, help="write the stabilizer's per-step trace to this JSON file")
     p.add_argument("--gamma-schedule", default=None,
                    help="apply a calibrated gamma schedule (from `steindiff calibrate`): no extra passes")
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -45,7 +47,8 @@ def _load_schedule(args: argparse.Namespace, spec):
 
 def run(args: argparse.Namespace) -> int:
     check_sampling(args)
-    spec = load_model_or_usage(args.model)
+    device = device_from_args(args)
+    spec = model_on_device(args.model, device)
     if args.gamma_schedule is not None:
         if args.stabilizer != "none":
             raise UsageError("give either --stabilizer or --gamma-schedule, not both")
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         gen = generate(
             spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, n=args.n, seed=args.seed,
             batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress, rho=args.rho,
-            stabilizer=stabilizer,
+            stabilizer=stabilizer, device=device,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}",
         "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe,
         "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
+        "device": str(device),
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
         "gammas": [r.get("gamma") for r in gen.trace],
     }
