@@ -188,3 +188,17 @@ def test_run_cost_side_by_side():
     model = summarize({"schema": SCHEMA, "rows": [], "cost": entries})["cost"]["model"]
     assert len(model) == 1 and model[0]["solver"] == "euler"
     assert model[0]["a"] + model[0]["b"] == pytest.approx(by[("stein", 1)]["ratio"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="no CUDA device"))])
+def test_run_cost_peak_memory(device):
+    """Peak memory next to the time ratio: measured on CUDA (max_memory_allocated), null on the CPU."""
+    entries = run_cost(["gmm:toy2d"], ["euler"], [3], stabilizers=["none", "stein"], probes_list=(2,), n=16, repeats=1,
+                       progress=False, device=device, jacobian_batch=5)
+    by = {e["stabilizer"]: e for e in entries}
+    assert all(e["status"] == "ok" and e["device"].startswith(device) and e["jacobian_batch"] == 5 for e in entries)
+    if device == "cpu":
+        assert all(e["peak_mem_bytes"] is None and e["mem_ratio"] is None for e in entries)
+    else:
+        assert by["none"]["mem_ratio"] == 1.0 and by["stein"]["peak_mem_bytes"] > 0 and by["stein"]["mem_ratio"] > 0
