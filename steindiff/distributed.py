@@ -270,7 +270,7 @@ def sample_distributed(
             save_json(out / MANIFEST, manifest)
 
         if stabilizer is not None and hasattr(stabilizer, "reduce"):
-            if world > 1:
+            if world > 1 or (dist.is_available() and dist.is_initialized()):  # a group of one rank too: same path
                 stabilizer.reduce = _all_reduce_sum
             stabilizer.probe_fn = (_global_probe_fn(n, start, stop) if probe_mode == "global"
                                    else _per_sample_probe_fn(seed, start, stop))
