@@ -66,7 +66,11 @@ except ImportError:  # a no-op stand-in: steindiff imports tqdm for its progress
         def __getattr__(self, name):
             return lambda *a, **k: None
 
+    import importlib.machinery
+
     _tq, _tqa = types.ModuleType("tqdm"), types.ModuleType("tqdm.auto")
+    _tq.__spec__ = importlib.machinery.ModuleSpec("tqdm", None)
+    _tqa.__spec__ = importlib.machinery.ModuleSpec("tqdm.auto", None)
     _tq.tqdm = _tqa.tqdm = _NoBar
     _tq.auto = _tqa
     sys.modules["tqdm"], sys.modules["tqdm.auto"] = _tq, _tqa
@@ -477,8 +481,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from steindiff.device import DeviceError, resolve_device
-    from steindiff.io import save_json, to_jsonable
+    try:
+        from steindiff.device import DeviceError, resolve_device
+        from steindiff.io import save_json, to_jsonable
+    except ImportError as e:
+        print(f"gpu_check: cannot import steindiff ({e}); it needs torch, numpy and tqdm", file=sys.stderr)
+        return 3
 
     try:
         device = resolve_device(args.device)
