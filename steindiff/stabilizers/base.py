@@ -35,6 +35,19 @@ class JacobianOutOfMemoryError(RuntimeError):
     """A Jacobian-product pass ran out of memory; the message names the pass size and ``--jacobian-batch``."""
 
 
+_POOL: list = []
+
+
+def _probe_pool():
+    """One worker thread that draws CUDA runs' probes on the CPU while the GPU runs the forward pass
+    (torch releases the GIL inside its operations)."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="steindiff-probes"))
+    return _POOL[0]
+
+
 def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[float, float, float]:
     """``(alpha_k, alpha_{k-1}, sigma_k)`` in coordinates ``ve`` or ``vp``."""
     if coords == "ve":
@@ -140,6 +153,8 @@ class GammaStabilizer:
         # hook (x, n, kind, generator) -> (n, *x.shape) replacing make_probes; distributed sampling
         # draws the global batch's probes and takes this shard's slice
         self.probe_fn: Callable | None = None
+        # draw the probes in a worker thread during the forward pass (None: on CUDA only)
+        self.async_probes: bool | None = None
 
     # -- variant hooks --------------------------------------------------------------------------
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
@@ -159,6 +174,20 @@ class GammaStabilizer:
             return unit_probes(x)
         return (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
 
+    def _probe_source(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The probes of this step, when first asked for.  On CUDA they are drawn (on the CPU, from the
+        stabilizer's generator: the same values) in a worker thread while the forward pass runs."""
+        threaded = x.is_cuda if self.async_probes is None else self.async_probes
+        fut = _probe_pool().submit(self._probes, x) if threaded else None
+        box: list[torch.Tensor] = []
+
+        def get() -> torch.Tensor:
+            if not box:
+                box.append(fut.result() if fut is not None else self._probes(x))
+            return box[0]
+
+        return get
+
     def _run_operator(self, op: StepOperator, x: torch.Tensor) -> tuple[Step, torch.Tensor | None, int]:
         """``T(x)`` and, if the variant asks, the per-sample divergence of ``T`` or ``D``.
 
@@ -172,20 +201,21 @@ class GammaStabilizer:
             with torch.no_grad():
                 return op(x), None, 0
         B = x.shape[0]
-        V = self._probes(x)
+        probes = self._probe_source(x)
+        P = x[0].numel() if self.divergence == "exact" else self.probes
         jb = self.jacobian_batch
         chunk = B if jb is None else min(B, jb)
         group = None if jb is None else max(1, jb // chunk)
         failed: str | None = None
         try:
             if chunk >= B:
-                return self._jacobian_pass(op, x, V, group)
+                return self._jacobian_pass(op, x, probes, group)
             d = op.denoise
             steps, divs, sizes, extra = [], [], [], 0
             for j, start in enumerate(range(0, B, chunk)):
                 sl = slice(start, min(B, start + chunk))
                 calls, extra_calls = d.calls, d.extra_calls
-                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], V[:, sl], group)
+                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], lambda sl=sl: probes()[:, sl], group)
                 if j == 0:
                     extra = extra_j
                 else:  # one model pass of the step per sample: count the first chunk's passes only
@@ -199,27 +229,29 @@ class GammaStabilizer:
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
-            per_pass = chunk * (1 if self.divergence == "jvp" else min(V.shape[0], group or V.shape[0]))
+            per_pass = chunk * (1 if self.divergence == "jvp" else min(P, group or P))
             failed = (f"out of memory in the Jacobian pass of step {op.i} (sigma={op.sigma:.6g}) on {x.device}: batch of "
-                      f"{B} samples, {chunk} samples x {V.shape[0]} probe(s) per differentiable step, about {per_pass} "
+                      f"{B} samples, {chunk} samples x {P} probe(s) per differentiable step, about {per_pass} "
                       f"sample-probe pairs per pass (--jacobian-batch {jb if jb is not None else 'not set: the whole batch'}); "
                       f"lower --jacobian-batch (e.g. --jacobian-batch {max(1, min(chunk, per_pass) // 2)})"
                       + ("; the jvp divergence needs more memory than vjp" if self.divergence == "jvp" else ""))
         finally:
-            del V
+            del probes
         # out of the except block: the failed pass's tensors are gone with its traceback
         if x.is_cuda:
             torch.cuda.empty_cache()
         raise JacobianOutOfMemoryError(failed)
 
-    def _jacobian_pass(self, op: StepOperator, x: torch.Tensor, V: torch.Tensor, group: int | None
+    def _jacobian_pass(self, op: StepOperator, x: torch.Tensor, probes: Callable[[], torch.Tensor], group: int | None
                        ) -> tuple[Step, torch.Tensor, int]:
-        """One chunk: the step (detached), its per-sample divergence (float64) and the extra passes per sample."""
+        """One chunk: the step (detached), its per-sample divergence (float64) and the extra passes per sample.
+        ``probes()`` gives this chunk's probes; asked for after the forward pass."""
         pick = (lambda st: st.x_next) if self.jacobian_of == "T" else (lambda st: st.denoised)
         calls0, extra0 = op.denoise.calls, op.denoise.extra_calls
         if self.divergence == "jvp":
             with torch.no_grad():
                 st = op(x)
+            V = probes()
             with op.extra_passes():
                 q = jvp_quadratic_forms(lambda z: pick(op(z)), x, V).mean(0)
             return st, q.detach().to(torch.float64), op.denoise.extra_calls - extra0
@@ -232,6 +264,7 @@ class GammaStabilizer:
                 "the Stein divergence needs a differentiable model (alternatives: a calibrated gamma schedule "
                 "from `steindiff calibrate`, or the look-ahead estimator stein-sc, which need no Jacobian)")
         nfe_step = op.denoise.calls - calls0
+        V = probes()
         if self.divergence == "exact":
             group = self.exact_chunk if group is None else min(group, self.exact_chunk)
         q = vjp_quadratic_forms(pick(st), xg, V, self._batched(x), group)

@@ -141,3 +141,18 @@ def test_unet_stabilizer_on_device(device):
     net.to(device)
     got = sample(net, x.to(device), sig, "dpmpp_2m", stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
     torch.testing.assert_close(got.x.cpu(), cpu.x, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,opts", VARIANTS)
+def test_probes_drawn_in_a_worker_thread_are_the_same(name, opts):
+    """On CUDA the probes are drawn in a worker thread during the forward pass: same generator, same values."""
+    spec = load_model("gmm:toy2d")
+    sig = get_sigmas("karras", 4, spec.process)
+    x = prior_noise((10, 2), float(sig[0]), spec.process, seed=1, dtype=torch.float64)
+    res = []
+    for threaded in (False, True):
+        stab = make_stabilizer(name, spec, probes=3, seed=4, jacobian_batch=4, **opts)
+        stab.async_probes = threaded
+        res.append(sample(spec.denoiser, x, sig, "unipc", stabilizer=stab))
+    assert torch.equal(res[0].x, res[1].x)
+    assert [r["gamma"] for r in res[0].trace] == [r["gamma"] for r in res[1].trace]
