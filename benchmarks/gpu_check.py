@@ -366,8 +366,8 @@ def commands(device: torch.device, quick: bool, tmp: Path, budget: Budget, every
     q = ["--no-progress"]
     runs: list[tuple[list[str], int]] = [  # (argv, expected exit code)
         (["sample", "--model", "digits", "--stabilizer", "stein", "--device", dev, "--n", n_small, "--nfe", "6", "--json", *q], 0),
-        (["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--jacobian-batch", "7", "--device", dev, "--n", n_big,
-          "--nfe", "5", "--out", str(tmp / "s.npz"), "--json", *q], 0),
+        (["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--jacobian-batch", "7" if quick else "128", "--device", dev,
+          "--n", n_big, "--nfe", "5", "--out", str(tmp / "s.npz"), "--json", *q], 0),
         (["calibrate", "--model", "gmm:image64", "--solver", "euler", "--nfe", "5", "--variant", "stein-energy", "--n", n_big,
           "--out", str(tmp / "cal.json"), "--device", dev, "--json", *q], 0),
         (["sample", "--model", "gmm:image64", "--solver", "euler", "--nfe", "5", "--gamma-schedule", str(tmp / "cal.json"),
