@@ -547,6 +547,18 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.out_dir is not None:
         card = result["environment"].get("gpu") or "cpu"
         save_json(Path(args.out_dir) / f"gpu-check-{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}.json", result)
+    for t in result["timing"]:  # a short table on stderr (the JSON has everything)
+        for r in t.get("rows", []):
+            mem = f"{r['peak_mem_bytes'] / 2**30:.2f} GiB ({r['mem_ratio']:.2f}x)" if r.get("peak_mem_bytes") else "-"
+            tr = f"{r['time_ratio']:.2f}x" if r.get("time_ratio") is not None else "-"
+            log(f"  {t.get('model')} {r['variant']:20s} {tr:>7s} {mem:>20s}  {r['status'][:80]}")
+        if "status" in t:
+            log(f"  {t.get('model')}: {t['status'][:200]}")
+    for a in result["agreement"]:
+        log(f"  agreement {a.get('model')}: {a.get('all_agree')} " + " ".join(
+            f"{r['variant']}={r.get('rel_err', r['status'])!s:.9}" for r in a.get("rows", [])))
+    log(f"  targets: {result['targets']['rows']}")
+    log(f"  summary: {result['summary']}")
     log(f"done in {result['wall_s']} s")
     return 0
 

@@ -79,14 +79,14 @@ def check_model_device(model: Any, x: torch.Tensor, what: str = "the state x") -
     """Refuse, before any work, a model on the ``meta`` device or on another device than ``x``.
 
     The message names both devices and how to move one of them."""
-    if x.device.type == "meta":
-        raise DeviceError(f"{what} is on the meta device (a shape without data); create it on a real device")
     dev = model_device(model)
-    if dev is None:
-        return
-    if dev.type == "meta":
+    if dev is not None and dev.type == "meta":
         raise DeviceError("the model's parameters are on the meta device (created without weights); load its weights "
                           "(e.g. load_state_dict(..., assign=True) or to_empty(device=...)) before sampling")
+    if x.device.type == "meta":
+        raise DeviceError(f"{what} is on the meta device (a shape without data); create it on a real device")
+    if dev is None:
+        return
     if not same_device(dev, x.device):
         raise DeviceError(f"the model is on {dev} but {what} is on {x.device}; move one of them "
                           f"(model.to({str(x.device)!r}) or x.to({str(dev)!r}), or --device on the command line)")

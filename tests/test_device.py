@@ -5,7 +5,9 @@ import torch
 
 from steindiff import VEProcess, get_sigmas, prior_noise, sample
 from steindiff.device import DeviceError, check_model_device, model_device, resolve_device, same_device
+from steindiff.generate import generate
 from steindiff.models import EDMPrecond, UNet, UNetConfig, get_gmm
+from steindiff.models.registry import ModelSpec
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -84,6 +86,9 @@ def test_meta_model_and_meta_state_are_refused():
         sample(net, x, get_sigmas("karras", 3, VEProcess()), "euler")
     with pytest.raises(DeviceError, match="the state x is on the meta device"):
         check_model_device(tiny_unet(), torch.empty(2, 1, 8, 8, device="meta"))
+    spec = ModelSpec("meta", net, VEProcess(), (1, 8, 8))  # the noise would follow the model: the model is named
+    with pytest.raises(DeviceError, match="model's parameters are on the meta device"):
+        generate(spec, nfe=3, n=2)
 
 
 def test_matching_devices_pass():
