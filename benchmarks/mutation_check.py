@@ -162,7 +162,7 @@ MUTATIONS: list[Mutation] = [
       ("tests/metrics/test_mixture.py",),
       "mode TV: factor 1/2 dropped"),
     M("nll-per-dim", "steindiff/metrics/mixture.py",
-      "return float(-gmm.log_prob(_flat(x), 0.0).mean() / gmm.dim)", "return float(-gmm.log_prob(_flat(x), 0.0).mean())",
+      "return float(-gmm.log_prob(_on(x, gmm), 0.0).mean() / gmm.dim)", "return float(-gmm.log_prob(_on(x, gmm), 0.0).mean())",
       ("tests/metrics/test_mixture.py",),
       "NLL: not divided by the dimension"),
     M("sw2-floor", "steindiff/metrics/mixture.py",

@@ -79,7 +79,9 @@ def _tile_batch(extra: dict | None, n: int) -> dict | None:
 
 
 def _calibration_noise(spec: ModelSpec, sigma_max: float, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    return prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=dtype)
+    """Drawn on the CPU from ``seed``, then moved to the model's device."""
+    return prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=dtype,
+                       device=spec.device or "cpu")
 
 
 def calibrate(
@@ -109,6 +111,7 @@ def calibrate(
     max_solves: int = 200,
     max_seconds: float = 60.0,
     extra_args: dict | None = None,
+    jacobian_batch: int | None = None,
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for this configuration (module docstring).  ``seed`` draws the
     calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``.
@@ -119,6 +122,7 @@ def calibrate(
     ``fit`` (``gamma``, ``steps`` or ``both``), ``ref_solver``/``ref_steps`` (the fine solve),
     ``ref`` (a reference solve of the same noise to reuse), ``max_solves``/``max_seconds`` (budget of
     the refinement), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
+    Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes.
     """
     if objective is None:
         objective = "trajectory" if variant is None else ("reference" if variant == "reference" else "variant")
@@ -151,7 +155,7 @@ def calibrate(
         return result.schedule(meta)
     common = dict(solver=solver, sigmas=sigmas, n=n, seed=seed, dtype=dtype)
     if objective == "variant":
-        stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed)
+        stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
         if stab is None:
             gammas = [1.0] * steps
         else:

@@ -37,7 +37,7 @@ import torch
 
 from .io import save_json, save_npz, to_jsonable
 
-__all__ = ["sample_distributed", "merge_shards", "shard_status", "shard_range", "shard_name", "DistResult",
+__all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name", "DistResult",
            "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
 
 MANIFEST = "manifest.json"
@@ -80,6 +80,7 @@ class DistResult:
     wall_s: float = 0.0
     config: dict = field(default_factory=dict)
     run_id: str = ""
+    device: str = "cpu"
 
 
 # -- process group --------------------------------------------------------------------------------
@@ -126,22 +127,46 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
+def rank_device(device: str | torch.device | None = None) -> torch.device:
+    """This rank's device.  ``None``/``auto``: under nccl the rank's GPU (``cuda:LOCAL_RANK``, set by
+    the process group), else CUDA when available (``cuda:LOCAL_RANK`` modulo the devices present),
+    else the CPU.  ``cuda``: ``cuda:LOCAL_RANK``.  ``cpu``, ``cuda:N``: as given."""
+    import torch.distributed as dist
+
+    from .device import DeviceError, resolve_device
+
+    name = "auto" if device is None else device
+    if isinstance(name, str) and name.strip().lower() in ("auto", "cuda"):
+        nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+        if nccl:
+            return torch.device("cuda", torch.cuda.current_device())
+        dev = resolve_device(name)  # raises for cuda without CUDA
+        if dev.type == "cuda":
+            local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if name.strip().lower() == "cuda" and local >= count:
+                raise DeviceError(f"--device cuda: local rank {local} has no GPU of its own ({count} visible); "
+                                  "start at most one process per GPU or use --device auto")
+            return torch.device("cuda", local % count)
+        return dev
+    return resolve_device(name)
+
+
 # -- probes ---------------------------------------------------------------------------------------
 
 def _global_probe_fn(n: int, start: int, stop: int) -> Callable:
-    from .stabilizers.divergence import make_probes
+    from .stabilizers.divergence import draw_probes
 
     def fn(x: torch.Tensor, p: int, kind: str, generator: torch.Generator) -> torch.Tensor:
         if x.shape[0] != stop - start:
             raise ValueError(f"probe hook expected this rank's shard of {stop - start} samples, got a batch of {x.shape[0]}")
-        full = make_probes(x.new_empty((n, *x.shape[1:])), p, kind, generator)
-        return full[:, start:stop].contiguous()
+        full = draw_probes((n, *x.shape[1:]), p, kind, generator, x.dtype)  # on the CPU: only the slice moves
+        return full[:, start:stop].to(x.device)
 
     return fn
 
 
 def _per_sample_probe_fn(seed: int, start: int, stop: int) -> Callable:
-    from .stabilizers.divergence import make_probes
+    from .stabilizers.divergence import draw_probes
 
     calls = [0]
 
@@ -152,8 +177,8 @@ def _per_sample_probe_fn(seed: int, start: int, stop: int) -> Callable:
         rows = []
         for j in range(start, stop):
             s = int(np.random.SeedSequence([seed, call, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-            rows.append(make_probes(x[:1], p, kind, torch.Generator().manual_seed(s)))
-        return torch.cat(rows, dim=1)
+            rows.append(draw_probes((1, *x.shape[1:]), p, kind, torch.Generator().manual_seed(s), x.dtype))
+        return torch.cat(rows, dim=1).to(x.device)
 
     return fn
 
@@ -193,6 +218,8 @@ def sample_distributed(
     Its ``reduce`` and ``probe_fn`` are set here.  Initializes the process group from torchrun's
     environment (``backend`` ``auto``: nccl with CUDA, else gloo; ``timeout_s`` bounds every
     collective) unless one exists; without torchrun's environment it runs as world size 1.
+    ``device``: see :func:`rank_device` (default: under nccl each rank on its own GPU, ``LOCAL_RANK``;
+    the statistics are then all-reduced on the GPU).  The model is moved there.
     Raises :class:`DistributedSamplingError` when a collective fails (another rank died or stalled).
     """
     import torch.distributed as dist
@@ -225,11 +252,7 @@ def sample_distributed(
             raise ValueError(f"the stabilizer's batch statistics need at least 2 samples per rank; n={n} over "
                              f"{world} ranks leaves {n // world}")
         start, stop = shard_range(n, world, rank)
-        if device is None:  # the rank's GPU under nccl for a movable (nn.Module) model, else the CPU
-            on_gpu = (dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
-                      and isinstance(spec.denoiser, torch.nn.Module))
-            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        device = torch.device(device)
+        device = rank_device(device)
         config = {
             "model": spec.name, "solver": solver, "nfe": nfe, "schedule": schedule, "rho": rho, "seed": seed, "n": n,
             "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
@@ -247,12 +270,11 @@ def sample_distributed(
             save_json(out / MANIFEST, manifest)
 
         if stabilizer is not None and hasattr(stabilizer, "reduce"):
-            if world > 1:
+            if world > 1 or (dist.is_available() and dist.is_initialized()):  # a group of one rank too: same path
                 stabilizer.reduce = _all_reduce_sum
             stabilizer.probe_fn = (_global_probe_fn(n, start, stop) if probe_mode == "global"
                                    else _per_sample_probe_fn(seed, start, stop))
-        if isinstance(spec.denoiser, torch.nn.Module):
-            spec.denoiser.to(device)
+        spec.to(device)  # in place: a stabilizer built on the spec (e.g. a mixture's exact divergence) follows
 
         from .sampling import prior_noise
 
@@ -288,7 +310,7 @@ def sample_distributed(
                                        "missing": st["missing"], "stale": st["stale"],
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return DistResult(rank, world, str(out), str(out / shard_name(rank)), start, stop, gen.nfe, gen.extra_passes,
-                          gammas, gen.wall_s, config, run_id)
+                          gammas, gen.wall_s, config, run_id, str(device))
     finally:
         if owned:
             with contextlib.suppress(Exception):

@@ -45,18 +45,27 @@ def generate(
     noise: torch.Tensor | None = None,
     sigmas: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> Generation:
     """Draw ``n`` samples from ``spec`` with ``solver`` within ``nfe`` model passes per sample.
 
-    The initial noise for all ``n`` samples comes from ``seed`` at once, so a sample does not depend
-    on ``batch_size`` unless the stabilizer uses batch statistics.
+    The initial noise for all ``n`` samples comes from ``seed`` at once (drawn on the CPU, then
+    moved), so a sample does not depend on ``batch_size`` unless the stabilizer uses batch statistics,
+    nor on the device beyond floating-point rounding.  ``device``: where to sample; default the
+    model's device (:attr:`ModelSpec.device`), else ``noise``'s, else the CPU.  Given ``noise`` is
+    moved there; a model on another device is refused (move it with :meth:`ModelSpec.to`).
     """
     solver_obj = get_solver(solver, **(solver_options or {}))
+    if device is None:
+        device = spec.device or (noise.device if noise is not None else torch.device("cpu"))
+    device = torch.device(device)
     if sigmas is None:
         steps = steps_for_nfe(solver_obj, nfe)
         sigmas = get_sigmas(schedule, steps, spec.process, rho=rho)
     if noise is None:
-        noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype)
+        noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype, device=device)
+    else:
+        noise = noise.to(device)
     bs = n if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

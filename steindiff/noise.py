@@ -144,20 +144,31 @@ class DiscreteVPProcess(NoiseProcess):
         self.sigma_max = float(self.sigmas_table[-1])
         self.num_train_timesteps = len(ac)
 
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """``log sigma`` per timestep on ``device`` (copied once per device, then cached)."""
+        if device.type == "cpu":
+            return self.log_sigmas
+        cache = self.__dict__.setdefault("_tables", {})
+        if device not in cache:
+            cache[device] = self.log_sigmas.to(device)
+        return cache[device]
+
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
-        """Noise level at a (fractional) timestep, interpolating ``log sigma``."""
+        """Noise level at a (fractional) timestep, interpolating ``log sigma`` (on ``t``'s device)."""
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        table = self._table(t.device)
         lo = t.floor().long().clamp(max=self.num_train_timesteps - 2)
         w = t - lo
-        return torch.exp((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1])
+        return torch.exp((1 - w) * table[lo] + w * table[lo + 1])
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Fractional timestep of a noise level (inverse of :meth:`t_to_sigma`)."""
+        """Fractional timestep of a noise level (inverse of :meth:`t_to_sigma`, on ``sigma``'s device)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        table = self._table(sigma.device)
         log_sigma = torch.log(sigma.clamp(min=1e-10))
-        idx = torch.searchsorted(self.log_sigmas, log_sigma.reshape(-1), right=True) - 1
+        idx = torch.searchsorted(table, log_sigma.reshape(-1), right=True) - 1
         idx = idx.clamp(0, self.num_train_timesteps - 2).reshape(log_sigma.shape)
-        lo, hi = self.log_sigmas[idx], self.log_sigmas[idx + 1]
+        lo, hi = table[idx], table[idx + 1]
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return idx + w
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .device import check_model_device
 from .noise import NoiseProcess, VEProcess
 from .schedules import validate_sigmas
 from .solvers import Denoise, Solver, Step, StepOperator, get_solver
@@ -81,7 +82,11 @@ def sample(
     (x_next, step, record)``, where ``record`` (a dict) goes into the trace.  ``callback`` receives a dict with
     ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.  The state is kept in
     ``dtype`` (default: ``x``'s dtype, or float32 for half precision input).
+
+    Everything runs on ``x``'s device; a model whose parameters live elsewhere (or on ``meta``) is
+    refused before any work (:func:`steindiff.device.check_model_device`).
     """
+    check_model_device(model, x)
     sig = validate_sigmas(sigmas)
     sig_list = [float(s) for s in sig]
     solver = get_solver(solver, **(solver_options or {}))
@@ -106,4 +111,6 @@ def sample(
         if callback is not None:
             callback({"step": i, "sigma": sig_list[i], "sigma_next": sig_list[i + 1], "x": x_next, "denoised": step.denoised})
         x, state = x_next, step.state
+    if x.is_cuda:  # the wall time of the whole solve, not of its kernel launches
+        torch.cuda.synchronize(x.device)
     return SampleResult(x=x, nfe=denoise.calls, extra_passes=extra_passes, trace=trace, wall_s=time.perf_counter() - t0)

@@ -49,12 +49,13 @@ from .noise import DiscreteVPProcess, NoiseProcess, VEProcess
 __all__ = [
     "ImageDataset", "DataError", "CheckpointError", "TrainConfig", "TrainResult",
     "load_dataset", "split_indices", "train", "save_checkpoint", "load_checkpoint",
-    "build_denoiser", "CHECKPOINT_SCHEMA", "DIGITS_HOLDOUT", "LOSSES",
+    "build_denoiser", "CHECKPOINT_SCHEMA", "DIGITS_HOLDOUT", "LOSSES", "PRECISIONS",
 ]
 
 CHECKPOINT_SCHEMA = "steindiff.checkpoint/1"
 DIGITS_HOLDOUT = 297
 LOSSES = ("edm", "vp-eps")
+PRECISIONS = ("fp32", "bf16")
 WEIGHTS_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 
 
@@ -245,11 +246,15 @@ class TrainConfig:
     label_dropout: float = 0.1
     ckpt_every: int = 1000
     time_limit_s: float | None = None
+    precision: str = "fp32"  # or "bf16": autocast of the network's forward pass (weights and loss stay float32)
+    log_every: int = 50  # read the losses back from the device (and check them) every this many iterations
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("iters", "batch_size", "ckpt_every"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("iters", "batch_size", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or not 0 <= self.ema_decay < 1:
@@ -446,6 +451,17 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor on the CPU: checkpoints load on any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup)) if cfg.warmup else cfg.lr
 
@@ -459,8 +475,17 @@ def train(
     progress: bool = True,
     dataset: ImageDataset | None = None,
     callback: Callable[[dict], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train (or, with ``resume``, continue training) a U-Net and write checkpoints to ``out``.
+
+    ``device``: where the network, the optimizer and the training images live (default: the
+    dataset's device, normally the CPU).  The random streams (batches, noise, noise levels) come
+    from a CPU generator and are moved, without a host synchronisation; the losses are read back
+    (and checked for NaN) every ``cfg.log_every`` iterations, not every one.  ``cfg.precision``
+    ``bf16`` runs the network's forward pass under bf16 autocast.  Checkpoints are written from CPU
+    copies and resume on either device.  A ``callback`` gets ``{"step", "loss"}`` after every
+    iteration (reading the loss costs one synchronisation per iteration).
 
     ``resume=True`` continues from ``out/train_state.pt`` up to ``cfg.iters`` total iterations; the
     architecture, loss and data must match.  Without ``resume`` an existing checkpoint at ``out``
@@ -487,6 +512,7 @@ def train(
     if unet.num_classes and y_train is not None and int(y_train.max()) >= unet.num_classes:
         raise DataError(f"{cfg.data}: label {int(y_train.max())} >= num_classes {unet.num_classes}")
 
+    device = torch.device(device) if device is not None else ds.x.device
     torch.manual_seed(cfg.seed)
     net = UNet(unet)
     ema = UNet(unet)
@@ -530,15 +556,44 @@ def train(
             raise CheckpointError(f"{sfile}: training state does not match the model ({e})") from None
         gen.set_state(st["gen"])
         torch.set_rng_state(st["rng"])
+        if device.type == "cuda" and st.get("cuda_rng") is not None:  # dropout's stream, when resumed on CUDA
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
         step, wall_prev, losses = int(st["step"]), float(st["wall_s"]), list(st["losses"])
     elif out.exists() and (is_checkpoint_dir(out) or (out / STATE_FILE).exists()):
         raise FileExistsError(f"{out}: a checkpoint already exists; resume it or choose another folder")
     elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not an empty folder")
 
-    x_train_d, labels_d = x_train, y_train
+    net.to(device)
+    ema.to(device)
+    # the optimizer's state follows its parameters (moved, or restored onto them above)
+    for group_state in opt.state.values():
+        for k, v in group_state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                group_state[k] = v.to(device)
+    x_train_d = x_train.to(device)
+    labels_d = y_train.to(device) if y_train is not None else None
+    abar_d = vp.alphas_cumprod.to(device, torch.float32) if vp is not None else None  # type: ignore[union-attr]
     n_train = x_train.shape[0]
     sd = cfg.sigma_data
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read back
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)  # no host synchronisation (pageable memory is staged)
+
+    def flush() -> None:
+        """Read the pending losses back in one synchronisation; a non-finite one stops training."""
+        if not pending:
+            return
+        vals = torch.stack([v for _, v in pending]).tolist()
+        steps_ = [k for k, _ in pending]
+        pending.clear()
+        for k, v in zip(steps_, vals):
+            if not np.isfinite(v):
+                raise FloatingPointError(f"training loss became {v} at step {k}; lower the learning rate")
+        losses.extend(vals)
+        bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
 
     def make_config(stopped: bool) -> dict[str, Any]:
         tail = losses[-200:]
@@ -554,16 +609,20 @@ def train(
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
             },
             "weights": {"file": WEIGHTS_FILE, "ema": True, "dtype": "float32", "n_params": net.num_parameters()},
+            "device": str(device),
         }
 
     def checkpoint(stopped: bool = False) -> None:
+        flush()
         state = {
-            "step": step, "model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "gen": gen.get_state(), "rng": torch.get_rng_state(), "wall_s": wall_prev + time.perf_counter() - t0,
+            "step": step, "model": _to_cpu(net.state_dict()), "ema": _to_cpu(ema.state_dict()),
+            "opt": _to_cpu(opt.state_dict()), "gen": gen.get_state(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device).cpu() if device.type == "cuda" else None,
+            "wall_s": wall_prev + time.perf_counter() - t0,
             "losses": losses, "unet": unet.to_dict(), "loss": cfg.loss, "fingerprint": data_info["fingerprint"],
             "holdout": data_info["holdout"]["indices"],
         }
-        save_checkpoint(out, make_config(stopped), ema.state_dict(), state)
+        save_checkpoint(out, make_config(stopped), state["ema"], state)
 
     t0 = time.perf_counter()
     stopped = False
@@ -571,29 +630,31 @@ def train(
     bar = tqdm(total=cfg.iters, initial=min(step, cfg.iters), disable=not progress, desc="train", dynamic_ncols=True)
     try:
         while step < cfg.iters:
+            # every random number from the CPU generator (the same stream on any device), then moved
             idx = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
-            x0 = x_train_d[idx]
+            x0 = x_train_d[to_dev(idx)]
             labels = None
             if unet.num_classes:
-                labels = labels_d[idx].clone()
-                drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+                labels = labels_d[to_dev(idx)].clone()  # type: ignore[index]
+                drop = to_dev(torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout)
                 labels = torch.where(drop, torch.full_like(labels, unet.num_classes), labels)
-            noise = torch.randn(x0.shape, generator=gen)
+            noise = to_dev(torch.randn(x0.shape, generator=gen))
             if cfg.loss == "edm":
-                sigma = (torch.randn(cfg.batch_size, generator=gen) * cfg.P_std + cfg.P_mean).exp()
+                sigma = to_dev((torch.randn(cfg.batch_size, generator=gen) * cfg.P_std + cfg.P_mean).exp())
                 s = sigma[:, None, None, None]
                 c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt()
-                F_pred = net(c_in * (x0 + s * noise), sigma.log() / 4, class_labels=labels)
-                D = c_skip * (x0 + s * noise) + c_out * F_pred
+                with autocast:
+                    F_pred = net(c_in * (x0 + s * noise), sigma.log() / 4, class_labels=labels)
+                D = c_skip * (x0 + s * noise) + c_out * F_pred.float()
                 weight = (s**2 + sd**2) / (s * sd) ** 2
                 loss = (weight * (D - x0) ** 2).mean()
             else:
-                t = torch.randint(0, vp.num_train_timesteps, (cfg.batch_size,), generator=gen)  # type: ignore[union-attr]
-                abar = vp.alphas_cumprod[t].to(torch.float32)[:, None, None, None]  # type: ignore[union-attr]
+                t = to_dev(torch.randint(0, vp.num_train_timesteps, (cfg.batch_size,), generator=gen))  # type: ignore[union-attr]
+                abar = abar_d[t][:, None, None, None]  # type: ignore[index]
                 x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-                loss = ((net(x_t, t.to(torch.float32), class_labels=labels) - noise) ** 2).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+                with autocast:
+                    eps = net(x_t, t.to(torch.float32), class_labels=labels)
+                loss = ((eps.float() - noise) ** 2).mean()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -608,12 +669,12 @@ def train(
                 for be, bn in zip(ema.buffers(), net.buffers()):
                     be.copy_(bn)
             step += 1
-            losses.append(loss.item())
+            pending.append((step - 1, loss.detach()))
             bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+            if step % cfg.log_every == 0:
+                flush()
             if callback is not None:
-                callback({"step": step, "loss": losses[-1]})  # a float: loss still requires grad
+                callback({"step": step, "loss": float(loss.detach())})
             if step % cfg.ckpt_every == 0 and step < cfg.iters:
                 checkpoint()
             if cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s and step < cfg.iters:
@@ -622,7 +683,7 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         if step > 0:
-            checkpoint(stopped=True)
+            checkpoint(stopped=True)  # after a non-finite loss: raises that instead, the last good checkpoint stays
         raise
     bar.close()
     checkpoint(stopped)

@@ -261,7 +261,7 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
         x = _solve(model, noise, plan, extra_args)
         info["solves"] += 1
         bar.update()
-        r = ((x - target).double().reshape(-1) / scale).numpy()
+        r = ((x - target).double().reshape(-1) / scale).cpu().numpy()
         if r_target > 0 and np.isfinite(r).all():
             r = np.append(r, math.sqrt(reg_residual) * math.log(max(moved(x), 1e-300) / r_target))
         if not np.isfinite(r).all():

@@ -141,3 +141,34 @@ def test_single_process_and_stale_shards(tmp_path):
     with pytest.raises(ValueError, match="probe_mode"):
         sample_distributed("gmm:toy2d", tmp_path / "c", probe_mode="random", **kw)
     assert [shard_range(10, 3, r) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_rank_device(monkeypatch):
+    from steindiff.device import DeviceError
+    from steindiff.distributed import rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert rank_device(None) == torch.device("cuda", 1 % n)
+        if n < 2:
+            with pytest.raises(DeviceError, match="local rank 1 has no GPU"):
+                rank_device("cuda")
+    else:
+        assert rank_device(None) == rank_device("auto") == torch.device("cpu")
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            rank_device("cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="no CUDA device"))])
+def test_single_process_on_a_device(tmp_path, device):
+    kw = dict(n=8, solver="dpmpp_2m", nfe=3, seed=1)
+    r = sample_distributed("gmm:toy2d", tmp_path / "a", stabilizer_name="stein", stabilizer_options={"probes": 2},
+                           dtype=torch.float64, device=device, **kw)
+    assert r.device.startswith(device)
+    spec = load_model("gmm:toy2d")
+    ref = generate(spec, stabilizer=make_stabilizer("stein", spec, probes=2), dtype=torch.float64, **kw)
+    with np.load(tmp_path / "a" / shard_name(0)) as z:
+        np.testing.assert_allclose(z["samples"], ref.x.numpy(), rtol=1e-9, atol=1e-12)

@@ -132,3 +132,14 @@ def test_bad_arguments():
         DiscreteVPProcess(betas=[0.1, 1.5])
     with pytest.raises(ValueError, match="strictly decreasing"):
         DiscreteVPProcess(alphas_cumprod=[0.9, 0.95])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="no CUDA device"))])
+def test_discrete_tables_follow_the_input_device(device):
+    p = DiscreteVPProcess()
+    sig = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+    t = p.sigma_to_t(sig.to(device))
+    assert t.device.type == device
+    torch.testing.assert_close(t.cpu(), p.sigma_to_t(sig))
+    torch.testing.assert_close(p.t_to_sigma(t).cpu(), p.t_to_sigma(t.cpu()))

@@ -1,4 +1,6 @@
 import json
+import sys
+import warnings
 import os
 from pathlib import Path
 
@@ -359,3 +361,84 @@ def test_image_size_must_fit_the_unet(tmp_path):
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2, 2), attn_levels=())
     with pytest.raises(T.DataError, match="not divisible by 4"):
         T.train(tiny_cfg(), tmp_path / "o", unet, progress=False, dataset=ds)
+
+
+# ---------------------------------------------------------------- devices and precision
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _state_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _state_tensors(v)
+
+
+def test_explicit_cpu_device_bf16_and_no_scalar_of_a_graph(tmp_path, digits):
+    """device="cpu" given explicitly, bf16 autocast, and the callback's loss read without converting
+    a tensor that requires grad (which torch warns about)."""
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = T.train(tiny_cfg(iters=3, precision="bf16", log_every=2), tmp_path / "run", TINY, progress=False,
+                      dataset=digits, device="cpu", callback=lambda info: seen.append(info["loss"]))
+    assert res.step == 3 and len(seen) == 3 and all(isinstance(v, float) for v in seen)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["training"]["precision"] == "bf16" and cfg["device"] == "cpu"
+    assert np.isfinite(res.loss)
+    with pytest.raises(ValueError, match="precision"):
+        T.TrainConfig(precision="fp16")
+
+
+def test_losses_are_read_back_every_log_every_and_checked(tmp_path, digits, monkeypatch):
+    """A non-finite loss is caught at the next read-back (naming its step) and no checkpoint is
+    written from the broken weights."""
+    calls = []
+    real_stack = torch.stack
+
+    def spy(ts, *a, **k):
+        if sys._getframe(1).f_code.co_name == "flush":  # the training loop's read-back of the losses
+            calls.append(len(ts))
+        return real_stack(ts, *a, **k)
+
+    monkeypatch.setattr(T.torch, "stack", spy)
+    T.train(tiny_cfg(iters=7, log_every=3, ckpt_every=100), tmp_path / "ok", TINY, progress=False, dataset=digits)
+    assert calls == [3, 3, 1]  # one read-back per 3 iterations, the rest before the final checkpoint
+    monkeypatch.undo()
+    real_forward, n_calls = T.UNet.forward, [0]
+
+    def poisoned(self, *a, **k):  # the 4th iteration (index 3) returns NaN
+        n_calls[0] += 1
+        out = real_forward(self, *a, **k)
+        return out * float("nan") if n_calls[0] == 4 else out
+
+    monkeypatch.setattr(T.UNet, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="loss became nan at step 3"):
+        T.train(tiny_cfg(iters=8, log_every=4, ckpt_every=2), out, TINY, progress=False, dataset=digits)
+    net, cfg = T.load_checkpoint(out)  # the checkpoint before the NaN, never one after it
+    assert cfg["training"]["step"] == 2 and all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_checkpoints_hold_cpu_tensors_only(ckpt):
+    out, _ = ckpt
+    st = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in _state_tensors(st))
+
+
+@needs_cuda
+def test_train_on_cuda_and_resume_on_cpu(tmp_path, digits):
+    out = tmp_path / "gpu"
+    res = T.train(tiny_cfg(iters=2), out, TINY, progress=False, dataset=digits, device="cuda")
+    assert res.step == 2 and json.loads((out / "config.json").read_text())["device"].startswith("cuda")
+    st = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+    assert all(t.device.type == "cpu" for t in _state_tensors(st))
+    res = T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits, resume=True, device="cpu")
+    assert res.step == 4 and np.isfinite(res.loss)
+    res = T.train(tiny_cfg(iters=5, precision="bf16"), out, TINY, progress=False, dataset=digits, resume=True, device="cuda")
+    assert res.step == 5 and np.isfinite(res.loss)

@@ -109,8 +109,10 @@ def primary_metric(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------
 def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
                   coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int,
-                  probes: int = 5) -> dict[str, ModelSpec]:
-    """Check every name and value of a grid before any work; return the loaded models.
+                  probes: int = 5, device: str | torch.device | None = None,
+                  jacobian_batch: int | None = None) -> dict[str, ModelSpec]:
+    """Check every name and value of a grid before any work; return the loaded models (moved to
+    ``device`` when given).
 
     Raises ``ValueError`` naming the first bad entry.  The benchmark needs exact-score mixtures
     (``gmm:...``) or image models with reference images (``digits``): its metrics compare with the
@@ -160,25 +162,28 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
             note = (spec.info or {}).get("data_note")
             raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...) or an image model with "
                              f"reference images (digits), got {m!r}" + (f": {note}" if note else ""))
-        specs[m] = spec
+        specs[m] = spec if device is None else spec.to(device)
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             if s != TRAJECTORY:
-                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes)
+                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes, jacobian_batch=jacobian_batch)
     return specs
 
 
 # --------------------------------------------------------------------------------------------
 # the grid
 # --------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    """Where and with what the numbers were measured (absolute times are only comparable within a run)."""
+def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
+    """Where and with what the numbers were measured (absolute times are only comparable within a run);
+    on CUDA also the card's name and the CUDA version (:func:`steindiff.device.describe_device`)."""
     import steindiff
+
+    from ..device import describe_device
 
     return {
         "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
         "steindiff": steindiff.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": "cpu", "dtype": "float64",
+        **describe_device(device or "cpu"), "dtype": "float64",
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -216,7 +221,7 @@ def _calibration_reference(spec: ModelSpec, opts: dict):
 
     n = opts["n"]
     noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=opts["seed"],
-                        dtype=_dtype(spec))
+                        dtype=_dtype(spec), device=spec.device or "cpu")
     return reference_solve(spec.denoiser, noise, float(spec.process.sigma_max), float(spec.process.sigma_min),
                            steps=opts["ref_steps"])
 
@@ -248,7 +253,8 @@ def _reason(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {msg[:300]}"
 
 
-def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd, calibrated=None) -> dict:
+def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
+             calibrated=None) -> dict:
     row: dict[str, Any] = {"steps": len(sigmas) - 1}
     try:
         if stab_name == TRAJECTORY:
@@ -261,10 +267,10 @@ def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, 
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
             stab = calibrate(spec, solver=solver, sigmas=sigmas, coords=coords, variant=stab_name[4:], n=noise.shape[0],
-                             seed=50_000 + seed, probes=probes, dtype=_dtype(spec))
+                             seed=50_000 + seed, probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
             row["calibrated_gammas"] = stab.gammas
         else:
-            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed)
+            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
         gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,
                        dtype=_dtype(spec))
     except Exception as e:  # a stabilizer that blows up is a result
@@ -308,6 +314,8 @@ def run_grid(
     ref_steps: int = 1000,
     calibration: dict | None = None,
     calibration_dir: str | None = None,
+    device: str | torch.device | None = None,
+    jacobian_batch: int | None = None,
 ) -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
 
@@ -321,15 +329,17 @@ def run_grid(
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
     side by side.  Image models use float32 states and at most :data:`IMAGE_REF_STEPS` reference steps.
+    ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
+    ``jacobian_batch``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
-    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes)
+    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device, jacobian_batch)
     if ref_solver not in SOLVERS or ref_steps < 1:
         raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
     configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
     total = len(models) * len(seeds) * len(solvers) * len(schedules) * len(nfes) * len(configs)
     rows: list[dict] = []
     cal_config: dict[str, dict] = {}
-    machine = machine_info()
+    machine = machine_info(device)
     kinds = {model_kind(s) for s in specs.values()}
     if "image" in kinds:
         machine["dtype"] = "float32" if kinds == {"image"} else "float64 (mixtures), float32 (image models)"
@@ -366,7 +376,8 @@ def run_grid(
                 return cal_cache[key]
 
             for seed in seeds:
-                noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=_dtype(spec))
+                noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=_dtype(spec),
+                                    device=spec.device or "cpu")
                 ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
                 floors = _floors(spec, n, seed)
                 done: dict[tuple, dict] = {}
@@ -385,7 +396,7 @@ def run_grid(
                                     cal = (lambda solver=solver, schedule=schedule, sigmas=sigmas:
                                            calibrated(solver, schedule, sigmas))
                                     row = {**base, **_run_one(spec, noise, sigmas, solver, stab, "ve" if c == "-" else c,
-                                                              probes, seed, ref, floors, mmd, cal)}
+                                                              probes, seed, ref, floors, mmd, jacobian_batch, cal)}
                                     done[key] = row
                                 rows.append(row)
                                 bar.update(1)
@@ -407,12 +418,31 @@ def run_grid(
 # --------------------------------------------------------------------------------------------
 # cost, side by side
 # --------------------------------------------------------------------------------------------
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    """``torch.cuda.max_memory_allocated`` since :func:`_reset_peak`; ``None`` off CUDA (not measured)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedule: str = "karras",
              stabilizers: Sequence[str] = ("none", "stein"), probes_list: Sequence[int] = (1, 5), n: int = 1000,
-             repeats: int = 5, coords: str = "ve", seed: int = 0, progress: bool = True) -> list[dict]:
+             repeats: int = 5, coords: str = "ve", seed: int = 0, progress: bool = True,
+             device: str | torch.device | None = None, jacobian_batch: int | None = None) -> list[dict]:
     """Wall-clock seconds per sample of ``none`` and each stabilizer at equal NFE, measured in one
     process with the repeats interleaved (``none, stein P=1, stein P=5, ...`` then again), medians,
     after one untimed warm-up round.
+
+    Peak memory: on CUDA each entry has ``peak_mem_bytes``, the largest
+    ``torch.cuda.max_memory_allocated`` of its timed runs (statistics reset before each), and
+    ``mem_ratio`` to ``none``'s; on the CPU both are ``None`` (not measured).
 
     The stabilizers' ``rho`` diagnostic (an exact divergence of the mixture's denoiser per step) is
     switched off here; the grid's own timings include it.
@@ -420,7 +450,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     entry has ``ratio`` = median time / median time of ``none`` in the same (model, solver, nfe).
     """
     stabilizers = list(dict.fromkeys(["none", *stabilizers]))
-    specs = validate_grid(models, solvers, nfes, [schedule], [coords], stabilizers, [seed], n, max(probes_list))
+    specs = validate_grid(models, solvers, nfes, [schedule], [coords], stabilizers, [seed], n, max(probes_list), device,
+                          jacobian_batch)
     if repeats < 1 or any(p < 1 for p in probes_list):
         raise ValueError("repeats and probe counts must be >= 1")
     variants = [(s, p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
@@ -431,11 +462,12 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
         for m in models:
             spec = specs[m]
             noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=seed,
-                                dtype=_dtype(spec))
+                                dtype=_dtype(spec), device=spec.device or "cpu")
             for solver in solvers:
                 for nfe in nfes:
                     sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
                     times: dict[tuple, list[float]] = {v: [] for v in variants}
+                    peaks: dict[tuple, list[int]] = {v: [] for v in variants}
                     info: dict[tuple, dict] = {}
                     plan = None
                     if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
@@ -448,25 +480,34 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                             if v[0] == TRAJECTORY:
                                 stab, run_sigmas = plan.stabilizer(), plan.sigmas
                             else:
-                                stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed)
+                                stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
+                                                       jacobian_batch=jacobian_batch)
                             if stab is not None and hasattr(stab, "denoiser_divergence"):
                                 stab.denoiser_divergence = None  # rho (exact div D per step) is a diagnostic
                             try:
+                                _reset_peak(noise.device)
                                 gen = generate(spec, solver=solver, sigmas=run_sigmas, noise=noise, n=n, stabilizer=stab,
                                                dtype=_dtype(spec))
                                 if rep > 0:
                                     times[v].append(gen.wall_s / n)
+                                    peak = _peak(noise.device)
+                                    if peak is not None:
+                                        peaks[v].append(peak)
                                 info[v] = {"nfe": gen.nfe, "extra_passes": gen.extra_passes, "status": "ok"}
                             except Exception as e:
                                 info[v] = {"nfe": None, "extra_passes": None, "status": _reason(e)}
                             bar.update(1)
                     t_none = statistics.median(times[("none", None)]) if times[("none", None)] else None
+                    p_none = max(peaks[("none", None)]) if peaks[("none", None)] else None
                     for v in variants:
                         t = statistics.median(times[v]) if times[v] else None
+                        pk = max(peaks[v]) if peaks[v] else None
                         out.append({"model": spec.name, "solver": solver, "schedule": schedule, "coords": coords if v[0] != "none" else "-",
                                     "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n, "repeats": len(times[v]),
                                     **info[v], "wall_s_per_sample": t,
-                                    "ratio": (t / t_none) if (t is not None and t_none) else None})
+                                    "ratio": (t / t_none) if (t is not None and t_none) else None,
+                                    "device": str(noise.device), "jacobian_batch": jacobian_batch,
+                                    "peak_mem_bytes": pk, "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
     finally:
         bar.close()
     return out

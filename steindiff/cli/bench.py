@@ -4,8 +4,8 @@ Runs every configuration model x seed x solver x schedule x NFE x stabilizer x c
 comma-separated), then writes the ``steindiff.bench/1`` results (``--json-out FILE``; ``--json`` prints
 them to stdout instead of the text summary), a Markdown report (``--markdown FILE``) and PNG plots
 (``--plots DIR``).  ``--cost`` measures wall-clock ratios stabilizer/none side by side instead of
-running the grid (stein at each ``--cost-probes`` count, repeats interleaved, medians; results
-under ``"cost"``).  ``--from FILE`` rebuilds the report and plots from saved results without
+running the grid (stein at each ``--cost-probes`` count, repeats interleaved, medians; on CUDA also
+the peak memory, ``torch.cuda.max_memory_allocated``, and its ratio to none; results under ``"cost"``).  ``--from FILE`` rebuilds the report and plots from saved results without
 sampling.  Every name and output path is checked before any work (exit code 2); a configuration
 that fails is recorded in its row (``status``), not fatal.  Exit codes: 0 success, 1 runtime
 failure, 2 usage.
@@ -59,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats for --cost")
+    p.add_argument("--jacobian-batch", type=int, default=None, metavar="N",
+                   help="at most N sample-probe pairs per Jacobian pass of a stabilizer (bounds its memory, changes no "
+                        "result; default: the whole batch)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N")
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                    help="read results from FILE (a steindiff.bench/1 JSON) instead of running")
     p.add_argument("--json-out", default=None, metavar="FILE", help="write the results JSON to FILE ('-': stdout)")
@@ -103,6 +107,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench import SCHEMA, run_cost, run_grid, summarize, validate_grid, write_markdown, write_plots
     from ..bench.runner import machine_info
+    from .common import device_from_args
 
     _check_outputs(args)
     if args.from_file is not None:
@@ -122,24 +127,26 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--ref-solver: unknown solver {args.ref_solver!r}")
         if args.ref_steps < 1 or args.repeats < 1 or min(cost_probes) < 1:
             raise UsageError("--ref-steps, --repeats and --cost-probes must be >= 1")
+        device = device_from_args(args)
         try:
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
-                          grid["stabilizers"], grid["seeds"], args.n, args.probes)
+                          grid["stabilizers"], grid["seeds"], args.n, args.probes, jacobian_batch=args.jacobian_batch)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
         progress = not args.no_progress
         if args.cost:
-            machine, t0 = machine_info(), time.perf_counter()
+            machine, t0 = machine_info(device), time.perf_counter()
             entries = run_cost(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"][0], grid["stabilizers"],
-                               cost_probes, args.n, args.repeats, grid["coords"][0], grid["seeds"][0], progress)
+                               cost_probes, args.n, args.repeats, grid["coords"][0], grid["seeds"][0], progress,
+                               device=device, jacobian_batch=args.jacobian_batch)
             machine["wall_s_total"] = time.perf_counter() - t0
             result = {"schema": SCHEMA, "machine": machine,
                       "config": {**grid, "n": args.n, "cost_probes": cost_probes, "repeats": args.repeats},
                       "rows": [], "cost": entries}
         else:
             result = run_grid(**grid, n=args.n, probes=args.probes, progress=progress, mmd=args.mmd,
-                              ref_solver=args.ref_solver, ref_steps=args.ref_steps,
-                              calibration_dir=args.calibration_dir)
+                              ref_solver=args.ref_solver, ref_steps=args.ref_steps, device=device,
+                              jacobian_batch=args.jacobian_batch, calibration_dir=args.calibration_dir)
         result["command"] = _command(args)
     summary = summarize(result)
     if args.json_out not in (None, "-"):
@@ -168,8 +175,9 @@ def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str
     for e in summary["cost"].get("side_by_side", []):
         if e["stabilizer"] != "none":
             p = f" P={e['probes']}" if e["probes"] else ""
+            mem = f", peak memory {e['mem_ratio']:.2f}x none" if e.get("mem_ratio") is not None else ""
             lines.append(f"  cost {e['model']} {e['solver']} NFE {e['nfe_budget']} {e['stabilizer']}{p}: "
-                         f"{e['ratio']:.2f}x none" if e["ratio"] is not None else f"  cost {e['stabilizer']}{p}: {e['status']}")
+                         f"{e['ratio']:.2f}x none{mem}" if e["ratio"] is not None else f"  cost {e['stabilizer']}{p}: {e['status']}")
     for path in (args.json_out, args.markdown):
         if path not in (None, "-"):
             lines.append(f"  wrote {path}")
@@ -185,6 +193,10 @@ def _command(args: argparse.Namespace) -> str:
              "--seeds", args.seeds, "--n", str(args.n)]
     if args.cost:
         parts += ["--cost", "--cost-probes", args.cost_probes, "--repeats", str(args.repeats)]
+    if args.jacobian_batch is not None:
+        parts += ["--jacobian-batch", str(args.jacobian_batch)]
+    if args.device != "auto":
+        parts += ["--device", args.device]
     else:
         parts += ["--probes", str(args.probes), "--ref-solver", args.ref_solver, "--ref-steps", str(args.ref_steps)]
         if args.mmd:

@@ -15,7 +15,8 @@ from ..io import check_writable
 from ..stabilizers import STABILIZERS
 from ..trajectory import FIT_MODES
 from . import UsageError, emit
-from .common import DTYPES, add_common, add_sampling, check_sampling, load_model_or_usage
+from .common import (DTYPES, add_common, add_device, add_jacobian_batch, add_sampling, check_sampling, device_from_args,
+                     model_on_device)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", required=True, help="output JSON file")
+    add_jacobian_batch(p)
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run, seed=CALIBRATION_SEED)
 
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--n must be at least 4 for trajectory (fit and validation halves), got {args.n}")
     if args.ref_steps < 4 or not args.max_seconds > 0:
         raise UsageError(f"--ref-steps must be >= 4 and --max-seconds > 0, got {args.ref_steps} and {args.max_seconds}")
-    spec = load_model_or_usage(args.model)
+    device = device_from_args(args)
+    spec = model_on_device(args.model, device)
     try:
         check_writable(args.out)
     except OSError as e:
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
                           objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
                           reference=ref, probes=args.probes, dtype=DTYPES[args.dtype], progress=not args.no_progress,
-                          rho=args.rho, ref_steps=args.ref_steps, max_seconds=args.max_seconds)
+                          rho=args.rho, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
+                          jacobian_batch=args.jacobian_batch)
     except ValueError as e:
         raise UsageError(str(e)) from None
     sched.save(args.out)

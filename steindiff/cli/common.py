@@ -34,7 +34,10 @@ def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True) -> No
     p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}")
     p.add_argument("--coords", default="ve", choices=["ve", "vp"], help="state coordinates of the Stein statistics")
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step")
-    p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"], help="reverse- or forward-mode Jacobian products")
+    p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"],
+                   help="Jacobian products: vjp (reverse mode, the default and the cheaper one) or jvp (forward mode: "
+                        "costs more time and memory here)")
+    add_jacobian_batch(p)
     p.add_argument("--gamma-min", type=float, default=None,
                    help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 stein-tr, 0.5 stein-energy)")
     p.add_argument("--gamma-max", type=float, default=None,
@@ -48,7 +51,8 @@ def stabilizer_options(args: argparse.Namespace) -> dict:
     """The stabilizer options given on the command line (``None``: the stabilizer's default)."""
     return {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
             "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed,
-            "per_sample": True if getattr(args, "per_sample", False) else None}
+            "per_sample": True if getattr(args, "per_sample", False) else None,
+            "jacobian_batch": getattr(args, "jacobian_batch", None)}
 
 
 def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) -> None:
@@ -131,3 +135,36 @@ def load_model_or_usage(name: str):
         return load_model(name)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (checked before any work by :func:`device_from_args`)."""
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N; the initial noise "
+                        "is drawn on the CPU and moved, so a seed gives the same samples on any device (up to rounding)")
+
+
+def add_jacobian_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jacobian-batch", type=int, default=None, metavar="N",
+                   help="at most N sample-probe pairs per Jacobian pass of a stabilizer (samples in chunks through the "
+                        "differentiable step, probes in groups through the backward): bounds its memory, changes no "
+                        "result; default: the whole batch at once")
+
+
+def device_from_args(args: argparse.Namespace):
+    """The ``--device`` of a command as a ``torch.device`` (``UsageError``, exit 2, when unavailable),
+    after checking ``--jacobian-batch`` where the command has it."""
+    from ..device import DeviceError, resolve_device
+
+    jb = getattr(args, "jacobian_batch", None)
+    if jb is not None and jb < 1:
+        raise UsageError(f"--jacobian-batch must be >= 1, got {jb}")
+    try:
+        return resolve_device(args.device)
+    except DeviceError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
+def model_on_device(name: str, device):
+    """Load a model by name (``UsageError`` when unknown) and move it to ``device``."""
+    return load_model_or_usage(name).to(device)

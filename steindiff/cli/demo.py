@@ -20,7 +20,7 @@ from ..plan import make_plan
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS, make_stabilizer, registry
 from . import UsageError, emit
-from .common import add_common, load_model_or_usage, steps_for
+from .common import add_common, add_device, add_jacobian_batch, device_from_args, model_on_device, steps_for
 
 DEFAULT_OUT = "demo-out"  # also in .gitignore
 CALIBRATED = "calibrated"  # the demo's name for the trajectory-calibrated sampler
@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the probes")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory for grid.png, metrics.png, results.json")
+    add_jacobian_batch(p)
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -69,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     nfes, stabs = _parse(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    device = device_from_args(args)
     torch.set_num_threads(args.threads)
-    spec = load_model_or_usage(args.model)
+    spec = model_on_device(args.model, device)
     out = Path(args.out)
     created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if the run does not finish
     try:
@@ -107,7 +110,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                                            notice=lambda m: bar.write(m, file=sys.stderr))
                     stab = plan.stabilizer()
                 else:
-                    stab = make_stabilizer(name, spec, seed=args.seed)
+                    stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch)
                 try:
                     gen = generate(spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed, stabilizer=stab)
                     x = gen.x.clamp(-1, 1)
@@ -126,6 +129,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
     _save_grid(grids, grid_png, image_grid)
     _save_plot(rows, nfes, stabs, plot_png, args.solver)
     result = {"schema": "steindiff.demo/1", "model": spec.name, "solver": args.solver, "n": args.n, "seed": args.seed,
+              "device": str(spec.device or "cpu"),
               "rows": rows, "grid": str(grid_png), "plot": str(plot_png), "wall_s": time.perf_counter() - t_start}
     save_json(out / "results.json", result)
     emit(args, result, _table(rows, args, spec.name) + f"\nwrote {grid_png}, {plot_png}, {out / 'results.json'}"

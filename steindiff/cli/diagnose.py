@@ -16,8 +16,8 @@ from ..diagnostics import diagnose, plot_diagnosis, summarize
 from ..io import check_writable, save_json
 from ..solvers import get_solver, steps_for_nfe
 from . import UsageError, emit
-from .common import (DTYPES, add_common, add_sampling, add_stabilizer, check_extension, check_sampling, load_model_or_usage,
-                     stabilizer_from_args)
+from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_extension, check_sampling,
+                     device_from_args, load_model_or_usage, model_on_device, stabilizer_from_args)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="samples per Jacobian-product batch (default: all)")
     p.add_argument("--png", default=None, metavar="FILE", help="write the per-step picture to this PNG file")
     p.add_argument("--out", default=None, metavar="FILE", help="write the full per-step record (with per-sample values) to this JSON file")
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -68,14 +69,15 @@ def _fmt(v) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    spec = load_model_or_usage(args.model)
+    device = device_from_args(args)
+    spec = model_on_device(args.model, device)
     stabilizer = stabilizer_from_args(args, spec)
     if stabilizer is not None and args.n < 2:
         raise UsageError("a stabilizer's batch statistics need --n >= 2")
     result = diagnose(
         spec, args.solver, args.nfe, args.schedule, args.n, args.seed, args.coords,
         stabilizer=stabilizer, iters=args.iters, method=args.method, jvp=args.jvp, rho=args.rho,
-        dtype=DTYPES[args.dtype], batch_size=args.batch_size, progress=not args.no_progress,
+        dtype=DTYPES[args.dtype], batch_size=args.batch_size, progress=not args.no_progress, device=device,
     )
     result["config"]["stabilizer"] = args.stabilizer
     if args.png is not None:

@@ -18,8 +18,8 @@ import signal
 from pathlib import Path
 
 from . import UsageError, emit
-from .common import (DTYPES, add_common, add_sampling, add_stabilizer, check_extension, check_sampling, load_model_or_usage,
-                     stabilizer_from_args, stabilizer_options)
+from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_extension, check_sampling,
+                     device_from_args, load_model_or_usage, stabilizer_from_args, stabilizer_options)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "per rank) or per-sample generators (memory probes*shard*dim)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="auto: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective waiting for a dead or stalled rank fails")
+    add_device(p)
+    for action in p._actions:
+        if "--device" in action.option_strings:
+            action.help = ("auto (the default: under nccl each rank on its own GPU, cuda:LOCAL_RANK, statistics all-reduced "
+                           "on the GPU; else CUDA when available, else the CPU), cpu, cuda (cuda:LOCAL_RANK) or cuda:N")
     add_common(p)
     p.set_defaults(func=run_sample)
 
@@ -78,6 +83,12 @@ def run_sample(args: argparse.Namespace) -> int:
     check_sampling(args)
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    device_from_args(args)  # a device that does not exist here: exit 2 before any work (each rank resolves its own)
+    if args.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--backend nccl needs CUDA, which is not available here; use --backend gloo or auto")
     spec = load_model_or_usage(args.model)
     stabilizer = stabilizer_from_args(args, spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,12 +108,12 @@ def run_sample(args: argparse.Namespace) -> int:
             spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
             stabilizer=stabilizer, stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
             probe_mode=args.probe_mode, dtype=DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
-            progress=not args.no_progress)
+            progress=not args.no_progress, device=args.device)
     if res.rank != 0:
         return 0
     summary = {
         "out_dir": res.out_dir, "manifest": str(Path(res.out_dir) / "manifest.json"), "run_id": res.run_id,
-        "world_size": res.world_size, "n": args.n, "model": spec.name, "solver": args.solver, "schedule": args.schedule,
+        "world_size": res.world_size, "device_rank0": res.device, "n": args.n, "model": spec.name, "solver": args.solver, "schedule": args.schedule,
         "stabilizer": args.stabilizer, "probe_mode": args.probe_mode, "nfe": res.nfe, "extra_passes": res.extra_passes,
         "steps": len(res.config["sigmas"]) - 1, "seed": args.seed, "gammas": res.gammas,
         "shards": [f"shard-{r:05d}.npz" for r in range(res.world_size)], "wall_s_rank0": res.wall_s,

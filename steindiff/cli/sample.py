@@ -8,8 +8,8 @@ from ..generate import generate
 from ..io import check_writable, save_json, save_npz
 from ..metrics import mixture_metrics
 from . import UsageError, emit
-from .common import (DTYPES, add_common, add_sampling, add_stabilizer, check_batch_statistics, check_extension, check_sampling,
-                     load_model_or_usage, stabilizer_from_args)
+from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_batch_statistics, check_extension,
+                     check_sampling, device_from_args, model_on_device, stabilizer_from_args)
 
 GRID_MAX = 64  # samples shown by --grid (8 per row)
 
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --stabilizer auto: never calibrate; use a cached calibration if there is one, else the plain solver")
     p.add_argument("--calibration-dir", default=None,
                    help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = [p for p in (args.out, args.grid, args.trace) if p is not None]
     if len(set(outputs)) < len(outputs):
         raise UsageError("--out, --grid and --trace must name different files")
-    spec = load_model_or_usage(args.model)
+    device = device_from_args(args)
+    spec = model_on_device(args.model, device)
     if args.grid is not None and len(spec.sample_shape) != 3:
         raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of shape {spec.sample_shape}")
     if args.gamma_schedule is not None and args.stabilizer != "none":
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         gen = generate(
             spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed,
             batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress,
-            stabilizer=stabilizer,
+            stabilizer=stabilizer, device=device,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": label,
         "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe, "nfe_budget": args.nfe,
         "per_sample": bool(getattr(stabilizer, "per_sample", False)), "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
+        "device": str(device),
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
         "gammas": [r.get("gamma") for r in gen.trace] if gen.trace else [1.0] * (len(gen.sigmas) - 1),
     }

@@ -3,7 +3,10 @@
 Data: ``digits`` (scikit-learn's 8x8 digits, 297 images held out), a ``.npy``/``.npz`` array
 ``N x C x H x W`` (floats in [-1, 1], or 8-bit integers in [0, 255]) or a folder of 8-bit PNGs.
 The checkpoint folder ``--out`` gets ``model.safetensors`` (EMA weights), ``config.json`` and
-``train_state.pt``; ``--resume`` continues it.  Load it with ``--model OUT`` in other commands.
+``train_state.pt``; ``--resume`` continues it (on either device).  Load it with ``--model OUT`` in
+other commands.  On a GPU (``--device cuda``) the images live on the device, the losses are read
+back every ``--log-every`` iterations (no synchronisation per iteration) and ``--precision bf16``
+runs the network under bf16 autocast; checkpoints are written from CPU copies.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from . import UsageError, emit
-from .common import add_common
+from .common import add_common, add_device, device_from_args
 
 
 def _ints(text: str) -> list[int]:
@@ -42,6 +45,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many iterations")
     p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="fp32, or bf16 autocast of the network's forward pass (weights, optimizer and loss stay float32)")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="read the losses back from the device (progress bar, NaN check) every this many iterations")
     arch = p.add_argument_group("architecture")
     arch.add_argument("--channels", type=int, default=32, help="base channel count")
     arch.add_argument("--channel-mult", type=_ints, default=[1, 2, 2], help="channel multiplier per level, e.g. 1,2,2")
@@ -49,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     arch.add_argument("--attn-levels", type=_ints, default=[2], help="levels with self-attention, e.g. 2 (empty: none)")
     arch.add_argument("--dropout", type=float, default=0.1, help="dropout rate in the residual blocks")
     arch.add_argument("--num-classes", type=int, default=0, help="class-conditional with this many classes (needs labels; 0: unconditional)")
+    add_device(p)
+    for action in p._actions:
+        if "--device" in action.option_strings:
+            action.help = "auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N"
     add_common(p)
     p.set_defaults(func=run)
 
@@ -65,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.time_limit is not None and args.time_limit <= 0:
         raise UsageError(f"--time-limit must be > 0, got {args.time_limit}")
+    device = device_from_args(args)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"cannot create {str(out)!r}: directory {str(out.parent)!r} does not exist")
@@ -80,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
-            seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit,
+            seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit, precision=args.precision,
+            log_every=args.log_every,
         )
         ds = load_dataset(args.data)
         unet = UNetConfig(
@@ -94,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if start is not None and start >= args.iters:
         return _nothing_to_do(args, out, start)
     try:
-        res = train(cfg, out, unet, resume=args.resume, progress=not args.no_progress, dataset=ds)
+        res = train(cfg, out, unet, resume=args.resume, progress=not args.no_progress, dataset=ds, device=device)
     except (DataError, CheckpointError, FileExistsError) as e:
         raise UsageError(str(e)) from None
     except KeyboardInterrupt:  # train() saved a checkpoint if it got past its first iteration
@@ -107,11 +120,13 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": res.wall_s, "loss": res.loss, "n_params": res.n_params,
         "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
         "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"], "batch_size": t["batch_size"],
+        "device": str(device), "precision": args.precision,
     }
     summary["start_step"], summary["trained"] = start, res.step - (start or 0)
     resumed = f" (resumed at {start})" if args.resume else ""
     lines = [
-        f"trained {res.step}/{args.iters} iterations{resumed} in {res.wall_s:.1f} s" + (" (stopped early)" if res.stopped_early else ""),
+        f"trained {res.step}/{args.iters} iterations{resumed} in {res.wall_s:.1f} s on {device}"
+        + (" (stopped early)" if res.stopped_early else ""),
         f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} train, {summary['holdout']} held out",
         f"  model     U-Net, {res.n_params} parameters, {args.loss} loss",
         f"  loss      {res.loss:.4g} (mean of the last 200 iterations)",

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..device import check_model_device
 from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
 from ..sampling import advance, prior_noise
@@ -154,6 +155,7 @@ def diagnose(
     sigmas: Any | None = None,
     solver_options: dict | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Local Lipschitz constants of every step of a ``solver`` solve of ``spec`` at the sampled states.
 
@@ -165,7 +167,8 @@ def diagnose(
     stabilizer object; the trajectory is then the stabilized one.  ``iters``, ``method``, ``jvp``:
     of :func:`~steindiff.diagnostics.lipschitz.lipschitz`.  ``denoiser``: also measure ``L_D``
     (needed for the bounds).  ``batch_size``: samples per Jacobian-product batch (the sampler
-    itself runs the whole batch, as a stabilizer's batch statistics need).
+    itself runs the whole batch, as a stabilizer's batch statistics need).  ``device``: where the
+    states live (default: the model's device, else the CPU); the initial noise is drawn on the CPU.
 
     Returns the full record (JSON-ready through :func:`steindiff.io.to_jsonable`): ``schema``,
     ``config``, ``definitions``, ``steps`` (one dict per step: noise levels, ``h``, quantiles of
@@ -198,7 +201,9 @@ def diagnose(
         steps = steps_for_nfe(solver_obj, nfe)
         sigmas = get_sigmas(schedule, steps, spec.process, rho=rho)
     sig = [float(s) for s in validate_sigmas(sigmas)]
-    x = prior_noise((n, *spec.sample_shape), sig[0], spec.process, seed=seed, dtype=dtype)
+    device = torch.device(device) if device is not None else (spec.device or torch.device("cpu"))
+    x = prior_noise((n, *spec.sample_shape), sig[0], spec.process, seed=seed, dtype=dtype, device=device)
+    check_model_device(spec.denoiser, x)
     denoise = Denoise(spec.denoiser)
     state = solver_obj.init_state()
     n_steps = len(sig) - 1

@@ -66,11 +66,28 @@ class GaussianMixture:
         s2 = 0.5 * evals.min(dim=1).values
         return cls(means, weights, basis=evecs, lam=evals - s2[:, None], s2=s2, name=name)
 
+    # --- device ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the mixture's parameters live (and its denoiser computes)."""
+        return self.means.device
+
+    def to(self, device: str | torch.device) -> "GaussianMixture":
+        """Move the parameters to ``device``, in place (as ``nn.Module.to``); returns ``self``.
+        Sampling still draws from CPU generators (the same samples on any device)."""
+        device = torch.device(device)
+        for k in ("means", "weights", "basis", "lam", "s2"):
+            setattr(self, k, getattr(self, k).to(device))
+        return self
+
     # --- marginal at noise level sigma -------------------------------------------------------
     def _components(self, x: torch.Tensor, sigma: torch.Tensor):
         """Per-component log densities, precision-times-residual and trace of precision."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
-        sig2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1) ** 2  # (B,1) or (1,1)
+        if xf.device != self.means.device:
+            raise ValueError(f"the mixture is on {self.means.device} but its input is on {xf.device}; "
+                             f"move one of them (gmm.to({str(xf.device)!r}) or x.to({str(self.means.device)!r}))")
+        sig2 = torch.as_tensor(sigma, dtype=torch.float64, device=xf.device).reshape(-1, 1) ** 2  # (B,1) or (1,1)
         c = self.s2[None, :] + sig2  # (B,K)
         y = xf[:, None, :] - self.means[None]  # (B,K,d)
         q = torch.einsum("bkd,kdr->bkr", y, self.basis)  # (B,K,r)
@@ -127,15 +144,18 @@ class GaussianMixture:
     # --- sampling ----------------------------------------------------------------------------
     def sample(self, n: int, sigma: float = 0.0, *, generator: torch.Generator | None = None, seed: int | None = None,
                return_labels: bool = False):
-        """Exact samples of ``p_sigma`` (data plus ``sigma`` noise), float64."""
+        """Exact samples of ``p_sigma`` (data plus ``sigma`` noise), float64, on the mixture's device.
+        Drawn on the CPU (``generator``: a CPU generator), so a seed gives the same samples anywhere."""
         g = generator or torch.Generator().manual_seed(0 if seed is None else seed)
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        means, weights, basis, lam, s2 = (t.cpu() for t in (self.means, self.weights, self.basis, self.lam, self.s2))
+        labels = torch.multinomial(weights, n, replacement=True, generator=g)
         z = torch.randn(n, self.rank, generator=g, dtype=torch.float64)
         e = torch.randn(n, self.dim, generator=g, dtype=torch.float64)
-        x = self.means[labels] + torch.einsum("ndr,nr->nd", self.basis[labels], z * self.lam[labels].sqrt())
-        x = x + e * self.s2[labels].sqrt()[:, None]
+        x = means[labels] + torch.einsum("ndr,nr->nd", basis[labels], z * lam[labels].sqrt())
+        x = x + e * s2[labels].sqrt()[:, None]
         if sigma > 0:
             x = x + sigma * torch.randn(n, self.dim, generator=g, dtype=torch.float64)
+        x, labels = x.to(self.device), labels.to(self.device)
         return (x, labels) if return_labels else x
 
     def second_moment(self) -> float:

@@ -30,6 +30,25 @@ class ModelSpec:
     gmm: GaussianMixture | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the denoiser (``None`` when it cannot be told, e.g. a plain function)."""
+        from ..device import model_device
+
+        return model_device(self.gmm if self.gmm is not None else self.denoiser)
+
+    def to(self, device: str | torch.device) -> "ModelSpec":
+        """Move the denoiser (an ``nn.Module`` or anything with ``.to``) and the mixture to ``device``,
+        in place; returns ``self``.  Reference data in ``info`` stays where it is (metrics move samples)."""
+        device = torch.device(device)
+        if self.gmm is not None:
+            self.gmm.to(device)
+        if self.denoiser is not self.gmm and callable(getattr(self.denoiser, "to", None)):
+            moved = self.denoiser.to(device)
+            if moved is not None:
+                self.denoiser = moved
+        return self
+
 
 _LOADERS: list[tuple[Callable[[str], bool], Callable[[str], ModelSpec]]] = []
 

@@ -43,7 +43,7 @@ def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
     src = data.get("source")
     try:
         ds = load_dataset(src)
-    except (DataError, OSError, TypeError) as e:
+    except (DataError, OSError, TypeError, ImportError) as e:  # ImportError: scikit-learn absent (digits)
         return {"data_note": f"training data not available ({e})"}
     if ds.fingerprint() != data.get("fingerprint"):
         return {"data_note": f"training data at {src!r} changed since training (fingerprint differs)"}

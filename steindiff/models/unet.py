@@ -220,7 +220,9 @@ class UNet(nn.Module):
             return labels.to(dtype) @ self.map_label.weight[:ncls]
         if labels.shape != (batch,):
             raise ValueError(f"integer class_labels must have shape ({batch},), got {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() > ncls:
+        # checked when sampling; training labels were checked by the data loader (and reading them
+        # back from a GPU every iteration would synchronise it)
+        if not (self.training and labels.device.type != "cpu") and (labels.min() < 0 or labels.max() > ncls):
             raise ValueError(f"class labels must be in [0, {ncls}] ({ncls} = unconditional)")
         return self.map_label(labels.long())
 

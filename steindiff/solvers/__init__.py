@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import Denoise, NonFiniteModelOutput, Solver, Step, detach_state, log_snr, steps_for_nfe, StepOperator
+from .base import (Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, cat_states, detach_state, log_snr, slice_state,
+                   steps_for_nfe)
 from .dpmpp import DPMSolverPP
 from .euler import Euler, Heun
 from .ipndm import IPNDM
@@ -12,6 +13,7 @@ from .unipc import UniPC
 
 __all__ = [
     "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe", "StepOperator",
+    "slice_state", "cat_states",
     "Euler", "Heun", "DPMSolverPP", "UniPC", "IPNDM",
 ]
 

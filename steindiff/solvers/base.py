@@ -19,7 +19,8 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe", "StepOperator"]
+__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "slice_state", "cat_states", "log_snr",
+           "steps_for_nfe", "StepOperator"]
 
 
 class NonFiniteModelOutput(FloatingPointError):
@@ -49,6 +50,33 @@ def detach_state(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(detach_state(v) for v in obj)
     return obj
+
+
+def slice_state(obj: Any, sl: slice, n: int) -> Any:
+    """The history of samples ``sl`` of a batch of ``n``: every tensor whose leading dimension is the
+    batch is sliced, anything else (floats, noise levels) is kept."""
+    if isinstance(obj, torch.Tensor):
+        return obj[sl] if obj.ndim >= 1 and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: slice_state(v, sl, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(slice_state(v, sl, n) for v in obj)
+    return obj
+
+
+def cat_states(parts: list, sizes: list[int]) -> Any:
+    """Inverse of :func:`slice_state` over consecutive chunks of ``sizes`` samples: tensors whose
+    leading dimension is their chunk's size are concatenated, anything else is taken from the first."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(p, torch.Tensor) and p.ndim >= 1 and p.shape[0] == m for p, m in zip(parts, sizes)):
+            return torch.cat(parts)
+        return first
+    if isinstance(first, dict):
+        return {k: cat_states([p[k] for p in parts], sizes) for k in first}
+    if isinstance(first, (list, tuple)) and all(len(p) == len(first) for p in parts):
+        return type(first)(cat_states([p[j] for p in parts], sizes) for j in range(len(first)))
+    return first
 
 
 class Denoise:
@@ -124,6 +152,12 @@ class StepOperator:
 
     def __call__(self, x: torch.Tensor) -> Step:
         return self.solver.step(self.denoise, x, self.i, self.sigmas, self.state)
+
+    def restrict(self, sl: slice, n: int) -> "StepOperator":
+        """The same step on the samples ``sl`` of the batch of ``n`` (the history sliced to match)."""
+        if sl == slice(0, n):
+            return self
+        return StepOperator(self.solver, self.denoise, self.i, self.sigmas, slice_state(self.state, sl, n))
 
     def extra_passes(self) -> contextlib.AbstractContextManager:
         """Context in which model passes count as extra (Jacobian-product) passes, not NFE."""

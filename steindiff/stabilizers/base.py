@@ -19,14 +19,33 @@ from typing import Callable, Literal
 
 import torch
 
-from ..solvers import Step, StepOperator, detach_state
+from ..device import is_out_of_memory
+from ..solvers import Step, StepOperator, cat_states, detach_state
 from .divergence import jvp_quadratic_forms, make_probes, unit_probes, vjp_quadratic_forms
 
-__all__ = ["GammaStabilizer", "StepStats", "NotDifferentiableError", "coordinate_scales", "dot", "rescaled_update"]
+__all__ = ["GammaStabilizer", "StepStats", "NotDifferentiableError", "JacobianOutOfMemoryError", "coordinate_scales", "dot",
+           "rescaled_update"]
 
 
 class NotDifferentiableError(RuntimeError):
     """The model's output does not depend differentiably on its input."""
+
+
+class JacobianOutOfMemoryError(RuntimeError):
+    """A Jacobian-product pass ran out of memory; the message names the pass size and ``--jacobian-batch``."""
+
+
+_POOL: list = []
+
+
+def _probe_pool():
+    """One worker thread that draws CUDA runs' probes on the CPU while the GPU runs the forward pass
+    (torch releases the GIL inside its operations)."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="steindiff-probes"))
+    return _POOL[0]
 
 
 def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[float, float, float]:
@@ -79,6 +98,11 @@ class GammaStabilizer:
     ``reduce``: sums a tensor of statistics across processes (distributed sampling).
     ``batched_probes``: all reverse-mode probes in one vmapped backward pass; default (``None``) on
     GPUs only (on CPU a loop of backward passes measured about 2x faster).
+    ``jacobian_batch``: at most this many sample-probe pairs per Jacobian pass (samples in chunks
+    through the differentiable step, probes in groups through the backward); ``None``: the whole
+    batch and all probes at once.  Bounds the memory of the divergence, changes no result.
+    Reverse mode (``vjp``) is the default and the cheaper one; forward mode (``jvp``) costs more
+    time and memory here (one forward pass with tangents per probe).
     """
 
     name = "gamma"
@@ -97,6 +121,7 @@ class GammaStabilizer:
         final_step: Literal["stein", "skip"] = "stein",
         per_sample: bool = False,
         batched_probes: bool | None = None,
+        jacobian_batch: int | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         denoiser_divergence: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
         exact_chunk: int = 64,
@@ -107,6 +132,10 @@ class GammaStabilizer:
             raise ValueError(f"divergence must be 'vjp', 'jvp' or 'exact', got {divergence!r}")
         if isinstance(probes, bool) or not isinstance(probes, int) or probes <= 0:
             raise ValueError(f"number of Hutchinson probes must be a positive integer, got {probes!r}")
+        if jacobian_batch is not None and (isinstance(jacobian_batch, bool) or not isinstance(jacobian_batch, int)
+                                           or jacobian_batch < 1):
+            raise ValueError(f"jacobian_batch must be a positive integer (sample-probe pairs per Jacobian pass), "
+                             f"got {jacobian_batch!r}")
         if probe_kind not in ("gaussian", "rademacher"):
             raise ValueError(f"probe_kind must be 'gaussian' or 'rademacher', got {probe_kind!r}")
         if gamma_min is not None and gamma_max is not None and gamma_max < gamma_min:
@@ -118,11 +147,14 @@ class GammaStabilizer:
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         self.first_step, self.final_step, self.per_sample = first_step, final_step, per_sample
         self.batched_probes, self.reduce, self.exact_chunk = batched_probes, reduce, exact_chunk
+        self.jacobian_batch = jacobian_batch
         self.denoiser_divergence = denoiser_divergence
         self.generator = torch.Generator().manual_seed(seed)
         # hook (x, n, kind, generator) -> (n, *x.shape) replacing make_probes; distributed sampling
         # draws the global batch's probes and takes this shard's slice
         self.probe_fn: Callable | None = None
+        # draw the probes in a worker thread during the forward pass (None: on CUDA only)
+        self.async_probes: bool | None = None
 
     # -- variant hooks --------------------------------------------------------------------------
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
@@ -137,17 +169,89 @@ class GammaStabilizer:
         return x.is_cuda if self.batched_probes is None else self.batched_probes
 
     # -- the step -------------------------------------------------------------------------------
+    def _probes(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divergence == "exact":
+            return unit_probes(x)
+        return (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
+
+    def _probe_source(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The probes of this step, when first asked for.  On CUDA they are drawn (on the CPU, from the
+        stabilizer's generator: the same values) in a worker thread while the forward pass runs."""
+        threaded = x.is_cuda if self.async_probes is None else self.async_probes
+        fut = _probe_pool().submit(self._probes, x) if threaded else None
+        box: list[torch.Tensor] = []
+
+        def get() -> torch.Tensor:
+            if not box:
+                box.append(fut.result() if fut is not None else self._probes(x))
+            return box[0]
+
+        return get
+
     def _run_operator(self, op: StepOperator, x: torch.Tensor) -> tuple[Step, torch.Tensor | None, int]:
-        """``T(x)`` and, if the variant asks, the per-sample divergence of ``T`` or ``D``."""
-        calls0, extra0 = op.denoise.calls, op.denoise.extra_calls
+        """``T(x)`` and, if the variant asks, the per-sample divergence of ``T`` or ``D``.
+
+        With ``jacobian_batch`` the samples go through the differentiable step in chunks (the solver's
+        history sliced to match) and the probes through the backward passes in groups, so that at most
+        ``jacobian_batch`` sample-probe pairs share one pass.  The probes are drawn for the whole
+        batch first and every statistic is per sample, so chunking changes no result.  Each chunk's
+        graph is released before the next one is built.  Out of memory here raises
+        :class:`JacobianOutOfMemoryError` naming the pass size."""
         if self.jacobian_of is None:
             with torch.no_grad():
                 return op(x), None, 0
+        B = x.shape[0]
+        probes = self._probe_source(x)
+        P = x[0].numel() if self.divergence == "exact" else self.probes
+        jb = self.jacobian_batch
+        chunk = B if jb is None else min(B, jb)
+        group = None if jb is None else max(1, jb // chunk)
+        failed: str | None = None
+        try:
+            if chunk >= B:
+                return self._jacobian_pass(op, x, probes, group)
+            d = op.denoise
+            steps, divs, sizes, extra = [], [], [], 0
+            for j, start in enumerate(range(0, B, chunk)):
+                sl = slice(start, min(B, start + chunk))
+                calls, extra_calls = d.calls, d.extra_calls
+                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], lambda sl=sl: probes()[:, sl], group)
+                if j == 0:
+                    extra = extra_j
+                else:  # one model pass of the step per sample: count the first chunk's passes only
+                    d.calls, d.extra_calls = calls, extra_calls
+                steps.append(st_j)
+                divs.append(q_j)
+                sizes.append(sl.stop - sl.start)
+            st = Step(torch.cat([s_.x_next for s_ in steps]), torch.cat([s_.denoised for s_ in steps]),
+                      cat_states([s_.state for s_ in steps], sizes))
+            return st, torch.cat(divs), extra
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            per_pass = chunk * (1 if self.divergence == "jvp" else min(P, group or P))
+            failed = (f"out of memory in the Jacobian pass of step {op.i} (sigma={op.sigma:.6g}) on {x.device}: batch of "
+                      f"{B} samples, {chunk} samples x {P} probe(s) per differentiable step, about {per_pass} "
+                      f"sample-probe pairs per pass (--jacobian-batch {jb if jb is not None else 'not set: the whole batch'}); "
+                      f"lower --jacobian-batch (e.g. --jacobian-batch {max(1, min(chunk, per_pass) // 2)})"
+                      + ("; the jvp divergence needs more memory than vjp" if self.divergence == "jvp" else ""))
+        finally:
+            del probes
+        # out of the except block: the failed pass's tensors are gone with its traceback
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        raise JacobianOutOfMemoryError(failed)
+
+    def _jacobian_pass(self, op: StepOperator, x: torch.Tensor, probes: Callable[[], torch.Tensor], group: int | None
+                       ) -> tuple[Step, torch.Tensor, int]:
+        """One chunk: the step (detached), its per-sample divergence (float64) and the extra passes per sample.
+        ``probes()`` gives this chunk's probes; asked for after the forward pass."""
         pick = (lambda st: st.x_next) if self.jacobian_of == "T" else (lambda st: st.denoised)
+        calls0, extra0 = op.denoise.calls, op.denoise.extra_calls
         if self.divergence == "jvp":
             with torch.no_grad():
                 st = op(x)
-            V = (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
+            V = probes()
             with op.extra_passes():
                 q = jvp_quadratic_forms(lambda z: pick(op(z)), x, V).mean(0)
             return st, q.detach().to(torch.float64), op.denoise.extra_calls - extra0
@@ -160,14 +264,12 @@ class GammaStabilizer:
                 "the Stein divergence needs a differentiable model (alternatives: a calibrated gamma schedule "
                 "from `steindiff calibrate`, or the look-ahead estimator stein-sc, which need no Jacobian)")
         nfe_step = op.denoise.calls - calls0
-        out = pick(st)
+        V = probes()
         if self.divergence == "exact":
-            V = unit_probes(x)
-            q = torch.cat([vjp_quadratic_forms(out, xg, V[j : j + self.exact_chunk], self._batched(x))
-                           for j in range(0, V.shape[0], self.exact_chunk)]).sum(0)
-        else:
-            V = (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
-            q = vjp_quadratic_forms(out, xg, V, self._batched(x)).mean(0)
+            group = self.exact_chunk if group is None else min(group, self.exact_chunk)
+        q = vjp_quadratic_forms(pick(st), xg, V, self._batched(x), group)
+        q = q.sum(0) if self.divergence == "exact" else q.mean(0)
+        # detached copies only: the graph is freed when this returns
         st = Step(st.x_next.detach(), st.denoised.detach(), detach_state(st.state))
         return st, q.detach().to(torch.float64), V.shape[0] * nfe_step
 
@@ -192,7 +294,8 @@ class GammaStabilizer:
         s = StepStats(op, x, st, x_c, x_c - a_next * st.x_next, a, a_next, sig_c, x[0].numel(), div)
         per = self.statistics(s)
         names = list(per)
-        stats = torch.stack([per[k].sum() for k in names] + [torch.tensor(float(x.shape[0]), dtype=torch.float64)])
+        stats = torch.stack([per[k].sum() for k in names]
+                            + [torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)])
         if self.reduce is not None:
             stats = self.reduce(stats)
         n_tot = float(stats[-1])

@@ -14,20 +14,26 @@ import torch
 
 from .._forward_ad import load_quietly
 
-__all__ = ["make_probes", "unit_probes", "vjp_quadratic_forms", "jvp_quadratic_forms"]
+__all__ = ["make_probes", "draw_probes", "unit_probes", "vjp_quadratic_forms", "jvp_quadratic_forms"]
 
 
-def make_probes(x: torch.Tensor, n: int, kind: str = "gaussian", generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` probes shaped like ``x``, stacked on a new leading axis: ``(n, *x.shape)``."""
+def draw_probes(shape: tuple[int, ...], n: int, kind: str = "gaussian", generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` probes of ``shape`` on the CPU, ``(n, *shape)``: drawn from a CPU generator, so a seed
+    gives the same probes whatever device they are then moved to."""
     if n < 1:
         raise ValueError(f"number of probes must be >= 1, got {n}")
     if kind == "gaussian":
-        v = torch.randn((n, *x.shape), generator=generator, dtype=x.dtype, device="cpu")
-    elif kind == "rademacher":
-        v = torch.randint(0, 2, (n, *x.shape), generator=generator, device="cpu").to(x.dtype) * 2 - 1
-    else:
-        raise ValueError(f"probe kind must be 'gaussian' or 'rademacher', got {kind!r}")
-    return v.to(x.device)
+        return torch.randn((n, *shape), generator=generator, dtype=dtype, device="cpu")
+    if kind == "rademacher":
+        return torch.randint(0, 2, (n, *shape), generator=generator, device="cpu").to(dtype) * 2 - 1
+    raise ValueError(f"probe kind must be 'gaussian' or 'rademacher', got {kind!r}")
+
+
+def make_probes(x: torch.Tensor, n: int, kind: str = "gaussian", generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` probes shaped like ``x``, stacked on a new leading axis: ``(n, *x.shape)``, on ``x``'s
+    device (drawn on the CPU, :func:`draw_probes`)."""
+    return draw_probes(tuple(x.shape), n, kind, generator, x.dtype).to(x.device)
 
 
 def unit_probes(x: torch.Tensor) -> torch.Tensor:
@@ -37,30 +43,44 @@ def unit_probes(x: torch.Tensor) -> torch.Tensor:
     return eye.expand(d, *x.shape)
 
 
-def vjp_quadratic_forms(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor, batched: bool = True) -> torch.Tensor:
+def vjp_quadratic_forms(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor, batched: bool = True,
+                        group: int | None = None) -> torch.Tensor:
     """``v_p^T J v_p`` per probe and sample, ``(P, B)``, by reverse mode from a graph ``out = f(x)``.
 
-    ``batched`` runs all probes in one vmapped backward pass (``is_grads_batched``); it falls back to
-    one backward pass per probe where the graph does not support batching.
+    Probes go through the backward pass ``group`` at a time (default: all at once).  ``batched``
+    runs a group in one vmapped backward pass (``is_grads_batched``), falling back to one pass per
+    probe where the graph does not support batching (or the batched pass runs out of memory).  The
+    graph is retained only for the passes that still need it: the last one frees it as it goes.
     """
-    if batched and probes.shape[0] > 1:
-        try:
-            (g,) = torch.autograd.grad(out, x, grad_outputs=probes, retain_graph=True, is_grads_batched=True)
-            return (g * probes).reshape(probes.shape[0], x.shape[0], -1).sum(-1)
-        except RuntimeError:
-            pass
-    rows = []
-    for v in probes:
-        (g,) = torch.autograd.grad(out, x, grad_outputs=v, retain_graph=True)
-        rows.append((g * v).reshape(x.shape[0], -1).sum(-1))
-    return torch.stack(rows)
+    P = probes.shape[0]
+    g_size = P if group is None else max(1, int(group))
+    rows: list[torch.Tensor] = []
+    for start in range(0, P, g_size):
+        V = probes[start : start + g_size]
+        last_group = start + g_size >= P
+        if batched and V.shape[0] > 1:
+            try:
+                # retained even for the last group: a failed batched pass falls back to the loop below
+                (g,) = torch.autograd.grad(out, x, grad_outputs=V, retain_graph=True, is_grads_batched=True)
+                rows.append((g * V).reshape(V.shape[0], x.shape[0], -1).sum(-1))
+                continue
+            except RuntimeError:
+                pass
+        for j, v in enumerate(V):
+            (g,) = torch.autograd.grad(out, x, grad_outputs=v, retain_graph=not (last_group and j == V.shape[0] - 1))
+            rows.append((g * v).reshape(1, x.shape[0], -1).sum(-1))
+    return torch.cat(rows)
 
 
 def jvp_quadratic_forms(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """``v_p^T J v_p`` per probe and sample, ``(P, B)``, by forward mode (one JVP per probe)."""
+    """``v_p^T J v_p`` per probe and sample, ``(P, B)``, by forward mode (one JVP per probe).
+
+    Forward mode costs more than reverse mode here (a full forward pass with tangents per probe,
+    and more memory): prefer :func:`vjp_quadratic_forms`."""
     load_quietly()
     rows = []
     for v in probes:
         _, jv = torch.func.jvp(f, (x,), (v,))
         rows.append((jv * v).reshape(x.shape[0], -1).sum(-1))
+        del jv
     return torch.stack(rows)

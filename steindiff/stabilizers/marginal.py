@@ -59,7 +59,7 @@ class EnergyMatchingStabilizer(GammaStabilizer):
                 st, _, extra = super()._run_operator(op, x)
             finally:
                 self.jacobian_of = jac
-            return st, torch.zeros(x.shape[0], dtype=torch.float64), extra
+            return st, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), extra
         return super()._run_operator(op, x)
 
     def step(self, op, x):

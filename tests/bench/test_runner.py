@@ -212,3 +212,15 @@ def test_calibrated_cells_fit_once_per_cell_and_apply_to_every_seed(tmp_path, mo
     again = run_grid(["gmm:toy2d"], ["euler"], [3, 4], ["karras"], ["ve"], ["cal:trajectory"], [0], 100,
                      progress=False, ref_steps=50, calibration=opts, calibration_dir=str(tmp_path))
     assert [r["calibrated_sigmas"] for r in again["rows"]] == [r["calibrated_sigmas"] for r in cal if r["seed"] == 0]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="no CUDA device"))])
+def test_run_cost_peak_memory(device):
+    """Peak memory next to the time ratio: measured on CUDA (max_memory_allocated), null on the CPU."""
+    entries = run_cost(["gmm:toy2d"], ["euler"], [3], stabilizers=["none", "stein"], probes_list=(2,), n=16, repeats=1,
+                       progress=False, device=device, jacobian_batch=5)
+    by = {e["stabilizer"]: e for e in entries}
+    assert all(e["status"] == "ok" and e["device"].startswith(device) and e["jacobian_batch"] == 5 for e in entries)
+    if device == "cpu":
+        assert all(e["peak_mem_bytes"] is None and e["mem_ratio"] is None for e in entries)
+    else:
+        assert by["none"]["mem_ratio"] == 1.0 and by["stein"]["peak_mem_bytes"] > 0 and by["stein"]["mem_ratio"] > 0

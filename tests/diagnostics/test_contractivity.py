@@ -120,3 +120,13 @@ def test_errors(gauss):
         diagnose(gauss, "nope", 4, n=4)
     with pytest.raises(ValueError, match="n must"):
         diagnose(gauss, "euler", sigmas=SIG, n=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                      reason="no CUDA device"))])
+def test_diagnose_on_a_device(device):
+    cpu = diagnose(load_model("gmm:toy2d"), "dpmpp_2m", 4, n=6, seed=1, iters=3, stabilizer="stein", device="cpu")
+    r = diagnose(load_model("gmm:toy2d").to(device), "dpmpp_2m", 4, n=6, seed=1, iters=3, stabilizer="stein")
+    assert r["x"].device.type == device
+    torch.testing.assert_close(r["x"].cpu(), cpu["x"], rtol=1e-5, atol=1e-6)
+    assert r["summary"]["gammas"] == pytest.approx(cpu["summary"]["gammas"], rel=1e-5)

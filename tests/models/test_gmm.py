@@ -98,3 +98,27 @@ def test_bad_inputs():
         GaussianMixture(torch.zeros(2, 2), torch.tensor([0.7, 0.7]))
     with pytest.raises(ValueError, match="means"):
         GaussianMixture(torch.zeros(2))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_mixture_moves_and_samples_the_same_anywhere(device):
+    ref = get_gmm("gmm:image64")
+    g = get_gmm("gmm:image64")
+    assert g.to(device) is g and g.device.type == device
+    x = ref.sample(50, sigma=0.5, seed=3)
+    assert torch.equal(g.sample(50, sigma=0.5, seed=3).cpu(), x)  # drawn on the CPU, then moved
+    xd = x.to(device)
+    for f in ("denoise", "divergence", "log_prob", "score"):
+        torch.testing.assert_close(getattr(g, f)(xd, 0.5).cpu(), getattr(ref, f)(x, 0.5), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g.denoise(xd, torch.full((50,), 0.5, dtype=torch.float64, device=device)).cpu(),
+                               ref.denoise(x, 0.5), rtol=1e-10, atol=1e-10)
+    assert g.to("cpu").device.type == "cpu"
+
+
+def test_input_on_another_device_is_named():
+    g = get_gmm("gmm:toy2d").to("meta")
+    with pytest.raises(ValueError, match="mixture is on meta but its input is on cpu"):
+        g.denoise(torch.zeros(3, 2, dtype=torch.float64), 1.0)

@@ -1,0 +1,103 @@
+"""Options every model-running command shares: --device (auto, cpu, cuda, cuda:N) and --jacobian-batch;
+out of memory in a Jacobian pass exits 1 naming --jacobian-batch, with no output file left."""
+
+import json
+
+import pytest
+import torch
+
+from steindiff.cli import main
+from steindiff.models.registry import ModelSpec, register_model_loader
+from steindiff.noise import VEProcess
+
+CUDA = torch.cuda.is_available()
+# every command that runs a model, with what it needs besides --device
+COMMANDS = {
+    "sample": ["--n", "4"],
+    "calibrate": ["--out", "{tmp}/c.json"],
+    "diagnose": ["--n", "4"],
+    "bench": ["--model", "gmm:toy2d", "--n", "4"],
+    "train": ["--out", "{tmp}/ckpt"],
+    "demo": ["--out", "{tmp}/demo"],
+    "sample-dist": ["--out-dir", "{tmp}/dist"],
+}
+
+
+def _args(cmd, tmp_path, *extra):
+    return [cmd, *[a.format(tmp=tmp_path) for a in COMMANDS[cmd]], *extra]
+
+
+class OutOfMemoryUnderGrad(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def forward(self, x, sigma):
+        if x.requires_grad:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return x * 0.5 * self.w
+
+
+register_model_loader(lambda name: name == "test:oom-jacobian",
+                      lambda name: ModelSpec(name, OutOfMemoryUnderGrad(), VEProcess(0.002, 80.0), (3,)))
+
+
+@pytest.mark.parametrize("cmd", list(COMMANDS))
+def test_help_documents_the_device(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--device" in out and "auto (" in out and "cuda:N" in out
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA is available here")
+@pytest.mark.parametrize("cmd", list(COMMANDS))
+def test_cuda_without_cuda_exits_2(cmd, tmp_path, capsys):
+    assert main(_args(cmd, tmp_path, "--device", "cuda", "--no-progress")) == 2
+    err = capsys.readouterr().err
+    assert f"steindiff {cmd}: error: --device: device 'cuda' requested but CUDA is not available" in err
+    assert list(tmp_path.iterdir()) == []  # refused before any work or output
+
+
+@pytest.mark.parametrize("cmd", list(COMMANDS))
+@pytest.mark.parametrize("device,match", [("cuda:99", "cuda:99"), ("gpu", "unknown device 'gpu'")])
+def test_bad_devices_exit_2(cmd, device, match, tmp_path, capsys):
+    assert main(_args(cmd, tmp_path, "--device", device, "--no-progress")) == 2
+    assert match in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cmd", ["sample", "calibrate", "diagnose", "bench", "demo", "sample-dist"])
+def test_bad_jacobian_batch_exits_2(cmd, tmp_path, capsys):
+    assert main(_args(cmd, tmp_path, "--jacobian-batch", "0", "--device", "cpu", "--no-progress")) == 2
+    assert "--jacobian-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_help_says_jvp_costs_more(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "vjp (reverse mode, the default and the cheaper one)" in out and "costs more time and memory" in out
+    assert "--jacobian-batch N" in out
+
+
+@pytest.mark.parametrize("jb,size", [([], "batch of 6 samples"), (["--jacobian-batch", "4"], "4 samples x 5 probe(s)")])
+def test_out_of_memory_in_the_jacobian_pass(jb, size, tmp_path, capsys):
+    out, trace = tmp_path / "s.npz", tmp_path / "t.json"
+    rc = main(["sample", "--model", "test:oom-jacobian", "--stabilizer", "stein", "--n", "6", "--nfe", "3", *jb,
+               "--device", "cpu", "--out", str(out), "--trace", str(trace), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "JacobianOutOfMemoryError" in err and "--jacobian-batch" in err and size in err
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing half-written
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA"))])
+def test_sample_on_a_device_equals_the_cpu(device, tmp_path, capsys):
+    runs = {}
+    for dev in ("cpu", device):
+        assert main(["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--n", "40", "--nfe", "4", "--seed", "3",
+                     "--dtype", "float64", "--jacobian-batch", "16", "--device", dev, "--json", "--no-progress"]) == 0
+        runs[dev] = json.loads(capsys.readouterr().out)
+    assert runs[device]["device"].startswith(device)
+    assert runs[device]["gammas"] == pytest.approx(runs["cpu"]["gammas"], rel=1e-6)
+    assert runs[device]["metrics"]["sw2"] == pytest.approx(runs["cpu"]["metrics"]["sw2"], rel=1e-6)
