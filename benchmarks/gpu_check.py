@@ -445,9 +445,9 @@ def environment(device: torch.device) -> dict:
             env[mod] = getattr(__import__(mod), "__version__", "present")
         except ImportError:
             env[mod] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True,
-                                           timeout=10).stdout.strip() or None
+    try:  # a copied working tree may carry stale git metadata: STEINDIFF_COMMIT names the commit it was copied from
+        env["git_commit"] = os.environ.get("STEINDIFF_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env

@@ -290,8 +290,9 @@ def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict)
     reference solve, plus the refinement's time budget."""
     n = int(options.get("n") or 512)
     steps = int(options.get("ref_steps", 200))
-    x = torch.zeros((n, *spec.sample_shape), dtype=dtype)
-    s = torch.full((n,), float(base.sigmas[1]), dtype=dtype)
+    device = spec.device or "cpu"
+    x = torch.zeros((n, *spec.sample_shape), dtype=dtype, device=device)
+    s = torch.full((n,), float(base.sigmas[1]), dtype=dtype, device=device)
     t0 = time.perf_counter()
     with torch.no_grad():
         spec.denoiser(x, s)
