@@ -149,7 +149,8 @@ def calibrate(
         result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit, ref=ref,
                                 ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
                                 max_seconds=max_seconds, extra_args=extra_args, progress=progress)
-        rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0}
+        rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0, "device": str(noise.device),
+               "torch_threads": torch.get_num_threads()}
         meta.update(name="calibrated:trajectory", variant="trajectory", fingerprint=model_fingerprint(spec))
         meta["calibration"] = rec
         return result.schedule(meta)

@@ -245,7 +245,8 @@ def _calibration_summary(meta: dict) -> dict:
             "reference_wall_s": ref_s, "standalone_s": (c.get("wall_s") or 0.0) + (ref_s or 0.0),
             "reference_convergence_rms": c.get("reference", {}).get("convergence_rms"),
             "val_rms": {k: v.get("val_rms") for k, v in cand.items()}, "n": c.get("n"), "seed": c.get("seed"),
-            "solves": sum(v.get("solves", 0) for v in c.get("refine", {}).values()), "fit": c.get("fit")}
+            "solves": sum(v.get("solves", 0) for v in c.get("refine", {}).values()), "fit": c.get("fit"),
+            "device": c.get("device", "cpu")}
 
 
 def _reason(e: BaseException) -> str:
