@@ -62,9 +62,22 @@ BETAS = {"scaled_linear": ("scaled_linear", 0.00085, 0.012), "linear": ("linear"
 NFES = (3, 4, 5, 6, 8, 10)
 SEEDS = (0, 1, 2)
 STEINDIFF_SOLVERS = ("euler", "dpmpp_2m", "dpmpp_3m", "unipc")
-STEINDIFF_SCHEDULES = ("karras", "logsnr")
+STEINDIFF_SCHEDULES = ("karras", "logsnr", "time")
+#: Cross-checks: a diffusers configuration and the steindiff one that runs the same solver over the same
+#: noise levels with the same network time (diffusers' multistep schedulers round the timesteps of Karras
+#: and log-SNR sigmas; Euler passes fractional ones but starts from ``eps * sigma_max``).
+PAIRS = (("diffusers:DPMSolverMultistepScheduler/2M-karras", "steindiff dpmpp_2m karras t-round"),
+         ("diffusers:DPMSolverMultistepScheduler/3M-karras", "steindiff dpmpp_3m karras t-round"),
+         ("diffusers:DPMSolverMultistepScheduler/2M-lu", "steindiff dpmpp_2m logsnr t-round"),
+         ("diffusers:DPMSolverMultistepScheduler/3M-lu", "steindiff dpmpp_3m logsnr t-round"),
+         ("diffusers:UniPCMultistepScheduler-karras", "steindiff unipc karras t-round"),
+         ("diffusers:EulerDiscreteScheduler-karras", "steindiff euler karras"))
 REF_SOLVER, REF_STEPS = "dpmpp_3m", 1000
 METRICS = ("sw2", "nll", "mode_tv", "traj_err")
+
+
+#: Spacings named in a peer's label (the scheduler's default spacing is not).
+LABELLED_SPACINGS = ("karras", "trailing", "lu")
 
 
 @dataclass(frozen=True)
@@ -79,13 +92,15 @@ class Peer:
 
     @property
     def label(self) -> str:
-        suffix = "" if self.spacing not in ("karras", "trailing") else f"-{self.spacing}"
+        suffix = "" if self.spacing not in LABELLED_SPACINGS else f"-{self.spacing}"
         return f"diffusers:{self.solver}{suffix}"
 
 
 def peers() -> list[Peer]:
     """diffusers' DPM-Solver++ 2M and 3M, UniPC (bh2), DDIM and Euler; each with its default spacing,
-    ``trailing``, and Karras sigmas where the scheduler offers them (DDIM does not)."""
+    ``trailing``, and Karras sigmas where the scheduler offers them (DDIM does not); DPM-Solver++ also with
+    ``use_lu_lambdas`` (uniform log-SNR steps, Lu et al. 2022: the noise levels of steindiff's ``logsnr``),
+    labelled ``-lu``."""
     out = []
     for cls, solver, extra, default in (
             ("DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler/2M", {"solver_order": 2}, "linspace"),
@@ -97,6 +112,8 @@ def peers() -> list[Peer]:
         out.append(Peer(cls, solver, "trailing", {**extra, "timestep_spacing": "trailing"}))
         if cls != "DDIMScheduler":
             out.append(Peer(cls, solver, "karras", {**extra, "use_karras_sigmas": True}))
+        if cls == "DPMSolverMultistepScheduler":
+            out.append(Peer(cls, solver, "lu", {**extra, "use_lu_lambdas": True}))
     return out
 
 
@@ -113,8 +130,11 @@ class Plain:
         return "none" if self.timestep == "interp" else f"none[t-{self.timestep}]"
 
 
-def plains(timesteps: Sequence[str] = ("interp", "round")) -> list[Plain]:
-    return [Plain(s, sch, t) for t in timesteps for s in STEINDIFF_SOLVERS for sch in STEINDIFF_SCHEDULES]
+def plains() -> list[Plain]:
+    """Every solver on every schedule with fractional timesteps, and on ``karras`` and ``logsnr`` with
+    rounded ones (the cross-checks, :data:`PAIRS`)."""
+    return [Plain(s, sch, t) for t in ("interp", "round") for s in STEINDIFF_SOLVERS for sch in STEINDIFF_SCHEDULES
+            if t == "interp" or sch != "time"]
 
 
 class CountingNet:
@@ -218,6 +238,12 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
         den, _ = vp_denoiser(gmm, process, "interp")
         ref = sample(den, noise_ve, get_sigmas("karras", ref_steps, process), REF_SOLVER, dtype=torch.float64).x
         floors = _floors(gmm, n, seed)
+        # the reference solve's own metrics: how far the best this process allows is from the data
+        rmet = mixture_metrics(ref, gmm, seed=seed, ref=ref)
+        rmet.update(floors)
+        rows.append({"model": model, "seed": seed, "coords": "-", "n": n, "reused": False, "solver": REF_SOLVER,
+                     "schedule": "karras", "stabilizer": "reference", "nfe_budget": ref_steps, "framework": "reference",
+                     "nfe": ref_steps, "steps": ref_steps, "metrics": rmet, "status": "ok", "extra_passes": 0})
         jobs: list[tuple[dict, Callable[[], dict]]] = []
         for nfe in nfes:
             for p in peer_list:
@@ -269,7 +295,9 @@ def cell_label(row: dict) -> str:
     """One configuration's name in the tables: ``diffusers:<scheduler>[-karras|-trailing]`` (default spacing
     named when it is not in the label), or ``steindiff <solver> <schedule>[ t-round]``."""
     if row["framework"] == "diffusers":
-        return row["stabilizer"] if row["schedule"] in ("karras", "trailing") else f"{row['stabilizer']} ({row['schedule']})"
+        return row["stabilizer"] if row["schedule"] in LABELLED_SPACINGS else f"{row['stabilizer']} ({row['schedule']})"
+    if row["framework"] == "reference":
+        return f"reference ({row['solver']}, {row['steps']} {row['schedule']} steps)"
     t = "" if row["stabilizer"] == "none" else " t-round"
     return f"steindiff {row['solver']} {row['schedule']}{t}"
 
@@ -310,6 +338,19 @@ def _fmt(s: dict | None, digits: int = 4) -> str:
     if s is None:
         return "-"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def _reference_line(summ: dict) -> str:
+    ref = [v for v in summ["cells"].values() if v["framework"] == "reference"]
+    if not ref:
+        return ""
+    (cell,) = ref[0]["by_nfe"].values()
+    ex = cell["excess"]
+    return ("**The reference solve itself** (same model, same noise) has excess sw2 "
+            f"{_fmt(ex.get('sw2'))}, NLL {_fmt(ex.get('nll'), 3)}, mode TV {_fmt(ex.get('mode_tv'), 3)}: every solve on this "
+            "process ends with a jump from its smallest sigma to 0 (one denoising step), and the smallest sigma of the "
+            "table, 0.0292 for `scaled_linear`, is about the mixture's isotropic spread (std 0.03), which that last "
+            "denoising step shrinks. Few-step solvers cannot be expected to go below these numbers by much.")
 
 
 def _init_sigmas(result: dict) -> str:
@@ -353,9 +394,10 @@ def markdown(result: dict, command: str) -> str:
         "`set_alpha_to_one=True` (DDIM), `steps_offset=0`. Default spacings: `linspace` (DDIM: `leading`, which starts "
         "below sigma_max). With Karras sigmas DPM-Solver and UniPC pass the network *rounded* timesteps while "
         "their update uses the unrounded sigma; Euler passes fractional timesteps.",
-        "- **steindiff.** The plain solvers `euler`, `dpmpp_2m`, `dpmpp_3m`, `unipc` (bh2) on the process's `karras` "
-        "and `logsnr` noise levels, through `VPDenoiser` (fractional timesteps); `t-round` rows give the network "
-        "rounded timesteps as diffusers' multistep schedulers do.",
+        "- **steindiff.** The plain solvers `euler`, `dpmpp_2m`, `dpmpp_3m`, `unipc` (bh2) on the process's `karras`, "
+        "`logsnr` and `time` (uniform in the timestep) noise levels, through `VPDenoiser` (fractional timesteps); "
+        "`t-round` rows give the network rounded timesteps as diffusers' multistep schedulers do. diffusers' "
+        "`-lu` rows (`use_lu_lambdas=True`) are uniform log-SNR steps, the noise levels of steindiff's `logsnr`.",
         f"- **Metrics.** `steindiff.metrics.mixture_metrics` against the mixture; excess = metric - floor "
         f"(NLL two-sided, |nll - floor|), floors as in steindiff's grid; `traj_err` against a `{cfg['reference']['solver']}` "
         f"solve of {cfg['reference']['steps']} Karras steps of the same model from the same noise. Mean ± seed std.",
@@ -364,6 +406,8 @@ def markdown(result: dict, command: str) -> str:
         "on its VE process, sigma in [0.002, 80]; here through the discrete VP process, sigma in "
         f"[{p['sigma_min']:.4f}, {p['sigma_max']:.2f}], so every solve starts lower and stops earlier (its last "
         "step jumps to 0 from a larger sigma). Compare rows within this file only.",
+        "",
+        _reference_line(summ),
         "",
         "## Best per NFE (excess sliced W2)",
         "",
@@ -381,7 +425,8 @@ def markdown(result: dict, command: str) -> str:
         lines += ["", f"## {title}, mean ± seed std", "",
                   "| configuration | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
                   "|---|" + "---|" * len(nfes)]
-        order = sorted(summ["cells"], key=lambda lab: (summ["cells"][lab]["framework"] != "diffusers", lab))
+        order = sorted((lab for lab in summ["cells"] if summ["cells"][lab]["framework"] != "reference"),
+                       key=lambda lab: (summ["cells"][lab]["framework"] != "diffusers", lab))
         for label in order:
             cells = summ["cells"][label]["by_nfe"]
             vals = []
@@ -398,6 +443,20 @@ def markdown(result: dict, command: str) -> str:
                     vals.append(v)
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     lines += ["", "Bold: the best configuration of its framework at that NFE (lowest mean excess sw2).", ""]
+    checks = []
+    for a, b in PAIRS:
+        ca, cb = summ["cells"].get(a), summ["cells"].get(b)
+        if ca and cb:
+            diffs = [abs(ca["by_nfe"][k]["excess"]["sw2"]["mean"] - cb["by_nfe"][k]["excess"]["sw2"]["mean"])
+                     for k in nfes if k in ca["by_nfe"] and k in cb["by_nfe"]
+                     and "sw2" in ca["by_nfe"][k]["excess"] and "sw2" in cb["by_nfe"][k]["excess"]]
+            if diffs:
+                checks.append(f"| {a} | {b} | {max(diffs):.5f} |")
+    if checks:
+        lines += ["## Cross-check: the same solver on the same noise levels in both frameworks", "",
+                  "| diffusers | steindiff | max over NFE of the difference in mean excess sw2 |", "|---|---|---|",
+                  *checks, "", "Differences between the frameworks elsewhere come from the noise levels (spacings), "
+                  "not from the solvers.", ""]
     odd = sorted({(cell_label(r), r["nfe_budget"], r["nfe"]) for r in result["rows"]
                   if r["status"] == "ok" and r["nfe"] != r["nfe_budget"]})
     if odd:
