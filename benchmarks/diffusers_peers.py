@@ -340,7 +340,7 @@ def _fmt(s: dict | None, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def _reference_line(summ: dict) -> str:
+def _reference_line(summ: dict, process: dict) -> str:
     ref = [v for v in summ["cells"].values() if v["framework"] == "reference"]
     if not ref:
         return ""
@@ -348,9 +348,9 @@ def _reference_line(summ: dict) -> str:
     ex = cell["excess"]
     return ("**The reference solve itself** (same model, same noise) has excess sw2 "
             f"{_fmt(ex.get('sw2'))}, NLL {_fmt(ex.get('nll'), 3)}, mode TV {_fmt(ex.get('mode_tv'), 3)}: every solve on this "
-            "process ends with a jump from its smallest sigma to 0 (one denoising step), and the smallest sigma of the "
-            "table, 0.0292 for `scaled_linear`, is about the mixture's isotropic spread (std 0.03), which that last "
-            "denoising step shrinks. Few-step solvers cannot be expected to go below these numbers by much.")
+            "process ends with a jump from its smallest sigma to 0 (one denoising step), from the table's smallest sigma, "
+            f"{process['sigma_min']:.4f}, at best, which is not small beside the mixture's isotropic spread (std 0.03): "
+            "that last denoising step shrinks it. Few-step solvers cannot be expected to go below these numbers by much.")
 
 
 def _init_sigmas(result: dict) -> str:
@@ -369,7 +369,8 @@ def markdown(result: dict, command: str) -> str:
     lines = [
         f"# Peer row: diffusers' schedulers and steindiff's plain solvers on `{cfg['base_model']}` as a VP epsilon network",
         "",
-        f"Regenerate: `{command}`",
+        f"Regenerate: `{command}` (the Markdown alone, from the JSON: `python benchmarks/diffusers_peers.py "
+        "--from-json FILE.json --markdown FILE.md`).",
         "",
         f"{len(result['rows'])} runs; {len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}), N = {cfg['n']} "
         f"samples each; wall time {mach['wall_s_total']:.0f} s on {mach.get('cpu_count', '?')} CPU cores "
@@ -400,16 +401,20 @@ def markdown(result: dict, command: str) -> str:
         "`-lu` rows (`use_lu_lambdas=True`) are uniform log-SNR steps, the noise levels of steindiff's `logsnr`.",
         f"- **Metrics.** `steindiff.metrics.mixture_metrics` against the mixture; excess = metric - floor "
         f"(NLL two-sided, |nll - floor|), floors as in steindiff's grid; `traj_err` against a `{cfg['reference']['solver']}` "
-        f"solve of {cfg['reference']['steps']} Karras steps of the same model from the same noise. Mean ± seed std.",
+        f"solve of {cfg['reference']['steps']} Karras steps of the same model from the same noise. Mean ± seed std. "
+        "Most of the seed spread of excess sw2 is the floor's (sw2 between two true sample sets), which every row of "
+        "a seed shares: rows are paired (same noise, same floor), so their means compare more finely than the spread suggests.",
         "",
         "**Not comparable with the committed VE grid** (`docs/results/image64.md`): there the mixture is sampled "
         "on its VE process, sigma in [0.002, 80]; here through the discrete VP process, sigma in "
-        f"[{p['sigma_min']:.4f}, {p['sigma_max']:.2f}], so every solve starts lower and stops earlier (its last "
-        "step jumps to 0 from a larger sigma). Compare rows within this file only.",
+        f"[{p['sigma_min']:.4f}, {p['sigma_max']:.2f}], so every solve starts at another noise level and its last "
+        "step jumps to 0 from a larger sigma. Compare rows within this file only.",
         "",
-        _reference_line(summ),
+        _reference_line(summ, p),
         "",
         "## Best per NFE (excess sliced W2)",
+        "",
+        "Below 1 in the last column: steindiff's best plain configuration is ahead of diffusers' best at that NFE.",
         "",
         "| NFE | best diffusers | excess sw2 | best steindiff plain | excess sw2 | steindiff / diffusers |",
         "|---|---|---|---|---|---|",
@@ -476,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="do not run: write the Markdown (--markdown, else standard output) of saved results")
     return p
 
 
@@ -487,6 +494,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("diffusers_peers: error: diffusers is not installed (pip install diffusers)", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
+    if args.from_json:
+        try:
+            saved = json.loads(Path(args.from_json).read_text())
+            md = markdown(saved, saved["config"]["command"])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"diffusers_peers: error: cannot read results {args.from_json!r}: {e}", file=sys.stderr)
+            return 2
+        if args.markdown:
+            Path(args.markdown).write_text(md + "\n")
+        else:
+            print(md)
+        return 0
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python benchmarks/diffusers_peers.py " + " ".join(shlex.quote(a) for a in argv_list)
     try:

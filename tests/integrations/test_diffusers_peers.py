@@ -111,4 +111,9 @@ def test_script_writes_json_and_markdown(dp, tmp_path, capsys):
     assert res["config"]["command"].startswith("python benchmarks/diffusers_peers.py --n 16")
     assert len(res["rows"]) == 1 + len(dp.peers()) + len(dp.plains())
     assert res["config"]["command"] in m.read_text()
+    # the Markdown again from the saved results, without running
+    m2 = tmp_path / "again.md"
+    assert dp.main(["--from-json", str(j), "--markdown", str(m2)]) == 0
+    assert m2.read_text() == m.read_text()
+    assert dp.main(["--from-json", str(tmp_path / "missing.json")]) == 2
     assert dp.main(["--n", "1", "--no-progress"]) == 2
