@@ -8,7 +8,10 @@
 - :class:`CFGDenoiser`: classifier-free guidance in VE coordinates,
   ``D = D_u + s (D_c - D_u)``, conditional and unconditional halves in one batched call.
 - :func:`sample_pipeline`: sample a diffusers pipeline's UNet with a steindiff solver (and
-  stabilizer), decoding through the pipeline's VAE when it has one.
+  stabilizer, or a calibrated sampler), decoding through the pipeline's VAE when it has one.
+- :func:`calibrate_pipeline`: the calibrated sampler of issue 9 (:mod:`steindiff.calibrate`) for a
+  pipeline, over the user's prompt embeddings (or class labels) and guidance scale, cached by the
+  UNet's weights and that conditioning.  :func:`pipeline_model` builds the model both of them use.
 
 Only VP (DDPM-family) schedulers are supported: DDPM, DDIM, PNDM, Euler, Heun, DPM-Solver, UniPC,
 ... with ``prediction_type`` ``epsilon``, ``v_prediction`` or ``sample``.  Flow-matching and VE
@@ -17,7 +20,11 @@ schedulers are refused with a ValueError.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -25,14 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..calibrate import calibrated_plan, default_cache_dir, model_fingerprint
 from ..models.denoisers import VPDenoiser
+from ..models.registry import ModelSpec
 from ..noise import DiscreteVPProcess, betas_for_schedule
+from ..plan import SamplingPlan, make_plan
 from ..sampling import sample
-from ..schedules import get_sigmas, validate_sigmas
-from ..solvers import get_solver, steps_for_nfe
+from ..stabilizers import registry
+from ._calibration import Calibration, as_plan, canonical_solver, check_plan
 
 __all__ = ["denoiser_from_diffusers", "process_from_scheduler", "CFGDenoiser", "sample_pipeline", "PipelineSample",
-           "PREDICTION_TYPE_MAP"]
+           "PREDICTION_TYPE_MAP", "pipeline_model", "PipelineModel", "calibrate_pipeline", "UNCOND_PREFIX"]
 
 #: diffusers ``prediction_type`` -> :class:`VPDenoiser` prediction
 PREDICTION_TYPE_MAP = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
@@ -180,6 +190,11 @@ def _as_cond(c: Any, key: str) -> dict:
     return {key: c}
 
 
+#: Prefix of the per-call unconditional arguments of :class:`CFGDenoiser` (``"uncond:encoder_hidden_states"``):
+#: not a Python identifier, so it cannot collide with a keyword argument of the wrapped denoiser.
+UNCOND_PREFIX = "uncond:"
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance in VE coordinates: ``D = D_u + s (D_c - D_u)`` (Ho & Salimans 2022).
 
@@ -190,14 +205,21 @@ class CFGDenoiser(nn.Module):
     twice the batch (counted as one pass); ``scale == 1`` calls the conditional model only.  Pure
     tensor algebra, so a stabilizer differentiates through it.  For epsilon- and v-prediction models
     it equals diffusers' guidance on the network output (``D`` is affine in it at fixed ``x``).
+
+    Per-sample conditioning can instead come with each call, as extra arguments: ``key=c`` for the
+    conditional half and ``"uncond:" + key`` (:data:`UNCOND_PREFIX`) for the unconditional one, e.g.
+    ``model(x, sigma, **{"encoder_hidden_states": c, "uncond:encoder_hidden_states": u})``.  Being
+    per-sample extra arguments, they are split and cycled with the batch by the sampler and the
+    calibration (:func:`steindiff.calibrate.calibrate`); this is how :func:`sample_pipeline` and
+    :func:`calibrate_pipeline` condition the model.  Other extra arguments go to both halves.
     """
 
-    def __init__(self, denoiser: Callable[..., torch.Tensor], scale: float, cond: Any, uncond: Any = None, *,
+    def __init__(self, denoiser: Callable[..., torch.Tensor], scale: float, cond: Any = None, uncond: Any = None, *,
                  cond_key: str = "encoder_hidden_states", batched: bool = True):
         super().__init__()
         self.denoiser, self.scale, self.batched = denoiser, float(scale), batched
         self.cond, self.uncond = _as_cond(cond, cond_key), _as_cond(uncond, cond_key)
-        if self.scale != 1.0:
+        if self.scale != 1.0 and cond is not None:
             if uncond is None:
                 raise ValueError(f"guidance scale {self.scale} needs the unconditional arguments (uncond)")
             if set(self.cond) != set(self.uncond):
@@ -208,10 +230,19 @@ class CFGDenoiser(nn.Module):
         sigma = torch.as_tensor(sigma, device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(n)
-        cond = {k: _batch_to(v, n, f"cond[{k!r}]") for k, v in self.cond.items()}
+        call_uncond = {k[len(UNCOND_PREFIX):]: extra.pop(k) for k in [k for k in extra if k.startswith(UNCOND_PREFIX)]}
+        missing = sorted(k for k in call_uncond if k not in extra)
+        if missing:
+            raise ValueError(f"unconditional arguments {', '.join(UNCOND_PREFIX + k for k in missing)} were given "
+                             f"without their conditional counterparts {', '.join(missing)}")
+        call_cond = {k: extra.pop(k) for k in call_uncond}
+        cond = {k: _batch_to(v, n, f"cond[{k!r}]") for k, v in {**self.cond, **call_cond}.items()}
         if self.scale == 1.0:
             return self.denoiser(x, sigma, **cond, **extra)
-        uncond = {k: _batch_to(v, n, f"uncond[{k!r}]") for k, v in self.uncond.items()}
+        uncond = {k: _batch_to(v, n, f"uncond[{k!r}]") for k, v in {**self.uncond, **call_uncond}.items()}
+        if not cond or set(cond) != set(uncond):
+            raise ValueError(f"guidance scale {self.scale} needs conditional and unconditional arguments with the same "
+                             f"keys, got {sorted(cond)} and {sorted(uncond)}")
         if not self.batched:
             d_u = self.denoiser(x, sigma, **uncond, **extra)
             d_c = self.denoiser(x, sigma, **cond, **extra)
@@ -231,7 +262,8 @@ class PipelineSample:
     ``images``: as ``output_type`` asks (``latent``: the final latents; ``pt``: ``(B, C, H, W)`` in
     [0, 1]; ``np``: ``(B, H, W, C)`` float32 in [0, 1]; ``pil``: a list of PIL images).
     ``latents``: the final latents (VP coordinates at ``sigmas[-1]``; at ``sigma = 0`` the clean latents),
-    before the VAE's scaling.
+    before the VAE's scaling.  ``plan``: the sampling plan that ran (solver, noise levels and, for a
+    calibrated sampler, its per-step gammas).
     """
 
     images: Any
@@ -241,6 +273,7 @@ class PipelineSample:
     extra_passes: int = 0
     trace: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    plan: SamplingPlan | None = None
 
 
 def _sample_shape(unet: Any) -> tuple[int, ...]:
@@ -252,6 +285,258 @@ def _sample_shape(unet: Any) -> tuple[int, ...]:
     return (int(cfg["in_channels"]), *hw)
 
 
+def _hash_tensor(h: "hashlib._Hash", v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(repr(v).encode())
+
+
+@dataclass
+class PipelineModel:
+    """What a pipeline's UNet is sampled as (:func:`pipeline_model`), shared by :func:`sample_pipeline` and
+    :func:`calibrate_pipeline` so that a calibration is fitted on exactly the model it is applied to.
+
+    ``denoiser``: the UNet as a VE denoiser (:func:`denoiser_from_diffusers`).  ``model``: that
+    denoiser, or a :class:`CFGDenoiser` over it when ``guidance_scale > 1``.  ``cond``: the
+    conditioning as per-sample extra arguments of ``model`` at batch ``batch`` (``None``:
+    unconditional), with the unconditional inputs under :data:`UNCOND_PREFIX` keys when guided.
+    ``sample_shape``: one latent's shape.
+    """
+
+    denoiser: VPDenoiser
+    model: Callable[..., torch.Tensor]
+    cond: dict[str, Any]
+    batch: int | None
+    guidance_scale: float
+    sample_shape: tuple[int, ...]
+    name: str
+
+    @property
+    def process(self) -> DiscreteVPProcess:
+        return self.denoiser.process
+
+    def extra_args(self, n: int) -> dict[str, Any]:
+        """The conditioning for a sample batch of ``n``: each row repeated ``n / batch`` times, in order."""
+        return {k: _batch_to(v, n, k.replace(UNCOND_PREFIX, "negative ")) for k, v in self.cond.items()}
+
+    def spec(self) -> ModelSpec:
+        """The :class:`~steindiff.models.registry.ModelSpec` a calibration keys and fits: ``model`` (its
+        ``state_dict`` is the UNet's weights, the fingerprint of :func:`steindiff.calibrate.model_fingerprint`)
+        on the pipeline's VP process."""
+        return ModelSpec(name=self.name, denoiser=self.model, process=self.process, sample_shape=self.sample_shape)
+
+    def conditioning(self) -> dict[str, Any]:
+        """What besides the weights makes this model: the guidance scale, a hash of the conditioning
+        tensors (prompt embeddings, negative ones when guided, class labels), the timestep convention
+        and the prediction type."""
+        digest = None
+        if self.cond:
+            h = hashlib.sha256()
+            for k in sorted(self.cond):
+                h.update(k.encode())
+                _hash_tensor(h, self.cond[k])
+            digest = h.hexdigest()[:16]
+        return {"integration": "diffusers", "guidance_scale": self.guidance_scale, "conditioning": digest,
+                "timestep": self.denoiser.timestep, "prediction": self.denoiser.prediction}
+
+    def conditioning_key(self) -> str:
+        """:meth:`conditioning` as the ``conditioning`` string of the calibration cache's key."""
+        return json.dumps(self.conditioning(), sort_keys=True)
+
+
+def pipeline_model(
+    pipe: Any,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    class_labels: Any = None,
+    negative_class_labels: Any = None,
+    guidance_scale: float = 1.0,
+    timestep: Literal["interp", "round"] = "interp",
+    sample_shape: Sequence[int] | None = None,
+) -> PipelineModel:
+    """The model :func:`sample_pipeline` samples, with its conditioning (:class:`PipelineModel`).
+
+    ``prompt_embeds`` go to the UNet as ``encoder_hidden_states``, ``class_labels`` as ``class_labels``.
+    With ``guidance_scale > 1`` (diffusers' convention) the model is a :class:`CFGDenoiser` and needs
+    ``negative_prompt_embeds`` / ``negative_class_labels`` (no text encoder is run here).  The
+    conditioning batch is the largest batch among these tensors; every other one must divide it and is
+    repeated to it.  ``sample_shape``: one latent's shape (default: from the UNet's config).
+    """
+    unet = getattr(pipe, "unet", None)
+    scheduler = getattr(pipe, "scheduler", None)
+    if unet is None or scheduler is None:
+        raise ValueError("the pipeline needs a `unet` and a `scheduler` (transformer-based pipelines are not supported)")
+    den = denoiser_from_diffusers(unet, scheduler, timestep=timestep)
+    device = getattr(unet, "device", torch.device("cpu"))
+    guided = float(guidance_scale) > 1.0
+    pairs = [("encoder_hidden_states", prompt_embeds, negative_prompt_embeds, "negative_prompt_embeds"),
+             ("class_labels", class_labels, negative_class_labels, "negative_class_labels")]
+    cond = {k: torch.as_tensor(c).to(device) for k, c, _, _ in pairs if c is not None}
+    uncond: dict[str, torch.Tensor] = {}
+    if guided:
+        if not cond:
+            raise ValueError("guidance_scale > 1 needs conditioning (prompt_embeds or class_labels)")
+        missing = [neg_name for k, c, u, neg_name in pairs if c is not None and u is None]
+        if missing:
+            raise ValueError(f"guidance_scale={guidance_scale} needs {', '.join(missing)} "
+                             "(the unconditional inputs, e.g. the encoded empty prompt or the null class)")
+        uncond = {UNCOND_PREFIX + k: torch.as_tensor(u).to(device) for k, c, u, _ in pairs if c is not None}
+    sizes = [v.shape[0] for v in (*cond.values(), *uncond.values()) if v.ndim > 0]
+    batch = max(sizes) if sizes else None
+    extra = {**cond, **uncond}
+    if batch is not None:
+        extra = {k: _batch_to(v, batch, k.replace(UNCOND_PREFIX, "negative ")) for k, v in extra.items()}
+    model: Callable[..., torch.Tensor] = CFGDenoiser(den, float(guidance_scale)) if guided else den
+    shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else _sample_shape(unet)
+    return PipelineModel(den, model, extra, batch, float(guidance_scale) if guided else 1.0, shape,
+                         f"diffusers:{type(unet).__name__}")
+
+
+def _base_plan(process: DiscreteVPProcess, solver: str, nfe: int, schedule: str | Sequence[float] | torch.Tensor,
+               rho: float, solver_options: dict | None) -> SamplingPlan:
+    if isinstance(schedule, str):
+        return make_plan(process, solver, nfe, schedule, rho=rho, solver_options=solver_options)
+    return make_plan(process, solver, nfe, sigmas=schedule, solver_options=solver_options)
+
+
+def _stderr_notice(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _calibrated(pm: PipelineModel, base: SamplingPlan, *, cache_dir: str | os.PathLike | None, calibrate_missing: bool,
+                dtype: torch.dtype, progress: bool, notice: Callable[[str], None] | None, options: dict) -> SamplingPlan:
+    """:func:`steindiff.calibrate.calibrated_plan` of ``pm`` over its conditioning (cycled to the
+    calibration batch), keyed by :meth:`PipelineModel.conditioning_key`.  The notice is written here,
+    without the timed model pass of ``calibrated_plan``'s own estimate (a full calibration batch through a
+    large UNet)."""
+    options = dict(options)
+    fit = options.pop("fit", "both")
+    kw: dict[str, Any] = dict(cache_dir=cache_dir, fit=fit, conditioning=pm.conditioning_key(),
+                              extra_args=pm.cond or None, dtype=dtype, progress=progress, **options)
+    spec = pm.spec()
+    plan = calibrated_plan(spec, base, calibrate_missing=False, **kw)
+    if plan is base and calibrate_missing:
+        if notice is not None:
+            n = int(options.get("n") or 512)
+            passes = int(options.get("ref_steps", 200)) * 3 // 2 + base.nfe * int(options.get("max_solves", 200))
+            what = (f"guidance {pm.guidance_scale:g}, {pm.batch} conditioning rows" if pm.batch else "unconditional")
+            root = cache_dir if cache_dir is not None else default_cache_dir()
+            notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {pm.name} once "
+                   f"({what}; fit: {fit}; at most about {passes} model passes over {n} samples, "
+                   f"{float(options.get('max_seconds', 60.0)):.0f} s of refinement); cached in {root}")
+        plan = calibrated_plan(spec, base, calibrate_missing=True, **kw)
+    plan.meta["diffusers"] = pm.conditioning()
+    return plan
+
+
+def _recorded_conditioning(meta: Mapping) -> dict | None:
+    """The :meth:`PipelineModel.conditioning` a calibration was made for, if it records one."""
+    if isinstance(meta.get("diffusers"), Mapping):
+        return dict(meta["diffusers"])
+    key = meta.get("key")
+    cond = key.get("conditioning") if isinstance(key, Mapping) else None
+    if isinstance(cond, str):
+        try:
+            rec = json.loads(cond)
+        except ValueError:
+            return None
+        if isinstance(rec, dict) and rec.get("integration") == "diffusers":
+            return rec
+    return None
+
+
+def calibrate_pipeline(
+    pipe: Any,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    class_labels: Any = None,
+    negative_class_labels: Any = None,
+    solver: str,
+    nfe: int,
+    schedule: str | Sequence[float] | torch.Tensor,
+    cache_dir: str | os.PathLike | None = None,
+    rho: float = 7.0,
+    timestep: Literal["interp", "round"] = "interp",
+    sample_shape: Sequence[int] | None = None,
+    solver_options: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    calibrate_missing: bool = True,
+    progress: bool = False,
+    notice: Callable[[str], None] | None = _stderr_notice,
+    **options: Any,
+) -> SamplingPlan:
+    """The calibrated sampler (issue 9; :func:`steindiff.calibrate.calibrated_plan`, trajectory objective)
+    of a diffusers pipeline, over the user's conditioning: fitted on first use and cached.
+
+    The model is the one :func:`sample_pipeline` samples with the same arguments (:func:`pipeline_model`:
+    the UNet as a VE denoiser, under classifier-free guidance when ``guidance_scale > 1``).  The
+    calibration batch sees ``prompt_embeds`` (a batch of embeddings, one per prompt; with guidance,
+    ``negative_prompt_embeds`` of batch 1 or the same batch) and ``class_labels`` cycled to its size, so
+    in the user's proportions.  The cache (``cache_dir``, default
+    :func:`steindiff.calibrate.default_cache_dir`) is keyed by the UNet's weights, the latent shape, the
+    process, ``solver``, the base noise levels (``nfe``, ``schedule``: ``karras``, ``logsnr``, ``time``
+    or explicit VE sigmas) and :meth:`PipelineModel.conditioning_key`: the guidance scale, a hash of the
+    embeddings and labels, the timestep convention and the prediction type.  A different guidance
+    scale or other prompts calibrate anew.
+
+    ``notice`` gets a one-line message before a calibration starts (default: standard error; ``None``
+    for none).  ``calibrate_missing=False`` only reads the cache (the plain plan when nothing is
+    cached).  ``options`` go to :func:`steindiff.calibrate.calibrate` (``n``, ``ref_steps``,
+    ``max_solves``, ``max_seconds``, ``seed``, ``fit``, ...).  Apply the result with
+    ``sample_pipeline(pipe, ..., calibration=plan)`` or a k-diffusion-style ``sample_*(...,
+    calibration=plan)`` function; ``plan.meta["diffusers"]`` records the conditioning it was made for.
+    """
+    pm = pipeline_model(pipe, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                        class_labels=class_labels, negative_class_labels=negative_class_labels,
+                        guidance_scale=guidance_scale, timestep=timestep, sample_shape=sample_shape)
+    base = _base_plan(pm.process, solver, nfe, schedule, rho, solver_options)
+    return _calibrated(pm, base, cache_dir=cache_dir, calibrate_missing=calibrate_missing, dtype=dtype,
+                       progress=progress, notice=notice, options=options)
+
+
+def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | None, nfe: int | None,
+                  schedule: str | Sequence[float] | torch.Tensor | None, solver_options: dict | None) -> SamplingPlan:
+    """The plan of ``calibration`` for this pipeline model, refused (ValueError naming both values) when it
+    was made for another solver, NFE, schedule, guidance scale or UNet."""
+    plan = as_plan(calibration, solver=solver or DEFAULT_SOLVER)
+    bad = []
+    if solver is not None and canonical_solver(solver, solver_options) != canonical_solver(plan.solver, plan.solver_options):
+        bad.append(f"it was made for solver {plan.solver!r}, requested {solver!r}")
+    if solver_options is not None and dict(solver_options) != dict(plan.solver_options):
+        bad.append(f"it was made with solver options {plan.solver_options!r}, requested {dict(solver_options)!r}")
+    if nfe is not None and int(nfe) != plan.nfe:
+        bad.append(f"it was made for NFE {plan.nfe}, requested {nfe}")
+    if isinstance(schedule, str):
+        made = plan.meta.get("schedule", plan.schedule)
+        if schedule != made:
+            bad.append(f"it was made for the {made!r} schedule, requested {schedule!r}")
+    rec = _recorded_conditioning(plan.meta)
+    if rec is not None and float(rec.get("guidance_scale", 1.0)) != pm.guidance_scale:
+        bad.append(f"it was made for guidance scale {float(rec.get('guidance_scale', 1.0)):g}, requested {pm.guidance_scale:g}")
+    if bad:
+        raise ValueError("calibration does not match this pipeline run: " + "; ".join(bad))
+    if schedule is not None and not isinstance(schedule, str):
+        check_plan(plan, schedule, solver=plan.solver, solver_options=plan.solver_options, what="schedule")
+    fp = plan.meta.get("fingerprint")
+    if fp is not None:
+        here = model_fingerprint(pm.spec())
+        if fp != here:
+            raise ValueError(f"calibration was made for another model: its fingerprint is {fp}, this pipeline's UNet "
+                             f"(weights, latent shape {pm.sample_shape}, noise process) gives {here}")
+    return plan
+
+
+DEFAULT_SOLVER = "dpmpp_2m"
+DEFAULT_NFE = 10
+DEFAULT_SCHEDULE = "karras"
+
+
 def sample_pipeline(
     pipe: Any,
     *,
@@ -261,11 +546,15 @@ def sample_pipeline(
     negative_class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     batch_size: int | None = None,
-    solver: str = "dpmpp_2m",
-    nfe: int = 10,
-    schedule: str | Sequence[float] | torch.Tensor = "karras",
+    solver: str | None = None,
+    nfe: int | None = None,
+    schedule: str | Sequence[float] | torch.Tensor | None = None,
     rho: float = 7.0,
     stabilizer: Any | None = None,
+    calibration: Calibration | None = None,
+    calibration_dir: str | os.PathLike | None = None,
+    calibrate: bool = True,
+    calibration_options: dict | None = None,
     latents: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
@@ -277,82 +566,70 @@ def sample_pipeline(
     progress: bool = False,
 ) -> PipelineSample:
     """Sample a diffusers pipeline (anything with ``unet`` and ``scheduler``, optionally ``vae``) with a
-    steindiff solver and stabilizer.
+    steindiff solver and stabilizer, or with a calibrated sampler.
 
     Conditioning: ``prompt_embeds`` (passed as ``encoder_hidden_states``) and/or ``class_labels``;
     with ``guidance_scale > 1`` (diffusers' convention) classifier-free guidance needs
-    ``negative_prompt_embeds`` / ``negative_class_labels`` (no text encoder is run here).
-    Batch: ``latents.shape[0]``, else ``batch_size``, else the conditioning's batch, else 1.
+    ``negative_prompt_embeds`` / ``negative_class_labels`` (no text encoder is run here).  The model is
+    :func:`pipeline_model`'s.  Batch: ``latents.shape[0]``, else ``batch_size``, else the conditioning's
+    batch, else 1.
 
     ``latents``: as passed to a diffusers pipeline, i.e. unit-variance noise (the VP latent at
     ``sigma_max``, before ``init_noise_sigma``); converted to VE by dividing by ``alpha(sigma_max)``.
     Without them they are drawn as diffusers draws them (``randn_tensor(shape, generator, dtype=unet.dtype)``),
     from ``generator`` or ``seed`` (default 0).
-    ``schedule``: ``karras``, ``logsnr``, ``time`` (with ``nfe`` model passes per sample) or explicit VE
-    sigmas.  ``stabilizer``: a stabilizer object or name (:func:`steindiff.stabilizers.make_stabilizer`).
+    ``solver`` (default ``dpmpp_2m``), ``nfe`` (default 10) and ``schedule`` (default ``karras``; ``logsnr``,
+    ``time`` or explicit VE sigmas) make the plain plan.  ``stabilizer``: a stabilizer object or name
+    (:func:`steindiff.stabilizers.make_stabilizer`); ``"auto"``, when it is the calibrated sampler
+    (:data:`steindiff.stabilizers.registry.AUTO`), is :func:`calibrate_pipeline` over this call's
+    conditioning (cache ``calibration_dir``; ``calibrate=False`` only reads the cache;
+    ``calibration_options`` go to :func:`steindiff.calibrate.calibrate`).
+    ``calibration``: a calibrated sampler to apply (a :class:`~steindiff.plan.SamplingPlan` from
+    :func:`calibrate_pipeline`, a :class:`~steindiff.stabilizers.schedule.GammaSchedule` or the path of a
+    calibration file): its solver, noise levels and gammas are used; ``solver``, ``nfe``, ``schedule`` and
+    ``solver_options``, when given, must agree with it, and its guidance scale and model fingerprint must
+    be this run's (ValueError naming both values otherwise).  Not together with ``stabilizer``.
     ``output_type``: ``latent`` (no decoding), ``pt``, ``np`` or ``pil`` (decoded through ``pipe.vae``
     as ``vae.decode(latents / scaling_factor)`` when the pipeline has a VAE, then mapped from [-1, 1] to [0, 1]).
     """
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    unet = getattr(pipe, "unet", None)
-    scheduler = getattr(pipe, "scheduler", None)
-    if unet is None or scheduler is None:
-        raise ValueError("the pipeline needs a `unet` and a `scheduler` (transformer-based pipelines are not supported)")
-    den = denoiser_from_diffusers(unet, scheduler, timestep=timestep)
-    process = den.process
-    solver_obj = get_solver(solver, **(solver_options or {}))
-    if isinstance(schedule, str):
-        sigmas = get_sigmas(schedule, steps_for_nfe(solver_obj, nfe), process, rho=rho)
+    if calibration is not None and stabilizer is not None:
+        raise ValueError("pass either calibration or stabilizer, not both: a calibration applies its own per-step "
+                         "gammas (its stabilizer)")
+    pm = pipeline_model(pipe, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                        class_labels=class_labels, negative_class_labels=negative_class_labels,
+                        guidance_scale=guidance_scale, timestep=timestep,
+                        sample_shape=None if latents is None else tuple(latents.shape[1:]))
+    if calibration is not None:
+        plan = _applied_plan(pm, calibration, solver=solver, nfe=nfe, schedule=schedule, solver_options=solver_options)
+        stabilizer = plan.stabilizer()
     else:
-        sigmas = validate_sigmas(schedule)
-    if isinstance(stabilizer, str):
-        from ..stabilizers import make_stabilizer
-
-        stabilizer = make_stabilizer(stabilizer)
+        plan = _base_plan(pm.process, solver or DEFAULT_SOLVER, DEFAULT_NFE if nfe is None else nfe,
+                          DEFAULT_SCHEDULE if schedule is None else schedule, rho, solver_options)
+        if isinstance(stabilizer, str) and stabilizer == "auto" and registry.AUTO == registry.CALIBRATED:
+            plan = _calibrated(pm, plan, cache_dir=calibration_dir, calibrate_missing=calibrate, dtype=dtype,
+                               progress=progress, notice=_stderr_notice, options=calibration_options or {})
+            stabilizer = plan.stabilizer()
+        elif isinstance(stabilizer, str):
+            stabilizer = registry.make_stabilizer(stabilizer)
+    sigmas = plan.sigmas
 
     # batch size and conditioning
-    class_labels = None if class_labels is None else torch.as_tensor(class_labels)
-    negative_class_labels = None if negative_class_labels is None else torch.as_tensor(negative_class_labels)
-    n = None
     if latents is not None:
         n = latents.shape[0]
     elif batch_size is not None:
         n = int(batch_size)
     else:
-        for c in (prompt_embeds, class_labels):
-            if isinstance(c, torch.Tensor) and c.ndim > 0:
-                n = c.shape[0]
-                break
-    n = 1 if n is None else n
+        n = pm.batch or 1
     if n < 1:
         raise ValueError(f"batch size must be >= 1, got {n}")
-    cond: dict = {}
-    uncond: dict = {}
-    if prompt_embeds is not None:
-        cond["encoder_hidden_states"] = prompt_embeds
-        uncond["encoder_hidden_states"] = negative_prompt_embeds
-    if class_labels is not None:
-        cond["class_labels"] = class_labels
-        uncond["class_labels"] = negative_class_labels
-    device = getattr(unet, "device", torch.device("cpu"))
-    cond = {k: _batch_to(torch.as_tensor(v).to(device), n, k) for k, v in cond.items()}
-    if guidance_scale > 1.0:
-        if not cond:
-            raise ValueError("guidance_scale > 1 needs conditioning (prompt_embeds or class_labels)")
-        missing = [("negative_prompt_embeds" if k == "encoder_hidden_states" else "negative_class_labels")
-                   for k, v in uncond.items() if v is None]
-        if missing:
-            raise ValueError(f"guidance_scale={guidance_scale} needs {', '.join(missing)} "
-                             "(the unconditional inputs, e.g. the encoded empty prompt or the null class)")
-        uncond = {k: _batch_to(torch.as_tensor(v).to(device), n, "negative " + k) for k, v in uncond.items()}
-        model: Callable[..., torch.Tensor] = CFGDenoiser(den, guidance_scale, cond, uncond)
-        extra_args: dict = {}
-    else:
-        model, extra_args = den, cond
+    extra_args = pm.extra_args(n)
 
     # initial state, VE coordinates
-    shape = (n, *_sample_shape(unet)) if latents is None else tuple(latents.shape)
+    unet = pipe.unet
+    device = getattr(unet, "device", torch.device("cpu"))
+    shape = (n, *pm.sample_shape) if latents is None else tuple(latents.shape)
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -361,12 +638,12 @@ def sample_pipeline(
         latents = randn_tensor(shape, generator=generator, device=device, dtype=getattr(unet, "dtype", torch.float32))
     x = latents.to(device=device, dtype=dtype) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
 
-    res = sample(model, x, sigmas, solver_obj, stabilizer=stabilizer, extra_args=extra_args, callback=callback,
-                 progress=progress, dtype=dtype)
+    res = sample(pm.model, x, sigmas, plan.get_solver(), stabilizer=stabilizer, extra_args=extra_args,
+                 callback=callback, progress=progress, dtype=dtype)
     s_last = float(sigmas[-1])
     out_latents = res.x / math.sqrt(1.0 + s_last**2)
     images = _decode(pipe, out_latents, output_type)
-    return PipelineSample(images, out_latents, sigmas, res.nfe, res.extra_passes, res.trace, res.wall_s)
+    return PipelineSample(images, out_latents, sigmas, res.nfe, res.extra_passes, res.trace, res.wall_s, plan)
 
 
 def _decode(pipe: Any, latents: torch.Tensor, output_type: str) -> Any:

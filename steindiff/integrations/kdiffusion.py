@@ -12,6 +12,14 @@ denoised estimate).  ``disable``: ``None`` or ``True`` hides the progress bar, `
 The functions return the final ``x`` in the input's dtype.  ``stabilizer`` and
 solver options (``order``, ...) are steindiff's; these wrappers add nothing solver-specific.
 
+``calibration``: a calibrated sampler (:mod:`steindiff.calibrate`, issue 9) as a
+:class:`~steindiff.plan.SamplingPlan`, a :class:`~steindiff.stabilizers.schedule.GammaSchedule` or
+the path of a calibration JSON file.  The solve then runs over the calibration's noise levels with its
+per-step ``gamma`` (SteinDiff's rectified update with fixed ``gamma``): exactly
+``steindiff.sample(model, x, plan.sigmas, plan.solver, stabilizer=plan.stabilizer())``.  ``sigmas``
+still says which solve is meant: a calibration whose number of steps, ``sigma_max`` or solver differs
+is refused with a ValueError naming both values, and so is ``calibration`` together with ``stabilizer``.
+
 Only deterministic sampling: k-diffusion's churn options are accepted at their neutral values
 (``s_churn=0``, ``s_noise=1``, ...) and refused otherwise.
 """
@@ -24,6 +32,8 @@ from typing import Any, Callable
 import torch
 
 from ..sampling import sample
+from ..schedules import validate_sigmas
+from ._calibration import Calibration, as_plan, check_plan
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_ipndm", "SAMPLERS"]
 
@@ -32,11 +42,19 @@ _NEUTRAL = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0, "
 
 
 def _run(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, extra_args: dict | None,
-         callback: Callable[[dict], None] | None, disable: bool | None, stabilizer: Any | None, options: dict) -> torch.Tensor:
+         callback: Callable[[dict], None] | None, disable: bool | None, stabilizer: Any | None, options: dict,
+         calibration: Calibration | None = None) -> torch.Tensor:
     for key in [k for k in options if k in _NEUTRAL]:
         v = options.pop(key)
         if v != _NEUTRAL[key] and not (key == "s_tmax" and v is None):
             raise ValueError(f"{key}={v!r} is not supported: steindiff samplers are deterministic (ODE) samplers")
+    if calibration is not None:
+        if stabilizer is not None:
+            raise ValueError("pass either calibration or stabilizer, not both: a calibration applies its own per-step "
+                             "gammas (its stabilizer)")
+        plan = as_plan(calibration, solver=solver, sigmas=validate_sigmas(sigmas))
+        check_plan(plan, sigmas, solver=solver, solver_options=options)
+        sigmas, stabilizer = plan.sigmas, plan.stabilizer()
     cb = None
     if callback is not None:
         state = {"x": x}
@@ -53,12 +71,14 @@ def _run(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor, sigma
 
 
 def _make(solver: str, label: str):
-    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, *, stabilizer=None, **solver_options):
-        return _run(solver, model, x, sigmas, extra_args, callback, disable, stabilizer, solver_options)
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, *, stabilizer=None, calibration=None,
+           **solver_options):
+        return _run(solver, model, x, sigmas, extra_args, callback, disable, stabilizer, solver_options, calibration)
 
     fn.__name__ = fn.__qualname__ = f"sample_{solver}"
     fn.__doc__ = (f"{label}: ``(model, x, sigmas, extra_args=None, callback=None, disable=None, *, stabilizer=None, "
-                  f"**solver_options) -> x``, k-diffusion's calling convention over steindiff solver ``{solver}``.")
+                  f"calibration=None, **solver_options) -> x``, k-diffusion's calling convention over steindiff solver "
+                  f"``{solver}`` (``calibration``: see the module docstring).")
     return fn
 
 

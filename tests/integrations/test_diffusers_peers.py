@@ -1,0 +1,119 @@
+"""benchmarks/diffusers_peers.py on a tiny configuration: diffusers' schedulers drive the mixture as a VP
+epsilon network from the grid's noise, agree with steindiff's solvers on the same noise levels, and the
+script writes its JSON and Markdown."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from steindiff.models import get_gmm  # noqa: E402
+from steindiff.sampling import prior_noise, sample  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusers_peers.py"
+
+
+@pytest.fixture(scope="module")
+def dp():
+    spec = importlib.util.spec_from_file_location("diffusers_peers", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["diffusers_peers"] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        del sys.modules["diffusers_peers"]
+
+
+def peer(dp, label):
+    (p,) = [p for p in dp.peers() if p.label == label]
+    return p
+
+
+def test_peers_cover_the_issue_list(dp):
+    labels = {p.label for p in dp.peers()}
+    for s in ("DPMSolverMultistepScheduler/2M", "DPMSolverMultistepScheduler/3M", "UniPCMultistepScheduler",
+              "EulerDiscreteScheduler"):
+        assert {f"diffusers:{s}", f"diffusers:{s}-trailing", f"diffusers:{s}-karras"} <= labels
+    assert {"diffusers:DDIMScheduler", "diffusers:DDIMScheduler-trailing"} <= labels
+    assert not any("DDIM" in lab and "karras" in lab for lab in labels)
+
+
+@pytest.mark.parametrize("label,solver,timestep", [("diffusers:DDIMScheduler-trailing", "euler", "round"),
+                                                   ("diffusers:DPMSolverMultistepScheduler/2M-karras", "dpmpp_2m", "round"),
+                                                   ("diffusers:UniPCMultistepScheduler-trailing", "unipc", "round")])
+def test_diffusers_loop_equals_steindiff_on_its_noise_levels(dp, label, solver, timestep):
+    """The same solver over the noise levels diffusers visited, from the same noise, gives the same samples:
+    the eps network, the VP <-> VE conversion and the noise convention are right."""
+    gmm = get_gmm(dp.MODEL)
+    process = dp.DiscreteVPProcess(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    noise_ve = prior_noise((64, gmm.dim), process.sigma_max, process, seed=0, dtype=torch.float64)
+    latents = noise_ve / math.sqrt(1 + process.sigma_max**2)
+    # the VP latents are the grid's standard normal draws of the seed
+    torch.testing.assert_close(latents, prior_noise((64, gmm.dim), 80.0, seed=0, dtype=torch.float64) / 80.0)
+    out = dp.run_diffusers(peer(dp, label), "scaled_linear", gmm, process, latents, 4)
+    assert out["nfe"] == 4 and out["steps"] == 4 and out["sigmas"][-1] == 0.0
+    den, _ = dp.vp_denoiser(gmm, process, timestep)
+    sig = torch.tensor(out["sigmas"], dtype=torch.float64)
+    x = sample(den, latents * math.sqrt(1 + float(sig[0]) ** 2), sig, solver).x
+    rel = float((x - out["x"]).norm() / x.norm())
+    assert rel < 1e-4, rel
+    # and the noise levels matter: steindiff's log-SNR levels give other samples
+    other = dp.run_plain(dp.Plain(solver, "logsnr"), gmm, process, noise_ve, 4)["x"]
+    assert float((other - out["x"]).norm() / x.norm()) > 1e-3
+
+
+def test_run_peers_rows_and_summary(dp):
+    peers = [peer(dp, "diffusers:DDIMScheduler-trailing"), peer(dp, "diffusers:DPMSolverMultistepScheduler/2M-karras")]
+    plains = [dp.Plain("euler", "karras"), dp.Plain("dpmpp_2m", "karras", "round")]
+    res = dp.run_peers(nfes=[3], seeds=[0, 1], n=64, peer_list=peers, plain_list=plains, ref_steps=40, progress=False)
+    assert res["schema"] == "steindiff.bench/1"
+    rows = res["rows"]
+    assert len(rows) == 2 * (1 + 4) and all(r["status"] == "ok" for r in rows)
+    runs = [r for r in rows if r["framework"] != "reference"]
+    assert all(r["nfe"] == 3 and r["nfe_budget"] == 3 for r in runs)
+    assert {r["stabilizer"] for r in runs} == {"diffusers:DDIMScheduler-trailing",
+                                               "diffusers:DPMSolverMultistepScheduler/2M-karras", "none", "none[t-round]"}
+    for r in rows:
+        assert {"sw2", "sw2_floor", "nll", "nll_floor", "mode_tv", "mode_tv_floor", "traj_err"} <= set(r["metrics"])
+        assert all(math.isfinite(v) for v in r["metrics"].values())
+    assert res["config"]["process"]["sigma_max"] == pytest.approx(14.6146, abs=1e-4)
+    summ = dp.summarize(res)
+    # diffusers' DPM-Solver++ 2M with Karras sigmas is steindiff's dpmpp_2m on them with rounded network time
+    a = summ["cells"]["diffusers:DPMSolverMultistepScheduler/2M-karras"]["by_nfe"][3]["excess"]["sw2"]["mean"]
+    b = summ["cells"]["steindiff dpmpp_2m karras t-round"]["by_nfe"][3]["excess"]["sw2"]["mean"]
+    assert a == pytest.approx(b, abs=1e-5)
+    assert set(summ["best"][3]) == {"diffusers", "steindiff"}
+    md = dp.markdown(res, "python benchmarks/diffusers_peers.py --test")
+    assert "Regenerate: `python benchmarks/diffusers_peers.py --test`" in md and "Not comparable" in md
+    assert "| 3 | diffusers:" in md
+    with pytest.raises(ValueError, match="unknown betas 'cosine'"):
+        dp.run_peers(betas="cosine", nfes=[3], seeds=[0], n=8)
+
+
+def test_script_writes_json_and_markdown(dp, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dp.main(["--help"])
+    assert e.value.code == 0 and "--json-out" in capsys.readouterr().out
+    j, m = tmp_path / "p.json", tmp_path / "p.md"
+    assert dp.main(["--n", "16", "--nfe", "3", "--seeds", "0", "--ref-steps", "10", "--betas", "linear", "--no-progress",
+                    "--json-out", str(j), "--markdown", str(m)]) == 0
+    res = json.loads(j.read_text())
+    assert res["config"]["process"]["betas"] == "linear" and res["config"]["process"]["sigma_max"] > 150
+    assert res["config"]["command"].startswith("python benchmarks/diffusers_peers.py --n 16")
+    assert len(res["rows"]) == 1 + len(dp.peers()) + len(dp.plains())
+    assert res["config"]["command"] in m.read_text()
+    # the Markdown again from the saved results, without running
+    m2 = tmp_path / "again.md"
+    assert dp.main(["--from-json", str(j), "--markdown", str(m2)]) == 0
+    assert m2.read_text() == m.read_text()
+    assert dp.main(["--from-json", str(tmp_path / "missing.json")]) == 2
+    assert dp.main(["--n", "1", "--no-progress"]) == 2
