@@ -60,7 +60,7 @@ def model_fingerprint(spec: ModelSpec) -> str:
         raise ValueError(f"cannot fingerprint model {spec.name!r}: it has no state_dict and is not a mixture")
     for name, t in tensors:
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
     h.update(f"{spec.process!r}{tuple(spec.sample_shape)}".encode())
     return h.hexdigest()[:16]
 
@@ -278,7 +278,7 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
         dtype = torch.float64 if spec.gmm is not None else torch.float32
     if notice is not None:
         notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {spec.name} once "
-               f"(fit: {fit}; {_eta(spec, base, dtype, options)}); cached in {root}")
+               f"(fit: {fit}; {_eta(spec, base, dtype, options, extra_args)}); cached in {root}")
     sched = calibrate(spec, solver=base.solver, sigmas=base.sigmas, schedule=base.schedule, coords=base.coords, fit=fit,
                       dtype=dtype, progress=progress, extra_args=extra_args, objective="trajectory", **options)
     sched.meta["key"] = key
@@ -286,17 +286,18 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     return plan_from_schedule(sched, base)
 
 
-def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict) -> str:
-    """A rough duration: one timed model pass on the calibration batch, times the passes of the
-    reference solve, plus the refinement's time budget."""
+def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict, extra_args: dict | None) -> str:
+    """A rough duration: one timed model pass on a few samples, scaled to the calibration batch and
+    times the passes of the reference solve, plus the refinement's time budget."""
     n = int(options.get("n") or 512)
     steps = int(options.get("ref_steps", 200))
+    m = min(n, 8)
     device = spec.device or "cpu"
-    x = torch.zeros((n, *spec.sample_shape), dtype=dtype, device=device)
-    s = torch.full((n,), float(base.sigmas[1]), dtype=dtype, device=device)
+    x = torch.zeros((m, *spec.sample_shape), dtype=dtype, device=device)
+    s = torch.full((m,), float(base.sigmas[1]), dtype=dtype, device=device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        spec.denoiser(x, s)
-    t_pass = time.perf_counter() - t0
+        spec.denoiser(x, s, **(_tile_batch(extra_args, m) or {}))
+    t_pass = (time.perf_counter() - t0) * n / m
     refine_s = min(float(options.get("max_seconds", 60.0)), t_pass / 2 * base.nfe * int(options.get("max_solves", 200)))
     return f"about {t_pass * 1.5 * steps + refine_s:.0f} s or less"

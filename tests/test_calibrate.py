@@ -102,3 +102,14 @@ def test_calibrate_refuses_unknown_objective(toy):
         calibrate(toy, objective="magic")
     with pytest.raises(ValueError, match="fit must be one of"):
         calibrate(toy, fit="all", **FAST)
+
+
+def test_the_digits_model_ships_its_calibrations(tmp_path):
+    """The shipped digits model carries the bench grid's calibrations: found with no cache and no fit."""
+    spec = load_model("digits")
+    for solver, nfe, schedule in (("dpmpp_2m", 5, "karras"), ("euler", 4, "karras"), ("unipc", 6, "logsnr")):
+        base = make_plan(spec.process, solver, nfe, schedule)
+        plan = calibrated_plan(spec, base, cache_dir=tmp_path, calibrate_missing=False)
+        assert plan is not base and plan.meta["fingerprint"] == model_fingerprint(spec)
+        assert plan.meta["solver"] == solver and plan.meta["nfe"] == nfe and len(plan.gammas) == base.steps
+    assert list(tmp_path.iterdir()) == []  # nothing written to the user's cache
