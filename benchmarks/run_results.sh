@@ -2,7 +2,7 @@
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
 # side-by-side cost ratios and a small grid on the digits U-Net.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
-#        calibrated-toy2d|calibrated-digits|diagnose|engine|all]
+#        calibrated-toy2d|calibrated-digits|calibrated-cost|diagnose|engine|all]
 # (default all; about 50 minutes on one CPU thread, plus about 12 for digits).  Every output is written atomically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +60,12 @@ if [[ $what == calibrated || $what == calibrated-image64 || $what == all ]]; the
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --no-progress \
     --json-out $out/calibrated-image64.json --markdown $out/calibrated-image64.md --plots $out/plots/calibrated-image64 \
     --title "gmm:image64: the calibrated sampler against vanilla solvers"
+fi
+if [[ $what == calibrated || $what == calibrated-cost || $what == all ]]; then
+  # the calibrated sampler's cost at sampling time, side by side with the plain solver (fitted before the timing)
+  steindiff bench --model gmm:image64 --cost --solvers euler,dpmpp_2m --nfe 5,10 --stabilizers none,cal:trajectory \
+    --repeats 7 --n 1000 --device cpu --no-progress --json-out $out/cost-calibrated-image64.json \
+    --markdown $out/cost-calibrated-image64.md --title "Cost of the calibrated sampler on gmm:image64"
 fi
 if [[ $what == calibrated || $what == calibrated-toy2d || $what == all ]]; then
   steindiff bench --model gmm:toy2d --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
