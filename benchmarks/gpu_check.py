@@ -131,7 +131,7 @@ def build_model(name: str, device: torch.device, quick: bool):
     if name == "digits":
         # the checkpoint alone (load_model would also load the digits data set, which needs scikit-learn)
         from steindiff.models.trained import DIGITS_DIR
-        from steindiff.train import build_denoiser, load_checkpoint
+        from steindiff.models.checkpoint import build_denoiser, load_checkpoint
 
         net, config = load_checkpoint(DIGITS_DIR)
         den, process = build_denoiser(net, config)

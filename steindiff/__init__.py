@@ -1,4 +1,21 @@
-"""steindiff: fast, stable few-step diffusion sampling, with the Stein stabilization of SteinDiff."""
+"""steindiff: fast, stable few-step diffusion sampling, with the Stein stabilization of SteinDiff.
+
+The package is built in layers, lowest first; a module imports only from its own layer or lower ones,
+and the imports have no cycle (:data:`LAYERS`, checked by ``tests/test_layers.py``, imports inside
+functions included):
+
+0. foundations: file output (``io``), devices, figures (``plotting``), noise processes (``noise``:
+   alpha, sigma, log-SNR, VP <-> VE);
+1. noise-level schedules, solvers (one step operator each), image datasets (``data``), metrics of
+   samples;
+2. models: denoisers and adapters, exact mixtures, the U-Net, checkpoints, named models;
+3. stabilizers: the :class:`~steindiff.stabilizers.Stabilizer` contract and its implementations;
+4. the sampling plan (``plan``: a budget to noise levels) and the sampling loop (``sampling``);
+5. what runs the loop: generation from a named model, the trajectory calibration, diagnostics;
+6. calibration files and the calibrated sampler (``calibrate``), multi-process sampling, training;
+7. the public ``sample`` (``api``), the benchmark, the diffusers and k-diffusion integrations;
+8. the command line.
+"""
 
 from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
 from .sampling import SampleResult, prior_noise
@@ -8,7 +25,22 @@ from .calibrate import calibrated_plan
 from .schedules import get_sigmas, karras_sigmas, logsnr_sigmas, time_sigmas, validate_sigmas
 from .solvers import SOLVERS, get_solver
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+#: The import layers of the docstring (a package stands for all its modules).
+LAYERS = (
+    ("steindiff._version", "steindiff._forward_ad", "steindiff.io", "steindiff.device", "steindiff.plotting",
+     "steindiff.noise"),
+    ("steindiff.schedules", "steindiff.solvers", "steindiff.data", "steindiff.metrics"),
+    ("steindiff.models",),
+    ("steindiff.stabilizers",),
+    ("steindiff.plan", "steindiff.sampling"),
+    ("steindiff.generate", "steindiff.trajectory", "steindiff.diagnostics"),
+    ("steindiff.calibrate", "steindiff.distributed", "steindiff.train"),
+    ("steindiff.api", "steindiff.bench", "steindiff.integrations"),
+    ("steindiff.cli", "steindiff.__main__"),
+    ("steindiff",),
+)
 
 __all__ = [
     "NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess",

@@ -175,14 +175,13 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
 def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """Where and with what the numbers were measured (absolute times are only comparable within a run);
     on CUDA also the card's name and the CUDA version (:func:`steindiff.device.describe_device`)."""
-    import steindiff
-
+    from .._version import __version__
     from ..device import describe_device
 
     return {
         "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "steindiff": steindiff.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "steindiff": __version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         **describe_device(device or "cpu"), "dtype": "float64",
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models.unet import UNetConfig
-    from ..train import CheckpointError, DataError, TrainConfig, is_checkpoint_dir, load_dataset, train
+    from ..data import DataError, load_dataset
+    from ..models.checkpoint import CheckpointError, is_checkpoint_dir
+    from ..train import TrainConfig, train
 
     if args.threads is not None:
         if args.threads < 1:
@@ -148,7 +150,7 @@ def _check_writable_parent(out: Path) -> None:
 
 def _checkpoint_step(out: Path) -> int | None:
     """The step recorded in a checkpoint's config.json (None if unreadable)."""
-    from ..train import read_config
+    from ..models.checkpoint import read_config
 
     try:
         return int(read_config(out)["training"]["step"])

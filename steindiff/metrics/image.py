@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "DigitsClassifier", "load_digits_classifier", "train_digits_classifier", "digits_features",
+    "DigitsClassifier", "load_digits_classifier", "digits_features",
     "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv",
     "image_metrics", "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR",
 ]
@@ -73,65 +73,6 @@ class DigitsClassifier(nn.Module):
         return self.head(self.dropout(self.features(x) * self.feature_scale))
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random shifts by up to one pixel and a little Gaussian noise."""
-    n = x.shape[0]
-    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
-    dx = torch.randint(0, 3, (n,), generator=g)
-    dy = torch.randint(0, 3, (n,), generator=g)
-    out = torch.stack([pad[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8] for i in range(n)])
-    return (out + 0.05 * torch.randn(out.shape, generator=g)).clamp(-1, 1)
-
-
-def train_digits_classifier(out: str | os.PathLike | None = None, *, epochs: int = 40, seed: int = 0,
-                            holdout: int = 297, split_seed: int = 0) -> tuple[DigitsClassifier, dict[str, Any]]:
-    """Train the classifier on the digits training split (the same seeded split as the shipped
-    diffusion model) and, given ``out``, save ``model.safetensors`` + ``config.json`` there."""
-    from ..io import atomic_path, save_json
-    from ..train import load_digits_dataset, split_indices
-
-    ds = load_digits_dataset()
-    tr, ho = split_indices(ds.x.shape[0], holdout, split_seed)
-    xtr, ytr = ds.x[torch.from_numpy(tr)], ds.labels[torch.from_numpy(tr)]
-    xho, yho = ds.x[torch.from_numpy(ho)], ds.labels[torch.from_numpy(ho)]
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = DigitsClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(tr), generator=g)
-        for i in range(0, len(tr), 64):
-            idx = perm[i : i + 64]
-            loss = nn.functional.cross_entropy(model(_augment(xtr[idx], g)), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(xho).argmax(1) == yho).float().mean())
-        acc_tr = float((model(xtr).argmax(1) == ytr).float().mean())
-        model.feature_scale = float(model.body(xtr).pow(2).mean().sqrt())
-    config = {
-        "schema": CLASSIFIER_SCHEMA,
-        "architecture": {"width": 32, "n_features": 64, "n_classes": 10, "feature_scale": model.feature_scale},
-        "input": "(N, 1, 8, 8) in [-1, 1] (digits scaled from 0..16)",
-        "training": {"epochs": epochs, "seed": seed, "holdout": holdout, "split_seed": split_seed,
-                     "n_train": len(tr), "train_accuracy": acc_tr, "heldout_accuracy": acc},
-    }
-    if out is not None:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        save_json(out / "config.json", config)
-    return model, config
-
-
 @functools.lru_cache(maxsize=4)
 def _load_classifier(path: str) -> DigitsClassifier:
     from safetensors.torch import load_file
@@ -158,7 +99,8 @@ def _load_classifier(path: str) -> DigitsClassifier:
 
 
 def load_digits_classifier(path: str | os.PathLike | None = None) -> DigitsClassifier:
-    """The shipped digits classifier (eval mode, frozen), or one saved by :func:`train_digits_classifier`."""
+    """The shipped digits classifier (eval mode, frozen), or one saved in the same format
+    (``model.safetensors`` and a ``config.json`` naming its architecture)."""
     return _load_classifier(str(Path(path) if path is not None else CLASSIFIER_DIR))
 
 

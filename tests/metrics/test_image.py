@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from steindiff.metrics import image as M
-from steindiff.train import load_digits_dataset, split_indices
+from steindiff.data import load_digits_dataset, split_indices
 
 
 @pytest.fixture(scope="module")
