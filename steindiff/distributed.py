@@ -35,7 +35,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .generate import generate
 from .io import save_json, save_npz, to_jsonable
+from .models.registry import ModelSpec, load_model
+from .plan import SamplingPlan, make_plan
+from .sampling import prior_noise
 
 __all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name", "DistResult",
            "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
@@ -192,6 +196,7 @@ def _run_id(config: dict) -> str:
 def sample_distributed(
     model: Any,
     out_dir: str | os.PathLike,
+    plan: SamplingPlan | None = None,
     *,
     n: int,
     solver: str = "dpmpp_2m",
@@ -213,7 +218,8 @@ def sample_distributed(
     """Sample this rank's shard of ``n`` samples and write it to ``out_dir`` (module docstring).
 
     ``model``: a model name (``gmm:image64``, ``digits``, a checkpoint) or a
-    :class:`~steindiff.models.registry.ModelSpec`.  ``stabilizer``: a stabilizer object, or build one
+    :class:`~steindiff.models.registry.ModelSpec`.  ``plan``: the solver and noise levels (default:
+    :func:`~steindiff.plan.make_plan` of ``solver``, ``nfe``, ``schedule``, ``rho``).  ``stabilizer``: a stabilizer object, or build one
     by name with ``stabilizer_name`` and ``stabilizer_options`` (:func:`~steindiff.stabilizers.make_stabilizer`).
     Its ``reduce`` and ``probe_fn`` are set here.  Initializes the process group from torchrun's
     environment (``backend`` ``auto``: nccl with CUDA, else gloo; ``timeout_s`` bounds every
@@ -223,11 +229,6 @@ def sample_distributed(
     Raises :class:`DistributedSamplingError` when a collective fails (another rank died or stalled).
     """
     import torch.distributed as dist
-
-    from .generate import generate
-    from .models.registry import ModelSpec, load_model
-    from .schedules import get_sigmas
-    from .solvers import get_solver, steps_for_nfe
 
     if probe_mode not in PROBE_MODES:
         raise ValueError(f"probe_mode must be one of {', '.join(PROBE_MODES)}, got {probe_mode!r}")
@@ -240,8 +241,9 @@ def sample_distributed(
         from .stabilizers import make_stabilizer
 
         stabilizer = make_stabilizer(stabilizer_name, spec, **(stabilizer_options or {}))
-    solver_obj = get_solver(solver)
-    sigmas = get_sigmas(schedule, steps_for_nfe(solver_obj, nfe), spec.process, rho=rho)
+    if plan is None:
+        plan = make_plan(spec.process, solver, nfe, schedule, rho=rho)
+    sigmas = plan.sigmas
     out = Path(out_dir)
 
     rank, world, owned = _init_group(backend, timeout_s)
@@ -254,11 +256,12 @@ def sample_distributed(
         start, stop = shard_range(n, world, rank)
         device = rank_device(device)
         config = {
-            "model": spec.name, "solver": solver, "nfe": nfe, "schedule": schedule, "rho": rho, "seed": seed, "n": n,
+            "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed, "n": n,
             "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
             "stabilizer": stabilizer_name if stabilizer_name is not None else (getattr(stabilizer, "name", None) or
                                                                                (type(stabilizer).__name__ if stabilizer is not None else "none")),
             "stabilizer_options": stabilizer_options or {}, "sigmas": [float(s) for s in sigmas],
+            **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
         run_id = _run_id(config)
         out.mkdir(parents=True, exist_ok=True)
@@ -276,8 +279,6 @@ def sample_distributed(
                                    else _per_sample_probe_fn(seed, start, stop))
         spec.to(device)  # in place: a stabilizer built on the spec (e.g. a mixture's exact divergence) follows
 
-        from .sampling import prior_noise
-
         noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype)
         noise = noise[start:stop].clone().to(device)
         step = [-1]
@@ -288,8 +289,8 @@ def sample_distributed(
                 callback({**info, "rank": rank, "world_size": world})
 
         try:
-            gen = generate(spec, solver=solver_obj, nfe=nfe, n=stop - start, seed=seed, stabilizer=stabilizer, dtype=dtype,
-                           progress=progress and rank == 0, noise=noise, sigmas=sigmas, callback=cb)
+            gen = generate(spec, plan, n=stop - start, seed=seed, stabilizer=stabilizer, dtype=dtype,
+                           progress=progress and rank == 0, noise=noise, callback=cb)
         except RuntimeError as e:
             if world > 1 and _is_comm_error(e):
                 _fail(out, rank, world, manifest, f"a collective failed after step {step[0]}", e, timeout_s)

@@ -52,7 +52,7 @@ from ..calibrate import CALIBRATION_SEED, calibrate, calibrated_plan
 from ..generate import generate
 from ..metrics import mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
-from ..plan import SamplingPlan
+from ..plan import SamplingPlan, make_plan
 from ..sampling import prior_noise
 from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
@@ -252,31 +252,28 @@ def _reason(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {msg[:300]}"
 
 
-def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
+def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
              calibrated=None) -> dict:
-    row: dict[str, Any] = {"steps": len(sigmas) - 1}
+    row: dict[str, Any] = {"steps": plan.steps}
     try:
         if stab_name == TRAJECTORY:
             # fitted once per cell on calibration noise (``calibrated()``), applied here with no extra pass
-            plan = calibrated()
-            sigmas, stab = plan.sigmas, plan.stabilizer()
+            plan, stab = calibrated(), None  # generate() applies the plan's gammas
             row.update(calibrated_gammas=plan.gammas, calibrated_sigmas=plan.sigmas.tolist(),
                        calibration=_calibration_summary(plan.meta))
         elif stab_name.startswith("cal:"):
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
-            stab = calibrate(spec, solver=solver, sigmas=sigmas, coords=coords, variant=stab_name[4:], n=noise.shape[0],
-                             seed=50_000 + seed, probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
+            stab = calibrate(spec, plan, coords=coords, variant=stab_name[4:], n=noise.shape[0], seed=50_000 + seed, probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
             row["calibrated_gammas"] = stab.gammas
         else:
             stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
-        gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,
-                       dtype=_dtype(spec))
+        gen = generate(spec, plan, noise=noise, n=noise.shape[0], stabilizer=stab, dtype=_dtype(spec))
     except Exception as e:  # a stabilizer that blows up is a result
         return {**row, "nfe": None, "extra_passes": None, "metrics": {}, "wall_s_per_sample": None,
                 "gammas": [], "gamma_raw": [], "rho": [], "status": _reason(e)}
     row.update(nfe=gen.nfe, extra_passes=gen.extra_passes, wall_s_per_sample=gen.wall_s / noise.shape[0])
-    if stab is None:
+    if not gen.trace:  # the plain solver
         row.update(gammas=[1.0] * row["steps"], gamma_raw=[], rho=[])
     else:
         row.update(gammas=[r.get("gamma") for r in gen.trace], gamma_raw=[r.get("gamma_raw") for r in gen.trace],
@@ -355,12 +352,10 @@ def run_grid(
             cal_ref: list = []
             cal_config[spec.name] = cal_opts
 
-            def calibrated(solver: str, schedule: str, sigmas: torch.Tensor, spec=spec, cal_opts=cal_opts,
-                           cal_cache=cal_cache, cal_ref=cal_ref):
-                key = (solver, tuple(sigmas.tolist()))
+            def calibrated(base: SamplingPlan, spec=spec, cal_opts=cal_opts, cal_cache=cal_cache, cal_ref=cal_ref):
+                key = (base.solver, tuple(base.sigmas.tolist()))
                 if key not in cal_cache:
                     try:
-                        base = SamplingPlan(solver, sigmas, schedule)
                         plan = calibrated_plan(spec, base, cache_dir=cal_dir, calibrate_missing=False)
                         if plan is base:  # not cached: fit, with the model's shared reference solve
                             if not cal_ref:
@@ -383,18 +378,17 @@ def run_grid(
                 for solver in solvers:
                     for schedule in schedules:
                         for nfe in nfes:
-                            sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
+                            plan = make_plan(spec.process, solver, nfe, schedule)
                             for stab, c in configs:
-                                key = (solver, tuple(sigmas.tolist()), stab, c)
+                                key = (solver, tuple(plan.sigmas.tolist()), stab, c)
                                 base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
                                         "coords": c, "stabilizer": stab, "nfe_budget": nfe, "n": n,
                                         "probes": probes if stab.removeprefix("cal:") in ("stein", "stein-tr", "stein-energy") else None, "reused": False}
                                 if key in done:
                                     row = {**done[key], **base, "reused": True}
                                 else:
-                                    cal = (lambda solver=solver, schedule=schedule, sigmas=sigmas:
-                                           calibrated(solver, schedule, sigmas))
-                                    row = {**base, **_run_one(spec, noise, sigmas, solver, stab, "ve" if c == "-" else c,
+                                    cal = (lambda plan=plan: calibrated(plan))
+                                    row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c,
                                                               probes, seed, ref, floors, mmd, jacobian_batch, cal)}
                                     done[key] = row
                                 rows.append(row)
@@ -464,20 +458,20 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                                 dtype=_dtype(spec), device=spec.device or "cpu")
             for solver in solvers:
                 for nfe in nfes:
-                    sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
+                    base_plan = make_plan(spec.process, solver, nfe, schedule)
                     times: dict[tuple, list[float]] = {v: [] for v in variants}
                     peaks: dict[tuple, list[int]] = {v: [] for v in variants}
                     info: dict[tuple, dict] = {}
                     plan = None
                     if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
                         with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
-                            plan = calibrated_plan(spec, SamplingPlan(solver, sigmas, schedule), cache_dir=tmp,
+                            plan = calibrated_plan(spec, base_plan, cache_dir=tmp,
                                                    dtype=_dtype(spec), **calibration_options(spec))
                     for rep in range(repeats + 1):  # round 0: untimed warm-up
                         for v in variants:
-                            run_sigmas = sigmas
+                            run_plan = base_plan
                             if v[0] == TRAJECTORY:
-                                stab, run_sigmas = plan.stabilizer(), plan.sigmas
+                                stab, run_plan = None, plan  # the plan's gammas
                             else:
                                 stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
                                                        jacobian_batch=jacobian_batch)
@@ -485,8 +479,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                                 stab.denoiser_divergence = None  # rho (exact div D per step) is a diagnostic
                             try:
                                 _reset_peak(noise.device)
-                                gen = generate(spec, solver=solver, sigmas=run_sigmas, noise=noise, n=n, stabilizer=stab,
-                                               dtype=_dtype(spec))
+                                gen = generate(spec, run_plan, noise=noise, n=n, stabilizer=stab, dtype=_dtype(spec))
                                 if rep > 0:
                                     times[v].append(gen.wall_s / n)
                                     peak = _peak(noise.device)

@@ -108,11 +108,11 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                 if name == CALIBRATED or (name == "auto" and registry.AUTO == registry.CALIBRATED):
                     plan = calibrated_plan(spec, plan, cache_dir=args.calibration_dir, progress=not args.no_progress,
                                            notice=lambda m: bar.write(m, file=sys.stderr))
-                    stab = plan.stabilizer()
+                    stab = None  # the plan's gammas
                 else:
                     stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch)
                 try:
-                    gen = generate(spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed, stabilizer=stab)
+                    gen = generate(spec, plan, n=args.n, seed=args.seed, stabilizer=stab)
                     x = gen.x.clamp(-1, 1)
                     m = image_metrics(x, spec, seed=args.seed)
                     status = "ok"

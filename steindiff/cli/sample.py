@@ -102,11 +102,8 @@ def run(args: argparse.Namespace) -> int:
     stabilizer = plan.stabilizer() if by_plan else stabilizer_from_args(args, spec)
     check_batch_statistics(stabilizer, args.n, args.batch_size)
     try:
-        gen = generate(
-            spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed,
-            batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress,
-            stabilizer=stabilizer, device=device,
-        )
+        gen = generate(spec, plan, n=args.n, seed=args.seed, batch_size=args.batch_size, dtype=DTYPES[args.dtype],
+                       progress=not args.no_progress, stabilizer=None if by_plan else stabilizer, device=device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     label = args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}"

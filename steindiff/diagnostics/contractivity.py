@@ -45,8 +45,8 @@ from ..device import check_model_device
 from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
 from ..sampling import advance, prior_noise
-from ..schedules import get_sigmas, validate_sigmas
-from ..solvers import Denoise, Step, StepOperator, detach_state, get_solver, steps_for_nfe
+from ..plan import SamplingPlan, make_plan
+from ..solvers import Denoise, Step, StepOperator, detach_state
 from ..stabilizers import make_stabilizer
 from ..stabilizers.base import coordinate_scales
 from .lipschitz import denoiser_lipschitz, step_lipschitz
@@ -153,6 +153,7 @@ def diagnose(
     dtype: torch.dtype = torch.float32,
     batch_size: int | None = None,
     sigmas: Any | None = None,
+    plan: SamplingPlan | None = None,
     solver_options: dict | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
@@ -161,7 +162,7 @@ def diagnose(
 
     ``spec``: a :class:`~steindiff.models.registry.ModelSpec` or a model name.  ``solver``,
     ``nfe``, ``schedule``, ``rho``, ``n``, ``seed``, ``dtype``: as :func:`steindiff.generate.generate`
-    (the same initial noise and trajectory; ``sigmas`` overrides the schedule).  ``coords``: ``ve``
+    (the same initial noise and trajectory; ``sigmas`` overrides the schedule, a ``plan`` all of them).  ``coords``: ``ve``
     or ``vp`` (module docstring).  ``stabilizer``: ``None``/``"none"``, a name for
     :func:`~steindiff.stabilizers.make_stabilizer` (built with ``coords`` and ``seed``) or a
     stabilizer object; the trajectory is then the stabilized one.  ``iters``, ``method``, ``jvp``:
@@ -196,11 +197,10 @@ def diagnose(
         stab_name = getattr(stabilizer, "name", type(stabilizer).__name__)
     if stabilizer is not None and getattr(stabilizer, "per_sample", False):
         raise ValueError("per-sample gamma stabilizers are not supported by the diagnostics (gamma must be one value per step)")
-    solver_obj = get_solver(solver, **(solver_options or {}))
-    if sigmas is None:
-        steps = steps_for_nfe(solver_obj, nfe)
-        sigmas = get_sigmas(schedule, steps, spec.process, rho=rho)
-    sig = [float(s) for s in validate_sigmas(sigmas)]
+    if plan is None:
+        plan = make_plan(spec.process, solver, nfe, schedule, rho=rho, sigmas=sigmas, solver_options=solver_options)
+    solver_obj = plan.get_solver()
+    sig = [float(s) for s in plan.sigmas]
     device = torch.device(device) if device is not None else (spec.device or torch.device("cpu"))
     x = prior_noise((n, *spec.sample_shape), sig[0], spec.process, seed=seed, dtype=dtype, device=device)
     check_model_device(spec.denoiser, x)
@@ -281,7 +281,7 @@ def diagnose(
         records.append(rec)
         x, state = x_next.detach(), detach_state(st.state)
 
-    config = {"model": spec.name, "solver": solver_obj.name, "nfe": denoise.calls, "steps": n_steps, "schedule": schedule,
+    config = {"model": spec.name, "solver": plan.solver, "nfe": denoise.calls, "steps": n_steps, "schedule": schedule,
               "rho": rho, "n": n, "seed": seed, "coords": coords, "stabilizer": stab_name, "iters": iters,
               "method": method, "dtype": str(dtype).removeprefix("torch."), "sigmas": sig}
     result = {
