@@ -1,10 +1,14 @@
-"""The sampling loop: run a solver (optionally wrapped by a stabilizer) over a sigma schedule."""
+"""The sampling loop: run a solver (optionally wrapped by a stabilizer) over a sigma schedule.
+
+:func:`steps` is the loop itself, one :class:`StepEvent` per step; :func:`sample` runs it to the end
+(samples, NFE, trace, wall time) and everything else that solves (generation, calibration, the
+diagnostics) goes through one of the two."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -14,7 +18,7 @@ from .noise import NoiseProcess, VEProcess
 from .schedules import validate_sigmas
 from .solvers import Denoise, Solver, Step, StepOperator, get_solver
 
-__all__ = ["sample", "advance", "SampleResult", "prior_noise"]
+__all__ = ["sample", "steps", "advance", "StepEvent", "SampleResult", "prior_noise"]
 
 
 @dataclass
@@ -61,6 +65,56 @@ def advance(op: StepOperator, x: torch.Tensor, stabilizer: Any | None = None) ->
     return stabilizer.step(op, x)
 
 
+@dataclass
+class StepEvent:
+    """One step of a solve, as :func:`steps` yields it: the step operator ``op`` (the solver's history
+    at the step's input, its :class:`~steindiff.solvers.Denoise` counting the passes), the input state
+    ``x``, the new state ``x_next``, the solver's :class:`~steindiff.solvers.Step` and the stabilizer's
+    trace record (``None`` without a stabilizer)."""
+
+    i: int
+    op: StepOperator
+    x: torch.Tensor
+    x_next: torch.Tensor
+    step: Step
+    record: dict | None
+
+
+def steps(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: Sequence[float] | torch.Tensor,
+    solver: str | Solver = "euler",
+    *,
+    stabilizer: Any | None = None,
+    extra_args: dict | None = None,
+    progress: bool = False,
+    dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+    solver_options: dict | None = None,
+) -> Iterator[StepEvent]:
+    """The sampling loop, one step at a time: :func:`sample` and the diagnostics
+    (:func:`steindiff.diagnostics.diagnose`) both run it.  Arguments as :func:`sample`; the checks run
+    before the first step."""
+    check_model_device(model, x)
+    sig = [float(s) for s in validate_sigmas(sigmas)]
+    solver = get_solver(solver, **(solver_options or {}))
+    if dtype is None:
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    if not x.is_floating_point() or dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"state dtype must be float32 or float64, got {dtype}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must be batch-first with at least one sample, got shape {tuple(x.shape)}")
+    x = x.to(dtype)
+    denoise = Denoise(model, extra_args, check_finite=check_finite)
+    state = solver.init_state()
+    for i in tqdm(range(len(sig) - 1), disable=not progress, desc=f"{solver.name}", leave=False):
+        op = StepOperator(solver, denoise, i, sig, state)
+        x_next, step, record = advance(op, x, stabilizer)
+        yield StepEvent(i, op, x, x_next, step, record)
+        x, state = x_next, step.state
+
+
 def sample(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -86,31 +140,19 @@ def sample(
     Everything runs on ``x``'s device; a model whose parameters live elsewhere (or on ``meta``) is
     refused before any work (:func:`steindiff.device.check_model_device`).
     """
-    check_model_device(model, x)
-    sig = validate_sigmas(sigmas)
-    sig_list = [float(s) for s in sig]
-    solver = get_solver(solver, **(solver_options or {}))
-    if dtype is None:
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    if not x.is_floating_point() or dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"state dtype must be float32 or float64, got {dtype}")
-    if x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"x must be batch-first with at least one sample, got shape {tuple(x.shape)}")
-    x = x.to(dtype)
-    denoise = Denoise(model, extra_args, check_finite=check_finite)
-    state = solver.init_state()
-    n = len(sig_list) - 1
     trace: list[dict] = []
     extra_passes = 0
     t0 = time.perf_counter()
-    for i in tqdm(range(n), disable=not progress, desc=f"{solver.name}", leave=False):
-        x_next, step, record = advance(StepOperator(solver, denoise, i, sig_list, state), x, stabilizer)
-        if record is not None:
-            extra_passes += int(record.get("extra_passes", 0))
-            trace.append(record)
+    for ev in steps(model, x, sigmas, solver, stabilizer=stabilizer, extra_args=extra_args, progress=progress,
+                    dtype=dtype, check_finite=check_finite, solver_options=solver_options):
+        if ev.record is not None:
+            extra_passes += int(ev.record.get("extra_passes", 0))
+            trace.append(ev.record)
         if callback is not None:
-            callback({"step": i, "sigma": sig_list[i], "sigma_next": sig_list[i + 1], "x": x_next, "denoised": step.denoised})
-        x, state = x_next, step.state
+            callback({"step": ev.i, "sigma": ev.op.sigma, "sigma_next": ev.op.sigma_next, "x": ev.x_next,
+                      "denoised": ev.step.denoised})
+    x = ev.x_next
     if x.is_cuda:  # the wall time of the whole solve, not of its kernel launches
         torch.cuda.synchronize(x.device)
-    return SampleResult(x=x, nfe=denoise.calls, extra_passes=extra_passes, trace=trace, wall_s=time.perf_counter() - t0)
+    return SampleResult(x=x, nfe=ev.op.denoise.calls, extra_passes=extra_passes, trace=trace,
+                        wall_s=time.perf_counter() - t0)

@@ -44,7 +44,7 @@ from .metrics import sliced_w2
 from .plan import SamplingPlan
 from .sampling import sample
 from .schedules import logsnr_sigmas
-from .solvers import Denoise, StepOperator
+from .solvers import Step, StepOperator
 from .stabilizers.base import coordinate_scales, dot, rescaled_update
 from .stabilizers.schedule import GammaSchedule
 
@@ -106,6 +106,28 @@ def _solve(model, x, plan: SamplingPlan, extra_args: dict | None) -> torch.Tenso
     return sample(model, x, plan.sigmas, plan.get_solver(), stabilizer=plan.stabilizer(), extra_args=extra_args).x
 
 
+class _TowardsReference:
+    """Eq. (1) as a stabilizer: each step's gamma from the reference solution at the step's next level."""
+
+    def __init__(self, ref: ReferenceSolve, coords: str, gamma_bounds: tuple[float, float]):
+        self.ref, self.coords, self.bounds, self.gammas = ref, coords, gamma_bounds, []
+
+    def step(self, op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, None]:
+        with torch.no_grad():
+            st = op(x)
+        a, a_next, _ = coordinate_scales(self.coords, op.sigma, op.sigma_next)
+        x_c = a * x
+        u = x_c - a_next * st.x_next
+        g = 1.0
+        if op.sigma_next > 0:
+            target = self.ref.at(op.sigma_next).to(x.dtype)
+            uu = float(dot(u, u).sum())
+            g = float(dot(u, x_c - a_next * target).sum()) / uu if uu > 0 else 1.0
+            g = min(max(g, self.bounds[0]), self.bounds[1]) if math.isfinite(g) else 1.0
+        self.gammas.append(g)
+        return rescaled_update(x_c, u, g, a_next).to(x.dtype), st, None
+
+
 def closed_form_gammas(model: Callable[..., torch.Tensor], noise: torch.Tensor, plan: SamplingPlan,
                        ref: ReferenceSolve, *, gamma_bounds: tuple[float, float] = (0.5, 1.5),
                        extra_args: dict | None = None) -> list[float]:
@@ -113,28 +135,9 @@ def closed_form_gammas(model: Callable[..., torch.Tensor], noise: torch.Tensor, 
     one step at a time along the coarse solve that uses the gammas found so far.  In the plan's
     coordinates (``x_c = alpha_k x``): ``gamma_k = sum <u, x_c - alpha_{k+1} x*> / sum ||u||^2``.
     The final step into ``sigma = 0`` keeps ``gamma = 1``."""
-    solver = plan.get_solver()
-    denoise = Denoise(model, extra_args)
-    sig = [float(s) for s in plan.sigmas]
-    x, state, gammas = noise, solver.init_state(), []
-    lo, hi = gamma_bounds
-    with torch.no_grad():
-        for i in range(len(sig) - 1):
-            st = StepOperator(solver, denoise, i, sig, state)(x)
-            a, a_next, _ = coordinate_scales(plan.coords, sig[i], sig[i + 1])
-            x_c = a * x
-            u = x_c - a_next * st.x_next
-            if sig[i + 1] == 0:
-                g = 1.0
-            else:
-                target = ref.at(sig[i + 1]).to(x.dtype)
-                uu = float(dot(u, u).sum())
-                g = float(dot(u, x_c - a_next * target).sum()) / uu if uu > 0 else 1.0
-                g = min(max(g, lo), hi) if math.isfinite(g) else 1.0
-            gammas.append(g)
-            x = rescaled_update(x_c, u, g, a_next).to(x.dtype)
-            state = st.state
-    return gammas
+    towards = _TowardsReference(ref, plan.coords, gamma_bounds)
+    sample(model, noise, plan.sigmas, plan.get_solver(), stabilizer=towards, extra_args=extra_args)
+    return towards.gammas
 
 
 def residual_noise(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: float,

@@ -1,7 +1,7 @@
 """Contractivity diagnostics: local Lipschitz constants of each step operator along real trajectories.
 
-:func:`diagnose` runs a sampler (optionally stabilized) exactly as :func:`steindiff.sampling.sample`
-does, and at each step ``k`` (input noise level ``s = sigma_k``, output ``t = sigma_{k+1}``)
+:func:`diagnose` runs a sampler (optionally stabilized) through the loop of :func:`steindiff.sampling.sample`
+(:func:`steindiff.sampling.steps`), and at each step ``k`` (input noise level ``s = sigma_k``, output ``t = sigma_{k+1}``)
 measures at every sample's input state ``x_k``:
 
 - ``L_T``: the local Lipschitz constant of the solver's step operator ``T`` (history held fixed),
@@ -41,12 +41,11 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..device import check_model_device
 from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
-from ..sampling import advance, prior_noise
+from ..sampling import prior_noise, steps
 from ..plan import SamplingPlan, make_plan
-from ..solvers import Denoise, Step, StepOperator, detach_state
+from ..solvers import Step, StepOperator
 from ..stabilizers import make_stabilizer
 from ..stabilizers.base import coordinate_scales
 from .lipschitz import denoiser_lipschitz, step_lipschitz
@@ -97,23 +96,8 @@ class _StabilizedOperator:
     def extra_passes(self):
         return self.op.extra_passes()
 
-
-def _slice_state(obj: Any, sl: slice, n: int) -> Any:
-    """The history of samples ``sl``: every tensor whose leading dimension is the batch is sliced."""
-    if isinstance(obj, torch.Tensor):
-        return obj[sl] if obj.ndim >= 1 and obj.shape[0] == n else obj
-    if isinstance(obj, dict):
-        return {k: _slice_state(v, sl, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_slice_state(v, sl, n) for v in obj)
-    return obj
-
-
-def _chunk_operator(op: Any, sl: slice, n: int) -> Any:
-    """The step operator restricted to the samples ``sl`` (its solver history sliced too)."""
-    if isinstance(op, _StabilizedOperator):
-        return _StabilizedOperator(_chunk_operator(op.op, sl, n), op.gamma, op.c)
-    return StepOperator(op.solver, op.denoise, op.i, op.sigmas, _slice_state(op.state, sl, n))
+    def restrict(self, sl: slice, n: int) -> "_StabilizedOperator":
+        return _StabilizedOperator(self.op.restrict(sl, n), self.gamma, self.c)
 
 
 def _chunked(fn: Callable[..., tuple[torch.Tensor, dict]], x: torch.Tensor, batch_size: int | None, seed: int):
@@ -203,19 +187,18 @@ def diagnose(
     sig = [float(s) for s in plan.sigmas]
     device = torch.device(device) if device is not None else (spec.device or torch.device("cpu"))
     x = prior_noise((n, *spec.sample_shape), sig[0], spec.process, seed=seed, dtype=dtype, device=device)
-    check_model_device(spec.denoiser, x)
-    denoise = Denoise(spec.denoiser)
-    state = solver_obj.init_state()
     n_steps = len(sig) - 1
     lip_opts = {"iters": iters, "method": method, "jvp": jvp}
     passes = {"jvp": 0, "vjp": 0, "model": 0, "jvp_mode": None}
-    stab_extra = 0
+    stab_extra, nfe_done = 0, 0
     records: list[dict] = []
     amp = torch.ones(n, dtype=torch.float64)
     amp_s = torch.ones(n, dtype=torch.float64) if stabilizer is not None else None
 
-    def _part(op: Any, sl: slice) -> Any:
-        return op if sl == slice(0, n) else _chunk_operator(op, sl, n)
+    def lipschitz(op: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+        """Per-sample ``L`` of the step ``op`` at ``x``, over chunks of ``batch_size`` samples."""
+        return _chunked(lambda xs, sd, sl: step_lipschitz(op.restrict(sl, n), xs, seed=sd, return_info=True,
+                                                          **lip_opts), x, batch_size, seed)
 
     def add_passes(info: dict) -> None:
         passes["jvp"] += info["jvp_passes"]
@@ -223,14 +206,14 @@ def diagnose(
         passes["model"] += info["model_passes"]
         passes["jvp_mode"] = passes["jvp_mode"] or info["jvp_mode"]
 
-    for i in tqdm(range(n_steps), disable=not progress, desc=f"diagnose {solver_obj.name}", leave=False):
-        s, t = sig[i], sig[i + 1]
-        op = StepOperator(solver_obj, denoise, i, sig, state)
+    # the sampler's own loop; each step is measured at its input state after it ran (the estimators draw
+    # from their own seeded generators and count their model passes apart, so the trajectory is the sampler's)
+    for ev in steps(spec.denoiser, x, sig, solver_obj, stabilizer=stabilizer, dtype=dtype, progress=progress):
+        i, op, x, s, t = ev.i, ev.op, ev.x.detach(), ev.op.sigma, ev.op.sigma_next
+        denoise = op.denoise
         a_s, a_t, sc_s = coordinate_scales(coords, s, t)
         sc_t = a_t * t
-        x = x.detach()
-        L_ve, info_T = _chunked(lambda xs, sd, sl: step_lipschitz(_part(op, sl), xs, seed=sd, return_info=True, **lip_opts),
-                                x, batch_size, seed + 101 * i)
+        L_ve, info_T = lipschitz(op, x, seed + 101 * i)
         add_passes(info_T)
         L = L_ve * (a_t / a_s)
         amp *= L.cpu()
@@ -258,15 +241,12 @@ def diagnose(
                 rec["bound"], rec["frac_above_bound"] = None, None
             per["lipschitz_D"] = LD
             conv["rel_change_max_D"] = float(info_D["rel_change"].max())
-        calls0 = denoise.calls
-        x_next, st, srec = advance(op, x, stabilizer)
         if stabilizer is not None:
+            srec = ev.record
             stab_extra += int(srec.get("extra_passes", 0))
             gamma = float(srec["gamma"])
             ga, ga_next, _ = coordinate_scales(getattr(stabilizer, "coords", "ve"), s, t)
-            S = _StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next)
-            LS_ve, info_S = _chunked(lambda xs, sd, sl: step_lipschitz(_part(S, sl), xs, seed=sd, return_info=True, **lip_opts),
-                                      x, batch_size, seed + 101 * i)
+            LS_ve, info_S = lipschitz(_StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next), x, seed + 101 * i)
             add_passes(info_S)
             LS = LS_ve * (a_t / a_s)
             amp_s *= LS.cpu()
@@ -275,18 +255,18 @@ def diagnose(
             rec["lipschitz_stabilized"] = quantiles(LS)
             per["lipschitz_stabilized"] = LS
             conv["rel_change_max_stabilized"] = float(info_S["rel_change"].max())
-        rec["nfe_step"] = denoise.calls - calls0
+        rec["nfe_step"], nfe_done = denoise.calls - nfe_done, denoise.calls
         rec["convergence"] = conv
         rec["per_sample"] = {k: v.detach().cpu() for k, v in per.items()}
         records.append(rec)
-        x, state = x_next.detach(), detach_state(st.state)
+    x = ev.x_next
 
-    config = {"model": spec.name, "solver": plan.solver, "nfe": denoise.calls, "steps": n_steps, "schedule": schedule,
+    config = {"model": spec.name, "solver": plan.solver, "nfe": nfe_done, "steps": n_steps, "schedule": schedule,
               "rho": rho, "n": n, "seed": seed, "coords": coords, "stabilizer": stab_name, "iters": iters,
               "method": method, "dtype": str(dtype).removeprefix("torch."), "sigmas": sig}
     result = {
         "schema": SCHEMA, "config": config, "definitions": DEFINITIONS, "steps": records,
-        "passes": {"nfe": denoise.calls, "lipschitz_model_passes": passes["model"], "jvp": passes["jvp"],
+        "passes": {"nfe": nfe_done, "lipschitz_model_passes": passes["model"], "jvp": passes["jvp"],
                    "vjp": passes["vjp"], "jvp_mode": passes["jvp_mode"], "stabilizer_extra_passes": stab_extra},
         "per_sample": {"trajectory_amplification": amp},
     }
