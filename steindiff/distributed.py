@@ -40,6 +40,8 @@ from .io import save_json, save_npz, to_jsonable
 from .models.registry import ModelSpec, load_model
 from .plan import SamplingPlan, make_plan
 from .sampling import prior_noise
+from .stabilizers import make_stabilizer
+from .stabilizers.divergence import draw_probes
 
 __all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name", "DistResult",
            "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
@@ -157,31 +159,29 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
 
 # -- probes ---------------------------------------------------------------------------------------
 
-def _global_probe_fn(n: int, start: int, stop: int) -> Callable:
-    from .stabilizers.divergence import draw_probes
-
-    def fn(x: torch.Tensor, p: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+def _global_probes(n: int, start: int, stop: int) -> Callable:
+    def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
         if x.shape[0] != stop - start:
-            raise ValueError(f"probe hook expected this rank's shard of {stop - start} samples, got a batch of {x.shape[0]}")
-        full = draw_probes((n, *x.shape[1:]), p, kind, generator, x.dtype)  # on the CPU: only the slice moves
+            raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
+                             f"{x.shape[0]}")
+        full = draw_probes((n, *x.shape[1:]), p, "gaussian", generator, x.dtype)  # on the CPU: only the slice moves
         return full[:, start:stop].to(x.device)
 
     return fn
 
 
-def _per_sample_probe_fn(seed: int, start: int, stop: int) -> Callable:
-    from .stabilizers.divergence import draw_probes
-
+def _per_sample_probes(seed: int, start: int, stop: int) -> Callable:
     calls = [0]
 
-    def fn(x: torch.Tensor, p: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
         if x.shape[0] != stop - start:
-            raise ValueError(f"probe hook expected this rank's shard of {stop - start} samples, got a batch of {x.shape[0]}")
+            raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
+                             f"{x.shape[0]}")
         call, calls[0] = calls[0], calls[0] + 1
         rows = []
         for j in range(start, stop):
             s = int(np.random.SeedSequence([seed, call, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-            rows.append(draw_probes((1, *x.shape[1:]), p, kind, torch.Generator().manual_seed(s), x.dtype))
+            rows.append(draw_probes((1, *x.shape[1:]), p, "gaussian", torch.Generator().manual_seed(s), x.dtype))
         return torch.cat(rows, dim=1).to(x.device)
 
     return fn
@@ -204,7 +204,6 @@ def sample_distributed(
     schedule: str = "karras",
     rho: float = 7.0,
     seed: int = 0,
-    stabilizer: Any | None = None,
     stabilizer_name: str | None = None,
     stabilizer_options: dict | None = None,
     probe_mode: str = "global",
@@ -219,10 +218,10 @@ def sample_distributed(
 
     ``model``: a model name (``gmm:image64``, ``digits``, a checkpoint) or a
     :class:`~steindiff.models.registry.ModelSpec`.  ``plan``: the solver and noise levels (default:
-    :func:`~steindiff.plan.make_plan` of ``solver``, ``nfe``, ``schedule``, ``rho``).  ``stabilizer``: a stabilizer object, or build one
-    by name with ``stabilizer_name`` and ``stabilizer_options`` (:func:`~steindiff.stabilizers.make_stabilizer`).
-    Its ``reduce`` and ``probe_fn`` are set here.  Initializes the process group from torchrun's
-    environment (``backend`` ``auto``: nccl with CUDA, else gloo; ``timeout_s`` bounds every
+    :func:`~steindiff.plan.make_plan` of ``solver``, ``nfe``, ``schedule``, ``rho``).  The stabilizer is
+    built here by name, ``stabilizer_name`` with ``stabilizer_options``
+    (:func:`~steindiff.stabilizers.make_stabilizer`), with this rank's reduction and probe source.
+    Initializes the process group from torchrun's environment (``backend`` ``auto``: nccl with CUDA, else gloo; ``timeout_s`` bounds every
     collective) unless one exists; without torchrun's environment it runs as world size 1.
     ``device``: see :func:`rank_device` (default: under nccl each rank on its own GPU, ``LOCAL_RANK``;
     the statistics are then all-reduced on the GPU).  The model is moved there.
@@ -237,10 +236,6 @@ def sample_distributed(
     if not (timeout_s > 0):
         raise ValueError(f"timeout must be positive, got {timeout_s}")
     spec: ModelSpec = load_model(model) if isinstance(model, str) else model
-    if stabilizer is None and stabilizer_name not in (None, "none"):
-        from .stabilizers import make_stabilizer
-
-        stabilizer = make_stabilizer(stabilizer_name, spec, **(stabilizer_options or {}))
     if plan is None:
         plan = make_plan(spec.process, solver, nfe, schedule, rho=rho)
     sigmas = plan.sigmas
@@ -250,16 +245,19 @@ def sample_distributed(
     try:
         if n < world:
             raise ValueError(f"n={n} samples cannot be sharded over {world} ranks (at least one sample per rank)")
+        start, stop = shard_range(n, world, rank)
+        grouped = world > 1 or (dist.is_available() and dist.is_initialized())  # a group of one rank too: same path
+        stabilizer = make_stabilizer(
+            stabilizer_name or "none", spec, **(stabilizer_options or {}), reduce=_all_reduce_sum if grouped else None,
+            probe_source=_global_probes(n, start, stop) if probe_mode == "global" else _per_sample_probes(seed, start, stop))
         if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and n // world < 2:
             raise ValueError(f"the stabilizer's batch statistics need at least 2 samples per rank; n={n} over "
                              f"{world} ranks leaves {n // world}")
-        start, stop = shard_range(n, world, rank)
         device = rank_device(device)
         config = {
             "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed, "n": n,
             "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
-            "stabilizer": stabilizer_name if stabilizer_name is not None else (getattr(stabilizer, "name", None) or
-                                                                               (type(stabilizer).__name__ if stabilizer is not None else "none")),
+            "stabilizer": stabilizer_name or "none",
             "stabilizer_options": stabilizer_options or {}, "sigmas": [float(s) for s in sigmas],
             **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
@@ -272,11 +270,6 @@ def sample_distributed(
         if rank == 0:
             save_json(out / MANIFEST, manifest)
 
-        if stabilizer is not None and hasattr(stabilizer, "reduce"):
-            if world > 1 or (dist.is_available() and dist.is_initialized()):  # a group of one rank too: same path
-                stabilizer.reduce = _all_reduce_sum
-            stabilizer.probe_fn = (_global_probe_fn(n, start, stop) if probe_mode == "global"
-                                   else _per_sample_probe_fn(seed, start, stop))
         spec.to(device)  # in place: a stabilizer built on the spec (e.g. a mixture's exact divergence) follows
 
         noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from .models.registry import ModelSpec
 from .plan import SamplingPlan, make_plan
 from .sampling import SampleResult, prior_noise, sample
+from .stabilizers import Stabilizer
 
 __all__ = ["generate", "Generation"]
 
@@ -36,7 +37,7 @@ def generate(
     schedule: str = "karras",
     n: int = 1000,
     seed: int = 0,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,

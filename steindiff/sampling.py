@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +17,7 @@ from .device import check_model_device
 from .noise import NoiseProcess, VEProcess
 from .schedules import validate_sigmas
 from .solvers import Denoise, Solver, Step, StepOperator, get_solver
+from .stabilizers import Stabilizer
 
 __all__ = ["sample", "steps", "advance", "StepEvent", "SampleResult", "prior_noise"]
 
@@ -55,7 +56,8 @@ def prior_noise(
     return eps * scale
 
 
-def advance(op: StepOperator, x: torch.Tensor, stabilizer: Any | None = None) -> tuple[torch.Tensor, Step, dict | None]:
+def advance(op: StepOperator, x: torch.Tensor, stabilizer: Stabilizer | None = None
+            ) -> tuple[torch.Tensor, Step, dict | None]:
     """One step of the loop: ``T(x)`` of the step operator, or the stabilizer wrapping it
     (``(x_next, step, trace record or None)``)."""
     if stabilizer is None:
@@ -86,7 +88,7 @@ def steps(
     sigmas: Sequence[float] | torch.Tensor,
     solver: str | Solver = "euler",
     *,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | None = None,
     extra_args: dict | None = None,
     progress: bool = False,
     dtype: torch.dtype | None = None,
@@ -121,7 +123,7 @@ def sample(
     sigmas: Sequence[float] | torch.Tensor,
     solver: str | Solver = "euler",
     *,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | None = None,
     extra_args: dict | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,

@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibrate import CALIBRATION_SEED, calibrate, calibrated_plan
+from ..diagnostics import RhoRecorder
 from ..generate import generate
 from ..metrics import mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
@@ -74,6 +75,8 @@ METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
 IMAGE_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
 #: At most this many reference steps for image models (a U-Net pass costs far more than a mixture's).
 IMAGE_REF_STEPS = 100
+#: Stabilizers whose grid rows on mixtures record ``rho`` per step (:class:`~steindiff.diagnostics.RhoRecorder`).
+RHO = ("stein", "stein-tr", "stein-exact", "stein-oracle")
 _IMAGE_KEYS = ("heldout", "heldout_labels", "train")
 
 
@@ -268,6 +271,8 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
             row["calibrated_gammas"] = stab.gammas
         else:
             stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
+            if stab_name in RHO and model_kind(spec) == "mixture":
+                stab = RhoRecorder(stab, spec.gmm.divergence)
         gen = generate(spec, plan, noise=noise, n=noise.shape[0], stabilizer=stab, dtype=_dtype(spec))
     except Exception as e:  # a stabilizer that blows up is a result
         return {**row, "nfe": None, "extra_passes": None, "metrics": {}, "wall_s_per_sample": None,
@@ -437,8 +442,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     ``torch.cuda.max_memory_allocated`` of its timed runs (statistics reset before each), and
     ``mem_ratio`` to ``none``'s; on the CPU both are ``None`` (not measured).
 
-    The stabilizers' ``rho`` diagnostic (an exact divergence of the mixture's denoiser per step) is
-    switched off here; the grid's own timings include it.
+    The ``rho`` diagnostic of the grid (an exact divergence of the mixture's denoiser per step) is not
+    measured here; the grid's own timings include it.
     ``stein`` is measured once per probe count in ``probes_list``; other stabilizers once.  Each
     entry has ``ratio`` = median time / median time of ``none`` in the same (model, solver, nfe).
     """
@@ -475,8 +480,6 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                             else:
                                 stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
                                                        jacobian_batch=jacobian_batch)
-                            if stab is not None and hasattr(stab, "denoiser_divergence"):
-                                stab.denoiser_divergence = None  # rho (exact div D per step) is a diagnostic
                             try:
                                 _reset_peak(noise.device)
                                 gen = generate(spec, run_plan, noise=noise, n=n, stabilizer=stab, dtype=_dtype(spec))

@@ -106,7 +106,7 @@ def run_sample(args: argparse.Namespace) -> int:
     with _sigterm_as_error(os.environ.get("RANK", "0")):
         res = sample_distributed(
             spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
-            stabilizer=stabilizer, stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
+            stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
             probe_mode=args.probe_mode, dtype=DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
             progress=not args.no_progress, device=args.device)
     if res.rank != 0:

@@ -46,7 +46,7 @@ from ..models.registry import ModelSpec, load_model
 from ..sampling import prior_noise, steps
 from ..plan import SamplingPlan, make_plan
 from ..solvers import Step, StepOperator
-from ..stabilizers import make_stabilizer
+from ..stabilizers import Stabilizer, make_stabilizer
 from ..stabilizers.base import coordinate_scales
 from .lipschitz import denoiser_lipschitz, step_lipschitz
 
@@ -128,7 +128,7 @@ def diagnose(
     seed: int = 0,
     coords: str = "ve",
     *,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | str | None = None,
     iters: int = 20,
     method: str = "lanczos",
     jvp: str = "auto",

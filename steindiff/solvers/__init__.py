@@ -32,15 +32,14 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
 
 
 def get_solver(name: str | Solver, **options: Any) -> Solver:
-    """A solver by name (``euler``/``ddim``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc`` (bh2),
-    ``unipc_bh1``, ``ipndm``, ``ipndm_v``), with solver options such as ``order``."""
+    """A solver by name (``euler``/``ddim``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``/``unipc_bh2``,
+    ``unipc_bh1``, ``ipndm``, ``ipndm_v``), with solver options such as ``order``.  Its ``name`` is the
+    registry's name of its configuration (the first of two aliases: ``euler`` for ``ddim``)."""
     if isinstance(name, Solver):
         return name
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
     try:
-        solver = SOLVERS[name](**options)
+        return SOLVERS[name](**options)
     except TypeError as e:
         raise ValueError(f"bad options for solver {name!r}: {e}") from None
-    solver.name = name
-    return solver

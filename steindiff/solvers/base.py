@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -121,9 +121,10 @@ class Denoise:
 
 
 class Solver:
-    """Base class.  Subclasses set ``name`` and ``order`` and implement :meth:`step`."""
+    """Base class.  Subclasses implement :meth:`step` and set ``order`` and ``name``, the name of the
+    configuration in :data:`steindiff.solvers.SOLVERS` (a property where options change it)."""
 
-    name: ClassVar[str] = "solver"
+    name = "solver"
     order: int = 1
 
     def init_state(self) -> dict:
@@ -172,18 +173,15 @@ class StepOperator:
         return self.i == len(self.sigmas) - 2
 
 
-def steps_for_nfe(solver: Solver, nfe: int, final_zero: bool = True) -> int:
-    """The largest number of steps whose full solve costs at most ``nfe`` model passes per sample."""
+def steps_for_nfe(solver: Solver, nfe: int) -> int:
+    """The largest number of steps whose full solve (ending at ``sigma = 0``) costs at most ``nfe`` model
+    passes per sample."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     steps = 0
-    while solver.nfe(_schedule_of(steps + 1, final_zero)) <= nfe:
+    # a placeholder schedule of each length: only its length and final zero matter to ``nfe``
+    while solver.nfe([float(steps + 1 - i) for i in range(steps + 2)]) <= nfe:
         steps += 1
     if steps < 1:
         raise ValueError(f"solver {solver.name!r} needs more than nfe={nfe} model passes for one step")
     return steps
-
-
-def _schedule_of(steps: int, final_zero: bool) -> list[float]:
-    """A placeholder schedule with ``steps`` steps (only its length and final zero matter to ``nfe``)."""
-    return [float(steps - i) + (0.0 if final_zero else 1.0) for i in range(steps + 1)]

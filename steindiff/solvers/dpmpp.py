@@ -34,13 +34,15 @@ class DPMSolverPP(Solver):
     keeps agreement with diffusers and the paper's baselines.
     """
 
-    name = "dpmpp"
-
     def __init__(self, order: int = 2, lower_order_final: bool = True, exact_third_order: bool = False):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
         self.order, self.lower_order_final = order, lower_order_final
         self.d2_weight = 2.0 if exact_third_order else 1.0
+
+    @property
+    def name(self) -> str:
+        return f"dpmpp_{self.order}m"
 
     def init_state(self) -> dict:
         return {"denoised": [], "lambdas": []}

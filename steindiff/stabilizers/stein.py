@@ -39,14 +39,12 @@ class SteinStabilizer(GammaStabilizer):
             raise ValueError(f"estimator must be 'stein', 'oracle' or 'lookahead', got {estimator!r}")
         if estimator == "oracle" and clean_target is None:
             raise ValueError("the oracle estimator needs clean_target(x, sigma) (e.g. a mixture's exact denoiser)")
+        exact = estimator == "stein" and options.get("divergence") == "exact"
+        options.setdefault("name", {"stein": "stein", "oracle": "stein-oracle", "lookahead": "stein-sc"}[estimator]
+                           + ("-exact" if exact else ""))
         super().__init__(**options)
         self.estimator, self.clean_target = estimator, clean_target
         self.jacobian_of = "T" if estimator == "stein" else None
-
-    @property
-    def name(self) -> str:
-        base = {"stein": "stein", "oracle": "stein-oracle", "lookahead": "stein-sc"}[self.estimator]
-        return base + ("-exact" if self.divergence == "exact" and self.estimator == "stein" else "")
 
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
         out = {"xu": dot(s.u, s.x_c), "uu": dot(s.u, s.u)}

@@ -151,8 +151,7 @@ def test_probes_drawn_in_a_worker_thread_are_the_same(name, opts):
     x = prior_noise((10, 2), float(sig[0]), spec.process, seed=1, dtype=torch.float64)
     res = []
     for threaded in (False, True):
-        stab = make_stabilizer(name, spec, probes=3, seed=4, jacobian_batch=4, **opts)
-        stab.async_probes = threaded
+        stab = make_stabilizer(name, spec, probes=3, seed=4, jacobian_batch=4, async_probes=threaded, **opts)
         res.append(sample(spec.denoiser, x, sig, "unipc", stabilizer=stab))
     assert torch.equal(res[0].x, res[1].x)
     assert [r["gamma"] for r in res[0].trace] == [r["gamma"] for r in res[1].trace]

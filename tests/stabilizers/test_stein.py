@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from steindiff import VEProcess, get_sigmas, prior_noise, sample
+from steindiff.diagnostics import RhoRecorder
 from steindiff.models import GaussianMixture, get_gmm
 from steindiff.solvers import Denoise, StepOperator, get_solver
 from steindiff.stabilizers import NotDifferentiableError, SteinStabilizer, make_stabilizer
@@ -120,7 +121,7 @@ def test_jvp_and_vjp_give_the_same_trajectory(gmm):
 def test_trace_fields_and_skip_options(gmm):
     sig = get_sigmas("karras", 4, VEProcess())
     x = prior_noise((32, gmm.dim), float(sig[0]), seed=0, dtype=torch.float64)
-    stab = make_stabilizer("stein", type("S", (), {"gmm": gmm, "name": "g"})(), first_step="skip", final_step="skip")
+    stab = RhoRecorder(make_stabilizer("stein", None, first_step="skip", final_step="skip"), gmm.divergence)
     res = sample(gmm, x, sig, "euler", stabilizer=stab)
     assert res.trace[0]["skipped"] and res.trace[-1]["skipped"]
     mid = res.trace[1]
