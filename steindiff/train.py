@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .data import DIGITS_HOLDOUT, DataError, ImageDataset, load_dataset, split_indices
 from .models.checkpoint import (CHECKPOINT_SCHEMA, STATE_FILE, VP_PROCESS, WEIGHTS_FILE, CheckpointError,
                                 is_checkpoint_dir, make_process, recover, save_checkpoint)
+from .models.denoisers import edm_coefficients
 from .models.unet import UNet, UNetConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train", "LOSSES", "PRECISIONS"]
@@ -258,9 +259,9 @@ class _Run:
             sd = cfg.sigma_data
             sigma = self._dev((torch.randn(cfg.batch_size, generator=gen) * cfg.P_std + cfg.P_mean).exp())
             s = sigma[:, None, None, None]
-            c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt()
+            c_skip, c_out, c_in, c_noise = edm_coefficients(s, sd)
             with self.autocast:
-                F_pred = net(c_in * (x0 + s * noise), sigma.log() / 4, class_labels=labels)
+                F_pred = net(c_in * (x0 + s * noise), c_noise.reshape(-1), class_labels=labels)
             D = c_skip * (x0 + s * noise) + c_out * F_pred.float()
             weight = (s**2 + sd**2) / (s * sd) ** 2
             return (weight * (D - x0) ** 2).mean()

@@ -45,7 +45,8 @@ from .plan import SamplingPlan
 from .sampling import sample
 from .schedules import logsnr_sigmas
 from .solvers import Step, StepOperator
-from .stabilizers.base import coordinate_scales, dot, rescaled_update
+from .noise import coordinate_scales
+from .stabilizers.base import dot, rescaled_update
 from .stabilizers.schedule import GammaSchedule
 
 __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", "residual_noise", "fit_trajectory",

@@ -43,11 +43,11 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
+from ..noise import coordinate_scales
 from ..sampling import prior_noise, steps
 from ..plan import SamplingPlan, make_plan
 from ..solvers import Step, StepOperator
 from ..stabilizers import Stabilizer, make_stabilizer
-from ..stabilizers.base import coordinate_scales
 from .lipschitz import denoiser_lipschitz, step_lipschitz
 
 __all__ = ["diagnose", "summarize", "plot_diagnosis", "quantiles", "SCHEMA"]

@@ -136,9 +136,9 @@ class GaussianMixture:
         """An epsilon-prediction network ``eps(x_vp, t)`` on a VP ``process`` (for adapter tests)."""
         def eps(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             sigma = process.t_to_sigma(t.to(torch.float64))
-            s = sigma.reshape(-1, *([1] * (x_vp.ndim - 1))).to(x_vp.dtype)
-            x = x_vp * torch.sqrt(1 + s**2)
-            return (x - self.denoise(x, sigma)) / s
+            s = sigma.reshape(-1, *([1] * (x_vp.ndim - 1)))
+            x = process.to_ve(x_vp, s)
+            return (x - self.denoise(x, sigma)) / s.to(x_vp.dtype)
         return eps
 
     # --- sampling ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import (Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, cat_states, detach_state, log_snr, slice_state,
+from .base import (Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, cat_states, detach_state, slice_state,
                    steps_for_nfe)
 from .dpmpp import DPMSolverPP
 from .euler import Euler, Heun
@@ -12,7 +12,7 @@ from .ipndm import IPNDM
 from .unipc import UniPC
 
 __all__ = [
-    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe", "StepOperator",
+    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "steps_for_nfe", "StepOperator",
     "slice_state", "cat_states",
     "Euler", "Heun", "DPMSolverPP", "UniPC", "IPNDM",
 ]

@@ -13,13 +13,12 @@ is treated as constant), which is what a stabilizer wraps (:mod:`steindiff.stabi
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "slice_state", "cat_states", "log_snr",
+__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "slice_state", "cat_states",
            "steps_for_nfe", "StepOperator"]
 
 
@@ -34,11 +33,6 @@ class Step:
     x_next: torch.Tensor
     denoised: torch.Tensor
     state: dict = field(default_factory=dict)
-
-
-def log_snr(sigma: float) -> float:
-    """``lambda = -log(sigma)`` in VE coordinates (``+inf`` at ``sigma = 0``)."""
-    return math.inf if sigma == 0 else -math.log(sigma)
 
 
 def detach_state(obj: Any) -> Any:

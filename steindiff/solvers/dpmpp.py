@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .base import Denoise, Solver, Step, log_snr
+from ..noise import log_snr
+from .base import Denoise, Solver, Step
 
 __all__ = ["DPMSolverPP"]
 

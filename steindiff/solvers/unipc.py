@@ -19,7 +19,8 @@ import math
 import numpy as np
 import torch
 
-from .base import Denoise, Solver, Step, log_snr
+from ..noise import log_snr
+from .base import Denoise, Solver, Step
 
 __all__ = ["UniPC"]
 

@@ -7,9 +7,9 @@ oracle and look-ahead forms; :mod:`.marginal`: energy matching; :mod:`.schedule`
 gammas and their files; :mod:`.divergence`: Hutchinson and exact divergences; :mod:`.registry`: names.
 """
 
-from .base import GammaStabilizer, NotDifferentiableError, Stabilizer, StepStats, coordinate_scales
+from .base import GammaStabilizer, NotDifferentiableError, Stabilizer, StepStats
 from .registry import STABILIZERS, make_stabilizer
 from .stein import SteinStabilizer
 
-__all__ = ["Stabilizer", "GammaStabilizer", "StepStats", "SteinStabilizer", "NotDifferentiableError", "coordinate_scales",
-           "STABILIZERS", "make_stabilizer"]
+__all__ = ["Stabilizer", "GammaStabilizer", "StepStats", "SteinStabilizer", "NotDifferentiableError", "STABILIZERS",
+           "make_stabilizer"]

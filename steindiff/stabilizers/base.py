@@ -20,10 +20,11 @@ from typing import Callable, Literal, Protocol
 import torch
 
 from ..device import is_out_of_memory
+from ..noise import coordinate_scales
 from ..solvers import Step, StepOperator, cat_states, detach_state
 from .divergence import jvp_quadratic_forms, make_probes, unit_probes, vjp_quadratic_forms
 
-__all__ = ["Stabilizer", "GammaStabilizer", "StepStats", "NotDifferentiableError", "JacobianOutOfMemoryError", "coordinate_scales", "dot",
+__all__ = ["Stabilizer", "GammaStabilizer", "StepStats", "NotDifferentiableError", "JacobianOutOfMemoryError", "dot",
            "rescaled_update"]
 
 
@@ -64,16 +65,6 @@ def _probe_pool():
 
         _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="steindiff-probes"))
     return _POOL[0]
-
-
-def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[float, float, float]:
-    """``(alpha_k, alpha_{k-1}, sigma_k)`` in coordinates ``ve`` or ``vp``."""
-    if coords == "ve":
-        return 1.0, 1.0, sigma
-    if coords == "vp":
-        a, a_next = 1 / math.sqrt(1 + sigma**2), 1 / math.sqrt(1 + sigma_next**2)
-        return a, a_next, a * sigma
-    raise ValueError(f"coords must be 've' or 'vp', got {coords!r}")
 
 
 def rescaled_update(x_c: torch.Tensor, u: torch.Tensor, gamma, alpha_next: float) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch
 
 from ..io import save_json
 from ..solvers import Step, StepOperator
-from .base import coordinate_scales, rescaled_update
+from ..noise import coordinate_scales
+from .base import rescaled_update
 
 __all__ = ["GammaSchedule", "load_gamma_schedule", "SCHEMA"]
 

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from .base import GammaStabilizer, NotDifferentiableError, StepStats, coordinate_scales, dot
+from .base import GammaStabilizer, NotDifferentiableError, StepStats, dot
 
-__all__ = ["SteinStabilizer", "NotDifferentiableError", "coordinate_scales"]
+__all__ = ["SteinStabilizer", "NotDifferentiableError"]
 
 
 class SteinStabilizer(GammaStabilizer):
