@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import atomic_path
+from ..plotting import colormap, figure, panels, save_figure
 
 __all__ = ["markdown", "write_markdown", "write_plots", "label_of"]
 
@@ -251,27 +252,6 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
 
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
-def _grid_axes(n: int, ncols: int = 3, w: float = 4.2, h: float = 3.2):
-    import matplotlib.pyplot as plt
-
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
-
-
 def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str] | None = None) -> list[str]:
     """PNG plots into ``outdir`` (created if missing); returns the paths.
 
@@ -281,11 +261,6 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
     (mean over seeds).  ``cost_quality_{model}.png``: excess of the primary metric against wall-clock
     seconds per sample.  ``metrics``: default :data:`PLOTS` of the model's primary metric.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     cells = summary["cells"]
@@ -296,7 +271,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
         labels = _labels(mc)
         p = _primary(summary, model)
         names = _names(result, p)
-        colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+        colors = {lab: colormap("tab10")(i % 10) for i, lab in enumerate(labels)}
         solvers = sorted({c["solver"] for c in mc}, key=lambda s: solvers_cfg.index(s) if s in solvers_cfg else 99)
         for schedule in sorted({c["schedule"] for c in mc}):
             for metric in (PLOTS.get(p, (p,)) if metrics is None else metrics):
@@ -304,7 +279,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 if not sc:
                     continue
                 lo = _floor_value(sc, metric)
-                fig, axes = _grid_axes(len(solvers))
+                fig, axes = panels(len(solvers))
                 for ax, solver in zip(axes, solvers):
                     for lab in labels:
                         pts = sorted((c["nfe_budget"], c["excess"][metric]) for c in sc if c["solver"] == solver and label_of(c) == lab)
@@ -325,15 +300,15 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 axes[0].legend(fontsize=7)
                 fig.suptitle(f"{model}: {names[metric]} vs NFE (mean ± seed std; values <= 0 drawn at the bottom)", fontsize=11)
                 fig.tight_layout()
-                paths.append(_save(fig, out / f"{metric}_vs_nfe_{_slug(model)}_{schedule}.png"))
+                paths.append(save_figure(fig, out / f"{metric}_vs_nfe_{_slug(model)}_{schedule}.png", dpi=80))
             for coords in sorted({c["coords"] for c in mc if c["coords"] != "-"}):
                 stabs = [lab for lab in labels if lab.endswith(f"/{coords}")]
                 gc = [c for c in mc if c["schedule"] == schedule and label_of(c) in stabs and "gamma_mean" in c]
                 if not gc:
                     continue
                 nfes = sorted({c["nfe_budget"] for c in gc})
-                cmap = plt.cm.viridis(np.linspace(0, 0.9, len(nfes)))
-                fig, axes = plt.subplots(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)), squeeze=False)
+                cmap = colormap("viridis")(np.linspace(0, 0.9, len(nfes)))
+                fig, axes = figure(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)), squeeze=False)
                 for i, lab in enumerate(stabs):
                     for j, solver in enumerate(solvers):
                         ax = axes[i][j]
@@ -353,11 +328,11 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 axes[0][0].legend(fontsize=6)
                 fig.suptitle(f"{model}, {schedule}, {coords}: gamma per step (seed mean; band [0.5, 1.5])", fontsize=11)
                 fig.tight_layout()
-                paths.append(_save(fig, out / f"gamma_{_slug(model)}_{schedule}_{coords}.png"))
+                paths.append(save_figure(fig, out / f"gamma_{_slug(model)}_{schedule}_{coords}.png", dpi=80))
         # equal compute: quality against wall-clock seconds per sample
         qc = [c for c in mc if p in c["excess"] and c["wall_s_per_sample"]]
         if qc:
-            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+            fig, ax = figure(figsize=(6.5, 4.5))
             for lab in labels:
                 pts = [(c["wall_s_per_sample"], c["excess"][p]["mean"]) for c in qc if label_of(c) == lab]
                 if pts:
@@ -372,7 +347,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
             ax.legend(fontsize=7)
             ax.set_title(f"{model}: quality against compute (every cell)", fontsize=10)
             fig.tight_layout()
-            paths.append(_save(fig, out / f"cost_quality_{_slug(model)}.png"))
+            paths.append(save_figure(fig, out / f"cost_quality_{_slug(model)}.png", dpi=80))
     return paths
 
 

@@ -15,8 +15,9 @@ import torch
 
 from ..calibrate import calibrated_plan
 from ..generate import generate
-from ..io import atomic_path, save_json
+from ..io import save_json
 from ..plan import make_plan
+from ..plotting import figure, image_grid, save_figure
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS, make_stabilizer, registry
 from . import UsageError, emit
@@ -93,7 +94,6 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
     from tqdm import tqdm
 
     from ..metrics.image import image_metrics
-    from ..plotting import image_grid
 
     t_start = time.perf_counter()
     rows, grids = [], []
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                 grids.append((f"NFE {nfe} {name}", x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
                 bar.update(1)
     grid_png, plot_png = out / "grid.png", out / "metrics.png"
-    _save_grid(grids, grid_png, image_grid)
+    _save_grid(grids, grid_png)
     _save_plot(rows, nfes, stabs, plot_png, args.solver)
     result = {"schema": "steindiff.demo/1", "model": spec.name, "solver": args.solver, "n": args.n, "seed": args.seed,
               "device": str(spec.device or "cpu"),
@@ -154,30 +154,18 @@ def _table(rows: list[dict], args: argparse.Namespace, model: str) -> str:
     return "\n".join(lines)
 
 
-def _save_grid(grids, path: Path, image_grid) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(grids), 1, figsize=(6, 0.75 * len(grids) + 0.3))
-    for ax, (label, x) in zip(list(getattr(axes, "flat", [axes])), grids):
+def _save_grid(grids, path: Path) -> None:
+    fig, axes = figure(len(grids), 1, figsize=(6, 0.75 * len(grids) + 0.3), squeeze=False)
+    for ax, (label, x) in zip(axes[:, 0], grids):
         ax.imshow(image_grid(x.cpu(), nrow=x.shape[0]), cmap="gray", vmin=0, vmax=255)
         ax.set_axis_off()
         ax.set_title(label, fontsize=7, loc="left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=150)
 
 
 def _save_plot(rows, nfes, stabs, path: Path, solver: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))
     for name in stabs:
         pts = [(r["nfe"], r["metrics"]["digits_fid"]) for r in rows if r["stabilizer"] == name and r["status"] == "ok"]
         if pts:
@@ -191,6 +179,4 @@ def _save_plot(rows, nfes, stabs, path: Path, solver: str) -> None:
     ax.set_title(f"digits, {solver}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

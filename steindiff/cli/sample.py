@@ -142,13 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _save_grid(x, path: str) -> None:
     """The first samples as a PNG image grid (values in [-1, 1]; small images enlarged to >= 32 pixels)."""
-    from PIL import Image
-
-    from ..io import atomic_path
-    from ..plotting import image_grid
+    from ..plotting import save_image_grid
 
     x = x[:GRID_MAX].float().clamp(-1, 1)
     scale = max(1, 32 // max(x.shape[-2:]))
-    img = image_grid(x, nrow=min(8, x.shape[0]), scale=scale, padding=scale)
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
+    save_image_grid(x, path, nrow=min(8, x.shape[0]), scale=scale, padding=scale)

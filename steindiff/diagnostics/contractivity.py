@@ -41,11 +41,11 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
 from ..noise import coordinate_scales
 from ..sampling import prior_noise, steps
 from ..plan import SamplingPlan, make_plan
+from ..plotting import figure, save_figure
 from ..solvers import Step, StepOperator
 from ..stabilizers import Stabilizer, make_stabilizer
 from .lipschitz import denoiser_lipschitz, step_lipschitz
@@ -311,16 +311,11 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
     the step's input noise level (log scale, sampling order left to right), the median and the
     maximum, the strict-contraction threshold 1, the paper's bound and the first-order bound
     (medians over samples), and the stabilized step's band when present.  Bottom: the fraction of
-    samples with ``L > 1`` per step.  Uses matplotlib's Agg canvas (no global backend change).
+    samples with ``L > 1`` per step.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     steps, cfg = result["steps"], result["config"]
     sig = [r["sigma"] for r in steps]
-    fig = Figure(figsize=(7.5, 6.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax2) = figure(2, 1, figsize=(7.5, 6.0), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     tiny = 1e-6
 
     def band(key: str, color: str, label: str) -> None:
@@ -365,5 +360,4 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
     ax2.minorticks_off()
     ax2.grid(True, alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)
