@@ -1,8 +1,7 @@
 """steindiff: fast, stable few-step diffusion sampling, with the Stein stabilization of SteinDiff.
 
 The package is built in layers, lowest first; a module imports only from its own layer or lower ones,
-and the imports have no cycle (:data:`LAYERS`, checked by ``tests/test_layers.py``, imports inside
-functions included):
+and the imports have no cycle, imports inside functions included (``tests/test_layers.py`` checks both):
 
 0. foundations: file output (``io``), devices, figures (``plotting``), noise processes (``noise``:
    alpha, sigma, log-SNR, VP <-> VE);
@@ -17,34 +16,18 @@ functions included):
 8. the command line.
 """
 
-from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
-from .sampling import SampleResult, prior_noise
-from .plan import SamplingPlan, make_plan
+from ._version import __version__
 from .api import sample
 from .calibrate import calibrated_plan
+from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
+from .plan import SamplingPlan, make_plan
+from .sampling import SampleResult, prior_noise
 from .schedules import get_sigmas, karras_sigmas, logsnr_sigmas, time_sigmas, validate_sigmas
 from .solvers import SOLVERS, get_solver
-
-from ._version import __version__
-
-#: The import layers of the docstring (a package stands for all its modules).
-LAYERS = (
-    ("steindiff._version", "steindiff._forward_ad", "steindiff.io", "steindiff.device", "steindiff.plotting",
-     "steindiff.noise"),
-    ("steindiff.schedules", "steindiff.solvers", "steindiff.data", "steindiff.metrics"),
-    ("steindiff.models",),
-    ("steindiff.stabilizers",),
-    ("steindiff.plan", "steindiff.sampling"),
-    ("steindiff.generate", "steindiff.trajectory", "steindiff.diagnostics"),
-    ("steindiff.calibrate", "steindiff.distributed", "steindiff.train"),
-    ("steindiff.api", "steindiff.bench", "steindiff.integrations"),
-    ("steindiff.cli", "steindiff.__main__"),
-    ("steindiff",),
-)
 
 __all__ = [
     "NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess",
     "sample", "SampleResult", "prior_noise", "SamplingPlan", "make_plan", "calibrated_plan",
     "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
-    "SOLVERS", "get_solver",
+    "SOLVERS", "get_solver", "__version__",
 ]

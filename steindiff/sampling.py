@@ -19,7 +19,7 @@ from .schedules import validate_sigmas
 from .solvers import Denoise, Solver, Step, StepOperator, get_solver
 from .stabilizers import Stabilizer
 
-__all__ = ["sample", "steps", "advance", "StepEvent", "SampleResult", "prior_noise"]
+__all__ = ["sample", "steps", "StepEvent", "SampleResult", "prior_noise"]
 
 
 @dataclass
@@ -56,17 +56,6 @@ def prior_noise(
     return eps * scale
 
 
-def advance(op: StepOperator, x: torch.Tensor, stabilizer: Stabilizer | None = None
-            ) -> tuple[torch.Tensor, Step, dict | None]:
-    """One step of the loop: ``T(x)`` of the step operator, or the stabilizer wrapping it
-    (``(x_next, step, trace record or None)``)."""
-    if stabilizer is None:
-        with torch.no_grad():
-            step = op(x)
-        return step.x_next, step, None
-    return stabilizer.step(op, x)
-
-
 @dataclass
 class StepEvent:
     """One step of a solve, as :func:`steps` yields it: the step operator ``op`` (the solver's history
@@ -95,9 +84,15 @@ def steps(
     check_finite: bool = True,
     solver_options: dict | None = None,
 ) -> Iterator[StepEvent]:
-    """The sampling loop, one step at a time: :func:`sample` and the diagnostics
-    (:func:`steindiff.diagnostics.diagnose`) both run it.  Arguments as :func:`sample`; the checks run
-    before the first step."""
+    """The sampling loop, one :class:`StepEvent` per step: :func:`sample` and the diagnostics
+    (:func:`steindiff.diagnostics.diagnose`) both run it.  The checks run before the first step.
+
+    ``model(x, sigma, **extra_args)`` is a VE denoiser.  Each step is ``T(x)`` of the solver's step
+    operator or, with a ``stabilizer`` (:class:`~steindiff.stabilizers.Stabilizer`), ``stabilizer.step(T,
+    x) -> (x_next, step, record)``.  The state is kept in ``dtype`` (default: ``x``'s dtype, or float32 for
+    half precision input).  ``progress`` shows a bar; ``check_finite`` refuses NaN or Inf model outputs;
+    ``solver_options`` (e.g. ``order``) go to :func:`~steindiff.solvers.get_solver`.
+    """
     check_model_device(model, x)
     sig = [float(s) for s in validate_sigmas(sigmas)]
     solver = get_solver(solver, **(solver_options or {}))
@@ -112,32 +107,24 @@ def steps(
     state = solver.init_state()
     for i in tqdm(range(len(sig) - 1), disable=not progress, desc=f"{solver.name}", leave=False):
         op = StepOperator(solver, denoise, i, sig, state)
-        x_next, step, record = advance(op, x, stabilizer)
+        if stabilizer is None:
+            with torch.no_grad():
+                step = op(x)
+            x_next, record = step.x_next, None
+        else:
+            x_next, step, record = stabilizer.step(op, x)
         yield StepEvent(i, op, x, x_next, step, record)
         x, state = x_next, step.state
 
 
-def sample(
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    sigmas: Sequence[float] | torch.Tensor,
-    solver: str | Solver = "euler",
-    *,
-    stabilizer: Stabilizer | None = None,
-    extra_args: dict | None = None,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = False,
-    dtype: torch.dtype | None = None,
-    check_finite: bool = True,
-    solver_options: dict | None = None,
-) -> SampleResult:
+def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
+           solver: str | Solver = "euler", *, callback: Callable[[dict], None] | None = None,
+           **options) -> SampleResult:
     """Solve the PF-ODE from ``x`` (VE state at ``sigmas[0]``) down the schedule ``sigmas``.
 
-    ``model(x, sigma, **extra_args)`` is a VE denoiser.  ``stabilizer`` (see
-    :mod:`steindiff.stabilizers`) wraps each step operator: ``stabilizer.step(T, x) ->
-    (x_next, step, record)``, where ``record`` (a dict) goes into the trace.  ``callback`` receives a dict with
-    ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.  The state is kept in
-    ``dtype`` (default: ``x``'s dtype, or float32 for half precision input).
+    ``options``: ``stabilizer``, ``extra_args``, ``progress``, ``dtype``, ``check_finite`` and
+    ``solver_options`` of :func:`steps`.  The stabilizer's records make the trace.  ``callback`` receives
+    a dict with ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.
 
     Everything runs on ``x``'s device; a model whose parameters live elsewhere (or on ``meta``) is
     refused before any work (:func:`steindiff.device.check_model_device`).
@@ -145,8 +132,7 @@ def sample(
     trace: list[dict] = []
     extra_passes = 0
     t0 = time.perf_counter()
-    for ev in steps(model, x, sigmas, solver, stabilizer=stabilizer, extra_args=extra_args, progress=progress,
-                    dtype=dtype, check_finite=check_finite, solver_options=solver_options):
+    for ev in steps(model, x, sigmas, solver, **options):
         if ev.record is not None:
             extra_passes += int(ev.record.get("extra_passes", 0))
             trace.append(ev.record)

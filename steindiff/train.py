@@ -26,8 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DIGITS_HOLDOUT, DataError, ImageDataset, load_dataset, split_indices
-from .models.checkpoint import (CHECKPOINT_SCHEMA, STATE_FILE, VP_PROCESS, WEIGHTS_FILE, CheckpointError,
-                                is_checkpoint_dir, make_process, recover, save_checkpoint)
+from .models import checkpoint as ckpt
 from .models.denoisers import edm_coefficients
 from .models.unet import UNet, UNetConfig
 
@@ -134,11 +133,11 @@ def train(
     on Ctrl-C.  ``cfg.time_limit_s`` stops early (with a checkpoint) after that many seconds.
     """
     out = Path(out)
-    recover(out)
+    ckpt.recover(out)
     run = _Run(cfg, dataset if dataset is not None else load_dataset(cfg.data), unet, out, device)
     if resume:
         run.restore()
-    elif out.exists() and (is_checkpoint_dir(out) or (out / STATE_FILE).exists()):
+    elif out.exists() and (ckpt.is_checkpoint_dir(out) or (out / ckpt.STATE_FILE).exists()):
         raise FileExistsError(f"{out}: a checkpoint already exists; resume it or choose another folder")
     elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not an empty folder")
@@ -194,32 +193,32 @@ class _Run:
             self.process_cfg = {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}
         else:
             self.precond = {"type": "vp", "prediction": "epsilon"}
-            self.process_cfg = dict(VP_PROCESS)
-        self.vp = make_process(self.process_cfg) if cfg.loss == "vp-eps" else None
+            self.process_cfg = dict(ckpt.VP_PROCESS)
+        self.vp = ckpt.make_process(self.process_cfg) if cfg.loss == "vp-eps" else None
 
     def restore(self) -> None:
         """Continue from the training state in the output folder (same architecture, loss, data and split)."""
-        sfile = self.out / STATE_FILE
+        sfile = self.out / ckpt.STATE_FILE
         if not sfile.is_file():
-            raise CheckpointError(f"{sfile}: nothing to resume from (no training state)")
+            raise ckpt.CheckpointError(f"{sfile}: nothing to resume from (no training state)")
         try:
             st = torch.load(sfile, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{sfile}: corrupt or unreadable training state ({e})") from None
+            raise ckpt.CheckpointError(f"{sfile}: corrupt or unreadable training state ({e})") from None
         if st.get("unet") != self.unet.to_dict():
-            raise CheckpointError(f"{sfile}: architecture differs from the requested one ({st.get('unet')} vs "
+            raise ckpt.CheckpointError(f"{sfile}: architecture differs from the requested one ({st.get('unet')} vs "
                                   f"{self.unet.to_dict()})")
         info = self.data_info
         if (st.get("loss") != self.cfg.loss or st.get("fingerprint") != info["fingerprint"]
                 or st.get("holdout") != info["holdout"]["indices"]):
-            raise CheckpointError(f"{sfile}: was trained with another loss, dataset or split; start a new run in "
+            raise ckpt.CheckpointError(f"{sfile}: was trained with another loss, dataset or split; start a new run in "
                                   "another folder")
         try:
             self.net.load_state_dict(st["model"])
             self.ema.load_state_dict(st["ema"])
             self.opt.load_state_dict(st["opt"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{sfile}: training state does not match the model ({e})") from None
+            raise ckpt.CheckpointError(f"{sfile}: training state does not match the model ({e})") from None
         self.gen.set_state(st["gen"])
         torch.set_rng_state(st["rng"])
         if self.device.type == "cuda" and st.get("cuda_rng") is not None:  # dropout's stream, resumed on CUDA
@@ -307,7 +306,7 @@ class _Run:
         """The checkpoint's ``config.json``."""
         tail = self.losses[-200:]
         return {
-            "schema": CHECKPOINT_SCHEMA,
+            "schema": ckpt.CHECKPOINT_SCHEMA,
             "architecture": {"type": "unet", **self.unet.to_dict()},
             "precond": self.precond,
             "process": self.process_cfg,
@@ -317,7 +316,8 @@ class _Run:
                 "loss_last200": float(np.mean(tail)) if tail else None, "stopped_early": stopped,
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
             },
-            "weights": {"file": WEIGHTS_FILE, "ema": True, "dtype": "float32", "n_params": self.net.num_parameters()},
+            "weights": {"file": ckpt.WEIGHTS_FILE, "ema": True, "dtype": "float32",
+                        "n_params": self.net.num_parameters()},
             "device": str(self.device),
         }
 
@@ -333,7 +333,7 @@ class _Run:
             "wall_s": self.wall_s(), "losses": self.losses, "unet": self.unet.to_dict(), "loss": self.cfg.loss,
             "fingerprint": self.data_info["fingerprint"], "holdout": self.data_info["holdout"]["indices"],
         }
-        save_checkpoint(self.out, self.config(stopped), state["ema"], state)
+        ckpt.save_checkpoint(self.out, self.config(stopped), state["ema"], state)
 
     def run(self, progress: bool, callback: Callable[[dict], None] | None) -> TrainResult:
         """Iterate up to ``cfg.iters`` (or the time limit), with checkpoints; Ctrl-C keeps one."""

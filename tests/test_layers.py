@@ -1,5 +1,5 @@
-"""The package's import layers (steindiff/__init__.py): no module imports one of a higher layer, and
-the import graph has no cycle, counting imports inside functions too (read from the source with ast)."""
+"""The package's import layers (the docstring of steindiff/__init__.py): no module imports one of a higher
+layer, and the import graph has no cycle, counting imports inside functions too (read from the source with ast)."""
 
 import ast
 from pathlib import Path
@@ -7,6 +7,21 @@ from pathlib import Path
 import steindiff
 
 ROOT = Path(steindiff.__file__).resolve().parent
+
+#: The layers of the package docstring, lowest first (a package stands for all its modules).
+LAYERS = (
+    ("steindiff._version", "steindiff._forward_ad", "steindiff.io", "steindiff.device", "steindiff.plotting",
+     "steindiff.noise"),
+    ("steindiff.schedules", "steindiff.solvers", "steindiff.data", "steindiff.metrics"),
+    ("steindiff.models",),
+    ("steindiff.stabilizers",),
+    ("steindiff.plan", "steindiff.sampling"),
+    ("steindiff.generate", "steindiff.trajectory", "steindiff.diagnostics"),
+    ("steindiff.calibrate", "steindiff.distributed", "steindiff.train"),
+    ("steindiff.api", "steindiff.bench", "steindiff.integrations"),
+    ("steindiff.cli", "steindiff.__main__"),
+    ("steindiff",),
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -41,14 +56,14 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def layer(module: str) -> int:
-    """The index in steindiff.LAYERS of the longest prefix of ``module`` listed there."""
+    """The index in LAYERS of the longest prefix of ``module`` listed there."""
     best = None
-    for i, names in enumerate(steindiff.LAYERS):
+    for i, names in enumerate(LAYERS):
         for n in names:
             prefix = n != "steindiff" and module.startswith(n + ".")  # the package itself: only by its name
             if (module == n or prefix) and (best is None or len(n) > len(best[1])):
                 best = (i, n)
-    assert best is not None, f"{module} is in no layer of steindiff.LAYERS"
+    assert best is not None, f"{module} is in no layer of LAYERS"
     return best[0]
 
 

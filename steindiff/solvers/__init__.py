@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import (Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, cat_states, detach_state, slice_state,
-                   steps_for_nfe)
+from .base import Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, steps_for_nfe
 from .dpmpp import DPMSolverPP
 from .euler import Euler, Heun
 from .ipndm import IPNDM
 from .unipc import UniPC
 
 __all__ = [
-    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "steps_for_nfe", "StepOperator",
-    "slice_state", "cat_states",
+    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "steps_for_nfe", "StepOperator",
     "Euler", "Heun", "DPMSolverPP", "UniPC", "IPNDM",
 ]
 

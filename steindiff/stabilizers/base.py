@@ -21,7 +21,8 @@ import torch
 
 from ..device import is_out_of_memory
 from ..noise import coordinate_scales
-from ..solvers import Step, StepOperator, cat_states, detach_state
+from ..solvers import Step, StepOperator
+from ..solvers.base import cat_states, detach_state
 from .divergence import jvp_quadratic_forms, make_probes, unit_probes, vjp_quadratic_forms
 
 __all__ = ["Stabilizer", "GammaStabilizer", "StepStats", "NotDifferentiableError", "JacobianOutOfMemoryError", "dot",
