@@ -30,14 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .generate import generate
+from .io import check_writable
 from .metrics import sliced_w2
 from .models.registry import ModelSpec
 from .plan import SamplingPlan, make_plan
 from .sampling import prior_noise
 from .stabilizers import make_stabilizer
-from .io import check_writable
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
-from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory, reference_solve
+from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "default_cache_dir", "plan_from_schedule", "OBJECTIVES",
            "model_fingerprint", "CALIBRATION_SEED"]
@@ -234,8 +234,10 @@ def _key_file(root: Path, key: dict) -> Path:
 def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan:
     """The plan a calibration file describes: its noise levels and gammas, with ``base``'s solver."""
     sigmas = sched.meta.get("sigmas", base.sigmas)
-    fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12 for a, b in zip(sigmas, base.sigmas))
-    return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64), "fitted" if fitted else base.schedule,
+    fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12
+                                                     for a, b in zip(sigmas, base.sigmas))
+    return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64),
+                        "fitted" if fitted else base.schedule,
                         list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta})
 
 

@@ -60,7 +60,8 @@ def load_digits_dataset() -> ImageDataset:
 
     d = load_digits()
     x = torch.from_numpy(np.asarray(d.images, dtype=np.float32) / 8.0 - 1.0)[:, None]
-    return ImageDataset(x=x.contiguous(), labels=torch.from_numpy(np.asarray(d.target, dtype=np.int64)), source="digits", name="digits")
+    return ImageDataset(x=x.contiguous(), labels=torch.from_numpy(np.asarray(d.target, dtype=np.int64)),
+                        source="digits", name="digits")
 
 
 def _check_images(arr: np.ndarray, where: str) -> np.ndarray:
@@ -93,7 +94,8 @@ def _check_images(arr: np.ndarray, where: str) -> np.ndarray:
             "(scale them: x / 127.5 - 1 for 0..255 data, 2 x - 1 for 0..1 data)"
         )
     if lo >= 0 and hi <= 1 and hi - lo > 0:
-        warnings.warn(f"{where}: float images lie in [0, 1]; the model expects [-1, 1] data (use 2 x - 1 if these are 0..1 images)", stacklevel=3)
+        warnings.warn(f"{where}: float images lie in [0, 1]; the model expects [-1, 1] data (use 2 x - 1 "
+                      "if these are 0..1 images)", stacklevel=3)
     return np.clip(arr, -1, 1)
 
 
@@ -119,7 +121,8 @@ def _load_array(path: Path) -> ImageDataset:
             if img_key is None:
                 others = [k for k in keys if k not in ("y", "labels")]
                 if len(others) != 1:
-                    raise DataError(f"{path}: cannot tell which array holds the images among {keys}; name it 'x' or 'images'")
+                    raise DataError(f"{path}: cannot tell which array holds the images among "
+                                    f"{keys}; name it 'x' or 'images'")
                 img_key = others[0]
             arr = loaded[img_key]
             lab_key = next((k for k in ("y", "labels") if k in keys), None)
@@ -154,7 +157,8 @@ def _load_png_folder(path: Path) -> ImageDataset:
         if size is None:
             size = imgs[-1].size
         elif imgs[-1].size != size:
-            raise DataError(f"{f}: size {imgs[-1].size[0]}x{imgs[-1].size[1]} differs from {size[0]}x{size[1]} of {files[0].name}")
+            raise DataError(f"{f}: size {imgs[-1].size[0]}x{imgs[-1].size[1]} differs from "
+                            f"{size[0]}x{size[1]} of {files[0].name}")
     mode = "RGB" if "RGB" in modes else "L"
     arrs = [np.asarray(im.convert(mode), dtype=np.uint8) for im in imgs]
     arr = np.stack(arrs)

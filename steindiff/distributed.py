@@ -43,7 +43,8 @@ from .sampling import prior_noise
 from .stabilizers import make_stabilizer
 from .stabilizers.divergence import draw_probes
 
-__all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name", "DistResult",
+__all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name",
+           "DistResult",
            "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
 
 MANIFEST = "manifest.json"
@@ -221,8 +222,8 @@ def sample_distributed(
     :func:`~steindiff.plan.make_plan` of ``solver``, ``nfe``, ``schedule``, ``rho``).  The stabilizer is
     built here by name, ``stabilizer_name`` with ``stabilizer_options``
     (:func:`~steindiff.stabilizers.make_stabilizer`), with this rank's reduction and probe source.
-    Initializes the process group from torchrun's environment (``backend`` ``auto``: nccl with CUDA, else gloo; ``timeout_s`` bounds every
-    collective) unless one exists; without torchrun's environment it runs as world size 1.
+    Initializes the process group from torchrun's environment (``backend`` ``auto``: nccl with CUDA, else gloo;
+    ``timeout_s`` bounds every collective) unless one exists; without torchrun's environment it runs as world size 1.
     ``device``: see :func:`rank_device` (default: under nccl each rank on its own GPU, ``LOCAL_RANK``;
     the statistics are then all-reduced on the GPU).  The model is moved there.
     Raises :class:`DistributedSamplingError` when a collective fails (another rank died or stalled).
@@ -249,13 +250,15 @@ def sample_distributed(
         grouped = world > 1 or (dist.is_available() and dist.is_initialized())  # a group of one rank too: same path
         stabilizer = make_stabilizer(
             stabilizer_name or "none", spec, **(stabilizer_options or {}), reduce=_all_reduce_sum if grouped else None,
-            probe_source=_global_probes(n, start, stop) if probe_mode == "global" else _per_sample_probes(seed, start, stop))
+            probe_source=_global_probes(n, start,
+                                        stop) if probe_mode == "global" else _per_sample_probes(seed, start, stop))
         if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and n // world < 2:
             raise ValueError(f"the stabilizer's batch statistics need at least 2 samples per rank; n={n} over "
                              f"{world} ranks leaves {n // world}")
         device = rank_device(device)
         config = {
-            "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed, "n": n,
+            "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed,
+            "n": n,
             "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
             "stabilizer": stabilizer_name or "none",
             "stabilizer_options": stabilizer_options or {}, "sigmas": [float(s) for s in sigmas],
@@ -291,16 +294,19 @@ def sample_distributed(
         gammas = [float(r.get("gamma", 1.0)) for r in gen.trace]
         save_npz(out / shard_name(rank), samples=gen.x, indices=np.arange(start, stop), sigmas=sigmas,
                  gammas=np.asarray(gammas, dtype=np.float64),
-                 gamma_raw=np.asarray([float(r.get("gamma_raw", r.get("gamma", 1.0))) for r in gen.trace], dtype=np.float64),
+                 gamma_raw=np.asarray([float(r.get("gamma_raw", r.get("gamma", 1.0))) for r in gen.trace],
+                                      dtype=np.float64),
                  run_id=np.array(run_id), rank=np.array(rank), world_size=np.array(world))
         if world > 1:
             try:
                 dist.barrier()
             except RuntimeError as e:
-                _fail(out, rank, world, manifest, "the final barrier failed (this rank's shard was written)", e, timeout_s)
+                _fail(out, rank, world, manifest, "the final barrier failed (this rank's shard was written)", e,
+                      timeout_s)
         if rank == 0:
             st = shard_status(out)
-            save_json(out / MANIFEST, {**manifest, "status": "complete" if not (st["missing"] or st["stale"]) else "incomplete",
+            save_json(out / MANIFEST, {**manifest,
+                                       "status": "complete" if not (st["missing"] or st["stale"]) else "incomplete",
                                        "missing": st["missing"], "stale": st["stale"],
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return DistResult(rank, world, str(out), str(out / shard_name(rank)), start, stop, gen.nfe, gen.extra_passes,
@@ -317,16 +323,20 @@ def _is_comm_error(e: BaseException) -> bool:
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e).lower()
-    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe"))
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket",
+                                   "broken pipe"))
 
 
 def _fail(out: Path, rank: int, world: int, manifest: dict, what: str, e: BaseException, timeout_s: float) -> None:
-    st = shard_status(out) if (out / MANIFEST).exists() else {"missing": [shard_name(r) for r in range(world)], "stale": []}
+    missing = {"missing": [shard_name(r) for r in range(world)], "stale": []}
+    st = shard_status(out) if (out / MANIFEST).exists() else missing
     if rank == 0:
         with contextlib.suppress(OSError):
             save_json(out / MANIFEST, {**manifest, "status": "failed", "missing": st["missing"], "stale": st["stale"],
-                                       "error": f"rank 0: {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
-    msg = (f"rank {rank} of {world}: {what}; another rank probably died or stalled (collective timeout {timeout_s:g} s). "
+                                       "error": f"rank 0: {what}: {type(e).__name__}: "
+                                                f"{str(e).splitlines()[0] if str(e) else ''}"})
+    msg = (f"rank {rank} of {world}: {what}; another rank probably died or stalled (collective "
+           f"timeout {timeout_s:g} s). "
            f"Missing shards in {out}: {', '.join(st['missing']) or 'none'}. Cause: {type(e).__name__}: "
            f"{(str(e).splitlines() or [''])[0][:300]}")
     raise DistributedSamplingError(msg) from e
@@ -381,7 +391,8 @@ def merge_shards(out_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
         if st["stale"]:
             parts.append(f"stale (from another run) {', '.join(st['stale'])}")
         bad = len(st["missing"]) + len(st["stale"])
-        raise MissingShardsError(f"cannot merge {str(d)!r}: {bad} of {m['world_size']} shards unusable: {'; '.join(parts)} "
+        raise MissingShardsError(f"cannot merge {str(d)!r}: {bad} of {m['world_size']} shards "
+                                 f"unusable: {'; '.join(parts)} "
                                  f"(manifest status: {m.get('status')}); rerun the job with the same configuration")
     samples, gammas, sigmas = [], None, None
     for s in sorted(m["shards"], key=lambda s: s["start"]):
@@ -394,7 +405,8 @@ def merge_shards(out_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
             if gammas is None:
                 gammas, sigmas = g, z["sigmas"]
             elif g.shape != gammas.shape or not np.allclose(g, gammas, rtol=1e-9, atol=1e-12):
-                raise ValueError(f"{s['file']}: its gamma trajectory differs from the other shards' (the ranks were not "
+                raise ValueError(f"{s['file']}: its gamma trajectory differs from the other "
+                                 "shards' (the ranks were not "
                                  "synchronized)")
     x = np.concatenate(samples)
     if x.shape[0] != m["n"]:

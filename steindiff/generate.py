@@ -71,7 +71,8 @@ def generate(
         device = spec.device or (noise.device if noise is not None else torch.device("cpu"))
     device = torch.device(device)
     if noise is None:
-        noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype, device=device)
+        noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype,
+                            device=device)
     else:
         noise = noise.to(device)
     bs = n if batch_size is None else int(batch_size)

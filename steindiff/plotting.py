@@ -59,7 +59,8 @@ def image_grid(samples: torch.Tensor | np.ndarray, nrow: int | None = None, *, p
     ``uint8`` array ``(rows, cols)`` or ``(rows, cols, 3)``: ``nrow`` images per row (default about
     ``sqrt(N)``), ``padding`` pixels between them, each pixel repeated ``scale`` times.  Values are
     mapped from ``value_range`` to 0..255 and clipped (NaN shows as black)."""
-    x = samples.detach().cpu().double().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples, dtype=np.float64)
+    x = samples.detach().cpu().double().numpy() if isinstance(samples, torch.Tensor) else samples
+    x = np.asarray(x, dtype=np.float64)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
@@ -87,7 +88,8 @@ def image_grid(samples: torch.Tensor | np.ndarray, nrow: int | None = None, *, p
     return img[0] if c == 1 else img.transpose(1, 2, 0)
 
 
-def save_image_grid(samples: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, **kwargs) -> None:
+def save_image_grid(samples: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None,
+                    **kwargs) -> None:
     """Write :func:`image_grid` of ``samples`` to ``path`` as PNG, atomically (see :func:`image_grid`
     for ``nrow``, ``padding``, ``scale``, ``value_range``)."""
     from PIL import Image

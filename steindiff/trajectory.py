@@ -25,8 +25,8 @@ validation part, and a candidate (closed form, refined) replaces the plain solve
 closer to the reference on the validation part *and* its residual noise (:func:`residual_noise`) is
 no farther from the reference's than the plain solver's is, or within ``residual_tolerance`` of it
 (more means leftover noise, less means over-smoothed samples), and its samples as a set are no farther
-from the reference's than the plain solver's are (sliced Wasserstein-2).  A calibration that cannot beat the plain solver
-returns the plain plan (all gammas 1) and says so.
+from the reference's than the plain solver's are (sliced Wasserstein-2).  A calibration that cannot beat the plain
+solver returns the plain plan (all gammas 1) and says so.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import sliced_w2
+from .noise import coordinate_scales
 from .plan import SamplingPlan
 from .sampling import sample
 from .schedules import logsnr_sigmas
 from .solvers import Step, StepOperator
-from .noise import coordinate_scales
 from .stabilizers.base import dot, rescaled_update
 from .stabilizers.schedule import GammaSchedule
 
@@ -223,9 +223,11 @@ class _Params:
 
 
 def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torch.Tensor, base: SamplingPlan,
-           gammas0: list[float], *, fit: str = "both", sigma_floor: float, gamma_bounds: tuple[float, float] = (0.5, 1.5),
+           gammas0: list[float], *, fit: str = "both", sigma_floor: float,
+           gamma_bounds: tuple[float, float] = (0.5, 1.5),
            reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
-           max_seconds: float = 60.0, extra_args: dict | None = None, progress: bool = False) -> tuple[SamplingPlan, dict]:
+           max_seconds: float = 60.0, extra_args: dict | None = None,
+           progress: bool = False) -> tuple[SamplingPlan, dict]:
     """Fit the plan's gammas and/or interior noise levels so that its final samples from ``noise`` come
     close to ``target`` (the reference solve's), by bounded least squares (``scipy.optimize.least_squares``,
     trust-region reflective, Jacobian by finite differences of whole solves, no gradients of the model).
@@ -233,8 +235,8 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
     Objective: ``||x_N(theta) - target||^2 / ||x_N(base) - target||^2``, plus a data-free residual-noise
     term ``reg_residual log(R(x_N) / R(target))^2`` with ``R(x) = ||D(x, sigma_floor) - x||`` (samples that
     one more denoising pass moves more than it moves the reference's carry residual noise; less, and
-    they are over-smoothed; one extra model pass per solve), plus the regularisers of :meth:`_Params.penalty`.  Stops after
-    ``max_solves`` solves or ``max_seconds``, keeping the best theta.
+    they are over-smoothed; one extra model pass per solve), plus the regularisers of :meth:`_Params.penalty`.  Stops
+    after ``max_solves`` solves or ``max_seconds``, keeping the best theta.
     """
     from scipy.optimize import least_squares
 
@@ -343,7 +345,8 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     def part(sl: slice) -> dict | None:
         if not extra_args:
             return extra_args
-        return {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v) for k, v in extra_args.items()}
+        return {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
+                for k, v in extra_args.items()}
 
     fit_sl, val_sl = slice(0, n_fit), slice(n_fit, n)
     x_fit, x_val = noise[fit_sl], noise[val_sl]

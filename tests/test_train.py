@@ -1,7 +1,7 @@
 import json
+import os
 import sys
 import warnings
-import os
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +170,8 @@ def test_class_conditional_training(tmp_path, digits):
     assert out.shape == (2, 1, 8, 8)
     x = np.random.default_rng(0).uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32)
     with pytest.raises(DS.DataError, match="needs labels"):
-        T.train(tiny_cfg(iters=2), tmp_path / "c2", unet, progress=False, dataset=DS.ImageDataset(torch.from_numpy(x), None, "x", "x"))
+        T.train(tiny_cfg(iters=2), tmp_path / "c2", unet, progress=False,
+                dataset=DS.ImageDataset(torch.from_numpy(x), None, "x", "x"))
 
 
 class _RandomUNet(T.UNet):
@@ -210,12 +211,14 @@ def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss):
         if loss == "edm":
             sigma = (torch.randn(6, generator=gen) * 1.2 - 1.2).exp().reshape(-1, 1, 1, 1)
             sd = 0.5
-            c_skip, c_out, c_in = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sigma**2 + sd**2).sqrt()
+            c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+            c_in = 1 / (sigma**2 + sd**2).sqrt()
             D = c_skip * (x0 + sigma * noise) + c_out * net(c_in * (x0 + sigma * noise), sigma.log().reshape(-1) / 4)
             expected = ((sigma**2 + sd**2) / (sigma * sd) ** 2 * (D - x0) ** 2).mean()
         else:
             t = torch.randint(0, 1000, (6,), generator=gen)
-            abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float().reshape(-1, 1, 1, 1)
+            abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
+                                 0)[t].float().reshape(-1, 1, 1, 1)
             expected = ((net(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.float()) - noise) ** 2).mean()
         zero_net = ((c_skip * (x0 + sigma * noise) - x0) ** 2 * (sigma**2 + sd**2) / (sigma * sd) ** 2).mean() \
             if loss == "edm" else (noise**2).mean()
@@ -442,5 +445,6 @@ def test_train_on_cuda_and_resume_on_cpu(tmp_path, digits):
     assert all(t.device.type == "cpu" for t in _state_tensors(st))
     res = T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits, resume=True, device="cpu")
     assert res.step == 4 and np.isfinite(res.loss)
-    res = T.train(tiny_cfg(iters=5, precision="bf16"), out, TINY, progress=False, dataset=digits, resume=True, device="cuda")
+    res = T.train(tiny_cfg(iters=5, precision="bf16"), out, TINY, progress=False, dataset=digits, resume=True,
+                  device="cuda")
     assert res.step == 5 and np.isfinite(res.loss)

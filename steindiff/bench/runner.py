@@ -36,6 +36,7 @@ Conventions (documented here once, used by the report and the CLI):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import platform
@@ -75,6 +76,8 @@ METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
 IMAGE_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
 #: At most this many reference steps for image models (a U-Net pass costs far more than a mixture's).
 IMAGE_REF_STEPS = 100
+#: Stabilizers whose rows record their Hutchinson probe count.
+PROBED = ("stein", "stein-tr", "stein-energy")
 #: Stabilizers whose grid rows on mixtures record ``rho`` per step (:class:`~steindiff.diagnostics.RhoRecorder`).
 RHO = ("stein", "stein-tr", "stein-exact", "stein-oracle")
 _IMAGE_KEYS = ("heldout", "heldout_labels", "train")
@@ -143,7 +146,8 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     for s in stabilizers:
         if s != TRAJECTORY and (s.removeprefix("cal:") not in STABILIZERS or s == "cal:none"):
             raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, {TRAJECTORY} (the "
-                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule calibrated on another batch, "
+                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule "
+                             "calibrated on another batch, "
                              "then applied)")
     for v in nfes:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -168,7 +172,8 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
         specs[m] = spec if device is None else spec.to(device)
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             if s != TRAJECTORY:
-                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes, jacobian_batch=jacobian_batch)
+                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes,
+                                jacobian_batch=jacobian_batch)
     return specs
 
 
@@ -192,7 +197,8 @@ def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
 
 def row_key(row: dict) -> tuple:
     """The configuration a row belongs to (its cell plus its seed)."""
-    return (row["model"], row["solver"], row["schedule"], row["coords"], row["nfe_budget"], row["stabilizer"], row["seed"])
+    return (row["model"], row["solver"], row["schedule"], row["coords"], row["nfe_budget"], row["stabilizer"],
+            row["seed"])
 
 
 def _dtype(spec: ModelSpec) -> torch.dtype:
@@ -267,10 +273,12 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
         elif stab_name.startswith("cal:"):
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
-            stab = calibrate(spec, plan, coords=coords, variant=stab_name[4:], n=noise.shape[0], seed=50_000 + seed, probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
+            stab = calibrate(spec, plan, coords=coords, variant=stab_name[4:], n=noise.shape[0], seed=50_000 + seed,
+                             probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
             row["calibrated_gammas"] = stab.gammas
         else:
-            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
+            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed,
+                                   jacobian_batch=jacobian_batch)
             if stab_name in RHO and model_kind(spec) == "mixture":
                 stab = RhoRecorder(stab, spec.gmm.divergence)
         gen = generate(spec, plan, noise=noise, n=noise.shape[0], stabilizer=stab, dtype=_dtype(spec))
@@ -333,7 +341,8 @@ def run_grid(
     ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
     ``jacobian_batch``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
-    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device, jacobian_batch)
+    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device,
+                          jacobian_batch)
     if ref_solver not in SOLVERS or ref_steps < 1:
         raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
     configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
@@ -388,13 +397,14 @@ def run_grid(
                                 key = (solver, tuple(plan.sigmas.tolist()), stab, c)
                                 base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
                                         "coords": c, "stabilizer": stab, "nfe_budget": nfe, "n": n,
-                                        "probes": probes if stab.removeprefix("cal:") in ("stein", "stein-tr", "stein-energy") else None, "reused": False}
+                                        "probes": probes if stab.removeprefix("cal:") in PROBED else None,
+                                        "reused": False}
                                 if key in done:
                                     row = {**done[key], **base, "reused": True}
                                 else:
-                                    cal = (lambda plan=plan: calibrated(plan))
                                     row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c,
-                                                              probes, seed, ref, floors, mmd, jacobian_batch, cal)}
+                                                              probes, seed, ref, floors, mmd, jacobian_batch,
+                                                              functools.partial(calibrated, plan))}
                                     done[key] = row
                                 rows.append(row)
                                 bar.update(1)
@@ -405,7 +415,8 @@ def run_grid(
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
-              "probes": probes, "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+              "probes": probes, "mmd": mmd,
+              "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
     if TRAJECTORY in stabilizers:
         config["calibration"] = cal_config
     if "image" in kinds:
@@ -452,7 +463,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                           jacobian_batch)
     if repeats < 1 or any(p < 1 for p in probes_list):
         raise ValueError("repeats and probe counts must be >= 1")
-    variants = [(s, p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
+    variants = [(s,
+                 p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
     out: list[dict] = []
     bar = tqdm(total=len(models) * len(solvers) * len(nfes) * (repeats + 1) * len(variants), disable=not progress,
                desc="cost", unit="run", mininterval=2.0)
@@ -497,12 +509,15 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     for v in variants:
                         t = statistics.median(times[v]) if times[v] else None
                         pk = max(peaks[v]) if peaks[v] else None
-                        out.append({"model": spec.name, "solver": solver, "schedule": schedule, "coords": coords if v[0] != "none" else "-",
-                                    "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n, "repeats": len(times[v]),
+                        out.append({"model": spec.name, "solver": solver, "schedule": schedule,
+                                    "coords": coords if v[0] != "none" else "-",
+                                    "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n,
+                                    "repeats": len(times[v]),
                                     **info[v], "wall_s_per_sample": t,
                                     "ratio": (t / t_none) if (t is not None and t_none) else None,
                                     "device": str(noise.device), "jacobian_batch": jacobian_batch,
-                                    "peak_mem_bytes": pk, "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
+                                    "peak_mem_bytes": pk,
+                                    "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
     finally:
         bar.close()
     return out
@@ -676,7 +691,8 @@ def summarize(result: dict) -> dict:
             for d in per_label.values():
                 d["helps_pct"] = 100.0 * d["helps"] / d["room"] if d["room"] else None
                 d["hurts_pct"] = 100.0 * (d["hurts"] + d["failed"]) / d["room"] if d["room"] else None
-    return {"cells": list(cells.values()), "primary": primary, "calibration": _calibration_stats(rows, cells, primary, best),
+    return {"cells": list(cells.values()), "primary": primary,
+            "calibration": _calibration_stats(rows, cells, primary, best),
             "best_vanilla": [{"model": m, "nfe_budget": nb, "solver": b["solver"], "schedule": b["schedule"],
                               "nfe": b["nfe"], "metric": primary[m], f"excess_{primary[m]}": b["excess"][primary[m]]}
                              for (m, nb), b in sorted(best.items())],
@@ -740,7 +756,8 @@ def _cost_summary(result: dict) -> dict:
             continue
         v = none.get((r["model"], r["seed"], r["solver"], r["schedule"], r["nfe_budget"]))
         if v is not None and v["wall_s_per_sample"]:
-            ratios.setdefault((r["model"], r["stabilizer"], r["probes"]), []).append(r["wall_s_per_sample"] / v["wall_s_per_sample"])
+            ratios.setdefault((r["model"], r["stabilizer"], r["probes"]),
+                              []).append(r["wall_s_per_sample"] / v["wall_s_per_sample"])
     grid = [{"model": m, "stabilizer": s, "probes": p, "median_ratio": float(np.median(v)),
              "min_ratio": float(np.min(v)), "max_ratio": float(np.max(v)), "pairs": len(v)}
             for (m, s, p), v in sorted(ratios.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]

@@ -56,7 +56,8 @@ def emit(args: argparse.Namespace, summary: dict[str, Any], text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="steindiff", description="Fast, stable few-step diffusion sampling with Stein stabilization.")
+    parser = argparse.ArgumentParser(prog="steindiff",
+                                     description="Fast, stable few-step diffusion sampling with Stein stabilization.")
     parser.add_argument("--version", action="version", version=f"steindiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -29,7 +29,8 @@ DEFAULT_STABILIZERS = f"none,{CALIBRATED},stein"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="plain, calibrated and Stein-stabilized sampling side by side on the shipped digits model",
+    p = sub.add_parser("demo",
+                       help="plain, calibrated and Stein-stabilized sampling side by side on the shipped digits model",
                        description=__doc__)
     p.add_argument("--model", default="digits", help="digits (shipped) or a trained checkpoint directory")
     p.add_argument("--solver", default="dpmpp_2m", help=f"the solver of every row, one of: {', '.join(SOLVERS)}")
@@ -37,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stabilizers", default=DEFAULT_STABILIZERS,
                    help=f"comma-separated, from: {CALIBRATED} (the calibrated sampler), {', '.join(STABILIZERS)}")
     p.add_argument("--calibration-dir", default=None,
-                   help="where calibrations not shipped with the model are cached (default: $XDG_CACHE_HOME/steindiff/calibrations)")
+                   help="where calibrations not shipped with the model are cached (default: "
+                        "$XDG_CACHE_HOME/steindiff/calibrations)")
     p.add_argument("--n", type=int, default=400, help="samples per configuration (metrics)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
@@ -123,7 +125,8 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                              "extra_passes": gen.extra_passes if gen else None,
                              "wall_s_per_sample": gen.wall_s / args.n if gen else None,
                              "gammas": [r.get("gamma") for r in gen.trace] if gen else None, "metrics": m})
-                grids.append((f"NFE {nfe} {name}", x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
+                grids.append((f"NFE {nfe} {name}",
+                              x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
                 bar.update(1)
     grid_png, plot_png = out / "grid.png", out / "metrics.png"
     _save_grid(grids, grid_png)

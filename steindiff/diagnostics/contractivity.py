@@ -1,8 +1,8 @@
 """Contractivity diagnostics: local Lipschitz constants of each step operator along real trajectories.
 
 :func:`diagnose` runs a sampler (optionally stabilized) through the loop of :func:`steindiff.sampling.sample`
-(:func:`steindiff.sampling.steps`), and at each step ``k`` (input noise level ``s = sigma_k``, output ``t = sigma_{k+1}``)
-measures at every sample's input state ``x_k``:
+(:func:`steindiff.sampling.steps`), and at each step ``k`` (input noise level ``s = sigma_k``, output
+``t = sigma_{k+1}``) measures at every sample's input state ``x_k``:
 
 - ``L_T``: the local Lipschitz constant of the solver's step operator ``T`` (history held fixed),
   the largest singular value of the per-sample Jacobian ``dT/dx`` (:func:`step_lipschitz`);
@@ -39,13 +39,12 @@ import time
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..models.registry import ModelSpec, load_model
 from ..noise import coordinate_scales
-from ..sampling import prior_noise, steps
 from ..plan import SamplingPlan, make_plan
 from ..plotting import figure, save_figure
+from ..sampling import prior_noise, steps
 from ..solvers import Step, StepOperator
 from ..stabilizers import Stabilizer, make_stabilizer
 from .lipschitz import denoiser_lipschitz, step_lipschitz
@@ -55,13 +54,18 @@ __all__ = ["diagnose", "summarize", "plot_diagnosis", "quantiles", "SCHEMA"]
 SCHEMA = "steindiff.diagnose/1"
 
 DEFINITIONS = {
-    "lipschitz": "largest singular value of the per-sample Jacobian dT/dx of the step operator at the step's input state (solver history fixed)",
+    "lipschitz": "largest singular value of the per-sample Jacobian dT/dx of the step operator at the step's input "
+                 "state (solver history fixed)",
     "lipschitz_D": "largest singular value of the per-sample Jacobian of x -> D(x, sigma_s)",
-    "bound": "paper's certificate sigma_t/sigma_s + sigma_t*h*L_D per sample, h = lambda_t - lambda_s, lambda = log(alpha/sigma); null at a final step to sigma=0",
-    "bound_first_order": "exact bound of a first-order step: (alpha_t/alpha_s)(sigma_t/sigma_s + (1 - sigma_t/sigma_s) L_D) with VE sigma and VE L_D",
-    "coords": "ve: x as the solver carries it (alpha=1); vp: x_vp = alpha x, alpha = 1/sqrt(1+sigma^2); L(vp) = L(ve) alpha_t/alpha_s",
+    "bound": "paper's certificate sigma_t/sigma_s + sigma_t*h*L_D per sample, h = lambda_t - lambda_s, lambda = "
+             "log(alpha/sigma); null at a final step to sigma=0",
+    "bound_first_order": "exact bound of a first-order step: (alpha_t/alpha_s)(sigma_t/sigma_s + (1 - "
+                         "sigma_t/sigma_s) L_D) with VE sigma and VE L_D",
+    "coords": "ve: x as the solver carries it (alpha=1); vp: x_vp = alpha x, alpha = 1/sqrt(1+sigma^2); "
+              "L(vp) = L(ve) alpha_t/alpha_s",
     "frac_gt_1": "fraction of samples with L > 1 (not a strict contraction)",
-    "lipschitz_stabilized": "same for the stabilized step S(x) = (1-gamma)(a_s/a_t) x + gamma T(x) (VE; gamma at its batch value)",
+    "lipschitz_stabilized": "same for the stabilized step S(x) = (1-gamma)(a_s/a_t) x + gamma T(x) (VE; "
+                            "gamma at its batch value)",
     "trajectory_amplification": "per-sample product over steps of the per-step L (history fixed)",
 }
 
@@ -146,8 +150,8 @@ def diagnose(
 
     ``spec``: a :class:`~steindiff.models.registry.ModelSpec` or a model name.  ``solver``,
     ``nfe``, ``schedule``, ``rho``, ``n``, ``seed``, ``dtype``: as :func:`steindiff.generate.generate`
-    (the same initial noise and trajectory; ``sigmas`` overrides the schedule, a ``plan`` all of them).  ``coords``: ``ve``
-    or ``vp`` (module docstring).  ``stabilizer``: ``None``/``"none"``, a name for
+    (the same initial noise and trajectory; ``sigmas`` overrides the schedule, a ``plan`` all of them).  ``coords``:
+    ``ve`` or ``vp`` (module docstring).  ``stabilizer``: ``None``/``"none"``, a name for
     :func:`~steindiff.stabilizers.make_stabilizer` (built with ``coords`` and ``seed``) or a
     stabilizer object; the trajectory is then the stabilized one.  ``iters``, ``method``, ``jvp``:
     of :func:`~steindiff.diagnostics.lipschitz.lipschitz`.  ``denoiser``: also measure ``L_D``
@@ -180,7 +184,8 @@ def diagnose(
     elif stabilizer is not None:
         stab_name = getattr(stabilizer, "name", type(stabilizer).__name__)
     if stabilizer is not None and getattr(stabilizer, "per_sample", False):
-        raise ValueError("per-sample gamma stabilizers are not supported by the diagnostics (gamma must be one value per step)")
+        raise ValueError("per-sample gamma stabilizers are not supported by the diagnostics (gamma "
+                         "must be one value per step)")
     if plan is None:
         plan = make_plan(spec.process, solver, nfe, schedule, rho=rho, sigmas=sigmas, solver_options=solver_options)
     solver_obj = plan.get_solver()
@@ -222,10 +227,12 @@ def diagnose(
                                "alpha": a_s, "alpha_next": a_t, "sigma_c": sc_s, "sigma_next_c": sc_t,
                                "lipschitz": quantiles(L)}
         per: dict[str, torch.Tensor] = {"lipschitz": L}
-        conv = {"rel_change_max": float(info_T["rel_change"].max()), "rel_change_median": float(info_T["rel_change"].median())}
+        conv = {"rel_change_max": float(info_T["rel_change"].max()),
+                "rel_change_median": float(info_T["rel_change"].median())}
         if denoiser:
-            LD_ve, info_D = _chunked(lambda xs, sd, sl: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
-                                     x, batch_size, seed + 101 * i + 50)
+            LD_ve, info_D = _chunked(
+                lambda xs, sd, sl: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
+                x, batch_size, seed + 101 * i + 50)
             add_passes(info_D)
             LD = LD_ve / a_s
             first = (a_t / a_s) * (t / s + (1 - t / s) * LD_ve)
@@ -351,7 +358,8 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
     top.set_xlabel("step", fontsize=8)
     ax2.plot(sig, [r["lipschitz"]["frac_gt_1"] for r in steps], "o-", color="tab:blue", ms=4, label="$L_T > 1$")
     if steps and "lipschitz_stabilized" in steps[0]:
-        ax2.plot(sig, [r["lipschitz_stabilized"]["frac_gt_1"] for r in steps], "s--", color="tab:green", ms=4, label="stabilized > 1")
+        ax2.plot(sig, [r["lipschitz_stabilized"]["frac_gt_1"] for r in steps], "s--", color="tab:green", ms=4,
+                 label="stabilized > 1")
         ax2.legend(fontsize=7)
     ax2.set_ylim(-0.05, 1.05)
     ax2.set_ylabel("fraction > 1", fontsize=9)

@@ -116,7 +116,8 @@ def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def digits_features(x: torch.Tensor, classifier: DigitsClassifier | None = None, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_features(x: torch.Tensor, classifier: DigitsClassifier | None = None,
+                    batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, 64) float64, predicted labels (N,))`` of images clamped to [-1, 1]."""
     clf = classifier or load_digits_classifier()
     x = _check_images(x, "images").clamp(-1, 1)
@@ -180,7 +181,8 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     k-th nearest real neighbour; recall swaps the roles.  Both sets need more than ``k`` points."""
     r, f = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
     if r.shape[0] <= k or f.shape[0] <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {r.shape[0]} and {f.shape[0]}")
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got "
+                         f"{r.shape[0]} and {f.shape[0]}")
     rr, rf = _kth_nn_radii(r, k), _kth_nn_radii(f, k)
     d = torch.cdist(f, r)  # (n_fake, n_real)
     precision = (d <= rr[None, :]).any(1).double().mean()
@@ -216,7 +218,8 @@ def _reference(spec: Any) -> dict[str, torch.Tensor]:
     info = getattr(spec, "info", spec)
     missing = [k for k in ("heldout", "heldout_labels", "train") if info.get(k) is None]
     if missing:
-        raise ValueError(f"model {getattr(spec, 'name', '?')!r} carries no reference images ({', '.join(missing)} missing in its info); "
+        raise ValueError(f"model {getattr(spec, 'name', '?')!r} carries no reference images "
+                         f"({', '.join(missing)} missing in its info); "
                          "image metrics need a digits model whose held-out split is known")
     return info
 
@@ -230,7 +233,8 @@ def image_metrics(samples: torch.Tensor, spec: Any, *, k: int = 3, seed: int = 0
     with ``seed``.  ``memorization_floor`` is the rate of the held-out images themselves."""
     ref = _reference(spec)
     x = _check_images(samples, "samples")
-    held, held_y, train = _check_images(ref["heldout"], "held-out"), ref["heldout_labels"], _check_images(ref["train"], "train")
+    held, train = _check_images(ref["heldout"], "held-out"), _check_images(ref["train"], "train")
+    held_y = ref["heldout_labels"]
     n = x.shape[0]
     if n <= k:
         raise ValueError(f"image metrics need more than {k} samples, got {n}")
@@ -260,12 +264,15 @@ def image_metrics(samples: torch.Tensor, spec: Any, *, k: int = 3, seed: int = 0
     for k_, v in fl.items():
         out[f"{k_}_floor"] = float(np.mean(v))
     out["memorization_floor"] = memorization_rate(held, train, memorization_threshold)
-    out.update({"n": n, "n_floor": n_floor, "n_heldout": held.shape[0], "memorization_threshold": memorization_threshold})
+    out.update({"n": n, "n_floor": n_floor, "n_heldout": held.shape[0],
+                "memorization_threshold": memorization_threshold})
     order = ["digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization"]
-    return {**{m: out[m] for k_ in order for m in (k_, f"{k_}_floor")}, **{m: out[m] for m in ("n", "n_floor", "n_heldout", "memorization_threshold")}}
+    keys = [m for k_ in order for m in (k_, f"{k_}_floor")] + ["n", "n_floor", "n_heldout", "memorization_threshold"]
+    return {m: out[m] for m in keys}
 
 
-def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: str | os.PathLike | None, *, kid_subset_size: int = 100) -> dict[str, float]:
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: str | os.PathLike | None, *,
+                  kid_subset_size: int = 100) -> dict[str, float]:
     """Standard Inception FID and KID with ``torchmetrics`` (+ ``torch-fidelity``), using a local
     file of FID Inception weights (``pt_inception-2015-12-05`` state dict).  Nothing is downloaded:
     without the packages or the weights file this raises an error saying what is missing.

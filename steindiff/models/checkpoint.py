@@ -57,7 +57,8 @@ def build_denoiser(net: torch.nn.Module, config: dict[str, Any]) -> tuple[torch.
     if pre["type"] == "edm":
         return EDMPrecond(net, sigma_data=pre["sigma_data"], dtype=torch.float32), process
     if pre["type"] == "vp":
-        return VPDenoiser(net, process, prediction=pre["prediction"], timestep="interp", dtype=torch.float32), process  # type: ignore[arg-type]
+        return VPDenoiser(net, process, prediction=pre["prediction"], timestep="interp",
+                          dtype=torch.float32), process  # type: ignore[arg-type]
     raise ValueError(f"unknown preconditioning {pre['type']!r}")
 
 
@@ -192,7 +193,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
             parts.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)} from the config)")
+            parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k}: {tuple(state[k].shape)} vs "
+                         f"{tuple(expected[k].shape)} from the config)")
         raise CheckpointError(f"{wfile}: weights do not match the architecture in {CONFIG_FILE}: " + "; ".join(parts))
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -66,7 +66,8 @@ class Preconditioned(nn.Module):
         F = self.net((c_in * x).to(dtype), c_noise.to(dtype if dtype.is_floating_point else torch.float32), **extra)
         F = F.to(x.dtype)
         if F.shape != x.shape:
-            raise ValueError(f"network output has shape {tuple(F.shape)}, expected {tuple(x.shape)} (same as its input)")
+            raise ValueError(f"network output has shape {tuple(F.shape)}, expected "
+                             f"{tuple(x.shape)} (same as its input)")
         return c_skip * x + c_out * F
 
 

@@ -58,14 +58,16 @@ def load_trained(name: str) -> ModelSpec:
     """ModelSpec of ``digits`` or of a checkpoint folder (see the module doc)."""
     path = DIGITS_DIR if name == "digits" else Path(name)
     if name == "digits" and not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped digits model is missing from this installation")
+        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped digits model is "
+                                "missing from this installation")
     net, config = load_checkpoint(path)
     net.requires_grad_(False)
     denoiser, process = build_denoiser(net, config)
     denoiser.eval().requires_grad_(False)
     shape = tuple(int(s) for s in config["data"]["shape"])
     info: dict[str, Any] = {"kind": "image", "path": str(path), "config": config}
-    if (path / "calibrations").is_dir():  # calibrations fitted once for these weights (steindiff bench --calibration-dir)
+    if (path
+        / "calibrations").is_dir():  # calibrations fitted once for these weights (steindiff bench --calibration-dir)
         info["calibrations"] = str(path / "calibrations")
     info.update(_reference_data(config))
     spec_name = "digits" if name == "digits" else os.fspath(path)

@@ -105,7 +105,8 @@ class Denoise:
             self.calls += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, expected {tuple(x.shape)}")
+            raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, "
+                             f"expected {tuple(x.shape)}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         # a NaN or Inf anywhere makes the sum non-finite: one reduction, the full check only then

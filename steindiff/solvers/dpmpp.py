@@ -82,5 +82,6 @@ class DPMSolverPP(Solver):
                 phi3 = (e + h) / h**2 - 0.5
                 x_next = (s_next / s) * x - e * m0 + phi2 * d1 - self.d2_weight * phi3 * d2
         keep = max(self.order - 1, 0)
-        new_state = {"denoised": (hist_d + [m0])[-keep:] if keep else [], "lambdas": (hist_l + [lam])[-keep:] if keep else []}
+        new_state = {"denoised": (hist_d + [m0])[-keep:] if keep else [],
+                     "lambdas": (hist_l + [lam])[-keep:] if keep else []}
         return Step(x_next, m0, new_state)

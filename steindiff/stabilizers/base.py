@@ -232,8 +232,8 @@ class GammaStabilizer:
             for j, start in enumerate(range(0, B, chunk)):
                 sl = slice(start, min(B, start + chunk))
                 calls, extra_calls = d.calls, d.extra_calls
-                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], lambda sl=sl: probes()[:, sl], group,
-                                                         target)
+                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], lambda sl=sl: probes()[:, sl],
+                                                         group, target)
                 if j == 0:
                     extra = extra_j
                 else:  # one model pass of the step per sample: count the first chunk's passes only
@@ -248,13 +248,15 @@ class GammaStabilizer:
             if not is_out_of_memory(e):
                 raise
             per_pass = chunk * (1 if self.divergence == "jvp" else min(P, group or P))
-            failed = (f"out of memory in the Jacobian pass of step {op.i} (sigma={op.sigma:.6g}) on {x.device}: batch of "
+            failed = (f"out of memory in the Jacobian pass of step {op.i} "
+                      f"(sigma={op.sigma:.6g}) on {x.device}: batch of "
                       f"{B} samples, {chunk} samples x {P} probe(s) per differentiable step, about {per_pass} "
-                      f"sample-probe pairs per pass (--jacobian-batch {jb if jb is not None else 'not set: the whole batch'}); "
+                      "sample-probe pairs per pass (--jacobian-batch "
+                      f"{jb if jb is not None else 'not set: the whole batch'}); "
                       f"lower --jacobian-batch (e.g. --jacobian-batch {max(1, min(chunk, per_pass) // 2)})"
                       + ("; the jvp divergence needs more memory than vjp" if self.divergence == "jvp" else ""))
         finally:
-            del probes
+            probes = None  # the probes' tensors go before the cache is emptied
         # out of the except block: the failed pass's tensors are gone with its traceback
         if x.is_cuda:
             torch.cuda.empty_cache()

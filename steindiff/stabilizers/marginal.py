@@ -76,7 +76,8 @@ class EnergyMatchingStabilizer(GammaStabilizer):
             r1, r2 = (xu - disc.sqrt()) / uu, (xu + disc.sqrt()) / uu
             g = torch.where((r1 - 1).abs() < (r2 - 1).abs(), r1, r2)
             sens = (2 * (g * uu - xu)).abs() / target
-            return torch.where((xu**2 - uu * (xx - target) >= 0) & (sens >= self.min_sensitivity), g, torch.ones_like(g))
+            return torch.where((xu**2 - uu * (xx - target) >= 0) & (sens >= self.min_sensitivity), g,
+                               torch.ones_like(g))
         disc = xu**2 - uu * (xx - target)
         if disc < 0:
             return 1.0

@@ -14,7 +14,8 @@ __all__ = ["STABILIZERS", "make_stabilizer", "AUTO", "CALIBRATED"]
 def _needs_mixture(name: str, spec: Any) -> Any:
     gmm = getattr(spec, "gmm", None)
     if gmm is None:
-        raise ValueError(f"stabilizer {name!r} needs an exact-score mixture model (gmm:...), got {getattr(spec, 'name', spec)!r}")
+        raise ValueError(f"stabilizer {name!r} needs an exact-score mixture model (gmm:...), got "
+                         f"{getattr(spec, 'name', spec)!r}")
     return gmm
 
 
@@ -32,7 +33,8 @@ STABILIZERS: dict[str, Callable[..., Stabilizer | None]] = {
     "stein-oracle": lambda name, spec, **kw: SteinStabilizer(
         "oracle", name=name, clean_target=_needs_mixture(name, spec).denoise, **kw),
     # ours (issue: Stein stabilization that helps); see docs/stabilizers.md
-    "stein-tr": lambda name, spec, **kw: SteinStabilizer("stein", name=name, **{"gamma_min": 0.8, "gamma_max": 1.25, **kw}),
+    "stein-tr": lambda name, spec, **kw: SteinStabilizer("stein", name=name,
+                                                         **{"gamma_min": 0.8, "gamma_max": 1.25, **kw}),
     "stein-energy": lambda name, spec, **kw: EnergyMatchingStabilizer(name=name, **kw),
 }
 

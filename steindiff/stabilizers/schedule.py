@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import torch
 
 from ..io import save_json
-from ..solvers import Step, StepOperator
 from ..noise import coordinate_scales
+from ..solvers import Step, StepOperator
 from .base import rescaled_update
 
 __all__ = ["GammaSchedule", "load_gamma_schedule", "SCHEMA"]

@@ -34,7 +34,8 @@ class SteinStabilizer(GammaStabilizer):
     ``divergence``, ``probes``, ``gamma_min``, ``gamma_max``, ...).
     """
 
-    def __init__(self, estimator: str = "stein", *, clean_target: Callable[[torch.Tensor, float], torch.Tensor] | None = None, **options):
+    def __init__(self, estimator: str = "stein", *, clean_target: Callable[[torch.Tensor, float],
+                                                                           torch.Tensor] | None = None, **options):
         if estimator not in ("stein", "oracle", "lookahead"):
             raise ValueError(f"estimator must be 'stein', 'oracle' or 'lookahead', got {estimator!r}")
         if estimator == "oracle" and clean_target is None:

@@ -139,7 +139,8 @@ def test_unet_stabilizer_on_device(device):
     x = prior_noise((4, 1, 8, 8), float(sig[0]), seed=0)
     cpu = sample(net, x, sig, "dpmpp_2m", stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
     net.to(device)
-    got = sample(net, x.to(device), sig, "dpmpp_2m", stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
+    got = sample(net, x.to(device), sig, "dpmpp_2m",
+                 stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
     torch.testing.assert_close(got.x.cpu(), cpu.x, rtol=1e-3, atol=1e-4)
 
 
