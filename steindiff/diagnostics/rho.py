@@ -1,12 +1,7 @@
-"""``rho``: how large a stabilized step's raw correction is against the state's distance to the data.
-
-At step ``k`` (state ``x`` at VE level ``sigma``, coordinates scale ``alpha``, ``x_c = alpha x``):
-
-    rho_k = gamma_raw^2 s_uu / E_k,    E_k = mean ||x_c - D(x)||^2 + sigma^2 mean div D(x)
-
-with ``s_uu`` the batch mean of ``||u||^2`` of the step's residual ``u`` (the stabilizer's trace) and
-``div D`` the exact divergence of the denoiser (e.g. a Gaussian mixture's, closed form).  A diagnostic
-of the method, measured beside it (the benchmark grid records it per step on mixtures), never part of it.
+"""``rho_k = gamma_raw^2 s_uu / E_k``: a stabilized step's raw correction against the state's distance to the
+data, ``E_k = mean ||x_c - D(x)||^2 + sigma^2 mean div D(x)`` (``x_c = alpha x`` in the stabilizer's coordinates,
+``s_uu`` the batch mean of ``||u||^2`` from its trace, ``div D`` an exact divergence, e.g. a mixture's).
+Measured beside the method (the benchmark grid records it on mixtures), never part of it.
 """
 
 from __future__ import annotations
@@ -23,9 +18,8 @@ __all__ = ["RhoRecorder"]
 
 
 class RhoRecorder:
-    """A :class:`~steindiff.stabilizers.Stabilizer` that runs ``stabilizer`` and adds ``rho`` (module
-    docstring) to each record that has ``gamma_raw`` and ``s_uu``; ``denoiser_divergence(x, sigma)`` is
-    the exact per-sample ``div D``.  Its other attributes are the wrapped stabilizer's."""
+    """``stabilizer``, with ``rho`` added to each record that has ``gamma_raw`` and ``s_uu``;
+    ``denoiser_divergence(x, sigma)`` is the exact per-sample ``div D``."""
 
     def __init__(self, stabilizer: Stabilizer, denoiser_divergence: Callable[[torch.Tensor, float], torch.Tensor]):
         self.stabilizer, self.denoiser_divergence = stabilizer, denoiser_divergence
