@@ -25,7 +25,8 @@ from steindiff import sample
 
 PAIRS = {
     # ours (solver, options) : diffusers scheduler class name, kwargs
-    "dpmpp_2m": (("dpmpp_2m", {}), ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2})),
+    "dpmpp_2m": (("dpmpp_2m", {}),
+                 ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2})),
     "unipc": (("unipc", {"order": 2}), ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2})),
     "euler": (("euler", {}), ("EulerDiscreteScheduler", {})),
 }
@@ -93,7 +94,8 @@ def bench_pair(key: str, shape, steps: int, repeats: int, dtype: torch.dtype, ch
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[-1])
     p.add_argument("--shape", type=int, nargs="+", default=[16, 3, 64, 64], help="latent shape (batch first)")
     p.add_argument("--steps", type=int, default=10, help="solver steps per solve")
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    rows = [bench_pair(k, tuple(args.shape), args.steps, args.repeats, dtype, not args.no_check_finite) for k in args.solvers]
+    rows = [bench_pair(k, tuple(args.shape), args.steps, args.repeats, dtype,
+                       not args.no_check_finite) for k in args.solvers]
     meta = {"shape": args.shape, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats,
             "threads": args.threads, "check_finite": not args.no_check_finite, "torch": torch.__version__,
             "diffusers": __import__("diffusers").__version__}
@@ -123,7 +126,8 @@ def main(argv=None) -> int:
         print(f"{'ours':9s} {'diffusers':28s} {'ours us':>8s} {'unchecked':>9s} {'diff us':>8s} {'diff steps':>10s} "
               f"{'ours/diff':>9s} {'unchk/diff':>10s} {'vs steps':>8s}")
         for r in rows:
-            print(f"{r['solver']:9s} {r['diffusers']:28s} {r['ours_us_per_step']:8.1f} {r['ours_unchecked_us_per_step']:9.1f} "
+            print(f"{r['solver']:9s} {r['diffusers']:28s} {r['ours_us_per_step']:8.1f} "
+                  f"{r['ours_unchecked_us_per_step']:9.1f} "
                   f"{r['diffusers_us_per_step']:8.1f} {r['diffusers_steps_only_us_per_step']:10.1f} {r['ratio']:9.2f} "
                   f"{r['ratio_unchecked']:10.2f} {r['ratio_vs_steps_only']:8.2f}")
         print("ours us: steindiff sample() per step (default check_finite); unchecked: check_finite=False; "

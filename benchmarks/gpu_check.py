@@ -130,8 +130,8 @@ def build_model(name: str, device: torch.device, quick: bool):
         return load_model("gmm:image64").to(device)
     if name == "digits":
         # the checkpoint alone (load_model would also load the digits data set, which needs scikit-learn)
+        from steindiff.models.checkpoint import build_denoiser, load_checkpoint
         from steindiff.models.trained import DIGITS_DIR
-        from steindiff.train import build_denoiser, load_checkpoint
 
         net, config = load_checkpoint(DIGITS_DIR)
         den, process = build_denoiser(net, config)
@@ -146,18 +146,21 @@ def build_model(name: str, device: torch.device, quick: bool):
                 m.reset_parameters()
         den = EDMPrecond(net, sigma_data=0.5).eval().requires_grad_(False)
         size = 8 if quick else 64
-        return ModelSpec(f"unet-{net.num_parameters() / 1e6:.1f}M", den, VEProcess(0.002, 80.0), (3, size, size)).to(device)
+        return ModelSpec(f"unet-{net.num_parameters() / 1e6:.1f}M", den, VEProcess(0.002, 80.0),
+                         (3, size, size)).to(device)
     raise ValueError(name)
 
 
 def model_plan(quick: bool) -> list[dict]:
     """Per model: batch, dtype, the jacobian_batch values timed for stein VJP P=1, agreement batch."""
     return [
-        {"name": "unet", "n": 3 if quick else 64, "dtype": torch.float32, "jacobian_batches": [2] if quick else [32, 16, 8],
+        {"name": "unet", "n": 3 if quick else 64, "dtype": torch.float32,
+         "jacobian_batches": [2] if quick else [32, 16, 8],
          "agree_n": 2 if quick else 4, "agree_variants": ["plain", "calibrated", "stein_vjp_p1", "stein-energy"]},
         {"name": "gmm:image64", "n": 16 if quick else 1000, "dtype": torch.float64, "jacobian_batches": [],
          "agree_n": 8 if quick else 500, "agree_variants": None},
-        {"name": "digits", "n": 4 if quick else 400, "dtype": torch.float32, "jacobian_batches": [], "timing": not quick,
+        {"name": "digits", "n": 4 if quick else 400, "dtype": torch.float32, "jacobian_batches": [],
+         "timing": not quick,
          "agree_n": 2 if quick else 64, "agree_variants": ["plain", "stein_vjp_p1"] if quick else None},
     ]
 
@@ -167,16 +170,12 @@ def variants(steps: int, jacobian_batches: list[int]) -> list[tuple[str, Callabl
     from steindiff.stabilizers.schedule import GammaSchedule
 
     def stab(name: str, **kw) -> Callable:
-        def make(spec):
-            s = make_stabilizer(name, spec, **kw)
-            if s is not None and hasattr(s, "denoiser_divergence"):
-                s.denoiser_divergence = None  # rho (an exact divergence of a mixture) is a diagnostic, not the method
-            return s
-        return make
+        return lambda spec: make_stabilizer(name, spec, **kw)
 
     out: list[tuple[str, Callable]] = [
         ("plain", lambda spec: None),
-        ("calibrated", lambda spec: GammaSchedule([FIXED_GAMMAS[k % 3] for k in range(steps)], "ve", {"name": "fixed"})),
+        ("calibrated",
+         lambda spec: GammaSchedule([FIXED_GAMMAS[k % 3] for k in range(steps)], "ve", {"name": "fixed"})),
         ("stein_vjp_p1", stab("stein", probes=1)),
     ]
     out += [(f"stein_vjp_p1_jb{jb}", stab("stein", probes=1, jacobian_batch=jb)) for jb in jacobian_batches]
@@ -221,10 +220,13 @@ def time_model(plan: dict, device: torch.device, repeats: int, quick: bool, budg
     noise = noise_cpu.to(device)
     steps = len(sigmas) - 1
     params = sum(p.numel() for p in spec.denoiser.parameters()) if isinstance(spec.denoiser, torch.nn.Module) else None
-    out: dict[str, Any] = {"model": spec.name, "parameters": params, "shape": list(spec.sample_shape), "batch": plan["n"],
-                           "dtype": str(plan["dtype"]).removeprefix("torch."), "solver": "dpmpp_2m", "nfe": 5, "steps": steps,
+    out: dict[str, Any] = {"model": spec.name, "parameters": params, "shape": list(spec.sample_shape),
+                           "batch": plan["n"],
+                           "dtype": str(plan["dtype"]).removeprefix("torch."), "solver": "dpmpp_2m", "nfe": 5,
+                           "steps": steps,
                            "schedule": "karras", "repeats": repeats}
-    rows = {name: {"variant": name, "status": "ok", "times_s": [], "peaks": []} for name, _ in variants(steps, plan["jacobian_batches"])}
+    rows = {name: {"variant": name, "status": "ok", "times_s": [], "peaks": []}
+            for name, _ in variants(steps, plan["jacobian_batches"])}
     warmup = 0 if quick else 1
     out["warmup_rounds"] = warmup
     for rnd in range(warmup + repeats):  # warm-up rounds untimed
@@ -365,37 +367,50 @@ def commands(device: torch.device, quick: bool, tmp: Path, budget: Budget, every
     other = "cpu" if device.type == "cuda" else dev
     q = ["--no-progress"]
     runs: list[tuple[list[str], int]] = [  # (argv, expected exit code)
-        (["sample", "--model", "digits", "--stabilizer", "stein", "--device", dev, "--n", n_small, "--nfe", "6", "--json", *q], 0),
-        (["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--jacobian-batch", "7" if quick else "128", "--device", dev,
+        (["sample", "--model", "digits", "--stabilizer", "stein", "--device", dev, "--n", n_small, "--nfe", "6",
+          "--json", *q], 0),
+        (["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--jacobian-batch", "7" if quick else "128",
+          "--device", dev,
           "--n", n_big, "--nfe", "5", "--out", str(tmp / "s.npz"), "--json", *q], 0),
         # the calibrated sampler fitted on this device (trajectory objective, digits U-Net), then applied
         (["calibrate", "--model", "digits", "--solver", "dpmpp_2m", "--nfe", "5", "--n", "16" if quick else "256",
           "--ref-steps", "20" if quick else "100", "--max-seconds", "5" if quick else "40",
           "--out", str(tmp / "cal.json"), "--device", dev, "--json", *q], 0),
-        (["sample", "--model", "digits", "--solver", "dpmpp_2m", "--nfe", "5", "--gamma-schedule", str(tmp / "cal.json"),
+        (["sample", "--model", "digits", "--solver", "dpmpp_2m", "--nfe", "5", "--gamma-schedule",
+          str(tmp / "cal.json"),
           "--device", dev, "--n", n_big, "--json", *q], 0),
         (["calibrate", "--model", "gmm:image64", "--solver", "euler", "--nfe", "5", "--objective", "variant",
-          "--stabilizer", "stein-energy", "--n", n_big, "--out", str(tmp / "cal-energy.json"), "--device", dev, "--json", *q], 0),
-        (["diagnose", "--model", "digits", "--nfe", "4", "--n", n_small, "--iters", "4", "--stabilizer", "stein", "--device", dev,
+          "--stabilizer", "stein-energy", "--n", n_big, "--out", str(tmp / "cal-energy.json"), "--device", dev,
           "--json", *q], 0),
-        (["bench", "--model", "gmm:image64", "--cost", "--solvers", "dpmpp_2m", "--nfe", "5", "--stabilizers", "none,stein",
-          "--cost-probes", "1", "--repeats", "1", "--n", n_big, "--device", dev, "--json-out", str(tmp / "bench.json"), *q], 0),
+        (["diagnose", "--model", "digits", "--nfe", "4", "--n", n_small, "--iters", "4", "--stabilizer", "stein",
+          "--device", dev,
+          "--json", *q], 0),
+        (["bench", "--model", "gmm:image64", "--cost", "--solvers", "dpmpp_2m", "--nfe", "5", "--stabilizers",
+          "none,stein",
+          "--cost-probes", "1", "--repeats", "1", "--n", n_big, "--device", dev, "--json-out", str(tmp / "bench.json"),
+          *q], 0),
         (["train", "--data", str(tmp / "images.npy"), "--out", str(tmp / "ckpt"), "--iters", "6", "--batch-size", "16",
           "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "1", "--device", dev, "--precision", "bf16",
           "--log-every", "2", "--ckpt-every", "3", "--json", *q], 0),
-        (["train", "--data", str(tmp / "images.npy"), "--out", str(tmp / "ckpt"), "--resume", "--iters", "8", "--batch-size", "16",
-          "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "1", "--device", other, "--log-every", "2", "--json", *q], 0),
-        (["sample", "--model", str(tmp / "ckpt"), "--stabilizer", "stein", "--n", "8", "--nfe", "4", "--device", dev, "--json", *q], 0),
-        (["demo", "--n", "16", "--nfe", "4", "--stabilizers", "none,stein", "--out", str(tmp / "demo"), "--device", dev, "--json", *q], 0),
+        (["train", "--data", str(tmp / "images.npy"), "--out", str(tmp / "ckpt"), "--resume", "--iters", "8",
+          "--batch-size", "16",
+          "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "1", "--device", other, "--log-every", "2",
+          "--json", *q], 0),
+        (["sample", "--model", str(tmp / "ckpt"), "--stabilizer", "stein", "--n", "8", "--nfe", "4", "--device", dev,
+          "--json", *q], 0),
+        (["demo", "--n", "16", "--nfe", "4", "--stabilizers", "none,stein", "--out", str(tmp / "demo"), "--device", dev,
+          "--json", *q], 0),
         (["demo", "--n", "16", "--nfe", "5", "--stabilizers", "none,calibrated", "--out", str(tmp / "demo-cal"),
           "--calibration-dir", str(tmp / "cache"), "--device", dev, "--json", *q], 0),
-        (["sample-dist", "--model", "gmm:image64", "--num-samples", n_small, "--stabilizer", "stein", "--out-dir", str(tmp / "dist"),
+        (["sample-dist", "--model", "gmm:image64", "--num-samples", n_small, "--stabilizer", "stein", "--out-dir",
+          str(tmp / "dist"),
           "--device", dev, "--json", *q], 0),
         (["merge", str(tmp / "dist"), "--out", str(tmp / "merged.npz"), "--json"], 0),
         (["sample", "--model", "gmm:image64", "--device", "cuda:99", "--n", "4", *q], 2),
     ]
     if not everything:
-        runs = [r for r in runs if r[0][0] in ("sample", "train", "sample-dist", "merge") and "--gamma-schedule" not in r[0]]
+        runs = [r for r in runs
+                if r[0][0] in ("sample", "train", "sample-dist", "merge") and "--gamma-schedule" not in r[0]]
     rows = []
     for argv, expected in runs:
         if budget.over():
@@ -409,10 +424,13 @@ def commands(device: torch.device, quick: bool, tmp: Path, budget: Budget, every
             log(f"  command failed (rc {r['rc']}): {r['argv'][:120]}: {(r['stderr_tail'] or '')[-200:]}")
     if device.type == "cuda" and not budget.over():  # the nccl path, one rank per GPU (at most 2)
         nproc = min(2, torch.cuda.device_count())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "steindiff",
-               "sample-dist", "--model", "gmm:image64", "--num-samples", "64", "--stabilizer", "stein", "--backend", "nccl",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+               "steindiff",
+               "sample-dist", "--model", "gmm:image64", "--num-samples", "64", "--stabilizer", "stein", "--backend",
+               "nccl",
                "--out-dir", str(tmp / "nccl"), "--json", "--no-progress"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = {**os.environ, "PYTHONPATH": path}
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=150)
@@ -447,7 +465,8 @@ def environment(device: torch.device) -> dict:
             env[mod] = None
     try:  # a copied working tree may carry stale git metadata: STEINDIFF_COMMIT names the commit it was copied from
         env["git_commit"] = os.environ.get("STEINDIFF_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True, timeout=10).stdout.strip() or None
+            ["git", "rev-parse", "HEAD"], cwd=str(ROOT), capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
@@ -461,7 +480,8 @@ def targets(timing: list[dict]) -> dict:
         if r["variant"].startswith("stein_vjp_p1"):
             ok = (r["time_ratio"] is not None and r["time_ratio"] <= TARGET_TIME
                   and r["mem_ratio"] is not None and r["mem_ratio"] <= TARGET_MEM)
-            rows.append({"variant": r["variant"], "time_ratio": r["time_ratio"], "mem_ratio": r["mem_ratio"], "meets": ok})
+            rows.append({"variant": r["variant"], "time_ratio": r["time_ratio"], "mem_ratio": r["mem_ratio"],
+                         "meets": ok})
     return {"model": (unet or {}).get("model"), "batch": (unet or {}).get("batch"), "max_time_ratio": TARGET_TIME,
             "max_mem_ratio": TARGET_MEM, "rows": rows, "met_by": [r["variant"] for r in rows if r["meets"]]}
 
@@ -475,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: timing, agreement, commands")
     ap.add_argument("--all-commands", action="store_true", help="with --quick: run every command, not only a few")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's own; 1 with --quick, for small tensors on shared machines)")
+                    help="torch CPU threads (default: torch's own; 1 with --quick, for small "
+                         "tensors on shared machines)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     ap.add_argument("--out-dir", default=None, help="write the JSON into this folder as gpu-check-<card>.json")
     args = ap.parse_args(argv)
@@ -512,7 +533,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         torch.set_num_threads(max(1, threads))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     budget = Budget(args.budget_s)
-    result: dict[str, Any] = {"schema": SCHEMA, "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    result: dict[str, Any] = {"schema": SCHEMA, "command": " ".join([Path(sys.argv[0]).name,
+                                                                     *(argv if argv is not None else sys.argv[1:])]),
                               "quick": args.quick, "environment": environment(device), "timing": [], "agreement": [],
                               "commands": []}
     log(f"device {device} ({result['environment'].get('gpu', 'cpu')}), torch {torch.__version__}")
@@ -537,7 +559,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if "commands" not in skip:
         log("commands")
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-            result["commands"] = commands(device, args.quick, Path(tmp), budget, everything=not args.quick or args.all_commands)
+            result["commands"] = commands(device, args.quick, Path(tmp), budget,
+                                          everything=not args.quick or args.all_commands)
     result["targets"] = targets(result["timing"])
     result["summary"] = {
         "agreement_ok": all(a.get("all_agree") for a in result["agreement"]) if result["agreement"] else None,

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +52,13 @@ MUTATIONS: list[Mutation] = [
     # ---- solvers
     M("dpmpp2m-coef", "steindiff/solvers/dpmpp.py",
       "x_next = (s_next / s) * x - e * (m0 + 0.5 * d1_0)", "x_next = (s_next / s) * x - e * (m0 + 0.4 * d1_0)",
-      ("tests/solvers/test_diffusers_agreement.py::test_dpmsolver_multistep_matches_dpmpp", "tests/solvers/test_convergence.py"),
+      ("tests/solvers/test_diffusers_agreement.py::test_dpmsolver_multistep_matches_dpmpp",
+       "tests/solvers/test_convergence.py"),
       "DPM-Solver++(2M): midpoint weight 1/2 -> 0.4"),
     M("dpmpp3m-phi3", "steindiff/solvers/dpmpp.py",
       "phi3 = (e + h) / h**2 - 0.5", "phi3 = (e + h) / h**2 - 0.45",
-      ("tests/solvers/test_diffusers_agreement.py::test_dpmsolver_multistep_matches_dpmpp", "tests/solvers/test_convergence.py"),
+      ("tests/solvers/test_diffusers_agreement.py::test_dpmsolver_multistep_matches_dpmpp",
+       "tests/solvers/test_convergence.py"),
       "DPM-Solver++(3M): phi_3 constant"),
     M("euler-ratio", "steindiff/solvers/euler.py",
       "return Step(d + (s_next / s) * (x - d), d, state)", "return Step(d + (s_next / s) ** 1.1 * (x - d), d, state)",
@@ -65,11 +67,13 @@ MUTATIONS: list[Mutation] = [
     M("heun-trapezoid", "steindiff/solvers/euler.py",
       "return Step(x + (s_next - s) * 0.5 * (slope + slope_next), d, state)",
       "return Step(x + (s_next - s) * 0.45 * (slope + slope_next), d, state)",
-      ("tests/solvers/test_diffusers_agreement.py::test_heun_discrete_matches_heun_and_nfe", "tests/solvers/test_convergence.py"),
+      ("tests/solvers/test_diffusers_agreement.py::test_heun_discrete_matches_heun_and_nfe",
+       "tests/solvers/test_convergence.py"),
       "Heun: trapezoidal weight"),
     M("ipndm-ab4", "steindiff/solvers/ipndm.py",
       "4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]", "4: [55 / 24, -59 / 24, 37 / 24, -8 / 24]",
-      ("tests/solvers/test_diffusers_agreement.py::test_ipndm_matches_ipndm_scheduler", "tests/solvers/test_convergence.py"),
+      ("tests/solvers/test_diffusers_agreement.py::test_ipndm_matches_ipndm_scheduler",
+       "tests/solvers/test_convergence.py"),
       "iPNDM: 4th-order Adams-Bashforth weight"),
     M("unipc-unip2", "steindiff/solvers/unipc.py",
       "pred = np.array([0.5])", "pred = np.array([0.45])",
@@ -78,7 +82,8 @@ MUTATIONS: list[Mutation] = [
     M("unipc-unic1", "steindiff/solvers/unipc.py",
       "corr = np.array([0.5]) if order == 1 else np.linalg.solve(R, g)",
       "corr = np.array([0.4]) if order == 1 else np.linalg.solve(R, g)",
-      ("tests/solvers/test_diffusers_agreement.py::test_unipc_order_1_matches_unipc", "tests/solvers/test_convergence.py"),
+      ("tests/solvers/test_diffusers_agreement.py::test_unipc_order_1_matches_unipc",
+       "tests/solvers/test_convergence.py"),
       "UniPC: UniC-1 weight c = 1/2 (order 1 only)"),
     M("unipc-bh1", "steindiff/solvers/unipc.py",
       "B_h = hh if variant == \"bh1\" else h_phi_1", "B_h = 1.1 * hh if variant == \"bh1\" else h_phi_1",
@@ -105,7 +110,7 @@ MUTATIONS: list[Mutation] = [
       "target = s.op.denoise(s.step.x_next, s.op.sigma, s.op.i)",
       ("tests/stabilizers/test_stein.py::test_lookahead_coefficient_closed_form", "tests/stabilizers/test_stein.py"),
       "stein-sc: look-ahead denoised at the wrong noise level"),
-    M("vp-sigma-coord", "steindiff/stabilizers/base.py",
+    M("vp-sigma-coord", "steindiff/noise.py",
       "return a, a_next, a * sigma", "return a, a_next, sigma",
       ("tests/stabilizers/test_stein.py::test_stein_coefficient_closed_form", "tests/stabilizers/test_stein.py"),
       "VP coordinates: sigma_vp = alpha sigma -> sigma"),
@@ -137,7 +142,8 @@ MUTATIONS: list[Mutation] = [
       ("tests/stabilizers/test_marginal.py",),
       "energy: root farthest from 1 instead of nearest"),
     M("energy-root-per-sample", "steindiff/stabilizers/marginal.py",
-      "g = torch.where((r1 - 1).abs() < (r2 - 1).abs(), r1, r2)", "g = torch.where((r1 - 1).abs() < (r2 - 1).abs(), r2, r1)",
+      "g = torch.where((r1 - 1).abs() < (r2 - 1).abs(), r1, r2)",
+      "g = torch.where((r1 - 1).abs() < (r2 - 1).abs(), r2, r1)",
       ("tests/stabilizers/test_marginal.py",),
       "energy: root choice (per sample)"),
     M("energy-fallback", "steindiff/stabilizers/marginal.py",
@@ -162,7 +168,8 @@ MUTATIONS: list[Mutation] = [
       ("tests/metrics/test_mixture.py",),
       "mode TV: factor 1/2 dropped"),
     M("nll-per-dim", "steindiff/metrics/mixture.py",
-      "return float(-gmm.log_prob(_on(x, gmm), 0.0).mean() / gmm.dim)", "return float(-gmm.log_prob(_on(x, gmm), 0.0).mean())",
+      "return float(-gmm.log_prob(_on(x, gmm), 0.0).mean() / gmm.dim)",
+      "return float(-gmm.log_prob(_on(x, gmm), 0.0).mean())",
       ("tests/metrics/test_mixture.py",),
       "NLL: not divided by the dimension"),
     M("sw2-floor", "steindiff/metrics/mixture.py",
@@ -190,19 +197,14 @@ MUTATIONS: list[Mutation] = [
       "weight = (s**2 + sd**2) / (s * sd) ** 2", "weight = (s**2 + sd**2) / (s * sd)",
       ("tests/test_train.py::test_first_loss_equals_a_direct_computation",),
       "EDM loss weight lambda(sigma)"),
-    M("edm-train-c-noise", "steindiff/train.py",
-      "F_pred = net(c_in * (x0 + s * noise), sigma.log() / 4, class_labels=labels)",
-      "F_pred = net(c_in * (x0 + s * noise), sigma.log() / 2, class_labels=labels)",
-      ("tests/test_train.py::test_first_loss_equals_a_direct_computation",),
-      "EDM training: the network's noise input c_noise = ln(sigma)/4"),
     M("vp-eps-noising", "steindiff/train.py",
       "x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise", "x_t = abar * x0 + (1 - abar).sqrt() * noise",
       ("tests/test_train.py::test_first_loss_equals_a_direct_computation",),
       "VP-eps training: signal scale sqrt(alpha_bar) -> alpha_bar"),
     M("edm-c-noise", "steindiff/models/denoisers.py",
       "c_noise = sigma.log() / 4", "c_noise = sigma.log() / 2",
-      ("tests/models/test_unet.py",),
-      "EDM preconditioning: c_noise = ln(sigma)/4"),
+      ("tests/models/test_unet.py", "tests/test_train.py::test_first_loss_equals_a_direct_computation"),
+      "EDM preconditioning (sampling and training): c_noise = ln(sigma)/4"),
 ]
 
 
@@ -261,7 +263,8 @@ def _env(copy: Path) -> dict:
 # Third-party modules the tests import: loaded once in this process, before any fork, so each
 # pytest run (a forked child) starts in well under a second instead of re-importing them.  The
 # package itself is never imported here: each child imports the (mutated) copy afresh.
-PRELOAD = ("numpy", "torch", "scipy.stats", "scipy.optimize", "scipy.special", "pytest", "safetensors.torch", "tqdm.auto",
+PRELOAD = ("numpy", "torch", "scipy.stats", "scipy.optimize", "scipy.special", "pytest", "safetensors.torch",
+           "tqdm.auto",
            "sklearn.datasets", "PIL.Image", "diffusers")
 DIFFUSERS_CLASSES = ("DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
                      "UniPCMultistepScheduler", "IPNDMScheduler")
@@ -346,7 +349,8 @@ def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True) 
         outcome = "caught"
     else:
         outcome = "timeout" if rc is None else "error"
-    return {"outcome": outcome, "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "caught_by": failed[0] if failed else None,
+    return {"outcome": outcome, "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "caught_by": failed[0] if failed else None,
             "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
             "tail": None if outcome in ("caught", "survived") else out[-2000:]}
 
@@ -360,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline run (not for reports)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per pytest run (default 300)")
     p.add_argument("--subprocess", action="store_true",
-                   help="a fresh interpreter per pytest run instead of a fork of a preloaded one (slower; no fork needed)")
+                   help="a fresh interpreter per pytest run instead of a fork of a preloaded "
+                        "one (slower; no fork needed)")
     args = p.parse_args(argv)
 
     problems = check_mutations()
@@ -393,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = subprocess.run([sys.executable, "-c", "import steindiff; print(steindiff.__file__)"], cwd=copy,
                                env=_env(copy), capture_output=True, text=True)
         if not probe.stdout.strip().startswith(str(copy)):
-            print(f"mutation_check: the copy's package is not the one imported ({probe.stdout.strip() or probe.stderr.strip()})",
+            print("mutation_check: the copy's package is not the one imported "
+                  f"({probe.stdout.strip() or probe.stderr.strip()})",
                   file=sys.stderr)
             return 2
         baseline = None
@@ -402,9 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"baseline: {len(union)} test selections on the unmutated copy ...", file=sys.stderr, flush=True)
             baseline = run_pytest(copy, union, args.timeout * 3, fork)
             baseline["tests"] = union
-            baseline["outcome"] = {"survived": "passed", "caught": "failed"}.get(baseline["outcome"], baseline["outcome"])
+            renamed = {"survived": "passed", "caught": "failed"}
+            baseline["outcome"] = renamed.get(baseline["outcome"], baseline["outcome"])
             if baseline["outcome"] != "passed":
-                print(f"mutation_check: the baseline fails ({baseline['outcome']}); fix the tests first\n{baseline.get('tail') or baseline['caught_by']}",
+                print(f"mutation_check: the baseline fails ({baseline['outcome']}); fix the tests "
+                      f"first\n{baseline.get('tail') or baseline['caught_by']}",
                       file=sys.stderr)
         results = []
         for i, m in enumerate(muts, 1):
@@ -425,12 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     caught = sum(r["outcome"] == "caught" for r in results)
     lines = [
         f"Mutation check: {caught} of {len(results)} mutations caught"
-        + (f"; baseline ({len(baseline['tests'])} test selections, {baseline['passed']} tests) {'passes' if baseline['outcome'] == 'passed' else 'FAILS'}"
+        + (f"; baseline ({len(baseline['tests'])} test selections, {baseline['passed']} tests) "
+           f"{'passes' if baseline['outcome'] == 'passed' else 'FAILS'}"
            if baseline else "; no baseline run"),
         f"Total {total} s ({os.cpu_count()} CPUs, shared; Python {platform.python_version()}).",
-        "Regenerate: python benchmarks/mutation_check.py --json docs/results/mutation-check.json > docs/results/mutation-check.txt",
+        "Regenerate: python benchmarks/mutation_check.py --json docs/results/mutation-check.json > "
+        "docs/results/mutation-check.txt",
         "Each mutation changes one line in a temporary copy; the listed tests run with pytest -x"
-        + (" (each run a fork of one process with the third-party modules preloaded)." if fork else " (one interpreter per run)."),
+        + (" (each run a fork of one process with the third-party modules preloaded)." if fork
+           else " (one interpreter per run)."),
         "",
         "| mutation | file | change | outcome | caught by (first failing test) | passed before it | s |",
         "|---|---|---|---|---|---|---|",
@@ -440,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['caught_by'] or '-'} | {r['passed']} | {r['seconds']} |")
     survivors = [r for r in results if r["outcome"] != "caught"]
     if survivors:
-        lines += ["", "Not caught:"] + [f"- {r['id']} ({r['outcome']}): {r['find']!r} -> {r['replace']!r}" for r in survivors]
+        lines += ["",
+                  "Not caught:"] + [f"- {r['id']} ({r['outcome']}): {r['find']!r} -> {r['replace']!r}"
+                                    for r in survivors]
         lines += [f"  {r['tail']}" for r in survivors if r.get("tail")]
     print("\n".join(lines))
     if args.json:

@@ -26,13 +26,15 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| stabilizer | cells | worse than vanilla | helps at NFE <= 8 (cells with room) | secondary metrics not worse "
+    print("| stabilizer | cells | worse than vanilla | helps at NFE <= 8 (cells with room) | "
+          "secondary metrics not worse "
           "| qualifies |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         worse = f"{r['worse_cells']}" + (f" (first: {r['first_worse']})" if r["first_worse"] else "")
         print(f"| {r['label']} | {r['cells']} | {worse} | {r['helps_small_nfe']}/{r['room_small_nfe']} "
-              f"({r['helps_pct']:.0f}%) | {r['cells'] - r['secondary_worse_cells']}/{r['cells']} ({r['secondary_ok_pct']:.0f}%) "
+              f"({r['helps_pct']:.0f}%) | {r['cells'] - r['secondary_worse_cells']}/{r['cells']} "
+              f"({r['secondary_ok_pct']:.0f}%) "
               f"| {'yes' if r['qualifies'] else 'no'} |")
     return 0
 

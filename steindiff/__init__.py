@@ -1,18 +1,33 @@
-"""steindiff: fast, stable few-step diffusion sampling, with the Stein stabilization of SteinDiff."""
+"""steindiff: fast, stable few-step diffusion sampling, with the Stein stabilization of SteinDiff.
 
-from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
-from .sampling import SampleResult, prior_noise
-from .plan import SamplingPlan, make_plan
+The package is built in layers, lowest first; a module imports only from its own layer or lower ones,
+and the imports have no cycle, imports inside functions included (``tests/test_layers.py`` checks both):
+
+0. foundations: file output (``io``), devices, figures (``plotting``), noise processes (``noise``:
+   alpha, sigma, log-SNR, VP <-> VE);
+1. noise-level schedules, solvers (one step operator each), image datasets (``data``), metrics of
+   samples;
+2. models: denoisers and adapters, exact mixtures, the U-Net, checkpoints, named models;
+3. stabilizers: the :class:`~steindiff.stabilizers.Stabilizer` contract and its implementations;
+4. the sampling plan (``plan``: a budget to noise levels) and the sampling loop (``sampling``);
+5. what runs the loop: generation from a named model, the trajectory calibration, diagnostics;
+6. calibration files and the calibrated sampler (``calibrate``), multi-process sampling, training;
+7. the public ``sample`` (``api``), the benchmark, the diffusers and k-diffusion integrations;
+8. the command line.
+"""
+
+from ._version import __version__
 from .api import sample
 from .calibrate import calibrated_plan
+from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
+from .plan import SamplingPlan, make_plan
+from .sampling import SampleResult, prior_noise
 from .schedules import get_sigmas, karras_sigmas, logsnr_sigmas, time_sigmas, validate_sigmas
 from .solvers import SOLVERS, get_solver
-
-__version__ = "0.1.0"
 
 __all__ = [
     "NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess",
     "sample", "SampleResult", "prior_noise", "SamplingPlan", "make_plan", "calibrated_plan",
     "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
-    "SOLVERS", "get_solver",
+    "SOLVERS", "get_solver", "__version__",
 ]

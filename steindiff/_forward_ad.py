@@ -23,6 +23,7 @@ def load_quietly() -> None:
     load = getattr(fwAD, "_maybe_load_decompositions", None)  # private in torch; absent: nothing to do
     if load is not None:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                    category=DeprecationWarning)
             load()
     _loaded = True

@@ -21,7 +21,7 @@ from .sampling import SampleResult
 from .sampling import sample as run_loop
 from .schedules import validate_sigmas
 from .solvers import Solver
-from .stabilizers import make_stabilizer, registry
+from .stabilizers import Stabilizer, make_stabilizer, registry
 
 __all__ = ["sample"]
 
@@ -32,7 +32,7 @@ def sample(
     sigmas: Sequence[float] | torch.Tensor,
     solver: str | Solver = "euler",
     *,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | str | None = None,
     process: NoiseProcess | None = None,
     calibration_dir: str | os.PathLike | None = None,
     calibrate: bool = True,

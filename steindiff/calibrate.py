@@ -30,14 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .generate import generate
+from .io import check_writable
 from .metrics import sliced_w2
 from .models.registry import ModelSpec
 from .plan import SamplingPlan, make_plan
 from .sampling import prior_noise
 from .stabilizers import make_stabilizer
-from .io import check_writable
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
-from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory, reference_solve
+from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "default_cache_dir", "plan_from_schedule", "OBJECTIVES",
            "model_fingerprint", "CALIBRATION_SEED"]
@@ -86,6 +86,7 @@ def _calibration_noise(spec: ModelSpec, sigma_max: float, n: int, seed: int, dty
 
 def calibrate(
     spec: ModelSpec,
+    plan: SamplingPlan | None = None,
     *,
     solver: str = "dpmpp_2m",
     nfe: int = 10,
@@ -104,7 +105,6 @@ def calibrate(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
     rho: float = 7.0,
-    sigmas: torch.Tensor | None = None,
     ref_solver: str = "dpmpp_2m",
     ref_steps: int = 200,
     ref: ReferenceSolve | None = None,
@@ -113,8 +113,9 @@ def calibrate(
     extra_args: dict | None = None,
     jacobian_batch: int | None = None,
 ) -> GammaSchedule:
-    """A :class:`GammaSchedule` for this configuration (module docstring).  ``seed`` draws the
-    calibration noise; use one not used for evaluation.  ``sigmas`` overrides ``nfe``/``schedule``.
+    """A :class:`GammaSchedule` for the plain ``plan`` (default: :func:`~steindiff.plan.make_plan` of
+    ``solver``, ``nfe``, ``schedule``, ``rho``; module docstring).  ``seed`` draws the calibration noise;
+    use one not used for evaluation.
 
     ``objective``: ``trajectory``, ``variant`` or ``reference``.  Default: ``trajectory``, unless
     ``variant`` is given (a stabilizer name: ``variant``; ``"reference"``: ``reference``).  ``n``: calibration batch
@@ -129,13 +130,13 @@ def calibrate(
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     variant = variant or "stein-energy"
-    base = make_plan(spec.process, solver, nfe, schedule, rho=rho, sigmas=sigmas)
+    base = plan if plan is not None else make_plan(spec.process, solver, nfe, schedule, rho=rho)
     sigmas = base.sigmas
     steps = base.steps
     if n is None:
         n = 512 if objective == "trajectory" else 1000
     meta: dict[str, Any] = {
-        "model": spec.name, "solver": solver, "schedule": schedule, "nfe": base.nfe,
+        "model": spec.name, "solver": base.solver, "schedule": base.schedule, "nfe": base.nfe,
         "sigmas": [float(s) for s in sigmas], "base_sigmas": [float(s) for s in sigmas],
         "objective": objective, "variant": variant if objective == "variant" else objective,
         "calibration": {"n": n, "seed": seed, "uses_reference_data": objective == "reference"},
@@ -154,13 +155,13 @@ def calibrate(
         meta.update(name="calibrated:trajectory", variant="trajectory", fingerprint=model_fingerprint(spec))
         meta["calibration"] = rec
         return result.schedule(meta)
-    common = dict(solver=solver, sigmas=sigmas, n=n, seed=seed, dtype=dtype)
+    common = dict(n=n, seed=seed, dtype=dtype)
     if objective == "variant":
         stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
         if stab is None:
             gammas = [1.0] * steps
         else:
-            gen = generate(spec, stabilizer=stab, batch_size=batch_size, progress=progress, **common)
+            gen = generate(spec, base, stabilizer=stab, batch_size=batch_size, progress=progress, **common)
             per_step: dict[int, list[float]] = {}
             for r in gen.trace:
                 per_step.setdefault(r["step"], []).append(float(r["gamma"]))
@@ -180,7 +181,7 @@ def calibrate(
 
     def loss(gs: list[float]) -> float:
         nonlocal noise
-        gen = generate(spec, stabilizer=GammaSchedule(gs, coords), noise=noise, batch_size=batch_size, **common)
+        gen = generate(spec, base, stabilizer=GammaSchedule(gs, coords), noise=noise, batch_size=batch_size, **common)
         noise = gen.noise
         x = gen.x.reshape(n, -1).to(torch.float64)
         return sliced_w2(x, ref, seed=seed) if torch.isfinite(x).all() else float("inf")
@@ -234,8 +235,10 @@ def _key_file(root: Path, key: dict) -> Path:
 def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan:
     """The plan a calibration file describes: its noise levels and gammas, with ``base``'s solver."""
     sigmas = sched.meta.get("sigmas", base.sigmas)
-    fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12 for a, b in zip(sigmas, base.sigmas))
-    return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64), "fitted" if fitted else base.schedule,
+    fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12
+                                                     for a, b in zip(sigmas, base.sigmas))
+    return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64),
+                        "fitted" if fitted else base.schedule,
                         list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta})
 
 
@@ -279,8 +282,8 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     if notice is not None:
         notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {spec.name} once "
                f"(fit: {fit}; {_eta(spec, base, dtype, options, extra_args)}); cached in {root}")
-    sched = calibrate(spec, solver=base.solver, sigmas=base.sigmas, schedule=base.schedule, coords=base.coords, fit=fit,
-                      dtype=dtype, progress=progress, extra_args=extra_args, objective="trajectory", **options)
+    sched = calibrate(spec, base, coords=base.coords, fit=fit, dtype=dtype, progress=progress, extra_args=extra_args,
+                      objective="trajectory", **options)
     sched.meta["key"] = key
     sched.save(path)
     return plan_from_schedule(sched, base)

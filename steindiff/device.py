@@ -40,7 +40,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= count:
-        raise DeviceError(f"device {str(dev)!r} requested but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+        raise DeviceError(f"device {str(dev)!r} requested but only {count} CUDA device(s) are visible "
+                          f"(cuda:0..cuda:{count - 1})")
     return torch.device("cuda", index)
 
 
@@ -100,7 +101,8 @@ def describe_device(device: torch.device | str) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(d)
         out.update(gpu=torch.cuda.get_device_name(d), gpu_memory_bytes=int(props.total_memory),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32), tf32_cudnn=bool(torch.backends.cudnn.allow_tf32))
+                   tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+                   tf32_cudnn=bool(torch.backends.cudnn.allow_tf32))
     return out
 
 
@@ -109,4 +111,5 @@ def is_out_of_memory(e: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     if isinstance(e, (oom, MemoryError)):
         return True
-    return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

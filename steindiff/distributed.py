@@ -35,9 +35,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .generate import generate
 from .io import save_json, save_npz, to_jsonable
+from .models.registry import ModelSpec, load_model
+from .plan import SamplingPlan, make_plan
+from .sampling import prior_noise
+from .stabilizers import make_stabilizer
+from .stabilizers.divergence import draw_probes
 
-__all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name", "DistResult",
+__all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name",
+           "DistResult",
            "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
 
 MANIFEST = "manifest.json"
@@ -153,31 +160,29 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
 
 # -- probes ---------------------------------------------------------------------------------------
 
-def _global_probe_fn(n: int, start: int, stop: int) -> Callable:
-    from .stabilizers.divergence import draw_probes
-
-    def fn(x: torch.Tensor, p: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+def _global_probes(n: int, start: int, stop: int) -> Callable:
+    def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
         if x.shape[0] != stop - start:
-            raise ValueError(f"probe hook expected this rank's shard of {stop - start} samples, got a batch of {x.shape[0]}")
-        full = draw_probes((n, *x.shape[1:]), p, kind, generator, x.dtype)  # on the CPU: only the slice moves
+            raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
+                             f"{x.shape[0]}")
+        full = draw_probes((n, *x.shape[1:]), p, "gaussian", generator, x.dtype)  # on the CPU: only the slice moves
         return full[:, start:stop].to(x.device)
 
     return fn
 
 
-def _per_sample_probe_fn(seed: int, start: int, stop: int) -> Callable:
-    from .stabilizers.divergence import draw_probes
-
+def _per_sample_probes(seed: int, start: int, stop: int) -> Callable:
     calls = [0]
 
-    def fn(x: torch.Tensor, p: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
         if x.shape[0] != stop - start:
-            raise ValueError(f"probe hook expected this rank's shard of {stop - start} samples, got a batch of {x.shape[0]}")
+            raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
+                             f"{x.shape[0]}")
         call, calls[0] = calls[0], calls[0] + 1
         rows = []
         for j in range(start, stop):
             s = int(np.random.SeedSequence([seed, call, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-            rows.append(draw_probes((1, *x.shape[1:]), p, kind, torch.Generator().manual_seed(s), x.dtype))
+            rows.append(draw_probes((1, *x.shape[1:]), p, "gaussian", torch.Generator().manual_seed(s), x.dtype))
         return torch.cat(rows, dim=1).to(x.device)
 
     return fn
@@ -192,6 +197,7 @@ def _run_id(config: dict) -> str:
 def sample_distributed(
     model: Any,
     out_dir: str | os.PathLike,
+    plan: SamplingPlan | None = None,
     *,
     n: int,
     solver: str = "dpmpp_2m",
@@ -199,7 +205,6 @@ def sample_distributed(
     schedule: str = "karras",
     rho: float = 7.0,
     seed: int = 0,
-    stabilizer: Any | None = None,
     stabilizer_name: str | None = None,
     stabilizer_options: dict | None = None,
     probe_mode: str = "global",
@@ -213,21 +218,17 @@ def sample_distributed(
     """Sample this rank's shard of ``n`` samples and write it to ``out_dir`` (module docstring).
 
     ``model``: a model name (``gmm:image64``, ``digits``, a checkpoint) or a
-    :class:`~steindiff.models.registry.ModelSpec`.  ``stabilizer``: a stabilizer object, or build one
-    by name with ``stabilizer_name`` and ``stabilizer_options`` (:func:`~steindiff.stabilizers.make_stabilizer`).
-    Its ``reduce`` and ``probe_fn`` are set here.  Initializes the process group from torchrun's
-    environment (``backend`` ``auto``: nccl with CUDA, else gloo; ``timeout_s`` bounds every
-    collective) unless one exists; without torchrun's environment it runs as world size 1.
+    :class:`~steindiff.models.registry.ModelSpec`.  ``plan``: the solver and noise levels (default:
+    :func:`~steindiff.plan.make_plan` of ``solver``, ``nfe``, ``schedule``, ``rho``).  The stabilizer is
+    built here by name, ``stabilizer_name`` with ``stabilizer_options``
+    (:func:`~steindiff.stabilizers.make_stabilizer`), with this rank's reduction and probe source.
+    Initializes the process group from torchrun's environment (``backend`` ``auto``: nccl with CUDA, else gloo;
+    ``timeout_s`` bounds every collective) unless one exists; without torchrun's environment it runs as world size 1.
     ``device``: see :func:`rank_device` (default: under nccl each rank on its own GPU, ``LOCAL_RANK``;
     the statistics are then all-reduced on the GPU).  The model is moved there.
     Raises :class:`DistributedSamplingError` when a collective fails (another rank died or stalled).
     """
     import torch.distributed as dist
-
-    from .generate import generate
-    from .models.registry import ModelSpec, load_model
-    from .schedules import get_sigmas
-    from .solvers import get_solver, steps_for_nfe
 
     if probe_mode not in PROBE_MODES:
         raise ValueError(f"probe_mode must be one of {', '.join(PROBE_MODES)}, got {probe_mode!r}")
@@ -236,29 +237,32 @@ def sample_distributed(
     if not (timeout_s > 0):
         raise ValueError(f"timeout must be positive, got {timeout_s}")
     spec: ModelSpec = load_model(model) if isinstance(model, str) else model
-    if stabilizer is None and stabilizer_name not in (None, "none"):
-        from .stabilizers import make_stabilizer
-
-        stabilizer = make_stabilizer(stabilizer_name, spec, **(stabilizer_options or {}))
-    solver_obj = get_solver(solver)
-    sigmas = get_sigmas(schedule, steps_for_nfe(solver_obj, nfe), spec.process, rho=rho)
+    if plan is None:
+        plan = make_plan(spec.process, solver, nfe, schedule, rho=rho)
+    sigmas = plan.sigmas
     out = Path(out_dir)
 
     rank, world, owned = _init_group(backend, timeout_s)
     try:
         if n < world:
             raise ValueError(f"n={n} samples cannot be sharded over {world} ranks (at least one sample per rank)")
+        start, stop = shard_range(n, world, rank)
+        grouped = world > 1 or (dist.is_available() and dist.is_initialized())  # a group of one rank too: same path
+        stabilizer = make_stabilizer(
+            stabilizer_name or "none", spec, **(stabilizer_options or {}), reduce=_all_reduce_sum if grouped else None,
+            probe_source=_global_probes(n, start,
+                                        stop) if probe_mode == "global" else _per_sample_probes(seed, start, stop))
         if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and n // world < 2:
             raise ValueError(f"the stabilizer's batch statistics need at least 2 samples per rank; n={n} over "
                              f"{world} ranks leaves {n // world}")
-        start, stop = shard_range(n, world, rank)
         device = rank_device(device)
         config = {
-            "model": spec.name, "solver": solver, "nfe": nfe, "schedule": schedule, "rho": rho, "seed": seed, "n": n,
+            "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed,
+            "n": n,
             "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
-            "stabilizer": stabilizer_name if stabilizer_name is not None else (getattr(stabilizer, "name", None) or
-                                                                               (type(stabilizer).__name__ if stabilizer is not None else "none")),
+            "stabilizer": stabilizer_name or "none",
             "stabilizer_options": stabilizer_options or {}, "sigmas": [float(s) for s in sigmas],
+            **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
         run_id = _run_id(config)
         out.mkdir(parents=True, exist_ok=True)
@@ -269,14 +273,7 @@ def sample_distributed(
         if rank == 0:
             save_json(out / MANIFEST, manifest)
 
-        if stabilizer is not None and hasattr(stabilizer, "reduce"):
-            if world > 1 or (dist.is_available() and dist.is_initialized()):  # a group of one rank too: same path
-                stabilizer.reduce = _all_reduce_sum
-            stabilizer.probe_fn = (_global_probe_fn(n, start, stop) if probe_mode == "global"
-                                   else _per_sample_probe_fn(seed, start, stop))
         spec.to(device)  # in place: a stabilizer built on the spec (e.g. a mixture's exact divergence) follows
-
-        from .sampling import prior_noise
 
         noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype)
         noise = noise[start:stop].clone().to(device)
@@ -288,8 +285,8 @@ def sample_distributed(
                 callback({**info, "rank": rank, "world_size": world})
 
         try:
-            gen = generate(spec, solver=solver_obj, nfe=nfe, n=stop - start, seed=seed, stabilizer=stabilizer, dtype=dtype,
-                           progress=progress and rank == 0, noise=noise, sigmas=sigmas, callback=cb)
+            gen = generate(spec, plan, n=stop - start, seed=seed, stabilizer=stabilizer, dtype=dtype,
+                           progress=progress and rank == 0, noise=noise, callback=cb)
         except RuntimeError as e:
             if world > 1 and _is_comm_error(e):
                 _fail(out, rank, world, manifest, f"a collective failed after step {step[0]}", e, timeout_s)
@@ -297,16 +294,19 @@ def sample_distributed(
         gammas = [float(r.get("gamma", 1.0)) for r in gen.trace]
         save_npz(out / shard_name(rank), samples=gen.x, indices=np.arange(start, stop), sigmas=sigmas,
                  gammas=np.asarray(gammas, dtype=np.float64),
-                 gamma_raw=np.asarray([float(r.get("gamma_raw", r.get("gamma", 1.0))) for r in gen.trace], dtype=np.float64),
+                 gamma_raw=np.asarray([float(r.get("gamma_raw", r.get("gamma", 1.0))) for r in gen.trace],
+                                      dtype=np.float64),
                  run_id=np.array(run_id), rank=np.array(rank), world_size=np.array(world))
         if world > 1:
             try:
                 dist.barrier()
             except RuntimeError as e:
-                _fail(out, rank, world, manifest, "the final barrier failed (this rank's shard was written)", e, timeout_s)
+                _fail(out, rank, world, manifest, "the final barrier failed (this rank's shard was written)", e,
+                      timeout_s)
         if rank == 0:
             st = shard_status(out)
-            save_json(out / MANIFEST, {**manifest, "status": "complete" if not (st["missing"] or st["stale"]) else "incomplete",
+            save_json(out / MANIFEST, {**manifest,
+                                       "status": "complete" if not (st["missing"] or st["stale"]) else "incomplete",
                                        "missing": st["missing"], "stale": st["stale"],
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return DistResult(rank, world, str(out), str(out / shard_name(rank)), start, stop, gen.nfe, gen.extra_passes,
@@ -323,16 +323,20 @@ def _is_comm_error(e: BaseException) -> bool:
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e).lower()
-    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe"))
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket",
+                                   "broken pipe"))
 
 
 def _fail(out: Path, rank: int, world: int, manifest: dict, what: str, e: BaseException, timeout_s: float) -> None:
-    st = shard_status(out) if (out / MANIFEST).exists() else {"missing": [shard_name(r) for r in range(world)], "stale": []}
+    missing = {"missing": [shard_name(r) for r in range(world)], "stale": []}
+    st = shard_status(out) if (out / MANIFEST).exists() else missing
     if rank == 0:
         with contextlib.suppress(OSError):
             save_json(out / MANIFEST, {**manifest, "status": "failed", "missing": st["missing"], "stale": st["stale"],
-                                       "error": f"rank 0: {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
-    msg = (f"rank {rank} of {world}: {what}; another rank probably died or stalled (collective timeout {timeout_s:g} s). "
+                                       "error": f"rank 0: {what}: {type(e).__name__}: "
+                                                f"{str(e).splitlines()[0] if str(e) else ''}"})
+    msg = (f"rank {rank} of {world}: {what}; another rank probably died or stalled (collective "
+           f"timeout {timeout_s:g} s). "
            f"Missing shards in {out}: {', '.join(st['missing']) or 'none'}. Cause: {type(e).__name__}: "
            f"{(str(e).splitlines() or [''])[0][:300]}")
     raise DistributedSamplingError(msg) from e
@@ -387,7 +391,8 @@ def merge_shards(out_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
         if st["stale"]:
             parts.append(f"stale (from another run) {', '.join(st['stale'])}")
         bad = len(st["missing"]) + len(st["stale"])
-        raise MissingShardsError(f"cannot merge {str(d)!r}: {bad} of {m['world_size']} shards unusable: {'; '.join(parts)} "
+        raise MissingShardsError(f"cannot merge {str(d)!r}: {bad} of {m['world_size']} shards "
+                                 f"unusable: {'; '.join(parts)} "
                                  f"(manifest status: {m.get('status')}); rerun the job with the same configuration")
     samples, gammas, sigmas = [], None, None
     for s in sorted(m["shards"], key=lambda s: s["start"]):
@@ -400,7 +405,8 @@ def merge_shards(out_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
             if gammas is None:
                 gammas, sigmas = g, z["sigmas"]
             elif g.shape != gammas.shape or not np.allclose(g, gammas, rtol=1e-9, atol=1e-12):
-                raise ValueError(f"{s['file']}: its gamma trajectory differs from the other shards' (the ranks were not "
+                raise ValueError(f"{s['file']}: its gamma trajectory differs from the other "
+                                 "shards' (the ranks were not "
                                  "synchronized)")
     x = np.concatenate(samples)
     if x.shape[0] != m["n"]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from .models.registry import ModelSpec
+from .plan import SamplingPlan, make_plan
 from .sampling import SampleResult, prior_noise, sample
-from .schedules import get_sigmas
-from .solvers import get_solver, steps_for_nfe
+from .stabilizers import Stabilizer
 
 __all__ = ["generate", "Generation"]
 
@@ -30,13 +30,14 @@ class Generation:
 
 def generate(
     spec: ModelSpec,
+    plan: SamplingPlan | None = None,
     *,
     solver: str = "dpmpp_2m",
     nfe: int = 10,
     schedule: str = "karras",
     n: int = 1000,
     seed: int = 0,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
@@ -47,7 +48,11 @@ def generate(
     callback: Callable[[dict], None] | None = None,
     device: str | torch.device | None = None,
 ) -> Generation:
-    """Draw ``n`` samples from ``spec`` with ``solver`` within ``nfe`` model passes per sample.
+    """Draw ``n`` samples from ``spec`` by ``plan`` (solver, noise levels and, calibrated, gammas).
+
+    Without a plan, :func:`~steindiff.plan.make_plan` makes the plain one of ``solver`` within ``nfe``
+    model passes per sample on ``schedule`` (``rho``, ``solver_options``; ``sigmas`` overrides the
+    schedule).  A plan's gammas apply unless a ``stabilizer`` is given (then the plan may have none).
 
     The initial noise for all ``n`` samples comes from ``seed`` at once (drawn on the CPU, then
     moved), so a sample does not depend on ``batch_size`` unless the stabilizer uses batch statistics,
@@ -55,15 +60,19 @@ def generate(
     model's device (:attr:`ModelSpec.device`), else ``noise``'s, else the CPU.  Given ``noise`` is
     moved there; a model on another device is refused (move it with :meth:`ModelSpec.to`).
     """
-    solver_obj = get_solver(solver, **(solver_options or {}))
+    if plan is None:
+        plan = make_plan(spec.process, solver, nfe, schedule, rho=rho, sigmas=sigmas, solver_options=solver_options)
+    if stabilizer is None:
+        stabilizer = plan.stabilizer()
+    elif plan.stabilizer() is not None:
+        raise ValueError("the plan has calibrated gammas: give either the plan or a stabilizer")
+    sigmas, solver_obj = plan.sigmas, plan.get_solver()
     if device is None:
         device = spec.device or (noise.device if noise is not None else torch.device("cpu"))
     device = torch.device(device)
-    if sigmas is None:
-        steps = steps_for_nfe(solver_obj, nfe)
-        sigmas = get_sigmas(schedule, steps, spec.process, rho=rho)
     if noise is None:
-        noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype, device=device)
+        noise = prior_noise((n, *spec.sample_shape), float(sigmas[0]), spec.process, seed=seed, dtype=dtype,
+                            device=device)
     else:
         noise = noise.to(device)
     bs = n if batch_size is None else int(batch_size)

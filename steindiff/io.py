@@ -67,4 +67,5 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
 
 def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **{k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in arrays.items()})
+        np.savez(tmp, **{k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+                         for k, v in arrays.items()})

@@ -21,14 +21,50 @@ __all__ = [
     "DiscreteVPProcess",
     "ContinuousVPProcess",
     "betas_for_schedule",
+    "vp_alpha",
+    "log_snr",
+    "sigma_from_log_snr",
+    "coordinate_scales",
 ]
+
+
+def vp_alpha(sigma: torch.Tensor | float) -> torch.Tensor | float:
+    """``alpha = 1 / sqrt(1 + sigma^2)``: the VP signal scale at VE noise level ``sigma`` (a float for a
+    float, a tensor of the same dtype for a tensor)."""
+    if isinstance(sigma, torch.Tensor):
+        return torch.rsqrt(1.0 + sigma**2)
+    return 1 / math.sqrt(1 + sigma**2)
+
+
+def log_snr(sigma: torch.Tensor | float) -> torch.Tensor | float:
+    """log-SNR ``lambda = log(alpha / sigma_vp) = -log(sigma_ve)`` (``+inf`` at ``sigma = 0``); a float for
+    a float, a float64 tensor for a tensor."""
+    if isinstance(sigma, torch.Tensor):
+        return -torch.log(sigma.to(torch.float64))
+    return math.inf if sigma == 0 else -math.log(sigma)
+
+
+def sigma_from_log_snr(lam: torch.Tensor | float) -> torch.Tensor:
+    """The VE noise level of log-SNR ``lam`` (inverse of :func:`log_snr`), float64."""
+    return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
+
+
+def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[float, float, float]:
+    """``(alpha_k, alpha_{k-1}, sigma_k)`` of a step from ``sigma`` to ``sigma_next`` in coordinates ``ve``
+    (the state as the solvers carry it: ``alpha = 1``) or ``vp`` (``x_vp = alpha x``, ``sigma_vp = alpha sigma``)."""
+    if coords == "ve":
+        return 1.0, 1.0, sigma
+    if coords == "vp":
+        a, a_next = vp_alpha(sigma), vp_alpha(sigma_next)
+        return a, a_next, a * sigma
+    raise ValueError(f"coords must be 've' or 'vp', got {coords!r}")
 
 
 class NoiseProcess:
     """A diffusion forward process, parameterized by the VE noise level ``sigma``.
 
-    Subclasses define ``alpha(sigma)`` (the VP signal scale at the time whose VE noise level
-    is ``sigma``).  ``alpha = 1 / sqrt(1 + sigma^2)`` for every variance-preserving process.
+    The default is variance preserving: ``alpha(sigma)`` (the VP signal scale at the time whose VE
+    noise level is ``sigma``) is :func:`vp_alpha` and the prior at ``sigma_max`` is ``x_vp ~ N(0, I)``.
     """
 
     name: str = "process"
@@ -36,8 +72,7 @@ class NoiseProcess:
     sigma_max: float
 
     def alpha(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        return torch.rsqrt(1.0 + sigma**2)
+        return vp_alpha(torch.as_tensor(sigma, dtype=torch.float64))
 
     def sigma_vp(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """VP noise std ``sigma_t = alpha_t * sigma_ve``."""
@@ -45,13 +80,10 @@ class NoiseProcess:
         return self.alpha(sigma) * sigma
 
     def lambda_(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """log-SNR ``lambda = log(alpha_t / sigma_t) = -log(sigma_ve)``."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        return -torch.log(sigma)
+        """:func:`log_snr` of ``sigma`` as a float64 tensor."""
+        return log_snr(torch.as_tensor(sigma, dtype=torch.float64))
 
-    @staticmethod
-    def sigma_from_lambda(lam: torch.Tensor | float) -> torch.Tensor:
-        return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
+    sigma_from_lambda = staticmethod(sigma_from_log_snr)
 
     def to_ve(self, x_vp: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """``x_ve = x_vp / alpha``."""
@@ -62,12 +94,9 @@ class NoiseProcess:
         return x_ve * self.alpha(sigma).to(x_ve.dtype)
 
     def prior_scale(self, sigma_max: float) -> float:
-        """Std of the VE state at ``sigma_max`` for unit-variance data-free noise.
-
-        For VP processes the prior is ``x_vp ~ N(0, I)``, so ``x_ve = eps / alpha``; for VE
-        processes the prior is ``x_ve ~ N(0, sigma_max^2 I)``.
-        """
-        return float(sigma_max)
+        """Std of the VE state at ``sigma_max`` for unit-variance data-free noise: the prior is
+        ``x_vp ~ N(0, I)``, so ``x_ve = eps / alpha`` (``sqrt(1 + sigma_max^2)``)."""
+        return math.sqrt(1.0 + float(sigma_max) ** 2)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g})"
@@ -85,6 +114,10 @@ class VEProcess(NoiseProcess):
 
     def alpha(self, sigma: torch.Tensor | float) -> torch.Tensor:
         return torch.ones_like(torch.as_tensor(sigma, dtype=torch.float64))
+
+    def prior_scale(self, sigma_max: float) -> float:
+        """The prior is ``x_ve ~ N(0, sigma_max^2 I)``."""
+        return float(sigma_max)
 
 
 def betas_for_schedule(
@@ -172,9 +205,6 @@ class DiscreteVPProcess(NoiseProcess):
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return idx + w
 
-    def prior_scale(self, sigma_max: float) -> float:
-        return math.sqrt(1.0 + float(sigma_max) ** 2)
-
 
 class ContinuousVPProcess(NoiseProcess):
     """Continuous-time VP process on ``t in [eps, 1]`` (Song et al. 2021).
@@ -224,6 +254,3 @@ class ContinuousVPProcess(NoiseProcess):
         s = self.cosine_s
         c = torch.exp(log_a + math.log(math.cos(s / (1 + s) * math.pi / 2)))
         return torch.acos(c.clamp(-1, 1)) * 2 / math.pi * (1 + s) - s
-
-    def prior_scale(self, sigma_max: float) -> float:
-        return math.sqrt(1.0 + float(sigma_max) ** 2)

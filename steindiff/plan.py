@@ -9,13 +9,14 @@ update ``x_{k+1} = x_k - gamma_k (x_k - T(x_k))`` (SteinDiff, Alg. 1, with a fix
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from .noise import NoiseProcess
 from .schedules import get_sigmas, validate_sigmas
 from .solvers import Solver, get_solver, steps_for_nfe
+from .stabilizers.schedule import GammaSchedule
 
 __all__ = ["SamplingPlan", "make_plan"]
 
@@ -53,12 +54,10 @@ class SamplingPlan:
         """Model passes per sample of one solve."""
         return self.get_solver().nfe(self.sigmas)
 
-    def stabilizer(self) -> Any | None:
+    def stabilizer(self) -> GammaSchedule | None:
         """The per-step rescaling this plan applies (``None``: plain solver, or every ``gamma`` is 1)."""
         if self.gammas is None or all(g == 1.0 for g in self.gammas):
             return None
-        from .stabilizers.schedule import GammaSchedule
-
         return GammaSchedule(self.gammas, self.coords, {"name": self.meta.get("name", "calibrated")})
 
 

@@ -1,10 +1,14 @@
-"""The sampling loop: run a solver (optionally wrapped by a stabilizer) over a sigma schedule."""
+"""The sampling loop: run a solver (optionally wrapped by a stabilizer) over a sigma schedule.
+
+:func:`steps` is the loop itself, one :class:`StepEvent` per step; :func:`sample` runs it to the end
+(samples, NFE, trace, wall time) and everything else that solves (generation, calibration, the
+diagnostics) goes through one of the two."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -13,8 +17,9 @@ from .device import check_model_device
 from .noise import NoiseProcess, VEProcess
 from .schedules import validate_sigmas
 from .solvers import Denoise, Solver, Step, StepOperator, get_solver
+from .stabilizers import Stabilizer
 
-__all__ = ["sample", "advance", "SampleResult", "prior_noise"]
+__all__ = ["sample", "steps", "StepEvent", "SampleResult", "prior_noise"]
 
 
 @dataclass
@@ -51,44 +56,45 @@ def prior_noise(
     return eps * scale
 
 
-def advance(op: StepOperator, x: torch.Tensor, stabilizer: Any | None = None) -> tuple[torch.Tensor, Step, dict | None]:
-    """One step of the loop: ``T(x)`` of the step operator, or the stabilizer wrapping it
-    (``(x_next, step, trace record or None)``)."""
-    if stabilizer is None:
-        with torch.no_grad():
-            step = op(x)
-        return step.x_next, step, None
-    return stabilizer.step(op, x)
+@dataclass
+class StepEvent:
+    """One step of a solve, as :func:`steps` yields it: the step operator ``op`` (the solver's history
+    at the step's input, its :class:`~steindiff.solvers.Denoise` counting the passes), the input state
+    ``x``, the new state ``x_next``, the solver's :class:`~steindiff.solvers.Step` and the stabilizer's
+    trace record (``None`` without a stabilizer)."""
+
+    i: int
+    op: StepOperator
+    x: torch.Tensor
+    x_next: torch.Tensor
+    step: Step
+    record: dict | None
 
 
-def sample(
+def steps(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: Sequence[float] | torch.Tensor,
     solver: str | Solver = "euler",
     *,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | None = None,
     extra_args: dict | None = None,
-    callback: Callable[[dict], None] | None = None,
     progress: bool = False,
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
     solver_options: dict | None = None,
-) -> SampleResult:
-    """Solve the PF-ODE from ``x`` (VE state at ``sigmas[0]``) down the schedule ``sigmas``.
+) -> Iterator[StepEvent]:
+    """The sampling loop, one :class:`StepEvent` per step: :func:`sample` and the diagnostics
+    (:func:`steindiff.diagnostics.diagnose`) both run it.  The checks run before the first step.
 
-    ``model(x, sigma, **extra_args)`` is a VE denoiser.  ``stabilizer`` (see
-    :mod:`steindiff.stabilizers`) wraps each step operator: ``stabilizer.step(T, x) ->
-    (x_next, step, record)``, where ``record`` (a dict) goes into the trace.  ``callback`` receives a dict with
-    ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.  The state is kept in
-    ``dtype`` (default: ``x``'s dtype, or float32 for half precision input).
-
-    Everything runs on ``x``'s device; a model whose parameters live elsewhere (or on ``meta``) is
-    refused before any work (:func:`steindiff.device.check_model_device`).
+    ``model(x, sigma, **extra_args)`` is a VE denoiser.  Each step is ``T(x)`` of the solver's step
+    operator or, with a ``stabilizer`` (:class:`~steindiff.stabilizers.Stabilizer`), ``stabilizer.step(T,
+    x) -> (x_next, step, record)``.  The state is kept in ``dtype`` (default: ``x``'s dtype, or float32 for
+    half precision input).  ``progress`` shows a bar; ``check_finite`` refuses NaN or Inf model outputs;
+    ``solver_options`` (e.g. ``order``) go to :func:`~steindiff.solvers.get_solver`.
     """
     check_model_device(model, x)
-    sig = validate_sigmas(sigmas)
-    sig_list = [float(s) for s in sig]
+    sig = [float(s) for s in validate_sigmas(sigmas)]
     solver = get_solver(solver, **(solver_options or {}))
     if dtype is None:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -99,18 +105,42 @@ def sample(
     x = x.to(dtype)
     denoise = Denoise(model, extra_args, check_finite=check_finite)
     state = solver.init_state()
-    n = len(sig_list) - 1
+    for i in tqdm(range(len(sig) - 1), disable=not progress, desc=f"{solver.name}", leave=False):
+        op = StepOperator(solver, denoise, i, sig, state)
+        if stabilizer is None:
+            with torch.no_grad():
+                step = op(x)
+            x_next, record = step.x_next, None
+        else:
+            x_next, step, record = stabilizer.step(op, x)
+        yield StepEvent(i, op, x, x_next, step, record)
+        x, state = x_next, step.state
+
+
+def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
+           solver: str | Solver = "euler", *, callback: Callable[[dict], None] | None = None,
+           **options) -> SampleResult:
+    """Solve the PF-ODE from ``x`` (VE state at ``sigmas[0]``) down the schedule ``sigmas``.
+
+    ``options``: ``stabilizer``, ``extra_args``, ``progress``, ``dtype``, ``check_finite`` and
+    ``solver_options`` of :func:`steps`.  The stabilizer's records make the trace.  ``callback`` receives
+    a dict with ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.
+
+    Everything runs on ``x``'s device; a model whose parameters live elsewhere (or on ``meta``) is
+    refused before any work (:func:`steindiff.device.check_model_device`).
+    """
     trace: list[dict] = []
     extra_passes = 0
     t0 = time.perf_counter()
-    for i in tqdm(range(n), disable=not progress, desc=f"{solver.name}", leave=False):
-        x_next, step, record = advance(StepOperator(solver, denoise, i, sig_list, state), x, stabilizer)
-        if record is not None:
-            extra_passes += int(record.get("extra_passes", 0))
-            trace.append(record)
+    for ev in steps(model, x, sigmas, solver, **options):
+        if ev.record is not None:
+            extra_passes += int(ev.record.get("extra_passes", 0))
+            trace.append(ev.record)
         if callback is not None:
-            callback({"step": i, "sigma": sig_list[i], "sigma_next": sig_list[i + 1], "x": x_next, "denoised": step.denoised})
-        x, state = x_next, step.state
+            callback({"step": ev.i, "sigma": ev.op.sigma, "sigma_next": ev.op.sigma_next, "x": ev.x_next,
+                      "denoised": ev.step.denoised})
+    x = ev.x_next
     if x.is_cuda:  # the wall time of the whole solve, not of its kernel launches
         torch.cuda.synchronize(x.device)
-    return SampleResult(x=x, nfe=denoise.calls, extra_passes=extra_passes, trace=trace, wall_s=time.perf_counter() - t0)
+    return SampleResult(x=x, nfe=ev.op.denoise.calls, extra_passes=extra_passes, trace=trace,
+                        wall_s=time.perf_counter() - t0)

@@ -30,7 +30,8 @@ def validate_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sigmas must be positive except a final 0, got {s.tolist()}")
     if (s[1:] >= s[:-1]).any():
         i = int(torch.nonzero(s[1:] >= s[:-1])[0])
-        raise ValueError(f"sigmas must be strictly decreasing: sigmas[{i}]={s[i]:.6g} <= sigmas[{i + 1}]={s[i + 1]:.6g}")
+        raise ValueError(f"sigmas must be strictly decreasing: sigmas[{i}]={s[i]:.6g} <= "
+                         f"sigmas[{i + 1}]={s[i + 1]:.6g}")
     return s
 
 
@@ -38,7 +39,8 @@ def _append_zero(s: torch.Tensor, final_zero: bool) -> torch.Tensor:
     return torch.cat([s, s.new_zeros(1)]) if final_zero else s
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, final_zero: bool = True) -> torch.Tensor:
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                  final_zero: bool = True) -> torch.Tensor:
     """Karras et al. 2022, Eq. 5: ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho``."""
     _check(n, sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -49,7 +51,8 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, 
 def logsnr_sigmas(n: int, sigma_min: float, sigma_max: float, final_zero: bool = True) -> torch.Tensor:
     """Uniform steps in log-SNR ``lambda = -log sigma`` (Lu et al. 2022, DPM-Solver, Sec. 3.3)."""
     _check(n, sigma_min, sigma_max)
-    return _append_zero(torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)), final_zero)
+    return _append_zero(torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)),
+                        final_zero)
 
 
 def time_sigmas(n: int, process: NoiseProcess, final_zero: bool = True) -> torch.Tensor:

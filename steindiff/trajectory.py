@@ -25,8 +25,8 @@ validation part, and a candidate (closed form, refined) replaces the plain solve
 closer to the reference on the validation part *and* its residual noise (:func:`residual_noise`) is
 no farther from the reference's than the plain solver's is, or within ``residual_tolerance`` of it
 (more means leftover noise, less means over-smoothed samples), and its samples as a set are no farther
-from the reference's than the plain solver's are (sliced Wasserstein-2).  A calibration that cannot beat the plain solver
-returns the plain plan (all gammas 1) and says so.
+from the reference's than the plain solver's are (sliced Wasserstein-2).  A calibration that cannot beat the plain
+solver returns the plain plan (all gammas 1) and says so.
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import sliced_w2
+from .noise import coordinate_scales
 from .plan import SamplingPlan
 from .sampling import sample
 from .schedules import logsnr_sigmas
-from .solvers import Denoise, StepOperator
-from .stabilizers.base import coordinate_scales, dot, rescaled_update
+from .solvers import Step, StepOperator
+from .stabilizers.base import dot, rescaled_update
 from .stabilizers.schedule import GammaSchedule
 
 __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", "residual_noise", "fit_trajectory",
@@ -106,6 +107,28 @@ def _solve(model, x, plan: SamplingPlan, extra_args: dict | None) -> torch.Tenso
     return sample(model, x, plan.sigmas, plan.get_solver(), stabilizer=plan.stabilizer(), extra_args=extra_args).x
 
 
+class _TowardsReference:
+    """Eq. (1) as a stabilizer: each step's gamma from the reference solution at the step's next level."""
+
+    def __init__(self, ref: ReferenceSolve, coords: str, gamma_bounds: tuple[float, float]):
+        self.ref, self.coords, self.bounds, self.gammas = ref, coords, gamma_bounds, []
+
+    def step(self, op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, None]:
+        with torch.no_grad():
+            st = op(x)
+        a, a_next, _ = coordinate_scales(self.coords, op.sigma, op.sigma_next)
+        x_c = a * x
+        u = x_c - a_next * st.x_next
+        g = 1.0
+        if op.sigma_next > 0:
+            target = self.ref.at(op.sigma_next).to(x.dtype)
+            uu = float(dot(u, u).sum())
+            g = float(dot(u, x_c - a_next * target).sum()) / uu if uu > 0 else 1.0
+            g = min(max(g, self.bounds[0]), self.bounds[1]) if math.isfinite(g) else 1.0
+        self.gammas.append(g)
+        return rescaled_update(x_c, u, g, a_next).to(x.dtype), st, None
+
+
 def closed_form_gammas(model: Callable[..., torch.Tensor], noise: torch.Tensor, plan: SamplingPlan,
                        ref: ReferenceSolve, *, gamma_bounds: tuple[float, float] = (0.5, 1.5),
                        extra_args: dict | None = None) -> list[float]:
@@ -113,28 +136,9 @@ def closed_form_gammas(model: Callable[..., torch.Tensor], noise: torch.Tensor, 
     one step at a time along the coarse solve that uses the gammas found so far.  In the plan's
     coordinates (``x_c = alpha_k x``): ``gamma_k = sum <u, x_c - alpha_{k+1} x*> / sum ||u||^2``.
     The final step into ``sigma = 0`` keeps ``gamma = 1``."""
-    solver = plan.get_solver()
-    denoise = Denoise(model, extra_args)
-    sig = [float(s) for s in plan.sigmas]
-    x, state, gammas = noise, solver.init_state(), []
-    lo, hi = gamma_bounds
-    with torch.no_grad():
-        for i in range(len(sig) - 1):
-            st = StepOperator(solver, denoise, i, sig, state)(x)
-            a, a_next, _ = coordinate_scales(plan.coords, sig[i], sig[i + 1])
-            x_c = a * x
-            u = x_c - a_next * st.x_next
-            if sig[i + 1] == 0:
-                g = 1.0
-            else:
-                target = ref.at(sig[i + 1]).to(x.dtype)
-                uu = float(dot(u, u).sum())
-                g = float(dot(u, x_c - a_next * target).sum()) / uu if uu > 0 else 1.0
-                g = min(max(g, lo), hi) if math.isfinite(g) else 1.0
-            gammas.append(g)
-            x = rescaled_update(x_c, u, g, a_next).to(x.dtype)
-            state = st.state
-    return gammas
+    towards = _TowardsReference(ref, plan.coords, gamma_bounds)
+    sample(model, noise, plan.sigmas, plan.get_solver(), stabilizer=towards, extra_args=extra_args)
+    return towards.gammas
 
 
 def residual_noise(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: float,
@@ -219,9 +223,11 @@ class _Params:
 
 
 def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torch.Tensor, base: SamplingPlan,
-           gammas0: list[float], *, fit: str = "both", sigma_floor: float, gamma_bounds: tuple[float, float] = (0.5, 1.5),
+           gammas0: list[float], *, fit: str = "both", sigma_floor: float,
+           gamma_bounds: tuple[float, float] = (0.5, 1.5),
            reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
-           max_seconds: float = 60.0, extra_args: dict | None = None, progress: bool = False) -> tuple[SamplingPlan, dict]:
+           max_seconds: float = 60.0, extra_args: dict | None = None,
+           progress: bool = False) -> tuple[SamplingPlan, dict]:
     """Fit the plan's gammas and/or interior noise levels so that its final samples from ``noise`` come
     close to ``target`` (the reference solve's), by bounded least squares (``scipy.optimize.least_squares``,
     trust-region reflective, Jacobian by finite differences of whole solves, no gradients of the model).
@@ -229,8 +235,8 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
     Objective: ``||x_N(theta) - target||^2 / ||x_N(base) - target||^2``, plus a data-free residual-noise
     term ``reg_residual log(R(x_N) / R(target))^2`` with ``R(x) = ||D(x, sigma_floor) - x||`` (samples that
     one more denoising pass moves more than it moves the reference's carry residual noise; less, and
-    they are over-smoothed; one extra model pass per solve), plus the regularisers of :meth:`_Params.penalty`.  Stops after
-    ``max_solves`` solves or ``max_seconds``, keeping the best theta.
+    they are over-smoothed; one extra model pass per solve), plus the regularisers of :meth:`_Params.penalty`.  Stops
+    after ``max_solves`` solves or ``max_seconds``, keeping the best theta.
     """
     from scipy.optimize import least_squares
 
@@ -339,7 +345,8 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     def part(sl: slice) -> dict | None:
         if not extra_args:
             return extra_args
-        return {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v) for k, v in extra_args.items()}
+        return {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
+                for k, v in extra_args.items()}
 
     fit_sl, val_sl = slice(0, n_fit), slice(n_fit, n)
     x_fit, x_val = noise[fit_sl], noise[val_sl]

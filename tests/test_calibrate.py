@@ -1,7 +1,6 @@
 """steindiff.calibrate: the trajectory objective's file, the fingerprint, and the cache behind ``auto``."""
 
 import json
-import warnings
 
 import pytest
 import torch

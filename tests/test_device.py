@@ -15,7 +15,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def tiny_unet() -> EDMPrecond:
-    return EDMPrecond(UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), attn_levels=(1,)))).eval().requires_grad_(False)
+    net = UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), attn_levels=(1,)))
+    return EDMPrecond(net).eval().requires_grad_(False)
 
 
 class Placed:
@@ -31,7 +32,8 @@ class Placed:
 def test_resolve_names():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(" CPU ") == torch.device("cpu")
-    assert resolve_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu"))
+    assert resolve_device("auto") == (torch.device("cuda",
+                                                   torch.cuda.current_device()) if CUDA else torch.device("cpu"))
     assert resolve_device(None) == resolve_device("auto")
     for bad in ("tpu", "gpu0", "", "cuda:x"):
         with pytest.raises(DeviceError, match="device"):

@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from steindiff.distributed import (MissingShardsError, merge_shards, sample_distributed, shard_name, shard_range,
-                                   shard_status)
+from steindiff.distributed import (
+    MissingShardsError,
+    merge_shards,
+    sample_distributed,
+    shard_name,
+    shard_range,
+    shard_status,
+)
 from steindiff.generate import generate
 from steindiff.models.registry import load_model
 from steindiff.stabilizers import make_stabilizer
@@ -92,7 +98,8 @@ def test_two_ranks_equal_single_process(two_ranks, tmp_path):
             assert z["indices"].tolist() == list(range(lo, hi))
             np.testing.assert_allclose(z["gammas"], g_single, **GAMMA_TOL)
     m = json.loads((d / "global" / "manifest.json").read_text())
-    assert m["status"] == "complete" and m["world_size"] == 2 and [s["file"] for s in m["shards"]] == [shard_name(0), shard_name(1)]
+    assert m["status"] == "complete" and m["world_size"] == 2
+    assert [s["file"] for s in m["shards"]] == [shard_name(0), shard_name(1)]
 
     # per-sample probes: independent of the world size (world size 1, in this process)
     one = sample_distributed("gmm:image64", tmp_path / "one", stabilizer_name="stein", stabilizer_options=STAB,

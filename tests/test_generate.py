@@ -8,7 +8,8 @@ from steindiff.generate import generate
 from steindiff.models.registry import ModelSpec, load_model
 from steindiff.noise import VEProcess
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -20,7 +20,8 @@ class Counting:
 
     def __call__(self, x, sigma, **extra):
         out = x / (1 + sigma.reshape(-1, *([1] * (x.ndim - 1))) ** 2) if self.fn is None else self.fn(x, sigma)
-        self.calls.append({"x": x.clone(), "sigma": sigma.clone(), "extra": extra, "out": out.clone(), "dtype": x.dtype})
+        self.calls.append({"x": x.clone(), "sigma": sigma.clone(), "extra": extra, "out": out.clone(),
+                           "dtype": x.dtype})
         return out
 
 
@@ -78,7 +79,8 @@ def test_half_precision_input_gets_float32_state(name):
     assert all(c["dtype"] == torch.float32 for c in model.calls)
     # float64 input keeps float64, and an explicit dtype wins
     assert sample(Counting(), x.double(), karras_sigmas(4, 0.05, 10.0), name).x.dtype == torch.float64
-    assert sample(Counting(), x.double(), karras_sigmas(4, 0.05, 10.0), name, dtype=torch.float32).x.dtype == torch.float32
+    assert sample(Counting(), x.double(), karras_sigmas(4, 0.05, 10.0), name,
+                  dtype=torch.float32).x.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_3m", "unipc", "ipndm"])
@@ -102,7 +104,8 @@ def test_callback_every_step(name):
 def test_extra_args_pass_through():
     labels = torch.tensor([3, 1, 4])
     model = Counting()
-    sample(model, torch.randn(3, 2), karras_sigmas(4, 0.05, 10.0), "heun", extra_args={"class_labels": labels, "cfg": 2.5})
+    sample(model, torch.randn(3, 2), karras_sigmas(4, 0.05, 10.0), "heun",
+           extra_args={"class_labels": labels, "cfg": 2.5})
     assert len(model.calls) == 7
     for c in model.calls:
         assert c["extra"]["class_labels"] is labels and c["extra"]["cfg"] == 2.5

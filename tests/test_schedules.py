@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from steindiff import (ContinuousVPProcess, DiscreteVPProcess, VEProcess, get_sigmas, karras_sigmas, logsnr_sigmas,
-                       time_sigmas, validate_sigmas)
+from steindiff import (
+    ContinuousVPProcess,
+    DiscreteVPProcess,
+    VEProcess,
+    get_sigmas,
+    karras_sigmas,
+    logsnr_sigmas,
+    time_sigmas,
+    validate_sigmas,
+)
 
 PROCESSES = [VEProcess(), DiscreteVPProcess(), ContinuousVPProcess("linear"), ContinuousVPProcess("cosine")]
 
@@ -72,7 +80,8 @@ def test_time_sigmas_match_diffusers_trailing():
         sch.set_timesteps(n)
         proc = DiscreteVPProcess()
         ours = time_sigmas(n, proc)
-        np.testing.assert_allclose(proc.sigma_to_t(ours[:-1]).numpy(), sch.timesteps.double().numpy(), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(proc.sigma_to_t(ours[:-1]).numpy(), sch.timesteps.double().numpy(), rtol=0,
+                                   atol=1e-8)
         # diffusers evaluates sqrt((1 - abar) / abar) in float32: 1 - abar loses ~2^-24 / (1 - abar) relative
         np.testing.assert_allclose(ours.numpy(), sch.sigmas.double().numpy(), rtol=1e-5)
         assert ours[-1] == 0 == sch.sigmas[-1]

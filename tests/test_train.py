@@ -1,13 +1,15 @@
 import json
+import os
 import sys
 import warnings
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import steindiff.data as DS
+import steindiff.models.checkpoint as C
 import steindiff.train as T
 from steindiff.models import EDMPrecond, VPDenoiser
 from steindiff.models.registry import load_model
@@ -25,7 +27,7 @@ def tiny_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def digits():
-    return T.load_digits_dataset()
+    return DS.load_digits_dataset()
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +49,23 @@ def test_tiny_run_writes_a_loadable_checkpoint(ckpt):
     assert res.step == 4 and np.isfinite(res.loss)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "train_state.pt"}
     config = json.loads((out / "config.json").read_text())
-    assert config["schema"] == T.CHECKPOINT_SCHEMA
+    assert config["schema"] == C.CHECKPOINT_SCHEMA
     assert config["data"]["shape"] == [1, 8, 8]
     assert config["data"]["holdout"]["n"] == 297 and len(config["data"]["holdout"]["indices"]) == 297
     assert config["data"]["n_train"] == 1500
     assert config["precond"] == {"type": "edm", "sigma_data": 0.5}
     assert config["training"]["step"] == 4 and config["training"]["P_mean"] == -1.2
-    net, cfg = T.load_checkpoint(out)
+    net, cfg = C.load_checkpoint(out)
     assert not net.training
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
 def test_holdout_split_is_fixed_and_disjoint():
-    tr, ho = T.split_indices(1797, 297, 0)
-    tr2, ho2 = T.split_indices(1797, 297, 0)
+    tr, ho = DS.split_indices(1797, 297, 0)
+    tr2, ho2 = DS.split_indices(1797, 297, 0)
     assert np.array_equal(ho, ho2) and len(set(tr) & set(ho)) == 0 and len(tr) + len(ho) == 1797
-    with pytest.raises(T.DataError, match="hold out"):
-        T.split_indices(10, 10, 0)
+    with pytest.raises(DS.DataError, match="hold out"):
+        DS.split_indices(10, 10, 0)
 
 
 def test_load_model_on_checkpoint_folder(ckpt):
@@ -75,7 +77,7 @@ def test_load_model_on_checkpoint_folder(ckpt):
     assert spec.info["heldout"].shape == (297, 1, 8, 8) and spec.info["train"].shape == (1500, 1, 8, 8)
     # the held-out images are exactly the recorded split and never among the training images
     ho = torch.as_tensor(spec.info["config"]["data"]["holdout"]["indices"])
-    assert torch.equal(spec.info["heldout"], T.load_digits_dataset().x[ho])
+    assert torch.equal(spec.info["heldout"], DS.load_digits_dataset().x[ho])
     x = spec.denoiser(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 10.0]))
     assert x.shape == (2, 1, 8, 8)
 
@@ -88,8 +90,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, digits, ckpt):
         T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits)
     res = T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits, resume=True)
     assert res.step == 4
-    a, _ = T.load_checkpoint(out_full)
-    b, _ = T.load_checkpoint(out)
+    a, _ = C.load_checkpoint(out_full)
+    b, _ = C.load_checkpoint(out)
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(va, vb, atol=1e-6), k
 
@@ -98,9 +100,9 @@ def test_resume_rejects_another_architecture(tmp_path, digits):
     out = tmp_path / "r"
     T.train(tiny_cfg(iters=2), out, TINY, progress=False, dataset=digits)
     other = UNetConfig(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,))
-    with pytest.raises(T.CheckpointError, match="architecture differs"):
+    with pytest.raises(C.CheckpointError, match="architecture differs"):
         T.train(tiny_cfg(iters=4), out, other, progress=False, dataset=digits, resume=True)
-    with pytest.raises(T.CheckpointError, match="nothing to resume"):
+    with pytest.raises(C.CheckpointError, match="nothing to resume"):
         T.train(tiny_cfg(iters=4), tmp_path / "none", TINY, progress=False, dataset=digits, resume=True)
 
 
@@ -118,7 +120,7 @@ def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, digits, monk
     monkeypatch.undo()
     assert _files(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    net, cfg = T.load_checkpoint(out)
+    net, cfg = C.load_checkpoint(out)
     assert cfg["training"]["step"] == 2
 
 
@@ -128,7 +130,7 @@ def test_crash_between_the_swap_renames_is_recovered(tmp_path, ckpt):
     os.makedirs(old)
     for name, data in _files(src).items():
         (old / name).write_bytes(data)
-    net, cfg = T.load_checkpoint(tmp_path / "run")  # "run" is missing: its previous copy is restored
+    net, cfg = C.load_checkpoint(tmp_path / "run")  # "run" is missing: its previous copy is restored
     assert (tmp_path / "run" / "model.safetensors").is_file() and not old.exists()
 
 
@@ -141,7 +143,7 @@ def test_ctrl_c_during_training_saves_a_resumable_checkpoint(tmp_path, digits):
 
     with pytest.raises(KeyboardInterrupt):
         T.train(tiny_cfg(iters=10, ckpt_every=100), out, TINY, progress=False, dataset=digits, callback=stop)
-    _, cfg = T.load_checkpoint(out)
+    _, cfg = C.load_checkpoint(out)
     assert cfg["training"]["step"] == 3 and cfg["training"]["stopped_early"]
     res = T.train(tiny_cfg(iters=5, ckpt_every=100), out, TINY, progress=False, dataset=digits, resume=True)
     assert res.step == 5
@@ -167,8 +169,9 @@ def test_class_conditional_training(tmp_path, digits):
     out = spec.denoiser(torch.randn(2, 1, 8, 8), torch.ones(2), class_labels=torch.tensor([3, 7]))
     assert out.shape == (2, 1, 8, 8)
     x = np.random.default_rng(0).uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32)
-    with pytest.raises(T.DataError, match="needs labels"):
-        T.train(tiny_cfg(iters=2), tmp_path / "c2", unet, progress=False, dataset=T.ImageDataset(torch.from_numpy(x), None, "x", "x"))
+    with pytest.raises(DS.DataError, match="needs labels"):
+        T.train(tiny_cfg(iters=2), tmp_path / "c2", unet, progress=False,
+                dataset=DS.ImageDataset(torch.from_numpy(x), None, "x", "x"))
 
 
 class _RandomUNet(T.UNet):
@@ -191,7 +194,7 @@ def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss):
     epsilon prediction on linear betas 1e-4..0.02 over 1000 steps (Ho et al. 2020)."""
     monkeypatch.setattr(T, "UNet", _RandomUNet)
     x = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32))
-    ds = T.ImageDataset(x, None, "x", "x")
+    ds = DS.ImageDataset(x, None, "x", "x")
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(),
                       embedding="fourier" if loss == "edm" else "positional")
     cfg = tiny_cfg(iters=1, batch_size=6, loss=loss, seed=5)
@@ -208,12 +211,14 @@ def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss):
         if loss == "edm":
             sigma = (torch.randn(6, generator=gen) * 1.2 - 1.2).exp().reshape(-1, 1, 1, 1)
             sd = 0.5
-            c_skip, c_out, c_in = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sigma**2 + sd**2).sqrt()
+            c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+            c_in = 1 / (sigma**2 + sd**2).sqrt()
             D = c_skip * (x0 + sigma * noise) + c_out * net(c_in * (x0 + sigma * noise), sigma.log().reshape(-1) / 4)
             expected = ((sigma**2 + sd**2) / (sigma * sd) ** 2 * (D - x0) ** 2).mean()
         else:
             t = torch.randint(0, 1000, (6,), generator=gen)
-            abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float().reshape(-1, 1, 1, 1)
+            abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
+                                 0)[t].float().reshape(-1, 1, 1, 1)
             expected = ((net(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.float()) - noise) ** 2).mean()
         zero_net = ((c_skip * (x0 + sigma * noise) - x0) ** 2 * (sigma**2 + sd**2) / (sigma * sd) ** 2).mean() \
             if loss == "edm" else (noise**2).mean()
@@ -237,7 +242,7 @@ def test_config_that_does_not_match_the_weights(tmp_path, ckpt):
     cfg = json.loads((d / "config.json").read_text())
     cfg["architecture"]["model_channels"] = 16
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(T.CheckpointError, match=r"model\.safetensors.*do not match.*config\.json.*shape mismatch"):
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors.*do not match.*config\.json.*shape mismatch"):
         load_model(str(d))
 
 
@@ -245,23 +250,23 @@ def test_missing_and_corrupt_weights(tmp_path, ckpt):
     d = _copy(ckpt[0], tmp_path / "bad")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(T.CheckpointError, match=r"model\.safetensors: corrupt"):
-        T.load_checkpoint(d)
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: corrupt"):
+        C.load_checkpoint(d)
     (d / "model.safetensors").unlink()
-    with pytest.raises(T.CheckpointError, match=r"model\.safetensors: missing"):
+    with pytest.raises(C.CheckpointError, match=r"model\.safetensors: missing"):
         load_model(str(d))
 
 
 def test_missing_or_invalid_config(tmp_path, ckpt):
     d = _copy(ckpt[0], tmp_path / "bad")
     (d / "config.json").write_text("{not json")
-    with pytest.raises(T.CheckpointError, match=r"config\.json: not valid JSON"):
+    with pytest.raises(C.CheckpointError, match=r"config\.json: not valid JSON"):
         load_model(str(d))  # matched by its model.safetensors
     (d / "config.json").unlink()
-    with pytest.raises(T.CheckpointError, match=r"config\.json: missing"):
-        T.load_checkpoint(d)
+    with pytest.raises(C.CheckpointError, match=r"config\.json: missing"):
+        C.load_checkpoint(d)
     with pytest.raises(FileNotFoundError):
-        T.load_checkpoint(tmp_path / "nowhere")
+        C.load_checkpoint(tmp_path / "nowhere")
 
 
 def test_save_checkpoint_never_replaces_an_unrelated_folder(tmp_path):
@@ -269,7 +274,7 @@ def test_save_checkpoint_never_replaces_an_unrelated_folder(tmp_path):
     d.mkdir()
     (d / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a steindiff checkpoint"):
-        T.save_checkpoint(d, {"schema": T.CHECKPOINT_SCHEMA}, {"w": torch.zeros(1)})
+        C.save_checkpoint(d, {"schema": C.CHECKPOINT_SCHEMA}, {"w": torch.zeros(1)})
     assert (d / "notes.txt").read_text() == "keep me"
 
 
@@ -285,14 +290,14 @@ def test_digits_dataset(digits):
 def test_npy_and_npz(tmp_path):
     x = np.random.default_rng(0).uniform(-1, 1, (5, 3, 4, 4)).astype(np.float32)
     np.save(tmp_path / "a.npy", x)
-    ds = T.load_dataset(tmp_path / "a.npy")
+    ds = DS.load_dataset(tmp_path / "a.npy")
     assert ds.shape == (3, 4, 4) and torch.allclose(ds.x, torch.from_numpy(x))
     np.savez(tmp_path / "b.npz", images=x, labels=np.arange(5))
-    ds = T.load_dataset(tmp_path / "b.npz")
+    ds = DS.load_dataset(tmp_path / "b.npz")
     assert ds.labels.tolist() == [0, 1, 2, 3, 4]
     u8 = np.array([0, 255], dtype=np.uint8).reshape(2, 1, 1, 1).repeat(2, 2).repeat(2, 3)
     np.save(tmp_path / "u.npy", u8)
-    ds = T.load_dataset(tmp_path / "u.npy")
+    ds = DS.load_dataset(tmp_path / "u.npy")
     assert ds.x.min() == -1 and ds.x.max() == 1
 
 
@@ -308,29 +313,29 @@ def test_npy_and_npz(tmp_path):
 def test_bad_arrays(tmp_path, arr, match):
     f = tmp_path / "bad.npy"
     np.save(f, arr)
-    with pytest.raises(T.DataError, match=match) as e:
-        T.load_dataset(f)
+    with pytest.raises(DS.DataError, match=match) as e:
+        DS.load_dataset(f)
     assert str(f) in str(e.value)
 
 
 def test_zero_one_floats_warn(tmp_path):
     np.save(tmp_path / "z.npy", np.random.default_rng(0).uniform(0, 1, (3, 1, 4, 4)).astype(np.float32))
     with pytest.warns(UserWarning, match=r"\[0, 1\]"):
-        T.load_dataset(tmp_path / "z.npy")
+        DS.load_dataset(tmp_path / "z.npy")
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(T.DataError, match="no such file"):
-        T.load_dataset(tmp_path / "missing.npy")
+    with pytest.raises(DS.DataError, match="no such file"):
+        DS.load_dataset(tmp_path / "missing.npy")
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(T.DataError, match="unsupported"):
-        T.load_dataset(tmp_path / "x.txt")
+    with pytest.raises(DS.DataError, match="unsupported"):
+        DS.load_dataset(tmp_path / "x.txt")
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
-    with pytest.raises(T.DataError, match=r"broken\.npy: cannot read"):
-        T.load_dataset(tmp_path / "broken.npy")
+    with pytest.raises(DS.DataError, match=r"broken\.npy: cannot read"):
+        DS.load_dataset(tmp_path / "broken.npy")
     np.savez(tmp_path / "many.npz", a=np.zeros((1, 1, 2, 2)), b=np.zeros((1, 1, 2, 2)))
-    with pytest.raises(T.DataError, match="which array"):
-        T.load_dataset(tmp_path / "many.npz")
+    with pytest.raises(DS.DataError, match="which array"):
+        DS.load_dataset(tmp_path / "many.npz")
 
 
 def test_png_folder(tmp_path):
@@ -338,28 +343,28 @@ def test_png_folder(tmp_path):
 
     d = tmp_path / "imgs"
     d.mkdir()
-    with pytest.raises(T.DataError, match="no .png images"):
-        T.load_dataset(d)
+    with pytest.raises(DS.DataError, match="no .png images"):
+        DS.load_dataset(d)
     for i in range(3):
         Image.fromarray(np.full((6, 4), 50 * i, np.uint8), mode="L").save(d / f"{i}.png")
-    ds = T.load_dataset(d)
+    ds = DS.load_dataset(d)
     assert ds.shape == (1, 6, 4)
     assert torch.allclose(ds.x[1], torch.full((1, 6, 4), 50 / 127.5 - 1))
     Image.fromarray(np.zeros((6, 4, 3), np.uint8)).save(d / "rgb.png")
-    assert T.load_dataset(d).shape == (3, 6, 4)
+    assert DS.load_dataset(d).shape == (3, 6, 4)
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(d / "z_small.png")
-    with pytest.raises(T.DataError, match=r"z_small\.png: size 5x5 differs"):
-        T.load_dataset(d)
+    with pytest.raises(DS.DataError, match=r"z_small\.png: size 5x5 differs"):
+        DS.load_dataset(d)
     (d / "z_small.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(T.DataError, match=r"z_small\.png: not a readable PNG"):
-        T.load_dataset(d)
+    with pytest.raises(DS.DataError, match=r"z_small\.png: not a readable PNG"):
+        DS.load_dataset(d)
 
 
 def test_image_size_must_fit_the_unet(tmp_path):
     x = np.zeros((4, 1, 6, 6), np.float32)
-    ds = T.ImageDataset(torch.from_numpy(x), None, "x", "x")
+    ds = DS.ImageDataset(torch.from_numpy(x), None, "x", "x")
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2, 2), attn_levels=())
-    with pytest.raises(T.DataError, match="not divisible by 4"):
+    with pytest.raises(DS.DataError, match="not divisible by 4"):
         T.train(tiny_cfg(), tmp_path / "o", unet, progress=False, dataset=ds)
 
 
@@ -421,7 +426,7 @@ def test_losses_are_read_back_every_log_every_and_checked(tmp_path, digits, monk
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="loss became nan at step 3"):
         T.train(tiny_cfg(iters=8, log_every=4, ckpt_every=2), out, TINY, progress=False, dataset=digits)
-    net, cfg = T.load_checkpoint(out)  # the checkpoint before the NaN, never one after it
+    net, cfg = C.load_checkpoint(out)  # the checkpoint before the NaN, never one after it
     assert cfg["training"]["step"] == 2 and all(torch.isfinite(p).all() for p in net.parameters())
 
 
@@ -440,5 +445,6 @@ def test_train_on_cuda_and_resume_on_cpu(tmp_path, digits):
     assert all(t.device.type == "cpu" for t in _state_tensors(st))
     res = T.train(tiny_cfg(iters=4), out, TINY, progress=False, dataset=digits, resume=True, device="cpu")
     assert res.step == 4 and np.isfinite(res.loss)
-    res = T.train(tiny_cfg(iters=5, precision="bf16"), out, TINY, progress=False, dataset=digits, resume=True, device="cuda")
+    res = T.train(tiny_cfg(iters=5, precision="bf16"), out, TINY, progress=False, dataset=digits, resume=True,
+                  device="cuda")
     assert res.step == 5 and np.isfinite(res.loss)

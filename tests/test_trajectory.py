@@ -11,8 +11,14 @@ from steindiff.noise import VEProcess
 from steindiff.plan import SamplingPlan, make_plan
 from steindiff.sampling import prior_noise, sample
 from steindiff.schedules import logsnr_sigmas
-from steindiff.trajectory import (ReferenceSolve, _Params, closed_form_gammas, fit_trajectory, reference_solve,
-                                  residual_noise)
+from steindiff.trajectory import (
+    ReferenceSolve,
+    _Params,
+    closed_form_gammas,
+    fit_trajectory,
+    reference_solve,
+    residual_noise,
+)
 
 S = 0.5  # std of the Gaussian data
 

@@ -3,4 +3,5 @@
 from .report import markdown, write_markdown, write_plots
 from .runner import SCHEMA, primary_metric, run_cost, run_grid, summarize, validate_grid, verdict
 
-__all__ = ["SCHEMA", "primary_metric", "run_grid", "run_cost", "summarize", "validate_grid", "verdict", "markdown", "write_markdown", "write_plots"]
+__all__ = ["SCHEMA", "primary_metric", "run_grid", "run_cost", "summarize", "validate_grid", "verdict", "markdown",
+           "write_markdown", "write_plots"]

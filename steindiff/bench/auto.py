@@ -64,5 +64,6 @@ def evaluate_candidates(results: list[dict]) -> list[dict]:
         for c in summ["cells"]:
             c["primary"] = summ["primary"][c["model"]]
         cells.extend(summ["cells"])
-    labels = sorted({c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}") for c in cells if c["stabilizer"] != "none"})
+    labels = sorted({c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}") for c in cells
+                     if c["stabilizer"] != "none"})
     return [auto_rule(cells, lab) for lab in labels]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import atomic_path
+from ..plotting import colormap, figure, panels, save_figure
 
 __all__ = ["markdown", "write_markdown", "write_plots", "label_of"]
 
@@ -25,9 +26,11 @@ NAMES = {"sw2": "excess sliced-W2", "mode_tv": "excess mode TV", "nll": "|NLL �
          "precision": "precision deficit (floor − precision)", "recall": "recall deficit (floor − recall)",
          "memorization": "excess memorization rate"}
 #: Metric tables of the Markdown report and plots, per primary metric.
-TABLES = {"sw2": ("sw2", "nll", "mode_tv"), "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err")}
+TABLES = {"sw2": ("sw2", "nll", "mode_tv"),
+          "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err")}
 PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err")}
-_ORDER = ("sw2", "mode_tv", "nll", "traj_err", "mmd", "digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
+_ORDER = ("sw2", "mode_tv", "nll", "traj_err", "mmd", "digits_fid", "digits_kid", "class_tv", "precision", "recall",
+          "memorization")
 
 
 def _primary(summary: dict, model: str) -> str:
@@ -94,9 +97,11 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         ref = cfg.get("reference", {})
         img = ref.get("image_model_steps")
         kinds = set(summary.get("primary", {}).values())
-        steps = (f"{img}" if kinds == {"digits_fid"} else f"{ref.get('steps')} ({img} for image models)") if img is not None else f"{ref.get('steps')}"
+        steps = (f"{img}" if kinds == {"digits_fid"}
+                 else f"{ref.get('steps')} ({img} for image models)") if img is not None else f"{ref.get('steps')}"
         lines.append(f"Schema `{result.get('schema')}`; N = {cfg.get('n')} samples per configuration, seeds "
-                     f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, {mach.get('dtype', 'float64')} states, "
+                     f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, "
+                     f"{mach.get('dtype', 'float64')} states, "
                      f"trajectory reference: {ref.get('solver')} with {steps} Karras steps from the same noise.")
         if "digits_fid" in kinds:
             lines.append("Image metrics (`steindiff.metrics.image`, samples clamped to [-1, 1]) against the held-out "
@@ -104,13 +109,16 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                          "recall: floor minus value). digits-FID/KID use the project's own digits classifier and are "
                          "comparable only with each other.")
     if result.get("cost"):
-        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after one "
+        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} "
+                     "interleaved repeats after one "
                      "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
     if mach:
-        lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, {mach.get('torch_threads')} torch "
+        lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, "
+                     f"{mach.get('torch_threads')} torch "
                      f"threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")
     if result.get("rows"):
-        lines += ["", "Marks (protocol's comparison rules, against vanilla at the same solver, schedule, NFE and noise): "
+        lines += ["",
+                  "Marks (protocol's comparison rules, against vanilla at the same solver, schedule, NFE and noise): "
                   "`+` helps (lower by more than the seed spread), `−` hurts (higher by more than 2% of vanilla plus "
                   "the spread), `=` tie, `°` vanilla already at the floor (a tie, no room; `°!` the stabilizer is past "
                   "the hurt threshold there), `✗` failed. Values: mean ± standard deviation over seeds. The spread "
@@ -125,8 +133,10 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         lines += [f"## {model}", ""]
         counts = summary["counts"].get(model, {})
         if counts:
-            mnames = [m for m in (_ORDER if p == "sw2" else TABLES[p] + ("memorization",)) if any(m in d for d in counts.values())]
-            lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells with room; % helped of those)", ""]
+            mnames = [m for m in (_ORDER if p == "sw2" else TABLES[p] + ("memorization",
+                                                                         )) if any(m in d for d in counts.values())]
+            lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells "
+                      "with room; % helped of those)", ""]
             rows = []
             for lab in labels:
                 if lab not in counts:
@@ -174,7 +184,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         gam = [g for g in summary["gammas"] if g["model"] == model]
         if gam:
             lines += ["### Gamma per step (all steps of all configurations)", ""]
-            rows = [[f"{g['stabilizer']}/{g['coords']}", _fmt(g["median"]), _fmt(g["p10"]), _fmt(g["p90"]), _fmt(g["min"]),
+            rows = [[f"{g['stabilizer']}/{g['coords']}", _fmt(g["median"]), _fmt(g["p10"]), _fmt(g["p90"]),
+                     _fmt(g["min"]),
                      _fmt(g["max"]), f"{100 * g['frac_outside_0.5_1.5']:.0f}%"] for g in gam]
             lines += _table(["stabilizer", "median", "p10", "p90", "min", "max", "outside [0.5, 1.5]"], rows) + [""]
         fails: dict[tuple, int] = {}
@@ -184,7 +195,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                 fails[k] = fails.get(k, 0) + 1
         if fails:
             lines += ["### Failures (numbers replaced by #)", ""]
-            lines += _table(["stabilizer", "count", "reason"], [[k[0], str(v), k[1].replace("|", "/")] for k, v in sorted(fails.items())]) + [""]
+            lines += _table(["stabilizer", "count", "reason"],
+                            [[k[0], str(v), k[1].replace("|", "/")] for k, v in sorted(fails.items())]) + [""]
     lines += _cost_markdown(summary.get("cost", {}))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -197,12 +209,15 @@ def _calibration_markdown(cs: dict) -> list[str]:
     lines = ["### The calibrated sampler (cal:trajectory)", "",
              f"{cs['cells']} cells calibrated (candidate kept on validation: {chosen}); calibration time per cell on "
              f"its own (fit plus its reference solve): median {_fmt(st.get('median'))} s, max {_fmt(st.get('max'))} s. "
-             f"Distance to the fine solve on validation noise, calibrated / plain: median {_fmt(cs['val_ratio_median'])}; "
-             f"trajectory error on the evaluation seeds, calibrated / plain: median {_fmt(cs['traj_err_ratio_median'])}.",
+             "Distance to the fine solve on validation noise, calibrated / plain: median "
+             f"{_fmt(cs['val_ratio_median'])}; "
+             "trajectory error on the evaluation seeds, calibrated / plain: median "
+             f"{_fmt(cs['traj_err_ratio_median'])}.",
              ""]
     if cs["best_per_nfe"]:
         rows = [[str(b["nfe_budget"]), f"{b['best_vanilla']['solver']} / {b['best_vanilla']['schedule']}",
-                 _fmt(b["best_vanilla"]["excess"]), f"{b['best_calibrated']['solver']} / {b['best_calibrated']['schedule']}",
+                 _fmt(b["best_vanilla"]["excess"]),
+                 f"{b['best_calibrated']['solver']} / {b['best_calibrated']['schedule']}",
                  _fmt(b["best_calibrated"]["excess"]), _fmt(b["ratio"])] for b in cs["best_per_nfe"]]
         lines += [f"Best configuration per NFE budget, excess {cs['metric']} (mean over seeds):", ""]
         lines += _table(["NFE", "best vanilla", "excess", "best calibrated", "excess", "ratio"], rows) + [""]
@@ -218,18 +233,22 @@ def _cost_markdown(cost: dict) -> list[str]:
     lines: list[str] = []
     if cost.get("side_by_side"):
         lines += ["## Cost: wall-clock per sample, side by side (medians of interleaved repeats)", ""]
-        rows = [[e["model"], e["solver"], str(e["nfe_budget"]), e["stabilizer"] + (f" P={e['probes']}" if e["probes"] else ""),
+        rows = [[e["model"], e["solver"], str(e["nfe_budget"]),
+                 e["stabilizer"] + (f" P={e['probes']}" if e["probes"] else ""),
                  str(e["nfe"]), str(e["extra_passes"]), _fmt(e["wall_s_per_sample"]), _fmt(e["ratio"])]
                 for e in cost["side_by_side"]]
-        lines += _table(["model", "solver", "NFE budget", "stabilizer", "NFE", "extra passes", "s / sample", "ratio to none"], rows) + [""]
+        lines += _table(["model", "solver", "NFE budget", "stabilizer", "NFE", "extra passes", "s / sample",
+                         "ratio to none"], rows) + [""]
         if cost.get("model"):
             lines += ["Cost model `ratio(P) = a + b·P` fitted to the `stein` ratios (a: fixed overhead of the "
                       "differentiable step, b: one more probe, in units of a vanilla solve):", ""]
             lines += _table(["model", "solver", "NFE budget", "a", "b"],
-                            [[m["model"], m["solver"], str(m["nfe_budget"]), _fmt(m["a"]), _fmt(m["b"])] for m in cost["model"]]) + [""]
+                            [[m["model"], m["solver"], str(m["nfe_budget"]), _fmt(m["a"]),
+                              _fmt(m["b"])] for m in cost["model"]]) + [""]
     if cost.get("grid"):
         lines += ["## Cost within the grid (ratio to the vanilla solve of the same configuration, run just before it; "
-                  "single runs, and the stabilizers' timings include the per-step `rho` diagnostic, an exact divergence "
+                  "single runs, and the stabilizers' timings include the per-step `rho` "
+                  "diagnostic, an exact divergence "
                   "of the mixture's denoiser: the side-by-side `--cost` figures leave it out)", ""]
         rows = [[g["model"], g["stabilizer"] + (f" P={g['probes']}" if g["probes"] else ""), _fmt(g["median_ratio"]),
                  f"{_fmt(g['min_ratio'])}–{_fmt(g['max_ratio'])}", str(g["pairs"])] for g in cost["grid"]]
@@ -251,41 +270,15 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
 
-def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return str(path)
-
-
-def _grid_axes(n: int, ncols: int = 3, w: float = 4.2, h: float = 3.2):
-    import matplotlib.pyplot as plt
-
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
-
-
 def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str] | None = None) -> list[str]:
     """PNG plots into ``outdir`` (created if missing); returns the paths.
 
     ``{metric}_vs_nfe_{model}_{schedule}.png``: excess metric against NFE budget, one panel per solver,
-    one line per stabilizer (error bars: seed std; log y, values <= 0 drawn at the bottom).  ``gamma_{model}_{schedule}_{coords}.png``:
-    gamma against step for every non-vanilla stabilizer (rows) and solver (columns), one line per NFE
-    (mean over seeds).  ``cost_quality_{model}.png``: excess of the primary metric against wall-clock
-    seconds per sample.  ``metrics``: default :data:`PLOTS` of the model's primary metric.
+    one line per stabilizer (error bars: seed std; log y, values <= 0 drawn at the bottom).
+    ``gamma_{model}_{schedule}_{coords}.png``: gamma against step for every non-vanilla stabilizer (rows) and solver
+    (columns), one line per NFE (mean over seeds).  ``cost_quality_{model}.png``: excess of the primary metric against
+    wall-clock seconds per sample.  ``metrics``: default :data:`PLOTS` of the model's primary metric.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     cells = summary["cells"]
@@ -296,7 +289,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
         labels = _labels(mc)
         p = _primary(summary, model)
         names = _names(result, p)
-        colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+        colors = {lab: colormap("tab10")(i % 10) for i, lab in enumerate(labels)}
         solvers = sorted({c["solver"] for c in mc}, key=lambda s: solvers_cfg.index(s) if s in solvers_cfg else 99)
         for schedule in sorted({c["schedule"] for c in mc}):
             for metric in (PLOTS.get(p, (p,)) if metrics is None else metrics):
@@ -304,10 +297,11 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 if not sc:
                     continue
                 lo = _floor_value(sc, metric)
-                fig, axes = _grid_axes(len(solvers))
+                fig, axes = panels(len(solvers))
                 for ax, solver in zip(axes, solvers):
                     for lab in labels:
-                        pts = sorted((c["nfe_budget"], c["excess"][metric]) for c in sc if c["solver"] == solver and label_of(c) == lab)
+                        pts = sorted((c["nfe_budget"],
+                                      c["excess"][metric]) for c in sc if c["solver"] == solver and label_of(c) == lab)
                         if not pts:
                             continue
                         x = [p[0] for p in pts]
@@ -323,24 +317,27 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                     ax.grid(alpha=0.3)
                 axes[0].set_ylabel(names[metric].split(" (")[0])
                 axes[0].legend(fontsize=7)
-                fig.suptitle(f"{model}: {names[metric]} vs NFE (mean ± seed std; values <= 0 drawn at the bottom)", fontsize=11)
+                fig.suptitle(f"{model}: {names[metric]} vs NFE (mean ± seed std; values <= 0 drawn at the bottom)",
+                             fontsize=11)
                 fig.tight_layout()
-                paths.append(_save(fig, out / f"{metric}_vs_nfe_{_slug(model)}_{schedule}.png"))
+                paths.append(save_figure(fig, out / f"{metric}_vs_nfe_{_slug(model)}_{schedule}.png", dpi=80))
             for coords in sorted({c["coords"] for c in mc if c["coords"] != "-"}):
                 stabs = [lab for lab in labels if lab.endswith(f"/{coords}")]
                 gc = [c for c in mc if c["schedule"] == schedule and label_of(c) in stabs and "gamma_mean" in c]
                 if not gc:
                     continue
                 nfes = sorted({c["nfe_budget"] for c in gc})
-                cmap = plt.cm.viridis(np.linspace(0, 0.9, len(nfes)))
-                fig, axes = plt.subplots(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)), squeeze=False)
+                cmap = colormap("viridis")(np.linspace(0, 0.9, len(nfes)))
+                fig, axes = figure(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)),
+                                   squeeze=False)
                 for i, lab in enumerate(stabs):
                     for j, solver in enumerate(solvers):
                         ax = axes[i][j]
                         ax.axhspan(0.5, 1.5, color="0.9")
                         ax.axhline(1.0, color="0.5", lw=0.8)
                         for k, nfe in enumerate(nfes):
-                            c = next((c for c in gc if c["solver"] == solver and label_of(c) == lab and c["nfe_budget"] == nfe), None)
+                            c = next((c for c in gc if c["solver"] == solver and label_of(c) == lab
+                                      and c["nfe_budget"] == nfe), None)
                             if c is not None:
                                 g = c["gamma_mean"]
                                 ax.plot(range(len(g)), g, marker="o", ms=2.5, lw=1, color=cmap[k], label=f"NFE {nfe}")
@@ -353,11 +350,11 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 axes[0][0].legend(fontsize=6)
                 fig.suptitle(f"{model}, {schedule}, {coords}: gamma per step (seed mean; band [0.5, 1.5])", fontsize=11)
                 fig.tight_layout()
-                paths.append(_save(fig, out / f"gamma_{_slug(model)}_{schedule}_{coords}.png"))
+                paths.append(save_figure(fig, out / f"gamma_{_slug(model)}_{schedule}_{coords}.png", dpi=80))
         # equal compute: quality against wall-clock seconds per sample
         qc = [c for c in mc if p in c["excess"] and c["wall_s_per_sample"]]
         if qc:
-            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+            fig, ax = figure(figsize=(6.5, 4.5))
             for lab in labels:
                 pts = [(c["wall_s_per_sample"], c["excess"][p]["mean"]) for c in qc if label_of(c) == lab]
                 if pts:
@@ -372,7 +369,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
             ax.legend(fontsize=7)
             ax.set_title(f"{model}: quality against compute (every cell)", fontsize=10)
             fig.tight_layout()
-            paths.append(_save(fig, out / f"cost_quality_{_slug(model)}.png"))
+            paths.append(save_figure(fig, out / f"cost_quality_{_slug(model)}.png", dpi=80))
     return paths
 
 

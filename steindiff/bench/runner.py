@@ -36,6 +36,7 @@ Conventions (documented here once, used by the report and the CLI):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import os
 import platform
@@ -49,10 +50,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibrate import CALIBRATION_SEED, calibrate, calibrated_plan
+from ..diagnostics import RhoRecorder
 from ..generate import generate
 from ..metrics import mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
-from ..plan import SamplingPlan
+from ..plan import SamplingPlan, make_plan
 from ..sampling import prior_noise
 from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
@@ -74,6 +76,10 @@ METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
 IMAGE_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
 #: At most this many reference steps for image models (a U-Net pass costs far more than a mixture's).
 IMAGE_REF_STEPS = 100
+#: Stabilizers whose rows record their Hutchinson probe count.
+PROBED = ("stein", "stein-tr", "stein-energy")
+#: Stabilizers whose grid rows on mixtures record ``rho`` per step (:class:`~steindiff.diagnostics.RhoRecorder`).
+RHO = ("stein", "stein-tr", "stein-exact", "stein-oracle")
 _IMAGE_KEYS = ("heldout", "heldout_labels", "train")
 
 
@@ -140,7 +146,8 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     for s in stabilizers:
         if s != TRAJECTORY and (s.removeprefix("cal:") not in STABILIZERS or s == "cal:none"):
             raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, {TRAJECTORY} (the "
-                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule calibrated on another batch, "
+                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule "
+                             "calibrated on another batch, "
                              "then applied)")
     for v in nfes:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -165,7 +172,8 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
         specs[m] = spec if device is None else spec.to(device)
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             if s != TRAJECTORY:
-                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes, jacobian_batch=jacobian_batch)
+                make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes,
+                                jacobian_batch=jacobian_batch)
     return specs
 
 
@@ -175,14 +183,13 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
 def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """Where and with what the numbers were measured (absolute times are only comparable within a run);
     on CUDA also the card's name and the CUDA version (:func:`steindiff.device.describe_device`)."""
-    import steindiff
-
+    from .._version import __version__
     from ..device import describe_device
 
     return {
         "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "steindiff": steindiff.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "steindiff": __version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         **describe_device(device or "cpu"), "dtype": "float64",
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -190,7 +197,8 @@ def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
 
 def row_key(row: dict) -> tuple:
     """The configuration a row belongs to (its cell plus its seed)."""
-    return (row["model"], row["solver"], row["schedule"], row["coords"], row["nfe_budget"], row["stabilizer"], row["seed"])
+    return (row["model"], row["solver"], row["schedule"], row["coords"], row["nfe_budget"], row["stabilizer"],
+            row["seed"])
 
 
 def _dtype(spec: ModelSpec) -> torch.dtype:
@@ -254,31 +262,32 @@ def _reason(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {msg[:300]}"
 
 
-def _run_one(spec, noise, sigmas, solver, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
+def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
              calibrated=None) -> dict:
-    row: dict[str, Any] = {"steps": len(sigmas) - 1}
+    row: dict[str, Any] = {"steps": plan.steps}
     try:
         if stab_name == TRAJECTORY:
             # fitted once per cell on calibration noise (``calibrated()``), applied here with no extra pass
-            plan = calibrated()
-            sigmas, stab = plan.sigmas, plan.stabilizer()
+            plan, stab = calibrated(), None  # generate() applies the plan's gammas
             row.update(calibrated_gammas=plan.gammas, calibrated_sigmas=plan.sigmas.tolist(),
                        calibration=_calibration_summary(plan.meta))
         elif stab_name.startswith("cal:"):
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
-            stab = calibrate(spec, solver=solver, sigmas=sigmas, coords=coords, variant=stab_name[4:], n=noise.shape[0],
-                             seed=50_000 + seed, probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
+            stab = calibrate(spec, plan, coords=coords, variant=stab_name[4:], n=noise.shape[0], seed=50_000 + seed,
+                             probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
             row["calibrated_gammas"] = stab.gammas
         else:
-            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
-        gen = generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], stabilizer=stab,
-                       dtype=_dtype(spec))
+            stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed,
+                                   jacobian_batch=jacobian_batch)
+            if stab_name in RHO and model_kind(spec) == "mixture":
+                stab = RhoRecorder(stab, spec.gmm.divergence)
+        gen = generate(spec, plan, noise=noise, n=noise.shape[0], stabilizer=stab, dtype=_dtype(spec))
     except Exception as e:  # a stabilizer that blows up is a result
         return {**row, "nfe": None, "extra_passes": None, "metrics": {}, "wall_s_per_sample": None,
                 "gammas": [], "gamma_raw": [], "rho": [], "status": _reason(e)}
     row.update(nfe=gen.nfe, extra_passes=gen.extra_passes, wall_s_per_sample=gen.wall_s / noise.shape[0])
-    if stab is None:
+    if not gen.trace:  # the plain solver
         row.update(gammas=[1.0] * row["steps"], gamma_raw=[], rho=[])
     else:
         row.update(gammas=[r.get("gamma") for r in gen.trace], gamma_raw=[r.get("gamma_raw") for r in gen.trace],
@@ -333,7 +342,8 @@ def run_grid(
     ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
     ``jacobian_batch``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
-    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device, jacobian_batch)
+    specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device,
+                          jacobian_batch)
     if ref_solver not in SOLVERS or ref_steps < 1:
         raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
     configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
@@ -357,12 +367,10 @@ def run_grid(
             cal_ref: list = []
             cal_config[spec.name] = cal_opts
 
-            def calibrated(solver: str, schedule: str, sigmas: torch.Tensor, spec=spec, cal_opts=cal_opts,
-                           cal_cache=cal_cache, cal_ref=cal_ref):
-                key = (solver, tuple(sigmas.tolist()))
+            def calibrated(base: SamplingPlan, spec=spec, cal_opts=cal_opts, cal_cache=cal_cache, cal_ref=cal_ref):
+                key = (base.solver, tuple(base.sigmas.tolist()))
                 if key not in cal_cache:
                     try:
-                        base = SamplingPlan(solver, sigmas, schedule)
                         plan = calibrated_plan(spec, base, cache_dir=cal_dir, calibrate_missing=False)
                         if plan is base:  # not cached: fit, with the model's shared reference solve
                             if not cal_ref:
@@ -385,19 +393,19 @@ def run_grid(
                 for solver in solvers:
                     for schedule in schedules:
                         for nfe in nfes:
-                            sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
+                            plan = make_plan(spec.process, solver, nfe, schedule)
                             for stab, c in configs:
-                                key = (solver, tuple(sigmas.tolist()), stab, c)
+                                key = (solver, tuple(plan.sigmas.tolist()), stab, c)
                                 base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
                                         "coords": c, "stabilizer": stab, "nfe_budget": nfe, "n": n,
-                                        "probes": probes if stab.removeprefix("cal:") in ("stein", "stein-tr", "stein-energy") else None, "reused": False}
+                                        "probes": probes if stab.removeprefix("cal:") in PROBED else None,
+                                        "reused": False}
                                 if key in done:
                                     row = {**done[key], **base, "reused": True}
                                 else:
-                                    cal = (lambda solver=solver, schedule=schedule, sigmas=sigmas:
-                                           calibrated(solver, schedule, sigmas))
-                                    row = {**base, **_run_one(spec, noise, sigmas, solver, stab, "ve" if c == "-" else c,
-                                                              probes, seed, ref, floors, mmd, jacobian_batch, cal)}
+                                    row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c,
+                                                              probes, seed, ref, floors, mmd, jacobian_batch,
+                                                              functools.partial(calibrated, plan))}
                                     done[key] = row
                                 rows.append(row)
                                 bar.update(1)
@@ -408,7 +416,8 @@ def run_grid(
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
-              "probes": probes, "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+              "probes": probes, "mmd": mmd,
+              "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
     if TRAJECTORY in stabilizers:
         config["calibration"] = cal_config
     if "image" in kinds:
@@ -445,8 +454,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     ``torch.cuda.max_memory_allocated`` of its timed runs (statistics reset before each), and
     ``mem_ratio`` to ``none``'s; on the CPU both are ``None`` (not measured).
 
-    The stabilizers' ``rho`` diagnostic (an exact divergence of the mixture's denoiser per step) is
-    switched off here; the grid's own timings include it.
+    The ``rho`` diagnostic of the grid (an exact divergence of the mixture's denoiser per step) is not
+    measured here; the grid's own timings include it.
     ``stein`` is measured once per probe count in ``probes_list``; other stabilizers once.  Each
     entry has ``ratio`` = median time / median time of ``none`` in the same (model, solver, nfe).
     """
@@ -455,7 +464,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                           jacobian_batch)
     if repeats < 1 or any(p < 1 for p in probes_list):
         raise ValueError("repeats and probe counts must be >= 1")
-    variants = [(s, p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
+    variants = [(s,
+                 p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
     out: list[dict] = []
     bar = tqdm(total=len(models) * len(solvers) * len(nfes) * (repeats + 1) * len(variants), disable=not progress,
                desc="cost", unit="run", mininterval=2.0)
@@ -466,29 +476,26 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                                 dtype=_dtype(spec), device=spec.device or "cpu")
             for solver in solvers:
                 for nfe in nfes:
-                    sigmas = get_sigmas(schedule, steps_for_nfe(get_solver(solver), nfe), spec.process)
+                    base_plan = make_plan(spec.process, solver, nfe, schedule)
                     times: dict[tuple, list[float]] = {v: [] for v in variants}
                     peaks: dict[tuple, list[int]] = {v: [] for v in variants}
                     info: dict[tuple, dict] = {}
                     plan = None
                     if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
                         with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
-                            plan = calibrated_plan(spec, SamplingPlan(solver, sigmas, schedule), cache_dir=tmp,
+                            plan = calibrated_plan(spec, base_plan, cache_dir=tmp,
                                                    dtype=_dtype(spec), **calibration_options(spec))
                     for rep in range(repeats + 1):  # round 0: untimed warm-up
                         for v in variants:
-                            run_sigmas = sigmas
+                            run_plan = base_plan
                             if v[0] == TRAJECTORY:
-                                stab, run_sigmas = plan.stabilizer(), plan.sigmas
+                                stab, run_plan = None, plan  # the plan's gammas
                             else:
                                 stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
                                                        jacobian_batch=jacobian_batch)
-                            if stab is not None and hasattr(stab, "denoiser_divergence"):
-                                stab.denoiser_divergence = None  # rho (exact div D per step) is a diagnostic
                             try:
                                 _reset_peak(noise.device)
-                                gen = generate(spec, solver=solver, sigmas=run_sigmas, noise=noise, n=n, stabilizer=stab,
-                                               dtype=_dtype(spec))
+                                gen = generate(spec, run_plan, noise=noise, n=n, stabilizer=stab, dtype=_dtype(spec))
                                 if rep > 0:
                                     times[v].append(gen.wall_s / n)
                                     peak = _peak(noise.device)
@@ -503,12 +510,15 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     for v in variants:
                         t = statistics.median(times[v]) if times[v] else None
                         pk = max(peaks[v]) if peaks[v] else None
-                        out.append({"model": spec.name, "solver": solver, "schedule": schedule, "coords": coords if v[0] != "none" else "-",
-                                    "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n, "repeats": len(times[v]),
+                        out.append({"model": spec.name, "solver": solver, "schedule": schedule,
+                                    "coords": coords if v[0] != "none" else "-",
+                                    "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n,
+                                    "repeats": len(times[v]),
                                     **info[v], "wall_s_per_sample": t,
                                     "ratio": (t / t_none) if (t is not None and t_none) else None,
                                     "device": str(noise.device), "jacobian_batch": jacobian_batch,
-                                    "peak_mem_bytes": pk, "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
+                                    "peak_mem_bytes": pk,
+                                    "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
     finally:
         bar.close()
     return out
@@ -682,7 +692,8 @@ def summarize(result: dict) -> dict:
             for d in per_label.values():
                 d["helps_pct"] = 100.0 * d["helps"] / d["room"] if d["room"] else None
                 d["hurts_pct"] = 100.0 * (d["hurts"] + d["failed"]) / d["room"] if d["room"] else None
-    return {"cells": list(cells.values()), "primary": primary, "calibration": _calibration_stats(rows, cells, primary, best),
+    return {"cells": list(cells.values()), "primary": primary,
+            "calibration": _calibration_stats(rows, cells, primary, best),
             "best_vanilla": [{"model": m, "nfe_budget": nb, "solver": b["solver"], "schedule": b["schedule"],
                               "nfe": b["nfe"], "metric": primary[m], f"excess_{primary[m]}": b["excess"][primary[m]]}
                              for (m, nb), b in sorted(best.items())],
@@ -746,7 +757,8 @@ def _cost_summary(result: dict) -> dict:
             continue
         v = none.get((r["model"], r["seed"], r["solver"], r["schedule"], r["nfe_budget"]))
         if v is not None and v["wall_s_per_sample"]:
-            ratios.setdefault((r["model"], r["stabilizer"], r["probes"]), []).append(r["wall_s_per_sample"] / v["wall_s_per_sample"])
+            ratios.setdefault((r["model"], r["stabilizer"], r["probes"]),
+                              []).append(r["wall_s_per_sample"] / v["wall_s_per_sample"])
     grid = [{"model": m, "stabilizer": s, "probes": p, "median_ratio": float(np.median(v)),
              "min_ratio": float(np.min(v)), "max_ratio": float(np.max(v)), "pairs": len(v)}
             for (m, s, p), v in sorted(ratios.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]

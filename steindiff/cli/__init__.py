@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from .._version import __version__
 from ..io import to_jsonable
 
 __all__ = ["main", "UsageError", "emit"]
@@ -55,8 +56,9 @@ def emit(args: argparse.Namespace, summary: dict[str, Any], text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="steindiff", description="Fast, stable few-step diffusion sampling with Stein stabilization.")
-    parser.add_argument("--version", action="version", version=f"steindiff {__import__('steindiff').__version__}")
+    parser = argparse.ArgumentParser(prog="steindiff",
+                                     description="Fast, stable few-step diffusion sampling with Stein stabilization.")
+    parser.add_argument("--version", action="version", version=f"steindiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

@@ -5,10 +5,10 @@ comma-separated), then writes the ``steindiff.bench/1`` results (``--json-out FI
 them to stdout instead of the text summary), a Markdown report (``--markdown FILE``) and PNG plots
 (``--plots DIR``).  ``--cost`` measures wall-clock ratios stabilizer/none side by side instead of
 running the grid (stein at each ``--cost-probes`` count, repeats interleaved, medians; on CUDA also
-the peak memory, ``torch.cuda.max_memory_allocated``, and its ratio to none; results under ``"cost"``).  ``--from FILE`` rebuilds the report and plots from saved results without
-sampling.  Every name and output path is checked before any work (exit code 2); a configuration
-that fails is recorded in its row (``status``), not fatal.  Exit codes: 0 success, 1 runtime
-failure, 2 usage.
+the peak memory, ``torch.cuda.max_memory_allocated``, and its ratio to none; results under ``"cost"``).  ``--from FILE``
+rebuilds the report and plots from saved results without sampling.  Every name and output path is checked before any
+work (exit code 2); a configuration that fails is recorded in its row (``status``), not fatal.  Exit codes: 0 success, 1
+runtime failure, 2 usage.
 
 Models: exact-score mixtures (``gmm:<preset>``; float64 states, metrics against the true
 distribution, primary metric sw2) or ``digits`` (the shipped 8x8 U-Net, or a digits checkpoint
@@ -37,13 +37,15 @@ PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run the benchmark grid on exact-score mixtures or the digits U-Net",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "--models", dest="models", default="gmm:image64", help="comma-separated gmm:<preset> names, or digits")
+    p.add_argument("--model", "--models", dest="models", default="gmm:image64",
+                   help="comma-separated gmm:<preset> names, or digits")
     p.add_argument("--solvers", default=PROTOCOL_SOLVERS, help=f"comma-separated, from: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", default="3,4,5,6,8,10", help="comma-separated NFE budgets")
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     p.add_argument("--coords", default="ve,vp", help="stabilizer coordinates, comma-separated: ve, vp")
     p.add_argument("--stabilizers", default="none,stein,stein-sc,stein-oracle",
-                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the calibrated sampler, fitted "
+                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the "
+                        "calibrated sampler, fitted "
                         "once per cell on other noise), or cal:<stabilizer> (its gamma schedule calibrated on another "
                         "batch, then applied)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
@@ -51,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
     p.add_argument("--mmd", action="store_true", help="also compute the RBF MMD and its floor")
     p.add_argument("--ref-solver", default="dpmpp_3m", help="solver of the trajectory reference")
-    p.add_argument("--ref-steps", type=int, default=1000, help="steps of the trajectory reference (Karras; at most 100 for image models)")
+    p.add_argument("--ref-steps", type=int, default=1000,
+                   help="steps of the trajectory reference (Karras; at most 100 for image models)")
     p.add_argument("--calibration-dir", default=None, metavar="DIR",
                    help="cal:trajectory: cache the fitted calibrations here (reused when present; the format of "
                         "`sample --stabilizer auto`'s cache); default: a temporary folder")
@@ -62,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jacobian-batch", type=int, default=None, metavar="N",
                    help="at most N sample-probe pairs per Jacobian pass of a stabilizer (bounds its memory, changes no "
                         "result; default: the whole batch)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N")
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                    help="read results from FILE (a steindiff.bench/1 JSON) instead of running")
     p.add_argument("--json-out", default=None, metavar="FILE", help="write the results JSON to FILE ('-': stdout)")
@@ -177,7 +181,8 @@ def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str
             p = f" P={e['probes']}" if e["probes"] else ""
             mem = f", peak memory {e['mem_ratio']:.2f}x none" if e.get("mem_ratio") is not None else ""
             lines.append(f"  cost {e['model']} {e['solver']} NFE {e['nfe_budget']} {e['stabilizer']}{p}: "
-                         f"{e['ratio']:.2f}x none{mem}" if e["ratio"] is not None else f"  cost {e['stabilizer']}{p}: {e['status']}")
+                         f"{e['ratio']:.2f}x none{mem}" if e["ratio"] is not None
+                         else f"  cost {e['stabilizer']}{p}: {e['status']}")
     for path in (args.json_out, args.markdown):
         if path not in (None, "-"):
             lines.append(f"  wrote {path}")
@@ -201,7 +206,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--probes", str(args.probes), "--ref-solver", args.ref_solver, "--ref-steps", str(args.ref_steps)]
         if args.mmd:
             parts.append("--mmd")
-    for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots), ("--title", args.title)):
+    for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots),
+                   ("--title", args.title)):
         if v is not None:
             parts += [opt, v]
     return " ".join(shlex.quote(p) for p in parts)

@@ -14,17 +14,16 @@ from ..calibrate import CALIBRATION_SEED, OBJECTIVES, calibrate
 from ..io import check_writable
 from ..stabilizers import STABILIZERS
 from ..trajectory import FIT_MODES
-from . import UsageError, emit
-from .common import (DTYPES, add_common, add_device, add_jacobian_batch, add_sampling, check_sampling, device_from_args,
-                     model_on_device)
+from . import UsageError, common, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit a sampler's per-step gammas (and noise levels) once", description=__doc__)
-    add_sampling(p)
+    common.add_sampling(p)
     p.add_argument("--objective", default="trajectory", choices=OBJECTIVES,
                    help="trajectory: follow a fine solve of the model (no data); variant: keep the gammas a "
-                        "stabilizer (--stabilizer) estimates on the calibration batch; reference: fit to --reference data")
+                        "stabilizer (--stabilizer) estimates on the calibration batch; "
+                        "reference: fit to --reference data")
     p.add_argument("--fit", default="both", choices=FIT_MODES,
                    help="trajectory: fit the per-step gammas, the interior noise levels, or both")
     p.add_argument("--stabilizer", default="stein-energy",
@@ -36,13 +35,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "out from evaluation; for gmm:* models 'true' draws them from the mixture")
     p.add_argument("--n", type=int, default=None,
                    help="calibration batch size (default: 512 for trajectory, half of it validates; 1000 otherwise)")
-    p.add_argument("--ref-steps", type=int, default=200, help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR)")
+    p.add_argument("--ref-steps", type=int, default=200,
+                   help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", required=True, help="output JSON file")
-    add_jacobian_batch(p)
-    add_device(p)
-    add_common(p)
+    common.add_jacobian_batch(p)
+    common.add_device(p)
+    common.add_common(p)
     p.set_defaults(func=run, seed=CALIBRATION_SEED)
 
 
@@ -61,12 +61,13 @@ def _load_reference(arg: str, spec) -> torch.Tensor:
         data = data["samples"] if "samples" in data.files else data[data.files[0]]
     arr = torch.as_tensor(np.asarray(data, dtype=np.float64))
     if tuple(arr.shape[1:]) != tuple(spec.sample_shape) and arr[0].numel() != int(np.prod(spec.sample_shape)):
-        raise UsageError(f"reference data {arg!r} has samples of shape {tuple(arr.shape[1:])}, model makes {spec.sample_shape}")
+        raise UsageError(f"reference data {arg!r} has samples of shape {tuple(arr.shape[1:])}, model "
+                         f"makes {spec.sample_shape}")
     return arr
 
 
 def run(args: argparse.Namespace) -> int:
-    check_sampling(args)
+    common.check_sampling(args)
     if args.objective == "variant" and (args.stabilizer not in STABILIZERS or args.stabilizer in ("none", "auto")):
         raise UsageError(f"unknown stabilizer {args.stabilizer!r} for --objective variant; choose one of "
                          f"{', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))}")
@@ -76,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--n must be at least 4 for trajectory (fit and validation halves), got {args.n}")
     if args.ref_steps < 4 or not args.max_seconds > 0:
         raise UsageError(f"--ref-steps must be >= 4 and --max-seconds > 0, got {args.ref_steps} and {args.max_seconds}")
-    device = device_from_args(args)
-    spec = model_on_device(args.model, device)
+    device = common.device_from_args(args)
+    spec = common.model_on_device(args.model, device)
     try:
         check_writable(args.out)
     except OSError as e:
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
                           objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
-                          reference=ref, probes=args.probes, dtype=DTYPES[args.dtype], progress=not args.no_progress,
+                          reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype],
+                          progress=not args.no_progress,
                           rho=args.rho, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
                           jacobian_batch=args.jacobian_batch)
     except ValueError as e:

@@ -19,7 +19,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling(p: argparse.ArgumentParser, *, model_default: str = "gmm:image64") -> None:
-    p.add_argument("--model", default=model_default, help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, or a checkpoint path")
+    p.add_argument("--model", default=model_default,
+                   help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, or a checkpoint path")
     p.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", type=int, default=10, help="model passes per sample (budget)")
     p.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")
@@ -39,9 +40,11 @@ def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True) -> No
                         "costs more time and memory here)")
     add_jacobian_batch(p)
     p.add_argument("--gamma-min", type=float, default=None,
-                   help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 stein-tr, 0.5 stein-energy)")
+                   help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 "
+                        "stein-tr, 0.5 stein-energy)")
     p.add_argument("--gamma-max", type=float, default=None,
-                   help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 stein-tr, 1.5 stein-energy)")
+                   help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 "
+                        "stein-tr, 1.5 stein-energy)")
     if per_sample:
         p.add_argument("--per-sample", action="store_true",
                        help="one gamma per sample from its own statistics, instead of the batch's (works with --n 1)")
@@ -62,9 +65,11 @@ def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) ->
     bs = n if batch_size is None else batch_size
     smallest = min(bs, n % bs or bs)
     if smallest < 2:
-        where = f"--n {n}" + (f" with --batch-size {batch_size} (a batch of {smallest})" if batch_size is not None else "")
+        where = f"--n {n}" + (f" with --batch-size {batch_size} (a batch of {smallest})" if batch_size is not None
+                              else "")
         raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per batch, got {where}; "
-                         "pass --per-sample (one gamma per sample), or --gamma-schedule FILE from `steindiff calibrate`")
+                         "pass --per-sample (one gamma per sample), or --gamma-schedule FILE "
+                         "from `steindiff calibrate`")
 
 
 def check_extension(path: str | None, flag: str, *suffixes: str) -> None:
@@ -141,7 +146,8 @@ def add_device(p: argparse.ArgumentParser) -> None:
     """``--device``: where the model runs (checked before any work by :func:`device_from_args`)."""
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N; the initial noise "
-                        "is drawn on the CPU and moved, so a seed gives the same samples on any device (up to rounding)")
+                        "is drawn on the CPU and moved, so a seed gives the same samples on "
+                        "any device (up to rounding)")
 
 
 def add_jacobian_batch(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,9 @@ import torch
 
 from ..calibrate import calibrated_plan
 from ..generate import generate
-from ..io import atomic_path, save_json
+from ..io import save_json
 from ..plan import make_plan
+from ..plotting import figure, image_grid, save_figure
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS, make_stabilizer, registry
@@ -29,7 +30,8 @@ DEFAULT_STABILIZERS = f"none,{CALIBRATED},stein"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="plain, calibrated and Stein-stabilized sampling side by side on the shipped digits model",
+    p = sub.add_parser("demo",
+                       help="plain, calibrated and Stein-stabilized sampling side by side on the shipped digits model",
                        description=__doc__)
     p.add_argument("--model", default="digits", help="digits (shipped) or a trained checkpoint directory")
     p.add_argument("--solver", default="dpmpp_2m", help=f"the solver of every row, one of: {', '.join(SOLVERS)}")
@@ -38,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stabilizers", default=DEFAULT_STABILIZERS,
                    help=f"comma-separated, from: {CALIBRATED} (the calibrated sampler), {', '.join(STABILIZERS)}")
     p.add_argument("--calibration-dir", default=None,
-                   help="where calibrations not shipped with the model are cached (default: $XDG_CACHE_HOME/steindiff/calibrations)")
+                   help="where calibrations not shipped with the model are cached (default: "
+                        "$XDG_CACHE_HOME/steindiff/calibrations)")
     p.add_argument("--n", type=int, default=400, help="samples per configuration (metrics)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
@@ -95,7 +98,6 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
     from tqdm import tqdm
 
     from ..metrics.image import image_metrics
-    from ..plotting import image_grid
 
     t_start = time.perf_counter()
     rows, grids = [], []
@@ -110,11 +112,11 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                 if name == CALIBRATED or (name == "auto" and registry.AUTO == registry.CALIBRATED):
                     plan = calibrated_plan(spec, plan, cache_dir=args.calibration_dir, progress=not args.no_progress,
                                            notice=lambda m: bar.write(m, file=sys.stderr))
-                    stab = plan.stabilizer()
+                    stab = None  # the plan's gammas
                 else:
                     stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch)
                 try:
-                    gen = generate(spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed, stabilizer=stab)
+                    gen = generate(spec, plan, n=args.n, seed=args.seed, stabilizer=stab)
                     x = gen.x.clamp(-1, 1)
                     m = image_metrics(x, spec, seed=args.seed)
                     status = "ok"
@@ -125,10 +127,11 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                              "extra_passes": gen.extra_passes if gen else None,
                              "wall_s_per_sample": gen.wall_s / args.n if gen else None,
                              "gammas": [r.get("gamma") for r in gen.trace] if gen else None, "metrics": m})
-                grids.append((f"NFE {nfe} {name}", x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
+                grids.append((f"NFE {nfe} {name}",
+                              x[:n_show] if x is not None else torch.zeros(n_show, *spec.sample_shape)))
                 bar.update(1)
     grid_png, plot_png = out / "grid.png", out / "metrics.png"
-    _save_grid(grids, grid_png, image_grid)
+    _save_grid(grids, grid_png)
     _save_plot(rows, nfes, stabs, plot_png, args.solver)
     result = {"schema": "steindiff.demo/1", "model": spec.name, "solver": args.solver, "schedule": args.schedule,
               "n": args.n, "seed": args.seed,
@@ -160,30 +163,18 @@ def _table(rows: list[dict], args: argparse.Namespace, model: str) -> str:
     return "\n".join(lines)
 
 
-def _save_grid(grids, path: Path, image_grid) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(grids), 1, figsize=(6, 0.75 * len(grids) + 0.3))
-    for ax, (label, x) in zip(list(getattr(axes, "flat", [axes])), grids):
+def _save_grid(grids, path: Path) -> None:
+    fig, axes = figure(len(grids), 1, figsize=(6, 0.75 * len(grids) + 0.3), squeeze=False)
+    for ax, (label, x) in zip(axes[:, 0], grids):
         ax.imshow(image_grid(x.cpu(), nrow=x.shape[0]), cmap="gray", vmin=0, vmax=255)
         ax.set_axis_off()
         ax.set_title(label, fontsize=7, loc="left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=150)
 
 
 def _save_plot(rows, nfes, stabs, path: Path, solver: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = figure(figsize=(5, 3.5))
     for name in stabs:
         pts = [(r["nfe"], r["metrics"]["digits_fid"]) for r in rows if r["stabilizer"] == name and r["status"] == "ok"]
         if pts:
@@ -197,6 +188,4 @@ def _save_plot(rows, nfes, stabs, path: Path, solver: str) -> None:
     ax.set_title(f"digits, {solver}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

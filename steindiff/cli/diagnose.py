@@ -15,40 +15,41 @@ import argparse
 from ..diagnostics import diagnose, plot_diagnosis, summarize
 from ..io import check_writable, save_json
 from ..solvers import get_solver, steps_for_nfe
-from . import UsageError, emit
-from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_extension, check_sampling,
-                     device_from_args, load_model_or_usage, model_on_device, stabilizer_from_args)
+from . import UsageError, common, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="local Lipschitz constants of each solver step (contractivity)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling(p)
-    add_stabilizer(p, per_sample=False)  # the diagnostics need one gamma per step
+    common.add_sampling(p)
+    common.add_stabilizer(p, per_sample=False)  # the diagnostics need one gamma per step
     for action in p._actions:
         if "--coords" in action.option_strings:
-            action.help = "coordinates of the reported Lipschitz constants and bounds (and of the stabilizer's statistics)"
+            action.help = ("coordinates of the reported Lipschitz constants and bounds (and of the stabilizer's "
+                           "statistics)")
     p.add_argument("--n", type=int, default=256, help="number of samples (trajectories)")
     p.add_argument("--iters", type=int, default=20, help="Jacobian-product iterations per estimate")
-    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"], help="Lanczos or plain power iteration on J^T J")
+    p.add_argument("--method", default="lanczos", choices=["lanczos", "power"],
+                   help="Lanczos or plain power iteration on J^T J")
     p.add_argument("--jvp", default="auto", choices=["auto", "forward", "double_backward"],
                    help="how Jacobian-vector products are taken (auto: forward mode, else double backward)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per Jacobian-product batch (default: all)")
     p.add_argument("--png", default=None, metavar="FILE", help="write the per-step picture to this PNG file")
-    p.add_argument("--out", default=None, metavar="FILE", help="write the full per-step record (with per-sample values) to this JSON file")
-    add_device(p)
-    add_common(p)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the full per-step record (with per-sample values) to this JSON file")
+    common.add_device(p)
+    common.add_common(p)
     p.set_defaults(func=run)
 
 
 def _check(args: argparse.Namespace) -> None:
-    check_sampling(args)
+    common.check_sampling(args)
     if args.iters < 1:
         raise UsageError(f"--iters must be >= 1, got {args.iters}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_extension(args.png, "--png", ".png")
-    check_extension(args.out, "--out", ".json")
+    common.check_extension(args.png, "--png", ".png")
+    common.check_extension(args.out, "--out", ".json")
     paths = [p for p in (args.png, args.out) if p is not None]
     if len(paths) == 2 and paths[0] == paths[1]:
         raise UsageError("--png and --out name the same file")
@@ -69,15 +70,15 @@ def _fmt(v) -> str:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    device = device_from_args(args)
-    spec = model_on_device(args.model, device)
-    stabilizer = stabilizer_from_args(args, spec)
+    device = common.device_from_args(args)
+    spec = common.model_on_device(args.model, device)
+    stabilizer = common.stabilizer_from_args(args, spec)
     if stabilizer is not None and args.n < 2:
         raise UsageError("a stabilizer's batch statistics need --n >= 2")
     result = diagnose(
         spec, args.solver, args.nfe, args.schedule, args.n, args.seed, args.coords,
         stabilizer=stabilizer, iters=args.iters, method=args.method, jvp=args.jvp, rho=args.rho,
-        dtype=DTYPES[args.dtype], batch_size=args.batch_size, progress=not args.no_progress, device=device,
+        dtype=common.DTYPES[args.dtype], batch_size=args.batch_size, progress=not args.no_progress, device=device,
     )
     result["config"]["stabilizer"] = args.stabilizer
     if args.png is not None:
@@ -90,20 +91,24 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"{cfg['model']}: {cfg['solver']} / {cfg['schedule']} / stabilizer {args.stabilizer}, NFE {cfg['nfe']}, "
              f"n={cfg['n']}, {cfg['coords'].upper()} coords, {cfg['method']} x{cfg['iters']}",
              f"{'step':>4} {'sigma':>8} {'-> next':>8} {'L med':>8} {'L q95':>8} {'L max':>8} {'>1':>6} "
-             f"{'L_D med':>8} {'bound':>8} {'1st-ord':>8}" + (f" {'gamma':>9} {'L_S med':>8} {'L_S max':>8}" if stabilizer is not None else "")]
+             f"{'L_D med':>8} {'bound':>8} {'1st-ord':>8}" + (f" {'gamma':>9} {'L_S med':>8} {'L_S max':>8}"
+                                                              if stabilizer is not None else "")]
     for r in result["steps"]:
         L = r["lipschitz"]
-        line = (f"{r['step']:>4} {r['sigma']:>8.3g} {r['sigma_next']:>8.3g} {L['median']:>8.3g} {L['q95']:>8.3g} {L['max']:>8.3g} "
+        line = (f"{r['step']:>4} {r['sigma']:>8.3g} {r['sigma_next']:>8.3g} {L['median']:>8.3g} "
+                f"{L['q95']:>8.3g} {L['max']:>8.3g} "
                 f"{L['frac_gt_1']:>6.2f} {_fmt(r['lipschitz_D']['median']):>8} "
                 f"{_fmt(r['bound']['median'] if r['bound'] else None):>8} {_fmt(r['bound_first_order']['median']):>8}")
         if stabilizer is not None:
-            line += f" {r['gamma']:>9.3g} {r['lipschitz_stabilized']['median']:>8.3g} {r['lipschitz_stabilized']['max']:>8.3g}"
+            ls = r["lipschitz_stabilized"]
+            line += f" {r['gamma']:>9.3g} {ls['median']:>8.3g} {ls['max']:>8.3g}"
         lines.append(line)
     lines.append(f"  peak median L {s['peak_median']:.3g}, peak max L {s['peak_max']:.3g}, steps with median > 1: "
                  f"{s['steps_with_median_gt_1']}/{cfg['steps']}, trajectory amplification median "
                  f"{s['trajectory_amplification']['median']:.3g}")
     p = result["passes"]
-    lines.append(f"  passes: NFE {p['nfe']}, Lipschitz model passes {p['lipschitz_model_passes']} (JVP {p['jvp']} [{p['jvp_mode']}], VJP {p['vjp']})")
+    lines.append(f"  passes: NFE {p['nfe']}, Lipschitz model passes {p['lipschitz_model_passes']} (JVP {p['jvp']} "
+                 f"[{p['jvp_mode']}], VJP {p['vjp']})")
     for path in (args.png, args.out):
         if path:
             lines.append(f"  wrote {path}")

@@ -17,31 +17,33 @@ import os
 import signal
 from pathlib import Path
 
-from . import UsageError, emit
-from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_extension, check_sampling,
-                     device_from_args, load_model_or_usage, stabilizer_from_args, stabilizer_options)
+from . import UsageError, common, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample-dist", help="sample a global batch sharded over torchrun processes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling(p)
-    add_stabilizer(p)
+    common.add_sampling(p)
+    common.add_stabilizer(p)
     p.add_argument("--num-samples", "--n", dest="n", type=int, default=2000,
                    help="number of samples of the global batch (under torchrun spell it --num-samples: torchrun "
                         "takes --n for an abbreviation of its own options)")
     p.add_argument("--out-dir", required=True, help="directory for the shards and manifest.json (created if missing)")
     p.add_argument("--probe-mode", default="global", choices=["global", "per-sample"],
-                   help="Hutchinson probes: slice of the global batch's (equals `steindiff sample`; memory probes*n*dim "
+                   help="Hutchinson probes: slice of the global batch's (equals `steindiff "
+                        "sample`; memory probes*n*dim "
                         "per rank) or per-sample generators (memory probes*shard*dim)")
-    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="auto: nccl with CUDA, else gloo")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective waiting for a dead or stalled rank fails")
-    add_device(p)
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="auto: nccl with CUDA, else gloo")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds before a collective waiting for a dead or stalled rank fails")
+    common.add_device(p)
     for action in p._actions:
         if "--device" in action.option_strings:
-            action.help = ("auto (the default: under nccl each rank on its own GPU, cuda:LOCAL_RANK, statistics all-reduced "
+            action.help = ("auto (the default: under nccl each rank on its own GPU, "
+                           "cuda:LOCAL_RANK, statistics all-reduced "
                            "on the GPU; else CUDA when available, else the CPU), cpu, cuda (cuda:LOCAL_RANK) or cuda:N")
-    add_common(p)
+    common.add_common(p)
     p.set_defaults(func=run_sample)
 
     m = sub.add_parser("merge", help="merge the shards of a sample-dist run into one .npz",
@@ -51,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("dir", help="the --out-dir of a sample-dist run")
     m.add_argument("--out", required=True, metavar="FILE.npz", help="merged .npz file")
     m.add_argument("--metrics", action="store_true", help="also compute mixture metrics (gmm models only)")
-    add_common(m)
+    common.add_common(m)
     m.set_defaults(func=run_merge)
 
 
@@ -80,40 +82,42 @@ def _sigterm_as_error(rank: str):
 def run_sample(args: argparse.Namespace) -> int:
     from ..distributed import sample_distributed
 
-    check_sampling(args)
+    common.check_sampling(args)
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
-    device_from_args(args)  # a device that does not exist here: exit 2 before any work (each rank resolves its own)
+    common.device_from_args(args)  # a device missing here: exit 2 before any work (each rank resolves its own)
     if args.backend == "nccl":
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--backend nccl needs CUDA, which is not available here; use --backend gloo or auto")
-    spec = load_model_or_usage(args.model)
-    stabilizer = stabilizer_from_args(args, spec)
+    spec = common.load_model_or_usage(args.model)
+    stabilizer = common.stabilizer_from_args(args, spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.n < world:
         raise UsageError(f"--num-samples {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
-        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} over "
+        raise UsageError("the stabilizer's batch statistics need at least 2 samples per rank; "
+                         f"--num-samples {args.n} over "
                          f"{world} ranks (pass --per-sample for one gamma per sample)")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
     if not out.exists() and not out.parent.is_dir():
         raise UsageError(f"cannot create --out-dir {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    opts = stabilizer_options(args)
+    opts = common.stabilizer_options(args)
     with _sigterm_as_error(os.environ.get("RANK", "0")):
         res = sample_distributed(
             spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
-            stabilizer=stabilizer, stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
-            probe_mode=args.probe_mode, dtype=DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
+            stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
+            probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
             progress=not args.no_progress, device=args.device)
     if res.rank != 0:
         return 0
     summary = {
         "out_dir": res.out_dir, "manifest": str(Path(res.out_dir) / "manifest.json"), "run_id": res.run_id,
-        "world_size": res.world_size, "device_rank0": res.device, "n": args.n, "model": spec.name, "solver": args.solver, "schedule": args.schedule,
+        "world_size": res.world_size, "device_rank0": res.device, "n": args.n, "model": spec.name,
+        "solver": args.solver, "schedule": args.schedule,
         "stabilizer": args.stabilizer, "probe_mode": args.probe_mode, "nfe": res.nfe, "extra_passes": res.extra_passes,
         "steps": len(res.config["sigmas"]) - 1, "seed": args.seed, "gammas": res.gammas,
         "shards": [f"shard-{r:05d}.npz" for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
@@ -122,7 +126,8 @@ def run_sample(args: argparse.Namespace) -> int:
              f"(+{res.extra_passes} Jacobian passes), {args.n} samples over {res.world_size} rank(s)"]
     if args.stabilizer != "none":
         lines.append("  gammas     " + " ".join(f"{g:.3g}" for g in res.gammas))
-    lines.append(f"  wrote {res.world_size} shard(s) and manifest.json to {res.out_dir}; merge with `steindiff merge {res.out_dir} --out FILE`")
+    lines.append(f"  wrote {res.world_size} shard(s) and manifest.json to {res.out_dir}; merge with `steindiff merge "
+                 f"{res.out_dir} --out FILE`")
     emit(args, summary, "\n".join(lines))
     return 0
 
@@ -131,7 +136,7 @@ def run_merge(args: argparse.Namespace) -> int:
     from ..distributed import MissingShardsError, merge_shards
     from ..io import check_writable
 
-    check_extension(args.out, "--out", ".npz")
+    common.check_extension(args.out, "--out", ".npz")
     try:
         check_writable(args.out)
     except OSError as e:
@@ -152,7 +157,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.metrics:
         summary["metrics"] = _metrics(summary)
     lines = [f"merged {summary['shards']} shard(s), {summary['n']} samples ({summary['config'].get('model')}, "
-             f"{summary['config'].get('solver')}, stabilizer {summary['config'].get('stabilizer')}) into {summary['out']}"]
+             f"{summary['config'].get('solver')}, stabilizer "
+             f"{summary['config'].get('stabilizer')}) into {summary['out']}"]
     for k, v in summary.get("metrics", {}).items():
         lines.append(f"  {k:10s} {v:.5g}")
     emit(args, summary, "\n".join(lines))
@@ -165,7 +171,7 @@ def _metrics(summary: dict) -> dict:
 
     from ..metrics import mixture_metrics
 
-    spec = load_model_or_usage(summary["config"]["model"])
+    spec = common.load_model_or_usage(summary["config"]["model"])
     with np.load(summary["out"]) as z:
         x = torch.from_numpy(z["samples"])
     return mixture_metrics(x, spec.gmm, seed=int(summary["config"].get("seed", 0)))

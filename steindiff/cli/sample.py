@@ -7,33 +7,33 @@ import argparse
 from ..generate import generate
 from ..io import check_writable, save_json, save_npz
 from ..metrics import mixture_metrics
-from . import UsageError, emit
-from .common import (DTYPES, add_common, add_device, add_sampling, add_stabilizer, check_batch_statistics, check_extension,
-                     check_sampling, device_from_args, model_on_device, stabilizer_from_args)
+from . import UsageError, common, emit
 
 GRID_MAX = 64  # samples shown by --grid (8 per row)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples with a solver", description=__doc__)
-    add_sampling(p)
-    add_stabilizer(p)
+    common.add_sampling(p)
+    common.add_stabilizer(p)
     p.add_argument("--n", type=int, default=2000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=None, help="samples per model call (default: all)")
     p.add_argument("--out", default=None, metavar="FILE.npz",
                    help="write samples, sigmas and gammas to this .npz file (default: not saved)")
     p.add_argument("--grid", default=None, metavar="FILE.png",
                    help=f"image models: write the first {GRID_MAX} samples as an image grid to this PNG file")
-    p.add_argument("--trace", default=None, metavar="FILE.json", help="write the stabilizer's per-step trace to this JSON file")
+    p.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="write the stabilizer's per-step trace to this JSON file")
     p.add_argument("--gamma-schedule", default=None,
                    help="apply a calibration file from `steindiff calibrate` (its gammas and, if fitted, its noise "
                         "levels): no extra passes")
     p.add_argument("--no-calibrate", action="store_true",
-                   help="with --stabilizer auto: never calibrate; use a cached calibration if there is one, else the plain solver")
+                   help="with --stabilizer auto: never calibrate; use a cached calibration if there is "
+                        "one, else the plain solver")
     p.add_argument("--calibration-dir", default=None,
                    help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
-    add_device(p)
-    add_common(p)
+    common.add_device(p)
+    common.add_common(p)
     p.set_defaults(func=run)
 
 
@@ -76,17 +76,18 @@ def sampling_plan(args: argparse.Namespace, spec):
 
 
 def run(args: argparse.Namespace) -> int:
-    check_sampling(args)
-    check_extension(args.out, "--out", ".npz")
-    check_extension(args.grid, "--grid", ".png")
-    check_extension(args.trace, "--trace", ".json")
+    common.check_sampling(args)
+    common.check_extension(args.out, "--out", ".npz")
+    common.check_extension(args.grid, "--grid", ".png")
+    common.check_extension(args.trace, "--trace", ".json")
     outputs = [p for p in (args.out, args.grid, args.trace) if p is not None]
     if len(set(outputs)) < len(outputs):
         raise UsageError("--out, --grid and --trace must name different files")
-    device = device_from_args(args)
-    spec = model_on_device(args.model, device)
+    device = common.device_from_args(args)
+    spec = common.model_on_device(args.model, device)
     if args.grid is not None and len(spec.sample_shape) != 3:
-        raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of shape {spec.sample_shape}")
+        raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of "
+                         f"shape {spec.sample_shape}")
     if args.gamma_schedule is not None and args.stabilizer != "none":
         raise UsageError("give either --stabilizer or --gamma-schedule, not both")
     for path in outputs:
@@ -99,14 +100,12 @@ def run(args: argparse.Namespace) -> int:
     plan = sampling_plan(args, spec)
     calibrated = plan.gammas is not None
     by_plan = args.gamma_schedule is not None or (args.stabilizer == "auto" and AUTO == CALIBRATED)
-    stabilizer = plan.stabilizer() if by_plan else stabilizer_from_args(args, spec)
-    check_batch_statistics(stabilizer, args.n, args.batch_size)
+    stabilizer = plan.stabilizer() if by_plan else common.stabilizer_from_args(args, spec)
+    common.check_batch_statistics(stabilizer, args.n, args.batch_size)
     try:
-        gen = generate(
-            spec, solver=args.solver, sigmas=plan.sigmas, n=args.n, seed=args.seed,
-            batch_size=args.batch_size, dtype=DTYPES[args.dtype], progress=not args.no_progress,
-            stabilizer=stabilizer, device=device,
-        )
+        gen = generate(spec, plan, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                       dtype=common.DTYPES[args.dtype],
+                       progress=not args.no_progress, stabilizer=None if by_plan else stabilizer, device=device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     label = args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}"
@@ -115,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": label,
         "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe, "nfe_budget": args.nfe,
-        "per_sample": bool(getattr(stabilizer, "per_sample", False)), "extra_passes": gen.extra_passes, "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
+        "per_sample": bool(getattr(stabilizer, "per_sample", False)), "extra_passes": gen.extra_passes,
+        "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
         "device": str(device),
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
         "gammas": [r.get("gamma") for r in gen.trace] if gen.trace else [1.0] * (len(gen.sigmas) - 1),
@@ -129,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
         _save_grid(gen.x, args.grid)
         summary["grid"] = args.grid
     if args.trace is not None:
-        save_json(args.trace, {"schema": "steindiff.trace/1", "config": {k: summary[k] for k in ("model", "solver", "schedule", "stabilizer", "coords", "nfe")}, "steps": gen.trace})
+        save_json(args.trace,
+                  {"schema": "steindiff.trace/1",
+                   "config": {k: summary[k] for k in ("model", "solver", "schedule", "stabilizer", "coords", "nfe")},
+                               "steps": gen.trace})
         summary["trace"] = args.trace
     budget = "" if gen.nfe == args.nfe else f" of --nfe {args.nfe}"
     lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {summary['stabilizer']}, NFE {gen.nfe}{budget}"
@@ -145,13 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _save_grid(x, path: str) -> None:
     """The first samples as a PNG image grid (values in [-1, 1]; small images enlarged to >= 32 pixels)."""
-    from PIL import Image
-
-    from ..io import atomic_path
-    from ..plotting import image_grid
+    from ..plotting import save_image_grid
 
     x = x[:GRID_MAX].float().clamp(-1, 1)
     scale = max(1, 32 // max(x.shape[-2:]))
-    img = image_grid(x, nrow=min(8, x.shape[0]), scale=scale, padding=scale)
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
+    save_image_grid(x, path, nrow=min(8, x.shape[0]), scale=scale, padding=scale)

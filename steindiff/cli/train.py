@@ -33,20 +33,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="digits", help="'digits', a .npy/.npz file or a folder of .png images")
     p.add_argument("--out", required=True, help="checkpoint folder to create (or continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out up to --iters")
-    p.add_argument("--loss", default="edm", choices=["edm", "vp-eps"], help="EDM (Karras et al. 2022) or VP epsilon prediction")
+    p.add_argument("--loss", default="edm", choices=["edm", "vp-eps"],
+                   help="EDM (Karras et al. 2022) or VP epsilon prediction")
     p.add_argument("--iters", type=int, default=6000, help="total training iterations")
     p.add_argument("--batch-size", type=int, default=128, help="images per iteration")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up iterations")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' moving average (the saved model)")
-    p.add_argument("--holdout", type=int, default=None, help="images held out for evaluation (default: 297 for digits, else 0)")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="decay of the weights' moving average (the saved model)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="images held out for evaluation (default: 297 for digits, else 0)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, batches and noise")
     p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many iterations")
-    p.add_argument("--time-limit", type=float, default=None, help="stop (with a checkpoint) after this many seconds (default: no limit)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32, or bf16 autocast of the network's forward pass (weights, optimizer and loss stay float32)")
+                   help="fp32, or bf16 autocast of the network's forward pass (weights, "
+                        "optimizer and loss stay float32)")
     p.add_argument("--log-every", type=int, default=50,
                    help="read the losses back from the device (progress bar, NaN check) every this many iterations")
     arch = p.add_argument_group("architecture")
@@ -55,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     arch.add_argument("--num-blocks", type=int, default=1, help="residual blocks per level")
     arch.add_argument("--attn-levels", type=_ints, default=[2], help="levels with self-attention, e.g. 2 (empty: none)")
     arch.add_argument("--dropout", type=float, default=0.1, help="dropout rate in the residual blocks")
-    arch.add_argument("--num-classes", type=int, default=0, help="class-conditional with this many classes (needs labels; 0: unconditional)")
+    arch.add_argument("--num-classes", type=int, default=0,
+                      help="class-conditional with this many classes (needs labels; 0: unconditional)")
     add_device(p)
     for action in p._actions:
         if "--device" in action.option_strings:
@@ -67,8 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..data import DataError, load_dataset
+    from ..models.checkpoint import CheckpointError, is_checkpoint_dir
     from ..models.unet import UNetConfig
-    from ..train import CheckpointError, DataError, TrainConfig, is_checkpoint_dir, load_dataset, train
+    from ..train import TrainConfig, train
 
     if args.threads is not None:
         if args.threads < 1:
@@ -85,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     _check_writable_parent(out)
     if not args.resume and out.exists():
         if is_checkpoint_dir(out):
-            raise UsageError(f"{out}: a checkpoint already exists; pass --resume to continue it or choose another --out")
+            raise UsageError(f"{out}: a checkpoint already exists; pass --resume to continue "
+                             "it or choose another --out")
         if not out.is_dir() or any(out.iterdir()):
             raise UsageError(f"{out}: exists and is not an empty folder")
     try:
@@ -119,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         "out": str(res.out), "step": res.step, "iters": args.iters, "stopped_early": res.stopped_early,
         "wall_s": res.wall_s, "loss": res.loss, "n_params": res.n_params,
         "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
-        "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"], "batch_size": t["batch_size"],
+        "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"],
+        "batch_size": t["batch_size"],
         "device": str(device), "precision": args.precision,
     }
     summary["start_step"], summary["trained"] = start, res.step - (start or 0)
@@ -127,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"trained {res.step}/{args.iters} iterations{resumed} in {res.wall_s:.1f} s on {device}"
         + (" (stopped early)" if res.stopped_early else ""),
-        f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} train, {summary['holdout']} held out",
+        f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} "
+        f"train, {summary['holdout']} held out",
         f"  model     U-Net, {res.n_params} parameters, {args.loss} loss",
         f"  loss      {res.loss:.4g} (mean of the last 200 iterations)",
         f"  wrote     {res.out}",
@@ -143,12 +154,13 @@ def _check_writable_parent(out: Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
     except OSError as e:
-        raise UsageError(f"cannot write checkpoint {str(out)!r}: directory {str(parent)!r} is not writable ({e.strerror})") from None
+        raise UsageError(f"cannot write checkpoint {str(out)!r}: directory {str(parent)!r} is "
+                         f"not writable ({e.strerror})") from None
 
 
 def _checkpoint_step(out: Path) -> int | None:
     """The step recorded in a checkpoint's config.json (None if unreadable)."""
-    from ..train import read_config
+    from ..models.checkpoint import read_config
 
     try:
         return int(read_config(out)["training"]["step"])
@@ -158,7 +170,8 @@ def _checkpoint_step(out: Path) -> int | None:
 
 def _nothing_to_do(args: argparse.Namespace, out: Path, step: int) -> int:
     """``--resume`` of a checkpoint already at or past ``--iters``: say so, change nothing."""
-    summary = {"out": str(out), "step": step, "iters": args.iters, "start_step": step, "trained": 0, "nothing_done": True}
+    summary = {"out": str(out), "step": step, "iters": args.iters, "start_step": step, "trained": 0,
+               "nothing_done": True}
     emit(args, summary, f"nothing done: the checkpoint in {out} is already at step {step} (--iters {args.iters}); "
                         f"raise --iters above {step} to train further")
     return 0

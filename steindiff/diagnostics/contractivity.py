@@ -1,8 +1,8 @@
 """Contractivity diagnostics: local Lipschitz constants of each step operator along real trajectories.
 
-:func:`diagnose` runs a sampler (optionally stabilized) exactly as :func:`steindiff.sampling.sample`
-does, and at each step ``k`` (input noise level ``s = sigma_k``, output ``t = sigma_{k+1}``)
-measures at every sample's input state ``x_k``:
+:func:`diagnose` runs a sampler (optionally stabilized) through the loop of :func:`steindiff.sampling.sample`
+(:func:`steindiff.sampling.steps`), and at each step ``k`` (input noise level ``s = sigma_k``, output
+``t = sigma_{k+1}``) measures at every sample's input state ``x_k``:
 
 - ``L_T``: the local Lipschitz constant of the solver's step operator ``T`` (history held fixed),
   the largest singular value of the per-sample Jacobian ``dT/dx`` (:func:`step_lipschitz`);
@@ -39,16 +39,14 @@ import time
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from ..device import check_model_device
-from ..io import atomic_path
 from ..models.registry import ModelSpec, load_model
-from ..sampling import advance, prior_noise
-from ..schedules import get_sigmas, validate_sigmas
-from ..solvers import Denoise, Step, StepOperator, detach_state, get_solver, steps_for_nfe
-from ..stabilizers import make_stabilizer
-from ..stabilizers.base import coordinate_scales
+from ..noise import coordinate_scales
+from ..plan import SamplingPlan, make_plan
+from ..plotting import figure, save_figure
+from ..sampling import prior_noise, steps
+from ..solvers import Step, StepOperator
+from ..stabilizers import Stabilizer, make_stabilizer
 from .lipschitz import denoiser_lipschitz, step_lipschitz
 
 __all__ = ["diagnose", "summarize", "plot_diagnosis", "quantiles", "SCHEMA"]
@@ -56,13 +54,18 @@ __all__ = ["diagnose", "summarize", "plot_diagnosis", "quantiles", "SCHEMA"]
 SCHEMA = "steindiff.diagnose/1"
 
 DEFINITIONS = {
-    "lipschitz": "largest singular value of the per-sample Jacobian dT/dx of the step operator at the step's input state (solver history fixed)",
+    "lipschitz": "largest singular value of the per-sample Jacobian dT/dx of the step operator at the step's input "
+                 "state (solver history fixed)",
     "lipschitz_D": "largest singular value of the per-sample Jacobian of x -> D(x, sigma_s)",
-    "bound": "paper's certificate sigma_t/sigma_s + sigma_t*h*L_D per sample, h = lambda_t - lambda_s, lambda = log(alpha/sigma); null at a final step to sigma=0",
-    "bound_first_order": "exact bound of a first-order step: (alpha_t/alpha_s)(sigma_t/sigma_s + (1 - sigma_t/sigma_s) L_D) with VE sigma and VE L_D",
-    "coords": "ve: x as the solver carries it (alpha=1); vp: x_vp = alpha x, alpha = 1/sqrt(1+sigma^2); L(vp) = L(ve) alpha_t/alpha_s",
+    "bound": "paper's certificate sigma_t/sigma_s + sigma_t*h*L_D per sample, h = lambda_t - lambda_s, lambda = "
+             "log(alpha/sigma); null at a final step to sigma=0",
+    "bound_first_order": "exact bound of a first-order step: (alpha_t/alpha_s)(sigma_t/sigma_s + (1 - "
+                         "sigma_t/sigma_s) L_D) with VE sigma and VE L_D",
+    "coords": "ve: x as the solver carries it (alpha=1); vp: x_vp = alpha x, alpha = 1/sqrt(1+sigma^2); "
+              "L(vp) = L(ve) alpha_t/alpha_s",
     "frac_gt_1": "fraction of samples with L > 1 (not a strict contraction)",
-    "lipschitz_stabilized": "same for the stabilized step S(x) = (1-gamma)(a_s/a_t) x + gamma T(x) (VE; gamma at its batch value)",
+    "lipschitz_stabilized": "same for the stabilized step S(x) = (1-gamma)(a_s/a_t) x + gamma T(x) (VE; "
+                            "gamma at its batch value)",
     "trajectory_amplification": "per-sample product over steps of the per-step L (history fixed)",
 }
 
@@ -97,23 +100,8 @@ class _StabilizedOperator:
     def extra_passes(self):
         return self.op.extra_passes()
 
-
-def _slice_state(obj: Any, sl: slice, n: int) -> Any:
-    """The history of samples ``sl``: every tensor whose leading dimension is the batch is sliced."""
-    if isinstance(obj, torch.Tensor):
-        return obj[sl] if obj.ndim >= 1 and obj.shape[0] == n else obj
-    if isinstance(obj, dict):
-        return {k: _slice_state(v, sl, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_slice_state(v, sl, n) for v in obj)
-    return obj
-
-
-def _chunk_operator(op: Any, sl: slice, n: int) -> Any:
-    """The step operator restricted to the samples ``sl`` (its solver history sliced too)."""
-    if isinstance(op, _StabilizedOperator):
-        return _StabilizedOperator(_chunk_operator(op.op, sl, n), op.gamma, op.c)
-    return StepOperator(op.solver, op.denoise, op.i, op.sigmas, _slice_state(op.state, sl, n))
+    def restrict(self, sl: slice, n: int) -> "_StabilizedOperator":
+        return _StabilizedOperator(self.op.restrict(sl, n), self.gamma, self.c)
 
 
 def _chunked(fn: Callable[..., tuple[torch.Tensor, dict]], x: torch.Tensor, batch_size: int | None, seed: int):
@@ -144,7 +132,7 @@ def diagnose(
     seed: int = 0,
     coords: str = "ve",
     *,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | str | None = None,
     iters: int = 20,
     method: str = "lanczos",
     jvp: str = "auto",
@@ -153,6 +141,7 @@ def diagnose(
     dtype: torch.dtype = torch.float32,
     batch_size: int | None = None,
     sigmas: Any | None = None,
+    plan: SamplingPlan | None = None,
     solver_options: dict | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
@@ -161,8 +150,8 @@ def diagnose(
 
     ``spec``: a :class:`~steindiff.models.registry.ModelSpec` or a model name.  ``solver``,
     ``nfe``, ``schedule``, ``rho``, ``n``, ``seed``, ``dtype``: as :func:`steindiff.generate.generate`
-    (the same initial noise and trajectory; ``sigmas`` overrides the schedule).  ``coords``: ``ve``
-    or ``vp`` (module docstring).  ``stabilizer``: ``None``/``"none"``, a name for
+    (the same initial noise and trajectory; ``sigmas`` overrides the schedule, a ``plan`` all of them).  ``coords``:
+    ``ve`` or ``vp`` (module docstring).  ``stabilizer``: ``None``/``"none"``, a name for
     :func:`~steindiff.stabilizers.make_stabilizer` (built with ``coords`` and ``seed``) or a
     stabilizer object; the trajectory is then the stabilized one.  ``iters``, ``method``, ``jvp``:
     of :func:`~steindiff.diagnostics.lipschitz.lipschitz`.  ``denoiser``: also measure ``L_D``
@@ -195,27 +184,26 @@ def diagnose(
     elif stabilizer is not None:
         stab_name = getattr(stabilizer, "name", type(stabilizer).__name__)
     if stabilizer is not None and getattr(stabilizer, "per_sample", False):
-        raise ValueError("per-sample gamma stabilizers are not supported by the diagnostics (gamma must be one value per step)")
-    solver_obj = get_solver(solver, **(solver_options or {}))
-    if sigmas is None:
-        steps = steps_for_nfe(solver_obj, nfe)
-        sigmas = get_sigmas(schedule, steps, spec.process, rho=rho)
-    sig = [float(s) for s in validate_sigmas(sigmas)]
+        raise ValueError("per-sample gamma stabilizers are not supported by the diagnostics (gamma "
+                         "must be one value per step)")
+    if plan is None:
+        plan = make_plan(spec.process, solver, nfe, schedule, rho=rho, sigmas=sigmas, solver_options=solver_options)
+    solver_obj = plan.get_solver()
+    sig = [float(s) for s in plan.sigmas]
     device = torch.device(device) if device is not None else (spec.device or torch.device("cpu"))
     x = prior_noise((n, *spec.sample_shape), sig[0], spec.process, seed=seed, dtype=dtype, device=device)
-    check_model_device(spec.denoiser, x)
-    denoise = Denoise(spec.denoiser)
-    state = solver_obj.init_state()
     n_steps = len(sig) - 1
     lip_opts = {"iters": iters, "method": method, "jvp": jvp}
     passes = {"jvp": 0, "vjp": 0, "model": 0, "jvp_mode": None}
-    stab_extra = 0
+    stab_extra, nfe_done = 0, 0
     records: list[dict] = []
     amp = torch.ones(n, dtype=torch.float64)
     amp_s = torch.ones(n, dtype=torch.float64) if stabilizer is not None else None
 
-    def _part(op: Any, sl: slice) -> Any:
-        return op if sl == slice(0, n) else _chunk_operator(op, sl, n)
+    def lipschitz(op: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+        """Per-sample ``L`` of the step ``op`` at ``x``, over chunks of ``batch_size`` samples."""
+        return _chunked(lambda xs, sd, sl: step_lipschitz(op.restrict(sl, n), xs, seed=sd, return_info=True,
+                                                          **lip_opts), x, batch_size, seed)
 
     def add_passes(info: dict) -> None:
         passes["jvp"] += info["jvp_passes"]
@@ -223,14 +211,14 @@ def diagnose(
         passes["model"] += info["model_passes"]
         passes["jvp_mode"] = passes["jvp_mode"] or info["jvp_mode"]
 
-    for i in tqdm(range(n_steps), disable=not progress, desc=f"diagnose {solver_obj.name}", leave=False):
-        s, t = sig[i], sig[i + 1]
-        op = StepOperator(solver_obj, denoise, i, sig, state)
+    # the sampler's own loop; each step is measured at its input state after it ran (the estimators draw
+    # from their own seeded generators and count their model passes apart, so the trajectory is the sampler's)
+    for ev in steps(spec.denoiser, x, sig, solver_obj, stabilizer=stabilizer, dtype=dtype, progress=progress):
+        i, op, x, s, t = ev.i, ev.op, ev.x.detach(), ev.op.sigma, ev.op.sigma_next
+        denoise = op.denoise
         a_s, a_t, sc_s = coordinate_scales(coords, s, t)
         sc_t = a_t * t
-        x = x.detach()
-        L_ve, info_T = _chunked(lambda xs, sd, sl: step_lipschitz(_part(op, sl), xs, seed=sd, return_info=True, **lip_opts),
-                                x, batch_size, seed + 101 * i)
+        L_ve, info_T = lipschitz(op, x, seed + 101 * i)
         add_passes(info_T)
         L = L_ve * (a_t / a_s)
         amp *= L.cpu()
@@ -239,10 +227,12 @@ def diagnose(
                                "alpha": a_s, "alpha_next": a_t, "sigma_c": sc_s, "sigma_next_c": sc_t,
                                "lipschitz": quantiles(L)}
         per: dict[str, torch.Tensor] = {"lipschitz": L}
-        conv = {"rel_change_max": float(info_T["rel_change"].max()), "rel_change_median": float(info_T["rel_change"].median())}
+        conv = {"rel_change_max": float(info_T["rel_change"].max()),
+                "rel_change_median": float(info_T["rel_change"].median())}
         if denoiser:
-            LD_ve, info_D = _chunked(lambda xs, sd, sl: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
-                                     x, batch_size, seed + 101 * i + 50)
+            LD_ve, info_D = _chunked(
+                lambda xs, sd, sl: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
+                x, batch_size, seed + 101 * i + 50)
             add_passes(info_D)
             LD = LD_ve / a_s
             first = (a_t / a_s) * (t / s + (1 - t / s) * LD_ve)
@@ -258,15 +248,12 @@ def diagnose(
                 rec["bound"], rec["frac_above_bound"] = None, None
             per["lipschitz_D"] = LD
             conv["rel_change_max_D"] = float(info_D["rel_change"].max())
-        calls0 = denoise.calls
-        x_next, st, srec = advance(op, x, stabilizer)
         if stabilizer is not None:
+            srec = ev.record
             stab_extra += int(srec.get("extra_passes", 0))
             gamma = float(srec["gamma"])
             ga, ga_next, _ = coordinate_scales(getattr(stabilizer, "coords", "ve"), s, t)
-            S = _StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next)
-            LS_ve, info_S = _chunked(lambda xs, sd, sl: step_lipschitz(_part(S, sl), xs, seed=sd, return_info=True, **lip_opts),
-                                      x, batch_size, seed + 101 * i)
+            LS_ve, info_S = lipschitz(_StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next), x, seed + 101 * i)
             add_passes(info_S)
             LS = LS_ve * (a_t / a_s)
             amp_s *= LS.cpu()
@@ -275,18 +262,18 @@ def diagnose(
             rec["lipschitz_stabilized"] = quantiles(LS)
             per["lipschitz_stabilized"] = LS
             conv["rel_change_max_stabilized"] = float(info_S["rel_change"].max())
-        rec["nfe_step"] = denoise.calls - calls0
+        rec["nfe_step"], nfe_done = denoise.calls - nfe_done, denoise.calls
         rec["convergence"] = conv
         rec["per_sample"] = {k: v.detach().cpu() for k, v in per.items()}
         records.append(rec)
-        x, state = x_next.detach(), detach_state(st.state)
+    x = ev.x_next
 
-    config = {"model": spec.name, "solver": solver_obj.name, "nfe": denoise.calls, "steps": n_steps, "schedule": schedule,
+    config = {"model": spec.name, "solver": plan.solver, "nfe": nfe_done, "steps": n_steps, "schedule": schedule,
               "rho": rho, "n": n, "seed": seed, "coords": coords, "stabilizer": stab_name, "iters": iters,
               "method": method, "dtype": str(dtype).removeprefix("torch."), "sigmas": sig}
     result = {
         "schema": SCHEMA, "config": config, "definitions": DEFINITIONS, "steps": records,
-        "passes": {"nfe": denoise.calls, "lipschitz_model_passes": passes["model"], "jvp": passes["jvp"],
+        "passes": {"nfe": nfe_done, "lipschitz_model_passes": passes["model"], "jvp": passes["jvp"],
                    "vjp": passes["vjp"], "jvp_mode": passes["jvp_mode"], "stabilizer_extra_passes": stab_extra},
         "per_sample": {"trajectory_amplification": amp},
     }
@@ -331,16 +318,11 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
     the step's input noise level (log scale, sampling order left to right), the median and the
     maximum, the strict-contraction threshold 1, the paper's bound and the first-order bound
     (medians over samples), and the stabilized step's band when present.  Bottom: the fraction of
-    samples with ``L > 1`` per step.  Uses matplotlib's Agg canvas (no global backend change).
+    samples with ``L > 1`` per step.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     steps, cfg = result["steps"], result["config"]
     sig = [r["sigma"] for r in steps]
-    fig = Figure(figsize=(7.5, 6.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax2) = figure(2, 1, figsize=(7.5, 6.0), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     tiny = 1e-6
 
     def band(key: str, color: str, label: str) -> None:
@@ -376,7 +358,8 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
     top.set_xlabel("step", fontsize=8)
     ax2.plot(sig, [r["lipschitz"]["frac_gt_1"] for r in steps], "o-", color="tab:blue", ms=4, label="$L_T > 1$")
     if steps and "lipschitz_stabilized" in steps[0]:
-        ax2.plot(sig, [r["lipschitz_stabilized"]["frac_gt_1"] for r in steps], "s--", color="tab:green", ms=4, label="stabilized > 1")
+        ax2.plot(sig, [r["lipschitz_stabilized"]["frac_gt_1"] for r in steps], "s--", color="tab:green", ms=4,
+                 label="stabilized > 1")
         ax2.legend(fontsize=7)
     ax2.set_ylim(-0.05, 1.05)
     ax2.set_ylabel("fraction > 1", fontsize=9)
@@ -385,5 +368,4 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
     ax2.minorticks_off()
     ax2.grid(True, alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)

@@ -152,7 +152,8 @@ def local_lipschitz(
     return (est, info) if return_info else est
 
 
-def _power(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _power(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor,
+           iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Power iteration on ``A = J^T J`` from unit ``v``: ``sqrt(||A v||)`` per sample, and the last
     iteration's relative change."""
     est = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
@@ -167,7 +168,8 @@ def _power(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iters:
     return est, rel
 
 
-def _lanczos(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lanczos(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor,
+             iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Lanczos on ``A = J^T J`` (one tridiagonal matrix per sample, full
     reorthogonalization in float64): ``sqrt`` of the largest Ritz value per sample (a lower bound on
     ``sigma_max``), and the relative change of that estimate in the last iteration."""
@@ -254,7 +256,8 @@ def denoiser_lipschitz(
     if isinstance(model, Denoise):
         extra0 = model.extra_calls
         with model.extra_passes():
-            est, info = local_lipschitz(lambda z: model(z, float(sigma), -1), x, iters, seed, jvp=jvp, method=method, return_info=True)
+            est, info = local_lipschitz(lambda z: model(z, float(sigma), -1), x, iters, seed, jvp=jvp, method=method,
+                                        return_info=True)
         info["model_passes"] = model.extra_calls - extra0
     else:
         kw = extra or {}

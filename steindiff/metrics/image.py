@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "DigitsClassifier", "load_digits_classifier", "train_digits_classifier", "digits_features",
+    "DigitsClassifier", "load_digits_classifier", "digits_features",
     "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv",
     "image_metrics", "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR",
 ]
@@ -73,65 +73,6 @@ class DigitsClassifier(nn.Module):
         return self.head(self.dropout(self.features(x) * self.feature_scale))
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random shifts by up to one pixel and a little Gaussian noise."""
-    n = x.shape[0]
-    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
-    dx = torch.randint(0, 3, (n,), generator=g)
-    dy = torch.randint(0, 3, (n,), generator=g)
-    out = torch.stack([pad[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8] for i in range(n)])
-    return (out + 0.05 * torch.randn(out.shape, generator=g)).clamp(-1, 1)
-
-
-def train_digits_classifier(out: str | os.PathLike | None = None, *, epochs: int = 40, seed: int = 0,
-                            holdout: int = 297, split_seed: int = 0) -> tuple[DigitsClassifier, dict[str, Any]]:
-    """Train the classifier on the digits training split (the same seeded split as the shipped
-    diffusion model) and, given ``out``, save ``model.safetensors`` + ``config.json`` there."""
-    from ..io import atomic_path, save_json
-    from ..train import load_digits_dataset, split_indices
-
-    ds = load_digits_dataset()
-    tr, ho = split_indices(ds.x.shape[0], holdout, split_seed)
-    xtr, ytr = ds.x[torch.from_numpy(tr)], ds.labels[torch.from_numpy(tr)]
-    xho, yho = ds.x[torch.from_numpy(ho)], ds.labels[torch.from_numpy(ho)]
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = DigitsClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(tr), generator=g)
-        for i in range(0, len(tr), 64):
-            idx = perm[i : i + 64]
-            loss = nn.functional.cross_entropy(model(_augment(xtr[idx], g)), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(xho).argmax(1) == yho).float().mean())
-        acc_tr = float((model(xtr).argmax(1) == ytr).float().mean())
-        model.feature_scale = float(model.body(xtr).pow(2).mean().sqrt())
-    config = {
-        "schema": CLASSIFIER_SCHEMA,
-        "architecture": {"width": 32, "n_features": 64, "n_classes": 10, "feature_scale": model.feature_scale},
-        "input": "(N, 1, 8, 8) in [-1, 1] (digits scaled from 0..16)",
-        "training": {"epochs": epochs, "seed": seed, "holdout": holdout, "split_seed": split_seed,
-                     "n_train": len(tr), "train_accuracy": acc_tr, "heldout_accuracy": acc},
-    }
-    if out is not None:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        save_json(out / "config.json", config)
-    return model, config
-
-
 @functools.lru_cache(maxsize=4)
 def _load_classifier(path: str) -> DigitsClassifier:
     from safetensors.torch import load_file
@@ -158,7 +99,8 @@ def _load_classifier(path: str) -> DigitsClassifier:
 
 
 def load_digits_classifier(path: str | os.PathLike | None = None) -> DigitsClassifier:
-    """The shipped digits classifier (eval mode, frozen), or one saved by :func:`train_digits_classifier`."""
+    """The shipped digits classifier (eval mode, frozen), or one saved in the same format
+    (``model.safetensors`` and a ``config.json`` naming its architecture)."""
     return _load_classifier(str(Path(path) if path is not None else CLASSIFIER_DIR))
 
 
@@ -174,7 +116,8 @@ def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def digits_features(x: torch.Tensor, classifier: DigitsClassifier | None = None, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_features(x: torch.Tensor, classifier: DigitsClassifier | None = None,
+                    batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, 64) float64, predicted labels (N,))`` of images clamped to [-1, 1]."""
     clf = classifier or load_digits_classifier()
     x = _check_images(x, "images").clamp(-1, 1)
@@ -238,7 +181,8 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     k-th nearest real neighbour; recall swaps the roles.  Both sets need more than ``k`` points."""
     r, f = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
     if r.shape[0] <= k or f.shape[0] <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {r.shape[0]} and {f.shape[0]}")
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got "
+                         f"{r.shape[0]} and {f.shape[0]}")
     rr, rf = _kth_nn_radii(r, k), _kth_nn_radii(f, k)
     d = torch.cdist(f, r)  # (n_fake, n_real)
     precision = (d <= rr[None, :]).any(1).double().mean()
@@ -274,7 +218,8 @@ def _reference(spec: Any) -> dict[str, torch.Tensor]:
     info = getattr(spec, "info", spec)
     missing = [k for k in ("heldout", "heldout_labels", "train") if info.get(k) is None]
     if missing:
-        raise ValueError(f"model {getattr(spec, 'name', '?')!r} carries no reference images ({', '.join(missing)} missing in its info); "
+        raise ValueError(f"model {getattr(spec, 'name', '?')!r} carries no reference images "
+                         f"({', '.join(missing)} missing in its info); "
                          "image metrics need a digits model whose held-out split is known")
     return info
 
@@ -288,7 +233,8 @@ def image_metrics(samples: torch.Tensor, spec: Any, *, k: int = 3, seed: int = 0
     with ``seed``.  ``memorization_floor`` is the rate of the held-out images themselves."""
     ref = _reference(spec)
     x = _check_images(samples, "samples")
-    held, held_y, train = _check_images(ref["heldout"], "held-out"), ref["heldout_labels"], _check_images(ref["train"], "train")
+    held, train = _check_images(ref["heldout"], "held-out"), _check_images(ref["train"], "train")
+    held_y = ref["heldout_labels"]
     n = x.shape[0]
     if n <= k:
         raise ValueError(f"image metrics need more than {k} samples, got {n}")
@@ -318,12 +264,15 @@ def image_metrics(samples: torch.Tensor, spec: Any, *, k: int = 3, seed: int = 0
     for k_, v in fl.items():
         out[f"{k_}_floor"] = float(np.mean(v))
     out["memorization_floor"] = memorization_rate(held, train, memorization_threshold)
-    out.update({"n": n, "n_floor": n_floor, "n_heldout": held.shape[0], "memorization_threshold": memorization_threshold})
+    out.update({"n": n, "n_floor": n_floor, "n_heldout": held.shape[0],
+                "memorization_threshold": memorization_threshold})
     order = ["digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization"]
-    return {**{m: out[m] for k_ in order for m in (k_, f"{k_}_floor")}, **{m: out[m] for m in ("n", "n_floor", "n_heldout", "memorization_threshold")}}
+    keys = [m for k_ in order for m in (k_, f"{k_}_floor")] + ["n", "n_floor", "n_heldout", "memorization_threshold"]
+    return {m: out[m] for m in keys}
 
 
-def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: str | os.PathLike | None, *, kid_subset_size: int = 100) -> dict[str, float]:
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights: str | os.PathLike | None, *,
+                  kid_subset_size: int = 100) -> dict[str, float]:
     """Standard Inception FID and KID with ``torchmetrics`` (+ ``torch-fidelity``), using a local
     file of FID Inception weights (``pt_inception-2015-12-05`` state dict).  Nothing is downloaded:
     without the packages or the weights file this raises an error saying what is missing.

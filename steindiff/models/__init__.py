@@ -1,4 +1,6 @@
-"""Denoisers and model adapters (VE convention ``D(x, sigma)``) and the exact-score mixtures."""
+"""Models: denoisers and adapters (VE convention ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)``,
+:mod:`.denoisers`), the exact-score mixtures (:mod:`.gmm`), the U-Net (:mod:`.unet`), checkpoint folders
+(:mod:`.checkpoint`), trained models by name (:mod:`.trained`) and the name registry (:mod:`.registry`)."""
 
 from .denoisers import PREDICTION_TYPES, Denoiser, EDMPrecond, VPDenoiser
 

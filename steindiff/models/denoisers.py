@@ -12,9 +12,9 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 from torch import nn
 
-from ..noise import ContinuousVPProcess, DiscreteVPProcess
+from ..noise import ContinuousVPProcess, DiscreteVPProcess, vp_alpha
 
-__all__ = ["Denoiser", "VPDenoiser", "EDMPrecond", "PREDICTION_TYPES"]
+__all__ = ["Denoiser", "Preconditioned", "VPDenoiser", "EDMPrecond", "edm_coefficients", "PREDICTION_TYPES"]
 
 PREDICTION_TYPES = ("epsilon", "v", "x0", "score")
 
@@ -33,10 +33,49 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
 
 
-class VPDenoiser(nn.Module):
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """``(c_skip, c_out, c_in, c_noise)`` of EDM's preconditioning at ``sigma`` (Karras et al. 2022, Table 1)."""
+    sd = sigma_data
+    c_skip = sd**2 / (sigma**2 + sd**2)
+    c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+    c_in = 1 / (sigma**2 + sd**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class Preconditioned(nn.Module):
+    """A network ``F`` as a VE denoiser ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` (Karras et
+    al. 2022, Eq. 7; k-diffusion's form), with the coefficients of :meth:`coefficients`.  ``dtype`` is
+    the network's dtype; its inputs are cast to it and its output cast back."""
+
+    def __init__(self, net: Callable[..., torch.Tensor], dtype: torch.dtype | None = None):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def coefficients(self, sigma: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """``(c_skip, c_out, c_in, c_noise)`` at ``sigma`` (per sample; broadcast against ``x`` when given,
+        ``c_noise`` one value per sample)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma, x)
+        dtype = self.dtype or x.dtype
+        F = self.net((c_in * x).to(dtype), c_noise.to(dtype if dtype.is_floating_point else torch.float32), **extra)
+        F = F.to(x.dtype)
+        if F.shape != x.shape:
+            raise ValueError(f"network output has shape {tuple(F.shape)}, expected "
+                             f"{tuple(x.shape)} (same as its input)")
+        return c_skip * x + c_out * F
+
+
+class VPDenoiser(Preconditioned):
     """Wrap a network ``net(x_vp, t, **extra)`` trained on a VP process into a VE denoiser.
 
-    With ``alpha = 1/sqrt(1+sigma^2)``, ``sigma_vp = alpha sigma`` and network output ``F``:
+    The network sees ``x_vp = alpha x`` (``c_in = alpha = 1/sqrt(1+sigma^2)``, ``sigma_vp = alpha
+    sigma``) and the time of ``sigma`` (``c_noise``); from its output ``F``:
 
     - ``epsilon``: ``D = x - sigma F``                                   (Ho et al. 2020)
     - ``v``:       ``D = alpha x_vp - sigma_vp F``                       (Salimans & Ho 2022, Eq. 22)
@@ -47,7 +86,6 @@ class VPDenoiser(nn.Module):
     fractional timestep (k-diffusion, diffusers' Euler/Heun); ``"round"`` rounds it to the nearest
     integer (diffusers' DPM-Solver++ and UniPC with Karras sigmas).  For a continuous process the
     time is ``t * time_scale`` (e.g. ``time_scale=1000`` for score-SDE checkpoints).
-    ``dtype`` is the network's dtype; its input is cast to it and its output cast back.
     """
 
     def __init__(
@@ -59,16 +97,15 @@ class VPDenoiser(nn.Module):
         time_scale: float = 1.0,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
+        super().__init__(net, dtype)
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         if timestep not in ("interp", "round"):
             raise ValueError(f"timestep must be 'interp' or 'round', got {timestep!r}")
         if not hasattr(process, "sigma_to_t"):
             raise TypeError(f"VPDenoiser needs a VP process with sigma_to_t, got {process!r}")
-        self.net = net
         self.process = process
-        self.prediction, self.timestep, self.time_scale, self.dtype = prediction, timestep, time_scale, dtype
+        self.prediction, self.timestep, self.time_scale = prediction, timestep, time_scale
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         t = self.process.sigma_to_t(sigma.detach().to(torch.float64))
@@ -76,54 +113,23 @@ class VPDenoiser(nn.Module):
             t = t.round()
         return t * self.time_scale
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        s = _bcast(sigma, x)
-        alpha = torch.rsqrt(1 + s**2)
-        x_vp = x * alpha
-        t = self.sigma_to_t(sigma).to(x.device)
-        net_dtype = self.dtype or x.dtype
-        out = self.net(x_vp.to(net_dtype), t.to(net_dtype if net_dtype.is_floating_point else torch.float32), **extra)
-        out = out.to(x.dtype)
-        if out.shape != x.shape:
-            raise ValueError(f"network output has shape {tuple(out.shape)}, expected {tuple(x.shape)} (same as its input)")
-        if self.prediction == "epsilon":
-            return x - s * out
-        if self.prediction == "v":
-            return alpha * x_vp - alpha * s * out
-        if self.prediction == "x0":
-            return out
-        # score of the VP marginal: eps = -sigma_vp * score
-        return x + s * (alpha * s) * out
+    def coefficients(self, sigma: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        s = sigma if x is None else _bcast(sigma, x)
+        alpha = vp_alpha(s)
+        c_skip, c_out = {"epsilon": (1.0, -s), "v": (alpha**2, -alpha * s), "x0": (0.0, 1.0),
+                         "score": (1.0, s * (alpha * s))}[self.prediction]
+        return c_skip, c_out, alpha, self.sigma_to_t(sigma.reshape(-1))
 
 
-class EDMPrecond(nn.Module):
-    """EDM preconditioning (Karras et al. 2022, Table 1 and Eq. 7):
-    ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with
-    ``c_skip = sd^2/(sigma^2+sd^2)``, ``c_out = sigma sd / sqrt(sigma^2+sd^2)``,
+class EDMPrecond(Preconditioned):
+    """EDM preconditioning (Karras et al. 2022, Table 1 and Eq. 7): the coefficients of
+    :func:`edm_coefficients`, ``c_skip = sd^2/(sigma^2+sd^2)``, ``c_out = sigma sd / sqrt(sigma^2+sd^2)``,
     ``c_in = 1/sqrt(sigma^2+sd^2)``, ``c_noise = log(sigma)/4``."""
 
     def __init__(self, net: Callable[..., torch.Tensor], sigma_data: float = 0.5, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.net, self.sigma_data, self.dtype = net, float(sigma_data), dtype
+        super().__init__(net, dtype)
+        self.sigma_data = float(sigma_data)
 
-    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = self.coefficients(_bcast(sigma, x))
-        net_dtype = self.dtype or x.dtype
-        F = self.net((c_in * x).to(net_dtype), c_noise.reshape(-1).to(net_dtype), **extra).to(x.dtype)
-        if F.shape != x.shape:
-            raise ValueError(f"network output has shape {tuple(F.shape)}, expected {tuple(x.shape)} (same as its input)")
-        return c_skip * x + c_out * F
+    def coefficients(self, sigma: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma if x is None else _bcast(sigma, x), self.sigma_data)
+        return c_skip, c_out, c_in, c_noise.reshape(-1)

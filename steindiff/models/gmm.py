@@ -40,7 +40,8 @@ class GaussianMixture:
         if means.ndim != 2:
             raise ValueError(f"means must be (K, d), got shape {tuple(means.shape)}")
         K, d = means.shape
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else weights
+        w = torch.as_tensor(w, dtype=torch.float64)
         if w.shape != (K,) or (w < 0).any() or not math.isclose(float(w.sum()), 1.0, rel_tol=1e-9):
             raise ValueError("weights must be K non-negative numbers summing to 1")
         if basis is None:
@@ -57,7 +58,8 @@ class GaussianMixture:
         self.K, self.dim, self.rank = K, d, basis.shape[2]
 
     @classmethod
-    def from_covariances(cls, means: torch.Tensor, covs: torch.Tensor, weights: torch.Tensor | None = None, name: str = "gmm") -> "GaussianMixture":
+    def from_covariances(cls, means: torch.Tensor, covs: torch.Tensor, weights: torch.Tensor | None = None,
+                         name: str = "gmm") -> "GaussianMixture":
         """Mixture with full covariances ``covs`` (K, d, d), symmetric positive definite."""
         covs = torch.as_tensor(covs, dtype=torch.float64)
         evals, evecs = torch.linalg.eigh(covs)
@@ -136,9 +138,9 @@ class GaussianMixture:
         """An epsilon-prediction network ``eps(x_vp, t)`` on a VP ``process`` (for adapter tests)."""
         def eps(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             sigma = process.t_to_sigma(t.to(torch.float64))
-            s = sigma.reshape(-1, *([1] * (x_vp.ndim - 1))).to(x_vp.dtype)
-            x = x_vp * torch.sqrt(1 + s**2)
-            return (x - self.denoise(x, sigma)) / s
+            s = sigma.reshape(-1, *([1] * (x_vp.ndim - 1)))
+            x = process.to_ve(x_vp, s)
+            return (x - self.denoise(x, sigma)) / s.to(x_vp.dtype)
         return eps
 
     # --- sampling ----------------------------------------------------------------------------

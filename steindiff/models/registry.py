@@ -67,7 +67,8 @@ def load_model(name: str) -> ModelSpec:
         if matches(name):
             return load(name)
     raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64), digits "
-                     "(the shipped model) or a checkpoint folder written by `steindiff train` (config.json, model.safetensors)")
+                     "(the shipped model) or a checkpoint folder written by `steindiff train` "
+                     "(config.json, model.safetensors)")
 
 
 def _why_not(name: str) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..data import DataError, load_dataset
+from .checkpoint import build_denoiser, is_checkpoint_dir, load_checkpoint
 from .registry import ModelSpec, register_model_loader
 
 __all__ = ["DIGITS_DIR", "load_trained", "is_trained_checkpoint"]
@@ -30,15 +32,11 @@ def is_trained_checkpoint(name: str) -> bool:
     p = Path(name)
     if not p.is_dir() or (p / "model_index.json").exists():
         return False
-    from ..train import is_checkpoint_dir
-
     return is_checkpoint_dir(p) or (p / "model.safetensors").is_file()
 
 
 def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
     """Held-out and training images of the checkpoint's split, when its data can be reloaded."""
-    from ..train import DataError, load_dataset
-
     data = config["data"]
     src = data.get("source")
     try:
@@ -58,18 +56,18 @@ def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
 
 def load_trained(name: str) -> ModelSpec:
     """ModelSpec of ``digits`` or of a checkpoint folder (see the module doc)."""
-    from ..train import build_denoiser, load_checkpoint
-
     path = DIGITS_DIR if name == "digits" else Path(name)
     if name == "digits" and not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped digits model is missing from this installation")
+        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped digits model is "
+                                "missing from this installation")
     net, config = load_checkpoint(path)
     net.requires_grad_(False)
     denoiser, process = build_denoiser(net, config)
     denoiser.eval().requires_grad_(False)
     shape = tuple(int(s) for s in config["data"]["shape"])
     info: dict[str, Any] = {"kind": "image", "path": str(path), "config": config}
-    if (path / "calibrations").is_dir():  # calibrations fitted once for these weights (steindiff bench --calibration-dir)
+    if (path
+        / "calibrations").is_dir():  # calibrations fitted once for these weights (steindiff bench --calibration-dir)
         info["calibrations"] = str(path / "calibrations")
     info.update(_reference_data(config))
     spec_name = "digits" if name == "digits" else os.fspath(path)

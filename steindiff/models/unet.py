@@ -181,7 +181,8 @@ class UNet(nn.Module):
                     blocks.append(Attention(ch, g))
                 skips.append(ch)
             self.down.append(blocks)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, g, cfg.dropout), Attention(ch, g), ResBlock(ch, ch, emb_dim, g, cfg.dropout)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, g, cfg.dropout), Attention(ch, g),
+                                  ResBlock(ch, ch, emb_dim, g, cfg.dropout)])
         self.up = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
             mult = cfg.channel_mult[level]
@@ -202,7 +203,8 @@ class UNet(nn.Module):
     def factor(self) -> int:
         return 2 ** (len(self.config.channel_mult) - 1)
 
-    def _label_embedding(self, class_labels: Any, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    def _label_embedding(self, class_labels: Any, batch: int, device: torch.device,
+                         dtype: torch.dtype) -> torch.Tensor | None:
         ncls = self.config.num_classes
         if self.map_label is None:
             if class_labels is not None:

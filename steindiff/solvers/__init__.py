@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import (Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, cat_states, detach_state, log_snr, slice_state,
-                   steps_for_nfe)
+from .base import Denoise, NonFiniteModelOutput, Solver, Step, StepOperator, steps_for_nfe
 from .dpmpp import DPMSolverPP
 from .euler import Euler, Heun
 from .ipndm import IPNDM
 from .unipc import UniPC
 
 __all__ = [
-    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "detach_state", "log_snr", "steps_for_nfe", "StepOperator",
-    "slice_state", "cat_states",
+    "SOLVERS", "get_solver", "Solver", "Step", "Denoise", "NonFiniteModelOutput", "steps_for_nfe", "StepOperator",
     "Euler", "Heun", "DPMSolverPP", "UniPC", "IPNDM",
 ]
 
@@ -32,15 +30,14 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
 
 
 def get_solver(name: str | Solver, **options: Any) -> Solver:
-    """A solver by name (``euler``/``ddim``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc`` (bh2),
-    ``unipc_bh1``, ``ipndm``, ``ipndm_v``), with solver options such as ``order``."""
+    """A solver by name (``euler``/``ddim``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``/``unipc_bh2``,
+    ``unipc_bh1``, ``ipndm``, ``ipndm_v``), with solver options such as ``order``.  Its ``name`` is the
+    registry's name of its configuration (the first of two aliases: ``euler`` for ``ddim``)."""
     if isinstance(name, Solver):
         return name
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
     try:
-        solver = SOLVERS[name](**options)
+        return SOLVERS[name](**options)
     except TypeError as e:
         raise ValueError(f"bad options for solver {name!r}: {e}") from None
-    solver.name = name
-    return solver

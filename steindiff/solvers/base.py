@@ -13,13 +13,12 @@ is treated as constant), which is what a stabilizer wraps (:mod:`steindiff.stabi
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "slice_state", "cat_states", "log_snr",
+__all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "slice_state", "cat_states",
            "steps_for_nfe", "StepOperator"]
 
 
@@ -34,11 +33,6 @@ class Step:
     x_next: torch.Tensor
     denoised: torch.Tensor
     state: dict = field(default_factory=dict)
-
-
-def log_snr(sigma: float) -> float:
-    """``lambda = -log(sigma)`` in VE coordinates (``+inf`` at ``sigma = 0``)."""
-    return math.inf if sigma == 0 else -math.log(sigma)
 
 
 def detach_state(obj: Any) -> Any:
@@ -111,7 +105,8 @@ class Denoise:
             self.calls += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, expected {tuple(x.shape)}")
+            raise ValueError(f"model output at step {step} (sigma={sigma:.6g}) has shape {got}, "
+                             f"expected {tuple(x.shape)}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         # a NaN or Inf anywhere makes the sum non-finite: one reduction, the full check only then
@@ -121,9 +116,10 @@ class Denoise:
 
 
 class Solver:
-    """Base class.  Subclasses set ``name`` and ``order`` and implement :meth:`step`."""
+    """Base class.  Subclasses implement :meth:`step` and set ``order`` and ``name``, the name of the
+    configuration in :data:`steindiff.solvers.SOLVERS` (a property where options change it)."""
 
-    name: ClassVar[str] = "solver"
+    name = "solver"
     order: int = 1
 
     def init_state(self) -> dict:
@@ -172,18 +168,15 @@ class StepOperator:
         return self.i == len(self.sigmas) - 2
 
 
-def steps_for_nfe(solver: Solver, nfe: int, final_zero: bool = True) -> int:
-    """The largest number of steps whose full solve costs at most ``nfe`` model passes per sample."""
+def steps_for_nfe(solver: Solver, nfe: int) -> int:
+    """The largest number of steps whose full solve (ending at ``sigma = 0``) costs at most ``nfe`` model
+    passes per sample."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     steps = 0
-    while solver.nfe(_schedule_of(steps + 1, final_zero)) <= nfe:
+    # a placeholder schedule of each length: only its length and final zero matter to ``nfe``
+    while solver.nfe([float(steps + 1 - i) for i in range(steps + 2)]) <= nfe:
         steps += 1
     if steps < 1:
         raise ValueError(f"solver {solver.name!r} needs more than nfe={nfe} model passes for one step")
     return steps
-
-
-def _schedule_of(steps: int, final_zero: bool) -> list[float]:
-    """A placeholder schedule with ``steps`` steps (only its length and final zero matter to ``nfe``)."""
-    return [float(steps - i) + (0.0 if final_zero else 1.0) for i in range(steps + 1)]

@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .base import Denoise, Solver, Step, log_snr
+from ..noise import log_snr
+from .base import Denoise, Solver, Step
 
 __all__ = ["DPMSolverPP"]
 
@@ -34,13 +35,15 @@ class DPMSolverPP(Solver):
     keeps agreement with diffusers and the paper's baselines.
     """
 
-    name = "dpmpp"
-
     def __init__(self, order: int = 2, lower_order_final: bool = True, exact_third_order: bool = False):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
         self.order, self.lower_order_final = order, lower_order_final
         self.d2_weight = 2.0 if exact_third_order else 1.0
+
+    @property
+    def name(self) -> str:
+        return f"dpmpp_{self.order}m"
 
     def init_state(self) -> dict:
         return {"denoised": [], "lambdas": []}
@@ -79,5 +82,6 @@ class DPMSolverPP(Solver):
                 phi3 = (e + h) / h**2 - 0.5
                 x_next = (s_next / s) * x - e * m0 + phi2 * d1 - self.d2_weight * phi3 * d2
         keep = max(self.order - 1, 0)
-        new_state = {"denoised": (hist_d + [m0])[-keep:] if keep else [], "lambdas": (hist_l + [lam])[-keep:] if keep else []}
+        new_state = {"denoised": (hist_d + [m0])[-keep:] if keep else [],
+                     "lambdas": (hist_l + [lam])[-keep:] if keep else []}
         return Step(x_next, m0, new_state)

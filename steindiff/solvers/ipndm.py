@@ -36,12 +36,14 @@ class IPNDM(Solver):
     the paper (exact order only on an equally spaced grid); ``variable_step=True`` integrates the
     Lagrange interpolant of past slopes over the actual ``sigma`` grid (full order on any grid)."""
 
-    name = "ipndm"
-
     def __init__(self, order: int = 4, variable_step: bool = False):
         if order not in (1, 2, 3, 4):
             raise ValueError(f"iPNDM order must be 1 to 4, got {order}")
         self.order, self.variable_step = order, variable_step
+
+    @property
+    def name(self) -> str:
+        return "ipndm_v" if self.variable_step else "ipndm"
 
     def init_state(self) -> dict:
         return {"slopes": [], "sigmas": []}

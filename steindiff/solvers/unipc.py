@@ -19,7 +19,8 @@ import math
 import numpy as np
 import torch
 
-from .base import Denoise, Solver, Step, log_snr
+from ..noise import log_snr
+from .base import Denoise, Solver, Step
 
 __all__ = ["UniPC"]
 
@@ -64,14 +65,16 @@ class UniPC(Solver):
     ``x_i`` is kept rather than overwritten.
     """
 
-    name = "unipc"
-
     def __init__(self, order: int = 2, variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True):
         if order not in (1, 2, 3):
             raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
         if variant not in ("bh1", "bh2"):
             raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
         self.order, self.variant, self.corrector, self.lower_order_final = order, variant, corrector, lower_order_final
+
+    @property
+    def name(self) -> str:
+        return "unipc" if self.variant == "bh2" else "unipc_bh1"
 
     def init_state(self) -> dict:
         return {"denoised": [], "lambdas": [], "pending": None}

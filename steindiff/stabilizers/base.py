@@ -15,16 +15,35 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 
 from ..device import is_out_of_memory
-from ..solvers import Step, StepOperator, cat_states, detach_state
+from ..noise import coordinate_scales
+from ..solvers import Step, StepOperator
+from ..solvers.base import cat_states, detach_state
 from .divergence import jvp_quadratic_forms, make_probes, unit_probes, vjp_quadratic_forms
 
-__all__ = ["GammaStabilizer", "StepStats", "NotDifferentiableError", "JacobianOutOfMemoryError", "coordinate_scales", "dot",
+__all__ = ["Stabilizer", "GammaStabilizer", "StepStats", "NotDifferentiableError", "JacobianOutOfMemoryError", "dot",
            "rescaled_update"]
+
+
+class Stabilizer(Protocol):
+    """What the sampling loop (:func:`steindiff.sampling.steps`) asks of a stabilizer: one step.
+
+    ``step(op, x)`` gets the step operator ``T = op`` of the solver (its history fixed; ``op(x)`` is the
+    solver's :class:`~steindiff.solvers.Step`) and the state ``x`` (VE), and returns ``(x_next, step,
+    record)``: the new state, the solver's step at ``x`` (its history goes on to the next step) and a dict
+    for the trace (``None``: nothing to record; ``record["extra_passes"]``: Jacobian-product passes per
+    sample, counted apart from NFE).  Model passes made inside ``op.extra_passes()`` are not NFE.
+
+    A stabilizer gets everything it needs from outside when it is built (e.g. the reduction of its
+    statistics across processes); nothing changes it afterwards.  Optional attributes read by callers:
+    ``name``, ``coords`` (``ve``/``vp``) and ``per_sample`` (no batch statistics).
+    """
+
+    def step(self, op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, dict | None]: ...
 
 
 class NotDifferentiableError(RuntimeError):
@@ -36,6 +55,7 @@ class JacobianOutOfMemoryError(RuntimeError):
 
 
 _POOL: list = []
+_EXACT_CHUNK = 64  # unit probes per backward pass of the exact divergence
 
 
 def _probe_pool():
@@ -46,16 +66,6 @@ def _probe_pool():
 
         _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="steindiff-probes"))
     return _POOL[0]
-
-
-def coordinate_scales(coords: str, sigma: float, sigma_next: float) -> tuple[float, float, float]:
-    """``(alpha_k, alpha_{k-1}, sigma_k)`` in coordinates ``ve`` or ``vp``."""
-    if coords == "ve":
-        return 1.0, 1.0, sigma
-    if coords == "vp":
-        a, a_next = 1 / math.sqrt(1 + sigma**2), 1 / math.sqrt(1 + sigma_next**2)
-        return a, a_next, a * sigma
-    raise ValueError(f"coords must be 've' or 'vp', got {coords!r}")
 
 
 def rescaled_update(x_c: torch.Tensor, u: torch.Tensor, gamma, alpha_next: float) -> torch.Tensor:
@@ -95,7 +105,13 @@ class GammaStabilizer:
     ``gamma_min``/``gamma_max``: clip (``None`` for no bound).  ``first_step``/``final_step``:
     ``stein`` (correct as any step) or ``skip`` (``gamma = 1``) for the first step and for a final
     step to ``sigma = 0``.  ``per_sample``: one ``gamma`` per sample from its own statistics.
-    ``reduce``: sums a tensor of statistics across processes (distributed sampling).
+    ``name``: the registry's name of the stabilizer (default: the class's).
+
+    What a stabilizer needs from outside is given here, never set afterwards: ``reduce`` sums a tensor
+    of statistics across processes (distributed sampling); ``probe_source(x, n, generator) -> (n,
+    *x.shape)`` draws the Hutchinson probes (default: Gaussian, on the CPU from ``generator``, moved to
+    ``x``'s device; distributed sampling draws the global batch's and keeps its shard's);
+    ``async_probes`` draws them in a worker thread during the forward pass (default ``None``: on CUDA).
     ``batched_probes``: all reverse-mode probes in one vmapped backward pass; default (``None``) on
     GPUs only (on CPU a loop of backward passes measured about 2x faster).
     ``jacobian_batch``: at most this many sample-probe pairs per Jacobian pass (samples in chunks
@@ -111,10 +127,10 @@ class GammaStabilizer:
     def __init__(
         self,
         *,
+        name: str | None = None,
         coords: Literal["ve", "vp"] = "ve",
         divergence: Literal["vjp", "jvp", "exact"] = "vjp",
         probes: int = 5,
-        probe_kind: Literal["gaussian", "rademacher"] = "gaussian",
         gamma_min: float | None = 0.0,
         gamma_max: float | None = None,
         first_step: Literal["stein", "skip"] = "stein",
@@ -123,8 +139,8 @@ class GammaStabilizer:
         batched_probes: bool | None = None,
         jacobian_batch: int | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        denoiser_divergence: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
-        exact_chunk: int = 64,
+        probe_source: Callable[[torch.Tensor, int, torch.Generator], torch.Tensor] | None = None,
+        async_probes: bool | None = None,
         seed: int = 0,
     ):
         coordinate_scales(coords, 1.0, 0.5)
@@ -136,25 +152,19 @@ class GammaStabilizer:
                                            or jacobian_batch < 1):
             raise ValueError(f"jacobian_batch must be a positive integer (sample-probe pairs per Jacobian pass), "
                              f"got {jacobian_batch!r}")
-        if probe_kind not in ("gaussian", "rademacher"):
-            raise ValueError(f"probe_kind must be 'gaussian' or 'rademacher', got {probe_kind!r}")
         if gamma_min is not None and gamma_max is not None and gamma_max < gamma_min:
             raise ValueError(f"gamma_max ({gamma_max}) must be >= gamma_min ({gamma_min})")
         for key, v in (("first_step", first_step), ("final_step", final_step)):
             if v not in ("stein", "skip"):
                 raise ValueError(f"{key} must be 'stein' or 'skip', got {v!r}")
-        self.coords, self.divergence, self.probes, self.probe_kind = coords, divergence, probes, probe_kind
+        if name is not None:
+            self.name = name
+        self.coords, self.divergence, self.probes = coords, divergence, probes
         self.gamma_min, self.gamma_max = gamma_min, gamma_max
         self.first_step, self.final_step, self.per_sample = first_step, final_step, per_sample
-        self.batched_probes, self.reduce, self.exact_chunk = batched_probes, reduce, exact_chunk
-        self.jacobian_batch = jacobian_batch
-        self.denoiser_divergence = denoiser_divergence
+        self.batched_probes, self.jacobian_batch = batched_probes, jacobian_batch
+        self.reduce, self.probe_source, self.async_probes = reduce, probe_source, async_probes
         self.generator = torch.Generator().manual_seed(seed)
-        # hook (x, n, kind, generator) -> (n, *x.shape) replacing make_probes; distributed sampling
-        # draws the global batch's probes and takes this shard's slice
-        self.probe_fn: Callable | None = None
-        # draw the probes in a worker thread during the forward pass (None: on CUDA only)
-        self.async_probes: bool | None = None
 
     # -- variant hooks --------------------------------------------------------------------------
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
@@ -165,6 +175,10 @@ class GammaStabilizer:
         """``gamma`` from the statistics ``m`` (floats: batch means; or per-sample tensors)."""
         raise NotImplementedError
 
+    def jacobian_target(self, op: StepOperator) -> str | None:
+        """Whose divergence step ``op`` needs: ``"T"``, ``"D"`` or ``None`` (default: :attr:`jacobian_of`)."""
+        return self.jacobian_of
+
     def _batched(self, x: torch.Tensor) -> bool:
         return x.is_cuda if self.batched_probes is None else self.batched_probes
 
@@ -172,9 +186,11 @@ class GammaStabilizer:
     def _probes(self, x: torch.Tensor) -> torch.Tensor:
         if self.divergence == "exact":
             return unit_probes(x)
-        return (self.probe_fn or make_probes)(x, self.probes, self.probe_kind, self.generator)
+        if self.probe_source is not None:
+            return self.probe_source(x, self.probes, self.generator)
+        return make_probes(x, self.probes, "gaussian", self.generator)
 
-    def _probe_source(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def _probe_getter(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """The probes of this step, when first asked for.  On CUDA they are drawn (on the CPU, from the
         stabilizer's generator: the same values) in a worker thread while the forward pass runs."""
         threaded = x.is_cuda if self.async_probes is None else self.async_probes
@@ -197,11 +213,12 @@ class GammaStabilizer:
         batch first and every statistic is per sample, so chunking changes no result.  Each chunk's
         graph is released before the next one is built.  Out of memory here raises
         :class:`JacobianOutOfMemoryError` naming the pass size."""
-        if self.jacobian_of is None:
+        target = self.jacobian_target(op)
+        if target is None:
             with torch.no_grad():
                 return op(x), None, 0
         B = x.shape[0]
-        probes = self._probe_source(x)
+        probes = self._probe_getter(x)
         P = x[0].numel() if self.divergence == "exact" else self.probes
         jb = self.jacobian_batch
         chunk = B if jb is None else min(B, jb)
@@ -209,13 +226,14 @@ class GammaStabilizer:
         failed: str | None = None
         try:
             if chunk >= B:
-                return self._jacobian_pass(op, x, probes, group)
+                return self._jacobian_pass(op, x, probes, group, target)
             d = op.denoise
             steps, divs, sizes, extra = [], [], [], 0
             for j, start in enumerate(range(0, B, chunk)):
                 sl = slice(start, min(B, start + chunk))
                 calls, extra_calls = d.calls, d.extra_calls
-                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], lambda sl=sl: probes()[:, sl], group)
+                st_j, q_j, extra_j = self._jacobian_pass(op.restrict(sl, B), x[sl], lambda sl=sl: probes()[:, sl],
+                                                         group, target)
                 if j == 0:
                     extra = extra_j
                 else:  # one model pass of the step per sample: count the first chunk's passes only
@@ -230,23 +248,25 @@ class GammaStabilizer:
             if not is_out_of_memory(e):
                 raise
             per_pass = chunk * (1 if self.divergence == "jvp" else min(P, group or P))
-            failed = (f"out of memory in the Jacobian pass of step {op.i} (sigma={op.sigma:.6g}) on {x.device}: batch of "
+            failed = (f"out of memory in the Jacobian pass of step {op.i} "
+                      f"(sigma={op.sigma:.6g}) on {x.device}: batch of "
                       f"{B} samples, {chunk} samples x {P} probe(s) per differentiable step, about {per_pass} "
-                      f"sample-probe pairs per pass (--jacobian-batch {jb if jb is not None else 'not set: the whole batch'}); "
+                      "sample-probe pairs per pass (--jacobian-batch "
+                      f"{jb if jb is not None else 'not set: the whole batch'}); "
                       f"lower --jacobian-batch (e.g. --jacobian-batch {max(1, min(chunk, per_pass) // 2)})"
                       + ("; the jvp divergence needs more memory than vjp" if self.divergence == "jvp" else ""))
         finally:
-            del probes
+            probes = None  # the probes' tensors go before the cache is emptied
         # out of the except block: the failed pass's tensors are gone with its traceback
         if x.is_cuda:
             torch.cuda.empty_cache()
         raise JacobianOutOfMemoryError(failed)
 
-    def _jacobian_pass(self, op: StepOperator, x: torch.Tensor, probes: Callable[[], torch.Tensor], group: int | None
-                       ) -> tuple[Step, torch.Tensor, int]:
+    def _jacobian_pass(self, op: StepOperator, x: torch.Tensor, probes: Callable[[], torch.Tensor], group: int | None,
+                       target: str) -> tuple[Step, torch.Tensor, int]:
         """One chunk: the step (detached), its per-sample divergence (float64) and the extra passes per sample.
         ``probes()`` gives this chunk's probes; asked for after the forward pass."""
-        pick = (lambda st: st.x_next) if self.jacobian_of == "T" else (lambda st: st.denoised)
+        pick = (lambda st: st.x_next) if target == "T" else (lambda st: st.denoised)
         calls0, extra0 = op.denoise.calls, op.denoise.extra_calls
         if self.divergence == "jvp":
             with torch.no_grad():
@@ -266,7 +286,7 @@ class GammaStabilizer:
         nfe_step = op.denoise.calls - calls0
         V = probes()
         if self.divergence == "exact":
-            group = self.exact_chunk if group is None else min(group, self.exact_chunk)
+            group = _EXACT_CHUNK if group is None else min(group, _EXACT_CHUNK)
         q = vjp_quadratic_forms(pick(st), xg, V, self._batched(x), group)
         q = q.sum(0) if self.divergence == "exact" else q.mean(0)
         # detached copies only: the graph is freed when this returns
@@ -321,11 +341,5 @@ class GammaStabilizer:
         x_next = rescaled_update(x_c, s.u, gam, a_next)
         record.update({"gamma": gamma, "gamma_raw": gamma_raw, **{f"s_{k}": v for k, v in means.items()},
                        "extra_passes": int(extra), "nfe_step": op.denoise.calls - calls0})
-        if self.denoiser_divergence is not None:
-            with torch.no_grad():
-                divD = self.denoiser_divergence(x, sigma).to(torch.float64)
-            E_k = float((dot(x_c - st.denoised, x_c - st.denoised) + sigma**2 * divD).mean())
-            uu = means.get("uu", float(dot(s.u, s.u).mean()))
-            record["rho"] = gamma_raw**2 * uu / E_k if E_k > 0 else None
         record["wall_s"] = time.perf_counter() - t0
         return x_next.to(x.dtype), st, record

@@ -30,7 +30,8 @@ def draw_probes(shape: tuple[int, ...], n: int, kind: str = "gaussian", generato
     raise ValueError(f"probe kind must be 'gaussian' or 'rademacher', got {kind!r}")
 
 
-def make_probes(x: torch.Tensor, n: int, kind: str = "gaussian", generator: torch.Generator | None = None) -> torch.Tensor:
+def make_probes(x: torch.Tensor, n: int, kind: str = "gaussian",
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` probes shaped like ``x``, stacked on a new leading axis: ``(n, *x.shape)``, on ``x``'s
     device (drawn on the CPU, :func:`draw_probes`)."""
     return draw_probes(tuple(x.shape), n, kind, generator, x.dtype).to(x.device)
@@ -72,7 +73,8 @@ def vjp_quadratic_forms(out: torch.Tensor, x: torch.Tensor, probes: torch.Tensor
     return torch.cat(rows)
 
 
-def jvp_quadratic_forms(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+def jvp_quadratic_forms(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        probes: torch.Tensor) -> torch.Tensor:
     """``v_p^T J v_p`` per probe and sample, ``(P, B)``, by forward mode (one JVP per probe).
 
     Forward mode costs more than reverse mode here (a full forward pass with tangents per probe,

@@ -16,6 +16,7 @@ the energy), ``gamma = 1`` (the plain solver): the safe fallback.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -33,7 +34,7 @@ class EnergyMatchingStabilizer(GammaStabilizer):
     to the target energy, is below this (an ill-conditioned quadratic).
     """
 
-    name = "energy"
+    name = "stein-energy"
     jacobian_of = "D"
 
     def __init__(self, *, energy_from: str = "first", min_sensitivity: float = 0.05, gamma_min: float | None = 0.5,
@@ -45,22 +46,15 @@ class EnergyMatchingStabilizer(GammaStabilizer):
         self.data_energy: float | None = None
 
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
+        if s.div is None:  # the data energy is known (energy_from="first"): no divergence at this step
+            s = replace(s, div=torch.zeros(s.x.shape[0], dtype=torch.float64, device=s.x.device))
         # the VE denoiser's divergence: s.div is d/dx of D with respect to the VE state
         e0 = dot(s.step.denoised, s.step.denoised) + s.op.sigma**2 * s.div
         return {"xx": dot(s.x_c, s.x_c), "xu": dot(s.u, s.x_c), "uu": dot(s.u, s.u), "e0": e0}
 
-    def _skip_divergence(self) -> bool:
-        return self.energy_from == "first" and self.data_energy is not None
-
-    def _run_operator(self, op, x):
-        if self._skip_divergence():
-            jac, self.jacobian_of = self.jacobian_of, None
-            try:
-                st, _, extra = super()._run_operator(op, x)
-            finally:
-                self.jacobian_of = jac
-            return st, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), extra
-        return super()._run_operator(op, x)
+    def jacobian_target(self, op):
+        """The denoiser's divergence, only while the data energy is not known yet (``energy_from="first"``)."""
+        return None if self.energy_from == "first" and self.data_energy is not None else "D"
 
     def step(self, op, x):
         if op.is_first:
@@ -82,7 +76,8 @@ class EnergyMatchingStabilizer(GammaStabilizer):
             r1, r2 = (xu - disc.sqrt()) / uu, (xu + disc.sqrt()) / uu
             g = torch.where((r1 - 1).abs() < (r2 - 1).abs(), r1, r2)
             sens = (2 * (g * uu - xu)).abs() / target
-            return torch.where((xu**2 - uu * (xx - target) >= 0) & (sens >= self.min_sensitivity), g, torch.ones_like(g))
+            return torch.where((xu**2 - uu * (xx - target) >= 0) & (sens >= self.min_sensitivity), g,
+                               torch.ones_like(g))
         disc = xu**2 - uu * (xx - target)
         if disc < 0:
             return 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .base import Stabilizer
 from .marginal import EnergyMatchingStabilizer
 from .stein import SteinStabilizer
 
@@ -13,30 +14,28 @@ __all__ = ["STABILIZERS", "make_stabilizer", "AUTO", "CALIBRATED"]
 def _needs_mixture(name: str, spec: Any) -> Any:
     gmm = getattr(spec, "gmm", None)
     if gmm is None:
-        raise ValueError(f"stabilizer {name!r} needs an exact-score mixture model (gmm:...), got {getattr(spec, 'name', spec)!r}")
+        raise ValueError(f"stabilizer {name!r} needs an exact-score mixture model (gmm:...), got "
+                         f"{getattr(spec, 'name', spec)!r}")
     return gmm
 
 
-def _stein(name: str, spec: Any, **kw: Any) -> SteinStabilizer:
-    gmm = getattr(spec, "gmm", None)
-    if gmm is not None:
-        kw.setdefault("denoiser_divergence", gmm.divergence)
-    return SteinStabilizer("stein", **kw)
+def _exact(name: str, spec: Any, **kw: Any) -> SteinStabilizer:
+    _needs_mixture(name, spec)  # d unit probes per step: for the mixtures' small dimensions only
+    return SteinStabilizer("stein", name=name, **{**kw, "divergence": "exact"})
 
 
-STABILIZERS: dict[str, Callable[..., Any]] = {
+STABILIZERS: dict[str, Callable[..., Stabilizer | None]] = {
     "none": lambda name, spec, **kw: None,
-    "stein": _stein,
+    "stein": lambda name, spec, **kw: SteinStabilizer("stein", name=name, **kw),
     # probes and divergence do not apply to the look-ahead and oracle estimators (no Jacobian)
-    "stein-sc": lambda name, spec, **kw: SteinStabilizer("lookahead", **kw),
-    "stein-exact": lambda name, spec, **kw: SteinStabilizer(
-        "stein", denoiser_divergence=_needs_mixture(name, spec).divergence, **{**kw, "divergence": "exact"}),
+    "stein-sc": lambda name, spec, **kw: SteinStabilizer("lookahead", name=name, **kw),
+    "stein-exact": _exact,
     "stein-oracle": lambda name, spec, **kw: SteinStabilizer(
-        "oracle", clean_target=_needs_mixture(name, spec).denoise, denoiser_divergence=_needs_mixture(name, spec).divergence,
-        **kw),
+        "oracle", name=name, clean_target=_needs_mixture(name, spec).denoise, **kw),
     # ours (issue: Stein stabilization that helps); see docs/stabilizers.md
-    "stein-tr": lambda name, spec, **kw: _stein(name, spec, **{"gamma_min": 0.8, "gamma_max": 1.25, **kw}),
-    "stein-energy": lambda name, spec, **kw: EnergyMatchingStabilizer(**kw),
+    "stein-tr": lambda name, spec, **kw: SteinStabilizer("stein", name=name,
+                                                         **{"gamma_min": 0.8, "gamma_max": 1.25, **kw}),
+    "stein-energy": lambda name, spec, **kw: EnergyMatchingStabilizer(name=name, **kw),
 }
 
 
@@ -50,7 +49,7 @@ CALIBRATED = "calibrated"
 AUTO = "none"
 
 
-def _auto(name: str, spec: Any, **kw: Any) -> Any:
+def _auto(name: str, spec: Any, **kw: Any) -> Stabilizer | None:
     if AUTO == CALIBRATED:
         raise ValueError("'auto' is the calibrated sampler, which sets the noise levels too: use "
                          "steindiff.sample(..., stabilizer='auto'), `steindiff sample --stabilizer auto`, or "
@@ -61,10 +60,10 @@ def _auto(name: str, spec: Any, **kw: Any) -> Any:
 STABILIZERS["auto"] = _auto
 
 
-def make_stabilizer(name: str, spec: Any = None, **options: Any) -> Any:
+def make_stabilizer(name: str, spec: Any = None, **options: Any) -> Stabilizer | None:
     """A stabilizer by name (``none`` gives ``None``), for the model ``spec`` (a
     :class:`~steindiff.models.registry.ModelSpec`); ``options`` go to the stabilizer (``coords``,
-    ``probes``, ``gamma_min``, ``seed``, ...).  Options given as ``None`` are left to the
+    ``probes``, ``gamma_min``, ``seed``, ``reduce``, ``probe_source``, ...).  Options given as ``None`` are left to the
     stabilizer's own defaults (e.g. the clip of ``stein-tr`` and ``stein-energy``)."""
     if name not in STABILIZERS:
         raise ValueError(f"unknown stabilizer {name!r}; choose one of {', '.join(STABILIZERS)}")

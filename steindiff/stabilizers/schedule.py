@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from ..io import save_json
+from ..noise import coordinate_scales
 from ..solvers import Step, StepOperator
-from .base import coordinate_scales, rescaled_update
+from .base import rescaled_update
 
 __all__ = ["GammaSchedule", "load_gamma_schedule", "SCHEMA"]
 

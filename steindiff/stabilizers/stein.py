@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from .base import GammaStabilizer, NotDifferentiableError, StepStats, coordinate_scales, dot
+from .base import GammaStabilizer, NotDifferentiableError, StepStats, dot
 
-__all__ = ["SteinStabilizer", "NotDifferentiableError", "coordinate_scales"]
+__all__ = ["SteinStabilizer", "NotDifferentiableError"]
 
 
 class SteinStabilizer(GammaStabilizer):
@@ -34,19 +34,18 @@ class SteinStabilizer(GammaStabilizer):
     ``divergence``, ``probes``, ``gamma_min``, ``gamma_max``, ...).
     """
 
-    def __init__(self, estimator: str = "stein", *, clean_target: Callable[[torch.Tensor, float], torch.Tensor] | None = None, **options):
+    def __init__(self, estimator: str = "stein", *, clean_target: Callable[[torch.Tensor, float],
+                                                                           torch.Tensor] | None = None, **options):
         if estimator not in ("stein", "oracle", "lookahead"):
             raise ValueError(f"estimator must be 'stein', 'oracle' or 'lookahead', got {estimator!r}")
         if estimator == "oracle" and clean_target is None:
             raise ValueError("the oracle estimator needs clean_target(x, sigma) (e.g. a mixture's exact denoiser)")
+        exact = estimator == "stein" and options.get("divergence") == "exact"
+        options.setdefault("name", {"stein": "stein", "oracle": "stein-oracle", "lookahead": "stein-sc"}[estimator]
+                           + ("-exact" if exact else ""))
         super().__init__(**options)
         self.estimator, self.clean_target = estimator, clean_target
         self.jacobian_of = "T" if estimator == "stein" else None
-
-    @property
-    def name(self) -> str:
-        base = {"stein": "stein", "oracle": "stein-oracle", "lookahead": "stein-sc"}[self.estimator]
-        return base + ("-exact" if self.divergence == "exact" and self.estimator == "stein" else "")
 
     def statistics(self, s: StepStats) -> dict[str, torch.Tensor]:
         out = {"xu": dot(s.u, s.x_c), "uu": dot(s.u, s.u)}

@@ -32,12 +32,14 @@ def test_schema_and_row_fields(result):
         assert r["status"] == "ok", r["status"]
         assert isinstance(r["model"], str) and r["model"] == "gmm:toy2d"
         assert isinstance(r["seed"], int) and isinstance(r["nfe"], int) and isinstance(r["nfe_budget"], int)
-        assert isinstance(r["extra_passes"], int) and isinstance(r["wall_s_per_sample"], float) and r["wall_s_per_sample"] > 0
+        assert isinstance(r["extra_passes"], int)
+        assert isinstance(r["wall_s_per_sample"], float) and r["wall_s_per_sample"] > 0
         assert set(r["metrics"]) >= {"sw2", "sw2_floor", "mode_tv", "mode_tv_floor", "nll", "nll_floor", "traj_err"}
         assert all(isinstance(v, float) and math.isfinite(v) for v in r["metrics"].values())
         assert len(r["gammas"]) == r["steps"]
         if r["stabilizer"] == "none":
-            assert r["coords"] == "-" and r["gammas"] == [1.0] * r["steps"] and r["gamma_raw"] == [] and r["extra_passes"] == 0
+            assert r["coords"] == "-" and r["gammas"] == [1.0] * r["steps"] and r["gamma_raw"] == []
+            assert r["extra_passes"] == 0
         else:
             assert r["coords"] in ("ve", "vp") and len(r["gamma_raw"]) == len(r["rho"]) == r["steps"]
     stein = [r for r in rows if r["stabilizer"] == "stein"]
@@ -57,7 +59,8 @@ def test_same_initial_noise_as_generate(result):
     generate() at that seed exactly, and the trajectory error is against the same noise's reference."""
     spec = load_model("gmm:toy2d")
     gen = generate(spec, solver="euler", nfe=4, n=64, seed=0, dtype=torch.float64)
-    row = next(r for r in result["rows"] if r["solver"] == "euler" and r["nfe_budget"] == 4 and r["stabilizer"] == "none")
+    row = next(r for r in result["rows"] if r["solver"] == "euler" and r["nfe_budget"] == 4 and r["stabilizer"]
+               == "none")
     assert row["metrics"]["sw2"] == mixture_metrics(gen.x, spec.gmm, seed=0)["sw2"]
     fine = generate(spec, solver="dpmpp_3m", nfe=40, n=64, seed=0, dtype=torch.float64)
     ref = generate(spec, solver="dpmpp_3m", nfe=100, n=64, seed=0, dtype=torch.float64)
@@ -135,7 +138,8 @@ def test_verdict_vanilla_at_floor_is_a_tie_without_room(stab):
 
 
 def test_excess_definitions():
-    m = {"sw2": 0.3, "sw2_floor": 0.1, "nll": -2.5, "nll_floor": -2.0, "mode_tv": 0.05, "mode_tv_floor": 0.02, "traj_err": 0.2}
+    m = {"sw2": 0.3, "sw2_floor": 0.1, "nll": -2.5, "nll_floor": -2.0, "mode_tv": 0.05, "mode_tv_floor": 0.02,
+         "traj_err": 0.2}
     assert excess(m, "sw2") == pytest.approx(0.2)
     assert excess(m, "nll") == pytest.approx(0.5)  # two-sided: over-concentrated samples are not better
     assert excess(m, "mode_tv") == pytest.approx(0.03)

@@ -41,7 +41,8 @@ def test_bench_cost_mode(tmp_path, capsys):
     args = ["bench", *TINY, "--cost", "--cost-probes", "1,2", "--repeats", "1", "--json-out", str(j)]
     assert main(args) == 0
     res = json.loads(j.read_text())
-    assert res["rows"] == [] and [(e["stabilizer"], e["probes"]) for e in res["cost"]] == [("none", None), ("stein", 1), ("stein", 2)]
+    assert res["rows"] == [] and [(e["stabilizer"],
+                                   e["probes"]) for e in res["cost"]] == [("none", None), ("stein", 1), ("stein", 2)]
     assert "stein P=2:" in capsys.readouterr().out
 
 

@@ -30,7 +30,8 @@ def test_calibrate_bad_input(tmp_path, capsys):
     assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "variant", "--stabilizer", "nope",
                  "--out", str(tmp_path / "x.json")]) == 2
     assert "unknown stabilizer 'nope'" in capsys.readouterr().err
-    assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "reference", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "reference", "--out",
+                 str(tmp_path / "x.json")]) == 2
     assert "needs --reference" in capsys.readouterr().err
     assert main(["calibrate", "--model", "gmm:toy2d", "--n", "3", "--out", str(tmp_path / "x.json")]) == 2
     assert "at least 4" in capsys.readouterr().err
@@ -49,7 +50,8 @@ def test_variant_objective_still_estimates_a_stabilizers_gammas(tmp_path, capsys
 
 def test_trajectory_file_carries_fitted_sigmas_into_sample(tmp_path, capsys):
     out = tmp_path / "t.json"
-    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "128", "--fit", "both",
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "128", "--fit",
+                 "both",
                  "--ref-steps", "60", "--max-seconds", "10", "--out", str(out), "--json", "--no-progress"]) == 0
     cal = json.loads(capsys.readouterr().out)
     assert cal["objective"] == "trajectory" and cal["calibration"]["fit"] == "both"

@@ -95,7 +95,8 @@ def test_out_of_memory_in_the_jacobian_pass(jb, size, tmp_path, capsys):
 def test_sample_on_a_device_equals_the_cpu(device, tmp_path, capsys):
     runs = {}
     for dev in ("cpu", device):
-        assert main(["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--n", "40", "--nfe", "4", "--seed", "3",
+        assert main(["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--n", "40", "--nfe", "4", "--seed",
+                     "3",
                      "--dtype", "float64", "--jacobian-batch", "16", "--device", dev, "--json", "--no-progress"]) == 0
         runs[dev] = json.loads(capsys.readouterr().out)
     assert runs[device]["device"].startswith(device)

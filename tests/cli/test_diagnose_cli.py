@@ -6,7 +6,8 @@ import pytest
 
 from steindiff.cli import main
 
-BASE = ["diagnose", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "12", "--iters", "5", "--no-progress"]
+BASE = ["diagnose", "--model", "gmm:toy2d", "--solver", "dpmpp_2m", "--nfe", "4", "--n", "12", "--iters", "5",
+        "--no-progress"]
 
 
 def test_json_png_and_full_record(tmp_path, capsys):
@@ -18,11 +19,13 @@ def test_json_png_and_full_record(tmp_path, capsys):
     assert s["passes"]["nfe"] == 4 and s["passes"]["jvp"] > 0
     assert len(s["steps"]) == 4 and s["png"] == str(png) and s["out"] == str(out)
     for r in s["steps"]:
-        assert {"sigma", "sigma_next", "h", "lipschitz", "lipschitz_D", "bound", "bound_first_order", "convergence"} <= set(r)
+        assert {"sigma", "sigma_next", "h", "lipschitz", "lipschitz_D", "bound", "bound_first_order",
+                "convergence"} <= set(r)
         assert {"q05", "q25", "median", "q75", "q95", "max", "frac_gt_1"} <= set(r["lipschitz"])
         assert "per_sample" not in r
     assert s["steps"][-1]["bound"] is None and s["steps"][-1]["h"] is None
-    assert {"median_per_step", "max_per_step", "frac_gt_1_per_step", "peak_median", "trajectory_amplification"} <= set(s["summary"])
+    assert {"median_per_step", "max_per_step", "frac_gt_1_per_step", "peak_median",
+            "trajectory_amplification"} <= set(s["summary"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     full = json.loads(out.read_text())
     assert full["schema"] == "steindiff.diagnose/1" and "definitions" in full and "x" not in full

@@ -55,7 +55,8 @@ def test_single_process_then_merge_equals_sample(tmp_path, capsys):
 
 def test_torchrun_two_ranks_equal_sample(tmp_path, capsys):
     ref_x, ref_g = reference(tmp_path, capsys)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "steindiff",
            "sample-dist", *RUN, "--num-samples", "16", "--backend", "gloo", "--timeout", "60",
            "--out-dir", str(tmp_path / "run"), "--json"]

@@ -31,11 +31,13 @@ def test_train_resume_and_sample(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["step"] == 3
 
     # the checkpoint is a model for the other commands
-    assert main(["sample", "--model", str(out), "--n", "4", "--nfe", "2", "--solver", "euler", "--no-progress", "--json"]) == 0
+    assert main(["sample", "--model", str(out), "--n", "4", "--nfe", "2", "--solver", "euler", "--no-progress",
+                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 4
 
     # another architecture cannot resume it
-    assert main(["train", "--out", str(out), "--iters", "4", "--resume", "--no-progress", *TINY[:-2], "--channels", "16"]) == 2
+    assert main(["train", "--out", str(out), "--iters", "4", "--resume", "--no-progress", *TINY[:-2], "--channels",
+                 "16"]) == 2
     assert "architecture differs" in capsys.readouterr().err
 
 
@@ -43,7 +45,8 @@ def test_user_npy_data(tmp_path, capsys):
     x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 4, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     rc = main(["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--iters", "1",
-               "--no-progress", "--json", "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "", "--batch-size", "4"])
+               "--no-progress", "--json", "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "",
+               "--batch-size", "4"])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
     assert s["data"]["shape"] == [1, 4, 4] and s["holdout"] == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import steindiff.data
 import steindiff.train as T
 from steindiff.cli import build_parser, main
 from steindiff.cli.demo import DEFAULT_OUT
@@ -34,7 +35,7 @@ def _no_training(monkeypatch):
         raise AssertionError("training started")
 
     monkeypatch.setattr(T, "train", refuse)
-    monkeypatch.setattr(T, "load_dataset", refuse)
+    monkeypatch.setattr(steindiff.data, "load_dataset", refuse)
 
 
 # 1. train checks that it can write its checkpoint before any work ------------------------------------------

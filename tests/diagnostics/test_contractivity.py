@@ -58,7 +58,8 @@ def test_euler_linear_closed_form_bounds_and_vp(gauss):
     for a, b in zip(r["steps"], v["steps"]):
         ratio = math.sqrt(1 + a["sigma"] ** 2) / math.sqrt(1 + a["sigma_next"] ** 2)
         assert b["lipschitz"]["median"] == pytest.approx(a["lipschitz"]["median"] * ratio, rel=1e-6)
-        assert b["lipschitz_D"]["median"] == pytest.approx(a["lipschitz_D"]["median"] * math.sqrt(1 + a["sigma"] ** 2), rel=1e-6)
+        assert b["lipschitz_D"]["median"] == pytest.approx(a["lipschitz_D"]["median"] * math.sqrt(1 + a["sigma"] ** 2),
+                                                           rel=1e-6)
         assert b["bound_first_order"]["median"] == pytest.approx(b["lipschitz"]["median"], rel=1e-6)
     prod = math.prod(euler_factor(s, t) for s, t in zip(SIG[:-1], SIG[1:]))
     assert r["summary"]["trajectory_amplification"]["median"] == pytest.approx(prod, rel=1e-5)

@@ -32,11 +32,13 @@ def gauss_states(n, sigma, seed=0):
 def full_jacobian_norms(f, x):
     """Largest singular value of each sample's block of the full Jacobian (float64)."""
     J = torch.autograd.functional.jacobian(f, x.to(torch.float64))
-    return torch.stack([torch.linalg.matrix_norm(J[i].reshape(x[i].numel(), -1)[:, i * x[i].numel():(i + 1) * x[i].numel()], ord=2)
+    return torch.stack([torch.linalg.matrix_norm(J[i].reshape(x[i].numel(),
+                                                              -1)[:, i * x[i].numel():(i + 1) * x[i].numel()], ord=2)
                         for i in range(x.shape[0])])
 
 
-@pytest.mark.parametrize("method, jvp", [("lanczos", "forward"), ("power", "double_backward"), ("lanczos", "double_backward")])
+@pytest.mark.parametrize("method, jvp",
+                         [("lanczos", "forward"), ("power", "double_backward"), ("lanczos", "double_backward")])
 def test_euler_linear_denoiser_closed_form(method, jvp):
     """Euler with D(x) = c x (c = S2/(S2+s^2)): T = (t/s + (1 - t/s) c) x, so L_T = max_j of that
     and L_D = max_j c_j, the same for every sample."""
@@ -161,7 +163,8 @@ def test_errors():
     # a zero Jacobian gives 0, not NaN
     zero = local_lipschitz(lambda z: 0 * z, x, iters=3)
     assert torch.equal(zero, torch.zeros(4, dtype=torch.float64))
-    torch.testing.assert_close(local_lipschitz(lambda z: -3 * z, x, iters=3), torch.full((4,), 3.0, dtype=torch.float64))
+    torch.testing.assert_close(local_lipschitz(lambda z: -3 * z, x, iters=3),
+                               torch.full((4,), 3.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 8])

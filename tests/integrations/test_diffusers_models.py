@@ -15,7 +15,11 @@ diffusers = pytest.importorskip("diffusers")
 
 from steindiff import sample  # noqa: E402
 from steindiff.integrations.diffusers import (  # noqa: E402
-    CFGDenoiser, denoiser_from_diffusers, process_from_scheduler, sample_pipeline)
+    CFGDenoiser,
+    denoiser_from_diffusers,
+    process_from_scheduler,
+    sample_pipeline,
+)
 from steindiff.stabilizers import SteinStabilizer  # noqa: E402
 
 
@@ -74,12 +78,16 @@ def test_condition_unet_takes_encoder_hidden_states_and_config_dict():
     x, s = x_and_sigma(D.process, 321.5, (2, 4, 8, 8))
     emb = torch.randn(2, 5, 8, dtype=torch.float64)
     with torch.no_grad():
-        eps = unet(x / (1 + s**2).sqrt(), torch.full((2,), 321.5, dtype=torch.float64), encoder_hidden_states=emb).sample
+        eps = unet(x / (1 + s**2).sqrt(), torch.full((2,), 321.5, dtype=torch.float64),
+                   encoder_hidden_states=emb).sample
         torch.testing.assert_close(D(x, s.expand(2), encoder_hidden_states=emb), x - s * eps, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("kw", [dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-                                dict(beta_schedule="squaredcos_cap_v2"), dict(trained_betas=np.linspace(1e-4, 0.02, 500).tolist(),
+@pytest.mark.parametrize("kw",
+                         [dict(beta_schedule="linear"),
+                          dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                                dict(beta_schedule="squaredcos_cap_v2"),
+                                dict(trained_betas=np.linspace(1e-4, 0.02, 500).tolist(),
                                                                               num_train_timesteps=500)])
 def test_beta_schedules_match_scheduler_tables(kw):
     sch = diffusers.DDPMScheduler(**kw)
@@ -93,7 +101,8 @@ def test_ddpm_pipeline_matches_diffusers_dpmsolver_loop():
     pipe.set_progress_bar_config(disable=True)
     steps = 8
     with torch.no_grad():
-        ref_np = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, output_type="np").images
+        ref_np = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                      output_type="np").images
     # diffusers' own loop with raw (unclamped) latents, same noise as the pipeline draws
     sch = diffusers.DPMSolverMultistepScheduler()
     sch.set_timesteps(steps)

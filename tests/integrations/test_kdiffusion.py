@@ -20,8 +20,10 @@ def noise(n=16, dtype=torch.float64):
     return torch.randn(n, 2, dtype=dtype, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name,solver", [("sample_euler", "euler"), ("sample_heun", "heun"), ("sample_dpmpp_2m", "dpmpp_2m"),
-                                         ("sample_dpmpp_3m", "dpmpp_3m"), ("sample_unipc", "unipc"), ("sample_ipndm", "ipndm")])
+@pytest.mark.parametrize("name,solver",
+                         [("sample_euler", "euler"), ("sample_heun", "heun"), ("sample_dpmpp_2m", "dpmpp_2m"),
+                                         ("sample_dpmpp_3m", "dpmpp_3m"), ("sample_unipc", "unipc"),
+                                         ("sample_ipndm", "ipndm")])
 def test_equals_sample(name, solver):
     fn = getattr(kd, name)
     x = noise() * SIGMAS[0]  # the caller scales the noise, as in k-diffusion
@@ -32,7 +34,8 @@ def test_equals_sample(name, solver):
 
 def test_solver_options_and_extra_args_pass_through():
     x = noise() * SIGMAS[0]
-    assert torch.equal(kd.sample_ipndm(GMM, x, SIGMAS, order=2), sample(GMM, x, SIGMAS, "ipndm", solver_options={"order": 2}).x)
+    assert torch.equal(kd.sample_ipndm(GMM, x, SIGMAS, order=2), sample(GMM, x, SIGMAS, "ipndm",
+                                                                        solver_options={"order": 2}).x)
     assert torch.equal(kd.sample_unipc(GMM, x, SIGMAS, variant="bh1"), sample(GMM, x, SIGMAS, "unipc_bh1").x)
     seen = []
 
@@ -88,7 +91,8 @@ def ref_dpmpp_2m(model, x, sigmas, callback):
     return x
 
 
-@pytest.mark.parametrize("name,ref", [("sample_euler", ref_euler), ("sample_heun", ref_heun), ("sample_dpmpp_2m", ref_dpmpp_2m)])
+@pytest.mark.parametrize("name,ref",
+                         [("sample_euler", ref_euler), ("sample_heun", ref_heun), ("sample_dpmpp_2m", ref_dpmpp_2m)])
 def test_matches_k_diffusion_algorithm_and_callback(name, ref):
     x = noise() * SIGMAS[0]
     want_cb, got_cb = [], []

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+from steindiff.data import load_digits_dataset, split_indices
 from steindiff.metrics import image as M
-from steindiff.train import load_digits_dataset, split_indices
 
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,8 @@ def test_true_samples_sit_at_the_floors(gaussian2d, line_mixture):
 
 def test_the_floor_shrinks_with_the_sample_size(gaussian2d):
     def mean_floor(n):
-        return np.mean([mixture_metrics(gaussian2d.sample(n, seed=s), gaussian2d, seed=s)["sw2_floor"] for s in range(4)])
+        return np.mean([mixture_metrics(gaussian2d.sample(n, seed=s), gaussian2d,
+                                        seed=s)["sw2_floor"] for s in range(4)])
 
     assert mean_floor(250) > 2 * mean_floor(2000)  # ~ 1/sqrt(n): 2.8x expected
 

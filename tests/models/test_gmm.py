@@ -15,7 +15,8 @@ def small_lowrank() -> GaussianMixture:
     K, d, r = 3, 5, 2
     basis = torch.linalg.qr(torch.randn(K, d, r, generator=g, dtype=torch.float64))[0]
     lam = torch.rand(K, r, generator=g, dtype=torch.float64) + 0.2
-    return GaussianMixture(torch.randn(K, d, generator=g, dtype=torch.float64), torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+    return GaussianMixture(torch.randn(K, d, generator=g, dtype=torch.float64),
+                           torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
                            basis=basis, lam=lam, s2=torch.tensor([0.01, 0.04, 0.02], dtype=torch.float64))
 
 
@@ -71,7 +72,8 @@ def test_sample_moments():
     assert torch.allclose(x.mean(0), mean, atol=1e-2)
     assert abs(float((x**2).mean()) - gmm.second_moment()) < 0.02 * gmm.second_moment()
     comp = reference(gmm, 0.0).component_distribution
-    second = (gmm.weights[:, None, None] * (comp.covariance_matrix + gmm.means[:, :, None] * gmm.means[:, None, :])).sum(0)
+    second = (gmm.weights[:, None,
+                          None] * (comp.covariance_matrix + gmm.means[:, :, None] * gmm.means[:, None, :])).sum(0)
     torch.testing.assert_close(torch.cov(x.T), second - mean[:, None] * mean[None, :], atol=0.02, rtol=0)
 
 

@@ -5,7 +5,8 @@ import torch
 
 from steindiff.models.registry import load_model
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

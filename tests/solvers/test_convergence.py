@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from steindiff import logsnr_sigmas, karras_sigmas, sample
+from steindiff import karras_sigmas, logsnr_sigmas, sample
 from steindiff.models import GaussianMixture, get_gmm
 from steindiff.solvers import Denoise, get_solver
 from steindiff.solvers.ipndm import _AB_FIXED, adams_bashforth_weights

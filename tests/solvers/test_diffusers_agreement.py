@@ -284,7 +284,8 @@ def test_unipc_order_1_matches_unipc(variant, final):
     assert ours.nfe == STEPS
     assert rel_err(ours.x / (1 + sig[-1] ** 2).sqrt(), ref) < RTOL
     # the corrector acts: UniP alone (no corrector) is another sampler
-    plain = sample(D, x_vp * (1 + sig[0] ** 2).sqrt(), sig, f"unipc_{variant}", solver_options={"order": 1, "corrector": False})
+    plain = sample(D, x_vp * (1 + sig[0] ** 2).sqrt(), sig, f"unipc_{variant}",
+                   solver_options={"order": 1, "corrector": False})
     assert rel_err(plain.x / (1 + sig[-1] ** 2).sqrt(), ref) > 1e-3
 
 

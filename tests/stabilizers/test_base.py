@@ -139,7 +139,8 @@ def test_unet_stabilizer_on_device(device):
     x = prior_noise((4, 1, 8, 8), float(sig[0]), seed=0)
     cpu = sample(net, x, sig, "dpmpp_2m", stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
     net.to(device)
-    got = sample(net, x.to(device), sig, "dpmpp_2m", stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
+    got = sample(net, x.to(device), sig, "dpmpp_2m",
+                 stabilizer=make_stabilizer("stein", None, probes=2, jacobian_batch=3))
     torch.testing.assert_close(got.x.cpu(), cpu.x, rtol=1e-3, atol=1e-4)
 
 
@@ -151,8 +152,7 @@ def test_probes_drawn_in_a_worker_thread_are_the_same(name, opts):
     x = prior_noise((10, 2), float(sig[0]), spec.process, seed=1, dtype=torch.float64)
     res = []
     for threaded in (False, True):
-        stab = make_stabilizer(name, spec, probes=3, seed=4, jacobian_batch=4, **opts)
-        stab.async_probes = threaded
+        stab = make_stabilizer(name, spec, probes=3, seed=4, jacobian_batch=4, async_probes=threaded, **opts)
         res.append(sample(spec.denoiser, x, sig, "unipc", stabilizer=stab))
     assert torch.equal(res[0].x, res[1].x)
     assert [r["gamma"] for r in res[0].trace] == [r["gamma"] for r in res[1].trace]

@@ -55,7 +55,8 @@ def test_reference_calibration_improves_its_objective(spec):
     from steindiff.metrics import sliced_w2
 
     ref = spec.gmm.sample(300, seed=99)
-    sched = calibrate(spec, solver="euler", nfe=3, variant="reference", reference=ref, n=300, dtype=torch.float64, sweeps=1)
+    sched = calibrate(spec, solver="euler", nfe=3, variant="reference", reference=ref, n=300, dtype=torch.float64,
+                      sweeps=1)
     assert sched.meta["calibration"]["uses_reference_data"] is True and sched.meta["calibration"]["seed"] == 12345
     assert sched.gammas != [1.0] * 3
     for seed in (1, 2):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from steindiff import VEProcess, get_sigmas, prior_noise, sample
+from steindiff.diagnostics import RhoRecorder
 from steindiff.models import GaussianMixture, get_gmm
 from steindiff.solvers import Denoise, StepOperator, get_solver
 from steindiff.stabilizers import NotDifferentiableError, SteinStabilizer, make_stabilizer
@@ -120,11 +121,12 @@ def test_jvp_and_vjp_give_the_same_trajectory(gmm):
 def test_trace_fields_and_skip_options(gmm):
     sig = get_sigmas("karras", 4, VEProcess())
     x = prior_noise((32, gmm.dim), float(sig[0]), seed=0, dtype=torch.float64)
-    stab = make_stabilizer("stein", type("S", (), {"gmm": gmm, "name": "g"})(), first_step="skip", final_step="skip")
+    stab = RhoRecorder(make_stabilizer("stein", None, first_step="skip", final_step="skip"), gmm.divergence)
     res = sample(gmm, x, sig, "euler", stabilizer=stab)
     assert res.trace[0]["skipped"] and res.trace[-1]["skipped"]
     mid = res.trace[1]
-    for key in ["sigma", "sigma_next", "alpha", "gamma", "gamma_raw", "s_xu", "s_uu", "s_div", "rho", "extra_passes", "wall_s"]:
+    for key in ["sigma", "sigma_next", "alpha", "gamma", "gamma_raw", "s_xu", "s_uu", "s_div", "rho", "extra_passes",
+                "wall_s"]:
         assert key in mid
     assert mid["gamma"] == max(mid["gamma_raw"], 0.0)
 
@@ -300,14 +302,16 @@ def test_stein_matches_the_oracle_at_a_later_multistep_step(gmm):
             x, state = st.x_next, st.state
         x2 = x_star + sigmas[2] * torch.randn(x_star.shape, generator=gen, dtype=torch.float64)
         out = []
-        for est in (SteinStabilizer("stein", probes=5, seed=r), SteinStabilizer("oracle", clean_target=lambda x_, s_, xs=x_star: xs)):
+        for est in (SteinStabilizer("stein", probes=5, seed=r),
+                    SteinStabilizer("oracle", clean_target=lambda x_, s_, xs=x_star: xs)):
             op = StepOperator(solver, Denoise(gmm), 2, sigmas, state)
             out.append(est.step(op, x2)[2]["gamma_raw"])
         diffs.append(out[0] - out[1])
         # the first-order step (DPM-Solver++ order 1 = Euler) from the same state has another
         # coefficient: the history term matters here
         op1 = StepOperator(get_solver("euler"), Denoise(gmm), 2, sigmas, {})
-        g_first.append(SteinStabilizer("oracle", clean_target=lambda x_, s_, xs=x_star: xs).step(op1, x2)[2]["gamma_raw"])
+        oracle = SteinStabilizer("oracle", clean_target=lambda x_, s_, xs=x_star: xs)
+        g_first.append(oracle.step(op1, x2)[2]["gamma_raw"])
     d = torch.tensor(diffs)
     se = float(d.std() / math.sqrt(len(d)))
     assert abs(float(d.mean())) < 4 * se + 1e-3, (diffs, se)
