@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from torch import nn
 from ..calibrate import calibrated_plan, default_cache_dir, model_fingerprint
 from ..models.denoisers import VPDenoiser
 from ..models.registry import ModelSpec
-from ..noise import DiscreteVPProcess, betas_for_schedule
+from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumprod
 from ..plan import SamplingPlan, make_plan
 from ..sampling import sample
-from ..stabilizers import registry
+from ..stabilizers import Stabilizer, registry
 from ._calibration import Calibration, as_plan, canonical_solver, check_plan
 
 __all__ = ["denoiser_from_diffusers", "process_from_scheduler", "CFGDenoiser", "sample_pipeline", "PipelineSample",
@@ -93,7 +92,7 @@ def process_from_scheduler(scheduler_or_config: Any) -> DiscreteVPProcess:
         betas = betas_for_schedule(schedule, n, float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02)))
     ac = np.cumprod(1.0 - betas)
     if cfg.get("rescale_betas_zero_snr"):
-        ac = _zero_snr_alphas_cumprod(ac)
+        ac = zero_snr_alphas_cumprod(ac)
     table = getattr(scheduler_or_config, "alphas_cumprod", None) if not isinstance(scheduler_or_config, Mapping) else None
     if table is not None:
         table = np.asarray(torch.as_tensor(table).detach().cpu().double().numpy())
@@ -104,16 +103,6 @@ def process_from_scheduler(scheduler_or_config: Any) -> DiscreteVPProcess:
             raise ValueError("the scheduler's alphas_cumprod differs from the table its config describes "
                              f"(max abs difference {np.abs(table - ac).max():.3g}); pass a consistent scheduler")
     return DiscreteVPProcess(alphas_cumprod=ac)
-
-
-def _zero_snr_alphas_cumprod(ac: np.ndarray) -> np.ndarray:
-    """Lin et al. 2024, Alg. 1 (rescale to zero terminal SNR), then ``abar_T = 2**-24`` (diffusers' Euler)."""
-    s = np.sqrt(ac)
-    s0, sT = s[0], s[-1]
-    s = (s - sT) * s0 / (s0 - sT)
-    out = s**2
-    out[-1] = 2.0**-24
-    return out
 
 
 class _DiffusersNet(nn.Module):
@@ -550,7 +539,7 @@ def sample_pipeline(
     nfe: int | None = None,
     schedule: str | Sequence[float] | torch.Tensor | None = None,
     rho: float = 7.0,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | str | None = None,
     calibration: Calibration | None = None,
     calibration_dir: str | os.PathLike | None = None,
     calibrate: bool = True,
@@ -636,12 +625,11 @@ def sample_pipeline(
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
         latents = randn_tensor(shape, generator=generator, device=device, dtype=getattr(unet, "dtype", torch.float32))
-    x = latents.to(device=device, dtype=dtype) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    x = latents.to(device=device, dtype=dtype) * pm.process.prior_scale(float(sigmas[0]))
 
     res = sample(pm.model, x, sigmas, plan.get_solver(), stabilizer=stabilizer, extra_args=extra_args,
                  callback=callback, progress=progress, dtype=dtype)
-    s_last = float(sigmas[-1])
-    out_latents = res.x / math.sqrt(1.0 + s_last**2)
+    out_latents = pm.process.to_vp(res.x, float(sigmas[-1]))
     images = _decode(pipe, out_latents, output_type)
     return PipelineSample(images, out_latents, sigmas, res.nfe, res.extra_passes, res.trace, res.wall_s, plan)
 
