@@ -182,7 +182,8 @@ def run_diffusers(peer: Peer, betas: str, gmm, process: DiscreteVPProcess, laten
     if hasattr(sch, "sigmas") and sch.sigmas is not None and len(sch.sigmas) == len(ts) + 1:
         sigmas = [float(s) for s in sch.sigmas]
     else:  # DDIM: the table at its timesteps, then its final alpha (1 with set_alpha_to_one: sigma 0)
-        sigmas = [float(process.t_to_sigma(t)) for t in ts] + [0.0 if sch.config.set_alpha_to_one else process.sigma_min]
+        sigmas = [float(process.t_to_sigma(t)) for t in ts]
+        sigmas += [0.0 if sch.config.set_alpha_to_one else process.sigma_min]
     return {"x": x.to(torch.float64), "nfe": net.calls, "steps": len(ts), "timesteps": ts, "sigmas": sigmas,
             "wall_s": wall, "init_noise_sigma": float(sch.init_noise_sigma)}
 
@@ -216,7 +217,8 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
     if betas not in BETAS:
         raise ValueError(f"unknown betas {betas!r}; choose one of {', '.join(BETAS)}")
     if n < 2 or not nfes or not seeds or any(int(k) < 1 for k in nfes):
-        raise ValueError(f"need n >= 2, at least one NFE >= 1 and one seed (got n={n}, nfe={list(nfes)}, seeds={list(seeds)})")
+        raise ValueError(f"need n >= 2, at least one NFE >= 1 and one seed (got n={n}, nfe={list(nfes)}, "
+                         f"seeds={list(seeds)})")
     from tqdm.auto import tqdm
 
     gmm = get_gmm(MODEL)
@@ -347,10 +349,11 @@ def _reference_line(summ: dict, process: dict) -> str:
     (cell,) = ref[0]["by_nfe"].values()
     ex = cell["excess"]
     return ("**The reference solve itself** (same model, same noise) has excess sw2 "
-            f"{_fmt(ex.get('sw2'))}, NLL {_fmt(ex.get('nll'), 3)}, mode TV {_fmt(ex.get('mode_tv'), 3)}: every solve on this "
-            "process ends with a jump from its smallest sigma to 0 (one denoising step), from the table's smallest sigma, "
-            f"{process['sigma_min']:.4f}, at best, which is not small beside the mixture's isotropic spread (std 0.03): "
-            "that last denoising step shrinks it. Few-step solvers cannot be expected to go below these numbers by much.")
+            f"{_fmt(ex.get('sw2'))}, NLL {_fmt(ex.get('nll'), 3)}, mode TV {_fmt(ex.get('mode_tv'), 3)}: every solve "
+            "on this process ends with a jump from its smallest sigma to 0 (one denoising step), from the table's "
+            f"smallest sigma, {process['sigma_min']:.4f}, at best, which is not small beside the mixture's isotropic "
+            "spread (std 0.03): that last denoising step shrinks it. Few-step solvers cannot be expected to go below "
+            "these numbers by much.")
 
 
 def _init_sigmas(result: dict) -> str:
@@ -367,14 +370,16 @@ def markdown(result: dict, command: str) -> str:
     nfes = sorted(cfg["nfe"])
     p = cfg["process"]
     lines = [
-        f"# Peer row: diffusers' schedulers and steindiff's plain solvers on `{cfg['base_model']}` as a VP epsilon network",
+        f"# Peer row: diffusers' schedulers and steindiff's plain solvers on `{cfg['base_model']}` "
+        "as a VP epsilon network",
         "",
         f"Regenerate: `{command}` (the Markdown alone, from the JSON: `python benchmarks/diffusers_peers.py "
         "--from-json FILE.json --markdown FILE.md`).",
         "",
         f"{len(result['rows'])} runs; {len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}), N = {cfg['n']} "
         f"samples each; wall time {mach['wall_s_total']:.0f} s on {mach.get('cpu_count', '?')} CPU cores "
-        f"(torch threads: {mach.get('torch_threads', '?')}); diffusers {cfg['diffusers_version']}, torch {cfg['torch_version']}.",
+        f"(torch threads: {mach.get('torch_threads', '?')}); diffusers {cfg['diffusers_version']}, "
+        f"torch {cfg['torch_version']}.",
         "",
         "## Setup",
         "",
@@ -386,8 +391,8 @@ def markdown(result: dict, command: str) -> str:
         "- **Noise.** Per seed, every configuration starts from the same standard normal draws `eps`, those of "
         "steindiff's benchmark grid for the seed (its VE noise at sigma_max = 80 is `80 eps`). diffusers: latents "
         "`eps`, scaled by the scheduler's `init_noise_sigma` as its pipelines do "
-        f"({_init_sigmas(result)}). steindiff: the VE state `eps sqrt(1 + sigma_max^2)` at sigma_max = {p['sigma_max']:.4f} "
-        f"(= {math.sqrt(1 + p['sigma_max'] ** 2):.4f} eps).",
+        f"({_init_sigmas(result)}). steindiff: the VE state `eps sqrt(1 + sigma_max^2)` at "
+        f"sigma_max = {p['sigma_max']:.4f} (= {math.sqrt(1 + p['sigma_max'] ** 2):.4f} eps).",
         "- **diffusers.** Each scheduler's own loop (`set_timesteps`, `scale_model_input`, `step`), one model pass per "
         "step (counted), diffusers' defaults except the betas, `solver_order` (2M/3M), the spacing "
         "(`timestep_spacing`, or `use_karras_sigmas=True`) and `clip_sample=False` for DDIM. Defaults that matter: "
@@ -400,10 +405,12 @@ def markdown(result: dict, command: str) -> str:
         "`t-round` rows give the network rounded timesteps as diffusers' multistep schedulers do. diffusers' "
         "`-lu` rows (`use_lu_lambdas=True`) are uniform log-SNR steps, the noise levels of steindiff's `logsnr`.",
         f"- **Metrics.** `steindiff.metrics.mixture_metrics` against the mixture; excess = metric - floor "
-        f"(NLL two-sided, |nll - floor|), floors as in steindiff's grid; `traj_err` against a `{cfg['reference']['solver']}` "
-        f"solve of {cfg['reference']['steps']} Karras steps of the same model from the same noise. Mean ± seed std. "
+        f"(NLL two-sided, |nll - floor|), floors as in steindiff's grid; `traj_err` against a "
+        f"`{cfg['reference']['solver']}` solve of {cfg['reference']['steps']} Karras steps of the same model from "
+        "the same noise. Mean ± seed std. "
         "Most of the seed spread of excess sw2 is the floor's (sw2 between two true sample sets), which every row of "
-        "a seed shares: rows are paired (same noise, same floor), so their means compare more finely than the spread suggests.",
+        "a seed shares: rows are paired (same noise, same floor), so their means compare more finely than the spread "
+        "suggests.",
         "",
         "**Not comparable with the committed VE grid** (`docs/results/image64.md`): there the mixture is sampled "
         "on its VE process, sigma in [0.002, 80]; here through the discrete VP process, sigma in "
@@ -443,7 +450,8 @@ def markdown(result: dict, command: str) -> str:
                     vals.append(f"failed ({c['failed']})")
                 else:
                     v = _fmt(c["excess"].get(metric), 3 if metric in ("nll", "mode_tv") else 4)
-                    if metric == "sw2" and summ["best"].get(k, {}).get(summ["cells"][label]["framework"], {}).get("label") == label:
+                    best = summ["best"].get(k, {}).get(summ["cells"][label]["framework"], {})
+                    if metric == "sw2" and best.get("label") == label:
                         v = f"**{v}**"
                     vals.append(v)
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
@@ -476,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="model-pass budgets (default: 3 4 5 6 8 10)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="noise seeds (default: 0 1 2)")
     p.add_argument("--n", type=int, default=1000, help="samples per run (default: 1000)")
-    p.add_argument("--ref-steps", type=int, default=REF_STEPS, help=f"steps of the reference solve (default: {REF_STEPS})")
+    p.add_argument("--ref-steps", type=int, default=REF_STEPS,
+                   help=f"steps of the reference solve (default: {REF_STEPS})")
     p.add_argument("--json-out", metavar="FILE", help="write the rows (steindiff.bench/1 schema) as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -525,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.json_out and not args.markdown:
         print(md)
     else:
-        print(f"diffusers_peers: {len(result['rows'])} runs in {result['machine']['wall_s_total']:.0f} s", file=sys.stderr)
+        print(f"diffusers_peers: {len(result['rows'])} runs in {result['machine']['wall_s_total']:.0f} s",
+              file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "DiscreteVPProcess",
     "ContinuousVPProcess",
     "betas_for_schedule",
+    "zero_snr_alphas_cumprod",
     "vp_alpha",
     "log_snr",
     "sigma_from_log_snr",
@@ -138,6 +139,18 @@ def betas_for_schedule(
         n = num_train_timesteps
         return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
     raise ValueError(f"unknown beta schedule {schedule!r}; choose linear, scaled_linear or squaredcos_cap_v2")
+
+
+def zero_snr_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """``alphas_cumprod`` rescaled to zero terminal SNR (Lin et al. 2024, Alg. 1: ``sqrt(abar)`` shifted
+    and scaled to keep its first value and end at 0), then ``abar_T = 2**-24`` as diffusers' Euler
+    scheduler sets it (a terminal SNR of exactly 0 has no VE noise level)."""
+    s = np.sqrt(alphas_cumprod)
+    s0, sT = s[0], s[-1]
+    s = (s - sT) * s0 / (s0 - sT)
+    out = s**2
+    out[-1] = 2.0**-24
+    return out
 
 
 class DiscreteVPProcess(NoiseProcess):

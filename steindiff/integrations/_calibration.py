@@ -56,7 +56,8 @@ def as_plan(calibration: Any, *, solver: str, sigmas: torch.Tensor | None = None
         raise ValueError("the gamma schedule records no noise levels (meta['sigmas']); pass sigmas")
     sig = torch.as_tensor(recorded if recorded is not None else sigmas, dtype=torch.float64)
     if len(sig) - 1 != len(calibration.gammas):
-        raise ValueError(f"the gamma schedule has {len(calibration.gammas)} gammas but {len(sig) - 1} steps of noise levels")
+        raise ValueError(f"the gamma schedule has {len(calibration.gammas)} gammas but {len(sig) - 1} steps of "
+                         "noise levels")
     return SamplingPlan(str(meta.get("solver") or solver), sig, str(meta.get("schedule") or "custom"),
                         list(calibration.gammas), calibration.coords, {}, {"name": calibration.name, **meta})
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from torch import nn
 from ..calibrate import calibrated_plan, default_cache_dir, model_fingerprint
 from ..models.denoisers import VPDenoiser
 from ..models.registry import ModelSpec
-from ..noise import DiscreteVPProcess, betas_for_schedule
+from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumprod
 from ..plan import SamplingPlan, make_plan
 from ..sampling import sample
-from ..stabilizers import registry
+from ..stabilizers import Stabilizer, registry
 from ._calibration import Calibration, as_plan, canonical_solver, check_plan
 
 __all__ = ["denoiser_from_diffusers", "process_from_scheduler", "CFGDenoiser", "sample_pipeline", "PipelineSample",
@@ -57,7 +56,8 @@ def _config_of(scheduler_or_config: Any) -> tuple[dict, str]:
         return cfg, str(cfg.get("_class_name", "") or "")
     cfg = getattr(scheduler_or_config, "config", None)
     if not isinstance(cfg, Mapping):
-        raise TypeError(f"expected a diffusers scheduler or its config (a mapping), got {type(scheduler_or_config).__name__}")
+        raise TypeError("expected a diffusers scheduler or its config (a mapping), got "
+                        f"{type(scheduler_or_config).__name__}")
     return dict(cfg), type(scheduler_or_config).__name__
 
 
@@ -93,8 +93,8 @@ def process_from_scheduler(scheduler_or_config: Any) -> DiscreteVPProcess:
         betas = betas_for_schedule(schedule, n, float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02)))
     ac = np.cumprod(1.0 - betas)
     if cfg.get("rescale_betas_zero_snr"):
-        ac = _zero_snr_alphas_cumprod(ac)
-    table = getattr(scheduler_or_config, "alphas_cumprod", None) if not isinstance(scheduler_or_config, Mapping) else None
+        ac = zero_snr_alphas_cumprod(ac)
+    table = None if isinstance(scheduler_or_config, Mapping) else getattr(scheduler_or_config, "alphas_cumprod", None)
     if table is not None:
         table = np.asarray(torch.as_tensor(table).detach().cpu().double().numpy())
         if table.shape != ac.shape:
@@ -106,16 +106,6 @@ def process_from_scheduler(scheduler_or_config: Any) -> DiscreteVPProcess:
     return DiscreteVPProcess(alphas_cumprod=ac)
 
 
-def _zero_snr_alphas_cumprod(ac: np.ndarray) -> np.ndarray:
-    """Lin et al. 2024, Alg. 1 (rescale to zero terminal SNR), then ``abar_T = 2**-24`` (diffusers' Euler)."""
-    s = np.sqrt(ac)
-    s0, sT = s[0], s[-1]
-    s = (s - sT) * s0 / (s0 - sT)
-    out = s**2
-    out[-1] = 2.0**-24
-    return out
-
-
 class _DiffusersNet(nn.Module):
     """``net(x_vp, t, **extra) = unet(x_vp, timestep=t, **extra).sample``; floating extra tensors are cast
     to the UNet's dtype; a learned-variance output (twice the input channels) keeps its first half."""
@@ -125,7 +115,8 @@ class _DiffusersNet(nn.Module):
         self.unet = unet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
-        extra = {k: (v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in extra.items()}
+        extra = {k: (v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                 for k, v in extra.items()}
         out = self.unet(x, timestep=t, **extra)
         out = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, (tuple, list)) else out)
         if out.ndim >= 2 and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
@@ -223,7 +214,8 @@ class CFGDenoiser(nn.Module):
             if uncond is None:
                 raise ValueError(f"guidance scale {self.scale} needs the unconditional arguments (uncond)")
             if set(self.cond) != set(self.uncond):
-                raise ValueError(f"cond and uncond must have the same keys, got {sorted(self.cond)} and {sorted(self.uncond)}")
+                raise ValueError(f"cond and uncond must have the same keys, got {sorted(self.cond)} and "
+                                 f"{sorted(self.uncond)}")
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra: Any) -> torch.Tensor:
         n = x.shape[0]
@@ -247,7 +239,8 @@ class CFGDenoiser(nn.Module):
             d_u = self.denoiser(x, sigma, **uncond, **extra)
             d_c = self.denoiser(x, sigma, **cond, **extra)
         else:
-            both = {k: (torch.cat([uncond[k], cond[k]]) if isinstance(cond[k], torch.Tensor) and cond[k].ndim > 0 else cond[k])
+            both = {k: (torch.cat([uncond[k], cond[k]]) if isinstance(cond[k], torch.Tensor) and cond[k].ndim > 0
+                        else cond[k])
                     for k in cond}
             ex = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
                   for k, v in extra.items()}
@@ -369,7 +362,8 @@ def pipeline_model(
     unet = getattr(pipe, "unet", None)
     scheduler = getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None:
-        raise ValueError("the pipeline needs a `unet` and a `scheduler` (transformer-based pipelines are not supported)")
+        raise ValueError("the pipeline needs a `unet` and a `scheduler` (transformer-based pipelines are not "
+                         "supported)")
     den = denoiser_from_diffusers(unet, scheduler, timestep=timestep)
     device = getattr(unet, "device", torch.device("cpu"))
     guided = float(guidance_scale) > 1.0
@@ -407,8 +401,9 @@ def _stderr_notice(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _calibrated(pm: PipelineModel, base: SamplingPlan, *, cache_dir: str | os.PathLike | None, calibrate_missing: bool,
-                dtype: torch.dtype, progress: bool, notice: Callable[[str], None] | None, options: dict) -> SamplingPlan:
+def _calibrated(pm: PipelineModel, base: SamplingPlan, *, cache_dir: str | os.PathLike | None,
+                calibrate_missing: bool, dtype: torch.dtype, progress: bool, notice: Callable[[str], None] | None,
+                options: dict) -> SamplingPlan:
     """:func:`steindiff.calibrate.calibrated_plan` of ``pm`` over its conditioning (cycled to the
     calibration batch), keyed by :meth:`PipelineModel.conditioning_key`.  The notice is written here,
     without the timed model pass of ``calibrated_plan``'s own estimate (a full calibration batch through a
@@ -506,7 +501,8 @@ def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | 
     was made for another solver, NFE, schedule, guidance scale or UNet."""
     plan = as_plan(calibration, solver=solver or DEFAULT_SOLVER)
     bad = []
-    if solver is not None and canonical_solver(solver, solver_options) != canonical_solver(plan.solver, plan.solver_options):
+    made_for = canonical_solver(plan.solver, plan.solver_options)
+    if solver is not None and canonical_solver(solver, solver_options) != made_for:
         bad.append(f"it was made for solver {plan.solver!r}, requested {solver!r}")
     if solver_options is not None and dict(solver_options) != dict(plan.solver_options):
         bad.append(f"it was made with solver options {plan.solver_options!r}, requested {dict(solver_options)!r}")
@@ -518,7 +514,8 @@ def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | 
             bad.append(f"it was made for the {made!r} schedule, requested {schedule!r}")
     rec = _recorded_conditioning(plan.meta)
     if rec is not None and float(rec.get("guidance_scale", 1.0)) != pm.guidance_scale:
-        bad.append(f"it was made for guidance scale {float(rec.get('guidance_scale', 1.0)):g}, requested {pm.guidance_scale:g}")
+        bad.append(f"it was made for guidance scale {float(rec.get('guidance_scale', 1.0)):g}, "
+                   f"requested {pm.guidance_scale:g}")
     if bad:
         raise ValueError("calibration does not match this pipeline run: " + "; ".join(bad))
     if schedule is not None and not isinstance(schedule, str):
@@ -550,7 +547,7 @@ def sample_pipeline(
     nfe: int | None = None,
     schedule: str | Sequence[float] | torch.Tensor | None = None,
     rho: float = 7.0,
-    stabilizer: Any | None = None,
+    stabilizer: Stabilizer | str | None = None,
     calibration: Calibration | None = None,
     calibration_dir: str | os.PathLike | None = None,
     calibrate: bool = True,
@@ -636,12 +633,11 @@ def sample_pipeline(
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
         latents = randn_tensor(shape, generator=generator, device=device, dtype=getattr(unet, "dtype", torch.float32))
-    x = latents.to(device=device, dtype=dtype) * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    x = latents.to(device=device, dtype=dtype) * pm.process.prior_scale(float(sigmas[0]))
 
     res = sample(pm.model, x, sigmas, plan.get_solver(), stabilizer=stabilizer, extra_args=extra_args,
                  callback=callback, progress=progress, dtype=dtype)
-    s_last = float(sigmas[-1])
-    out_latents = res.x / math.sqrt(1.0 + s_last**2)
+    out_latents = pm.process.to_vp(res.x, float(sigmas[-1]))
     images = _decode(pipe, out_latents, output_type)
     return PipelineSample(images, out_latents, sigmas, res.nfe, res.extra_passes, res.trace, res.wall_s, plan)
 

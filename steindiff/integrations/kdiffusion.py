@@ -33,16 +33,17 @@ import torch
 
 from ..sampling import sample
 from ..schedules import validate_sigmas
+from ..stabilizers import Stabilizer
 from ._calibration import Calibration, as_plan, check_plan
 
-__all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_ipndm", "SAMPLERS"]
+__all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_ipndm"]
 
 # k-diffusion's stochastic options and their neutral values
 _NEUTRAL = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0, "eta": 0.0, "noise_sampler": None}
 
 
 def _run(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Any, extra_args: dict | None,
-         callback: Callable[[dict], None] | None, disable: bool | None, stabilizer: Any | None, options: dict,
+         callback: Callable[[dict], None] | None, disable: bool | None, stabilizer: Stabilizer | None, options: dict,
          calibration: Calibration | None = None) -> torch.Tensor:
     for key in [k for k in options if k in _NEUTRAL]:
         v = options.pop(key)
@@ -88,5 +89,3 @@ sample_dpmpp_2m = _make("dpmpp_2m", "DPM-Solver++(2M)")
 sample_dpmpp_3m = _make("dpmpp_3m", "DPM-Solver++(3M)")
 sample_unipc = _make("unipc", "UniPC (variant 'bh2' by default; pass variant='bh1' for bh1)")
 sample_ipndm = _make("ipndm", "iPNDM")
-
-SAMPLERS = {f.__name__: f for f in (sample_euler, sample_heun, sample_dpmpp_2m, sample_dpmpp_3m, sample_unipc, sample_ipndm)}

@@ -103,7 +103,8 @@ def test_kdiffusion_refusals_name_both_values():
         kd.sample_dpmpp_2m(GMM, x, base, calibration=f.name)
     # aliases are the same solver; another schedule with the same steps and sigma_max only warns
     e_plan, _ = fitted_plan("euler")
-    kd.sample_euler(GMM, x, base, calibration=SamplingPlan("ddim", e_plan.sigmas, gammas=e_plan.gammas, meta=e_plan.meta))
+    kd.sample_euler(GMM, x, base,
+                    calibration=SamplingPlan("ddim", e_plan.sigmas, gammas=e_plan.gammas, meta=e_plan.meta))
     with pytest.warns(UserWarning, match="other noise levels"):
         kd.sample_dpmpp_2m(GMM, x, sd.get_sigmas("logsnr", 4, sd.VEProcess()), calibration=plan)
 
@@ -114,7 +115,13 @@ def test_kdiffusion_refusals_name_both_values():
 diffusers = pytest.importorskip("diffusers")
 
 from steindiff.integrations.diffusers import (  # noqa: E402
-    UNCOND_PREFIX, CFGDenoiser, calibrate_pipeline, denoiser_from_diffusers, pipeline_model, sample_pipeline)
+    UNCOND_PREFIX,
+    CFGDenoiser,
+    calibrate_pipeline,
+    denoiser_from_diffusers,
+    pipeline_model,
+    sample_pipeline,
+)
 
 
 def tiny_cond_unet(seed: int = 1) -> torch.nn.Module:
@@ -168,7 +175,8 @@ def test_calibrate_pipeline_keys_the_cache_by_guidance_and_prompts(pipe, tmp_pat
     assert len(seen) == 1
     assert again.gammas == plan.gammas and torch.equal(again.sigmas, plan.sigmas)
     # another guidance scale, other prompts: other keys, calibrated anew
-    calibrate_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=5.0, cache_dir=tmp_path, **KW)
+    calibrate_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=5.0, cache_dir=tmp_path,
+                       **KW)
     calibrate_pipeline(pipe, prompt_embeds=prompts(seed=6), negative_prompt_embeds=NEG, guidance_scale=3.0,
                        cache_dir=tmp_path, **KW)
     assert len(seen) == 3 and len(list(tmp_path.glob("*.json"))) == 3
@@ -196,8 +204,8 @@ def hand_plan(pipe, guidance: float, emb) -> SamplingPlan:
     base = make_plan(pm.process, "dpmpp_2m", 3, "karras")
     sig = base.sigmas.clone()
     sig[1:-1] *= 0.7
-    meta = {"schedule": "karras", "base_sigmas": base.sigmas.tolist(), "fingerprint": cal_mod.model_fingerprint(pm.spec()),
-            "diffusers": pm.conditioning()}
+    meta = {"schedule": "karras", "base_sigmas": base.sigmas.tolist(),
+            "fingerprint": cal_mod.model_fingerprint(pm.spec()), "diffusers": pm.conditioning()}
     return SamplingPlan("dpmpp_2m", sig, "fitted", [0.8, 1.1, 1.0], "ve", {}, meta)
 
 
@@ -210,7 +218,8 @@ def test_sample_pipeline_applies_a_calibration_on_the_same_model(pipe):
     # by hand: guidance over the UNet's denoiser, the plan's noise levels and gammas
     den = denoiser_from_diffusers(pipe.unet, pipe.scheduler)
     cfg = CFGDenoiser(den, 3.0, emb.repeat_interleave(2, 0), NEG)
-    want = sd.sample(cfg, lat * (1 + plan.sigmas[0] ** 2).sqrt(), plan.sigmas, "dpmpp_2m", stabilizer=plan.stabilizer()).x
+    want = sd.sample(cfg, lat * (1 + plan.sigmas[0] ** 2).sqrt(), plan.sigmas, "dpmpp_2m",
+                     stabilizer=plan.stabilizer()).x
     torch.testing.assert_close(out.latents, want, rtol=1e-10, atol=1e-10)
     assert out.plan is plan and out.nfe == 3 and out.extra_passes == 0 and torch.equal(out.sigmas, plan.sigmas)
     plain = sample_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=3.0, latents=lat,
@@ -219,7 +228,8 @@ def test_sample_pipeline_applies_a_calibration_on_the_same_model(pipe):
     # the same through a k-diffusion-style function on the pipeline's model
     pm = pipeline_model(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=3.0)
     base = make_plan(pm.process, "dpmpp_2m", 3, "karras").sigmas
-    x = kd.sample_dpmpp_2m(pm.model, lat * (1 + base[0] ** 2).sqrt(), base, extra_args=pm.extra_args(6), calibration=plan)
+    x = kd.sample_dpmpp_2m(pm.model, lat * (1 + base[0] ** 2).sqrt(), base, extra_args=pm.extra_args(6),
+                           calibration=plan)
     torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-10)
 
 
@@ -258,13 +268,15 @@ def test_sample_pipeline_auto_is_the_cached_calibration(pipe, tmp_path, monkeypa
     (f,) = tmp_path.glob("*.json")
     assert out.extra_passes == 0 and out.nfe == 3
     # the cached calibration is calibrate_pipeline's for the same conditioning; applied, it gives the same samples
-    plan = calibrate_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=2.0, solver="dpmpp_2m",
-                              nfe=3, schedule="karras", cache_dir=tmp_path, calibrate_missing=False, dtype=torch.float64)
+    plan = calibrate_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=2.0,
+                              solver="dpmpp_2m", nfe=3, schedule="karras", cache_dir=tmp_path,
+                              calibrate_missing=False, dtype=torch.float64)
     assert plan.meta.get("key") is not None and out.plan.gammas == plan.gammas
     applied = sample_pipeline(pipe, calibration=f, **{k: v for k, v in kw.items() if k not in ("solver", "nfe")})
     assert torch.equal(applied.latents, out.latents)
     # calibrate=False with nothing cached for this solver: the plain solver
-    other = sample_pipeline(pipe, stabilizer="auto", calibration_dir=tmp_path, calibrate=False, **{**kw, "solver": "euler"})
+    other = sample_pipeline(pipe, stabilizer="auto", calibration_dir=tmp_path, calibrate=False,
+                            **{**kw, "solver": "euler"})
     assert torch.equal(other.latents, sample_pipeline(pipe, **{**kw, "solver": "euler"}).latents)
 
 
@@ -275,7 +287,8 @@ def test_pipeline_model_conditioning_batches_and_errors(pipe):
     assert pm.extra_args(4)["encoder_hidden_states"].shape == (4, 5, 8)
     # guidance 1: no CFG, the negative prompts play no part in the model nor in the key
     p1 = pipeline_model(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=1.0)
-    assert p1.model is p1.denoiser and p1.conditioning_key() == pipeline_model(pipe, prompt_embeds=emb).conditioning_key()
+    assert p1.model is p1.denoiser
+    assert p1.conditioning_key() == pipeline_model(pipe, prompt_embeds=emb).conditioning_key()
     assert p1.conditioning_key() != pm.conditioning_key()
     # the timestep convention is part of the key
     assert pipeline_model(pipe, prompt_embeds=emb, timestep="round").conditioning_key() != p1.conditioning_key()

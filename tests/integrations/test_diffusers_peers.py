@@ -47,9 +47,11 @@ def test_peers_cover_the_issue_list(dp):
     assert not any("DDIM" in lab and "karras" in lab for lab in labels)
 
 
-@pytest.mark.parametrize("label,solver,timestep", [("diffusers:DDIMScheduler-trailing", "euler", "round"),
-                                                   ("diffusers:DPMSolverMultistepScheduler/2M-karras", "dpmpp_2m", "round"),
-                                                   ("diffusers:UniPCMultistepScheduler-trailing", "unipc", "round")])
+@pytest.mark.parametrize("label,solver,timestep", [
+    ("diffusers:DDIMScheduler-trailing", "euler", "round"),
+    ("diffusers:DPMSolverMultistepScheduler/2M-karras", "dpmpp_2m", "round"),
+    ("diffusers:UniPCMultistepScheduler-trailing", "unipc", "round"),
+])
 def test_diffusers_loop_equals_steindiff_on_its_noise_levels(dp, label, solver, timestep):
     """The same solver over the noise levels diffusers visited, from the same noise, gives the same samples:
     the eps network, the VP <-> VE conversion and the noise convention are right."""
@@ -81,7 +83,8 @@ def test_run_peers_rows_and_summary(dp):
     runs = [r for r in rows if r["framework"] != "reference"]
     assert all(r["nfe"] == 3 and r["nfe_budget"] == 3 for r in runs)
     assert {r["stabilizer"] for r in runs} == {"diffusers:DDIMScheduler-trailing",
-                                               "diffusers:DPMSolverMultistepScheduler/2M-karras", "none", "none[t-round]"}
+                                               "diffusers:DPMSolverMultistepScheduler/2M-karras",
+                                               "none", "none[t-round]"}
     for r in rows:
         assert {"sw2", "sw2_floor", "nll", "nll_floor", "mode_tv", "mode_tv_floor", "traj_err"} <= set(r["metrics"])
         assert all(math.isfinite(v) for v in r["metrics"].values())
@@ -104,8 +107,8 @@ def test_script_writes_json_and_markdown(dp, tmp_path, capsys):
         dp.main(["--help"])
     assert e.value.code == 0 and "--json-out" in capsys.readouterr().out
     j, m = tmp_path / "p.json", tmp_path / "p.md"
-    assert dp.main(["--n", "16", "--nfe", "3", "--seeds", "0", "--ref-steps", "10", "--betas", "linear", "--no-progress",
-                    "--json-out", str(j), "--markdown", str(m)]) == 0
+    assert dp.main(["--n", "16", "--nfe", "3", "--seeds", "0", "--ref-steps", "10", "--betas", "linear",
+                    "--no-progress", "--json-out", str(j), "--markdown", str(m)]) == 0
     res = json.loads(j.read_text())
     assert res["config"]["process"]["betas"] == "linear" and res["config"]["process"]["sigma_max"] > 150
     assert res["config"]["command"].startswith("python benchmarks/diffusers_peers.py --n 16")
