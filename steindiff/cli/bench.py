@@ -198,14 +198,16 @@ def _command(args: argparse.Namespace) -> str:
              "--seeds", args.seeds, "--n", str(args.n)]
     if args.cost:
         parts += ["--cost", "--cost-probes", args.cost_probes, "--repeats", str(args.repeats)]
-    if args.jacobian_batch is not None:
-        parts += ["--jacobian-batch", str(args.jacobian_batch)]
-    if args.device != "auto":
-        parts += ["--device", args.device]
     else:
         parts += ["--probes", str(args.probes), "--ref-solver", args.ref_solver, "--ref-steps", str(args.ref_steps)]
         if args.mmd:
             parts.append("--mmd")
+    if args.jacobian_batch is not None:
+        parts += ["--jacobian-batch", str(args.jacobian_batch)]
+    if args.device != "auto":
+        parts += ["--device", args.device]
+    if args.calibration_dir is not None:
+        parts += ["--calibration-dir", args.calibration_dir]
     for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots),
                    ("--title", args.title)):
         if v is not None:

@@ -72,3 +72,17 @@ def test_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--stabilizers" in out and "--cost" in out and "'-': stdout" in out
+
+
+def test_recorded_command_spells_out_every_option():
+    """The 'regenerate with' line names the grid options whatever the device, and the calibration cache."""
+    from steindiff.cli import build_parser
+    from steindiff.cli.bench import _command
+
+    args = build_parser().parse_args(["bench", "--model", "digits", "--device", "cpu", "--mmd", "--ref-steps", "50",
+                                      "--calibration-dir", "cal", "--json-out", "r.json"])
+    cmd = _command(args)
+    for part in ("--device cpu", "--mmd", "--ref-steps 50", "--probes 5", "--calibration-dir cal", "--json-out r.json"):
+        assert part in cmd
+    cost = _command(build_parser().parse_args(["bench", "--cost", "--device", "cpu"]))
+    assert "--cost" in cost and "--ref-steps" not in cost
