@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-steps", type=int, default=200,
                    help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
+    p.add_argument("--max-solves", type=int, default=200,
+                   help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", required=True, help="output JSON file")
     common.add_jacobian_batch(p)
@@ -75,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--objective reference needs --reference FILE (or 'true' for gmm:* models)")
     if args.n is not None and args.n < (4 if args.objective == "trajectory" else 2):
         raise UsageError(f"--n must be at least 4 for trajectory (fit and validation halves), got {args.n}")
-    if args.ref_steps < 4 or not args.max_seconds > 0:
-        raise UsageError(f"--ref-steps must be >= 4 and --max-seconds > 0, got {args.ref_steps} and {args.max_seconds}")
+    if args.ref_steps < 4 or not args.max_seconds > 0 or args.max_solves < 1:
+        raise UsageError(f"--ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1, got {args.ref_steps}, "
+                         f"{args.max_seconds} and {args.max_solves}")
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
     try:
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                           reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype],
                           progress=not args.no_progress,
                           rho=args.rho, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
-                          jacobian_batch=args.jacobian_batch)
+                          max_solves=args.max_solves, jacobian_batch=args.jacobian_batch)
     except ValueError as e:
         raise UsageError(str(e)) from None
     sched.save(args.out)

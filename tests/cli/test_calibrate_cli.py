@@ -8,8 +8,10 @@ from steindiff.cli import main
 def test_calibrate_then_sample(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "4", "--n", "200",
-                 "--ref-steps", "40", "--max-seconds", "5", "--out", str(out), "--json", "--no-progress"]) == 0
+                 "--ref-steps", "40", "--max-seconds", "30", "--max-solves", "12", "--out", str(out), "--json",
+                 "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert all(r["solves"] <= 6 for r in summary["calibration"]["refine"].values())  # 12 solves, two refinements
     assert len(summary["gammas"]) == 4 and out.exists()
     assert main(["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "4", "--n", "100",
                  "--gamma-schedule", str(out), "--json", "--no-progress"]) == 0
@@ -35,6 +37,8 @@ def test_calibrate_bad_input(tmp_path, capsys):
     assert "needs --reference" in capsys.readouterr().err
     assert main(["calibrate", "--model", "gmm:toy2d", "--n", "3", "--out", str(tmp_path / "x.json")]) == 2
     assert "at least 4" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--max-solves", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--max-solves >= 1" in capsys.readouterr().err
     assert main(["calibrate", "--model", "gmm:toy2d", "--out", str(tmp_path / "nodir" / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
 
