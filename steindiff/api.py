@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .calibrate import calibrated_plan
+from .calibrate import calibrated_plan, conditioning_digest
 from .models.registry import ModelSpec
 from .noise import NoiseProcess, VEProcess
 from .plan import SamplingPlan
@@ -61,23 +61,9 @@ def sample(
             extra = kwargs.get("extra_args")
             plan = calibrated_plan(spec, base, cache_dir=calibration_dir, calibrate_missing=calibrate,
                                    dtype=x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32,
-                                   extra_args=extra, conditioning=_conditioning_key(extra),
+                                   extra_args=extra, conditioning=conditioning_digest(extra),
                                    **(calibration_options or {}))
             sigmas, stabilizer = plan.sigmas, plan.stabilizer()
         else:
             stabilizer = make_stabilizer(stabilizer)
     return run_loop(model, x, sigmas, solver, stabilizer=stabilizer, **kwargs)
-
-
-def _conditioning_key(extra: dict | None) -> str | None:
-    """A hash of the conditioning tensors and values (part of the calibration's cache key)."""
-    if not extra:
-        return None
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(extra):
-        v = extra[k]
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes() if isinstance(v, torch.Tensor) else repr(v).encode())
-    return h.hexdigest()[:16]

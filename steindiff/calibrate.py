@@ -17,6 +17,7 @@ Three objectives:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,12 +40,34 @@ from .stabilizers import make_stabilizer
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
 from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory
 
-__all__ = ["calibrate", "calibrated_plan", "calibration_key", "default_cache_dir", "plan_from_schedule", "OBJECTIVES",
-           "model_fingerprint", "CALIBRATION_SEED"]
+__all__ = ["calibrate", "calibrated_plan", "calibration_key", "conditioning_digest", "default_cache_dir",
+           "plan_from_schedule", "OBJECTIVES", "model_fingerprint", "CALIBRATION_SEED"]
 
 OBJECTIVES = ("trajectory", "variant", "reference")
 #: Default seed of the calibration noise: far from the evaluation seeds (0, 1, 2, ...) of the benchmarks.
 CALIBRATION_SEED = 12345
+
+
+def _hash_value(h: "hashlib._Hash", v: Any) -> None:
+    """Feed one conditioning value to a hash: a tensor by dtype, shape and bytes (any dtype), else its repr."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(repr(v).encode())
+
+
+def conditioning_digest(cond: dict | None) -> str | None:
+    """A short hash of conditioning values by name (class labels, prompt embeddings, ...): the part of a
+    calibration's cache key that says what the model was conditioned on (``None`` when unconditioned)."""
+    if not cond:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(cond):
+        h.update(k.encode())
+        _hash_value(h, cond[k])
+    return h.hexdigest()[:16]
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
@@ -131,6 +154,8 @@ def calibrate(
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     variant = variant or "stein-energy"
     base = plan if plan is not None else make_plan(spec.process, solver, nfe, schedule, rho=rho)
+    if base.coords != coords:  # the coordinates of the rescaled update are part of the plan
+        base = dataclasses.replace(base, coords=coords)
     sigmas = base.sigmas
     steps = base.steps
     if n is None:

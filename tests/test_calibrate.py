@@ -112,3 +112,8 @@ def test_the_digits_model_ships_its_calibrations(tmp_path):
         assert plan is not base and plan.meta["fingerprint"] == model_fingerprint(spec)
         assert plan.meta["solver"] == solver and plan.meta["nfe"] == nfe and len(plan.gammas) == base.steps
     assert list(tmp_path.iterdir()) == []  # nothing written to the user's cache
+
+
+def test_trajectory_calibration_uses_the_requested_coordinates(toy):
+    sched = calibrate(toy, solver="euler", nfe=3, coords="vp", dtype=torch.float64, **FAST)
+    assert sched.coords == "vp"

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from ..calibrate import CALIBRATION_SEED, OBJECTIVES, calibrate
-from ..io import check_writable
 from ..stabilizers import STABILIZERS
 from ..trajectory import FIT_MODES
 from . import UsageError, common, emit
@@ -82,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.max_seconds} and {args.max_solves}")
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
-    try:
-        check_writable(args.out)
-    except OSError as e:
-        raise UsageError(str(e)) from None
+    common.check_outputs(args.out)
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
     try:
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,

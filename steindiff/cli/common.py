@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..io import check_writable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
 from . import UsageError
@@ -70,6 +71,17 @@ def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) ->
         raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per batch, got {where}; "
                          "pass --per-sample (one gamma per sample), or --gamma-schedule FILE "
                          "from `steindiff calibrate`")
+
+
+def check_outputs(*paths: str | None) -> None:
+    """Every output file given can be created (checked before any work), or a UsageError naming it."""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            check_writable(path)
+        except OSError as e:
+            raise UsageError(str(e)) from None
 
 
 def check_extension(path: str | None, flag: str, *suffixes: str) -> None:

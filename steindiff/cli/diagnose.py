@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from ..diagnostics import diagnose, plot_diagnosis, summarize
-from ..io import check_writable, save_json
+from ..io import save_json
 from ..solvers import get_solver, steps_for_nfe
 from . import UsageError, common, emit
 
@@ -53,11 +53,7 @@ def _check(args: argparse.Namespace) -> None:
     paths = [p for p in (args.png, args.out) if p is not None]
     if len(paths) == 2 and paths[0] == paths[1]:
         raise UsageError("--png and --out name the same file")
-    for path in paths:
-        try:
-            check_writable(path)
-        except OSError as e:
-            raise UsageError(str(e)) from None
+    common.check_outputs(*paths)
     try:
         steps_for_nfe(get_solver(args.solver), args.nfe)
     except ValueError as e:

@@ -134,13 +134,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     from ..distributed import MissingShardsError, merge_shards
-    from ..io import check_writable
 
     common.check_extension(args.out, "--out", ".npz")
-    try:
-        check_writable(args.out)
-    except OSError as e:
-        raise UsageError(str(e)) from None
+    common.check_outputs(args.out)
     if args.metrics:
         from ..distributed import _read_manifest
 

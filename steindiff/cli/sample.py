@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..generate import generate
-from ..io import check_writable, save_json, save_npz
+from ..io import save_json, save_npz
 from ..metrics import mixture_metrics
 from . import UsageError, common, emit
 
@@ -90,11 +90,7 @@ def run(args: argparse.Namespace) -> int:
                          f"shape {spec.sample_shape}")
     if args.gamma_schedule is not None and args.stabilizer != "none":
         raise UsageError("give either --stabilizer or --gamma-schedule, not both")
-    for path in outputs:
-        try:
-            check_writable(path)
-        except OSError as e:
-            raise UsageError(str(e)) from None
+    common.check_outputs(*outputs)
     from ..stabilizers.registry import AUTO, CALIBRATED
 
     plan = sampling_plan(args, spec)

@@ -20,7 +20,6 @@ schedulers are refused with a ValueError.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import calibrated_plan, default_cache_dir, model_fingerprint
+from ..calibrate import calibrated_plan, conditioning_digest, default_cache_dir, model_fingerprint
 from ..models.denoisers import VPDenoiser
 from ..models.registry import ModelSpec
 from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumprod
@@ -278,15 +277,6 @@ def _sample_shape(unet: Any) -> tuple[int, ...]:
     return (int(cfg["in_channels"]), *hw)
 
 
-def _hash_tensor(h: "hashlib._Hash", v: Any) -> None:
-    if isinstance(v, torch.Tensor):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(repr(v).encode())
-
-
 @dataclass
 class PipelineModel:
     """What a pipeline's UNet is sampled as (:func:`pipeline_model`), shared by :func:`sample_pipeline` and
@@ -325,14 +315,8 @@ class PipelineModel:
         """What besides the weights makes this model: the guidance scale, a hash of the conditioning
         tensors (prompt embeddings, negative ones when guided, class labels), the timestep convention
         and the prediction type."""
-        digest = None
-        if self.cond:
-            h = hashlib.sha256()
-            for k in sorted(self.cond):
-                h.update(k.encode())
-                _hash_tensor(h, self.cond[k])
-            digest = h.hexdigest()[:16]
-        return {"integration": "diffusers", "guidance_scale": self.guidance_scale, "conditioning": digest,
+        return {"integration": "diffusers", "guidance_scale": self.guidance_scale,
+                "conditioning": conditioning_digest(self.cond),
                 "timestep": self.denoiser.timestep, "prediction": self.denoiser.prediction}
 
     def conditioning_key(self) -> str:

@@ -45,7 +45,11 @@ class GammaSchedule:
             st = op(x)
         a, a_next, _ = coordinate_scales(self.coords, op.sigma, op.sigma_next)
         g = self.gammas[op.i]
-        x_next = st.x_next if g == 1.0 else rescaled_update(a * x, a * x - a_next * st.x_next, g, a_next)
+        if g == 1.0:
+            x_next = st.x_next
+        else:
+            x_c = a * x
+            x_next = rescaled_update(x_c, x_c - a_next * st.x_next, g, a_next)
         rec = {"step": op.i, "sigma": op.sigma, "sigma_next": op.sigma_next, "gamma": g, "extra_passes": 0,
                "wall_s": time.perf_counter() - t0}
         return x_next, st, rec
