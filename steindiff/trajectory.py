@@ -24,9 +24,11 @@ decreasing above the process's ``sigma_min``; the calibration noise is split int
 validation part, and a candidate (closed form, refined) replaces the plain solver only if it is
 closer to the reference on the validation part *and* its residual noise (:func:`residual_noise`) is
 no farther from the reference's than the plain solver's is, or within ``residual_tolerance`` of it
-(more means leftover noise, less means over-smoothed samples), and its samples as a set are no farther
-from the reference's than the plain solver's are (sliced Wasserstein-2).  A calibration that cannot beat the plain
-solver returns the plain plan (all gammas 1) and says so.
+(more means leftover noise, less means over-smoothed samples), its samples as a set are no farther
+from the reference's than the plain solver's are (sliced Wasserstein-2), and its gain is more than the
+validation batch's noise (a paired z statistic of the per-sample squared distances above
+``significance``).  A calibration that cannot beat the plain solver returns the plain plan (all gammas 1)
+and says so.
 """
 
 from __future__ import annotations
@@ -311,12 +313,21 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).double().pow(2).mean().sqrt())
 
 
+def _gain_z(d_plain: torch.Tensor, d_cand: torch.Tensor) -> float:
+    """Mean over samples of ``d_plain - d_cand`` in standard errors (paired z statistic); inf for a
+    gain with no spread."""
+    g = d_plain - d_cand
+    se = float(g.std()) / math.sqrt(g.numel())
+    m = float(g.mean())
+    return m / se if se > 0 else (math.inf if m > 0 else -math.inf)
+
+
 def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, *, sigma_min: float,
                    fit: str = "both", validation: float = 0.5, ref: ReferenceSolve | None = None,
                    ref_solver: str = "dpmpp_2m", ref_steps: int = 200, gamma_bounds: tuple[float, float] = (0.5, 1.5),
                    reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
-                   max_seconds: float = 60.0, residual_tolerance: float = 1.05, extra_args: dict | None = None,
-                   progress: bool = False) -> TrajectoryFit:
+                   max_seconds: float = 60.0, residual_tolerance: float = 1.05, significance: float = 2.0,
+                   extra_args: dict | None = None, progress: bool = False) -> TrajectoryFit:
     """Calibrate ``base`` (a plain plan) on the calibration ``noise`` (module docstring).
 
     The first ``1 - validation`` of the batch fits, the rest validates.  ``ref`` may be passed to
@@ -371,9 +382,12 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     ref_val = ref.final[val_sl]
     r_ref = residual_noise(model, ref_val, sigma_min, part(val_sl))
     scores: dict[str, dict] = {}
+    per_sample: dict[str, torch.Tensor] = {}
     for name, plan in candidates.items():
         x = _solve(model, x_val, plan, part(val_sl))
         finite = bool(torch.isfinite(x).all())
+        if finite:
+            per_sample[name] = (x - ref_val).double().reshape(len(x), -1).pow(2).mean(1)
         scores[name] = {"val_rms": _rms(x, ref_val) if finite else None,
                         "val_max": float((x - ref_val).double().reshape(len(x), -1).pow(2).mean(1).sqrt().max())
                         if finite else None,
@@ -393,8 +407,13 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
         # reference solve alone can prefer blurred samples)
         v["passed_distribution_check"] = k == "plain" or (v["val_sw2"] is not None
                                                           and v["val_sw2"] <= scores["plain"]["val_sw2"])
+        # closer than the plain solver beyond the validation batch's noise: the per-sample gain in squared
+        # distance has a mean of more than ``significance`` standard errors (paired over the same noise)
+        v["val_gain_z"] = _gain_z(per_sample["plain"], per_sample[k]) if k != "plain" and k in per_sample else None
+        v["passed_significance_check"] = k == "plain" or (v["val_gain_z"] is not None
+                                                          and v["val_gain_z"] > significance)
     ok = {k: v for k, v in scores.items() if v["val_rms"] is not None and v["passed_residual_check"]
-          and v["passed_distribution_check"]}
+          and v["passed_distribution_check"] and v["passed_significance_check"]}
     chosen = min(ok, key=lambda k: (ok[k]["val_rms"], k != "plain"))
     record = {
         "fit": fit, "chosen": chosen, "beats_plain": chosen != "plain",
@@ -402,7 +421,8 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
                                             "convergence_rms": ref.convergence, "residual_noise": r_ref,
                                             "wall_s": ref.wall_s},
         "n_fit": n_fit, "n_val": n - n_fit, "gamma_bounds": list(gamma_bounds), "reg_gamma": reg_gamma,
-        "reg_steps": reg_steps, "reg_residual": reg_residual, "residual_tolerance": residual_tolerance, "refine": rinfo,
+        "reg_steps": reg_steps, "reg_residual": reg_residual, "residual_tolerance": residual_tolerance,
+        "significance": significance, "refine": rinfo,
         "val_ratio": (scores[chosen]["val_rms"] / scores["plain"]["val_rms"]) if scores["plain"]["val_rms"] else None,
         "wall_s": time.perf_counter() - t0,
     }

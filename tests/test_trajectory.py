@@ -159,3 +159,29 @@ def test_fit_refuses_bad_arguments():
         fit_trajectory(gmm, base, noise[:3], sigma_min=0.002)
     with pytest.raises(ValueError, match="validation"):
         fit_trajectory(gmm, base, noise, sigma_min=0.002, validation=1.0)
+
+
+def test_gain_z_is_the_paired_t_statistic():
+    from scipy.stats import ttest_rel
+
+    from steindiff.trajectory import _gain_z
+
+    g = torch.Generator().manual_seed(0)
+    d_plain = torch.rand(200, generator=g, dtype=torch.float64)
+    d_cand = d_plain - 0.05 + 0.2 * torch.rand(200, generator=g, dtype=torch.float64)
+    assert _gain_z(d_plain, d_cand) == pytest.approx(float(ttest_rel(d_plain, d_cand).statistic), rel=1e-9)
+    assert _gain_z(d_plain, d_plain - 1.0) == math.inf and _gain_z(d_plain, d_plain) == -math.inf
+
+
+def test_a_gain_within_the_validation_noise_keeps_the_plain_plan():
+    """The same fit that beats plain (toy2d, euler, 4 steps) is refused when its gain must exceed any
+    number of standard errors; its record says why."""
+    gmm = get_gmm("gmm:toy2d")
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((64, 2), 80.0, seed=12345, dtype=torch.float64)
+    fit = fit_trajectory(gmm, base, noise, sigma_min=0.002, ref_steps=100, max_solves=20, significance=math.inf)
+    cand = fit.record["candidates"]
+    assert fit.record["chosen"] == "plain" and fit.plan.gammas == [1.0] * base.steps
+    assert any(v["val_rms"] < cand["plain"]["val_rms"] for k, v in cand.items() if k != "plain")
+    assert all(not v["passed_significance_check"] for k, v in cand.items() if k != "plain")
+    assert all(v["val_gain_z"] is not None for k, v in cand.items() if k != "plain")

@@ -201,6 +201,35 @@ def row_key(row: dict) -> tuple:
             row["seed"])
 
 
+def merge_results(shards: Sequence[dict]) -> dict:
+    """One ``steindiff.bench/1`` result from shards of a grid run apart (e.g. one process per solver):
+    rows concatenated, the grid's lists united, every other setting the same in all shards; the wall
+    time is the longest shard's (they ran side by side) and the command lists every shard's."""
+    if not shards:
+        raise ValueError("no results to merge")
+    if len(shards) == 1:
+        return shards[0]
+    config = dict(shards[0]["config"])
+    for sh in shards[1:]:
+        for k, v in sh["config"].items():
+            if isinstance(v, list) and isinstance(config.get(k), list):
+                config[k] = config[k] + [x for x in v if x not in config[k]]
+            elif k == "calibration" and isinstance(v, dict):
+                for m, opts in v.items():
+                    if config[k].setdefault(m, opts) != opts:
+                        raise ValueError(f"the shards calibrated {m} with different options")
+            elif config.get(k) != v:
+                raise ValueError(f"the shards differ in {k!r}: {config.get(k)!r} and {v!r}")
+    rows = [r for sh in shards for r in sh["rows"]]
+    keys = [row_key(r) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the shards overlap (a configuration appears in more than one)")
+    machine = {**shards[0]["machine"], "wall_s_total": max(sh["machine"].get("wall_s_total") or 0 for sh in shards),
+               "shards": len(shards)}
+    command = "\n".join(c for c in (sh.get("command") for sh in shards) if c) or None
+    return {**shards[0], "config": config, "machine": machine, "rows": rows, "command": command}
+
+
 def _dtype(spec: ModelSpec) -> torch.dtype:
     return torch.float64 if model_kind(spec) == "mixture" else torch.float32
 

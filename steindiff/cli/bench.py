@@ -67,8 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "result; default: the whole batch)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N")
-    p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
-                   help="read results from FILE (a steindiff.bench/1 JSON) instead of running")
+    p.add_argument("--from", dest="from_file", default=None, metavar="FILE[,FILE...]",
+                   help="read results from FILE (a steindiff.bench/1 JSON) instead of running; several files, "
+                        "comma-separated, are shards of one grid (e.g. one per solver, run in parallel) and are merged")
     p.add_argument("--json-out", default=None, metavar="FILE", help="write the results JSON to FILE ('-': stdout)")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of the text summary")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the Markdown report")
@@ -109,18 +110,32 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import SCHEMA, run_cost, run_grid, summarize, validate_grid, write_markdown, write_plots
+    from ..bench import SCHEMA, merge_results, run_cost, run_grid, summarize, validate_grid, write_markdown, write_plots
     from ..bench.runner import machine_info
     from .common import device_from_args
 
     _check_outputs(args)
     if args.from_file is not None:
+        shards = []
+        for path in args.from_file.split(","):
+            try:
+                shard = json.loads(Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise UsageError(f"--from {path!r}: {e}") from None
+            if not isinstance(shard, dict) or shard.get("schema") != "steindiff.bench/1":
+                raise UsageError(f"--from {path!r}: not a steindiff.bench/1 results file")
+            shards.append(shard)
         try:
-            result = json.loads(Path(args.from_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"--from {args.from_file!r}: {e}") from None
-        if not isinstance(result, dict) or result.get("schema") != "steindiff.bench/1":
-            raise UsageError(f"--from {args.from_file!r}: not a steindiff.bench/1 results file")
+            result = merge_results(shards)
+        except ValueError as e:
+            raise UsageError(f"--from: {e}") from None
+        if len(shards) > 1:  # the shards' commands, then this merge
+            merge = ["steindiff", "bench", "--from", args.from_file]
+            for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots),
+                           ("--title", args.title)):
+                if v is not None:
+                    merge += [opt, v]
+            result["command"] = "\n".join(filter(None, [result.get("command"), " ".join(map(shlex.quote, merge))]))
     else:
         grid = dict(models=_list(args.models, "model"), solvers=_list(args.solvers, "solvers"),
                     nfes=_list(args.nfe, "nfe", int), schedules=_list(args.schedules, "schedules"),

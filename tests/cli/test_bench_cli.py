@@ -59,6 +59,27 @@ def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
     assert os.listdir(tmp_path) == []
 
 
+def test_from_merges_shards_run_apart(tmp_path, capsys):
+    """A grid run as two shards (one per solver) and merged equals the same grid run at once."""
+    whole, a, b, merged = (tmp_path / f"{k}.json" for k in ("whole", "a", "b", "merged"))
+    grid = list(TINY)
+    i = grid.index("--solvers")
+    assert main(["bench", *grid[:i + 1], "euler,heun", *grid[i + 2:], "--json-out", str(whole)]) == 0
+    assert main(["bench", *grid[:i + 1], "euler", *grid[i + 2:], "--json-out", str(a)]) == 0
+    assert main(["bench", *grid[:i + 1], "heun", *grid[i + 2:], "--json-out", str(b)]) == 0
+    md = tmp_path / "merged.md"
+    assert main(["bench", "--from", f"{a},{b}", "--json-out", str(merged), "--markdown", str(md)]) == 0
+    w, m = json.loads(whole.read_text()), json.loads(merged.read_text())
+    strip = [{k: v for k, v in r.items() if k != "wall_s_per_sample"} for r in w["rows"]]
+    assert [{k: v for k, v in r.items() if k != "wall_s_per_sample"} for r in m["rows"]] == strip
+    assert m["config"] == w["config"] and m["machine"]["shards"] == 2
+    assert m["command"].count("steindiff bench") == 3 and "--from" in md.read_text()
+    # overlapping shards are refused
+    capsys.readouterr()
+    assert main(["bench", "--from", f"{a},{a}"]) == 2
+    assert "overlap" in capsys.readouterr().err
+
+
 def test_from_rejects_other_files(tmp_path, capsys):
     f = tmp_path / "x.json"
     f.write_text('{"schema": "other"}')
