@@ -73,15 +73,29 @@ if [[ $what == calibrated || $what == calibrated-toy2d || $what == all ]]; then
     --json-out $out/calibrated-toy2d.json --markdown $out/calibrated-toy2d.md --plots $out/plots/calibrated-toy2d \
     --title "gmm:toy2d: the calibrated sampler against vanilla solvers"
 fi
+# sharded NAME ARGS...: one `steindiff bench ARGS --solvers S` per solver of $SOLVERS, side by side (on a GPU
+# the small U-Nets leave it mostly idle), merged into $out/NAME.{json,md} and $out/plots/NAME
+sharded() {
+  local name=$1; shift
+  local tmp=$out/.shards-$name; local files=()
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  for s in ${SOLVERS//,/ }; do
+    steindiff bench "$@" --solvers "$s" --no-progress --json-out "$tmp/$s.json" > "$tmp/$s.log" 2>&1 &
+    files+=("$tmp/$s.json")
+  done
+  wait
+  local IFS=,
+  steindiff bench --from "${files[*]}" --json-out $out/$name.json --markdown $out/$name.md --plots $out/plots/$name \
+    --title "$TITLE"
+  rm -rf "$tmp"
+}
 if [[ $what == calibrated || $what == calibrated-digits || $what == all ]]; then
   rm -rf steindiff/weights/digits/calibrations  # fitted anew: the bench would reuse what it finds there
   # digits: the fitted calibrations are written where the shipped model's loader finds them
   # (steindiff/weights/digits/calibrations), so `--stabilizer auto` and the demo reuse them at no cost
-  steindiff bench --model digits --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
-    --coords ve --stabilizers none,cal:trajectory --seeds 0,1 --n 400 --no-progress \
-    --calibration-dir steindiff/weights/digits/calibrations \
-    --json-out $out/calibrated-digits.json --markdown $out/calibrated-digits.md --plots $out/plots/calibrated-digits \
-    --title "digits U-Net: the calibrated sampler against vanilla solvers"
+  TITLE="digits U-Net: the calibrated sampler against vanilla solvers" sharded calibrated-digits \
+    --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
+    --seeds 0,1,2 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations
 fi
 if [[ $what == diagnose || $what == all ]]; then
   steindiff diagnose --model gmm:image64 --solver dpmpp_2m --nfe 6 --n 256 --no-progress \
