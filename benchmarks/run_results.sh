@@ -11,6 +11,23 @@ out=docs/results
 mkdir -p "$out/plots"
 what="${1:-all}"
 SOLVERS=euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm
+# sharded NAME ARGS...: one `steindiff bench ARGS --solvers S` per solver of $SOLVERS, side by side (on a GPU
+# the small U-Nets leave it mostly idle), merged into $out/NAME.{json,md} and $out/plots/NAME
+sharded() {
+  local name=$1; shift
+  local tmp=$out/.shards-$name; local files=()
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  for s in ${SOLVERS//,/ }; do
+    steindiff bench "$@" --solvers "$s" --no-progress --json-out "$tmp/$s.json" > "$tmp/$s.log" 2>&1 &
+    files+=("$tmp/$s.json")
+  done
+  wait
+  local IFS=,
+  steindiff bench --from "${files[*]}" --json-out $out/$name.json --markdown $out/$name.md --plots $out/plots/$name \
+    --title "$TITLE"
+  rm -rf "$tmp"
+}
+
 
 if [[ $what == image64 || $what == all ]]; then
   steindiff bench --model gmm:image64 --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
@@ -55,11 +72,9 @@ if [[ $what == digits || $what == all ]]; then
     --title "digits U-Net: Stein stabilizers against vanilla solvers"
 fi
 if [[ $what == calibrated || $what == calibrated-image64 || $what == all ]]; then
-  # the calibrated sampler (issue 9): fitted once per cell on calibration noise (seed 12345), evaluated on seeds 0-2
-  steindiff bench --model gmm:image64 --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
-    --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --no-progress \
-    --json-out $out/calibrated-image64.json --markdown $out/calibrated-image64.md --plots $out/plots/calibrated-image64 \
-    --title "gmm:image64: the calibrated sampler against vanilla solvers"
+  TITLE="gmm:image64: the calibrated sampler against vanilla solvers" sharded calibrated-image64 \
+    --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
+    --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated || $what == calibrated-cost || $what == all ]]; then
   # the calibrated sampler's cost at sampling time, side by side with the plain solver (fitted before the timing)
@@ -73,22 +88,6 @@ if [[ $what == calibrated || $what == calibrated-toy2d || $what == all ]]; then
     --json-out $out/calibrated-toy2d.json --markdown $out/calibrated-toy2d.md --plots $out/plots/calibrated-toy2d \
     --title "gmm:toy2d: the calibrated sampler against vanilla solvers"
 fi
-# sharded NAME ARGS...: one `steindiff bench ARGS --solvers S` per solver of $SOLVERS, side by side (on a GPU
-# the small U-Nets leave it mostly idle), merged into $out/NAME.{json,md} and $out/plots/NAME
-sharded() {
-  local name=$1; shift
-  local tmp=$out/.shards-$name; local files=()
-  rm -rf "$tmp"; mkdir -p "$tmp"
-  for s in ${SOLVERS//,/ }; do
-    steindiff bench "$@" --solvers "$s" --no-progress --json-out "$tmp/$s.json" > "$tmp/$s.log" 2>&1 &
-    files+=("$tmp/$s.json")
-  done
-  wait
-  local IFS=,
-  steindiff bench --from "${files[*]}" --json-out $out/$name.json --markdown $out/$name.md --plots $out/plots/$name \
-    --title "$TITLE"
-  rm -rf "$tmp"
-}
 if [[ $what == calibrated || $what == calibrated-digits || $what == all ]]; then
   rm -rf steindiff/weights/digits/calibrations  # fitted anew: the bench would reuse what it finds there
   # digits: the fitted calibrations are written where the shipped model's loader finds them
