@@ -145,7 +145,7 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                 for m in mnames:
                     d = counts[lab].get(m)
                     r.append("" if d is None else f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} "
-                             f"(room {d['room']}, {_fmt(d['helps_pct'], 2)}%)")
+                             f"(room {d['room']}, {'–' if d['helps_pct'] is None else format(d['helps_pct'], '.0f')}%)")
                 rows.append(r)
             lines += _table(["stabilizer"] + [names[m].split(" (")[0] for m in mnames], rows) + [""]
         for cs in (c for c in summary.get("calibration", []) if c["model"] == model):
