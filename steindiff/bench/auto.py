@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .runner import summarize
+from .runner import label_of, summarize
 
 __all__ = ["auto_rule", "evaluate_candidates"]
 
@@ -33,8 +33,7 @@ def auto_rule(cells: Iterable[dict], label: str, *, max_nfe: int = 8, min_help: 
     n_cells = worse = helps = room_small = secondary_worse = 0
     worst = None
     for c in cells:
-        lab = c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}")
-        if lab != label or "verdicts" not in c:
+        if label_of(c) != label or "verdicts" not in c:
             continue
         v = c["verdicts"].get(c["primary"])
         if v is None:
@@ -64,6 +63,5 @@ def evaluate_candidates(results: list[dict]) -> list[dict]:
         for c in summ["cells"]:
             c["primary"] = summ["primary"][c["model"]]
         cells.extend(summ["cells"])
-    labels = sorted({c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}") for c in cells
-                     if c["stabilizer"] != "none"})
+    labels = sorted({label_of(c) for c in cells if c["stabilizer"] != "none"})
     return [auto_rule(cells, lab) for lab in labels]

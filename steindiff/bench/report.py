@@ -16,6 +16,7 @@ import numpy as np
 
 from ..io import atomic_path
 from ..plotting import colormap, figure, panels, save_figure
+from .runner import IMAGE_METRICS, METRICS, label_of
 
 __all__ = ["markdown", "write_markdown", "write_plots", "label_of"]
 
@@ -29,8 +30,7 @@ NAMES = {"sw2": "excess sliced-W2", "mode_tv": "excess mode TV", "nll": "|NLL �
 TABLES = {"sw2": ("sw2", "nll", "mode_tv"),
           "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err")}
 PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err")}
-_ORDER = ("sw2", "mode_tv", "nll", "traj_err", "mmd", "digits_fid", "digits_kid", "class_tv", "precision", "recall",
-          "memorization")
+_ORDER = METRICS + IMAGE_METRICS
 
 
 def _primary(summary: dict, model: str) -> str:
@@ -45,11 +45,6 @@ def _names(result: dict, primary: str) -> dict[str, str]:
     return {**NAMES, "traj_err": f"trajectory error (RMS per dim vs {steps}-step reference)"}
 
 
-def label_of(cell: dict) -> str:
-    """``stein/ve``, ``stein-sc/vp``, ``none``."""
-    return cell["stabilizer"] + ("" if cell["coords"] == "-" else f"/{cell['coords']}")
-
-
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or not math.isfinite(x):
         return "–"
@@ -60,8 +55,25 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def _labels(cells: Sequence[dict]) -> list[str]:
     order = {"none": 0, "stein": 1, "stein-exact": 2, "stein-sc": 3, "stein-oracle": 4}
-    labels = sorted({label_of(c) for c in cells}, key=lambda s: (order.get(s.split("/")[0], 9), s))
-    return labels
+    return sorted({label_of(c) for c in cells}, key=lambda s: (order.get(s.split("/")[0], 9), s))
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}"
+
+
+def _pm(e: dict) -> str:
+    """``mean±std`` of an excess metric over seeds."""
+    return f"{_fmt(e['mean'])}±{_fmt(e['std'], 2)}"
+
+
+def _tally(d: dict) -> str:
+    """Verdict counts ``helps/ties/hurts/failed (room N`` (the caller closes the parenthesis)."""
+    return f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} (room {d['room']}"
+
+
+def _with_probes(e: dict) -> str:
+    return e["stabilizer"] + (f" P={e['probes']}" if e["probes"] else "")
 
 
 def _cell_text(c: dict | None, metric: str) -> str:
@@ -70,7 +82,7 @@ def _cell_text(c: dict | None, metric: str) -> str:
     e = c["excess"].get(metric)
     if e is None:
         return "✗ failed" if c["n_failed"] else "–"
-    txt = f"{_fmt(e['mean'])}±{_fmt(e['std'], 2)}"
+    txt = _pm(e)
     v = c.get("verdicts", {}).get(metric)
     if v is not None:
         mark = MARK[v["verdict"]] if v["room"] else ("°!" if v["worse_at_floor"] else "°")
@@ -109,13 +121,12 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                          "recall: floor minus value). digits-FID/KID use the project's own digits classifier and are "
                          "comparable only with each other.")
     if result.get("cost"):
-        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} "
-                     "interleaved repeats after one "
-                     "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
+        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after "
+                     "one untimed warm-up round, float64 states; ratios are medians measured side by side in one "
+                     "process.")
     if mach:
-        lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, "
-                     f"{mach.get('torch_threads')} torch "
-                     f"threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")
+        lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, {mach.get('torch_threads')} "
+                     f"torch threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")
     if result.get("rows"):
         lines += ["",
                   "Marks (protocol's comparison rules, against vanilla at the same solver, schedule, NFE and noise): "
@@ -133,28 +144,20 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         lines += [f"## {model}", ""]
         counts = summary["counts"].get(model, {})
         if counts:
-            mnames = [m for m in (_ORDER if p == "sw2" else TABLES[p] + ("memorization",
-                                                                         )) if any(m in d for d in counts.values())]
-            lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells "
-                      "with room; % helped of those)", ""]
-            rows = []
-            for lab in labels:
-                if lab not in counts:
-                    continue
-                r = [lab]
-                for m in mnames:
-                    d = counts[lab].get(m)
-                    r.append("" if d is None else f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} "
-                             f"(room {d['room']}, {'–' if d['helps_pct'] is None else format(d['helps_pct'], '.0f')}%)")
-                rows.append(r)
+            order = _ORDER if p == "sw2" else TABLES[p] + ("memorization",)
+            mnames = [m for m in order if any(m in d for d in counts.values())]
+            lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells with room; % helped of "
+                      "those)", ""]
+            rows = [[lab] + ["" if (d := counts[lab].get(m)) is None else f"{_tally(d)}, {_pct(d['helps_pct'])}%)"
+                             for m in mnames] for lab in labels if lab in counts]
             lines += _table(["stabilizer"] + [names[m].split(" (")[0] for m in mnames], rows) + [""]
         for cs in (c for c in summary.get("calibration", []) if c["model"] == model):
             lines += _calibration_markdown(cs)
         best = [b for b in summary["best_vanilla"] if b["model"] == model]
         if best:
             lines += ["### Best vanilla configuration per NFE (all solvers and schedules)", ""]
-            rows = [[str(b["nfe_budget"]), b["solver"], b["schedule"], str(b["nfe"]),
-                     f"{_fmt(b[f'excess_{p}']['mean'])}±{_fmt(b[f'excess_{p}']['std'], 2)}"] for b in best]
+            rows = [[str(b["nfe_budget"]), b["solver"], b["schedule"], str(b["nfe"]), _pm(b[f"excess_{p}"])]
+                    for b in best]
             lines += _table(["NFE budget", "solver", "schedule", "NFE", f"excess {p}"], rows) + [""]
             vsb = {}
             for c in mc:
@@ -165,9 +168,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
             if vsb:
                 lines += [f"Excess {p} against the best vanilla configuration with no more NFE "
                           "(helps / ties / hurts / failed, cells with room):", ""]
-                lines += _table(["stabilizer", "vs best vanilla"],
-                                [[k, f"{d['helps']}/{d['tie']}/{d['hurts']}/{d['failed']} (room {d['room']})"]
-                                 for k, d in vsb.items()]) + [""]
+                lines += _table(["stabilizer", "vs best vanilla"], [[k, _tally(d) + ")"] for k, d in vsb.items()])
+                lines.append("")
         by = {(c["solver"], c["schedule"], c["nfe_budget"], label_of(c)): c for c in mc}
         keys = sorted({(c["solver"], c["schedule"], c["nfe_budget"]) for c in mc},
                       key=lambda k: (_order(result, "solvers", k[0]), _order(result, "schedules", k[1]), k[2]))
@@ -184,9 +186,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         gam = [g for g in summary["gammas"] if g["model"] == model]
         if gam:
             lines += ["### Gamma per step (all steps of all configurations)", ""]
-            rows = [[f"{g['stabilizer']}/{g['coords']}", _fmt(g["median"]), _fmt(g["p10"]), _fmt(g["p90"]),
-                     _fmt(g["min"]),
-                     _fmt(g["max"]), f"{100 * g['frac_outside_0.5_1.5']:.0f}%"] for g in gam]
+            rows = [[f"{g['stabilizer']}/{g['coords']}", *(_fmt(g[k]) for k in ("median", "p10", "p90", "min", "max")),
+                     f"{100 * g['frac_outside_0.5_1.5']:.0f}%"] for g in gam]
             lines += _table(["stabilizer", "median", "p10", "p90", "min", "max", "outside [0.5, 1.5]"], rows) + [""]
         fails: dict[tuple, int] = {}
         for r in result.get("rows", []):
@@ -233,25 +234,22 @@ def _cost_markdown(cost: dict) -> list[str]:
     lines: list[str] = []
     if cost.get("side_by_side"):
         lines += ["## Cost: wall-clock per sample, side by side (medians of interleaved repeats)", ""]
-        rows = [[e["model"], e["solver"], str(e["nfe_budget"]),
-                 e["stabilizer"] + (f" P={e['probes']}" if e["probes"] else ""),
-                 str(e["nfe"]), str(e["extra_passes"]), _fmt(e["wall_s_per_sample"]), _fmt(e["ratio"])]
-                for e in cost["side_by_side"]]
+        rows = [[e["model"], e["solver"], str(e["nfe_budget"]), _with_probes(e), str(e["nfe"]), str(e["extra_passes"]),
+                 _fmt(e["wall_s_per_sample"]), _fmt(e["ratio"])] for e in cost["side_by_side"]]
         lines += _table(["model", "solver", "NFE budget", "stabilizer", "NFE", "extra passes", "s / sample",
                          "ratio to none"], rows) + [""]
         if cost.get("model"):
             lines += ["Cost model `ratio(P) = a + b·P` fitted to the `stein` ratios (a: fixed overhead of the "
                       "differentiable step, b: one more probe, in units of a vanilla solve):", ""]
             lines += _table(["model", "solver", "NFE budget", "a", "b"],
-                            [[m["model"], m["solver"], str(m["nfe_budget"]), _fmt(m["a"]),
-                              _fmt(m["b"])] for m in cost["model"]]) + [""]
+                            [[m["model"], m["solver"], str(m["nfe_budget"]), _fmt(m["a"]), _fmt(m["b"])]
+                             for m in cost["model"]]) + [""]
     if cost.get("grid"):
         lines += ["## Cost within the grid (ratio to the vanilla solve of the same configuration, run just before it; "
-                  "single runs, and the stabilizers' timings include the per-step `rho` "
-                  "diagnostic, an exact divergence "
-                  "of the mixture's denoiser: the side-by-side `--cost` figures leave it out)", ""]
-        rows = [[g["model"], g["stabilizer"] + (f" P={g['probes']}" if g["probes"] else ""), _fmt(g["median_ratio"]),
-                 f"{_fmt(g['min_ratio'])}–{_fmt(g['max_ratio'])}", str(g["pairs"])] for g in cost["grid"]]
+                  "single runs, and the stabilizers' timings include the per-step `rho` diagnostic, an exact "
+                  "divergence of the mixture's denoiser: the side-by-side `--cost` figures leave it out)", ""]
+        rows = [[g["model"], _with_probes(g), _fmt(g["median_ratio"]), f"{_fmt(g['min_ratio'])}–{_fmt(g['max_ratio'])}",
+                 str(g["pairs"])] for g in cost["grid"]]
         lines += _table(["model", "stabilizer", "median ratio", "range", "pairs"], rows) + [""]
     return lines
 

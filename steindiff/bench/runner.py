@@ -62,7 +62,7 @@ from ..stabilizers import STABILIZERS, make_stabilizer
 
 __all__ = [
     "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
-    "excess", "machine_info", "row_key", "model_kind", "primary_metric", "IMAGE_METRICS", "IMAGE_REF_STEPS",
+    "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "IMAGE_REF_STEPS",
 ]
 
 SCHEMA = "steindiff.bench/1"
@@ -125,40 +125,29 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     true distribution or with held-out images.  Stabilizers that need the mixture (``stein-oracle``,
     ``stein-exact``) are rejected for image models.
     """
-    def nonempty(name, xs):
-        if not xs:
+    for name, xs in (("models", models), ("solvers", solvers), ("nfe", nfes), ("schedules", schedules),
+                     ("coords", coords), ("stabilizers", stabilizers), ("seeds", seeds)):
+        if not list(xs):
             raise ValueError(f"{name}: need at least one value")
         if len(set(xs)) != len(xs):
             raise ValueError(f"{name}: duplicate values in {list(xs)}")
-
-    for name, xs in (("models", models), ("solvers", solvers), ("nfe", nfes), ("schedules", schedules),
-                     ("coords", coords), ("stabilizers", stabilizers), ("seeds", seeds)):
-        nonempty(name, list(xs))
-    for s in solvers:
-        if s not in SOLVERS:
-            raise ValueError(f"unknown solver {s!r}; choose from {', '.join(SOLVERS)}")
-    for s in schedules:
-        if s not in SCHEDULES:
-            raise ValueError(f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
-    for c in coords:
-        if c not in COORDS:
-            raise ValueError(f"unknown coords {c!r}; choose from {', '.join(COORDS)}")
+    for what, xs, known in (("solver", solvers, SOLVERS), ("schedule", schedules, SCHEDULES),
+                            ("coords", coords, COORDS)):
+        for x in xs:
+            if x not in known:
+                raise ValueError(f"unknown {what} {x!r}; choose from {', '.join(known)}")
     for s in stabilizers:
         if s != TRAJECTORY and (s.removeprefix("cal:") not in STABILIZERS or s == "cal:none"):
             raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, {TRAJECTORY} (the "
-                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule "
-                             "calibrated on another batch, "
-                             "then applied)")
-    for v in nfes:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"NFE values must be positive integers, got {v!r}")
-    for v in seeds:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"seeds must be non-negative integers, got {v!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2 (Stein statistics are batch means), got {n!r}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be a positive integer, got {probes!r}")
+                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule calibrated on another "
+                             "batch, then applied)")
+    whole = [(v, 1, "NFE values must be positive integers") for v in nfes]
+    whole += [(v, 0, "seeds must be non-negative integers") for v in seeds]
+    whole += [(n, 2, "n must be an integer >= 2 (Stein statistics are batch means)"),
+              (probes, 1, "probes must be a positive integer")]
+    for v, least, msg in whole:
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{msg}, got {v!r}")
     for s in solvers:
         for v in nfes:
             steps_for_nfe(get_solver(s), v)  # raises when one step does not fit
@@ -228,6 +217,11 @@ def merge_results(shards: Sequence[dict]) -> dict:
                "shards": len(shards)}
     command = "\n".join(c for c in (sh.get("command") for sh in shards) if c) or None
     return {**shards[0], "config": config, "machine": machine, "rows": rows, "command": command}
+
+
+def label_of(cell: dict) -> str:
+    """The stabilizer label of a row or cell: ``stein/ve``, ``stein-sc/vp``, ``none``."""
+    return cell["stabilizer"] + ("" if cell["coords"] == "-" else f"/{cell['coords']}")
 
 
 def _dtype(spec: ModelSpec) -> torch.dtype:
@@ -709,9 +703,8 @@ def summarize(result: dict) -> dict:
     for c in cells.values():
         if "verdicts" not in c:
             continue
-        label = c["stabilizer"] + ("" if c["coords"] == "-" else f"/{c['coords']}")
         for name, v in c["verdicts"].items():
-            d = counts.setdefault(c["model"], {}).setdefault(label, {}).setdefault(
+            d = counts.setdefault(c["model"], {}).setdefault(label_of(c), {}).setdefault(
                 name, {"helps": 0, "hurts": 0, "tie": 0, "failed": 0, "n/a": 0, "at_floor": 0, "room": 0})
             d[v["verdict"]] += 1
             d["room"] += int(v["room"])
