@@ -35,6 +35,7 @@ Conventions (documented here once, used by the report and the CLI):
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import functools
 import math
@@ -228,6 +229,12 @@ def _dtype(spec: ModelSpec) -> torch.dtype:
     return torch.float64 if model_kind(spec) == "mixture" else torch.float32
 
 
+def _noise(spec: ModelSpec, n: int, seed: int) -> torch.Tensor:
+    """The initial noise of ``n`` samples at ``sigma_max`` (shared by every configuration of a seed)."""
+    return prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=seed,
+                       dtype=_dtype(spec), device=spec.device or "cpu")
+
+
 def _ref_steps(spec: ModelSpec, ref_steps: int) -> int:
     return ref_steps if model_kind(spec) == "mixture" else min(ref_steps, IMAGE_REF_STEPS)
 
@@ -250,11 +257,8 @@ def _calibration_reference(spec: ModelSpec, opts: dict):
     (it depends only on the model and the noise); its states are kept for the fit half of the batch."""
     from ..trajectory import reference_solve
 
-    n = opts["n"]
-    noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=opts["seed"],
-                        dtype=_dtype(spec), device=spec.device or "cpu")
-    return reference_solve(spec.denoiser, noise, float(spec.process.sigma_max), float(spec.process.sigma_min),
-                           steps=opts["ref_steps"])
+    return reference_solve(spec.denoiser, _noise(spec, opts["n"], opts["seed"]), float(spec.process.sigma_max),
+                           float(spec.process.sigma_min), steps=opts["ref_steps"])
 
 
 def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
@@ -384,7 +388,6 @@ def run_grid(
     try:
         for m in models:
             spec = specs[m]
-            sigma_max = float(spec.process.sigma_max)
             cal_opts = {**calibration_options(spec), **(calibration or {})}
             cal_cache: dict[tuple, Any] = {}
             cal_ref: list = []
@@ -408,8 +411,7 @@ def run_grid(
                 return cal_cache[key]
 
             for seed in seeds:
-                noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=_dtype(spec),
-                                    device=spec.device or "cpu")
+                noise = _noise(spec, n, seed)
                 ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
                 floors = _floors(spec, n, seed)
                 done: dict[tuple, dict] = {}
@@ -487,16 +489,14 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                           jacobian_batch)
     if repeats < 1 or any(p < 1 for p in probes_list):
         raise ValueError("repeats and probe counts must be >= 1")
-    variants = [(s,
-                 p if s == "stein" else None) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
+    variants = [(s, p) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
     out: list[dict] = []
     bar = tqdm(total=len(models) * len(solvers) * len(nfes) * (repeats + 1) * len(variants), disable=not progress,
                desc="cost", unit="run", mininterval=2.0)
     try:
         for m in models:
             spec = specs[m]
-            noise = prior_noise((n, *spec.sample_shape), float(spec.process.sigma_max), spec.process, seed=seed,
-                                dtype=_dtype(spec), device=spec.device or "cpu")
+            noise = _noise(spec, n, seed)
             for solver in solvers:
                 for nfe in nfes:
                     base_plan = make_plan(spec.process, solver, nfe, schedule)
@@ -528,19 +528,16 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                             except Exception as e:
                                 info[v] = {"nfe": None, "extra_passes": None, "status": _reason(e)}
                             bar.update(1)
-                    t_none = statistics.median(times[("none", None)]) if times[("none", None)] else None
-                    p_none = max(peaks[("none", None)]) if peaks[("none", None)] else None
+                    med = {v: statistics.median(times[v]) if times[v] else None for v in variants}
+                    top = {v: max(peaks[v]) if peaks[v] else None for v in variants}
+                    t_none, p_none = med[("none", None)], top[("none", None)]
                     for v in variants:
-                        t = statistics.median(times[v]) if times[v] else None
-                        pk = max(peaks[v]) if peaks[v] else None
+                        t, pk = med[v], top[v]
                         out.append({"model": spec.name, "solver": solver, "schedule": schedule,
-                                    "coords": coords if v[0] != "none" else "-",
-                                    "nfe_budget": nfe, "stabilizer": v[0], "probes": v[1], "n": n,
-                                    "repeats": len(times[v]),
-                                    **info[v], "wall_s_per_sample": t,
+                                    "coords": coords if v[0] != "none" else "-", "nfe_budget": nfe, "stabilizer": v[0],
+                                    "probes": v[1], "n": n, "repeats": len(times[v]), **info[v], "wall_s_per_sample": t,
                                     "ratio": (t / t_none) if (t is not None and t_none) else None,
-                                    "device": str(noise.device), "jacobian_batch": jacobian_batch,
-                                    "peak_mem_bytes": pk,
+                                    "device": str(noise.device), "jacobian_batch": jacobian_batch, "peak_mem_bytes": pk,
                                     "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
     finally:
         bar.close()
@@ -736,9 +733,7 @@ def _calibration_stats(rows: Sequence[dict], cells: dict, primary: dict, best: d
             continue
         p = primary[model]
         standalone = [c["standalone_s"] for c in cal.values() if c.get("standalone_s") is not None]
-        chosen: dict[str, int] = {}
-        for c in cal.values():
-            chosen[c["chosen"]] = chosen.get(c["chosen"], 0) + 1
+        chosen = dict(collections.Counter(c["chosen"] for c in cal.values()))
         ratios, per_nfe = [], []
         for k, c in cells.items():
             if k[0] != model or k[5] != TRAJECTORY:

@@ -29,7 +29,7 @@ from ..io import check_writable, save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS
-from . import UsageError
+from . import UsageError, common
 
 PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
 
@@ -44,10 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     p.add_argument("--coords", default="ve,vp", help="stabilizer coordinates, comma-separated: ve, vp")
     p.add_argument("--stabilizers", default="none,stein,stein-sc,stein-oracle",
-                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the "
-                        "calibrated sampler, fitted "
-                        "once per cell on other noise), or cal:<stabilizer> (its gamma schedule calibrated on another "
-                        "batch, then applied)")
+                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the calibrated sampler, "
+                        "fitted once per cell on other noise), or cal:<stabilizer> (its gamma schedule calibrated on "
+                        "another batch, then applied)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
@@ -62,11 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats for --cost")
-    p.add_argument("--jacobian-batch", type=int, default=None, metavar="N",
-                   help="at most N sample-probe pairs per Jacobian pass of a stabilizer (bounds its memory, changes no "
-                        "result; default: the whole batch)")
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N")
+    common.add_jacobian_batch(p)
+    common.add_device(p)
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE[,FILE...]",
                    help="read results from FILE (a steindiff.bench/1 JSON) instead of running; several files, "
                         "comma-separated, are shards of one grid (e.g. one per solver, run in parallel) and are merged")
@@ -112,7 +108,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench import SCHEMA, merge_results, run_cost, run_grid, summarize, validate_grid, write_markdown, write_plots
     from ..bench.runner import machine_info
-    from .common import device_from_args
 
     _check_outputs(args)
     if args.from_file is not None:
@@ -146,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--ref-solver: unknown solver {args.ref_solver!r}")
         if args.ref_steps < 1 or args.repeats < 1 or min(cost_probes) < 1:
             raise UsageError("--ref-steps, --repeats and --cost-probes must be >= 1")
-        device = device_from_args(args)
+        device = common.device_from_args(args)
         try:
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
                           grid["stabilizers"], grid["seeds"], args.n, args.probes, jacobian_batch=args.jacobian_batch)
@@ -208,23 +203,20 @@ def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str
 
 def _command(args: argparse.Namespace) -> str:
     """The command line that regenerates these results (every grid option spelled out)."""
-    parts = ["steindiff", "bench", "--model", args.models, "--solvers", args.solvers, "--nfe", args.nfe,
-             "--schedules", args.schedules, "--coords", args.coords, "--stabilizers", args.stabilizers,
-             "--seeds", args.seeds, "--n", str(args.n)]
+    opts = [("--model", args.models), ("--solvers", args.solvers), ("--nfe", args.nfe), ("--schedules", args.schedules),
+            ("--coords", args.coords), ("--stabilizers", args.stabilizers), ("--seeds", args.seeds), ("--n", args.n)]
     if args.cost:
-        parts += ["--cost", "--cost-probes", args.cost_probes, "--repeats", str(args.repeats)]
+        opts += [("--cost", True), ("--cost-probes", args.cost_probes), ("--repeats", args.repeats)]
     else:
-        parts += ["--probes", str(args.probes), "--ref-solver", args.ref_solver, "--ref-steps", str(args.ref_steps)]
-        if args.mmd:
-            parts.append("--mmd")
-    if args.jacobian_batch is not None:
-        parts += ["--jacobian-batch", str(args.jacobian_batch)]
-    if args.device != "auto":
-        parts += ["--device", args.device]
-    if args.calibration_dir is not None:
-        parts += ["--calibration-dir", args.calibration_dir]
-    for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots),
-                   ("--title", args.title)):
-        if v is not None:
-            parts += [opt, v]
+        opts += [("--probes", args.probes), ("--ref-solver", args.ref_solver), ("--ref-steps", args.ref_steps),
+                 ("--mmd", args.mmd)]
+    opts += [("--jacobian-batch", args.jacobian_batch), ("--device", None if args.device == "auto" else args.device),
+             ("--calibration-dir", args.calibration_dir), ("--json-out", args.json_out), ("--markdown", args.markdown),
+             ("--plots", args.plots), ("--title", args.title)]
+    parts = ["steindiff", "bench"]
+    for opt, v in opts:  # a flag when True, left out when None or False
+        if v is True:
+            parts.append(opt)
+        elif v is not None and v is not False:
+            parts += [opt, str(v)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -30,22 +30,23 @@ def add_sampling(p: argparse.ArgumentParser, *, model_default: str = "gmm:image6
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the sampler state")
 
 
-def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True) -> None:
+def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True,
+                   coords_help: str = "state coordinates of the Stein statistics") -> None:
     from ..stabilizers import STABILIZERS
 
     p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}")
-    p.add_argument("--coords", default="ve", choices=["ve", "vp"], help="state coordinates of the Stein statistics")
+    p.add_argument("--coords", default="ve", choices=["ve", "vp"], help=coords_help)
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step")
     p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"],
                    help="Jacobian products: vjp (reverse mode, the default and the cheaper one) or jvp (forward mode: "
                         "costs more time and memory here)")
     add_jacobian_batch(p)
     p.add_argument("--gamma-min", type=float, default=None,
-                   help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 "
-                        "stein-tr, 0.5 stein-energy)")
+                   help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 stein-tr, 0.5 "
+                        "stein-energy)")
     p.add_argument("--gamma-max", type=float, default=None,
-                   help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 "
-                        "stein-tr, 1.5 stein-energy)")
+                   help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 stein-tr, 1.5 "
+                        "stein-energy)")
     if per_sample:
         p.add_argument("--per-sample", action="store_true",
                        help="one gamma per sample from its own statistics, instead of the batch's (works with --n 1)")
@@ -154,12 +155,14 @@ def load_model_or_usage(name: str):
         raise UsageError(str(e)) from None
 
 
-def add_device(p: argparse.ArgumentParser) -> None:
+#: The meaning of ``--device auto`` and its values, as every command's help says it.
+DEVICE_HELP = "auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N"
+
+
+def add_device(p: argparse.ArgumentParser, help: str = DEVICE_HELP + "; the initial noise is drawn on the CPU and "
+               "moved, so a seed gives the same samples on any device (up to rounding)") -> None:
     """``--device``: where the model runs (checked before any work by :func:`device_from_args`)."""
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N; the initial noise "
-                        "is drawn on the CPU and moved, so a seed gives the same samples on "
-                        "any device (up to rounding)")
+    p.add_argument("--device", default="auto", help=help)
 
 
 def add_jacobian_batch(p: argparse.ArgumentParser) -> None:

@@ -22,11 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="local Lipschitz constants of each solver step (contractivity)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_sampling(p)
-    common.add_stabilizer(p, per_sample=False)  # the diagnostics need one gamma per step
-    for action in p._actions:
-        if "--coords" in action.option_strings:
-            action.help = ("coordinates of the reported Lipschitz constants and bounds (and of the stabilizer's "
-                           "statistics)")
+    common.add_stabilizer(p, per_sample=False,  # the diagnostics need one gamma per step
+                          coords_help="coordinates of the reported Lipschitz constants and bounds (and of the "
+                                      "stabilizer's statistics)")
     p.add_argument("--n", type=int, default=256, help="number of samples (trajectories)")
     p.add_argument("--iters", type=int, default=20, help="Jacobian-product iterations per estimate")
     p.add_argument("--method", default="lanczos", choices=["lanczos", "power"],

@@ -37,12 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a collective waiting for a dead or stalled rank fails")
-    common.add_device(p)
-    for action in p._actions:
-        if "--device" in action.option_strings:
-            action.help = ("auto (the default: under nccl each rank on its own GPU, "
-                           "cuda:LOCAL_RANK, statistics all-reduced "
-                           "on the GPU; else CUDA when available, else the CPU), cpu, cuda (cuda:LOCAL_RANK) or cuda:N")
+    common.add_device(p, help="auto (the default: under nccl each rank on its own GPU, cuda:LOCAL_RANK, statistics "
+                      "all-reduced on the GPU; else CUDA when available, else the CPU), cpu, cuda (cuda:LOCAL_RANK) or "
+                      "cuda:N")
     common.add_common(p)
     p.set_defaults(func=run_sample)
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from . import UsageError, emit
-from .common import add_common, add_device, device_from_args
+from .common import DEVICE_HELP, add_common, add_device, device_from_args
 
 
 def _ints(text: str) -> list[int]:
@@ -62,10 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     arch.add_argument("--dropout", type=float, default=0.1, help="dropout rate in the residual blocks")
     arch.add_argument("--num-classes", type=int, default=0,
                       help="class-conditional with this many classes (needs labels; 0: unconditional)")
-    add_device(p)
-    for action in p._actions:
-        if "--device" in action.option_strings:
-            action.help = "auto (CUDA when available, else the CPU; the default), cpu, cuda or cuda:N"
+    add_device(p, help=DEVICE_HELP)
     add_common(p)
     p.set_defaults(func=run)
 
