@@ -74,11 +74,13 @@ def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) ->
                          "from `steindiff calibrate`")
 
 
-def check_outputs(*paths: str | None) -> None:
-    """Every output file given can be created (checked before any work), or a UsageError naming it."""
-    for path in paths:
-        if path is None:
-            continue
+def check_outputs(*paths: str | None, distinct: str | None = None) -> None:
+    """Every output file given can be created (checked before any work), or a UsageError naming it;
+    with ``distinct`` (the options, e.g. ``"--png and --out"``), no two of them name the same file."""
+    given = [p for p in paths if p is not None]
+    if distinct is not None and len(set(given)) < len(given):
+        raise UsageError(f"{distinct} must name different files")
+    for path in given:
         try:
             check_writable(path)
         except OSError as e:

@@ -80,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
     common.check_extension(args.out, "--out", ".npz")
     common.check_extension(args.grid, "--grid", ".png")
     common.check_extension(args.trace, "--trace", ".json")
-    outputs = [p for p in (args.out, args.grid, args.trace) if p is not None]
-    if len(set(outputs)) < len(outputs):
-        raise UsageError("--out, --grid and --trace must name different files")
+    common.check_outputs(args.out, args.grid, args.trace, distinct="--out, --grid and --trace")
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
     if args.grid is not None and len(spec.sample_shape) != 3:
@@ -90,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
                          f"shape {spec.sample_shape}")
     if args.gamma_schedule is not None and args.stabilizer != "none":
         raise UsageError("give either --stabilizer or --gamma-schedule, not both")
-    common.check_outputs(*outputs)
     from ..stabilizers.registry import AUTO, CALIBRATED
 
     plan = sampling_plan(args, spec)
@@ -137,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append("  gammas     " + " ".join(f"{r.get('gamma', 1.0):.3g}" for r in gen.trace))
     for k, v in summary.get("metrics", {}).items():
         lines.append(f"  {k:10s} {v:.5g}")
-    lines += [f"  wrote {path}" for path in outputs]
+    lines += [f"  wrote {path}" for path in (args.out, args.grid, args.trace) if path is not None]
     emit(args, summary, "\n".join(lines))
     return 0
 
