@@ -104,23 +104,22 @@ class _StabilizedOperator:
         return _StabilizedOperator(self.op.restrict(sl, n), self.gamma, self.c)
 
 
-def _chunked(fn: Callable[..., tuple[torch.Tensor, dict]], x: torch.Tensor, batch_size: int | None, seed: int):
-    """Run a sample-wise estimator ``fn(x_chunk, seed, slice)`` over chunks of ``x``; concatenate
-    the values, add up the pass counts."""
+def _chunked(fn: Callable[..., tuple[torch.Tensor, dict]], x: torch.Tensor, batch_size: int | None, seed: int,
+             passes: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a sample-wise estimator ``fn(x_chunk, seed, slice)`` over chunks of ``x``: the values and
+    their last relative changes, concatenated; the pass counts are added to ``passes``."""
     n = x.shape[0]
     bs = n if batch_size is None else int(batch_size)
-    vals, info = [], {"jvp_passes": 0, "vjp_passes": 0, "model_passes": 0, "jvp_mode": None}
-    rel = []
+    vals, rel = [], []
     for j, start in enumerate(range(0, n, bs)):
         sl = slice(start, min(start + bs, n))
-        v, inf = fn(x[sl], seed + 7919 * j, sl)
+        v, info = fn(x[sl], seed + 7919 * j, sl)
         vals.append(v)
-        rel.append(inf["rel_change"])
-        for k in ("jvp_passes", "vjp_passes", "model_passes"):
-            info[k] += int(inf.get(k) or 0)
-        info["jvp_mode"] = inf["jvp_mode"]
-    info["rel_change"] = torch.cat(rel)
-    return torch.cat(vals), info
+        rel.append(info["rel_change"])
+        for k in ("jvp", "vjp", "model"):
+            passes[k] += int(info.get(f"{k}_passes") or 0)
+        passes["jvp_mode"] = passes["jvp_mode"] or info["jvp_mode"]
+    return torch.cat(vals), torch.cat(rel)
 
 
 def diagnose(
@@ -200,16 +199,11 @@ def diagnose(
     amp = torch.ones(n, dtype=torch.float64)
     amp_s = torch.ones(n, dtype=torch.float64) if stabilizer is not None else None
 
-    def lipschitz(op: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
-        """Per-sample ``L`` of the step ``op`` at ``x``, over chunks of ``batch_size`` samples."""
+    def lipschitz(op: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample ``L`` of the step ``op`` at ``x`` (and its last relative change), over chunks of
+        ``batch_size`` samples."""
         return _chunked(lambda xs, sd, sl: step_lipschitz(op.restrict(sl, n), xs, seed=sd, return_info=True,
-                                                          **lip_opts), x, batch_size, seed)
-
-    def add_passes(info: dict) -> None:
-        passes["jvp"] += info["jvp_passes"]
-        passes["vjp"] += info["vjp_passes"]
-        passes["model"] += info["model_passes"]
-        passes["jvp_mode"] = passes["jvp_mode"] or info["jvp_mode"]
+                                                          **lip_opts), x, batch_size, seed, passes)
 
     # the sampler's own loop; each step is measured at its input state after it ran (the estimators draw
     # from their own seeded generators and count their model passes apart, so the trajectory is the sampler's)
@@ -218,8 +212,7 @@ def diagnose(
         denoise = op.denoise
         a_s, a_t, sc_s = coordinate_scales(coords, s, t)
         sc_t = a_t * t
-        L_ve, info_T = lipschitz(op, x, seed + 101 * i)
-        add_passes(info_T)
+        L_ve, rel_T = lipschitz(op, x, seed + 101 * i)
         L = L_ve * (a_t / a_s)
         amp *= L.cpu()
         h = math.log(s / t) if t > 0 else math.inf
@@ -227,13 +220,11 @@ def diagnose(
                                "alpha": a_s, "alpha_next": a_t, "sigma_c": sc_s, "sigma_next_c": sc_t,
                                "lipschitz": quantiles(L)}
         per: dict[str, torch.Tensor] = {"lipschitz": L}
-        conv = {"rel_change_max": float(info_T["rel_change"].max()),
-                "rel_change_median": float(info_T["rel_change"].median())}
+        conv = {"rel_change_max": float(rel_T.max()), "rel_change_median": float(rel_T.median())}
         if denoiser:
-            LD_ve, info_D = _chunked(
+            LD_ve, rel_D = _chunked(
                 lambda xs, sd, sl: denoiser_lipschitz(denoise, xs, s, seed=sd, return_info=True, **lip_opts),
-                x, batch_size, seed + 101 * i + 50)
-            add_passes(info_D)
+                x, batch_size, seed + 101 * i + 50, passes)
             LD = LD_ve / a_s
             first = (a_t / a_s) * (t / s + (1 - t / s) * LD_ve)
             rec["lipschitz_D"] = quantiles(LD, threshold=None)
@@ -247,21 +238,20 @@ def diagnose(
             else:
                 rec["bound"], rec["frac_above_bound"] = None, None
             per["lipschitz_D"] = LD
-            conv["rel_change_max_D"] = float(info_D["rel_change"].max())
+            conv["rel_change_max_D"] = float(rel_D.max())
         if stabilizer is not None:
             srec = ev.record
             stab_extra += int(srec.get("extra_passes", 0))
             gamma = float(srec["gamma"])
             ga, ga_next, _ = coordinate_scales(getattr(stabilizer, "coords", "ve"), s, t)
-            LS_ve, info_S = lipschitz(_StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next), x, seed + 101 * i)
-            add_passes(info_S)
+            LS_ve, rel_S = lipschitz(_StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next), x, seed + 101 * i)
             LS = LS_ve * (a_t / a_s)
             amp_s *= LS.cpu()
             rec["gamma"] = gamma
             rec["gamma_raw"] = srec.get("gamma_raw")
             rec["lipschitz_stabilized"] = quantiles(LS)
             per["lipschitz_stabilized"] = LS
-            conv["rel_change_max_stabilized"] = float(info_S["rel_change"].max())
+            conv["rel_change_max_stabilized"] = float(rel_S.max())
         rec["nfe_step"], nfe_done = denoise.calls - nfe_done, denoise.calls
         rec["convergence"] = conv
         rec["per_sample"] = {k: v.detach().cpu() for k, v in per.items()}

@@ -123,29 +123,23 @@ def local_lipschitz(
         return torch.zeros_like(x) if jv is None else jv
 
     def jvp_(vec: torch.Tensor) -> torch.Tensor:
-        mode = info["jvp_mode"]
-        if mode is None:
-            mode = "forward" if jvp in ("auto", "forward") else "double_backward"
-            if mode == "forward" and jvp == "auto":
-                try:
-                    jv = jvp_forward(vec)
-                    info["jvp_mode"] = "forward"
-                    info["jvp_passes"] += 1
-                    return jv
-                except (NotImplementedError, RuntimeError):
-                    mode = "double_backward"
-            info["jvp_mode"] = mode
-        jv = jvp_forward(vec) if mode == "forward" else jvp_double_backward(vec)
+        if info["jvp_mode"] is None and jvp == "auto":  # the first product decides: forward mode if it works
+            try:
+                jv = jvp_forward(vec)
+                info["jvp_mode"] = "forward"
+                info["jvp_passes"] += 1
+                return jv
+            except (NotImplementedError, RuntimeError):
+                info["jvp_mode"] = "double_backward"
+        info["jvp_mode"] = info["jvp_mode"] or jvp
+        jv = jvp_forward(vec) if info["jvp_mode"] == "forward" else jvp_double_backward(vec)
         info["jvp_passes"] += 1
         return jv
 
     def gram(vec: torch.Tensor) -> torch.Tensor:  # J^T J v
         return vjp_(jvp_(vec).detach()).detach()
 
-    if method == "power":
-        est, rel = _power(gram, v, iters)
-    else:
-        est, rel = _lanczos(gram, v, iters)
+    est, rel = (_power if method == "power" else _lanczos)(gram, v, iters)
     dual.clear()
     info["method"], info["rel_change"] = method, rel
     est = est.detach()
