@@ -44,8 +44,7 @@ from .stabilizers import make_stabilizer
 from .stabilizers.divergence import draw_probes
 
 __all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name",
-           "DistResult",
-           "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
+           "DistResult", "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "steindiff.dist-manifest/1"
@@ -160,11 +159,15 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
 
 # -- probes ---------------------------------------------------------------------------------------
 
+def _check_shard(x: torch.Tensor, start: int, stop: int) -> None:
+    if x.shape[0] != stop - start:
+        raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
+                         f"{x.shape[0]}")
+
+
 def _global_probes(n: int, start: int, stop: int) -> Callable:
     def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
-        if x.shape[0] != stop - start:
-            raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
-                             f"{x.shape[0]}")
+        _check_shard(x, start, stop)
         full = draw_probes((n, *x.shape[1:]), p, "gaussian", generator, x.dtype)  # on the CPU: only the slice moves
         return full[:, start:stop].to(x.device)
 
@@ -175,9 +178,7 @@ def _per_sample_probes(seed: int, start: int, stop: int) -> Callable:
     calls = [0]
 
     def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
-        if x.shape[0] != stop - start:
-            raise ValueError(f"probe source expected this rank's shard of {stop - start} samples, got a batch of "
-                             f"{x.shape[0]}")
+        _check_shard(x, start, stop)
         call, calls[0] = calls[0], calls[0] + 1
         rows = []
         for j in range(start, stop):
@@ -248,21 +249,18 @@ def sample_distributed(
             raise ValueError(f"n={n} samples cannot be sharded over {world} ranks (at least one sample per rank)")
         start, stop = shard_range(n, world, rank)
         grouped = world > 1 or (dist.is_available() and dist.is_initialized())  # a group of one rank too: same path
-        stabilizer = make_stabilizer(
-            stabilizer_name or "none", spec, **(stabilizer_options or {}), reduce=_all_reduce_sum if grouped else None,
-            probe_source=_global_probes(n, start,
-                                        stop) if probe_mode == "global" else _per_sample_probes(seed, start, stop))
+        probes = _global_probes(n, start, stop) if probe_mode == "global" else _per_sample_probes(seed, start, stop)
+        stabilizer = make_stabilizer(stabilizer_name or "none", spec, **(stabilizer_options or {}),
+                                     reduce=_all_reduce_sum if grouped else None, probe_source=probes)
         if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and n // world < 2:
             raise ValueError(f"the stabilizer's batch statistics need at least 2 samples per rank; n={n} over "
                              f"{world} ranks leaves {n // world}")
         device = rank_device(device)
         config = {
             "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed,
-            "n": n,
-            "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
-            "stabilizer": stabilizer_name or "none",
-            "stabilizer_options": stabilizer_options or {}, "sigmas": [float(s) for s in sigmas],
-            **({"gammas": plan.gammas} if plan.gammas is not None else {}),
+            "n": n, "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
+            "stabilizer": stabilizer_name or "none", "stabilizer_options": stabilizer_options or {},
+            "sigmas": [float(s) for s in sigmas], **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
         run_id = _run_id(config)
         out.mkdir(parents=True, exist_ok=True)
@@ -292,10 +290,9 @@ def sample_distributed(
                 _fail(out, rank, world, manifest, f"a collective failed after step {step[0]}", e, timeout_s)
             raise
         gammas = [float(r.get("gamma", 1.0)) for r in gen.trace]
+        gamma_raw = [float(r.get("gamma_raw", r.get("gamma", 1.0))) for r in gen.trace]
         save_npz(out / shard_name(rank), samples=gen.x, indices=np.arange(start, stop), sigmas=sigmas,
-                 gammas=np.asarray(gammas, dtype=np.float64),
-                 gamma_raw=np.asarray([float(r.get("gamma_raw", r.get("gamma", 1.0))) for r in gen.trace],
-                                      dtype=np.float64),
+                 gammas=np.asarray(gammas, dtype=np.float64), gamma_raw=np.asarray(gamma_raw, dtype=np.float64),
                  run_id=np.array(run_id), rank=np.array(rank), world_size=np.array(world))
         if world > 1:
             try:
@@ -305,9 +302,8 @@ def sample_distributed(
                       timeout_s)
         if rank == 0:
             st = shard_status(out)
-            save_json(out / MANIFEST, {**manifest,
-                                       "status": "complete" if not (st["missing"] or st["stale"]) else "incomplete",
-                                       "missing": st["missing"], "stale": st["stale"],
+            status = "incomplete" if st["missing"] or st["stale"] else "complete"
+            save_json(out / MANIFEST, {**manifest, "status": status, "missing": st["missing"], "stale": st["stale"],
                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return DistResult(rank, world, str(out), str(out / shard_name(rank)), start, stop, gen.nfe, gen.extra_passes,
                           gammas, gen.wall_s, config, run_id, str(device))
@@ -335,9 +331,8 @@ def _fail(out: Path, rank: int, world: int, manifest: dict, what: str, e: BaseEx
             save_json(out / MANIFEST, {**manifest, "status": "failed", "missing": st["missing"], "stale": st["stale"],
                                        "error": f"rank 0: {what}: {type(e).__name__}: "
                                                 f"{str(e).splitlines()[0] if str(e) else ''}"})
-    msg = (f"rank {rank} of {world}: {what}; another rank probably died or stalled (collective "
-           f"timeout {timeout_s:g} s). "
-           f"Missing shards in {out}: {', '.join(st['missing']) or 'none'}. Cause: {type(e).__name__}: "
+    msg = (f"rank {rank} of {world}: {what}; another rank probably died or stalled (collective timeout {timeout_s:g} "
+           f"s). Missing shards in {out}: {', '.join(st['missing']) or 'none'}. Cause: {type(e).__name__}: "
            f"{(str(e).splitlines() or [''])[0][:300]}")
     raise DistributedSamplingError(msg) from e
 
@@ -385,15 +380,12 @@ def merge_shards(out_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
     m = _read_manifest(d)
     st = shard_status(d)
     if st["missing"] or st["stale"]:
-        parts = []
-        if st["missing"]:
-            parts.append(f"missing {', '.join(st['missing'])}")
-        if st["stale"]:
-            parts.append(f"stale (from another run) {', '.join(st['stale'])}")
+        labels = {"missing": "missing", "stale": "stale (from another run)"}
+        parts = [f"{labels[k]} {', '.join(st[k])}" for k in labels if st[k]]
         bad = len(st["missing"]) + len(st["stale"])
-        raise MissingShardsError(f"cannot merge {str(d)!r}: {bad} of {m['world_size']} shards "
-                                 f"unusable: {'; '.join(parts)} "
-                                 f"(manifest status: {m.get('status')}); rerun the job with the same configuration")
+        raise MissingShardsError(f"cannot merge {str(d)!r}: {bad} of {m['world_size']} shards unusable: "
+                                 f"{'; '.join(parts)} (manifest status: {m.get('status')}); rerun the job with the "
+                                 "same configuration")
     samples, gammas, sigmas = [], None, None
     for s in sorted(m["shards"], key=lambda s: s["start"]):
         with np.load(d / s["file"]) as z:
@@ -405,9 +397,8 @@ def merge_shards(out_dir: str | os.PathLike, out: str | os.PathLike) -> dict:
             if gammas is None:
                 gammas, sigmas = g, z["sigmas"]
             elif g.shape != gammas.shape or not np.allclose(g, gammas, rtol=1e-9, atol=1e-12):
-                raise ValueError(f"{s['file']}: its gamma trajectory differs from the other "
-                                 "shards' (the ranks were not "
-                                 "synchronized)")
+                raise ValueError(f"{s['file']}: its gamma trajectory differs from the other shards' (the ranks "
+                                 "were not synchronized)")
     x = np.concatenate(samples)
     if x.shape[0] != m["n"]:
         raise ValueError(f"merged {x.shape[0]} samples, the manifest expects {m['n']}")

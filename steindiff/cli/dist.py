@@ -30,9 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "takes --n for an abbreviation of its own options)")
     p.add_argument("--out-dir", required=True, help="directory for the shards and manifest.json (created if missing)")
     p.add_argument("--probe-mode", default="global", choices=["global", "per-sample"],
-                   help="Hutchinson probes: slice of the global batch's (equals `steindiff "
-                        "sample`; memory probes*n*dim "
-                        "per rank) or per-sample generators (memory probes*shard*dim)")
+                   help="Hutchinson probes: slice of the global batch's (equals `steindiff sample`; memory "
+                        "probes*n*dim per rank) or per-sample generators (memory probes*shard*dim)")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="auto: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=300.0,
@@ -77,7 +76,7 @@ def _sigterm_as_error(rank: str):
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from ..distributed import sample_distributed
+    from ..distributed import sample_distributed, shard_name
 
     common.check_sampling(args)
     if args.timeout <= 0:
@@ -94,9 +93,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.n < world:
         raise UsageError(f"--num-samples {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
-        raise UsageError("the stabilizer's batch statistics need at least 2 samples per rank; "
-                         f"--num-samples {args.n} over "
-                         f"{world} ranks (pass --per-sample for one gamma per sample)")
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} "
+                         f"over {world} ranks (pass --per-sample for one gamma per sample)")
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
@@ -117,7 +115,7 @@ def run_sample(args: argparse.Namespace) -> int:
         "solver": args.solver, "schedule": args.schedule,
         "stabilizer": args.stabilizer, "probe_mode": args.probe_mode, "nfe": res.nfe, "extra_passes": res.extra_passes,
         "steps": len(res.config["sigmas"]) - 1, "seed": args.seed, "gammas": res.gammas,
-        "shards": [f"shard-{r:05d}.npz" for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
+        "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
     }
     lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {args.stabilizer}, NFE {res.nfe} "
              f"(+{res.extra_passes} Jacobian passes), {args.n} samples over {res.world_size} rank(s)"]
@@ -149,9 +147,9 @@ def run_merge(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.metrics:
         summary["metrics"] = _metrics(summary)
-    lines = [f"merged {summary['shards']} shard(s), {summary['n']} samples ({summary['config'].get('model')}, "
-             f"{summary['config'].get('solver')}, stabilizer "
-             f"{summary['config'].get('stabilizer')}) into {summary['out']}"]
+    cfg = summary["config"]
+    lines = [f"merged {summary['shards']} shard(s), {summary['n']} samples ({cfg.get('model')}, {cfg.get('solver')}, "
+             f"stabilizer {cfg.get('stabilizer')}) into {summary['out']}"]
     for k, v in summary.get("metrics", {}).items():
         lines.append(f"  {k:10s} {v:.5g}")
     emit(args, summary, "\n".join(lines))
