@@ -80,12 +80,6 @@ class NoiseProcess:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         return self.alpha(sigma) * sigma
 
-    def lambda_(self, sigma: torch.Tensor | float) -> torch.Tensor:
-        """:func:`log_snr` of ``sigma`` as a float64 tensor."""
-        return log_snr(torch.as_tensor(sigma, dtype=torch.float64))
-
-    sigma_from_lambda = staticmethod(sigma_from_log_snr)
-
     def to_ve(self, x_vp: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """``x_ve = x_vp / alpha``."""
         return x_vp / self.alpha(sigma).to(x_vp.dtype)

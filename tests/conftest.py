@@ -12,3 +12,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class OutOfMemoryUnderGrad(torch.nn.Module):
+    """Runs out of memory (as CUDA would) whenever its input carries a graph, i.e. in a stabilizer's
+    Jacobian pass; a plain solver pass (``x -> x / 2``) works."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+
+    def forward(self, x, sigma):
+        if x.requires_grad:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return x * 0.5 * self.w
+
+
+@pytest.fixture
+def oom_under_grad():
+    """A model that runs out of memory in every Jacobian pass (:class:`OutOfMemoryUnderGrad`)."""
+    return OutOfMemoryUnderGrad()
+
+
+@pytest.fixture
+def oom_model_name(oom_under_grad, monkeypatch):
+    """``test:oom-jacobian``, registered for this test only: a model name (for the command line) that
+    loads :func:`oom_under_grad` on a VE process, with samples of shape ``(3,)``."""
+    from steindiff.models import registry
+    from steindiff.noise import VEProcess
+
+    name = "test:oom-jacobian"
+    spec = registry.ModelSpec(name, oom_under_grad, VEProcess(0.002, 80.0), (3,))
+    monkeypatch.setattr(registry, "_LOADERS", [*registry._LOADERS, (lambda n: n == name, lambda n: spec)])
+    return name

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steindiff import ContinuousVPProcess, DiscreteVPProcess, VEProcess
-from steindiff.noise import betas_for_schedule
+from steindiff.noise import betas_for_schedule, log_snr, sigma_from_log_snr, zero_snr_alphas_cumprod
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -89,6 +89,38 @@ def _cosine_sigma(t, s=0.008):
     return math.sqrt(1 - a * a) / a
 
 
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_zero_snr_alphas_cumprod_matches_diffusers(name):
+    """Lin et al. 2024, Alg. 1, as diffusers implements it on betas (``rescale_zero_terminal_snr``): the same
+    ``alphas_cumprod`` but the last, which is exactly 0 there and ``2**-24`` here, as diffusers' Euler scheduler
+    sets it (a terminal SNR of 0 has no VE noise level)."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = betas_for_schedule(name, 1000, **SCHEDULES[name])
+    ours = zero_snr_alphas_cumprod(np.cumprod(1.0 - betas))
+    theirs = torch.cumprod(1.0 - rescale_zero_terminal_snr(torch.from_numpy(betas)), 0).numpy()
+    assert theirs[-1] == 0.0 and ours[-1] == 2.0**-24
+    np.testing.assert_allclose(ours[:-1], theirs[:-1], rtol=1e-9, atol=0)
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule=name, rescale_betas_zero_snr=True, **SCHEDULES[name])
+    # diffusers computes in float32: near the end sqrt(abar) - sqrt(abar_T) loses a few digits there
+    np.testing.assert_allclose(ours, euler.alphas_cumprod.double().numpy(), rtol=1e-4, atol=0)
+
+
+def test_zero_snr_alphas_cumprod_closed_form():
+    """``sqrt(abar)`` is mapped affinely onto itself: the first value kept, the last sent to 0 (then set
+    to ``2**-24``), so the SNR still falls monotonically and ends at ~0."""
+    ac = np.cumprod(1.0 - betas_for_schedule("scaled_linear", 1000, 0.00085, 0.012))
+    out = zero_snr_alphas_cumprod(ac.copy())
+    s, r = np.sqrt(ac), np.sqrt(out)
+    scale = s[0] / (s[0] - s[-1])
+    np.testing.assert_allclose(r[:-1], (s[:-1] - s[-1]) * scale, rtol=1e-12, atol=1e-15)
+    assert out[0] == pytest.approx(ac[0], rel=1e-14) and out[-1] == 2.0**-24
+    assert (np.diff(out) < 0).all() and out[-2] > out[-1] > 0
+    snr = out / (1 - out)
+    assert snr[-1] < 1e-7 < ac[-1] / (1 - ac[-1])  # the original schedule's terminal SNR is far from 0
+    np.testing.assert_array_equal(ac, np.cumprod(1.0 - betas_for_schedule("scaled_linear", 1000, 0.00085, 0.012)))
+
+
 @pytest.mark.parametrize("kind,closed", [("linear", _linear_sigma), ("cosine", _cosine_sigma)])
 def test_continuous_vp(kind, closed):
     proc = ContinuousVPProcess(kind)
@@ -107,13 +139,13 @@ def test_coordinates_and_log_snr(proc):
         torch.testing.assert_close(proc.to_ve(proc.to_vp(x, sigma), sigma), x)
         alpha = float(proc.alpha(sigma))
         torch.testing.assert_close(proc.to_vp(x, sigma), alpha * x)
-        assert float(proc.lambda_(sigma)) == pytest.approx(-math.log(sigma))
-        assert float(proc.sigma_from_lambda(proc.lambda_(sigma))) == pytest.approx(sigma)
+        assert float(log_snr(torch.tensor(sigma, dtype=torch.float64))) == pytest.approx(-math.log(sigma))
+        assert float(sigma_from_log_snr(log_snr(sigma))) == pytest.approx(sigma)
         if isinstance(proc, VEProcess):
             assert alpha == 1.0
         else:  # variance preserving: alpha^2 + sigma_vp^2 = 1, and lambda = log(alpha / sigma_vp)
             assert alpha**2 + float(proc.sigma_vp(sigma)) ** 2 == pytest.approx(1.0)
-            assert math.log(alpha / float(proc.sigma_vp(sigma))) == pytest.approx(float(proc.lambda_(sigma)))
+            assert math.log(alpha / float(proc.sigma_vp(sigma))) == pytest.approx(log_snr(sigma))
 
 
 def test_prior_scale():

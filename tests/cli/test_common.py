@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from steindiff.cli import main
-from steindiff.models.registry import ModelSpec, register_model_loader
-from steindiff.noise import VEProcess
 
 CUDA = torch.cuda.is_available()
 # every command that runs a model, with what it needs besides --device
@@ -25,21 +23,6 @@ COMMANDS = {
 
 def _args(cmd, tmp_path, *extra):
     return [cmd, *[a.format(tmp=tmp_path) for a in COMMANDS[cmd]], *extra]
-
-
-class OutOfMemoryUnderGrad(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(()), requires_grad=False)
-
-    def forward(self, x, sigma):
-        if x.requires_grad:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return x * 0.5 * self.w
-
-
-register_model_loader(lambda name: name == "test:oom-jacobian",
-                      lambda name: ModelSpec(name, OutOfMemoryUnderGrad(), VEProcess(0.002, 80.0), (3,)))
 
 
 @pytest.mark.parametrize("cmd", list(COMMANDS))
@@ -82,9 +65,9 @@ def test_help_says_jvp_costs_more(capsys):
 
 
 @pytest.mark.parametrize("jb,size", [([], "batch of 6 samples"), (["--jacobian-batch", "4"], "4 samples x 5 probe(s)")])
-def test_out_of_memory_in_the_jacobian_pass(jb, size, tmp_path, capsys):
+def test_out_of_memory_in_the_jacobian_pass(jb, size, tmp_path, capsys, oom_model_name):
     out, trace = tmp_path / "s.npz", tmp_path / "t.json"
-    rc = main(["sample", "--model", "test:oom-jacobian", "--stabilizer", "stein", "--n", "6", "--nfe", "3", *jb,
+    rc = main(["sample", "--model", oom_model_name, "--stabilizer", "stein", "--n", "6", "--nfe", "3", *jb,
                "--device", "cpu", "--out", str(out), "--trace", str(trace), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and "JacobianOutOfMemoryError" in err and "--jacobian-batch" in err and size in err

@@ -87,25 +87,12 @@ def test_bad_jacobian_batch():
             make_stabilizer("stein", None, jacobian_batch=bad)
 
 
-class OutOfMemoryInBackward(torch.nn.Module):
-    """Runs out of memory (as CUDA would) whenever its input carries a graph."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(()), requires_grad=False)
-
-    def forward(self, x, sigma):
-        if x.requires_grad:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return x * 0.5 * self.w
-
-
 @pytest.mark.parametrize("jb,per_pass", [(None, "batch of 6 samples, 6 samples x 5"), (4, "4 samples x 5")])
-def test_out_of_memory_names_the_pass_size_and_the_option(jb, per_pass):
+def test_out_of_memory_names_the_pass_size_and_the_option(jb, per_pass, oom_under_grad):
     sig = get_sigmas("karras", 3, VEProcess())
     x = prior_noise((6, 3), float(sig[0]), seed=0)
     with pytest.raises(JacobianOutOfMemoryError) as e:
-        sample(OutOfMemoryInBackward(), x, sig, "euler", stabilizer=make_stabilizer("stein", None, jacobian_batch=jb))
+        sample(oom_under_grad, x, sig, "euler", stabilizer=make_stabilizer("stein", None, jacobian_batch=jb))
     msg = str(e.value)
     assert "--jacobian-batch" in msg and per_pass in msg and "step 0" in msg
     assert e.value.__cause__ is None  # the failed pass's graph is not kept alive by the error
