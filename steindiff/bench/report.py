@@ -113,8 +113,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                  else f"{ref.get('steps')} ({img} for image models)") if img is not None else f"{ref.get('steps')}"
         lines.append(f"Schema `{result.get('schema')}`; N = {cfg.get('n')} samples per configuration, seeds "
                      f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, "
-                     f"{mach.get('dtype', 'float64')} states, "
-                     f"trajectory reference: {ref.get('solver')} with {steps} Karras steps from the same noise.")
+                     f"{mach.get('dtype', 'float64')} states, trajectory reference: {ref.get('solver')} with {steps} "
+                     "Karras steps from the same noise.")
         if "digits_fid" in kinds:
             lines.append("Image metrics (`steindiff.metrics.image`, samples clamped to [-1, 1]) against the held-out "
                          "images; each excess is over the same metric of as many real training images (precision and "
@@ -211,10 +211,8 @@ def _calibration_markdown(cs: dict) -> list[str]:
              f"{cs['cells']} cells calibrated (candidate kept on validation: {chosen}); calibration time per cell on "
              f"its own (fit plus its reference solve): median {_fmt(st.get('median'))} s, max {_fmt(st.get('max'))} s. "
              "Distance to the fine solve on validation noise, calibrated / plain: median "
-             f"{_fmt(cs['val_ratio_median'])}; "
-             "trajectory error on the evaluation seeds, calibrated / plain: median "
-             f"{_fmt(cs['traj_err_ratio_median'])}.",
-             ""]
+             f"{_fmt(cs['val_ratio_median'])}; trajectory error on the evaluation seeds, calibrated / plain: median "
+             f"{_fmt(cs['traj_err_ratio_median'])}.", ""]
     if cs["best_per_nfe"]:
         rows = [[str(b["nfe_budget"]), f"{b['best_vanilla']['solver']} / {b['best_vanilla']['schedule']}",
                  _fmt(b["best_vanilla"]["excess"]),
@@ -298,20 +296,18 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 fig, axes = panels(len(solvers))
                 for ax, solver in zip(axes, solvers):
                     for lab in labels:
-                        pts = sorted((c["nfe_budget"],
-                                      c["excess"][metric]) for c in sc if c["solver"] == solver and label_of(c) == lab)
+                        pts = sorted((c["nfe_budget"], c["excess"][metric]) for c in sc
+                                     if c["solver"] == solver and label_of(c) == lab)
                         if not pts:
                             continue
                         x = [p[0] for p in pts]
                         y = np.maximum([p[1]["mean"] for p in pts], lo)
                         e = np.asarray([p[1]["std"] for p in pts])
-                        ls = "-" if lab == "none" else ("--" if lab.endswith("/vp") else "-")
+                        ls = "--" if lab.endswith("/vp") else "-"
                         ax.errorbar(x, y, yerr=[np.minimum(e, y - lo), e], label=lab, color=colors[lab], ls=ls,
                                     marker="o", ms=3, lw=2.2 if lab == "none" else 1.2, capsize=2)
-                    ax.set_yscale("log")
-                    ax.set_ylim(bottom=lo * 0.8)
+                    ax.set(yscale="log", ylim=(lo * 0.8, None), xlabel="NFE")
                     ax.set_title(f"{solver} / {schedule}", fontsize=10)
-                    ax.set_xlabel("NFE")
                     ax.grid(alpha=0.3)
                 axes[0].set_ylabel(names[metric].split(" (")[0])
                 axes[0].legend(fontsize=7)
@@ -353,16 +349,13 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
         qc = [c for c in mc if p in c["excess"] and c["wall_s_per_sample"]]
         if qc:
             fig, ax = figure(figsize=(6.5, 4.5))
+            lo = _floor_value(qc, p)
             for lab in labels:
-                pts = [(c["wall_s_per_sample"], c["excess"][p]["mean"]) for c in qc if label_of(c) == lab]
+                pts = [(c["wall_s_per_sample"], max(c["excess"][p]["mean"], lo)) for c in qc if label_of(c) == lab]
                 if pts:
-                    pts = [(t, max(v, _floor_value(qc, p))) for t, v in pts]
                     ax.scatter(*zip(*pts), s=10, color=colors[lab], label=lab, alpha=0.7)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_ylim(bottom=_floor_value(qc, p) * 0.8)
-            ax.set_xlabel("wall-clock seconds per sample (this run)")
-            ax.set_ylabel(names[p].split(" (")[0])
+            ax.set(xscale="log", yscale="log", ylim=(lo * 0.8, None), xlabel="wall-clock seconds per sample (this run)",
+                   ylabel=names[p].split(" (")[0])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             ax.set_title(f"{model}: quality against compute (every cell)", fontsize=10)
