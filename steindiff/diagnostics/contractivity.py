@@ -333,11 +333,9 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
         ax.plot(sig, [max(r["bound_first_order"]["median"], tiny) for r in steps], "-.", color="tab:orange", lw=1.4,
                 label=r"first-order bound $\frac{\sigma_t}{\sigma_s}+(1-\frac{\sigma_t}{\sigma_s})L_D$ (median)")
     ax.axhline(1.0, color="tab:red", ls="--", lw=1.2, label="strict contraction threshold 1")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set(xscale="log", yscale="log", ylabel=f"local Lipschitz constant ({cfg['coords'].upper()} coords)")
     if len(sig) > 1:
         ax.set_xlim(max(sig) * 1.4, min(sig) / 1.4)  # sampling order: high noise on the left
-    ax.set_ylabel(f"local Lipschitz constant ({cfg['coords'].upper()} coords)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     ax.set_title(title or f"{cfg['model']}: {cfg['solver']}, NFE {cfg['nfe']}, {cfg['schedule']}, n={cfg['n']}"
@@ -351,9 +349,8 @@ def plot_diagnosis(result: dict[str, Any], path: str, title: str | None = None) 
         ax2.plot(sig, [r["lipschitz_stabilized"]["frac_gt_1"] for r in steps], "s--", color="tab:green", ms=4,
                  label="stabilized > 1")
         ax2.legend(fontsize=7)
-    ax2.set_ylim(-0.05, 1.05)
+    ax2.set(ylim=(-0.05, 1.05), xlabel=r"input noise level $\sigma_s$ of the step (VE)")
     ax2.set_ylabel("fraction > 1", fontsize=9)
-    ax2.set_xlabel(r"input noise level $\sigma_s$ of the step (VE)")
     ax2.set_xticks(sig, labels=[f"{s:.3g}" for s in sig])
     ax2.minorticks_off()
     ax2.grid(True, alpha=0.3)
