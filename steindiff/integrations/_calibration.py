@@ -19,7 +19,7 @@ from ..plan import SamplingPlan
 from ..schedules import validate_sigmas
 from ..stabilizers.schedule import GammaSchedule, load_gamma_schedule
 
-__all__ = ["as_plan", "check_plan", "canonical_solver", "Calibration"]
+__all__ = ["as_plan", "check_plan", "canonical_solver", "refuse_with_stabilizer", "Calibration"]
 
 #: What ``calibration=`` accepts.
 Calibration = SamplingPlan | GammaSchedule | str | os.PathLike
@@ -35,6 +35,13 @@ def canonical_solver(name: str, options: dict | None = None) -> str:
     if name == "unipc" and "variant" in opts:
         return f"unipc_{opts['variant']}"
     return _ALIASES.get(name, name)
+
+
+def refuse_with_stabilizer(calibration: Any, stabilizer: Any) -> None:
+    """A calibration applies its own per-step gammas: refuse it together with a stabilizer."""
+    if calibration is not None and stabilizer is not None:
+        raise ValueError("pass either calibration or stabilizer, not both: a calibration applies its own per-step "
+                         "gammas (its stabilizer)")
 
 
 def as_plan(calibration: Any, *, solver: str, sigmas: torch.Tensor | None = None) -> SamplingPlan:

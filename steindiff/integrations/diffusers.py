@@ -37,7 +37,7 @@ from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumpr
 from ..plan import SamplingPlan, make_plan
 from ..sampling import sample
 from ..stabilizers import Stabilizer, registry
-from ._calibration import Calibration, as_plan, canonical_solver, check_plan
+from ._calibration import Calibration, as_plan, canonical_solver, check_plan, refuse_with_stabilizer
 
 __all__ = ["denoiser_from_diffusers", "process_from_scheduler", "CFGDenoiser", "sample_pipeline", "PipelineSample",
            "PREDICTION_TYPE_MAP", "pipeline_model", "PipelineModel", "calibrate_pipeline", "UNCOND_PREFIX"]
@@ -238,9 +238,8 @@ class CFGDenoiser(nn.Module):
             d_u = self.denoiser(x, sigma, **uncond, **extra)
             d_c = self.denoiser(x, sigma, **cond, **extra)
         else:
-            both = {k: (torch.cat([uncond[k], cond[k]]) if isinstance(cond[k], torch.Tensor) and cond[k].ndim > 0
-                        else cond[k])
-                    for k in cond}
+            both = {k: (torch.cat([uncond[k], v]) if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+                    for k, v in cond.items()}
             ex = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
                   for k, v in extra.items()}
             d_u, d_c = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **ex).chunk(2)
@@ -316,8 +315,8 @@ class PipelineModel:
         tensors (prompt embeddings, negative ones when guided, class labels), the timestep convention
         and the prediction type."""
         return {"integration": "diffusers", "guidance_scale": self.guidance_scale,
-                "conditioning": conditioning_digest(self.cond),
-                "timestep": self.denoiser.timestep, "prediction": self.denoiser.prediction}
+                "conditioning": conditioning_digest(self.cond), "timestep": self.denoiser.timestep,
+                "prediction": self.denoiser.prediction}
 
     def conditioning_key(self) -> str:
         """:meth:`conditioning` as the ``conditioning`` string of the calibration cache's key."""
@@ -575,9 +574,7 @@ def sample_pipeline(
     """
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if calibration is not None and stabilizer is not None:
-        raise ValueError("pass either calibration or stabilizer, not both: a calibration applies its own per-step "
-                         "gammas (its stabilizer)")
+    refuse_with_stabilizer(calibration, stabilizer)
     pm = pipeline_model(pipe, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                         class_labels=class_labels, negative_class_labels=negative_class_labels,
                         guidance_scale=guidance_scale, timestep=timestep,
@@ -610,13 +607,13 @@ def sample_pipeline(
     # initial state, VE coordinates
     unet = pipe.unet
     device = getattr(unet, "device", torch.device("cpu"))
-    shape = (n, *pm.sample_shape) if latents is None else tuple(latents.shape)
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
 
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=getattr(unet, "dtype", torch.float32))
+        latents = randn_tensor((n, *pm.sample_shape), generator=generator, device=device,
+                               dtype=getattr(unet, "dtype", torch.float32))
     x = latents.to(device=device, dtype=dtype) * pm.process.prior_scale(float(sigmas[0]))
 
     res = sample(pm.model, x, sigmas, plan.get_solver(), stabilizer=stabilizer, extra_args=extra_args,

@@ -34,7 +34,7 @@ import torch
 from ..sampling import sample
 from ..schedules import validate_sigmas
 from ..stabilizers import Stabilizer
-from ._calibration import Calibration, as_plan, check_plan
+from ._calibration import Calibration, as_plan, check_plan, refuse_with_stabilizer
 
 __all__ = ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_unipc", "sample_ipndm"]
 
@@ -49,10 +49,8 @@ def _run(solver: str, model: Callable[..., torch.Tensor], x: torch.Tensor, sigma
         v = options.pop(key)
         if v != _NEUTRAL[key] and not (key == "s_tmax" and v is None):
             raise ValueError(f"{key}={v!r} is not supported: steindiff samplers are deterministic (ODE) samplers")
+    refuse_with_stabilizer(calibration, stabilizer)
     if calibration is not None:
-        if stabilizer is not None:
-            raise ValueError("pass either calibration or stabilizer, not both: a calibration applies its own per-step "
-                             "gammas (its stabilizer)")
         plan = as_plan(calibration, solver=solver, sigmas=validate_sigmas(sigmas))
         check_plan(plan, sigmas, solver=solver, solver_options=options)
         sigmas, stabilizer = plan.sigmas, plan.stabilizer()
