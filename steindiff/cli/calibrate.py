@@ -20,9 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit a sampler's per-step gammas (and noise levels) once", description=__doc__)
     common.add_sampling(p)
     p.add_argument("--objective", default="trajectory", choices=OBJECTIVES,
-                   help="trajectory: follow a fine solve of the model (no data); variant: keep the gammas a "
-                        "stabilizer (--stabilizer) estimates on the calibration batch; "
-                        "reference: fit to --reference data")
+                   help="trajectory: follow a fine solve of the model (no data); variant: keep the gammas a stabilizer "
+                        "(--stabilizer) estimates on the calibration batch; reference: fit to --reference data")
     p.add_argument("--fit", default="both", choices=FIT_MODES,
                    help="trajectory: fit the per-step gammas, the interior noise levels, or both")
     p.add_argument("--stabilizer", default="stein-energy",
@@ -86,9 +85,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
                           objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
-                          reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype],
-                          progress=not args.no_progress,
-                          rho=args.rho, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
+                          reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype], rho=args.rho,
+                          progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
                           max_solves=args.max_solves, jacobian_batch=args.jacobian_batch)
     except ValueError as e:
         raise UsageError(str(e)) from None

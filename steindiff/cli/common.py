@@ -67,11 +67,9 @@ def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) ->
     bs = n if batch_size is None else batch_size
     smallest = min(bs, n % bs or bs)
     if smallest < 2:
-        where = f"--n {n}" + (f" with --batch-size {batch_size} (a batch of {smallest})" if batch_size is not None
-                              else "")
-        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per batch, got {where}; "
-                         "pass --per-sample (one gamma per sample), or --gamma-schedule FILE "
-                         "from `steindiff calibrate`")
+        where = f"--n {n}" + (f" with --batch-size {batch_size} (a batch of {smallest})" if batch_size else "")
+        raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per batch, got {where}; pass "
+                         "--per-sample (one gamma per sample), or --gamma-schedule FILE from `steindiff calibrate`")
 
 
 def check_outputs(*paths: str | None, distinct: str | None = None) -> None:

@@ -100,11 +100,11 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
     if not out.exists() and not out.parent.is_dir():
         raise UsageError(f"cannot create --out-dir {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    opts = common.stabilizer_options(args)
     with _sigterm_as_error(os.environ.get("RANK", "0")):
         res = sample_distributed(
             spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
-            stabilizer_name=args.stabilizer, stabilizer_options=opts if stabilizer is not None else {},
+            stabilizer_name=args.stabilizer,
+            stabilizer_options=common.stabilizer_options(args) if stabilizer is not None else {},
             probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
             progress=not args.no_progress, device=args.device)
     if res.rank != 0:
@@ -150,8 +150,7 @@ def run_merge(args: argparse.Namespace) -> int:
     cfg = summary["config"]
     lines = [f"merged {summary['shards']} shard(s), {summary['n']} samples ({cfg.get('model')}, {cfg.get('solver')}, "
              f"stabilizer {cfg.get('stabilizer')}) into {summary['out']}"]
-    for k, v in summary.get("metrics", {}).items():
-        lines.append(f"  {k:10s} {v:.5g}")
+    lines += [f"  {k:10s} {v:.5g}" for k, v in summary.get("metrics", {}).items()]
     emit(args, summary, "\n".join(lines))
     return 0
 

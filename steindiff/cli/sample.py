@@ -91,25 +91,23 @@ def run(args: argparse.Namespace) -> int:
     from ..stabilizers.registry import AUTO, CALIBRATED
 
     plan = sampling_plan(args, spec)
-    calibrated = plan.gammas is not None
     by_plan = args.gamma_schedule is not None or (args.stabilizer == "auto" and AUTO == CALIBRATED)
     stabilizer = plan.stabilizer() if by_plan else common.stabilizer_from_args(args, spec)
     common.check_batch_statistics(stabilizer, args.n, args.batch_size)
     try:
-        gen = generate(spec, plan, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                       dtype=common.DTYPES[args.dtype],
-                       progress=not args.no_progress, stabilizer=None if by_plan else stabilizer, device=device)
+        gen = generate(spec, plan, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device,
+                       dtype=common.DTYPES[args.dtype], progress=not args.no_progress,
+                       stabilizer=None if by_plan else stabilizer)
     except ValueError as e:
         raise UsageError(str(e)) from None
     label = args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}"
     if args.stabilizer == "auto":
-        label = "auto (calibrated)" if calibrated else "auto (plain solver)"
+        label = "auto (calibrated)" if plan.gammas is not None else "auto (plain solver)"
     summary = {
         "model": spec.name, "solver": args.solver, "schedule": args.schedule, "stabilizer": label,
         "coords": args.coords if stabilizer is not None else None, "nfe": gen.nfe, "nfe_budget": args.nfe,
         "per_sample": bool(getattr(stabilizer, "per_sample", False)), "extra_passes": gen.extra_passes,
-        "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed,
-        "device": str(device),
+        "steps": len(gen.sigmas) - 1, "n": args.n, "seed": args.seed, "device": str(device),
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
         "gammas": [r.get("gamma") for r in gen.trace] if gen.trace else [1.0] * (len(gen.sigmas) - 1),
     }
@@ -122,18 +120,15 @@ def run(args: argparse.Namespace) -> int:
         _save_grid(gen.x, args.grid)
         summary["grid"] = args.grid
     if args.trace is not None:
-        save_json(args.trace,
-                  {"schema": "steindiff.trace/1",
-                   "config": {k: summary[k] for k in ("model", "solver", "schedule", "stabilizer", "coords", "nfe")},
-                               "steps": gen.trace})
+        config = {k: summary[k] for k in ("model", "solver", "schedule", "stabilizer", "coords", "nfe")}
+        save_json(args.trace, {"schema": "steindiff.trace/1", "config": config, "steps": gen.trace})
         summary["trace"] = args.trace
     budget = "" if gen.nfe == args.nfe else f" of --nfe {args.nfe}"
     lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {summary['stabilizer']}, NFE {gen.nfe}{budget}"
              f" ({summary['steps']} steps, +{gen.extra_passes} Jacobian passes), {args.n} samples"]
     if gen.trace:
         lines.append("  gammas     " + " ".join(f"{r.get('gamma', 1.0):.3g}" for r in gen.trace))
-    for k, v in summary.get("metrics", {}).items():
-        lines.append(f"  {k:10s} {v:.5g}")
+    lines += [f"  {k:10s} {v:.5g}" for k, v in summary.get("metrics", {}).items()]
     lines += [f"  wrote {path}" for path in (args.out, args.grid, args.trace) if path is not None]
     emit(args, summary, "\n".join(lines))
     return 0
