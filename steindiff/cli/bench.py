@@ -25,7 +25,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..io import check_writable, save_json, to_jsonable
+from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS
@@ -85,31 +85,13 @@ def _list(value: str, what: str, kind=str) -> list:
         raise UsageError(f"--{what}: expected comma-separated {kind.__name__} values, got {value!r}") from None
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    try:
-        for path in (args.json_out, args.markdown):
-            if path not in (None, "-"):
-                check_writable(path)
-        if args.plots is not None:
-            d = Path(args.plots)
-            if d.exists() and not d.is_dir():
-                raise NotADirectoryError(f"--plots {args.plots!r} is not a directory")
-            if not d.exists():
-                check_writable(d)  # its parent must exist and be writable
-        if args.calibration_dir is not None:
-            d = Path(args.calibration_dir)
-            if d.exists() and not d.is_dir():
-                raise NotADirectoryError(f"--calibration-dir {args.calibration_dir!r} is not a directory")
-            check_writable(d / "probe.json") if d.is_dir() else check_writable(d)
-    except OSError as e:
-        raise UsageError(str(e)) from None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..bench import SCHEMA, merge_results, run_cost, run_grid, summarize, validate_grid, write_markdown, write_plots
     from ..bench.runner import machine_info
 
-    _check_outputs(args)
+    common.check_outputs(*(p for p in (args.json_out, args.markdown) if p != "-"))
+    common.check_output_dir(args.plots, "--plots")
+    common.check_output_dir(args.calibration_dir, "--calibration-dir")
     if args.from_file is not None:
         shards = []
         for path in args.from_file.split(","):

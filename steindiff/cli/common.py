@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -83,6 +84,20 @@ def check_outputs(*paths: str | None, distinct: str | None = None) -> None:
             check_writable(path)
         except OSError as e:
             raise UsageError(str(e)) from None
+
+
+def check_output_dir(path: str | None, flag: str) -> None:
+    """An output folder that exists and is writable, or can be created (checked before any work), or a
+    UsageError naming it."""
+    if path is None:
+        return
+    d = Path(path)
+    try:
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(f"{flag} {path!r} exists and is not a directory")
+        check_writable(d / "probe" if d.is_dir() else d)  # a new folder: its parent exists and is writable
+    except OSError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_extension(path: str | None, flag: str, *suffixes: str) -> None:

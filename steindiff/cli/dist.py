@@ -95,11 +95,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
         raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} "
                          f"over {world} ranks (pass --per-sample for one gamma per sample)")
+    common.check_output_dir(args.out_dir, "--out-dir")
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out-dir {str(out)!r} exists and is not a directory")
-    if not out.exists() and not out.parent.is_dir():
-        raise UsageError(f"cannot create --out-dir {str(out)!r}: directory {str(out.parent)!r} does not exist")
     with _sigterm_as_error(os.environ.get("RANK", "0")):
         res = sample_distributed(
             spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
