@@ -80,10 +80,8 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outs, trace, nfe_used, extra, wall = [], [], 0, 0, 0.0
     for start in range(0, n, bs):
-        res: SampleResult = sample(
-            spec.denoiser, noise[start : start + bs], sigmas, solver_obj,
-            stabilizer=stabilizer, dtype=dtype, progress=progress, callback=callback,
-        )
+        res: SampleResult = sample(spec.denoiser, noise[start : start + bs], sigmas, solver_obj, stabilizer=stabilizer,
+                                   dtype=dtype, progress=progress, callback=callback)
         outs.append(res.x)
         trace.extend(res.trace)
         nfe_used, extra, wall = res.nfe, max(extra, res.extra_passes), wall + res.wall_s
