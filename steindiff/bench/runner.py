@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
-import functools
+import itertools
 import math
 import os
 import platform
@@ -294,8 +294,8 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
     row: dict[str, Any] = {"steps": plan.steps}
     try:
         if stab_name == TRAJECTORY:
-            # fitted once per cell on calibration noise (``calibrated()``), applied here with no extra pass
-            plan, stab = calibrated(), None  # generate() applies the plan's gammas
+            # fitted once per cell on calibration noise (``calibrated(plan)``), applied here with no extra pass
+            plan, stab = calibrated(plan), None  # generate() applies the plan's gammas
             row.update(calibrated_gammas=plan.gammas, calibrated_sigmas=plan.sigmas.tolist(),
                        calibration=_calibration_summary(plan.meta))
         elif stab_name.startswith("cal:"):
@@ -382,10 +382,9 @@ def run_grid(
     if "image" in kinds:
         machine["dtype"] = "float32" if kinds == {"image"} else "float64 (mixtures), float32 (image models)"
     t_start = time.perf_counter()
-    tmp_cal = tempfile.TemporaryDirectory(prefix="steindiff-cal-") if calibration_dir is None else None
-    cal_dir = tmp_cal.name if tmp_cal is not None else calibration_dir
-    bar = tqdm(total=total, disable=not progress, desc="bench", unit="run", mininterval=2.0)
-    try:
+    with (tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp,
+          tqdm(total=total, disable=not progress, desc="bench", unit="run", mininterval=2.0) as bar):
+        cal_dir = tmp if calibration_dir is None else calibration_dir  # default: a temporary folder
         for m in models:
             spec = specs[m]
             cal_opts = {**calibration_options(spec), **(calibration or {})}
@@ -415,29 +414,21 @@ def run_grid(
                 ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
                 floors = _floors(spec, n, seed)
                 done: dict[tuple, dict] = {}
-                for solver in solvers:
-                    for schedule in schedules:
-                        for nfe in nfes:
-                            plan = make_plan(spec.process, solver, nfe, schedule)
-                            for stab, c in configs:
-                                key = (solver, tuple(plan.sigmas.tolist()), stab, c)
-                                base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule,
-                                        "coords": c, "stabilizer": stab, "nfe_budget": nfe, "n": n,
-                                        "probes": probes if stab.removeprefix("cal:") in PROBED else None,
-                                        "reused": False}
-                                if key in done:
-                                    row = {**done[key], **base, "reused": True}
-                                else:
-                                    row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c,
-                                                              probes, seed, ref, floors, mmd, jacobian_batch,
-                                                              functools.partial(calibrated, plan))}
-                                    done[key] = row
-                                rows.append(row)
-                                bar.update(1)
-    finally:
-        bar.close()
-        if tmp_cal is not None:
-            tmp_cal.cleanup()
+                for solver, schedule, nfe in itertools.product(solvers, schedules, nfes):
+                    plan = make_plan(spec.process, solver, nfe, schedule)
+                    for stab, c in configs:
+                        key = (solver, tuple(plan.sigmas.tolist()), stab, c)
+                        base = {"model": spec.name, "seed": seed, "solver": solver, "schedule": schedule, "coords": c,
+                                "stabilizer": stab, "nfe_budget": nfe, "n": n,
+                                "probes": probes if stab.removeprefix("cal:") in PROBED else None, "reused": False}
+                        if key in done:
+                            row = {**done[key], **base, "reused": True}
+                        else:
+                            row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c, probes, seed,
+                                                      ref, floors, mmd, jacobian_batch, calibrated)}
+                            done[key] = row
+                        rows.append(row)
+                        bar.update(1)
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
@@ -491,56 +482,51 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
         raise ValueError("repeats and probe counts must be >= 1")
     variants = [(s, p) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
     out: list[dict] = []
-    bar = tqdm(total=len(models) * len(solvers) * len(nfes) * (repeats + 1) * len(variants), disable=not progress,
-               desc="cost", unit="run", mininterval=2.0)
-    try:
+    with tqdm(total=len(models) * len(solvers) * len(nfes) * (repeats + 1) * len(variants), disable=not progress,
+              desc="cost", unit="run", mininterval=2.0) as bar:
         for m in models:
             spec = specs[m]
             noise = _noise(spec, n, seed)
-            for solver in solvers:
-                for nfe in nfes:
-                    base_plan = make_plan(spec.process, solver, nfe, schedule)
-                    times: dict[tuple, list[float]] = {v: [] for v in variants}
-                    peaks: dict[tuple, list[int]] = {v: [] for v in variants}
-                    info: dict[tuple, dict] = {}
-                    plan = None
-                    if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
-                        with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
-                            plan = calibrated_plan(spec, base_plan, cache_dir=tmp,
-                                                   dtype=_dtype(spec), **calibration_options(spec))
-                    for rep in range(repeats + 1):  # round 0: untimed warm-up
-                        for v in variants:
-                            run_plan = base_plan
-                            if v[0] == TRAJECTORY:
-                                stab, run_plan = None, plan  # the plan's gammas
-                            else:
-                                stab = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
-                                                       jacobian_batch=jacobian_batch)
-                            try:
-                                _reset_peak(noise.device)
-                                gen = generate(spec, run_plan, noise=noise, n=n, stabilizer=stab, dtype=_dtype(spec))
-                                if rep > 0:
-                                    times[v].append(gen.wall_s / n)
-                                    peak = _peak(noise.device)
-                                    if peak is not None:
-                                        peaks[v].append(peak)
-                                info[v] = {"nfe": gen.nfe, "extra_passes": gen.extra_passes, "status": "ok"}
-                            except Exception as e:
-                                info[v] = {"nfe": None, "extra_passes": None, "status": _reason(e)}
-                            bar.update(1)
-                    med = {v: statistics.median(times[v]) if times[v] else None for v in variants}
-                    top = {v: max(peaks[v]) if peaks[v] else None for v in variants}
-                    t_none, p_none = med[("none", None)], top[("none", None)]
+            for solver, nfe in itertools.product(solvers, nfes):
+                base_plan = make_plan(spec.process, solver, nfe, schedule)
+                times: dict[tuple, list[float]] = {v: [] for v in variants}
+                peaks: dict[tuple, list[int]] = {v: [] for v in variants}
+                info: dict[tuple, dict] = {}
+                plan = None
+                if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
+                    with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
+                        plan = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
+                                               **calibration_options(spec))
+                for rep in range(repeats + 1):  # round 0: untimed warm-up
                     for v in variants:
-                        t, pk = med[v], top[v]
-                        out.append({"model": spec.name, "solver": solver, "schedule": schedule,
-                                    "coords": coords if v[0] != "none" else "-", "nfe_budget": nfe, "stabilizer": v[0],
-                                    "probes": v[1], "n": n, "repeats": len(times[v]), **info[v], "wall_s_per_sample": t,
-                                    "ratio": (t / t_none) if (t is not None and t_none) else None,
-                                    "device": str(noise.device), "jacobian_batch": jacobian_batch, "peak_mem_bytes": pk,
-                                    "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
-    finally:
-        bar.close()
+                        if v[0] == TRAJECTORY:
+                            stab, run_plan = None, plan  # the plan's gammas
+                        else:
+                            stab, run_plan = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
+                                                             jacobian_batch=jacobian_batch), base_plan
+                        try:
+                            _reset_peak(noise.device)
+                            gen = generate(spec, run_plan, noise=noise, n=n, stabilizer=stab, dtype=_dtype(spec))
+                            if rep > 0:
+                                times[v].append(gen.wall_s / n)
+                                peak = _peak(noise.device)
+                                if peak is not None:
+                                    peaks[v].append(peak)
+                            info[v] = {"nfe": gen.nfe, "extra_passes": gen.extra_passes, "status": "ok"}
+                        except Exception as e:
+                            info[v] = {"nfe": None, "extra_passes": None, "status": _reason(e)}
+                        bar.update(1)
+                med = {v: statistics.median(times[v]) if times[v] else None for v in variants}
+                top = {v: max(peaks[v]) if peaks[v] else None for v in variants}
+                t_none, p_none = med[("none", None)], top[("none", None)]
+                for v in variants:
+                    t, pk = med[v], top[v]
+                    out.append({"model": spec.name, "solver": solver, "schedule": schedule,
+                                "coords": coords if v[0] != "none" else "-", "nfe_budget": nfe, "stabilizer": v[0],
+                                "probes": v[1], "n": n, "repeats": len(times[v]), **info[v], "wall_s_per_sample": t,
+                                "ratio": (t / t_none) if (t is not None and t_none) else None,
+                                "device": str(noise.device), "jacobian_batch": jacobian_batch, "peak_mem_bytes": pk,
+                                "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
     return out
 
 
