@@ -15,18 +15,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-__all__ = [
-    "NoiseProcess",
-    "VEProcess",
-    "DiscreteVPProcess",
-    "ContinuousVPProcess",
-    "betas_for_schedule",
-    "zero_snr_alphas_cumprod",
-    "vp_alpha",
-    "log_snr",
-    "sigma_from_log_snr",
-    "coordinate_scales",
-]
+__all__ = ["NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess", "betas_for_schedule",
+           "zero_snr_alphas_cumprod", "vp_alpha", "log_snr", "sigma_from_log_snr", "coordinate_scales"]
 
 
 def vp_alpha(sigma: torch.Tensor | float) -> torch.Tensor | float:

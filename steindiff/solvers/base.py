@@ -35,27 +35,26 @@ class Step:
     state: dict = field(default_factory=dict)
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a (nested: dicts, lists, tuples) solver state, the rest kept."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def detach_state(obj: Any) -> Any:
     """Detach every tensor in a (nested) solver state."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, dict):
-        return {k: detach_state(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(detach_state(v) for v in obj)
-    return obj
+    return _map_tensors(obj, torch.Tensor.detach)
 
 
 def slice_state(obj: Any, sl: slice, n: int) -> Any:
     """The history of samples ``sl`` of a batch of ``n``: every tensor whose leading dimension is the
     batch is sliced, anything else (floats, noise levels) is kept."""
-    if isinstance(obj, torch.Tensor):
-        return obj[sl] if obj.ndim >= 1 and obj.shape[0] == n else obj
-    if isinstance(obj, dict):
-        return {k: slice_state(v, sl, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(slice_state(v, sl, n) for v in obj)
-    return obj
+    return _map_tensors(obj, lambda t: t[sl] if t.ndim >= 1 and t.shape[0] == n else t)
 
 
 def cat_states(parts: list, sizes: list[int]) -> Any:
