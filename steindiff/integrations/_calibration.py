@@ -17,6 +17,7 @@ import torch
 
 from ..plan import SamplingPlan
 from ..schedules import validate_sigmas
+from ..solvers import get_solver
 from ..stabilizers.schedule import GammaSchedule, load_gamma_schedule
 
 __all__ = ["as_plan", "check_plan", "canonical_solver", "refuse_with_stabilizer", "Calibration"]
@@ -24,17 +25,10 @@ __all__ = ["as_plan", "check_plan", "canonical_solver", "refuse_with_stabilizer"
 #: What ``calibration=`` accepts.
 Calibration = SamplingPlan | GammaSchedule | str | os.PathLike
 
-#: Solver names that mean the same solver (``steindiff.solvers.SOLVERS``).
-_ALIASES = {"ddim": "euler", "unipc": "unipc_bh2"}
-
-
 def canonical_solver(name: str, options: dict | None = None) -> str:
-    """``name`` with aliases resolved (``ddim`` is ``euler``; ``unipc`` is ``unipc_bh2``, or the
-    ``variant`` option's)."""
-    opts = options or {}
-    if name == "unipc" and "variant" in opts:
-        return f"unipc_{opts['variant']}"
-    return _ALIASES.get(name, name)
+    """The registry's name of the solver ``name`` with ``options`` configures (``ddim`` is ``euler``,
+    ``unipc_bh2`` is ``unipc``, ``unipc`` with ``variant="bh1"`` is ``unipc_bh1``: :attr:`Solver.name`)."""
+    return get_solver(name, **(options or {})).name
 
 
 def refuse_with_stabilizer(calibration: Any, stabilizer: Any) -> None:
