@@ -8,21 +8,31 @@ Each command module defines ``add_parser(subparsers)``, which registers itself w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .._version import __version__
 from ..io import to_jsonable
 
-__all__ = ["main", "UsageError", "emit"]
+__all__ = ["main", "UsageError", "usage_errors", "emit"]
 
 COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo", "bench", "dist"]
 
 
 class UsageError(Exception):
     """Bad arguments or input, detected before any work: exit code 2."""
+
+
+@contextlib.contextmanager
+def usage_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """The exceptions ``kinds`` raised in the block become a :class:`UsageError` with their message."""
+    try:
+        yield
+    except kinds as e:
+        raise UsageError(str(e)) from None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -29,7 +29,7 @@ from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS
-from . import UsageError, common
+from . import UsageError, common, usage_errors
 
 PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
 
@@ -124,11 +124,9 @@ def run(args: argparse.Namespace) -> int:
         if args.ref_steps < 1 or args.repeats < 1 or min(cost_probes) < 1:
             raise UsageError("--ref-steps, --repeats and --cost-probes must be >= 1")
         device = common.device_from_args(args)
-        try:
+        with usage_errors(ValueError, TypeError):
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
                           grid["stabilizers"], grid["seeds"], args.n, args.probes, jacobian_batch=args.jacobian_batch)
-        except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from None
         progress = not args.no_progress
         if args.cost:
             machine, t0 = machine_info(device), time.perf_counter()

@@ -13,7 +13,7 @@ import torch
 from ..calibrate import CALIBRATION_SEED, OBJECTIVES, calibrate
 from ..stabilizers import STABILIZERS
 from ..trajectory import FIT_MODES
-from . import UsageError, common, emit
+from . import UsageError, common, emit, usage_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,14 +82,12 @@ def run(args: argparse.Namespace) -> int:
     spec = common.model_on_device(args.model, device)
     common.check_outputs(args.out)
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
-    try:
+    with usage_errors(ValueError):
         sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
                           objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
                           reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype], rho=args.rho,
                           progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
                           max_solves=args.max_solves, jacobian_batch=args.jacobian_batch)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     sched.save(args.out)
     summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
     lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",

@@ -10,7 +10,7 @@ import torch
 from ..io import check_writable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
-from . import UsageError
+from . import UsageError, usage_errors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -80,10 +80,8 @@ def check_outputs(*paths: str | None, distinct: str | None = None) -> None:
     if distinct is not None and len(set(given)) < len(given):
         raise UsageError(f"{distinct} must name different files")
     for path in given:
-        try:
+        with usage_errors(OSError):
             check_writable(path)
-        except OSError as e:
-            raise UsageError(str(e)) from None
 
 
 def check_output_dir(path: str | None, flag: str) -> None:
@@ -92,12 +90,10 @@ def check_output_dir(path: str | None, flag: str) -> None:
     if path is None:
         return
     d = Path(path)
-    try:
-        if d.exists() and not d.is_dir():
-            raise NotADirectoryError(f"{flag} {path!r} exists and is not a directory")
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"{flag} {path!r} exists and is not a directory")
+    with usage_errors(OSError):
         check_writable(d / "probe" if d.is_dir() else d)  # a new folder: its parent exists and is writable
-    except OSError as e:
-        raise UsageError(str(e)) from None
 
 
 def check_extension(path: str | None, flag: str, *suffixes: str) -> None:
@@ -110,10 +106,8 @@ def stabilizer_from_args(args: argparse.Namespace, spec):
     """Build the stabilizer named by ``--stabilizer`` (``None`` for ``none``), or raise UsageError."""
     from ..stabilizers import make_stabilizer
 
-    try:
+    with usage_errors(ValueError, TypeError):
         return make_stabilizer(args.stabilizer, spec, **stabilizer_options(args))
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
 
 
 def check_sampling(args: argparse.Namespace) -> None:
@@ -164,10 +158,8 @@ def _least(solver, nfe: int) -> int | None:
 def load_model_or_usage(name: str):
     from ..models.registry import load_model
 
-    try:
+    with usage_errors(ValueError, FileNotFoundError):
         return load_model(name)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
 
 
 #: The meaning of ``--device auto`` and its values, as every command's help says it.

@@ -17,7 +17,7 @@ import os
 import signal
 from pathlib import Path
 
-from . import UsageError, common, emit
+from . import UsageError, common, emit, usage_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -132,16 +132,12 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.metrics:
         from ..distributed import _read_manifest
 
-        try:
+        with usage_errors(FileNotFoundError, ValueError):
             model = str(_read_manifest(Path(args.dir))["config"].get("model"))
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(str(e)) from None
         if not model.startswith("gmm:"):
             raise UsageError(f"--metrics needs a gmm model, the run used {model!r}")
-    try:
+    with usage_errors(FileNotFoundError, MissingShardsError):
         summary = merge_shards(args.dir, args.out)
-    except (FileNotFoundError, MissingShardsError) as e:
-        raise UsageError(str(e)) from None
     if args.metrics:
         summary["metrics"] = _metrics(summary)
     cfg = summary["config"]

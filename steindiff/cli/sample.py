@@ -7,7 +7,7 @@ import argparse
 from ..generate import generate
 from ..io import save_json, save_npz
 from ..metrics import mixture_metrics
-from . import UsageError, common, emit
+from . import UsageError, common, emit, usage_errors
 
 GRID_MAX = 64  # samples shown by --grid (8 per row)
 
@@ -42,7 +42,7 @@ def _load_schedule(args: argparse.Namespace, spec, base):
     from ..calibrate import model_fingerprint, plan_from_schedule
     from ..stabilizers.schedule import load_gamma_schedule
 
-    try:
+    with usage_errors(OSError, ValueError):
         sched = load_gamma_schedule(args.gamma_schedule)
         sched.check_matches(model=spec.name, solver=args.solver, schedule=args.schedule, nfe=base.nfe)
         base_sigmas = sched.meta.get("base_sigmas", sched.meta["sigmas"])
@@ -53,8 +53,6 @@ def _load_schedule(args: argparse.Namespace, spec, base):
             raise ValueError(f"gamma schedule was calibrated for other weights of {spec.name!r} (fingerprint "
                              f"{sched.meta['fingerprint']} vs {model_fingerprint(spec)})")
         return plan_from_schedule(sched, base)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
 
 
 def sampling_plan(args: argparse.Namespace, spec):
@@ -94,12 +92,10 @@ def run(args: argparse.Namespace) -> int:
     by_plan = args.gamma_schedule is not None or (args.stabilizer == "auto" and AUTO == CALIBRATED)
     stabilizer = plan.stabilizer() if by_plan else common.stabilizer_from_args(args, spec)
     common.check_batch_statistics(stabilizer, args.n, args.batch_size)
-    try:
+    with usage_errors(ValueError):
         gen = generate(spec, plan, n=args.n, seed=args.seed, batch_size=args.batch_size, device=device,
                        dtype=common.DTYPES[args.dtype], progress=not args.no_progress,
                        stabilizer=None if by_plan else stabilizer)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     label = args.stabilizer if args.gamma_schedule is None else f"gamma-schedule:{args.gamma_schedule}"
     if args.stabilizer == "auto":
         label = "auto (calibrated)" if plan.gammas is not None else "auto (plain solver)"

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import UsageError, emit
+from . import UsageError, emit, usage_errors
 from .common import DEVICE_HELP, add_common, add_device, device_from_args
 
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                              "it or choose another --out")
         if not out.is_dir() or any(out.iterdir()):
             raise UsageError(f"{out}: exists and is not an empty folder")
-    try:
+    with usage_errors(ValueError):  # DataError is a ValueError
         cfg = TrainConfig(
             data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
@@ -107,15 +107,12 @@ def run(args: argparse.Namespace) -> int:
             num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
             embedding="fourier" if args.loss == "edm" else "positional", num_classes=args.num_classes,
         )
-    except ValueError as e:  # DataError is a ValueError
-        raise UsageError(str(e)) from None
     start = _checkpoint_step(out) if args.resume else 0
     if start is not None and start >= args.iters:
         return _nothing_to_do(args, out, start)
     try:
-        res = train(cfg, out, unet, resume=args.resume, progress=not args.no_progress, dataset=ds, device=device)
-    except (DataError, CheckpointError, FileExistsError) as e:
-        raise UsageError(str(e)) from None
+        with usage_errors(DataError, CheckpointError, FileExistsError):
+            res = train(cfg, out, unet, resume=args.resume, progress=not args.no_progress, dataset=ds, device=device)
     except KeyboardInterrupt:  # train() saved a checkpoint if it got past its first iteration
         step = _checkpoint_step(out) if is_checkpoint_dir(out) else None
         raise KeyboardInterrupt(f"checkpoint saved at step {step}; resume with --resume" if step
