@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,15 +16,11 @@ __all__ = ["generate", "Generation"]
 
 
 @dataclass
-class Generation:
-    """Samples of one configuration, with cost accounting and the per-step trace."""
+class Generation(SampleResult):
+    """Samples of one configuration (:class:`~steindiff.sampling.SampleResult`: cost accounting and the
+    per-step trace, over all batches), with the noise levels and the initial noise."""
 
-    x: torch.Tensor
-    sigmas: torch.Tensor
-    nfe: int
-    extra_passes: int
-    wall_s: float
-    trace: list[dict] = field(default_factory=list)
+    sigmas: torch.Tensor | None = None
     noise: torch.Tensor | None = None
 
 
@@ -85,4 +81,4 @@ def generate(
         outs.append(res.x)
         trace.extend(res.trace)
         nfe_used, extra, wall = res.nfe, max(extra, res.extra_passes), wall + res.wall_s
-    return Generation(torch.cat(outs), sigmas, nfe_used, extra, wall, trace, noise)
+    return Generation(torch.cat(outs), nfe_used, extra, trace, wall, sigmas=sigmas, noise=noise)
