@@ -20,8 +20,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_sampling(p: argparse.ArgumentParser, *, model_default: str = "gmm:image64") -> None:
-    p.add_argument("--model", default=model_default,
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gmm:image64",
                    help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, or a checkpoint path")
     p.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", type=int, default=10, help="model passes per sample (budget)")

@@ -39,21 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    common.check_sampling(args)
-    if args.iters < 1:
-        raise UsageError(f"--iters must be >= 1, got {args.iters}")
-    common.check_extension(args.png, "--png", ".png")
-    common.check_extension(args.out, "--out", ".json")
-    common.check_outputs(args.png, args.out, distinct="--png and --out")  # --n, --batch-size, --nfe: check_sampling
-
-
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
 def run(args: argparse.Namespace) -> int:
-    _check(args)
+    common.check_sampling(args)  # also --n, --batch-size and the NFE budget
+    if args.iters < 1:
+        raise UsageError(f"--iters must be >= 1, got {args.iters}")
+    common.check_extension(args.png, "--png", ".png")
+    common.check_extension(args.out, "--out", ".json")
+    common.check_outputs(args.png, args.out, distinct="--png and --out")
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
     stabilizer = common.stabilizer_from_args(args, spec)
