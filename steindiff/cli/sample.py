@@ -56,8 +56,9 @@ def _load_schedule(args: argparse.Namespace, spec, base):
 
 
 def sampling_plan(args: argparse.Namespace, spec):
-    """The plan of this run: plain, from ``--gamma-schedule``, or (``--stabilizer auto`` when ``auto``
-    is the calibrated sampler) the cached calibration, fitted now on first use."""
+    """The plan of this run and whether its gammas are what runs (instead of ``--stabilizer``): plain,
+    from ``--gamma-schedule``, or (``--stabilizer auto`` when ``auto`` is the calibrated sampler) the
+    cached calibration, fitted now on first use."""
     import sys
 
     from ..calibrate import calibrated_plan
@@ -66,11 +67,11 @@ def sampling_plan(args: argparse.Namespace, spec):
 
     base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
     if args.gamma_schedule is not None:
-        return _load_schedule(args, spec, base)
+        return _load_schedule(args, spec, base), True
     if args.stabilizer == "auto" and AUTO == CALIBRATED:
         return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=not args.no_calibrate,
-                               progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))
-    return base
+                               progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr)), True
+    return base, False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
                          f"shape {spec.sample_shape}")
     if args.gamma_schedule is not None and args.stabilizer != "none":
         raise UsageError("give either --stabilizer or --gamma-schedule, not both")
-    from ..stabilizers.registry import AUTO, CALIBRATED
-
-    plan = sampling_plan(args, spec)
-    by_plan = args.gamma_schedule is not None or (args.stabilizer == "auto" and AUTO == CALIBRATED)
+    plan, by_plan = sampling_plan(args, spec)
     stabilizer = plan.stabilizer() if by_plan else common.stabilizer_from_args(args, spec)
     common.check_batch_statistics(stabilizer, args.n, args.batch_size)
     with usage_errors(ValueError):
