@@ -227,9 +227,8 @@ def diagnose(
                 x, batch_size, seed + 101 * i + 50, passes)
             LD = LD_ve / a_s
             first = (a_t / a_s) * (t / s + (1 - t / s) * LD_ve)
-            rec["lipschitz_D"] = quantiles(LD, threshold=None)
-            rec["bound_first_order"] = quantiles(first)
-            rec["frac_above_first_order_bound"] = float((L > first * (1 + 1e-5) + 1e-9).to(torch.float64).mean())
+            rec.update(lipschitz_D=quantiles(LD, threshold=None), bound_first_order=quantiles(first),
+                       frac_above_first_order_bound=float((L > first * (1 + 1e-5) + 1e-9).to(torch.float64).mean()))
             if t > 0:
                 bound = sc_t / sc_s + sc_t * h * LD
                 rec["bound"] = quantiles(bound)
@@ -247,9 +246,7 @@ def diagnose(
             LS_ve, rel_S = lipschitz(_StabilizedOperator(op, gamma, (1 - gamma) * ga / ga_next), x, seed + 101 * i)
             LS = LS_ve * (a_t / a_s)
             amp_s *= LS.cpu()
-            rec["gamma"] = gamma
-            rec["gamma_raw"] = srec.get("gamma_raw")
-            rec["lipschitz_stabilized"] = quantiles(LS)
+            rec.update(gamma=gamma, gamma_raw=srec.get("gamma_raw"), lipschitz_stabilized=quantiles(LS))
             per["lipschitz_stabilized"] = LS
             conv["rel_change_max_stabilized"] = float(rel_S.max())
         rec["nfe_step"], nfe_done = denoise.calls - nfe_done, denoise.calls
