@@ -24,6 +24,7 @@ import json
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
@@ -107,12 +108,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--from: {e}") from None
         if len(shards) > 1:  # the shards' commands, then this merge
-            merge = ["steindiff", "bench", "--from", args.from_file]
-            for opt, v in (("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots),
-                           ("--title", args.title)):
-                if v is not None:
-                    merge += [opt, v]
-            result["command"] = "\n".join(filter(None, [result.get("command"), " ".join(map(shlex.quote, merge))]))
+            merge = _spell(["steindiff", "bench", "--from", args.from_file], _outputs(args))
+            result["command"] = "\n".join(filter(None, [result.get("command"), merge]))
     else:
         grid = dict(models=_list(args.models, "model"), solvers=_list(args.solvers, "solvers"),
                     nfes=_list(args.nfe, "nfe", int), schedules=_list(args.schedules, "schedules"),
@@ -191,10 +188,20 @@ def _command(args: argparse.Namespace) -> str:
         opts += [("--probes", args.probes), ("--ref-solver", args.ref_solver), ("--ref-steps", args.ref_steps),
                  ("--mmd", args.mmd)]
     opts += [("--jacobian-batch", args.jacobian_batch), ("--device", None if args.device == "auto" else args.device),
-             ("--calibration-dir", args.calibration_dir), ("--json-out", args.json_out), ("--markdown", args.markdown),
-             ("--plots", args.plots), ("--title", args.title)]
-    parts = ["steindiff", "bench"]
-    for opt, v in opts:  # a flag when True, left out when None or False
+             ("--calibration-dir", args.calibration_dir)]
+    return _spell(["steindiff", "bench"], opts + _outputs(args))
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    return [("--json-out", args.json_out), ("--markdown", args.markdown), ("--plots", args.plots),
+            ("--title", args.title)]
+
+
+def _spell(head: list[str], opts: list[tuple[str, Any]]) -> str:
+    """``head`` and ``opts`` as one shell-quoted command line: an option set to True is a flag, one set to
+    None or False is left out."""
+    parts = list(head)
+    for opt, v in opts:
         if v is True:
             parts.append(opt)
         elif v is not None and v is not False:
