@@ -113,17 +113,17 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                  else f"{ref.get('steps')} ({img} for image models)") if img is not None else f"{ref.get('steps')}"
         lines.append(f"Schema `{result.get('schema')}`; N = {cfg.get('n')} samples per configuration, seeds "
                      f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, "
-                     f"{mach.get('dtype', 'float64')} states, trajectory reference: {ref.get('solver')} with {steps} "
-                     "Karras steps from the same noise.")
+                     f"{mach.get('dtype', 'float64')} states, "
+                     f"trajectory reference: {ref.get('solver')} with {steps} Karras steps from the same noise.")
         if "digits_fid" in kinds:
             lines.append("Image metrics (`steindiff.metrics.image`, samples clamped to [-1, 1]) against the held-out "
                          "images; each excess is over the same metric of as many real training images (precision and "
                          "recall: floor minus value). digits-FID/KID use the project's own digits classifier and are "
                          "comparable only with each other.")
     if result.get("cost"):
-        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after "
-                     "one untimed warm-up round, float64 states; ratios are medians measured side by side in one "
-                     "process.")
+        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} "
+                     "interleaved repeats after one "
+                     "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
     if mach:
         lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, {mach.get('torch_threads')} "
                      f"torch threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")

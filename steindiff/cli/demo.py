@@ -182,7 +182,10 @@ def _save_plot(rows, nfes, stabs, path: Path, solver: str) -> None:
     floor = next((r["metrics"]["digits_fid_floor"] for r in rows if r["status"] == "ok"), None)
     if floor is not None:
         ax.axhline(floor, color="gray", ls="--", label="real vs real")
-    ax.set(yscale="log", xlabel="NFE", ylabel="digits-FID (lower is better)", title=f"digits, {solver}")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("digits-FID (lower is better)")
+    ax.set_title(f"digits, {solver}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
