@@ -28,6 +28,7 @@ a folder of ``*.png``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -218,28 +219,27 @@ def _read_photo(name: str) -> np.ndarray:
     """A photograph as uint8 ``H x W x 3`` (grayscale repeated), longer side at most :data:`PATCH_MAX_SIDE`."""
     from PIL import Image
 
+    package, folder = "scikit-image", "skimage/data"
     if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
-
-        im = Image.fromarray(load_sample_image(f"{name}.jpg"))
-    else:
-        found = importlib.util.find_spec("skimage")
-        if found is None or found.origin is None:
-            raise DataError(f"photo {name!r} ships with scikit-image, which is not installed "
-                            "(pip install scikit-image)")
-        path = next(Path(found.origin).parent.joinpath("data").glob(f"{name}.*"), None)
-        if path is None:
-            raise DataError(f"photo {name!r} is missing from this scikit-image installation")
-        with Image.open(path) as f:
-            im = f.convert("RGB")
+        package, folder = "scikit-learn", "sklearn/datasets/images"
+    found = importlib.util.find_spec(folder.split("/")[0])  # the files, without importing the package
+    if found is None or found.origin is None:
+        raise DataError(f"photo {name!r} ships with {package}, which is not installed (pip install {package})")
+    path = next(Path(found.origin).parent.parent.joinpath(folder).glob(f"{name}.*"), None)
+    if path is None:
+        raise DataError(f"photo {name!r} is missing from this {package} installation")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
     scale = PATCH_MAX_SIDE / max(im.size)
     if scale < 1:
         im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), Image.LANCZOS)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(im, dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=1)
 def load_patches_dataset(spec: str = "patches") -> ImageDataset:
-    """RGB patches of photographs, with their held-out split by photo region (see the module doc)."""
+    """RGB patches of photographs, with their held-out split by photo region (see the module doc).  The last
+    one is cached (a model's reference data reloads it): treat its arrays as read-only."""
     size, flip, photos = _patch_options(spec)
     stride, block = size // 2, max(64, 2 * size)
     xs, ys, held = [], [], []

@@ -62,7 +62,8 @@ from ..stabilizers import STABILIZERS, make_stabilizer
 
 __all__ = [
     "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
-    "excess", "machine_info", "row_key", "model_kind", "primary_metric", "IMAGE_METRICS", "IMAGE_REF_STEPS",
+    "excess", "machine_info", "row_key", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
+    "IMAGE_REF_STEPS",
 ]
 
 SCHEMA = "steindiff.bench/1"
@@ -72,9 +73,9 @@ TRAJECTORY = "cal:trajectory"
 COORDS = ("ve", "vp")
 #: Metrics of the summary, each as an "excess" over its floor (see :func:`excess`).
 METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
-#: The same for image models (``traj_err`` is in :data:`METRICS`): digits, then photo patches.
-IMAGE_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization",
-                 "patch_fd", "spectrum", "pixel_sw2")
+#: The same for image models (``traj_err`` is in :data:`METRICS`): digits, and photo patches.
+DIGITS_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
+IMAGE_METRICS = DIGITS_METRICS + ("patch_fd", "spectrum", "pixel_sw2")
 #: Primary metrics, in the order :func:`primary_metric` looks for them in rows.
 PRIMARY = ("patch_fd", "digits_fid", "sw2")
 #: At most this many reference steps for image models (a U-Net pass costs far more than a mixture's).

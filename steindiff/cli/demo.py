@@ -29,7 +29,7 @@ DEFAULT_OUT = "demo-out"  # also in .gitignore
 CALIBRATED = "calibrated"  # the demo's name for the trajectory-calibrated sampler
 #: Defaults per kind of image model (``info["metrics"]``): sized for about 2 minutes on 2 CPU cores.
 DEFAULTS = {"digits": {"nfe": "3,5,8", "n": 400, "stabilizers": f"none,{CALIBRATED},stein", "probes": 5},
-            "patches": {"nfe": "4,8", "n": 96, "stabilizers": f"none,{CALIBRATED},stein,stein-energy", "probes": 1}}
+            "patches": {"nfe": "4,8", "n": 80, "stabilizers": f"none,{CALIBRATED},stein,stein-energy", "probes": 1}}
 #: Columns of the table: the first is the plotted metric.
 COLUMNS = {"digits": ["digits_fid", "digits_kid", "class_tv", "precision", "recall"],
            "patches": ["patch_fd", "spectrum", "spectrum_high", "pixel_sw2"]}
@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where calibrations not shipped with the model are cached (default: "
                         "$XDG_CACHE_HOME/steindiff/calibrations)")
     p.add_argument("--n", type=int, default=None, help="samples per configuration (metrics; default: digits 400, "
-                                                        "patches 96)")
+                                                        "patches 80)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the probes")
@@ -170,8 +170,8 @@ def _table(rows: list[dict], args: argparse.Namespace, model: str, cols: list[st
     results = "calibrated-digits.md" if cols[0] == "digits_fid" else "patches.md"
     head = (f"{model}, {args.solver} / {args.schedule}, {args.n} samples per row; floors: real vs real. "
             "calibrated: fitted once per NFE (shipped with the model), no extra pass; stein: the paper's "
-            f"Algorithm 1 ({args.probes} probes). Where calibration helps and where it does not, over every solver "
-            f"and schedule: docs/results/{results}")
+            f"Algorithm 1 ({args.probes} Hutchinson probe(s) per step). Where calibration helps and where it does "
+            f"not, over every solver and schedule: docs/results/{results}")
     lines = [head, f"{'NFE':>4} {'stabilizer':14s} {'+JVP':>5} " + " ".join(f"{c:>10s}" for c in cols) + "  gammas"]
     for r in rows:
         if r["status"] != "ok":
