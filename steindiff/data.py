@@ -13,11 +13,24 @@ All end up as float32 ``N x C x H x W`` in ``[-1, 1]``:
 a folder of ``*.png``
     8-bit images of one size, read in sorted name order, grayscale if all are grayscale else RGB
     (alpha dropped), scaled from ``[0, 255]`` to ``[-1, 1]``.
+``patches`` (options: ``patches:size=48,flip,photos=astronaut+coffee``)
+    RGB patches (default 32x32) of the color photographs that ship inside scikit-image
+    (``skimage/data``: :data:`PHOTOS`) and scikit-learn (``load_sample_images``: china, flower), read at
+    run time, never downloaded; each photo's longer side is first reduced to at most
+    :data:`PATCH_MAX_SIDE` pixels (Lanczos).  Patches are cut every ``size / 2`` pixels; ``flip`` adds
+    their mirror images.  Labels: the scene of each patch (:data:`SCENES`).  The held-out split is by
+    photo region: each photo is tiled into blocks of ``max(64, 2 size)`` pixels, a seeded fifth of the
+    blocks is held out, and a patch is held out if it lies inside held-out blocks, used for training
+    if it lies inside training blocks, and dropped if it straddles both; so no held-out pixel is ever
+    seen in training.  The grayscale photos (:data:`GRAY_PHOTOS`) can be selected too (as R = G = B),
+    not alone.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,9 +40,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ImageDataset", "DataError", "load_dataset", "load_digits_dataset", "split_indices", "DIGITS_HOLDOUT"]
+__all__ = ["ImageDataset", "DataError", "load_dataset", "load_digits_dataset", "load_patches_dataset", "split_indices",
+           "DIGITS_HOLDOUT", "PHOTOS", "GRAY_PHOTOS", "SCENES", "PATCH_SIZE", "PATCH_MAX_SIDE", "PATCH_HOLDOUT"]
 
 DIGITS_HOLDOUT = 297
+#: The color photographs of ``patches``: scikit-image's, then scikit-learn's two sample images.
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "ihc",
+          "retina", "china", "flower")
+#: scikit-image's grayscale photographs, selectable with ``photos=`` next to a color one.
+GRAY_PHOTOS = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel")
+#: Patch labels: one scene per photo (the two motorcycle photos are one stereo pair), color scenes first.
+SCENES = tuple(dict.fromkeys(p.split("_")[0] for p in PHOTOS + GRAY_PHOTOS))
+PATCH_SIZE, PATCH_MAX_SIDE, PATCH_HOLDOUT, PATCH_SPLIT_SEED = 32, 640, 0.2, 0
 
 
 class DataError(ValueError):
@@ -44,6 +66,7 @@ class ImageDataset:
     labels: torch.Tensor | None
     source: str
     name: str
+    holdout: np.ndarray | None = None  # the data set's own held-out indices (patches: by photo region)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -167,10 +190,95 @@ def _load_png_folder(path: Path) -> ImageDataset:
     return ImageDataset(x=torch.from_numpy(x).contiguous(), labels=None, source=str(path.resolve()), name=path.name)
 
 
+def _patch_options(spec: str) -> tuple[int, bool, tuple[str, ...]]:
+    """``(size, flip, photos)`` of a ``patches[:size=N,flip,photos=a+b]`` spec."""
+    size, flip, photos = PATCH_SIZE, False, PHOTOS
+    opts = spec.partition(":")[2]
+    for opt in filter(None, opts.split(",")):
+        key, _, val = opt.partition("=")
+        if key == "size" and val.isdigit() and int(val) >= 16 and int(val) % 2 == 0:
+            size = int(val)
+        elif key == "flip" and not val:
+            flip = True
+        elif key == "photos" and val:
+            photos = tuple(val.split("+"))
+            unknown = [p for p in photos if p not in PHOTOS + GRAY_PHOTOS]
+            if unknown:
+                raise DataError(f"{spec}: unknown photo(s) {', '.join(unknown)}; choose from "
+                                f"{', '.join(PHOTOS + GRAY_PHOTOS)}")
+        else:
+            raise DataError(f"{spec}: bad option {opt!r}; use size=N (an even number >= 16), flip, "
+                            "photos=NAME+NAME")
+    if not set(photos) & set(PHOTOS):
+        raise DataError(f"{spec}: {', '.join(photos)} are grayscale only; an RGB patch model needs at least one "
+                        f"color photograph ({', '.join(PHOTOS)})")
+    return size, flip, photos
+
+
+def _read_photo(name: str) -> np.ndarray:
+    """A photograph as uint8 ``H x W x 3`` (grayscale repeated), longer side at most :data:`PATCH_MAX_SIDE`."""
+    from PIL import Image
+
+    package, folder = "scikit-image", "skimage/data"
+    if name in ("china", "flower"):
+        package, folder = "scikit-learn", "sklearn/datasets/images"
+    found = importlib.util.find_spec(folder.split("/")[0])  # the files, without importing the package
+    if found is None or found.origin is None:
+        raise DataError(f"photo {name!r} ships with {package}, which is not installed (pip install {package})")
+    path = next(Path(found.origin).parent.parent.joinpath(folder).glob(f"{name}.*"), None)
+    if path is None:
+        raise DataError(f"photo {name!r} is missing from this {package} installation")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
+    scale = PATCH_MAX_SIDE / max(im.size)
+    if scale < 1:
+        im = im.resize((round(im.size[0] * scale), round(im.size[1] * scale)), Image.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def load_patches_dataset(spec: str = "patches") -> ImageDataset:
+    """RGB patches of photographs, with their held-out split by photo region (see the module doc).  The last
+    one is cached (a model's reference data reloads it): treat its arrays as read-only."""
+    size, flip, photos = _patch_options(spec)
+    stride, block = size // 2, max(64, 2 * size)
+    xs, ys, held = [], [], []
+    for name in photos:
+        img = _read_photo(name)
+        h, w, _ = img.shape
+        if min(h, w) < size:
+            raise DataError(f"{spec}: photo {name} is {w}x{h} pixels, smaller than the patch size {size}")
+        rows, cols = -(-h // block), -(-w // block)
+        rng = np.random.default_rng([PATCH_SPLIT_SEED, (PHOTOS + GRAY_PHOTOS).index(name)])
+        blocks = np.zeros(rows * cols, bool)
+        blocks[rng.permutation(rows * cols)[: round(PATCH_HOLDOUT * rows * cols)]] = True
+        mask = blocks.reshape(rows, cols).repeat(block, 0).repeat(block, 1)[:h, :w]
+        win = (size, size)
+        frac = np.lib.stride_tricks.sliding_window_view(mask, win)[::stride, ::stride].mean((2, 3))
+        patches = np.lib.stride_tricks.sliding_window_view(img, win, axis=(0, 1))[::stride, ::stride]
+        keep = (frac == 0) | (frac == 1)
+        xs.append(patches[keep])
+        held.append(frac[keep] == 1)
+        ys.append(np.full(int(keep.sum()), SCENES.index(name.split("_")[0])))
+    x, y, is_held = np.concatenate(xs), np.concatenate(ys), np.concatenate(held)
+    if flip:
+        x, y, is_held = np.concatenate([x, x[..., ::-1]]), np.tile(y, 2), np.tile(is_held, 2)
+    if is_held.all() or not is_held.any():
+        raise DataError(f"{spec}: patches of {size} pixels leave no {'training' if is_held.all() else 'held-out'} "
+                        "patch; choose a smaller size or more photos")
+    opts = ([f"size={size}"] * (size != PATCH_SIZE) + ["flip"] * flip
+            + [f"photos={'+'.join(photos)}"] * (photos != PHOTOS))
+    source = "patches" + (":" + ",".join(opts) if opts else "")  # canonical: reloads the same patches
+    return ImageDataset(x=torch.from_numpy(_check_images(np.ascontiguousarray(x), spec)), labels=torch.from_numpy(y),
+                        source=source, name="patches", holdout=np.flatnonzero(is_held))
+
+
 def load_dataset(spec: str | os.PathLike) -> ImageDataset:
-    """``"digits"``, a ``.npy``/``.npz`` file or a folder of PNG images (see the module doc)."""
+    """``"digits"``, ``"patches[:options]"``, a ``.npy``/``.npz`` file or a folder of PNG images (module doc)."""
     if str(spec) == "digits":
         return load_digits_dataset()
+    if str(spec) == "patches" or str(spec).startswith("patches:"):
+        return load_patches_dataset(str(spec))
     path = Path(spec)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (use 'digits', a .npy/.npz file or a folder of .png images)")

@@ -59,6 +59,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     time_limit_s: float | None = None
     precision: str = "fp32"  # or "bf16": autocast of the network's forward pass (weights and loss stay float32)
+    weights_dtype: str = "float32"  # or "float16": the saved EMA weights (model.safetensors); training stays float32
     log_every: int = 50  # read the losses back from the device (and check them) every this many iterations
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class TrainConfig:
             raise ValueError("need lr > 0, warmup >= 0 and 0 <= ema_decay < 1")
         if self.sigma_data <= 0 or self.P_std <= 0:
             raise ValueError("sigma_data and P_std must be > 0")
+        if self.weights_dtype not in ("float32", "float16"):
+            raise ValueError(f"weights_dtype must be float32 or float16, got {self.weights_dtype!r}")
         if self.holdout is not None and self.holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {self.holdout}")
 
@@ -154,7 +157,8 @@ def _architecture(cfg: TrainConfig, ds: ImageDataset, labels: torch.Tensor | Non
         raise DataError(f"{cfg.data}: images have {c} channel(s) but the U-Net expects {unet.in_channels}")
     f = 2 ** (len(unet.channel_mult) - 1)
     if h % f or w % f:
-        raise DataError(f"{cfg.data}: image size {h}x{w} is not divisible by {f}; use fewer levels (channel_mult)")
+        raise DataError(f"{cfg.data}: image size {h}x{w} is not divisible by {f}, the U-Net's downsampling; use "
+                        f"fewer levels (channel_mult) or images (patches) whose size is a multiple of {f}")
     if unet.num_classes and labels is None:
         raise DataError(f"{cfg.data}: a class-conditional U-Net (num_classes={unet.num_classes}) needs labels")
     if unet.num_classes and labels is not None and int(labels.max()) >= unet.num_classes:
@@ -168,8 +172,16 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, ds: ImageDataset, unet: UNetConfig | None, out: Path,
                  device: str | torch.device | None):
-        holdout = cfg.holdout if cfg.holdout is not None else (DIGITS_HOLDOUT if ds.source == "digits" else 0)
-        train_idx, held_idx = split_indices(ds.x.shape[0], holdout, cfg.split_seed)
+        if ds.holdout is not None:  # the data set's own split (patches: by photo region)
+            if cfg.holdout is not None or cfg.split_seed != 0:
+                raise DataError(f"{cfg.data}: holds out its own patches (by photo region); leave the holdout "
+                                "and its seed unset")
+            held_idx = ds.holdout
+            train_idx = np.setdiff1d(np.arange(ds.x.shape[0]), held_idx)
+            holdout = len(held_idx)
+        else:
+            holdout = cfg.holdout if cfg.holdout is not None else (DIGITS_HOLDOUT if ds.source == "digits" else 0)
+            train_idx, held_idx = split_indices(ds.x.shape[0], holdout, cfg.split_seed)
         self.x = ds.x[torch.from_numpy(train_idx)]
         self.labels = ds.labels[torch.from_numpy(train_idx)] if ds.labels is not None else None
         self.cfg, self.out, self.unet = cfg, out, _architecture(cfg, ds, self.labels, unet)
@@ -185,7 +197,8 @@ class _Run:
         self.data_info = {
             "source": ds.source, "name": ds.name, "shape": list(ds.shape), "range": [-1.0, 1.0],
             "n_total": int(ds.x.shape[0]), "n_train": int(len(train_idx)), "fingerprint": ds.fingerprint(),
-            "holdout": {"n": int(holdout), "seed": int(cfg.split_seed), "indices": [int(i) for i in held_idx]},
+            "holdout": {"n": int(holdout), "seed": int(cfg.split_seed), "indices": [int(i) for i in held_idx],
+                        **({"by": "photo region"} if ds.holdout is not None else {})},
             "has_labels": ds.labels is not None,
         }
         if cfg.loss == "edm":
@@ -316,7 +329,7 @@ class _Run:
                 "loss_last200": float(np.mean(tail)) if tail else None, "stopped_early": stopped,
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
             },
-            "weights": {"file": ckpt.WEIGHTS_FILE, "ema": True, "dtype": "float32",
+            "weights": {"file": ckpt.WEIGHTS_FILE, "ema": True, "dtype": self.cfg.weights_dtype,
                         "n_params": self.net.num_parameters()},
             "device": str(self.device),
         }
@@ -333,7 +346,8 @@ class _Run:
             "wall_s": self.wall_s(), "losses": self.losses, "unet": self.unet.to_dict(), "loss": self.cfg.loss,
             "fingerprint": self.data_info["fingerprint"], "holdout": self.data_info["holdout"]["indices"],
         }
-        ckpt.save_checkpoint(self.out, self.config(stopped), state["ema"], state)
+        ckpt.save_checkpoint(self.out, self.config(stopped), state["ema"], state,
+                             weights_dtype=getattr(torch, self.cfg.weights_dtype))
 
     def run(self, progress: bool, callback: Callable[[dict], None] | None) -> TrainResult:
         """Iterate up to ``cfg.iters`` (or the time limit), with checkpoints; Ctrl-C keeps one."""

@@ -24,7 +24,8 @@ __all__ = ["auto_rule", "evaluate_candidates"]
 
 
 #: Secondary metrics per primary metric (their verdicts must not be worse in ``min_secondary`` % of cells).
-SECONDARY = {"sw2": ("nll", "mode_tv", "mmd"), "digits_fid": ("digits_kid", "precision", "recall")}
+SECONDARY = {"sw2": ("nll", "mode_tv", "mmd"), "digits_fid": ("digits_kid", "precision", "recall"),
+             "patch_fd": ("spectrum", "pixel_sw2")}
 
 
 def auto_rule(cells: Iterable[dict], label: str, *, max_nfe: int = 8, min_help: float = 80.0,

@@ -2,7 +2,7 @@
 
 Input: a ``steindiff.bench/1`` object and its :func:`~steindiff.bench.runner.summarize` output.
 Each model's tables and plots lead with its primary metric (``summary["primary"]``: ``sw2`` for
-mixtures, ``digits_fid`` for image models).
+mixtures, ``digits_fid`` for image models, ``patch_fd`` for photo patches).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ NAMES = {"sw2": "excess sliced-W2", "mode_tv": "excess mode TV", "nll": "|NLL �
          "traj_err": "trajectory error (RMS per dim vs 1000-step reference)", "mmd": "excess MMD",
          "digits_fid": "excess digits-FID", "digits_kid": "excess digits-KID", "class_tv": "excess class TV",
          "precision": "precision deficit (floor − precision)", "recall": "recall deficit (floor − recall)",
-         "memorization": "excess memorization rate"}
+         "memorization": "excess memorization rate", "patch_fd": "excess patch-FD",
+         "spectrum": "excess spectrum distance (RMS log10 power error over 8 frequency bands)",
+         "pixel_sw2": "excess pixel sliced-W2"}
 #: Metric tables of the Markdown report and plots, per primary metric.
 TABLES = {"sw2": ("sw2", "nll", "mode_tv"),
-          "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err")}
-PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err")}
+          "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err"),
+          "patch_fd": ("patch_fd", "spectrum", "pixel_sw2", "traj_err")}
+PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err"), "patch_fd": ("patch_fd", "spectrum")}
 _ORDER = METRICS + IMAGE_METRICS
 
 
@@ -109,17 +112,17 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         ref = cfg.get("reference", {})
         img = ref.get("image_model_steps")
         kinds = set(summary.get("primary", {}).values())
-        steps = (f"{img}" if kinds == {"digits_fid"}
+        steps = (f"{img}" if "sw2" not in kinds
                  else f"{ref.get('steps')} ({img} for image models)") if img is not None else f"{ref.get('steps')}"
         lines.append(f"Schema `{result.get('schema')}`; N = {cfg.get('n')} samples per configuration, seeds "
                      f"{cfg.get('seeds')}, {cfg.get('probes')} Hutchinson probes for `stein`, "
                      f"{mach.get('dtype', 'float64')} states, "
                      f"trajectory reference: {ref.get('solver')} with {steps} Karras steps from the same noise.")
-        if "digits_fid" in kinds:
-            lines.append("Image metrics (`steindiff.metrics.image`, samples clamped to [-1, 1]) against the held-out "
-                         "images; each excess is over the same metric of as many real training images (precision and "
-                         "recall: floor minus value). digits-FID/KID use the project's own digits classifier and are "
-                         "comparable only with each other.")
+        if kinds - {"sw2"}:
+            lines.append("Image metrics (`steindiff.metrics.image`, `steindiff.metrics.patches`, samples clamped to "
+                         "[-1, 1]) against the held-out images; each excess is over the same metric of as many real "
+                         "training images (precision and recall: floor minus value). digits-FID/KID and patch-FD use "
+                         "the project's own small classifiers and are comparable only with each other.")
     if result.get("cost"):
         lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} "
                      "interleaved repeats after one "

@@ -14,10 +14,10 @@ Conventions (documented here once, used by the report and the CLI):
   float32 for image models.
 - Two kinds of model (:func:`model_kind`): an exact-score mixture (``spec.gmm``; metrics
   :func:`~steindiff.metrics.mixture_metrics`, primary metric ``sw2``) or an image model carrying
-  reference images (``spec.info["heldout"]``, e.g. ``digits``; metrics
-  :func:`~steindiff.metrics.image.image_metrics` of the samples clamped to [-1, 1], each with its
-  floor, primary metric ``digits_fid``).  :func:`primary_metric` is the one place that says which
-  metric ranks vanilla configurations and headlines the summary.
+  reference images (``spec.info["heldout"]``, e.g. ``digits``, ``patches``; metrics
+  :func:`~steindiff.metrics.image_model_metrics` of the samples clamped to [-1, 1], each with its
+  floor, primary metric ``digits_fid``, or ``patch_fd`` for photo patches).  :func:`primary_metric` is
+  the one place that says which metric ranks vanilla configurations and headlines the summary.
 - ``none`` rows do not depend on the stabilizer's coordinates: they are run once per
   ``(model, seed, solver, schedule, nfe)`` and labelled ``coords = "-"``; every ``ve``/``vp``
   stabilizer cell is compared with that one vanilla cell.
@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from ..calibrate import CALIBRATION_SEED, calibrate, calibrated_plan
 from ..diagnostics import RhoRecorder
 from ..generate import generate
-from ..metrics import mixture_metrics, traj_err
+from ..metrics import image_model_metrics, mixture_metrics, traj_err
 from ..models.registry import ModelSpec, load_model
 from ..plan import SamplingPlan, make_plan
 from ..sampling import prior_noise
@@ -63,7 +63,8 @@ from ..stabilizers import STABILIZERS, make_stabilizer
 
 __all__ = [
     "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
-    "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "IMAGE_REF_STEPS",
+    "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
+    "IMAGE_REF_STEPS",
 ]
 
 SCHEMA = "steindiff.bench/1"
@@ -73,8 +74,11 @@ TRAJECTORY = "cal:trajectory"
 COORDS = ("ve", "vp")
 #: Metrics of the summary, each as an "excess" over its floor (see :func:`excess`).
 METRICS = ("sw2", "mode_tv", "nll", "traj_err", "mmd")
-#: The same for image models (``traj_err`` is in :data:`METRICS`).
-IMAGE_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
+#: The same for image models (``traj_err`` is in :data:`METRICS`): digits, and photo patches.
+DIGITS_METRICS = ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization")
+IMAGE_METRICS = DIGITS_METRICS + ("patch_fd", "spectrum", "pixel_sw2")
+#: Primary metrics, in the order :func:`primary_metric` looks for them in rows.
+PRIMARY = ("patch_fd", "digits_fid", "sw2")
 #: At most this many reference steps for image models (a U-Net pass costs far more than a mixture's).
 IMAGE_REF_STEPS = 100
 #: Stabilizers whose rows record their Hutchinson probe count.
@@ -95,19 +99,21 @@ def model_kind(spec: ModelSpec) -> str | None:
 
 
 def primary_metric(obj: Any) -> str:
-    """The primary metric: ``"sw2"`` for mixtures, ``"digits_fid"`` for image models.
+    """The primary metric: ``"sw2"`` for mixtures, ``"digits_fid"`` for image models, ``"patch_fd"`` for
+    models of photo patches.
 
     ``obj``: a :class:`ModelSpec`, a row or cell (dict with ``metrics`` or ``excess``), or an iterable
     of rows or cells of one model (the first that has metrics decides; ``"sw2"`` when none has).
     """
     if isinstance(obj, ModelSpec):
-        return "digits_fid" if model_kind(obj) == "image" else "sw2"
+        if model_kind(obj) != "image":
+            return "sw2"
+        return "patch_fd" if obj.info.get("metrics") == "patches" else "digits_fid"
     for r in ([obj] if isinstance(obj, dict) else obj):
         m = r.get("metrics") or r.get("excess") or {}
-        if "digits_fid" in m:
-            return "digits_fid"
-        if "sw2" in m:
-            return "sw2"
+        found = next((p for p in PRIMARY if p in m), None)
+        if found:
+            return found
     return "sw2"
 
 
@@ -158,7 +164,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
         if model_kind(spec) is None:
             note = (spec.info or {}).get("data_note")
             raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...) or an image model with "
-                             f"reference images (digits), got {m!r}" + (f": {note}" if note else ""))
+                             f"reference images (digits, patches), got {m!r}" + (f": {note}" if note else ""))
         specs[m] = spec if device is None else spec.to(device)
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             if s != TRAJECTORY:
@@ -263,7 +269,7 @@ def _calibration_reference(spec: ModelSpec, opts: dict):
 
 def _floors(spec: ModelSpec, n: int, seed: int) -> dict[str, float]:
     """``mode_tv`` and ``nll`` of an independent true sample set of the same size: their floors
-    (image models: none here, :func:`~steindiff.metrics.image.image_metrics` gives its own)."""
+    (image models: none here, :func:`~steindiff.metrics.image_model_metrics` gives its own)."""
     if model_kind(spec) != "mixture":
         return {}
     m = mixture_metrics(spec.gmm.sample(n, seed=30_000 + seed), spec.gmm, seed=seed)
@@ -323,9 +329,7 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
         if model_kind(spec) == "mixture":
             metrics = mixture_metrics(gen.x, spec.gmm, seed=seed, ref=ref, mmd=mmd)
         else:
-            from ..metrics.image import image_metrics
-
-            metrics = image_metrics(gen.x.clamp(-1, 1), spec, seed=seed)
+            metrics = image_model_metrics(gen.x.clamp(-1, 1), spec, seed=seed)
             metrics["traj_err"] = traj_err(gen.x, ref)
     except Exception as e:
         return {**row, "metrics": {}, "status": _reason(e)}
@@ -540,8 +544,8 @@ def excess(metrics: dict, name: str) -> float | None:
     sample set of size N).  ``nll``: ``|nll - nll_floor|``, two-sided, because samples can also be
     *more* likely than true data (over-concentrated, the isotropic spread lost), which is no better.
     ``traj_err``: itself (floor 0).  Image metrics: ``digits_fid``, ``digits_kid``, ``class_tv``,
-    ``memorization``: metric minus its floor (real training images of the same count); ``precision``
-    and ``recall`` (higher is better): floor minus metric.
+    ``memorization``, ``patch_fd``, ``spectrum``, ``pixel_sw2``: metric minus its floor (real training images
+    of the same count); ``precision`` and ``recall`` (higher is better): floor minus metric.
     """
     if name not in metrics or metrics[name] is None:
         return None
@@ -645,7 +649,7 @@ def summarize(result: dict) -> dict:
     ``cells``: one per ``(model, solver, schedule, coords, nfe_budget, stabilizer)`` with mean, std,
     min and max over seeds of each excess metric (:func:`excess`), and for stabilizers the verdict of
     each metric against vanilla (:func:`verdict`) and the verdict of the model's primary metric
-    (:func:`primary_metric`: ``sw2`` for mixtures, ``digits_fid`` for image models) against the best
+    (:func:`primary_metric`: ``sw2`` for mixtures, ``digits_fid`` / ``patch_fd`` for image models) against the best
     vanilla configuration whose actual NFE is at most the cell's.  ``primary``: per model, that metric.
     ``best_vanilla``: per model and NFE budget, the vanilla solver and schedule with the lowest mean
     excess of the primary metric (``metric``, ``excess_<metric>``).  ``counts``: per model,

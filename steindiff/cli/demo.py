@@ -1,7 +1,8 @@
 """``steindiff demo``: the main job.  With the shipped digits model, compare at equal NFE the plain
 solver, the calibrated sampler (SteinDiff's step scale fitted once to the model's own ODE solution;
-the digits model ships its calibrations) and the paper's literal Stein stabilizer: print the table,
-write an image grid and a metric plot."""
+the shipped models ship their calibrations) and the paper's literal Stein stabilizer: print the table,
+write an image grid and a metric plot.  With ``--model patches`` (32x32 photo patches) the energy-matching
+stabilizer joins them, and a spectrum plot shows residual noise (high frequencies up) and blur (down)."""
 
 from __future__ import annotations
 
@@ -26,34 +27,49 @@ from .common import add_common, add_device, add_jacobian_batch, device_from_args
 
 DEFAULT_OUT = "demo-out"  # also in .gitignore
 CALIBRATED = "calibrated"  # the demo's name for the trajectory-calibrated sampler
-DEFAULT_STABILIZERS = f"none,{CALIBRATED},stein"
+#: Defaults per kind of image model (``info["metrics"]``): sized for about 2 minutes on 2 CPU cores.
+DEFAULTS = {"digits": {"nfe": "3,5,8", "n": 400, "stabilizers": f"none,{CALIBRATED},stein", "probes": 5},
+            "patches": {"nfe": "4,8", "n": 80, "stabilizers": f"none,{CALIBRATED},stein,stein-energy", "probes": 1}}
+#: Columns of the table: the first is the plotted metric.
+COLUMNS = {"digits": ["digits_fid", "digits_kid", "class_tv", "precision", "recall"],
+           "patches": ["patch_fd", "spectrum", "spectrum_high", "pixel_sw2"]}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo",
-                       help="plain, calibrated and Stein-stabilized sampling side by side on the shipped digits model",
+                       help="plain, calibrated and Stein-stabilized sampling side by side on a shipped model",
                        description=__doc__)
-    p.add_argument("--model", default="digits", help="digits (shipped) or a trained checkpoint directory")
+    p.add_argument("--model", default="digits", help="digits or patches (shipped) or a trained checkpoint directory")
     p.add_argument("--solver", default="dpmpp_2m", help=f"the solver of every row, one of: {', '.join(SOLVERS)}")
-    p.add_argument("--nfe", default="3,5,8", help="comma-separated NFE budgets")
+    p.add_argument("--nfe", default=None, help="comma-separated NFE budgets (default: digits 3,5,8; patches 4,8)")
     p.add_argument("--schedule", default="logsnr", choices=list(SCHEDULES), help="time schedule of every row")
-    p.add_argument("--stabilizers", default=DEFAULT_STABILIZERS,
-                   help=f"comma-separated, from: {CALIBRATED} (the calibrated sampler), {', '.join(STABILIZERS)}")
+    p.add_argument("--stabilizers", default=None,
+                   help=f"comma-separated, from: {CALIBRATED} (the calibrated sampler), {', '.join(STABILIZERS)} "
+                        f"(default: digits {DEFAULTS['digits']['stabilizers']}; patches "
+                        f"{DEFAULTS['patches']['stabilizers']})")
+    p.add_argument("--probes", type=int, default=None,
+                   help="Hutchinson probes per step of the Stein stabilizers (default: digits 5, patches 1)")
     p.add_argument("--calibration-dir", default=None,
                    help="where calibrations not shipped with the model are cached (default: "
                         "$XDG_CACHE_HOME/steindiff/calibrations)")
-    p.add_argument("--n", type=int, default=400, help="samples per configuration (metrics)")
+    p.add_argument("--n", type=int, default=None, help="samples per configuration (metrics; default: digits 400, "
+                                                        "patches 80)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (small convolutions run fastest on one thread on shared machines)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the probes")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory for grid.png, metrics.png, results.json")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output directory for grid.png, metrics.png, results.json (patches: spectrum.png)")
     add_jacobian_batch(p)
     add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
 
-def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+def _parse(args: argparse.Namespace, kind: str) -> tuple[list[int], list[str]]:
+    """The NFE budgets and stabilizers, checked; unset options take the defaults of the kind of model."""
+    for key, value in DEFAULTS[kind].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
         nfes = [int(v) for v in args.nfe.split(",") if v]
     except ValueError:
@@ -63,8 +79,8 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if bad:
         raise UsageError(f"unknown stabilizer(s) {', '.join(map(repr, bad))}; choose from {CALIBRATED}, "
                          f"{', '.join(STABILIZERS)}")
-    if not nfes or min(nfes) < 1 or args.n < 8:
-        raise UsageError("need at least one NFE >= 1 and --n >= 8")
+    if not nfes or min(nfes) < 1 or args.n < 8 or args.probes < 1:
+        raise UsageError("need at least one NFE >= 1, --n >= 8 and --probes >= 1")
     if args.solver not in SOLVERS:
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
     for nfe in nfes:
@@ -73,12 +89,12 @@ def _parse(args: argparse.Namespace) -> tuple[list[int], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    nfes, stabs = _parse(args)
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     device = device_from_args(args)
     torch.set_num_threads(args.threads)
     spec = model_on_device(args.model, device)
+    nfes, stabs = _parse(args, spec.info.get("metrics", "digits"))
     out = Path(args.out)
     created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if the run does not finish
     try:
@@ -97,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list[str]) -> int:
     from tqdm import tqdm
 
-    from ..metrics.image import image_metrics
+    from ..metrics import image_model_metrics
 
+    kind = spec.info.get("metrics", "digits")
     t_start = time.perf_counter()
     rows, grids = [], []
     n_show = 12
@@ -114,15 +131,16 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                                            notice=lambda m: bar.write(m, file=sys.stderr))
                     stab = None  # the plan's gammas
                 else:
-                    stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch)
+                    stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch,
+                                           probes=args.probes)
                 try:
                     gen = generate(spec, plan, n=args.n, seed=args.seed, stabilizer=stab)
                     x = gen.x.clamp(-1, 1)
-                    m = image_metrics(x, spec, seed=args.seed)
+                    m = image_model_metrics(x, spec, seed=args.seed)
                     status = "ok"
                 except (FloatingPointError, ValueError, RuntimeError) as e:
                     gen, x, m, status = None, None, {}, f"failed: {e}"
-                rows.append({"nfe": gen.nfe if gen else nfe, "stabilizer": name, "status": status,
+                rows.append({"nfe": gen.nfe if gen else nfe, "nfe_budget": nfe, "stabilizer": name, "status": status,
                              "sigmas": plan.sigmas.tolist(),
                              "extra_passes": gen.extra_passes if gen else None,
                              "wall_s_per_sample": gen.wall_s / args.n if gen else None,
@@ -132,23 +150,28 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                 bar.update(1)
     grid_png, plot_png = out / "grid.png", out / "metrics.png"
     _save_grid(grids, grid_png)
-    _save_plot(rows, nfes, stabs, plot_png, args.solver)
+    _save_plot(rows, nfes, stabs, plot_png, args.solver, spec.name, COLUMNS[kind][0])
     result = {"schema": "steindiff.demo/1", "model": spec.name, "solver": args.solver, "schedule": args.schedule,
-              "n": args.n, "seed": args.seed,
+              "n": args.n, "seed": args.seed, "probes": args.probes,
               "device": str(spec.device or "cpu"),
-              "rows": rows, "grid": str(grid_png), "plot": str(plot_png), "wall_s": time.perf_counter() - t_start}
+              "rows": rows, "grid": str(grid_png), "plot": str(plot_png)}
+    written = [grid_png, plot_png]
+    if kind == "patches":
+        result["spectrum_plot"] = str(out / "spectrum.png")
+        written.append(_save_spectrum(rows, nfes, stabs, out / "spectrum.png", f"{spec.name}, {args.solver}"))
+    result["wall_s"] = time.perf_counter() - t_start
     save_json(out / "results.json", result)
-    emit(args, result, _table(rows, args, spec.name) + f"\nwrote {grid_png}, {plot_png}, {out / 'results.json'}"
-         f" ({result['wall_s']:.0f} s)")
+    emit(args, result, _table(rows, args, spec.name, COLUMNS[kind]) + f"\nwrote {', '.join(map(str, written))}, "
+         f"{out / 'results.json'} ({result['wall_s']:.0f} s)")
     return 0
 
 
-def _table(rows: list[dict], args: argparse.Namespace, model: str) -> str:
+def _table(rows: list[dict], args: argparse.Namespace, model: str, cols: list[str]) -> str:
+    results = "calibrated-digits.md" if cols[0] == "digits_fid" else "patches.md"
     head = (f"{model}, {args.solver} / {args.schedule}, {args.n} samples per row; floors: real vs real. "
-            "calibrated: fitted once per NFE (shipped with the digits model), no extra pass; stein: the paper's "
-            "Algorithm 1. Where calibration helps and where it does not, over every solver and schedule: "
-            "docs/results/calibrated-digits.md")
-    cols = ["digits_fid", "digits_kid", "class_tv", "precision", "recall"]
+            "calibrated: fitted once per NFE (shipped with the model), no extra pass; stein: the paper's "
+            f"Algorithm 1 ({args.probes} Hutchinson probe(s) per step). Where calibration helps and where it does "
+            f"not, over every solver and schedule: docs/results/{results}")
     lines = [head, f"{'NFE':>4} {'stabilizer':14s} {'+JVP':>5} " + " ".join(f"{c:>10s}" for c in cols) + "  gammas"]
     for r in rows:
         if r["status"] != "ok":
@@ -173,19 +196,41 @@ def _save_grid(grids, path: Path) -> None:
     save_figure(fig, path, dpi=150)
 
 
-def _save_plot(rows, nfes, stabs, path: Path, solver: str) -> None:
+def _save_plot(rows, nfes, stabs, path: Path, solver: str, model: str, metric: str) -> None:
     fig, ax = figure(figsize=(5, 3.5))
     for name in stabs:
-        pts = [(r["nfe"], r["metrics"]["digits_fid"]) for r in rows if r["stabilizer"] == name and r["status"] == "ok"]
+        pts = [(r["nfe"], r["metrics"][metric]) for r in rows if r["stabilizer"] == name and r["status"] == "ok"]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
-    floor = next((r["metrics"]["digits_fid_floor"] for r in rows if r["status"] == "ok"), None)
+    floor = next((r["metrics"][f"{metric}_floor"] for r in rows if r["status"] == "ok"), None)
     if floor is not None:
         ax.axhline(floor, color="gray", ls="--", label="real vs real")
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
-    ax.set_ylabel("digits-FID (lower is better)")
-    ax.set_title(f"digits, {solver}")
+    ax.set_ylabel({"digits_fid": "digits-FID", "patch_fd": "patch-FD"}.get(metric, metric) + " (lower is better)")
+    ax.set_title(f"{model}, {solver}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+
+
+def _save_spectrum(rows, nfes, stabs, path: Path, title: str) -> Path:
+    """Per NFE, the log10 power ratio of the samples to the held-out patches in each frequency band
+    (:func:`~steindiff.metrics.patches.spectrum_error`): above 0 residual noise, below 0 blur."""
+    fig, axes = figure(1, len(nfes), figsize=(3.2 * len(nfes), 3), squeeze=False, sharey=True)
+    for ax, nfe in zip(axes[0], nfes):
+        for name in stabs:
+            r = next((r for r in rows if r["stabilizer"] == name and r["nfe_budget"] == nfe and r["status"] == "ok"),
+                     None)
+            if r is not None:
+                bands = r["metrics"]["spectrum_bands"]
+                ax.plot([(i + 0.5) / (2 * len(bands)) for i in range(len(bands))], bands, marker="o", ms=3, label=name)
+        ax.axhline(0, color="gray", ls="--", label="held-out real")
+        ax.set_title(f"NFE {nfe}", fontsize=9)
+        ax.set_xlabel("frequency (cycles / pixel)")
+    axes[0][0].set_ylabel("log10 power / real")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"{title}: power spectrum against real patches (up: noise, down: blur)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    return path

@@ -1,6 +1,8 @@
-"""``steindiff train``: train a small U-Net denoiser on the 8x8 digits or your own images.
+"""``steindiff train``: train a small U-Net denoiser on the 8x8 digits, photo patches or your own images.
 
-Data: ``digits`` (scikit-learn's 8x8 digits, 297 images held out), a ``.npy``/``.npz`` array
+Data: ``digits`` (scikit-learn's 8x8 digits, 297 images held out), ``patches`` (32x32 RGB patches of the
+color photographs shipped in scikit-image and scikit-learn, held out by photo region; options
+``patches:size=48,flip,photos=astronaut+coffee``), a ``.npy``/``.npz`` array
 ``N x C x H x W`` (floats in [-1, 1], or 8-bit integers in [0, 255]) or a folder of 8-bit PNGs.
 The checkpoint folder ``--out`` gets ``model.safetensors`` (EMA weights), ``config.json`` and
 ``train_state.pt``; ``--resume`` continues it (on either device).  Load it with ``--model OUT`` in
@@ -30,7 +32,8 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a U-Net denoiser on images", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", help="'digits', a .npy/.npz file or a folder of .png images")
+    p.add_argument("--data", default="digits",
+                   help="'digits', 'patches[:size=N,flip,photos=A+B]', a .npy/.npz file or a folder of .png images")
     p.add_argument("--out", required=True, help="checkpoint folder to create (or continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out up to --iters")
     p.add_argument("--loss", default="edm", choices=["edm", "vp-eps"],
@@ -42,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="decay of the weights' moving average (the saved model)")
     p.add_argument("--holdout", type=int, default=None,
-                   help="images held out for evaluation (default: 297 for digits, else 0)")
+                   help="images held out for evaluation (default: 297 for digits, else 0; patches hold out "
+                        "photo regions of their own)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, batches and noise")
     p.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many iterations")
@@ -52,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32, or bf16 autocast of the network's forward pass (weights, "
                         "optimizer and loss stay float32)")
+    p.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
+                   help="dtype of the saved EMA weights (model.safetensors; float16 halves the file, training "
+                        "stays float32)")
     p.add_argument("--log-every", type=int, default=50,
                    help="read the losses back from the device (progress bar, NaN check) every this many iterations")
     arch = p.add_argument_group("architecture")
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
             seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit, precision=args.precision,
-            log_every=args.log_every,
+            log_every=args.log_every, weights_dtype=args.weights_dtype,
         )
         ds = load_dataset(args.data)
         unet = UNetConfig(

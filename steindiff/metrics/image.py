@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "DigitsClassifier", "load_digits_classifier", "digits_features",
+    "DigitsClassifier", "load_digits_classifier", "load_classifier", "digits_features", "classifier_features",
     "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv",
     "image_metrics", "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR",
 ]
@@ -73,8 +73,10 @@ class DigitsClassifier(nn.Module):
         return self.head(self.dropout(self.features(x) * self.feature_scale))
 
 
-@functools.lru_cache(maxsize=4)
-def _load_classifier(path: str) -> DigitsClassifier:
+@functools.lru_cache(maxsize=8)
+def load_classifier(path: str, cls: type[nn.Module] = DigitsClassifier, schema: str = CLASSIFIER_SCHEMA) -> nn.Module:
+    """A feature classifier ``cls`` saved in ``path`` (``model.safetensors`` and a ``config.json`` with
+    ``schema`` and the architecture), in eval mode and frozen; cached per path."""
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -82,26 +84,27 @@ def _load_classifier(path: str) -> DigitsClassifier:
     try:
         config = json.loads(cfile.read_text())
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{cfile}: missing or unreadable digits-classifier config ({e})") from None
-    if config.get("schema") != CLASSIFIER_SCHEMA:
-        raise ValueError(f"{cfile}: not a digits-classifier config (schema {CLASSIFIER_SCHEMA!r} expected)")
-    model = DigitsClassifier(**config["architecture"])
+        raise FileNotFoundError(f"{cfile}: missing or unreadable classifier config ({e})") from None
+    if config.get("schema") != schema:
+        raise ValueError(f"{cfile}: not a {cls.__name__} config (schema {schema!r} expected)")
+    model = cls(**config["architecture"])
     try:
         state = load_file(str(wfile))
     except Exception as e:
         raise ValueError(f"{wfile}: missing or corrupt classifier weights ({e})") from None
     try:
-        model.load_state_dict(state)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
         raise ValueError(f"{wfile}: weights do not match {cfile.name}: {str(e).splitlines()[0]}") from None
     model.eval().requires_grad_(False)
+    model.config = config
     return model
 
 
 def load_digits_classifier(path: str | os.PathLike | None = None) -> DigitsClassifier:
     """The shipped digits classifier (eval mode, frozen), or one saved in the same format
     (``model.safetensors`` and a ``config.json`` naming its architecture)."""
-    return _load_classifier(str(Path(path) if path is not None else CLASSIFIER_DIR))
+    return load_classifier(str(Path(path) if path is not None else CLASSIFIER_DIR))  # type: ignore[return-value]
 
 
 def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -119,8 +122,14 @@ def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
 def digits_features(x: torch.Tensor, classifier: DigitsClassifier | None = None,
                     batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features (N, 64) float64, predicted labels (N,))`` of images clamped to [-1, 1]."""
-    clf = classifier or load_digits_classifier()
-    x = _check_images(x, "images").clamp(-1, 1)
+    return classifier_features(classifier or load_digits_classifier(), _check_images(x, "images"), batch_size)
+
+
+@torch.no_grad()
+def classifier_features(clf: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, d) float64, predicted labels (N,))`` of images clamped to [-1, 1], by a classifier with
+    ``features``, ``head`` and ``feature_scale`` (:class:`DigitsClassifier`, the patch classifier)."""
+    x = x.clamp(-1, 1)
     feats, labels = [], []
     for i in range(0, x.shape[0], batch_size):
         f = clf.features(x[i : i + batch_size])

@@ -1,5 +1,5 @@
 """Named models for the CLI and benchmarks: ``gmm:<preset>`` (exact mixtures), and more
-registered by other modules (e.g. the shipped digits model)."""
+registered by other modules (e.g. the shipped digits and patches models)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def load_model(name: str) -> ModelSpec:
         if matches(name):
             return load(name)
     raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64), digits "
-                     "(the shipped model) or a checkpoint folder written by `steindiff train` "
+                     "or patches (the shipped models) or a checkpoint folder written by `steindiff train` "
                      "(config.json, model.safetensors)")
 
 

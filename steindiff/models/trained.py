@@ -1,10 +1,13 @@
-"""Trained U-Net checkpoints as named models: ``digits`` (shipped) and any checkpoint folder.
+"""Trained U-Net checkpoints as named models: ``digits`` and ``patches`` (shipped) and any checkpoint folder.
 
 ``load_model("digits")`` returns the shipped EDM model of the 8x8 digits (weights in
-``steindiff/weights/digits``); ``load_model("path/to/checkpoint")`` loads a folder written by
+``steindiff/weights/digits``), ``load_model("patches")`` the one of 32x32 RGB photo patches
+(``steindiff/weights/patches``); ``load_model("path/to/checkpoint")`` loads a folder written by
 ``steindiff train``.  The denoiser is ``EDMPrecond(unet)`` (or ``VPDenoiser`` for a VP epsilon
-model) in eval mode with frozen parameters.  For digits checkpoints ``info`` carries the held-out
-and training images of the recorded split (for :func:`steindiff.metrics.image.image_metrics`).
+model) in eval mode with frozen parameters.  When the training data can be reloaded, ``info`` carries
+the held-out and training images of the recorded split, and ``info["metrics"]`` names the image metrics
+that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, else ``digits``:
+:func:`steindiff.metrics.image.image_metrics`).
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from ..data import DataError, load_dataset
 from .checkpoint import build_denoiser, is_checkpoint_dir, load_checkpoint
 from .registry import ModelSpec, register_model_loader
 
-__all__ = ["DIGITS_DIR", "load_trained", "is_trained_checkpoint"]
+__all__ = ["DIGITS_DIR", "PATCHES_DIR", "SHIPPED", "load_trained", "is_trained_checkpoint"]
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
+PATCHES_DIR = DIGITS_DIR.parent / "patches"
+#: The models shipped with the package, by name.
+SHIPPED = {"digits": DIGITS_DIR, "patches": PATCHES_DIR}
 
 
 def is_trained_checkpoint(name: str) -> bool:
-    """``digits``, or a folder holding a steindiff ``config.json`` or a ``model.safetensors``
+    """A shipped model's name, or a folder holding a steindiff ``config.json`` or a ``model.safetensors``
     (folders of other formats, e.g. diffusers pipelines with ``model_index.json``, are left alone)."""
-    if name == "digits":
+    if name in SHIPPED:
         return True
     p = Path(name)
     if not p.is_dir() or (p / "model_index.json").exists():
@@ -48,17 +54,18 @@ def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
     held = torch.as_tensor(data["holdout"]["indices"], dtype=torch.long)
     mask = torch.ones(ds.x.shape[0], dtype=torch.bool)
     mask[held] = False
-    info: dict[str, Any] = {"heldout": ds.x[held], "train": ds.x[mask]}
+    info: dict[str, Any] = {"heldout": ds.x[held], "train": ds.x[mask],
+                            "metrics": "patches" if ds.name == "patches" else "digits"}
     if ds.labels is not None:
         info["heldout_labels"], info["train_labels"] = ds.labels[held], ds.labels[mask]
     return info
 
 
 def load_trained(name: str) -> ModelSpec:
-    """ModelSpec of ``digits`` or of a checkpoint folder (see the module doc)."""
-    path = DIGITS_DIR if name == "digits" else Path(name)
-    if name == "digits" and not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped digits model is "
+    """ModelSpec of a shipped model or of a checkpoint folder (see the module doc)."""
+    path = SHIPPED.get(name, Path(name))
+    if name in SHIPPED and not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path / 'model.safetensors'}: the shipped {name} model is "
                                 "missing from this installation")
     net, config = load_checkpoint(path)
     net.requires_grad_(False)
@@ -70,7 +77,7 @@ def load_trained(name: str) -> ModelSpec:
         / "calibrations").is_dir():  # calibrations fitted once for these weights (steindiff bench --calibration-dir)
         info["calibrations"] = str(path / "calibrations")
     info.update(_reference_data(config))
-    spec_name = "digits" if name == "digits" else os.fspath(path)
+    spec_name = name if name in SHIPPED else os.fspath(path)
     return ModelSpec(name=spec_name, denoiser=denoiser, process=process, sample_shape=shape, info=info)
 
 

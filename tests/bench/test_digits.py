@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steindiff.bench import markdown, primary_metric, run_grid, summarize, validate_grid
-from steindiff.bench.runner import IMAGE_METRICS, SCHEMA, excess
+from steindiff.bench.runner import DIGITS_METRICS, SCHEMA, excess
 from steindiff.models.registry import load_model
 
 pytestmark = pytest.mark.skipif(load_model("digits").info.get("heldout") is None,
@@ -38,7 +38,7 @@ def test_digits_rows_have_schema_fields_and_image_metrics(result):
         assert isinstance(r["wall_s_per_sample"], float) and r["wall_s_per_sample"] > 0
         assert len(r["gammas"]) == r["steps"]
         m = r["metrics"]
-        for name in IMAGE_METRICS:
+        for name in DIGITS_METRICS:
             assert math.isfinite(m[name]) and math.isfinite(m[f"{name}_floor"])
         assert m["traj_err"] > 0 and m["n"] == 64
         assert "sw2" not in m

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from steindiff.cli import main
 
@@ -80,3 +81,36 @@ def test_bad_data_and_outputs(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "o"), "--channel-mult", "a,b"])
     assert e.value.code == 2
+
+
+def test_patches_split_by_region_in_the_checkpoint_and_float16_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from steindiff.data import load_dataset
+    from steindiff.models.registry import load_model
+
+    out = tmp_path / "p"
+    assert main(["train", "--data", "patches:size=16,photos=chelsea", "--out", str(out), "--iters", "1",
+                 "--weights-dtype", "float16", "--no-progress", "--json", *TINY]) == 0
+    s = json.loads(capsys.readouterr().out)
+    ds = load_dataset("patches:size=16,photos=chelsea")
+    cfg = json.loads((out / "config.json").read_text())
+    assert s["data"]["shape"] == [3, 16, 16] and cfg["data"]["source"] == "patches:size=16,photos=chelsea"
+    assert cfg["data"]["holdout"]["by"] == "photo region" and cfg["data"]["holdout"]["indices"] == ds.holdout.tolist()
+    assert cfg["weights"]["dtype"] == "float16" and cfg["training"]["weights_dtype"] == "float16"
+    assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.float16}
+    spec = load_model(str(out))
+    assert spec.info["metrics"] == "patches" and spec.info["heldout"].shape == (len(ds.holdout), 3, 16, 16)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--data", "patches:photos=camera+coins"], "are grayscale only; an RGB patch model needs at least one color"),
+    (["--data", "patches:size=512,photos=chelsea"], "photo chelsea is 451x300 pixels, smaller than the patch size"),
+    (["--data", "patches:size=20,photos=chelsea", "--channel-mult", "1,2,2,2"], "size 20x20 is not divisible by 8"),
+    (["--data", "patches:photos=chelsea", "--holdout", "10"], "holds out its own patches"),
+])
+def test_bad_patches_are_refused_before_any_training(tmp_path, capsys, monkeypatch, args, match):
+    monkeypatch.setattr("steindiff.train._Run.run", lambda *a: pytest.fail("training started"))
+    assert main(["train", "--out", str(tmp_path / "o"), "--no-progress", *TINY, *args]) == 2
+    assert match in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
