@@ -5,7 +5,7 @@
 # Usage: OUT=DIR benchmarks/gpu_session.sh PART...   parts:
 #   digits         the calibrated-digits grid (run_results.sh calibrated-digits, DEVICE=cuda): refits the
 #                  shipped digits calibrations and reruns the grid, one shard per solver side by side
-#   image64        the calibrated-image64 grid (run_results.sh calibrated-image64, DEVICE=cuda)
+#   image64        the calibrated-image64 grid (run_results.sh calibrated-image64) on the machine's CPU cores
 #   patches-train  trains the patches model (benchmarks/train_patches.sh) into steindiff/weights/patches
 #   patches        the patches grid and calibrations (run_results.sh patches, DEVICE=cuda)
 # Parts listed together before a '+' run side by side, e.g. `digits+patches-train patches`.
@@ -18,6 +18,8 @@ if ! command -v steindiff > /dev/null; then
   export -f steindiff
 fi
 export DEVICE=cuda PYTHONUNBUFFERED=1
+# photographs of the patches data set where scikit-image is not installed: a folder `skimage/data` under .devdata
+[[ -d .devdata/skimage ]] && export PYTHONPATH=$PWD/.devdata${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/logs/gpu.txt" 2>&1
 touch "$OUT/.start"
 
@@ -25,7 +27,7 @@ part() {
   local t0=$SECONDS
   case $1 in
     digits) benchmarks/run_results.sh calibrated-digits ;;
-    image64) benchmarks/run_results.sh calibrated-image64 ;;
+    image64) DEVICE=cpu benchmarks/run_results.sh calibrated-image64 ;;  # a mixture: the host's CPU cores
     patches-train) benchmarks/train_patches.sh steindiff/weights/patches ;;
     patches) benchmarks/run_results.sh patches ;;
     *) echo "unknown part $1"; return 2 ;;

@@ -102,14 +102,14 @@ if [[ $what == patches || $what == all ]]; then
   # held-out photo regions (primary: patch_fd); the calibrated sampler is fitted once per cell and shipped with the
   # model (steindiff/weights/patches/calibrations, where the demo finds them). Minutes on a GPU, hours on 2 CPU cores.
   rm -rf steindiff/weights/patches/calibrations
-  steindiff bench --model patches --solvers euler,dpmpp_2m,unipc,heun,ipndm --nfe 3,4,5,6,8,10 \
-    --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory,stein-energy --seeds 0,1 --n 500 \
-    --no-progress --calibration-dir steindiff/weights/patches/calibrations \
-    --json-out $out/patches.json --markdown $out/patches.md --plots $out/plots/patches \
-    --title "patches U-Net (32x32 photo patches): the calibrated sampler and energy matching against vanilla solvers"
+  SOLVERS=euler,dpmpp_2m,unipc,heun,ipndm \
+    TITLE="patches U-Net (32x32 photo patches): the calibrated sampler and energy matching against vanilla solvers" \
+    sharded patches --model patches --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve \
+    --stabilizers none,cal:trajectory,stein-energy --seeds 0,1 --n 500 --device "${DEVICE:-auto}" \
+    --calibration-dir steindiff/weights/patches/calibrations
   # the fine solve: how close the model itself comes to the real-vs-real floor
   steindiff bench --model patches --solvers dpmpp_2m --nfe 50 --schedules karras --coords ve --stabilizers none \
-    --seeds 0,1 --n 500 --no-progress --json-out $out/patches-fine.json --markdown $out/patches-fine.md \
+    --seeds 0,1 --n 500 --device "${DEVICE:-auto}" --no-progress --json-out $out/patches-fine.json --markdown $out/patches-fine.md \
     --title "patches U-Net: the fine solve (50 dpmpp_2m steps) against the real-vs-real floor"
 fi
 if [[ $what == diagnose || $what == all ]]; then
