@@ -11,7 +11,6 @@ plain solver, with how each refinement stopped (``converged`` or ``budget``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
