@@ -142,6 +142,7 @@ def test_calibrated_rows(dp):
     assert summ["best"][3]["calibrated"]["label"] == "steindiff dpmpp_2m karras cal:trajectory"
     assert summ["best"][3]["calibrated"]["below_diffusers"][1] == 2
     assert summ["calibration"]["cells"] == 1 and summ["calibration"]["chosen"] == {c["chosen"]: 1}
+    assert summ["calibration"]["traj_err_ratio"]["max"] < 1 and summ["calibration"]["solves"]["max"] == 20
     md = dp.markdown(res, "python benchmarks/diffusers_peers.py --test")
     assert "| 3 | diffusers:DDIMScheduler-trailing | " in md and " | steindiff dpmpp_2m karras cal:trajectory | " in md
     assert "**The calibrations** (1 cells" in md and "seed 12345" in md
