@@ -1,5 +1,6 @@
-"""The peer row of issue 9: diffusers' own schedulers and steindiff's plain solvers, side by side, on the
-same exact mixture seen as an epsilon-prediction network on a discrete VP schedule, from the same noise.
+"""The peer row of issue 9: diffusers' own schedulers and steindiff's plain and calibrated solvers, side by
+side, on the same exact mixture seen as an epsilon-prediction network on a discrete VP schedule, from the same
+noise.
 
     python benchmarks/diffusers_peers.py --json-out docs/results/peers-image64.json \\
         --markdown docs/results/peers-image64.md
@@ -26,6 +27,19 @@ steindiff's plain solvers run over the same process's ``karras`` and ``logsnr`` 
 :class:`steindiff.models.VPDenoiser` (fractional timesteps; also with timesteps rounded to integers,
 as diffusers' multistep schedulers do with Karras sigmas, labelled ``none[t-round]``).
 
+The calibrated sampler (``cal:trajectory``, skipped with ``--no-calibrated``).  Each steindiff solver and
+schedule with fractional timesteps, at each NFE, is calibrated once (not per seed) by
+:func:`steindiff.calibrate.calibrate` (objective ``trajectory``) of its plain plan
+(:func:`steindiff.plan.make_plan` over the process's noise levels) for the same model (the ``VPDenoiser``
+over the mixture's epsilon network), on calibration noise disjoint from the evaluation seeds, with the
+bench's options for mixtures (:func:`steindiff.bench.runner.calibration_options`: n 512, seed 12345, a
+200-step reference solve shared by every cell, 200 solves) except ``max_seconds``, set high
+(:data:`CAL_MAX_SECONDS`): the refinement stops at its solve budget or when it converges, never on the clock,
+so the fit does not depend on the machine's speed.
+Every seed is then sampled with the fitted plan (its noise levels and per-step gammas) from the same noise as
+the plain rows, with the same counted model passes; the calibration's time is recorded in the row
+(``calibration``), not in its sampling time.
+
 The metrics are the protocol's (:func:`steindiff.metrics.mixture_metrics`, floors of an independent true
 sample set as in ``steindiff/bench/runner.py``; excess as :func:`steindiff.bench.runner.excess`, NLL
 two-sided), plus ``traj_err`` against a reference solve of the same model from the same noise
@@ -48,13 +62,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from steindiff.bench.runner import SCHEMA, excess, machine_info
+from steindiff.bench.runner import (
+    SCHEMA,
+    _calibration_reference,
+    _calibration_summary,
+    calibration_options,
+    excess,
+    machine_info,
+)
+from steindiff.calibrate import calibrate, plan_from_schedule
 from steindiff.metrics import mixture_metrics
 from steindiff.models import VPDenoiser, get_gmm
+from steindiff.models.registry import ModelSpec
 from steindiff.noise import DiscreteVPProcess
+from steindiff.plan import SamplingPlan, make_plan
 from steindiff.sampling import prior_noise, sample
 from steindiff.schedules import get_sigmas
-from steindiff.solvers import get_solver, steps_for_nfe
 
 MODEL = "gmm:image64"
 #: Beta schedules of the discrete VP process: Stable Diffusion's and DDPM's.
@@ -73,6 +96,9 @@ PAIRS = (("diffusers:DPMSolverMultistepScheduler/2M-karras", "steindiff dpmpp_2m
          ("diffusers:UniPCMultistepScheduler-karras", "steindiff unipc karras t-round"),
          ("diffusers:EulerDiscreteScheduler-karras", "steindiff euler karras"))
 REF_SOLVER, REF_STEPS = "dpmpp_3m", 1000
+#: The calibrated sampler's label (as in steindiff's bench) and its refinement's time budget: high, so that the
+#: refinement stops at the bench's budget of solves (``max_solves``) or on convergence, and is reproducible.
+CALIBRATED, CAL_MAX_SECONDS = "cal:trajectory", 3600.0
 METRICS = ("sw2", "nll", "mode_tv", "traj_err")
 
 
@@ -193,14 +219,51 @@ def vp_denoiser(gmm, process: DiscreteVPProcess, timestep: str) -> tuple[VPDenoi
     return VPDenoiser(net, process, "epsilon", timestep=timestep), net
 
 
+def run_plan(plan: SamplingPlan, gmm, process: DiscreteVPProcess, noise_ve: torch.Tensor,
+             timestep: str = "interp") -> dict:
+    """steindiff's ``plan`` (its solver over its noise levels, with its per-step gammas if any) from ``noise_ve``."""
+    den, net = vp_denoiser(gmm, process, timestep)
+    res = sample(den, noise_ve, plan.sigmas, plan.get_solver(), stabilizer=plan.stabilizer(), dtype=torch.float64)
+    return {"x": res.x, "nfe": net.calls, "steps": plan.steps, "sigmas": [float(s) for s in plan.sigmas],
+            "wall_s": res.wall_s}
+
+
 def run_plain(cfg: Plain, gmm, process: DiscreteVPProcess, noise_ve: torch.Tensor, nfe: int) -> dict:
     """steindiff's plain solver over the process's ``cfg.schedule`` noise levels within ``nfe`` passes."""
-    den, net = vp_denoiser(gmm, process, cfg.timestep)
-    solver = get_solver(cfg.solver)
-    sigmas = get_sigmas(cfg.schedule, steps_for_nfe(solver, nfe), process)
-    res = sample(den, noise_ve, sigmas, solver, dtype=torch.float64)
-    return {"x": res.x, "nfe": net.calls, "steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas],
-            "wall_s": res.wall_s}
+    return run_plan(make_plan(process, cfg.solver, nfe, cfg.schedule), gmm, process, noise_ve, cfg.timestep)
+
+
+def vp_spec(gmm, process: DiscreteVPProcess, name: str) -> ModelSpec:
+    """The model the calibration sees: the same ``VPDenoiser`` over the mixture's epsilon network."""
+    return ModelSpec(name, vp_denoiser(gmm, process, "interp")[0], process, (gmm.dim,), gmm=gmm)
+
+
+def calibration_budget(spec: ModelSpec, overrides: dict | None = None) -> dict:
+    """The bench's calibration options for mixtures, ``max_seconds`` = :data:`CAL_MAX_SECONDS`, then ``overrides``."""
+    return {**calibration_options(spec), "max_seconds": CAL_MAX_SECONDS, **(overrides or {})}
+
+
+def fit_calibrated(cfg: Plain, spec: ModelSpec, nfe: int, options: dict, ref=None) -> tuple[SamplingPlan, SamplingPlan]:
+    """The plain plan of ``cfg`` within ``nfe`` passes and its trajectory calibration (``options``:
+    :func:`calibration_budget`; ``ref``: a reference solve of the calibration noise to share)."""
+    base = make_plan(spec.process, cfg.solver, nfe, cfg.schedule)
+    sched = calibrate(spec, base, objective="trajectory", dtype=torch.float64, ref=ref, **options)
+    return base, plan_from_schedule(sched, base)
+
+
+def run_calibrated(base: SamplingPlan, plan: SamplingPlan, gmm, process: DiscreteVPProcess,
+                   noise_ve: torch.Tensor) -> dict:
+    """The calibrated ``plan`` from ``noise_ve``; its counted model passes must be the plain ``base``'s."""
+    out = run_plan(plan, gmm, process, noise_ve)
+    if out["nfe"] != base.nfe:
+        raise AssertionError(f"calibrated {base.solver} made {out['nfe']} model passes, the plain solver {base.nfe}")
+    return {**out, "calibration": _calibration_summary(plan.meta), "calibrated_gammas": list(plan.gammas)}
+
+
+def _calibrated_job(fitted, gmm, process: DiscreteVPProcess, noise_ve: torch.Tensor) -> dict:
+    if isinstance(fitted, Exception):
+        raise fitted
+    return run_calibrated(*fitted, gmm, process, noise_ve)
 
 
 def _floors(gmm, n: int, seed: int) -> dict[str, float]:
@@ -212,8 +275,12 @@ def _floors(gmm, n: int, seed: int) -> dict[str, float]:
 
 def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds: Sequence[int] = SEEDS, n: int = 1000,
               peer_list: Sequence[Peer] | None = None, plain_list: Sequence[Plain] | None = None,
-              ref_steps: int = REF_STEPS, progress: bool = True) -> dict:
-    """Every configuration x NFE x seed; the ``steindiff.bench/1``-like result (``machine``, ``config``, ``rows``)."""
+              ref_steps: int = REF_STEPS, calibrated: bool = True, calibration: dict | None = None,
+              progress: bool = True) -> dict:
+    """Every configuration x NFE x seed; the ``steindiff.bench/1``-like result (``machine``, ``config``, ``rows``).
+
+    ``calibrated``: also the calibrated sampler of each configuration of ``plain_list`` with fractional
+    timesteps, fitted once per NFE before the seeds (``calibration``: overrides of :func:`calibration_budget`)."""
     if betas not in BETAS:
         raise ValueError(f"unknown betas {betas!r}; choose one of {', '.join(BETAS)}")
     if n < 2 or not nfes or not seeds or any(int(k) < 1 for k in nfes):
@@ -231,8 +298,21 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
     machine["started"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     rows: list[dict] = []
     t_start = time.perf_counter()
-    bar = tqdm(total=len(seeds) * len(nfes) * (len(peer_list) + len(plain_list)), disable=not progress,
-               desc="peers", leave=False)
+    cal_list = [c for c in plain_list if c.timestep == "interp"] if calibrated else []
+    spec = vp_spec(gmm, process, model)
+    cal_opts = calibration_budget(spec, calibration)
+    cal_plans: dict[tuple[Plain, int], Any] = {}
+    cal_ref = None
+    if cal_list:  # one reference solve of the calibration noise, shared by every cell (it depends on the noise only)
+        cal_ref = _calibration_reference(spec, cal_opts)
+    for c in tqdm(cal_list, disable=not progress, desc="calibrate", leave=False):
+        for nfe in nfes:
+            try:
+                cal_plans[c, nfe] = fit_calibrated(c, spec, nfe, cal_opts, cal_ref)
+            except Exception as e:  # a calibration that fails is a result: its rows say so
+                cal_plans[c, nfe] = e
+    bar = tqdm(total=len(seeds) * len(nfes) * (len(peer_list) + len(plain_list) + len(cal_list)),
+               disable=not progress, desc="peers", leave=False)
     for seed in seeds:
         # the grid's standard normal draws for this seed: VE state at the process's sigma_max, and the VP latents
         noise_ve = prior_noise((n, gmm.dim), process.sigma_max, process, seed=seed, dtype=torch.float64)
@@ -256,6 +336,10 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
                 jobs.append(({"solver": c.solver, "schedule": c.schedule, "stabilizer": c.label, "nfe_budget": nfe,
                               "framework": "steindiff", "timestep": c.timestep},
                              lambda c=c, nfe=nfe: run_plain(c, gmm, process, noise_ve, nfe)))
+            for c in cal_list:
+                jobs.append(({"solver": c.solver, "schedule": c.schedule, "stabilizer": CALIBRATED, "nfe_budget": nfe,
+                              "framework": "steindiff", "timestep": c.timestep},
+                             lambda c=c, nfe=nfe: _calibrated_job(cal_plans[c, nfe], gmm, process, noise_ve)))
         for base, job in jobs:
             row = {"model": model, "seed": seed, "coords": "-", "n": n, "reused": False, **base}
             try:
@@ -264,7 +348,7 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
                 metrics.update(floors)
                 row.update(nfe=out["nfe"], steps=out["steps"], sigmas=out["sigmas"], metrics=metrics, status="ok",
                            wall_s_per_sample=out["wall_s"] / n, extra_passes=0)
-                for k in ("timesteps", "init_noise_sigma"):
+                for k in ("timesteps", "init_noise_sigma", "calibration", "calibrated_gammas"):
                     if k in out:
                         row[k] = out[k]
             except Exception as e:  # a configuration that fails is a result
@@ -286,6 +370,10 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
               "steindiff": [{"label": c.label, "solver": c.solver, "schedule": c.schedule, "timestep": c.timestep}
                             for c in plain_list],
               "reference": {"solver": REF_SOLVER, "steps": ref_steps, "schedule": "karras"},
+              "calibration": None if not cal_list else {
+                  **cal_opts, "objective": "trajectory", "configs": [f"{c.solver} {c.schedule}" for c in cal_list],
+                  "reference": {"solver": cal_ref.solver, "steps": cal_ref.steps, "schedule": "logsnr",
+                                "convergence_rms": cal_ref.convergence, "wall_s": cal_ref.wall_s}},
               "diffusers_version": diffusers.__version__, "torch_version": torch.__version__}
     return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
 
@@ -293,24 +381,38 @@ def run_peers(*, betas: str = "scaled_linear", nfes: Sequence[int] = NFES, seeds
 # ------------------------------------------------------------------------------------------------
 # summary and Markdown
 # ------------------------------------------------------------------------------------------------
+#: The groups compared per NFE: diffusers' schedulers, steindiff's plain solvers, steindiff's calibrated sampler.
+GROUPS = ("diffusers", "steindiff", "calibrated")
+
+
+def group(row: dict) -> str:
+    """``diffusers``, ``steindiff`` (plain), ``calibrated`` or ``reference``."""
+    return "calibrated" if row["stabilizer"] == CALIBRATED else row["framework"]
+
+
 def cell_label(row: dict) -> str:
     """One configuration's name in the tables: ``diffusers:<scheduler>[-karras|-trailing]`` (default spacing
-    named when it is not in the label), or ``steindiff <solver> <schedule>[ t-round]``."""
+    named when it is not in the label), or ``steindiff <solver> <schedule>[ t-round| cal:trajectory]``."""
     if row["framework"] == "diffusers":
         return row["stabilizer"] if row["schedule"] in LABELLED_SPACINGS else f"{row['stabilizer']} ({row['schedule']})"
     if row["framework"] == "reference":
         return f"reference ({row['solver']}, {row['steps']} {row['schedule']} steps)"
-    t = "" if row["stabilizer"] == "none" else " t-round"
+    t = {"none": "", CALIBRATED: f" {CALIBRATED}"}.get(row["stabilizer"], " t-round")
     return f"steindiff {row['solver']} {row['schedule']}{t}"
 
 
 def summarize(result: dict) -> dict:
-    """Per configuration and NFE: mean and seed spread (sample std) of each excess metric, the failures,
-    and per NFE the best configuration of each framework by mean excess ``sw2``."""
+    """Per configuration and NFE: mean and seed spread (sample std) of each excess metric, the failures;
+    per NFE the best configuration of each group (:data:`GROUPS`) by mean excess ``sw2``, with the best
+    calibrated one's per-seed comparison with the best diffusers one (``below_diffusers``: on how many
+    seeds its excess sw2 is lower, of how many); the calibrations' cost and choices (``calibration``)."""
     cells: dict[tuple[str, int], dict] = {}
+    cal: dict[tuple, dict] = {}
     for r in result["rows"]:
-        c = cells.setdefault((cell_label(r), r["nfe_budget"]), {"framework": r["framework"], "values": {}, "failed": 0,
-                                                                 "nfe": set()})
+        c = cells.setdefault((cell_label(r), r["nfe_budget"]), {"group": group(r), "values": {}, "failed": 0,
+                                                                 "nfe": set(), "sw2_by_seed": {}})
+        if r.get("calibration"):
+            cal.setdefault((r["solver"], r["schedule"], r["nfe_budget"]), r["calibration"])
         if r["status"] != "ok":
             c["failed"] += 1
             continue
@@ -319,20 +421,47 @@ def summarize(result: dict) -> dict:
             v = excess(r["metrics"], m)
             if v is not None:
                 c["values"].setdefault(m, []).append(v)
+        c["sw2_by_seed"][r["seed"]] = excess(r["metrics"], "sw2")
     out: dict[str, Any] = {"cells": {}, "best": {}}
     for (label, nfe), c in cells.items():
         stats = {m: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                  for m, v in c["values"].items()}
-        out["cells"].setdefault(label, {"framework": c["framework"], "by_nfe": {}})["by_nfe"][nfe] = {
-            "excess": stats, "failed": c["failed"], "nfe": sorted(c["nfe"])}
+        out["cells"].setdefault(label, {"group": c["group"], "by_nfe": {}})["by_nfe"][nfe] = {
+            "excess": stats, "failed": c["failed"], "nfe": sorted(c["nfe"]), "sw2_by_seed": c["sw2_by_seed"]}
     for nfe in sorted({k[1] for k in cells}):
-        for fw in ("diffusers", "steindiff"):
+        for g in GROUPS:
             cand = [(v["by_nfe"][nfe]["excess"]["sw2"]["mean"], label) for label, v in out["cells"].items()
-                    if v["framework"] == fw and nfe in v["by_nfe"] and "sw2" in v["by_nfe"][nfe]["excess"]
+                    if v["group"] == g and nfe in v["by_nfe"] and "sw2" in v["by_nfe"][nfe]["excess"]
                     and not v["by_nfe"][nfe]["failed"]]
             if cand:
                 best = min(cand)
-                out["best"].setdefault(nfe, {})[fw] = {"label": best[1], "excess_sw2": best[0]}
+                out["best"].setdefault(nfe, {})[g] = {"label": best[1], "excess_sw2": best[0]}
+        b = out["best"].get(nfe, {})
+        if "calibrated" in b and "diffusers" in b:
+            sc, sd = (out["cells"][b[g]["label"]]["by_nfe"][nfe]["sw2_by_seed"] for g in ("calibrated", "diffusers"))
+            seeds = sorted(set(sc) & set(sd))
+            b["calibrated"]["below_diffusers"] = [sum(sc[k] < sd[k] for k in seeds), len(seeds)]
+    if cal:
+        def spread(v: list[float]) -> dict:
+            return {"median": statistics.median(v), "min": min(v), "max": max(v), "total": sum(v)} if v else {}
+
+        chosen: dict[str, int] = {}
+        for c in cal.values():
+            chosen[c["chosen"]] = chosen.get(c["chosen"], 0) + 1
+        # each calibrated cell against the same plain solver, schedule and NFE on the evaluation seeds
+        pairs = []
+        for label, cell in out["cells"].items():
+            plain = out["cells"].get(label.removesuffix(f" {CALIBRATED}"), {}).get("by_nfe", {})
+            if cell["group"] == "calibrated":
+                pairs += [(c["excess"], plain[k]["excess"]) for k, c in cell["by_nfe"].items()
+                          if k in plain and not c["failed"] and not plain[k]["failed"]]
+        out["calibration"] = {
+            "cells": len(cal), "chosen": dict(sorted(chosen.items())),
+            **{k: spread([c[k] for c in cal.values() if c.get(k) is not None]) for k in ("wall_s", "solves",
+                                                                                          "val_ratio")},
+            "traj_err_ratio": spread([a["traj_err"]["mean"] / b["traj_err"]["mean"] for a, b in pairs
+                                      if b["traj_err"]["mean"] > 0]),
+            "sw2_higher_than_plain": sum(a["sw2"]["mean"] > b["sw2"]["mean"] for a, b in pairs)}
     return out
 
 
@@ -343,7 +472,7 @@ def _fmt(s: dict | None, digits: int = 4) -> str:
 
 
 def _reference_line(summ: dict, process: dict) -> str:
-    ref = [v for v in summ["cells"].values() if v["framework"] == "reference"]
+    ref = [v for v in summ["cells"].values() if v["group"] == "reference"]
     if not ref:
         return ""
     (cell,) = ref[0]["by_nfe"].values()
@@ -356,6 +485,33 @@ def _reference_line(summ: dict, process: dict) -> str:
             "these numbers by much.")
 
 
+def _calibration_setup(cal: dict) -> str:
+    return ("- **steindiff calibrated** (`cal:trajectory`). Each of steindiff's configurations with fractional "
+            "timesteps, at each NFE, calibrated once (not per seed) by `steindiff.calibrate.calibrate` (objective "
+            "`trajectory`: per-step gammas and interior noise levels fitted towards the ODE's solution, kept only "
+            "where they beat the plain solver on the validation half) of its plain plan, for the same `VPDenoiser`, on "
+            f"calibration noise of seed {cal['seed']} (disjoint from the evaluation seeds), n = {cal['n']}, a "
+            f"{cal['reference']['steps']}-step `{cal['reference']['solver']}` reference solve of that noise shared by "
+            f"every cell, a budget of {cal['max_solves']} solves (`max_seconds` {cal['max_seconds']:g}: the "
+            "refinement stops at the solve budget or on convergence, never on the clock): the bench's options for "
+            "mixtures. Every seed is then sampled with the fitted plan from the same "
+            "noise as the plain rows, with the same counted model passes (checked); the calibration's time is not "
+            "in the sampling time.")
+
+
+def _calibration_line(stats: dict, cal: dict) -> str:
+    ch = ", ".join(f"{k} {v}" for k, v in stats["chosen"].items())
+    w, s, v, t = stats["wall_s"], stats["solves"], stats["val_ratio"], stats["traj_err_ratio"]
+    return (f"**The calibrations** ({stats['cells']} cells; candidate kept on validation: {ch}): fit time per cell "
+            f"median {w['median']:.1f} s, max {w['max']:.1f} s ({w['total']:.0f} s in all), plus the shared reference "
+            f"solve's {cal['reference']['wall_s']:.1f} s once (its convergence: RMS "
+            f"{cal['reference']['convergence_rms']:.1e}); {s['median']:.0f} solves per cell (median; min "
+            f"{s['min']:.0f}, max {s['max']:.0f}). Distance to the reference solve, calibrated / plain: on the "
+            f"validation noise median {v['median']:.2f} (best {v['min']:.2f}); on the evaluation seeds (traj_err) "
+            f"median {t['median']:.2f} (best {t['min']:.2f}, worst {t['max']:.2f}). Mean excess sw2 above the same "
+            f"plain solver's in {stats['sw2_higher_than_plain']} of {stats['cells']} cells.")
+
+
 def _init_sigmas(result: dict) -> str:
     seen: dict[str, set] = {}
     for r in result["rows"]:
@@ -366,11 +522,12 @@ def _init_sigmas(result: dict) -> str:
 
 def markdown(result: dict, command: str) -> str:
     cfg, mach = result["config"], result["machine"]
+    cal = cfg.get("calibration")
     summ = summarize(result)
     nfes = sorted(cfg["nfe"])
     p = cfg["process"]
     lines = [
-        f"# Peer row: diffusers' schedulers and steindiff's plain solvers on `{cfg['base_model']}` "
+        f"# Peer row: diffusers' schedulers and steindiff's plain and calibrated solvers on `{cfg['base_model']}` "
         "as a VP epsilon network",
         "",
         f"Regenerate: `{command}` (the Markdown alone, from the JSON: `python benchmarks/diffusers_peers.py "
@@ -404,6 +561,7 @@ def markdown(result: dict, command: str) -> str:
         "`logsnr` and `time` (uniform in the timestep) noise levels, through `VPDenoiser` (fractional timesteps); "
         "`t-round` rows give the network rounded timesteps as diffusers' multistep schedulers do. diffusers' "
         "`-lu` rows (`use_lu_lambdas=True`) are uniform log-SNR steps, the noise levels of steindiff's `logsnr`.",
+        *([_calibration_setup(cal)] if cal else []),
         f"- **Metrics.** `steindiff.metrics.mixture_metrics` against the mixture; excess = metric - floor "
         f"(NLL two-sided, |nll - floor|), floors as in steindiff's grid; `traj_err` against a "
         f"`{cfg['reference']['solver']}` solve of {cfg['reference']['steps']} Karras steps of the same model from "
@@ -421,24 +579,34 @@ def markdown(result: dict, command: str) -> str:
         "",
         "## Best per NFE (excess sliced W2)",
         "",
-        "Below 1 in the last column: steindiff's best plain configuration is ahead of diffusers' best at that NFE.",
+        "The best configuration of each group at each NFE by mean excess sw2; a ratio below 1: steindiff's best "
+        "(plain, or calibrated) is ahead of diffusers' best at that NFE. Last column: on how many seeds the best "
+        "calibrated configuration's excess sw2 is below the best diffusers one's (paired: same noise, same floor).",
         "",
-        "| NFE | best diffusers | excess sw2 | best steindiff plain | excess sw2 | steindiff / diffusers |",
-        "|---|---|---|---|---|---|",
+        "| NFE | best diffusers | excess sw2 | best steindiff plain | excess sw2 | plain / diffusers "
+        "| best steindiff calibrated | excess sw2 | calibrated / diffusers | calibrated below diffusers (seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for nfe in nfes:
         b = summ["best"].get(nfe, {})
-        d, s = b.get("diffusers"), b.get("steindiff")
-        ratio = f"{s['excess_sw2'] / d['excess_sw2']:.2f}" if d and s and d["excess_sw2"] > 0 else "-"
-        lines.append(f"| {nfe} | {d['label'] if d else '-'} | {d['excess_sw2']:.4f} | " if d else f"| {nfe} | - | - | ")
-        lines[-1] += (f"{s['label']} | {s['excess_sw2']:.4f} | {ratio} |" if s else "- | - | - |")
+        d = b.get("diffusers")
+        cols = [f"{d['label']} | {d['excess_sw2']:.4f}" if d else "- | -"]
+        for g in ("steindiff", "calibrated"):
+            s = b.get(g)
+            ratio = f"{s['excess_sw2'] / d['excess_sw2']:.2f}" if d and s and d["excess_sw2"] > 0 else "-"
+            cols.append(f"{s['label']} | {s['excess_sw2']:.4f} | {ratio}" if s else "- | - | -")
+        below = b.get("calibrated", {}).get("below_diffusers")
+        cols.append(f"{below[0]} of {below[1]}" if below else "-")
+        lines.append(f"| {nfe} | " + " | ".join(cols) + " |")
+    if cal and summ.get("calibration"):
+        lines += ["", _calibration_line(summ["calibration"], cal)]
     for metric, title in (("sw2", "Excess sliced W2"), ("nll", "Excess NLL (|nll - floor|)"),
                           ("mode_tv", "Excess mode TV"), ("traj_err", "Distance to the reference solve (traj_err)")):
         lines += ["", f"## {title}, mean ± seed std", "",
                   "| configuration | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
                   "|---|" + "---|" * len(nfes)]
-        order = sorted((lab for lab in summ["cells"] if summ["cells"][lab]["framework"] != "reference"),
-                       key=lambda lab: (summ["cells"][lab]["framework"] != "diffusers", lab))
+        order = sorted((lab for lab in summ["cells"] if summ["cells"][lab]["group"] != "reference"),
+                       key=lambda lab: (summ["cells"][lab]["group"] != "diffusers", lab))
         for label in order:
             cells = summ["cells"][label]["by_nfe"]
             vals = []
@@ -450,12 +618,13 @@ def markdown(result: dict, command: str) -> str:
                     vals.append(f"failed ({c['failed']})")
                 else:
                     v = _fmt(c["excess"].get(metric), 3 if metric in ("nll", "mode_tv") else 4)
-                    best = summ["best"].get(k, {}).get(summ["cells"][label]["framework"], {})
+                    best = summ["best"].get(k, {}).get(summ["cells"][label]["group"], {})
                     if metric == "sw2" and best.get("label") == label:
                         v = f"**{v}**"
                     vals.append(v)
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    lines += ["", "Bold: the best configuration of its framework at that NFE (lowest mean excess sw2).", ""]
+    lines += ["", "Bold: the best configuration of its group (diffusers, steindiff plain, steindiff calibrated) at "
+              "that NFE (lowest mean excess sw2).", ""]
     checks = []
     for a, b in PAIRS:
         ca, cb = summ["cells"].get(a), summ["cells"].get(b)
@@ -488,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps of the reference solve (default: {REF_STEPS})")
     p.add_argument("--json-out", metavar="FILE", help="write the rows (steindiff.bench/1 schema) as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    p.add_argument("--no-calibrated", action="store_true",
+                   help="skip steindiff's calibrated sampler (cal:trajectory rows and their calibration)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--from-json", metavar="FILE",
@@ -519,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/diffusers_peers.py " + " ".join(shlex.quote(a) for a in argv_list)
     try:
         result = run_peers(betas=args.betas, nfes=args.nfe, seeds=args.seeds, n=args.n, ref_steps=args.ref_steps,
-                           progress=not args.no_progress)
+                           calibrated=not args.no_calibrated, progress=not args.no_progress)
     except ValueError as e:
         print(f"diffusers_peers: error: {e}", file=sys.stderr)
         return 2
