@@ -49,21 +49,19 @@ def sample(
     :func:`steindiff.calibrate.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``).  The calibration
     batch is drawn like ``x`` (same shape per sample, dtype and ``extra_args``).
     """
-    if isinstance(stabilizer, str):
-        if stabilizer == "auto" and registry.AUTO == registry.CALIBRATED:
-            sig = validate_sigmas(sigmas)
-            if process is None:
-                process = VEProcess(float(sig[sig > 0].min()), float(sig[0]))
-            name = type(getattr(model, "_orig_mod", model)).__name__
-            spec = ModelSpec(name=name, denoiser=model, process=process, sample_shape=tuple(x.shape[1:]))
-            solver_name = solver if isinstance(solver, str) else solver.name
-            base = SamplingPlan(solver_name, sig, "custom", solver_options=kwargs.get("solver_options") or {})
-            extra = kwargs.get("extra_args")
-            plan = calibrated_plan(spec, base, cache_dir=calibration_dir, calibrate_missing=calibrate,
-                                   dtype=x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32,
-                                   extra_args=extra, conditioning=conditioning_digest(extra),
-                                   **(calibration_options or {}))
-            sigmas, stabilizer = plan.sigmas, plan.stabilizer()
-        else:
-            stabilizer = make_stabilizer(stabilizer)
+    if registry.resolves_to_calibrated(stabilizer):
+        sig = validate_sigmas(sigmas)
+        if process is None:
+            process = VEProcess(float(sig[sig > 0].min()), float(sig[0]))
+        name = type(getattr(model, "_orig_mod", model)).__name__
+        spec = ModelSpec(name=name, denoiser=model, process=process, sample_shape=tuple(x.shape[1:]))
+        solver_name = solver if isinstance(solver, str) else solver.name
+        base = SamplingPlan(solver_name, sig, "custom", solver_options=kwargs.get("solver_options") or {})
+        extra = kwargs.get("extra_args")
+        plan = calibrated_plan(spec, base, cache_dir=calibration_dir, calibrate_missing=calibrate,
+                               dtype=x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32,
+                               extra_args=extra, conditioning=conditioning_digest(extra), **(calibration_options or {}))
+        sigmas, stabilizer = plan.sigmas, plan.stabilizer()
+    elif isinstance(stabilizer, str):
+        stabilizer = make_stabilizer(stabilizer)
     return run_loop(model, x, sigmas, solver, stabilizer=stabilizer, **kwargs)

@@ -101,12 +101,6 @@ def _tile_batch(extra: dict | None, n: int) -> dict | None:
     return out
 
 
-def _calibration_noise(spec: ModelSpec, sigma_max: float, n: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Drawn on the CPU from ``seed``, then moved to the model's device."""
-    return prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed, dtype=dtype,
-                       device=spec.device or "cpu")
-
-
 def calibrate(
     spec: ModelSpec,
     plan: SamplingPlan | None = None,
@@ -156,43 +150,64 @@ def calibrate(
     base = plan if plan is not None else make_plan(spec.process, solver, nfe, schedule, rho=rho)
     if base.coords != coords:  # the coordinates of the rescaled update are part of the plan
         base = dataclasses.replace(base, coords=coords)
-    sigmas = base.sigmas
-    steps = base.steps
     if n is None:
         n = 512 if objective == "trajectory" else 1000
     meta: dict[str, Any] = {
         "model": spec.name, "solver": base.solver, "schedule": base.schedule, "nfe": base.nfe,
-        "sigmas": [float(s) for s in sigmas], "base_sigmas": [float(s) for s in sigmas],
+        "sigmas": [float(s) for s in base.sigmas], "base_sigmas": [float(s) for s in base.sigmas],
         "objective": objective, "variant": variant if objective == "variant" else objective,
         "calibration": {"n": n, "seed": seed, "uses_reference_data": objective == "reference"},
     }
     if objective == "trajectory":
-        if fit not in FIT_MODES:
-            raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-        t0 = time.perf_counter()
-        noise = _calibration_noise(spec, float(sigmas[0]), n, seed, dtype)
-        extra_args = _tile_batch(extra_args, n)
-        result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit, ref=ref,
-                                ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
-                                max_seconds=max_seconds, extra_args=extra_args, progress=progress)
-        rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0, "device": str(noise.device),
-               "torch_threads": torch.get_num_threads()}
-        meta.update(name="calibrated:trajectory", variant="trajectory", fingerprint=model_fingerprint(spec))
-        meta["calibration"] = rec
-        return result.schedule(meta)
-    common = dict(n=n, seed=seed, dtype=dtype)
+        return _calibrate_trajectory(spec, base, meta, n, seed, dtype, fit=fit, progress=progress, ref=ref,
+                                     ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
+                                     max_seconds=max_seconds, extra_args=extra_args)
     if objective == "variant":
-        stab = make_stabilizer(variant, spec, coords=coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
-        if stab is None:
-            gammas = [1.0] * steps
-        else:
-            gen = generate(spec, base, stabilizer=stab, batch_size=batch_size, progress=progress, **common)
-            per_step: dict[int, list[float]] = {}
-            for r in gen.trace:
-                per_step.setdefault(r["step"], []).append(float(r["gamma"]))
-            gammas = [float(np.mean(per_step[k])) for k in range(steps)]
-        meta["name"] = f"calibrated:{variant}"
-        return GammaSchedule(gammas, coords, meta)
+        return _calibrate_variant(spec, base, meta, n, seed, dtype, variant, probes=probes,
+                                  jacobian_batch=jacobian_batch, batch_size=batch_size, progress=progress)
+    return _calibrate_reference(spec, base, meta, n, seed, dtype, reference, grid=grid, sweeps=sweeps,
+                                batch_size=batch_size, progress=progress)
+
+
+def _calibrate_trajectory(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, seed: int, dtype: torch.dtype, *,
+                          fit: str, progress: bool, extra_args: dict | None, **options: Any) -> GammaSchedule:
+    """The ``trajectory`` objective: :func:`~steindiff.trajectory.fit_trajectory` (``options``) from the
+    calibration noise, drawn as :func:`~steindiff.generate.generate` draws it (from ``seed`` on the CPU, then moved)."""
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    t0 = time.perf_counter()
+    noise = prior_noise((n, *spec.sample_shape), float(base.sigmas[0]), spec.process, seed=seed, dtype=dtype,
+                        device=spec.device or "cpu")
+    result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit,
+                            extra_args=_tile_batch(extra_args, n), progress=progress, **options)
+    rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0, "device": str(noise.device),
+           "torch_threads": torch.get_num_threads()}
+    meta.update(name="calibrated:trajectory", fingerprint=model_fingerprint(spec), calibration=rec)
+    return result.schedule(meta)
+
+
+def _calibrate_variant(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, seed: int, dtype: torch.dtype,
+                       variant: str, *, probes: int, jacobian_batch: int | None, **gen_options: Any) -> GammaSchedule:
+    """The ``variant`` objective: the per-step ``gamma`` of the stabilizer ``variant``, averaged over the
+    calibration batches (``gen_options``: ``batch_size`` and ``progress`` of :func:`~steindiff.generate.generate`)."""
+    stab = make_stabilizer(variant, spec, coords=base.coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
+    if stab is None:
+        gammas = [1.0] * base.steps
+    else:
+        gen = generate(spec, base, stabilizer=stab, n=n, seed=seed, dtype=dtype, **gen_options)
+        per_step: dict[int, list[float]] = {}
+        for r in gen.trace:
+            per_step.setdefault(r["step"], []).append(float(r["gamma"]))
+        gammas = [float(np.mean(per_step[k])) for k in range(base.steps)]
+    meta["name"] = f"calibrated:{variant}"
+    return GammaSchedule(gammas, base.coords, meta)
+
+
+def _calibrate_reference(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, seed: int, dtype: torch.dtype,
+                         reference: torch.Tensor | None, *, grid: tuple[float, float, float], sweeps: int,
+                         batch_size: int | None, progress: bool) -> GammaSchedule:
+    """The ``reference`` objective: coordinate search of ``gamma_k`` on ``grid`` minimizing the sliced
+    W2 distance between the calibration batch's samples and ``reference``."""
     if reference is None:
         raise ValueError("variant 'reference' needs reference data (held out from evaluation)")
     ref = reference.reshape(reference.shape[0], -1).to(torch.float64)
@@ -202,34 +217,34 @@ def calibrate(
     noise = None
     lo, hi, step = grid
     candidates = np.round(np.arange(lo, hi + 1e-9, step), 6)
-    gammas = [1.0] * steps
+    gammas = [1.0] * base.steps
 
     def loss(gs: list[float]) -> float:
         nonlocal noise
-        gen = generate(spec, base, stabilizer=GammaSchedule(gs, coords), noise=noise, batch_size=batch_size, **common)
+        gen = generate(spec, base, stabilizer=GammaSchedule(gs, base.coords), noise=noise, batch_size=batch_size,
+                       n=n, seed=seed, dtype=dtype)
         noise = gen.noise
         x = gen.x.reshape(n, -1).to(torch.float64)
         return sliced_w2(x, ref, seed=seed) if torch.isfinite(x).all() else float("inf")
 
     best = loss(gammas)
-    bar = tqdm(total=sweeps * steps, disable=not progress, desc="calibrate", leave=False)
-    for sweep in range(sweeps):
-        # first sweep on the coarse grid, later sweeps on a 4x finer grid around the current value
-        for k in range(steps):
-            pts = candidates if sweep == 0 else np.round(gammas[k] + step / 4 * np.arange(-2, 3), 6)
-            for c in pts:
-                if not lo <= c <= hi or c == gammas[k]:
-                    continue
-                trial = gammas.copy()
-                trial[k] = float(c)
-                val = loss(trial)
-                if val < best - 1e-12:
-                    best, gammas = val, trial
-            bar.update()
-    bar.close()
+    with tqdm(total=sweeps * base.steps, disable=not progress, desc="calibrate", leave=False) as bar:
+        for sweep in range(sweeps):
+            # first sweep on the coarse grid, later sweeps on a 4x finer grid around the current value
+            for k in range(base.steps):
+                pts = candidates if sweep == 0 else np.round(gammas[k] + step / 4 * np.arange(-2, 3), 6)
+                for c in pts:
+                    if not lo <= c <= hi or c == gammas[k]:
+                        continue
+                    trial = gammas.copy()
+                    trial[k] = float(c)
+                    val = loss(trial)
+                    if val < best - 1e-12:
+                        best, gammas = val, trial
+                bar.update()
     meta["name"] = "calibrated:reference"
     meta["calibration"]["objective"] = {"sliced_w2": best}
-    return GammaSchedule(gammas, coords, meta)
+    return GammaSchedule(gammas, base.coords, meta)
 
 
 # --------------------------------------------------------------------------------------------

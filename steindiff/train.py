@@ -80,7 +80,6 @@ class TrainConfig:
             raise ValueError(f"holdout must be >= 0, got {self.holdout}")
 
 
-
 @dataclass
 class TrainResult:
     """Outcome of :func:`train`."""
@@ -220,12 +219,12 @@ class _Run:
             raise ckpt.CheckpointError(f"{sfile}: corrupt or unreadable training state ({e})") from None
         if st.get("unet") != self.unet.to_dict():
             raise ckpt.CheckpointError(f"{sfile}: architecture differs from the requested one ({st.get('unet')} vs "
-                                  f"{self.unet.to_dict()})")
+                                       f"{self.unet.to_dict()})")
         info = self.data_info
         if (st.get("loss") != self.cfg.loss or st.get("fingerprint") != info["fingerprint"]
                 or st.get("holdout") != info["holdout"]["indices"]):
             raise ckpt.CheckpointError(f"{sfile}: was trained with another loss, dataset or split; start a new run in "
-                                  "another folder")
+                                       "another folder")
         try:
             self.net.load_state_dict(st["model"])
             self.ema.load_state_dict(st["ema"])
@@ -319,11 +318,8 @@ class _Run:
         """The checkpoint's ``config.json``."""
         tail = self.losses[-200:]
         return {
-            "schema": ckpt.CHECKPOINT_SCHEMA,
-            "architecture": {"type": "unet", **self.unet.to_dict()},
-            "precond": self.precond,
-            "process": self.process_cfg,
-            "data": self.data_info,
+            "schema": ckpt.CHECKPOINT_SCHEMA, "architecture": {"type": "unet", **self.unet.to_dict()},
+            "precond": self.precond, "process": self.process_cfg, "data": self.data_info,
             "training": {
                 **asdict(self.cfg), "step": self.step, "wall_s": round(self.wall_s(), 2),
                 "loss_last200": float(np.mean(tail)) if tail else None, "stopped_early": stopped,

@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
             for name in stabs:
                 bar.set_postfix_str(f"NFE {nfe} {name}")
                 plan = make_plan(spec.process, args.solver, nfe, args.schedule)
-                if name == CALIBRATED or (name == "auto" and registry.AUTO == registry.CALIBRATED):
+                if name == CALIBRATED or registry.resolves_to_calibrated(name):
                     plan = calibrated_plan(spec, plan, cache_dir=args.calibration_dir, progress=not args.no_progress,
                                            notice=lambda m: bar.write(m, file=sys.stderr))
                     stab = None  # the plan's gammas

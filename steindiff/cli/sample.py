@@ -63,12 +63,12 @@ def sampling_plan(args: argparse.Namespace, spec):
 
     from ..calibrate import calibrated_plan
     from ..plan import make_plan
-    from ..stabilizers.registry import AUTO, CALIBRATED
+    from ..stabilizers.registry import resolves_to_calibrated
 
     base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
     if args.gamma_schedule is not None:
         return _load_schedule(args, spec, base), True
-    if args.stabilizer == "auto" and AUTO == CALIBRATED:
+    if resolves_to_calibrated(args.stabilizer):
         return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=not args.no_calibrate,
                                progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr)), True
     return base, False

@@ -585,7 +585,7 @@ def sample_pipeline(
     else:
         plan = _base_plan(pm.process, solver or DEFAULT_SOLVER, DEFAULT_NFE if nfe is None else nfe,
                           DEFAULT_SCHEDULE if schedule is None else schedule, rho, solver_options)
-        if isinstance(stabilizer, str) and stabilizer == "auto" and registry.AUTO == registry.CALIBRATED:
+        if registry.resolves_to_calibrated(stabilizer):
             plan = _calibrated(pm, plan, cache_dir=calibration_dir, calibrate_missing=calibrate, dtype=dtype,
                                progress=progress, notice=_stderr_notice, options=calibration_options or {})
             stabilizer = plan.stabilizer()

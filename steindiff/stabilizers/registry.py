@@ -8,7 +8,7 @@ from .base import Stabilizer
 from .marginal import EnergyMatchingStabilizer
 from .stein import SteinStabilizer
 
-__all__ = ["STABILIZERS", "make_stabilizer", "AUTO", "CALIBRATED"]
+__all__ = ["STABILIZERS", "make_stabilizer", "AUTO", "CALIBRATED", "resolves_to_calibrated"]
 
 
 def _needs_mixture(name: str, spec: Any) -> Any:
@@ -49,8 +49,14 @@ CALIBRATED = "calibrated"
 AUTO = "none"
 
 
+def resolves_to_calibrated(name: Any) -> bool:
+    """Whether the stabilizer ``name`` means the calibrated sampler (``"auto"`` while :data:`AUTO` is
+    :data:`CALIBRATED`): a plan to load or fit where the plan is made, not a stabilizer."""
+    return isinstance(name, str) and name == "auto" and AUTO == CALIBRATED
+
+
 def _auto(name: str, spec: Any, **kw: Any) -> Stabilizer | None:
-    if AUTO == CALIBRATED:
+    if resolves_to_calibrated(name):
         raise ValueError("'auto' is the calibrated sampler, which sets the noise levels too: use "
                          "steindiff.sample(..., stabilizer='auto'), `steindiff sample --stabilizer auto`, or "
                          "steindiff.calibrate.calibrated_plan")
