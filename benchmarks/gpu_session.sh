@@ -37,11 +37,17 @@ part() {
   return $rc
 }
 
+# BUDGET_S (default 500): the parts stop when it is spent (a part cut short logs exit 124), so that the
+# packing below always runs inside the device call's own limit
+export -f part
+deadline=$((SECONDS + ${BUDGET_S:-500}))
 status=0
 for group in "$@"; do
   pids=()
   for p in ${group//+/ }; do
-    part "$p" > "$OUT/logs/$p.log" 2>&1 &
+    left=$((deadline - SECONDS))
+    ((left > 0)) || left=1
+    timeout --kill-after=5 "$left" bash -c "part $p" > "$OUT/logs/$p.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
