@@ -2,8 +2,8 @@
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
 # side-by-side cost ratios and small grids on the digits and patches U-Nets.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
-#        calibrated-toy2d|calibrated-digits|calibrated-cost|diagnose|engine|patches|all]
-# (default all; about 50 minutes on one CPU thread, plus about 12 for digits; patches: see its section).
+#        calibrated-toy2d|calibrated-digits|calibrated-cost|diagnose|engine|all], or patches (not part of all: a GPU
+# job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,19 +97,21 @@ if [[ $what == calibrated || $what == calibrated-digits || $what == all ]]; then
     --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 0,1,2 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations
 fi
-if [[ $what == patches || $what == all ]]; then
+if [[ $what == patches ]]; then
   # the shipped 32x32 photo-patch U-Net (issue 13; weights from benchmarks/train_patches.sh): patch metrics against
   # held-out photo regions (primary: patch_fd); the calibrated sampler is fitted once per cell and shipped with the
-  # model (steindiff/weights/patches/calibrations, where the demo finds them). Minutes on a GPU, hours on 2 CPU cores.
+  # model (steindiff/weights/patches/calibrations, where the demo finds them). About 8 minutes on one H200 (estimated),
+  # 5 to 9 hours on 2 shared CPU cores (estimated from 4 cells).
   rm -rf steindiff/weights/patches/calibrations
   SOLVERS=euler,dpmpp_2m,unipc,heun,ipndm \
-    TITLE="patches U-Net (32x32 photo patches): the calibrated sampler and energy matching against vanilla solvers" \
+    TITLE="patches U-Net (32x32 photo patches): the calibrated sampler against vanilla solvers" \
     sharded patches --model patches --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve \
-    --stabilizers none,cal:trajectory,stein-energy --seeds 0,1 --n 500 --device "${DEVICE:-auto}" \
+    --stabilizers none,cal:trajectory --seeds 0,1 --n 500 --device "${DEVICE:-auto}" \
     --calibration-dir steindiff/weights/patches/calibrations
   # the fine solve: how close the model itself comes to the real-vs-real floor
   steindiff bench --model patches --solvers dpmpp_2m --nfe 50 --schedules karras --coords ve --stabilizers none \
-    --seeds 0,1 --n 500 --device "${DEVICE:-auto}" --no-progress --json-out $out/patches-fine.json --markdown $out/patches-fine.md \
+    --seeds 0,1 --n 500 --device "${DEVICE:-auto}" --no-progress --json-out $out/patches-fine.json \
+    --markdown $out/patches-fine.md \
     --title "patches U-Net: the fine solve (50 dpmpp_2m steps) against the real-vs-real floor"
 fi
 if [[ $what == diagnose || $what == all ]]; then

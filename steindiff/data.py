@@ -15,15 +15,17 @@ a folder of ``*.png``
     (alpha dropped), scaled from ``[0, 255]`` to ``[-1, 1]``.
 ``patches`` (options: ``patches:size=48,flip,photos=astronaut+coffee``)
     RGB patches (default 32x32) of the color photographs that ship inside scikit-image
-    (``skimage/data``: :data:`PHOTOS`) and scikit-learn (``load_sample_images``: china, flower), read at
-    run time, never downloaded; each photo's longer side is first reduced to at most
-    :data:`PATCH_MAX_SIDE` pixels (Lanczos).  Patches are cut every ``size / 2`` pixels; ``flip`` adds
-    their mirror images.  Labels: the scene of each patch (:data:`SCENES`).  The held-out split is by
-    photo region: each photo is tiled into blocks of ``max(64, 2 size)`` pixels, a seeded fifth of the
-    blocks is held out, and a patch is held out if it lies inside held-out blocks, used for training
-    if it lies inside training blocks, and dropped if it straddles both; so no held-out pixel is ever
-    seen in training.  The grayscale photos (:data:`GRAY_PHOTOS`) can be selected too (as R = G = B),
-    not alone.
+    (``skimage/data``) and scikit-learn (the files of ``load_sample_images``: china, flower), one per
+    scene (:data:`PHOTOS`), read at run time, never downloaded; each photo's longer side is first
+    reduced to at most :data:`PATCH_MAX_SIDE` pixels (Lanczos).  Patches are cut every ``size / 2``
+    pixels; ``flip`` adds their mirror images.  Labels: the scene of each patch (:data:`SCENES`).
+    The held-out split is by photo region: each photo is tiled into blocks of ``max(64, 2 size)``
+    pixels, a seeded fifth of the blocks is held out, and a patch is held out if it lies inside
+    held-out blocks, used for training if it lies inside training blocks, and dropped if it straddles
+    both; so no held-out pixel is ever seen in training.  ``motorcycle_right``, the other view of
+    ``motorcycle_left``'s stereo pair, is left out of the default set (it shows the left view's held-out
+    regions) and can be selected, as can the grayscale photos (:data:`GRAY_PHOTOS`, as R = G = B), not
+    alone.
 """
 
 from __future__ import annotations
@@ -41,16 +43,19 @@ import numpy as np
 import torch
 
 __all__ = ["ImageDataset", "DataError", "load_dataset", "load_digits_dataset", "load_patches_dataset", "split_indices",
-           "DIGITS_HOLDOUT", "PHOTOS", "GRAY_PHOTOS", "SCENES", "PATCH_SIZE", "PATCH_MAX_SIDE", "PATCH_HOLDOUT"]
+           "DIGITS_HOLDOUT", "PHOTOS", "GRAY_PHOTOS", "ALL_PHOTOS", "SCENES", "PATCH_SIZE", "PATCH_MAX_SIDE",
+           "PATCH_HOLDOUT"]
 
 DIGITS_HOLDOUT = 297
-#: The color photographs of ``patches``: scikit-image's, then scikit-learn's two sample images.
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "ihc",
-          "retina", "china", "flower")
-#: scikit-image's grayscale photographs, selectable with ``photos=`` next to a color one.
+#: The color photographs of ``patches``, one per scene: scikit-image's, then scikit-learn's two sample images.
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field", "ihc", "retina", "china",
+          "flower")
+#: Selectable with ``photos=``: the other view of the motorcycle, and scikit-image's grayscale photographs
+#: (next to a color one).
 GRAY_PHOTOS = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel")
-#: Patch labels: one scene per photo (the two motorcycle photos are one stereo pair), color scenes first.
-SCENES = tuple(dict.fromkeys(p.split("_")[0] for p in PHOTOS + GRAY_PHOTOS))
+ALL_PHOTOS = PHOTOS + ("motorcycle_right",) + GRAY_PHOTOS
+#: Patch labels: the scene of each photo, color scenes first (the index of a label).
+SCENES = tuple(dict.fromkeys(p.split("_")[0] for p in ALL_PHOTOS))
 PATCH_SIZE, PATCH_MAX_SIDE, PATCH_HOLDOUT, PATCH_SPLIT_SEED = 32, 640, 0.2, 0
 
 
@@ -202,14 +207,13 @@ def _patch_options(spec: str) -> tuple[int, bool, tuple[str, ...]]:
             flip = True
         elif key == "photos" and val:
             photos = tuple(val.split("+"))
-            unknown = [p for p in photos if p not in PHOTOS + GRAY_PHOTOS]
+            unknown = [p for p in photos if p not in ALL_PHOTOS]
             if unknown:
-                raise DataError(f"{spec}: unknown photo(s) {', '.join(unknown)}; choose from "
-                                f"{', '.join(PHOTOS + GRAY_PHOTOS)}")
+                raise DataError(f"{spec}: unknown photo(s) {', '.join(unknown)}; choose from {', '.join(ALL_PHOTOS)}")
         else:
             raise DataError(f"{spec}: bad option {opt!r}; use size=N (an even number >= 16), flip, "
                             "photos=NAME+NAME")
-    if not set(photos) & set(PHOTOS):
+    if set(photos) <= set(GRAY_PHOTOS):
         raise DataError(f"{spec}: {', '.join(photos)} are grayscale only; an RGB patch model needs at least one "
                         f"color photograph ({', '.join(PHOTOS)})")
     return size, flip, photos
@@ -249,7 +253,7 @@ def load_patches_dataset(spec: str = "patches") -> ImageDataset:
         if min(h, w) < size:
             raise DataError(f"{spec}: photo {name} is {w}x{h} pixels, smaller than the patch size {size}")
         rows, cols = -(-h // block), -(-w // block)
-        rng = np.random.default_rng([PATCH_SPLIT_SEED, (PHOTOS + GRAY_PHOTOS).index(name)])
+        rng = np.random.default_rng([PATCH_SPLIT_SEED, ALL_PHOTOS.index(name)])
         blocks = np.zeros(rows * cols, bool)
         blocks[rng.permutation(rows * cols)[: round(PATCH_HOLDOUT * rows * cols)]] = True
         mask = blocks.reshape(rows, cols).repeat(block, 0).repeat(block, 1)[:h, :w]

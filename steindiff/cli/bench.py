@@ -1,4 +1,4 @@
-"""``steindiff bench``: the benchmark protocol's grid on the mixture suite and on the digits U-Net.
+"""``steindiff bench``: the benchmark protocol's grid on the mixture suite and on the digits and patches U-Nets.
 
 Runs every configuration model x seed x solver x schedule x NFE x stabilizer x coords (lists are
 comma-separated), then writes the ``steindiff.bench/1`` results (``--json-out FILE``; ``--json`` prints
@@ -11,10 +11,11 @@ work (exit code 2); a configuration that fails is recorded in its row (``status`
 runtime failure, 2 usage.
 
 Models: exact-score mixtures (``gmm:<preset>``; float64 states, metrics against the true
-distribution, primary metric sw2) or ``digits`` (the shipped 8x8 U-Net, or a digits checkpoint
-folder; float32 states, image metrics against the held-out images, primary metric digits_fid,
-trajectory reference of at most 100 steps; stein-oracle and stein-exact need a mixture and are
-refused).  The small U-Net runs fastest on one thread on a shared CPU: OMP_NUM_THREADS=1.
+distribution, primary metric sw2) or ``digits`` and ``patches`` (the shipped 8x8 digits and 32x32
+photo-patch U-Nets, or checkpoint folders trained on their data; float32 states, image metrics against
+the held-out images, primary metric digits_fid or patch_fd, trajectory reference of at most 100 steps;
+stein-oracle and stein-exact need a mixture and are refused).  The small U-Nets run fastest on one thread on a
+shared CPU: OMP_NUM_THREADS=1.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run the benchmark grid on exact-score mixtures or the digits U-Net",
+    p = sub.add_parser("bench", help="run the benchmark grid on exact-score mixtures or the shipped U-Nets",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "--models", dest="models", default="gmm:image64",
-                   help="comma-separated gmm:<preset> names, or digits")
+                   help="comma-separated gmm:<preset> names, digits, patches or a checkpoint folder")
     p.add_argument("--solvers", default=PROTOCOL_SOLVERS, help=f"comma-separated, from: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", default="3,4,5,6,8,10", help="comma-separated NFE budgets")
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")

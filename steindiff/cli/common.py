@@ -22,7 +22,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gmm:image64",
-                   help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, or a checkpoint path")
+                   help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, patches, or a checkpoint path")
     p.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
     p.add_argument("--nfe", type=int, default=10, help="model passes per sample (budget)")
     p.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")

@@ -93,7 +93,7 @@ def load_classifier(path: str, cls: type[nn.Module] = DigitsClassifier, schema: 
     except Exception as e:
         raise ValueError(f"{wfile}: missing or corrupt classifier weights ({e})") from None
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{wfile}: weights do not match {cfile.name}: {str(e).splitlines()[0]}") from None
     model.eval().requires_grad_(False)

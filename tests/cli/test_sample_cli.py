@@ -69,3 +69,14 @@ def test_runtime_failure_names_step_and_leaves_no_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "NaN or Inf at step" in err and "sigma=" in err and len(err.splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_patches_model_samples_an_rgb_grid(tmp_path, capsys):
+    from PIL import Image
+
+    grid = tmp_path / "g.png"
+    assert main(["sample", "--model", "patches", "--solver", "euler", "--nfe", "2", "--n", "3", "--grid", str(grid),
+                 "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "patches"
+    with Image.open(grid) as img:  # 3 patches of 32x32 in a row, 1-pixel gaps
+        assert img.mode == "RGB" and img.size == (3 * 33 + 1, 34)

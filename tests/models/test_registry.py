@@ -10,7 +10,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["gmm:toy2d", "digits"])
+@pytest.mark.parametrize("name", ["gmm:toy2d", "digits", "patches"])
 def test_built_in_models_move(name, device):
     spec = load_model(name)
     assert spec.device == torch.device("cpu")
@@ -28,3 +28,13 @@ def test_plain_function_model_has_no_device():
 
     spec = ModelSpec("f", lambda x, s: x, VEProcess(), (2,))
     assert spec.device is None and spec.to("cpu") is spec
+
+
+def test_shipped_patches_model_carries_its_split_metrics_and_calibrations():
+    spec = load_model("patches")
+    cfg = spec.info["config"]
+    assert spec.name == "patches" and spec.sample_shape == (3, 32, 32) and spec.info["metrics"] == "patches"
+    assert cfg["data"]["source"] == "patches:flip" and cfg["data"]["holdout"]["by"] == "photo region"
+    assert spec.info["heldout"].shape[0] == cfg["data"]["holdout"]["n"] > 1000
+    assert spec.info["train"].shape[0] == cfg["data"]["n_train"]
+    assert cfg["weights"]["dtype"] == "float16" and spec.info["calibrations"].endswith("calibrations")
