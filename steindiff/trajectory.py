@@ -389,8 +389,7 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
         if finite:
             per_sample[name] = (x - ref_val).double().reshape(len(x), -1).pow(2).mean(1)
         scores[name] = {"val_rms": _rms(x, ref_val) if finite else None,
-                        "val_max": float((x - ref_val).double().reshape(len(x), -1).pow(2).mean(1).sqrt().max())
-                        if finite else None,
+                        "val_max": float(per_sample[name].sqrt().max()) if finite else None,
                         "val_sw2": sliced_w2(x, ref_val) if finite else None,
                         "residual_noise": residual_noise(model, x, sigma_min, part(val_sl)) if finite else None,
                         "gammas": list(plan.gammas), "sigmas": [float(s) for s in plan.sigmas]}
