@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .plan import SamplingPlan, make_plan
 from .sampling import prior_noise
 from .stabilizers import make_stabilizer
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
-from .trajectory import FIT_MODES, ReferenceSolve, fit_trajectory
+from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajectory
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "conditioning_digest", "default_cache_dir",
            "plan_from_schedule", "OBJECTIVES", "model_fingerprint", "CALIBRATION_SEED"]
@@ -127,6 +127,7 @@ def calibrate(
     ref: ReferenceSolve | None = None,
     max_solves: int = 200,
     max_seconds: float = 60.0,
+    guards: Sequence[str] = DEFAULT_GUARDS,
     extra_args: dict | None = None,
     jacobian_batch: int | None = None,
 ) -> GammaSchedule:
@@ -139,7 +140,8 @@ def calibrate(
     (default 512 for ``trajectory``, half of it validates; 1000 otherwise).  Trajectory options:
     ``fit`` (``gamma``, ``steps`` or ``both``), ``ref_solver``/``ref_steps`` (the fine solve),
     ``ref`` (a reference solve of the same noise to reuse), ``max_solves``/``max_seconds`` (budget of
-    the refinement), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
+    the refinement), ``guards`` (the checks a candidate must pass, :data:`~steindiff.trajectory.GUARDS`),
+    ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
     Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes.
     """
     if objective is None:
@@ -161,7 +163,7 @@ def calibrate(
     if objective == "trajectory":
         return _calibrate_trajectory(spec, base, meta, n, seed, dtype, fit=fit, progress=progress, ref=ref,
                                      ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
-                                     max_seconds=max_seconds, extra_args=extra_args)
+                                     max_seconds=max_seconds, guards=guards, extra_args=extra_args)
     if objective == "variant":
         return _calibrate_variant(spec, base, meta, n, seed, dtype, variant, probes=probes,
                                   jacobian_batch=jacobian_batch, batch_size=batch_size, progress=progress)

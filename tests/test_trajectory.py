@@ -185,3 +185,42 @@ def test_a_gain_within_the_validation_noise_keeps_the_plain_plan():
     assert any(v["val_rms"] < cand["plain"]["val_rms"] for k, v in cand.items() if k != "plain")
     assert all(not v["passed_significance_check"] for k, v in cand.items() if k != "plain")
     assert all(v["val_gain_z"] is not None for k, v in cand.items() if k != "plain")
+
+
+def _scores(**cands):
+    """Candidate records as fit_trajectory writes them: (val_rms, residual, distribution, significance)."""
+    return {k: {"val_rms": v[0], "passed_residual_check": v[1], "passed_distribution_check": v[2],
+                "passed_significance_check": v[3]} for k, v in cands.items()}
+
+
+def test_choose_candidate_applies_exactly_the_named_guards():
+    from steindiff.trajectory import DEFAULT_GUARDS, choose_candidate
+
+    scores = _scores(plain=(1.0, True, True, True), closed_form=(0.9, True, True, True),
+                     refined=(0.6, False, True, True), refined_residual=(0.5, True, False, True))
+    assert DEFAULT_GUARDS == ("distribution", "significance")
+    assert choose_candidate(scores) == "refined"  # residual noise recorded, not gating
+    assert choose_candidate(scores, ("residual", "distribution", "significance")) == "closed_form"
+    assert choose_candidate(scores, "residual") == "refined_residual"
+    assert choose_candidate(scores, ()) == "refined_residual"
+    scores["closed_form"]["passed_significance_check"] = False
+    assert choose_candidate(scores, ("residual", "distribution", "significance")) == "plain"
+    scores["refined"]["val_rms"] = None  # non-finite samples never win
+    assert choose_candidate(scores, ()) == "refined_residual"
+    tie = _scores(plain=(1.0, True, True, True), refined=(1.0, True, True, True))
+    assert choose_candidate(tie, ()) == "plain"
+    with pytest.raises(ValueError, match="unknown calibration guard.*'nope'.*residual, distribution, significance"):
+        choose_candidate(scores, ("distribution", "nope"))
+
+
+def test_fit_records_its_guards_and_refuses_unknown_ones():
+    gmm = get_gmm("gmm:toy2d")
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((64, 2), 80.0, seed=12345, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown calibration guard"):
+        fit_trajectory(gmm, base, noise, sigma_min=0.002, ref_steps=100, max_solves=4, guards="residual,foo")
+    fit = fit_trajectory(gmm, base, noise, sigma_min=0.002, ref_steps=100, max_solves=20,
+                         guards="residual,distribution,significance")
+    rec = fit.record
+    assert rec["guards"] == ["residual", "distribution", "significance"]
+    assert all(rec["candidates"][rec["chosen"]][f"passed_{g}_check"] for g in rec["guards"])

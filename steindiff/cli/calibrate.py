@@ -12,7 +12,7 @@ import torch
 
 from ..calibrate import CALIBRATION_SEED, OBJECTIVES, calibrate
 from ..stabilizers import STABILIZERS
-from ..trajectory import FIT_MODES
+from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
 from . import UsageError, common, emit, usage_errors
 
 
@@ -38,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
     p.add_argument("--max-solves", type=int, default=200,
                    help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not)")
+    p.add_argument("--guards", default=",".join(DEFAULT_GUARDS),
+                   help=f"trajectory: the checks a fitted candidate must pass on the validation half to replace the "
+                        f"plain solver, comma-separated from {', '.join(GUARDS)} (residual: no more residual noise "
+                        f"than plain's; off by default, it was wrong on the digits model)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", required=True, help="output JSON file")
     common.add_jacobian_batch(p)
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                           objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
                           reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype], rho=args.rho,
                           progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
-                          max_solves=args.max_solves, jacobian_batch=args.jacobian_batch)
+                          max_solves=args.max_solves, guards=args.guards,
+                          jacobian_batch=args.jacobian_batch)
     sched.save(args.out)
     summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
     lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",

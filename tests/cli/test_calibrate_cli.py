@@ -39,6 +39,9 @@ def test_calibrate_bad_input(tmp_path, capsys):
     assert "at least 4" in capsys.readouterr().err
     assert main(["calibrate", "--model", "gmm:toy2d", "--max-solves", "0", "--out", str(tmp_path / "x.json")]) == 2
     assert "--max-solves >= 1" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--guards", "distribution,nope", "--out",
+                 str(tmp_path / "x.json")]) == 2
+    assert "unknown calibration guard(s) 'nope'" in capsys.readouterr().err
     assert main(["calibrate", "--model", "gmm:toy2d", "--out", str(tmp_path / "nodir" / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
 
