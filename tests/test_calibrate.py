@@ -117,3 +117,33 @@ def test_the_digits_model_ships_its_calibrations(tmp_path):
 def test_trajectory_calibration_uses_the_requested_coordinates(toy):
     sched = calibrate(toy, solver="euler", nfe=3, coords="vp", dtype=torch.float64, **FAST)
     assert sched.coords == "vp"
+
+
+def test_default_guards_gate_residual_noise_for_mixtures_only(toy):
+    from steindiff.trajectory import choose_candidate
+
+    digits = load_model("digits")
+    assert cal.default_guards(toy) == ("residual", "distribution", "significance")
+    assert cal.default_guards(digits) == ("distribution", "significance")
+    rec = calibrate(toy, solver="euler", nfe=4, dtype=torch.float64, **FAST).meta["calibration"]
+    assert rec["guards"] == ["residual", "distribution", "significance"]
+    assert rec["chosen"] == choose_candidate(rec["candidates"], rec["guards"])
+    sched = calibrate(toy, solver="euler", nfe=4, dtype=torch.float64, guards=["significance"], **FAST)
+    assert sched.meta["calibration"]["guards"] == ["significance"]
+
+
+def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards():
+    """Each shipped file's choice is the one its recorded candidates give under the default guards."""
+    from pathlib import Path
+
+    from steindiff.trajectory import choose_candidate
+
+    spec = load_model("digits")
+    files = sorted(Path(spec.info["calibrations"]).glob("*.json"))
+    assert len(files) == 68
+    for f in files:
+        obj = json.loads(f.read_text())
+        c = obj["calibration"]
+        assert c["guards"] == list(cal.default_guards(spec)), f.name
+        assert c["chosen"] == choose_candidate(c["candidates"], c["guards"]), f.name
+        assert obj["gammas"] == c["candidates"][c["chosen"]]["gammas"], f.name

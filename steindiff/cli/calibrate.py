@@ -38,10 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
     p.add_argument("--max-solves", type=int, default=200,
                    help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not)")
-    p.add_argument("--guards", default=",".join(DEFAULT_GUARDS),
+    p.add_argument("--guards", default=None,
                    help=f"trajectory: the checks a fitted candidate must pass on the validation half to replace the "
-                        f"plain solver, comma-separated from {', '.join(GUARDS)} (residual: no more residual noise "
-                        f"than plain's; off by default, it was wrong on the digits model)")
+                        f"plain solver, comma-separated from {', '.join(GUARDS)} (default: "
+                        f"{','.join(DEFAULT_GUARDS)}, and residual for gmm:* models: no more residual noise than "
+                        f"plain's, which a mixture's likelihood sees and image metrics do not)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", required=True, help="output JSON file")
     common.add_jacobian_batch(p)

@@ -1,0 +1,77 @@
+"""benchmarks/reselect_calibrations.py: a saved trajectory calibration re-chosen under other guards equals
+the choice fit_trajectory makes from the same candidates; bad input refused, nothing written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from steindiff.calibrate import calibrate
+from steindiff.models.registry import load_model
+from steindiff.stabilizers.schedule import load_gamma_schedule
+from steindiff.trajectory import choose_candidate
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reselect_calibrations.py"
+ALL = "residual,distribution,significance"
+
+
+@pytest.fixture(scope="module")
+def reselect():
+    spec = importlib.util.spec_from_file_location("reselect_calibrations", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cal")
+    spec = load_model("gmm:toy2d")
+    sched = calibrate(spec, solver="euler", nfe=4, n=64, ref_steps=100, max_solves=20, guards=ALL.split(","))
+    sched.save(folder / "toy2d-euler.json")
+    return folder
+
+
+def test_reselect_equals_the_fit_choice_and_is_undone_by_the_old_guards(reselect, saved, tmp_path, capsys):
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    src = (saved / "toy2d-euler.json").read_text()
+    (folder / "a.json").write_text(src)
+    obj = json.loads(src)
+    cand = obj["calibration"]["candidates"]
+    # make the residual check decide: the closest non-plain candidate fails it, and passes the others
+    best = min((k for k in cand if k != "plain"), key=lambda k: cand[k]["val_rms"])
+    cand[best].update(passed_residual_check=False, passed_distribution_check=True, passed_significance_check=True,
+                      val_rms=0.5 * min(v["val_rms"] for v in cand.values()))
+    ratio = cand[best]["val_rms"] / cand["plain"]["val_rms"]
+    obj["calibration"]["chosen"] = choose_candidate(cand, ALL.split(","))
+    (folder / "a.json").write_text(json.dumps(obj))
+    assert reselect.main([str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    new = json.loads((folder / "a.json").read_text())
+    assert new["calibration"]["chosen"] == best == choose_candidate(cand)
+    assert report["changed"] == [{"file": "a.json", "from": obj["calibration"]["chosen"], "to": best,
+                                  "val_ratio": pytest.approx(ratio)}]
+    assert new["gammas"] == cand[best]["gammas"] and new["sigmas"] == cand[best]["sigmas"]
+    assert new["calibration"]["reselected"]["from"] == obj["calibration"]["chosen"]
+    assert load_gamma_schedule(folder / "a.json").gammas == cand[best]["gammas"]
+    # the old guards give the old choice back
+    assert reselect.main([str(folder), "--guards", ALL]) == 0
+    back = json.loads((folder / "a.json").read_text())
+    assert back["calibration"]["chosen"] == obj["calibration"]["chosen"]
+    assert back["gammas"] == cand[back["calibration"]["chosen"]]["gammas"]
+
+
+def test_dry_run_and_bad_input_write_nothing(reselect, saved, tmp_path, capsys):
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    src = (saved / "toy2d-euler.json").read_text()
+    (folder / "a.json").write_text(src)
+    assert reselect.main([str(folder), "--dry-run"]) == 0
+    assert (folder / "a.json").read_text() == src and "dry run" in capsys.readouterr().out
+    assert reselect.main([str(tmp_path / "empty")]) == 2
+    assert "no calibration files" in capsys.readouterr().err
+    assert reselect.main([str(folder), "--guards", "nope"]) == 2
+    assert "unknown calibration guard(s) 'nope'" in capsys.readouterr().err
+    assert (folder / "a.json").read_text() == src
