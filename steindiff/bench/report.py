@@ -124,9 +124,9 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                          "training images (precision and recall: floor minus value). digits-FID/KID and patch-FD use "
                          "the project's own small classifiers and are comparable only with each other.")
     if result.get("cost"):
-        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} "
-                     "interleaved repeats after one "
-                     "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
+        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after "
+                     "one untimed warm-up round, float64 states; ratios are medians measured side by side in one "
+                     "process.")
     if mach:
         lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, {mach.get('torch_threads')} "
                      f"torch threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")
@@ -182,7 +182,7 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
             lines += [f"### {names[m]}", ""]
             rows = []
             for k in keys:
-                nfe = by.get((*k, "none"), {}).get("nfe") if (*k, "none") in by else None
+                nfe = by.get((*k, "none"), {}).get("nfe")
                 rows.append([k[0], k[1], f"{k[2]}" + (f" ({nfe})" if nfe is not None and nfe != k[2] else "")]
                             + [_cell_text(by.get((*k, lab)), m) for lab in labels])
             lines += _table(["solver", "schedule", "NFE"] + labels, rows) + [""]
@@ -262,9 +262,7 @@ def write_markdown(path: str, result: dict, summary: dict, **kw: Any) -> None:
         Path(tmp).write_text(text)
 
 
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
+# -- plots ----------------------------------------------------------------------------------------
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 

@@ -117,9 +117,7 @@ def primary_metric(obj: Any) -> str:
     return "sw2"
 
 
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
+# -- validation -----------------------------------------------------------------------------------
 def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
                   coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int,
                   probes: int = 5, device: str | torch.device | None = None,
@@ -173,9 +171,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     return specs
 
 
-# --------------------------------------------------------------------------------------------
-# the grid
-# --------------------------------------------------------------------------------------------
+# -- the grid -------------------------------------------------------------------------------------
 def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """Where and with what the numbers were measured (absolute times are only comparable within a run);
     on CUDA also the card's name and the CUDA version (:func:`steindiff.device.describe_device`)."""
@@ -241,12 +237,9 @@ def _noise(spec: ModelSpec, n: int, seed: int) -> torch.Tensor:
                        dtype=_dtype(spec), device=spec.device or "cpu")
 
 
-def _ref_steps(spec: ModelSpec, ref_steps: int) -> int:
-    return ref_steps if model_kind(spec) == "mixture" else min(ref_steps, IMAGE_REF_STEPS)
-
-
 def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
-    sigmas = get_sigmas("karras", steps, spec.process)
+    """The trajectory reference: ``steps`` Karras steps of ``solver``, at most :data:`IMAGE_REF_STEPS` for images."""
+    sigmas = get_sigmas("karras", steps if model_kind(spec) == "mixture" else min(steps, IMAGE_REF_STEPS), spec.process)
     return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=_dtype(spec)).x
 
 
@@ -415,7 +408,7 @@ def run_grid(
 
             for seed in seeds:
                 noise = _noise(spec, n, seed)
-                ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
+                ref = _reference(spec, noise, ref_solver, ref_steps)
                 floors = _floors(spec, n, seed)
                 done: dict[tuple, dict] = {}
                 for solver, schedule, nfe in itertools.product(solvers, schedules, nfes):
@@ -445,9 +438,7 @@ def run_grid(
     return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
 
 
-# --------------------------------------------------------------------------------------------
-# cost, side by side
-# --------------------------------------------------------------------------------------------
+# -- cost, side by side ---------------------------------------------------------------------------
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -534,9 +525,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# summary
-# --------------------------------------------------------------------------------------------
+# -- summary --------------------------------------------------------------------------------------
 def excess(metrics: dict, name: str) -> float | None:
     """A row's excess of metric ``name`` over its floor (``None`` when not measured).
 
