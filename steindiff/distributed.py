@@ -117,18 +117,11 @@ def _init_group(backend: str, timeout_s: float) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    buf = t.detach().to(_comm_device(), copy=True)
+    nccl = dist.get_backend() == "nccl"  # its collectives run on the rank's GPU, gloo's on the CPU
+    buf = t.detach().to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"), copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(t.device)
 
