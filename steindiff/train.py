@@ -101,17 +101,9 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def train(
-    cfg: TrainConfig,
-    out: str | os.PathLike,
-    unet: UNetConfig | None = None,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    dataset: ImageDataset | None = None,
-    callback: Callable[[dict], None] | None = None,
-    device: str | torch.device | None = None,
-) -> TrainResult:
+def train(cfg: TrainConfig, out: str | os.PathLike, unet: UNetConfig | None = None, *, resume: bool = False,
+          progress: bool = True, dataset: ImageDataset | None = None, callback: Callable[[dict], None] | None = None,
+          device: str | torch.device | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue training) a U-Net and write checkpoints to ``out``.
 
     ``device``: where the network, the optimizer and the training images live (default: the

@@ -124,13 +124,8 @@ class _DiffusersNet(nn.Module):
         return out
 
 
-def denoiser_from_diffusers(
-    unet: nn.Module,
-    scheduler_or_config: Any,
-    *,
-    dtype: torch.dtype | None = None,
-    timestep: Literal["interp", "round"] = "interp",
-) -> VPDenoiser:
+def denoiser_from_diffusers(unet: nn.Module, scheduler_or_config: Any, *, dtype: torch.dtype | None = None,
+                            timestep: Literal["interp", "round"] = "interp") -> VPDenoiser:
     """A VE denoiser ``D(x, sigma, **extra)`` for a diffusers UNet trained with ``scheduler_or_config``.
 
     The UNet sees ``x_vp = x / sqrt(1 + sigma^2)`` and the timestep of ``sigma`` on the scheduler's
@@ -324,17 +319,11 @@ class PipelineModel:
         return json.dumps(self.conditioning(), sort_keys=True)
 
 
-def pipeline_model(
-    pipe: Any,
-    *,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    class_labels: Any = None,
-    negative_class_labels: Any = None,
-    guidance_scale: float = 1.0,
-    timestep: Literal["interp", "round"] = "interp",
-    sample_shape: Sequence[int] | None = None,
-) -> PipelineModel:
+def pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor | None = None,
+                   negative_prompt_embeds: torch.Tensor | None = None, class_labels: Any = None,
+                   negative_class_labels: Any = None, guidance_scale: float = 1.0,
+                   timestep: Literal["interp", "round"] = "interp",
+                   sample_shape: Sequence[int] | None = None) -> PipelineModel:
     """The model :func:`sample_pipeline` samples, with its conditioning (:class:`PipelineModel`).
 
     ``prompt_embeds`` go to the UNet as ``encoder_hidden_states``, ``class_labels`` as ``class_labels``.

@@ -88,15 +88,10 @@ class VPDenoiser(Preconditioned):
     time is ``t * time_scale`` (e.g. ``time_scale=1000`` for score-SDE checkpoints).
     """
 
-    def __init__(
-        self,
-        net: Callable[..., torch.Tensor],
-        process: DiscreteVPProcess | ContinuousVPProcess,
-        prediction: Literal["epsilon", "v", "x0", "score"] = "epsilon",
-        timestep: Literal["interp", "round"] = "interp",
-        time_scale: float = 1.0,
-        dtype: torch.dtype | None = None,
-    ):
+    def __init__(self, net: Callable[..., torch.Tensor], process: DiscreteVPProcess | ContinuousVPProcess,
+                 prediction: Literal["epsilon", "v", "x0", "score"] = "epsilon",
+                 timestep: Literal["interp", "round"] = "interp", time_scale: float = 1.0,
+                 dtype: torch.dtype | None = None):
         super().__init__(net, dtype)
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
