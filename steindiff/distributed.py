@@ -188,27 +188,12 @@ def _run_id(config: dict) -> str:
     return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sample_distributed(
-    model: Any,
-    out_dir: str | os.PathLike,
-    plan: SamplingPlan | None = None,
-    *,
-    n: int,
-    solver: str = "dpmpp_2m",
-    nfe: int = 10,
-    schedule: str = "karras",
-    rho: float = 7.0,
-    seed: int = 0,
-    stabilizer_name: str | None = None,
-    stabilizer_options: dict | None = None,
-    probe_mode: str = "global",
-    dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
-    timeout_s: float = 300.0,
-    device: str | torch.device | None = None,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = False,
-) -> DistResult:
+def sample_distributed(model: Any, out_dir: str | os.PathLike, plan: SamplingPlan | None = None, *, n: int,
+                       solver: str = "dpmpp_2m", nfe: int = 10, schedule: str = "karras", rho: float = 7.0,
+                       seed: int = 0, stabilizer_name: str | None = None, stabilizer_options: dict | None = None,
+                       probe_mode: str = "global", dtype: torch.dtype = torch.float32, backend: str = "auto",
+                       timeout_s: float = 300.0, device: str | torch.device | None = None,
+                       callback: Callable[[dict], None] | None = None, progress: bool = False) -> DistResult:
     """Sample this rank's shard of ``n`` samples and write it to ``out_dir`` (module docstring).
 
     ``model``: a model name (``gmm:image64``, ``digits``, a checkpoint) or a

@@ -331,26 +331,11 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
     return row
 
 
-def run_grid(
-    models: Sequence[str],
-    solvers: Sequence[str],
-    nfes: Sequence[int],
-    schedules: Sequence[str],
-    coords: Sequence[str],
-    stabilizers: Sequence[str],
-    seeds: Sequence[int],
-    n: int,
-    probes: int = 5,
-    progress: bool = True,
-    *,
-    mmd: bool = False,
-    ref_solver: str = "dpmpp_3m",
-    ref_steps: int = 1000,
-    calibration: dict | None = None,
-    calibration_dir: str | None = None,
-    device: str | torch.device | None = None,
-    jacobian_batch: int | None = None,
-) -> dict:
+def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
+             coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int, probes: int = 5,
+             progress: bool = True, *, mmd: bool = False, ref_solver: str = "dpmpp_3m", ref_steps: int = 1000,
+             calibration: dict | None = None, calibration_dir: str | None = None,
+             device: str | torch.device | None = None, jacobian_batch: int | None = None) -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
 
     ``calibration``: options of the ``cal:trajectory`` cells' calibration (:func:`calibration_options`
