@@ -109,10 +109,9 @@ def run_sample(args: argparse.Namespace) -> int:
     summary = {
         "out_dir": res.out_dir, "manifest": str(Path(res.out_dir) / "manifest.json"), "run_id": res.run_id,
         "world_size": res.world_size, "device_rank0": res.device, "n": args.n, "model": spec.name,
-        "solver": args.solver, "schedule": args.schedule,
-        "stabilizer": args.stabilizer, "probe_mode": args.probe_mode, "nfe": res.nfe, "extra_passes": res.extra_passes,
-        "steps": len(res.config["sigmas"]) - 1, "seed": args.seed, "gammas": res.gammas,
-        "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
+        "solver": args.solver, "schedule": args.schedule, "stabilizer": args.stabilizer, "probe_mode": args.probe_mode,
+        "nfe": res.nfe, "extra_passes": res.extra_passes, "steps": len(res.config["sigmas"]) - 1, "seed": args.seed,
+        "gammas": res.gammas, "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
     }
     lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {args.stabilizer}, NFE {res.nfe} "
              f"(+{res.extra_passes} Jacobian passes), {args.n} samples over {res.world_size} rank(s)"]

@@ -130,10 +130,9 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": res.wall_s, "loss": res.loss, "n_params": res.n_params,
         "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
         "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"],
-        "batch_size": t["batch_size"],
-        "device": str(device), "precision": args.precision,
+        "batch_size": t["batch_size"], "device": str(device), "precision": args.precision,
+        "start_step": start, "trained": res.step - (start or 0),
     }
-    summary["start_step"], summary["trained"] = start, res.step - (start or 0)
     resumed = f" (resumed at {start})" if args.resume else ""
     lines = [
         f"trained {res.step}/{args.iters} iterations{resumed} in {res.wall_s:.1f} s on {device}"
