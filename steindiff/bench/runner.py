@@ -61,11 +61,9 @@ from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
 from ..stabilizers import STABILIZERS, make_stabilizer
 
-__all__ = [
-    "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
-    "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
-    "IMAGE_REF_STEPS",
-]
+__all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "excess",
+           "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
+           "IMAGE_REF_STEPS"]
 
 SCHEMA = "steindiff.bench/1"
 #: The calibrated sampler's label: trajectory calibration (:mod:`steindiff.trajectory`) fitted once per
@@ -347,8 +345,7 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
 
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
-    side by side.  Image models use float32 states and at most :data:`IMAGE_REF_STEPS` reference steps.
-    ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
+    side by side.  ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
     ``jacobian_batch``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
     specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device,

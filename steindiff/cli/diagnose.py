@@ -55,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
     stabilizer = common.stabilizer_from_args(args, spec)
     if stabilizer is not None and args.n < 2:
         raise UsageError("a stabilizer's batch statistics need --n >= 2")
-    result = diagnose(
-        spec, args.solver, args.nfe, args.schedule, args.n, args.seed, args.coords,
-        stabilizer=stabilizer, iters=args.iters, method=args.method, jvp=args.jvp, rho=args.rho,
-        dtype=common.DTYPES[args.dtype], batch_size=args.batch_size, progress=not args.no_progress, device=device,
-    )
+    result = diagnose(spec, args.solver, args.nfe, args.schedule, args.n, args.seed, args.coords, stabilizer=stabilizer,
+                      iters=args.iters, method=args.method, jvp=args.jvp, rho=args.rho, dtype=common.DTYPES[args.dtype],
+                      batch_size=args.batch_size, progress=not args.no_progress, device=device)
     result["config"]["stabilizer"] = args.stabilizer
     if args.png is not None:
         plot_diagnosis(result, args.png)

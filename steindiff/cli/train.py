@@ -102,18 +102,14 @@ def run(args: argparse.Namespace) -> int:
         if not out.is_dir() or any(out.iterdir()):
             raise UsageError(f"{out}: exists and is not an empty folder")
     with usage_errors(ValueError):  # DataError is a ValueError
-        cfg = TrainConfig(
-            data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-            ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
-            seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit, precision=args.precision,
-            log_every=args.log_every, weights_dtype=args.weights_dtype,
-        )
+        cfg = TrainConfig(data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                          ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
+                          seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit,
+                          precision=args.precision, log_every=args.log_every, weights_dtype=args.weights_dtype)
         ds = load_dataset(args.data)
-        unet = UNetConfig(
-            in_channels=ds.shape[0], model_channels=args.channels, channel_mult=args.channel_mult,
-            num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
-            embedding="fourier" if args.loss == "edm" else "positional", num_classes=args.num_classes,
-        )
+        unet = UNetConfig(in_channels=ds.shape[0], model_channels=args.channels, channel_mult=args.channel_mult,
+                          num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
+                          embedding="fourier" if args.loss == "edm" else "positional", num_classes=args.num_classes)
     start = _checkpoint_step(out) if args.resume else 0
     if start is not None and start >= args.iters:
         return _nothing_to_do(args, out, start)

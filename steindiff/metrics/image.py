@@ -36,11 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = [
-    "DigitsClassifier", "load_digits_classifier", "load_classifier", "digits_features", "classifier_features",
-    "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv",
-    "image_metrics", "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR",
-]
+__all__ = ["DigitsClassifier", "load_digits_classifier", "load_classifier", "digits_features", "classifier_features",
+           "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv", "image_metrics",
+           "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR"]
 
 MEMORIZATION_THRESHOLD = 0.1
 CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits_classifier"
