@@ -33,7 +33,6 @@ TABLES = {"sw2": ("sw2", "nll", "mode_tv"),
           "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err"),
           "patch_fd": ("patch_fd", "spectrum", "pixel_sw2", "traj_err")}
 PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err"), "patch_fd": ("patch_fd", "spectrum")}
-_ORDER = METRICS + IMAGE_METRICS
 
 
 def _primary(summary: dict, model: str) -> str:
@@ -147,7 +146,7 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
         lines += [f"## {model}", ""]
         counts = summary["counts"].get(model, {})
         if counts:
-            order = _ORDER if p == "sw2" else TABLES[p] + ("memorization",)
+            order = METRICS + IMAGE_METRICS if p == "sw2" else TABLES[p] + ("memorization",)
             mnames = [m for m in order if any(m in d for d in counts.values())]
             lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells with room; % helped of "
                       "those)", ""]

@@ -659,9 +659,7 @@ def summarize(result: dict) -> dict:
                                     **verdict(b["excess"][p], c["excess"].get(p))}
     counts: dict[str, dict] = {}
     for c in cells.values():
-        if "verdicts" not in c:
-            continue
-        for name, v in c["verdicts"].items():
+        for name, v in c.get("verdicts", {}).items():
             d = counts.setdefault(c["model"], {}).setdefault(label_of(c), {}).setdefault(
                 name, {"helps": 0, "hurts": 0, "tie": 0, "failed": 0, "n/a": 0, "at_floor": 0, "room": 0})
             d[v["verdict"]] += 1

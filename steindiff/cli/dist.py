@@ -96,14 +96,12 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} "
                          f"over {world} ranks (pass --per-sample for one gamma per sample)")
     common.check_output_dir(args.out_dir, "--out-dir")
-    out = Path(args.out_dir)
     with _sigterm_as_error(os.environ.get("RANK", "0")):
-        res = sample_distributed(
-            spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
-            stabilizer_name=args.stabilizer,
-            stabilizer_options=common.stabilizer_options(args) if stabilizer is not None else {},
-            probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
-            progress=not args.no_progress, device=args.device)
+        res = sample_distributed(spec, Path(args.out_dir), n=args.n, solver=args.solver, nfe=args.nfe,
+                                 schedule=args.schedule, rho=args.rho, seed=args.seed, stabilizer_name=args.stabilizer,
+                                 stabilizer_options=common.stabilizer_options(args) if stabilizer is not None else {},
+                                 probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend,
+                                 timeout_s=args.timeout, progress=not args.no_progress, device=args.device)
     if res.rank != 0:
         return 0
     summary = {

@@ -28,9 +28,7 @@ class Denoiser(Protocol):
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector ``(B,)`` (or scalar) to broadcast against ``x``."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    if v.ndim == 0:
-        return v
-    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+    return v if v.ndim == 0 else v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
