@@ -209,8 +209,7 @@ def _patch_options(spec: str) -> tuple[int, bool, tuple[str, ...]]:
             if unknown:
                 raise DataError(f"{spec}: unknown photo(s) {', '.join(unknown)}; choose from {', '.join(ALL_PHOTOS)}")
         else:
-            raise DataError(f"{spec}: bad option {opt!r}; use size=N (an even number >= 16), flip, "
-                            "photos=NAME+NAME")
+            raise DataError(f"{spec}: bad option {opt!r}; use size=N (an even number >= 16), flip, photos=NAME+NAME")
     if set(photos) <= set(GRAY_PHOTOS):
         raise DataError(f"{spec}: {', '.join(photos)} are grayscale only; an RGB patch model needs at least one "
                         f"color photograph ({', '.join(PHOTOS)})")

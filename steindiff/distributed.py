@@ -184,10 +184,6 @@ def _per_sample_probes(seed: int, start: int, stop: int) -> Callable:
 
 # -- sampling -------------------------------------------------------------------------------------
 
-def _run_id(config: dict) -> str:
-    return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def sample_distributed(model: Any, out_dir: str | os.PathLike, plan: SamplingPlan | None = None, *, n: int,
                        solver: str = "dpmpp_2m", nfe: int = 10, schedule: str = "karras", rho: float = 7.0,
                        seed: int = 0, stabilizer_name: str | None = None, stabilizer_options: dict | None = None,
@@ -240,7 +236,7 @@ def sample_distributed(model: Any, out_dir: str | os.PathLike, plan: SamplingPla
             "stabilizer": stabilizer_name or "none", "stabilizer_options": stabilizer_options or {},
             "sigmas": [float(s) for s in sigmas], **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
-        run_id = _run_id(config)
+        run_id = hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
         out.mkdir(parents=True, exist_ok=True)
         manifest = {"schema": MANIFEST_SCHEMA, "run_id": run_id, "world_size": world, "n": n, "config": config,
                     "shards": [{"rank": r, "file": shard_name(r), "start": shard_range(n, world, r)[0],
