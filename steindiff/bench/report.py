@@ -321,6 +321,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 if not gc:
                     continue
                 nfes = sorted({c["nfe_budget"] for c in gc})
+                gamma = {(c["solver"], label_of(c), c["nfe_budget"]): c["gamma_mean"] for c in gc}
                 cmap = colormap("viridis")(np.linspace(0, 0.9, len(nfes)))
                 fig, axes = figure(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)),
                                    squeeze=False)
@@ -330,10 +331,8 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                         ax.axhspan(0.5, 1.5, color="0.9")
                         ax.axhline(1.0, color="0.5", lw=0.8)
                         for k, nfe in enumerate(nfes):
-                            c = next((c for c in gc if c["solver"] == solver and label_of(c) == lab
-                                      and c["nfe_budget"] == nfe), None)
-                            if c is not None:
-                                g = c["gamma_mean"]
+                            g = gamma.get((solver, lab, nfe))
+                            if g is not None:
                                 ax.plot(range(len(g)), g, marker="o", ms=2.5, lw=1, color=cmap[k], label=f"NFE {nfe}")
                         ax.set_yscale("symlog", linthresh=1.0)
                         ax.set_title(f"{lab} · {solver}", fontsize=9)
