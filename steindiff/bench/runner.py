@@ -410,9 +410,8 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                         bar.update(1)
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
-              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
-              "probes": probes, "mmd": mmd,
-              "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n, "probes": probes,
+              "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
     if TRAJECTORY in stabilizers:
         config["calibration"] = cal_config
     if "image" in kinds:
@@ -776,7 +775,6 @@ def _gamma_summary(rows: Sequence[dict]) -> list[dict]:
             continue
         a = np.asarray(g)
         out.append({"model": m, "stabilizer": s, "coords": c, "steps": len(a), "median": float(np.median(a)),
-                    "p10": float(np.quantile(a, 0.1)), "p90": float(np.quantile(a, 0.9)),
-                    "min": float(a.min()), "max": float(a.max()),
-                    "frac_outside_0.5_1.5": float(((a < 0.5) | (a > 1.5)).mean())})
+                    "p10": float(np.quantile(a, 0.1)), "p90": float(np.quantile(a, 0.9)), "min": float(a.min()),
+                    "max": float(a.max()), "frac_outside_0.5_1.5": float(((a < 0.5) | (a > 1.5)).mean())})
     return out

@@ -73,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
                                                               if stabilizer is not None else "")]
     for r in result["steps"]:
         L = r["lipschitz"]
-        line = (f"{r['step']:>4} {r['sigma']:>8.3g} {r['sigma_next']:>8.3g} {L['median']:>8.3g} "
-                f"{L['q95']:>8.3g} {L['max']:>8.3g} "
-                f"{L['frac_gt_1']:>6.2f} {_fmt(r['lipschitz_D']['median']):>8} "
+        line = (f"{r['step']:>4} {r['sigma']:>8.3g} {r['sigma_next']:>8.3g} {L['median']:>8.3g} {L['q95']:>8.3g} "
+                f"{L['max']:>8.3g} {L['frac_gt_1']:>6.2f} {_fmt(r['lipschitz_D']['median']):>8} "
                 f"{_fmt(r['bound']['median'] if r['bound'] else None):>8} {_fmt(r['bound_first_order']['median']):>8}")
         if stabilizer is not None:
             ls = r["lipschitz_stabilized"]

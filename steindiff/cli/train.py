@@ -53,9 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32, or bf16 autocast of the network's forward pass (weights, "
-                        "optimizer and loss stay float32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast of the "
+                   "network's forward pass (weights, optimizer and loss stay float32)")
     p.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the saved EMA weights (model.safetensors; float16 halves the file, training "
                         "stays float32)")
