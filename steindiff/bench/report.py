@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -35,18 +35,6 @@ TABLES = {"sw2": ("sw2", "nll", "mode_tv"),
 PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err"), "patch_fd": ("patch_fd", "spectrum")}
 
 
-def _primary(summary: dict, model: str) -> str:
-    return summary.get("primary", {}).get(model, "sw2")
-
-
-def _names(result: dict, primary: str) -> dict[str, str]:
-    """:data:`NAMES`, with the reference steps of image models in the trajectory-error name."""
-    steps = result.get("config", {}).get("reference", {}).get("image_model_steps")
-    if primary == "sw2" or steps is None:
-        return NAMES
-    return {**NAMES, "traj_err": f"trajectory error (RMS per dim vs {steps}-step reference)"}
-
-
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None or not math.isfinite(x):
         return "–"
@@ -58,6 +46,19 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def _labels(cells: Sequence[dict]) -> list[str]:
     order = {"none": 0, "stein": 1, "stein-exact": 2, "stein-sc": 3, "stein-oracle": 4}
     return sorted({label_of(c) for c in cells}, key=lambda s: (order.get(s.split("/")[0], 9), s))
+
+
+def _models(result: dict, summary: dict) -> Iterator[tuple[str, list[dict], list[str], str, dict[str, str]]]:
+    """Per model of the summary: its cells, their stabilizer labels, its primary metric and the metric names
+    (:data:`NAMES`, with the reference steps of image models in the trajectory-error name)."""
+    steps = result.get("config", {}).get("reference", {}).get("image_model_steps")
+    for model in sorted({c["model"] for c in summary["cells"]}):
+        mc = [c for c in summary["cells"] if c["model"] == model]
+        p = summary.get("primary", {}).get(model, "sw2")
+        names = NAMES
+        if p != "sw2" and steps is not None:
+            names = {**NAMES, "traj_err": f"trajectory error (RMS per dim vs {steps}-step reference)"}
+        yield model, mc, _labels(mc), p, names
 
 
 def _pct(x: float | None) -> str:
@@ -137,12 +138,7 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                   "the hurt threshold there), `✗` failed. Values: mean ± standard deviation over seeds. The spread "
                   "of a comparison is vanilla's seed standard deviation in the cell."]
     lines.append("")
-    cells = summary["cells"]
-    for model in sorted({c["model"] for c in cells}):
-        mc = [c for c in cells if c["model"] == model]
-        labels = _labels(mc)
-        p = _primary(summary, model)
-        names = _names(result, p)
+    for model, mc, labels, p, names in _models(result, summary):
         lines += [f"## {model}", ""]
         counts = summary["counts"].get(model, {})
         if counts:
@@ -277,14 +273,9 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    cells = summary["cells"]
     paths: list[str] = []
     solvers_cfg = result.get("config", {}).get("solvers", [])
-    for model in sorted({c["model"] for c in cells}):
-        mc = [c for c in cells if c["model"] == model]
-        labels = _labels(mc)
-        p = _primary(summary, model)
-        names = _names(result, p)
+    for model, mc, labels, p, names in _models(result, summary):
         colors = {lab: colormap("tab10")(i % 10) for i, lab in enumerate(labels)}
         solvers = sorted({c["solver"] for c in mc}, key=lambda s: solvers_cfg.index(s) if s in solvers_cfg else 99)
         for schedule in sorted({c["schedule"] for c in mc}):
