@@ -26,19 +26,10 @@ from .stabilizers import Stabilizer, make_stabilizer, registry
 __all__ = ["sample"]
 
 
-def sample(
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    sigmas: Sequence[float] | torch.Tensor,
-    solver: str | Solver = "euler",
-    *,
-    stabilizer: Stabilizer | str | None = None,
-    process: NoiseProcess | None = None,
-    calibration_dir: str | os.PathLike | None = None,
-    calibrate: bool = True,
-    calibration_options: dict | None = None,
-    **kwargs: Any,
-) -> SampleResult:
+def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
+           solver: str | Solver = "euler", *, stabilizer: Stabilizer | str | None = None,
+           process: NoiseProcess | None = None, calibration_dir: str | os.PathLike | None = None,
+           calibrate: bool = True, calibration_options: dict | None = None, **kwargs: Any) -> SampleResult:
     """Solve the PF-ODE from ``x`` down ``sigmas`` (see :func:`steindiff.sampling.sample` for ``kwargs``).
 
     ``stabilizer``: an object, ``None``, or a name (``"stein"``, ``"stein-energy"``, ``"auto"``, ...).

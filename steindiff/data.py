@@ -117,10 +117,8 @@ def _check_images(arr: np.ndarray, where: str) -> np.ndarray:
         raise DataError(f"{where}: {bad} image(s) contain NaN or Inf")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1 - 1e-4 or hi > 1 + 1e-4:
-        raise DataError(
-            f"{where}: float images must be in [-1, 1], got range [{lo:.4g}, {hi:.4g}] "
-            "(scale them: x / 127.5 - 1 for 0..255 data, 2 x - 1 for 0..1 data)"
-        )
+        raise DataError(f"{where}: float images must be in [-1, 1], got range [{lo:.4g}, {hi:.4g}] (scale them: "
+                        "x / 127.5 - 1 for 0..255 data, 2 x - 1 for 0..1 data)")
     if lo >= 0 and hi <= 1 and hi - lo > 0:
         warnings.warn(f"{where}: float images lie in [0, 1]; the model expects [-1, 1] data (use 2 x - 1 "
                       "if these are 0..1 images)", stacklevel=3)
@@ -211,8 +209,7 @@ def _patch_options(spec: str) -> tuple[int, bool, tuple[str, ...]]:
             if unknown:
                 raise DataError(f"{spec}: unknown photo(s) {', '.join(unknown)}; choose from {', '.join(ALL_PHOTOS)}")
         else:
-            raise DataError(f"{spec}: bad option {opt!r}; use size=N (an even number >= 16), flip, "
-                            "photos=NAME+NAME")
+            raise DataError(f"{spec}: bad option {opt!r}; use size=N (an even number >= 16), flip, photos=NAME+NAME")
     if set(photos) <= set(GRAY_PHOTOS):
         raise DataError(f"{spec}: {', '.join(photos)} are grayscale only; an RGB patch model needs at least one "
                         f"color photograph ({', '.join(PHOTOS)})")

@@ -117,18 +117,11 @@ def _init_group(backend: str, timeout_s: float) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
-def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    buf = t.detach().to(_comm_device(), copy=True)
+    nccl = dist.get_backend() == "nccl"  # its collectives run on the rank's GPU, gloo's on the CPU
+    buf = t.detach().to(torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"), copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(t.device)
 
@@ -191,31 +184,12 @@ def _per_sample_probes(seed: int, start: int, stop: int) -> Callable:
 
 # -- sampling -------------------------------------------------------------------------------------
 
-def _run_id(config: dict) -> str:
-    return hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def sample_distributed(
-    model: Any,
-    out_dir: str | os.PathLike,
-    plan: SamplingPlan | None = None,
-    *,
-    n: int,
-    solver: str = "dpmpp_2m",
-    nfe: int = 10,
-    schedule: str = "karras",
-    rho: float = 7.0,
-    seed: int = 0,
-    stabilizer_name: str | None = None,
-    stabilizer_options: dict | None = None,
-    probe_mode: str = "global",
-    dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
-    timeout_s: float = 300.0,
-    device: str | torch.device | None = None,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = False,
-) -> DistResult:
+def sample_distributed(model: Any, out_dir: str | os.PathLike, plan: SamplingPlan | None = None, *, n: int,
+                       solver: str = "dpmpp_2m", nfe: int = 10, schedule: str = "karras", rho: float = 7.0,
+                       seed: int = 0, stabilizer_name: str | None = None, stabilizer_options: dict | None = None,
+                       probe_mode: str = "global", dtype: torch.dtype = torch.float32, backend: str = "auto",
+                       timeout_s: float = 300.0, device: str | torch.device | None = None,
+                       callback: Callable[[dict], None] | None = None, progress: bool = False) -> DistResult:
     """Sample this rank's shard of ``n`` samples and write it to ``out_dir`` (module docstring).
 
     ``model``: a model name (``gmm:image64``, ``digits``, a checkpoint) or a
@@ -262,7 +236,7 @@ def sample_distributed(
             "stabilizer": stabilizer_name or "none", "stabilizer_options": stabilizer_options or {},
             "sigmas": [float(s) for s in sigmas], **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
-        run_id = _run_id(config)
+        run_id = hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
         out.mkdir(parents=True, exist_ok=True)
         manifest = {"schema": MANIFEST_SCHEMA, "run_id": run_id, "world_size": world, "n": n, "config": config,
                     "shards": [{"rank": r, "file": shard_name(r), "start": shard_range(n, world, r)[0],

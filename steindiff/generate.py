@@ -24,26 +24,12 @@ class Generation(SampleResult):
     noise: torch.Tensor | None = None
 
 
-def generate(
-    spec: ModelSpec,
-    plan: SamplingPlan | None = None,
-    *,
-    solver: str = "dpmpp_2m",
-    nfe: int = 10,
-    schedule: str = "karras",
-    n: int = 1000,
-    seed: int = 0,
-    stabilizer: Stabilizer | None = None,
-    batch_size: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-    solver_options: dict | None = None,
-    rho: float = 7.0,
-    noise: torch.Tensor | None = None,
-    sigmas: torch.Tensor | None = None,
-    callback: Callable[[dict], None] | None = None,
-    device: str | torch.device | None = None,
-) -> Generation:
+def generate(spec: ModelSpec, plan: SamplingPlan | None = None, *, solver: str = "dpmpp_2m", nfe: int = 10,
+             schedule: str = "karras", n: int = 1000, seed: int = 0, stabilizer: Stabilizer | None = None,
+             batch_size: int | None = None, dtype: torch.dtype = torch.float32, progress: bool = False,
+             solver_options: dict | None = None, rho: float = 7.0, noise: torch.Tensor | None = None,
+             sigmas: torch.Tensor | None = None, callback: Callable[[dict], None] | None = None,
+             device: str | torch.device | None = None) -> Generation:
     """Draw ``n`` samples from ``spec`` by ``plan`` (solver, noise levels and, calibrated, gammas).
 
     Without a plan, :func:`~steindiff.plan.make_plan` makes the plain one of ``solver`` within ``nfe``

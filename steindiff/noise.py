@@ -105,12 +105,9 @@ class VEProcess(NoiseProcess):
         return float(sigma_max)
 
 
-def betas_for_schedule(
-    schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"],
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.0001,
-    beta_end: float = 0.02,
-) -> np.ndarray:
+def betas_for_schedule(schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"],
+                       num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+                       beta_end: float = 0.02) -> np.ndarray:
     """Discrete betas as in DDPM (linear), Stable Diffusion (scaled_linear) and
     Nichol & Dhariwal 2021 (squaredcos_cap_v2, Eq. 17 with beta clipped at 0.999)."""
     if schedule == "linear":
@@ -147,16 +144,9 @@ class DiscreteVPProcess(NoiseProcess):
 
     name = "vp-discrete"
 
-    def __init__(
-        self,
-        betas: Sequence[float] | np.ndarray | None = None,
-        *,
-        alphas_cumprod: Sequence[float] | np.ndarray | None = None,
-        beta_schedule: str = "linear",
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-    ):
+    def __init__(self, betas: Sequence[float] | np.ndarray | None = None, *,
+                 alphas_cumprod: Sequence[float] | np.ndarray | None = None, beta_schedule: str = "linear",
+                 num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02):
         if alphas_cumprod is None:
             if betas is None:
                 betas = betas_for_schedule(beta_schedule, num_train_timesteps, beta_start, beta_end)
@@ -213,15 +203,8 @@ class ContinuousVPProcess(NoiseProcess):
 
     name = "vp-continuous"
 
-    def __init__(
-        self,
-        kind: Literal["linear", "cosine"] = "linear",
-        beta_min: float = 0.1,
-        beta_max: float = 20.0,
-        cosine_s: float = 0.008,
-        t_min: float = 1e-3,
-        t_max: float | None = None,
-    ):
+    def __init__(self, kind: Literal["linear", "cosine"] = "linear", beta_min: float = 0.1, beta_max: float = 20.0,
+                 cosine_s: float = 0.008, t_min: float = 1e-3, t_max: float | None = None):
         if kind not in ("linear", "cosine"):
             raise ValueError(f"unknown continuous VP schedule {kind!r}; choose linear or cosine")
         self.kind, self.beta_min, self.beta_max, self.cosine_s = kind, beta_min, beta_max, cosine_s
@@ -238,8 +221,7 @@ class ContinuousVPProcess(NoiseProcess):
         return torch.log(torch.cos((t + s) / (1 + s) * math.pi / 2)) - math.log(math.cos(s / (1 + s) * math.pi / 2))
 
     def t_to_sigma(self, t: torch.Tensor | float) -> torch.Tensor:
-        log_a = self.log_alpha_t(t)
-        return torch.sqrt(torch.expm1(-2 * log_a))
+        return torch.sqrt(torch.expm1(-2 * self.log_alpha_t(t)))
 
     def sigma_to_t(self, sigma: torch.Tensor | float) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)

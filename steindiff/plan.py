@@ -61,16 +61,8 @@ class SamplingPlan:
         return GammaSchedule(self.gammas, self.coords, {"name": self.meta.get("name", "calibrated")})
 
 
-def make_plan(
-    process: NoiseProcess,
-    solver: str,
-    nfe: int,
-    schedule: str = "karras",
-    *,
-    rho: float = 7.0,
-    sigmas: Sequence[float] | torch.Tensor | None = None,
-    solver_options: dict | None = None,
-) -> SamplingPlan:
+def make_plan(process: NoiseProcess, solver: str, nfe: int, schedule: str = "karras", *, rho: float = 7.0,
+              sigmas: Sequence[float] | torch.Tensor | None = None, solver_options: dict | None = None) -> SamplingPlan:
     """The plain plan for ``solver`` within ``nfe`` model passes per sample: the largest number of
     steps that fits the budget, on ``schedule`` (``karras``, ``logsnr``, ``time``) between the
     process's noise range, ending at 0.  ``sigmas`` overrides the schedule (validated as is)."""

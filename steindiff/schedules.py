@@ -78,15 +78,8 @@ def _check(n: int, sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
 
 
-def get_sigmas(
-    schedule: str | Sequence[float] | torch.Tensor,
-    steps: int,
-    process: NoiseProcess,
-    *,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    rho: float = 7.0,
-) -> torch.Tensor:
+def get_sigmas(schedule: str | Sequence[float] | torch.Tensor, steps: int, process: NoiseProcess, *,
+               sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> torch.Tensor:
     """Noise levels for ``steps`` solver steps: ``steps + 1`` values ending in 0.
 
     ``schedule`` is ``"karras"``, ``"logsnr"``, ``"time"`` or an explicit sequence of sigmas

@@ -8,9 +8,6 @@ Losses
     ``sd = sigma_data = 0.5``.
     ``vp-eps``: epsilon prediction on a discrete VP process (DDPM, Ho et al. 2020, linear betas,
     1000 steps, uniform timesteps), used through :class:`~steindiff.models.VPDenoiser`.
-
-A run writes a checkpoint every ``ckpt_every`` iterations, at the end and on Ctrl-C; ``resume``
-continues one from its training state.
 """
 
 from __future__ import annotations
@@ -104,21 +101,9 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup)) if cfg.warmup else cfg.lr
-
-
-def train(
-    cfg: TrainConfig,
-    out: str | os.PathLike,
-    unet: UNetConfig | None = None,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    dataset: ImageDataset | None = None,
-    callback: Callable[[dict], None] | None = None,
-    device: str | torch.device | None = None,
-) -> TrainResult:
+def train(cfg: TrainConfig, out: str | os.PathLike, unet: UNetConfig | None = None, *, resume: bool = False,
+          progress: bool = True, dataset: ImageDataset | None = None, callback: Callable[[dict], None] | None = None,
+          device: str | torch.device | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue training) a U-Net and write checkpoints to ``out``.
 
     ``device``: where the network, the optimizer and the training images live (default: the
@@ -286,8 +271,9 @@ class _Run:
     def update(self, loss: torch.Tensor) -> None:
         """One optimizer step (warm-up learning rate, gradient clipping) and the EMA of the weights."""
         cfg = self.cfg
+        lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup)) if cfg.warmup else cfg.lr
         for group in self.opt.param_groups:
-            group["lr"] = _lr_at(self.step, cfg)
+            group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -33,19 +33,6 @@ TABLES = {"sw2": ("sw2", "nll", "mode_tv"),
           "digits_fid": ("digits_fid", "digits_kid", "class_tv", "precision", "recall", "traj_err"),
           "patch_fd": ("patch_fd", "spectrum", "pixel_sw2", "traj_err")}
 PLOTS = {"sw2": ("sw2", "nll"), "digits_fid": ("digits_fid", "traj_err"), "patch_fd": ("patch_fd", "spectrum")}
-_ORDER = METRICS + IMAGE_METRICS
-
-
-def _primary(summary: dict, model: str) -> str:
-    return summary.get("primary", {}).get(model, "sw2")
-
-
-def _names(result: dict, primary: str) -> dict[str, str]:
-    """:data:`NAMES`, with the reference steps of image models in the trajectory-error name."""
-    steps = result.get("config", {}).get("reference", {}).get("image_model_steps")
-    if primary == "sw2" or steps is None:
-        return NAMES
-    return {**NAMES, "traj_err": f"trajectory error (RMS per dim vs {steps}-step reference)"}
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -59,6 +46,19 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def _labels(cells: Sequence[dict]) -> list[str]:
     order = {"none": 0, "stein": 1, "stein-exact": 2, "stein-sc": 3, "stein-oracle": 4}
     return sorted({label_of(c) for c in cells}, key=lambda s: (order.get(s.split("/")[0], 9), s))
+
+
+def _models(result: dict, summary: dict) -> Iterator[tuple[str, list[dict], list[str], str, dict[str, str]]]:
+    """Per model of the summary: its cells, their stabilizer labels, its primary metric and the metric names
+    (:data:`NAMES`, with the reference steps of image models in the trajectory-error name)."""
+    steps = result.get("config", {}).get("reference", {}).get("image_model_steps")
+    for model in sorted({c["model"] for c in summary["cells"]}):
+        mc = [c for c in summary["cells"] if c["model"] == model]
+        p = summary.get("primary", {}).get(model, "sw2")
+        names = NAMES
+        if p != "sw2" and steps is not None:
+            names = {**NAMES, "traj_err": f"trajectory error (RMS per dim vs {steps}-step reference)"}
+        yield model, mc, _labels(mc), p, names
 
 
 def _pct(x: float | None) -> str:
@@ -124,9 +124,9 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                          "training images (precision and recall: floor minus value). digits-FID/KID and patch-FD use "
                          "the project's own small classifiers and are comparable only with each other.")
     if result.get("cost"):
-        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} "
-                     "interleaved repeats after one "
-                     "untimed warm-up round, float64 states; ratios are medians measured side by side in one process.")
+        lines.append(f"Cost measurement: N = {cfg.get('n')} samples, {cfg.get('repeats')} interleaved repeats after "
+                     "one untimed warm-up round, float64 states; ratios are medians measured side by side in one "
+                     "process.")
     if mach:
         lines.append(f"Machine: {mach.get('platform')}, {mach.get('cpu_count')} CPUs, {mach.get('torch_threads')} "
                      f"torch threads, torch {mach.get('torch')}; run took {_fmt(mach.get('wall_s_total'))} s.")
@@ -138,16 +138,11 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
                   "the hurt threshold there), `✗` failed. Values: mean ± standard deviation over seeds. The spread "
                   "of a comparison is vanilla's seed standard deviation in the cell."]
     lines.append("")
-    cells = summary["cells"]
-    for model in sorted({c["model"] for c in cells}):
-        mc = [c for c in cells if c["model"] == model]
-        labels = _labels(mc)
-        p = _primary(summary, model)
-        names = _names(result, p)
+    for model, mc, labels, p, names in _models(result, summary):
         lines += [f"## {model}", ""]
         counts = summary["counts"].get(model, {})
         if counts:
-            order = _ORDER if p == "sw2" else TABLES[p] + ("memorization",)
+            order = METRICS + IMAGE_METRICS if p == "sw2" else TABLES[p] + ("memorization",)
             mnames = [m for m in order if any(m in d for d in counts.values())]
             lines += ["### Verdicts against vanilla (helps / ties / hurts / failed; cells with room; % helped of "
                       "those)", ""]
@@ -182,7 +177,7 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
             lines += [f"### {names[m]}", ""]
             rows = []
             for k in keys:
-                nfe = by.get((*k, "none"), {}).get("nfe") if (*k, "none") in by else None
+                nfe = by.get((*k, "none"), {}).get("nfe")
                 rows.append([k[0], k[1], f"{k[2]}" + (f" ({nfe})" if nfe is not None and nfe != k[2] else "")]
                             + [_cell_text(by.get((*k, lab)), m) for lab in labels])
             lines += _table(["solver", "schedule", "NFE"] + labels, rows) + [""]
@@ -262,9 +257,7 @@ def write_markdown(path: str, result: dict, summary: dict, **kw: Any) -> None:
         Path(tmp).write_text(text)
 
 
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
+# -- plots ----------------------------------------------------------------------------------------
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
@@ -280,14 +273,9 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    cells = summary["cells"]
     paths: list[str] = []
     solvers_cfg = result.get("config", {}).get("solvers", [])
-    for model in sorted({c["model"] for c in cells}):
-        mc = [c for c in cells if c["model"] == model]
-        labels = _labels(mc)
-        p = _primary(summary, model)
-        names = _names(result, p)
+    for model, mc, labels, p, names in _models(result, summary):
         colors = {lab: colormap("tab10")(i % 10) for i, lab in enumerate(labels)}
         solvers = sorted({c["solver"] for c in mc}, key=lambda s: solvers_cfg.index(s) if s in solvers_cfg else 99)
         for schedule in sorted({c["schedule"] for c in mc}):
@@ -324,6 +312,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                 if not gc:
                     continue
                 nfes = sorted({c["nfe_budget"] for c in gc})
+                gamma = {(c["solver"], label_of(c), c["nfe_budget"]): c["gamma_mean"] for c in gc}
                 cmap = colormap("viridis")(np.linspace(0, 0.9, len(nfes)))
                 fig, axes = figure(len(stabs), len(solvers), figsize=(3.4 * len(solvers), 2.8 * len(stabs)),
                                    squeeze=False)
@@ -333,10 +322,8 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                         ax.axhspan(0.5, 1.5, color="0.9")
                         ax.axhline(1.0, color="0.5", lw=0.8)
                         for k, nfe in enumerate(nfes):
-                            c = next((c for c in gc if c["solver"] == solver and label_of(c) == lab
-                                      and c["nfe_budget"] == nfe), None)
-                            if c is not None:
-                                g = c["gamma_mean"]
+                            g = gamma.get((solver, lab, nfe))
+                            if g is not None:
                                 ax.plot(range(len(g)), g, marker="o", ms=2.5, lw=1, color=cmap[k], label=f"NFE {nfe}")
                         ax.set_yscale("symlog", linthresh=1.0)
                         ax.set_title(f"{lab} · {solver}", fontsize=9)

@@ -61,11 +61,9 @@ from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
 from ..stabilizers import STABILIZERS, make_stabilizer
 
-__all__ = [
-    "SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict",
-    "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
-    "IMAGE_REF_STEPS",
-]
+__all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "excess",
+           "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
+           "IMAGE_REF_STEPS"]
 
 SCHEMA = "steindiff.bench/1"
 #: The calibrated sampler's label: trajectory calibration (:mod:`steindiff.trajectory`) fitted once per
@@ -117,9 +115,7 @@ def primary_metric(obj: Any) -> str:
     return "sw2"
 
 
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
+# -- validation -----------------------------------------------------------------------------------
 def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
                   coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int,
                   probes: int = 5, device: str | torch.device | None = None,
@@ -173,9 +169,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     return specs
 
 
-# --------------------------------------------------------------------------------------------
-# the grid
-# --------------------------------------------------------------------------------------------
+# -- the grid -------------------------------------------------------------------------------------
 def machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """Where and with what the numbers were measured (absolute times are only comparable within a run);
     on CUDA also the card's name and the CUDA version (:func:`steindiff.device.describe_device`)."""
@@ -241,12 +235,9 @@ def _noise(spec: ModelSpec, n: int, seed: int) -> torch.Tensor:
                        dtype=_dtype(spec), device=spec.device or "cpu")
 
 
-def _ref_steps(spec: ModelSpec, ref_steps: int) -> int:
-    return ref_steps if model_kind(spec) == "mixture" else min(ref_steps, IMAGE_REF_STEPS)
-
-
 def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) -> torch.Tensor:
-    sigmas = get_sigmas("karras", steps, spec.process)
+    """The trajectory reference: ``steps`` Karras steps of ``solver``, at most :data:`IMAGE_REF_STEPS` for images."""
+    sigmas = get_sigmas("karras", steps if model_kind(spec) == "mixture" else min(steps, IMAGE_REF_STEPS), spec.process)
     return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=_dtype(spec)).x
 
 
@@ -338,26 +329,11 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
     return row
 
 
-def run_grid(
-    models: Sequence[str],
-    solvers: Sequence[str],
-    nfes: Sequence[int],
-    schedules: Sequence[str],
-    coords: Sequence[str],
-    stabilizers: Sequence[str],
-    seeds: Sequence[int],
-    n: int,
-    probes: int = 5,
-    progress: bool = True,
-    *,
-    mmd: bool = False,
-    ref_solver: str = "dpmpp_3m",
-    ref_steps: int = 1000,
-    calibration: dict | None = None,
-    calibration_dir: str | None = None,
-    device: str | torch.device | None = None,
-    jacobian_batch: int | None = None,
-) -> dict:
+def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
+             coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int, probes: int = 5,
+             progress: bool = True, *, mmd: bool = False, ref_solver: str = "dpmpp_3m", ref_steps: int = 1000,
+             calibration: dict | None = None, calibration_dir: str | None = None,
+             device: str | torch.device | None = None, jacobian_batch: int | None = None) -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
 
     ``calibration``: options of the ``cal:trajectory`` cells' calibration (:func:`calibration_options`
@@ -369,8 +345,7 @@ def run_grid(
 
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
-    side by side.  Image models use float32 states and at most :data:`IMAGE_REF_STEPS` reference steps.
-    ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
+    side by side.  ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
     ``jacobian_batch``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
     specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device,
@@ -415,7 +390,7 @@ def run_grid(
 
             for seed in seeds:
                 noise = _noise(spec, n, seed)
-                ref = _reference(spec, noise, ref_solver, _ref_steps(spec, ref_steps))
+                ref = _reference(spec, noise, ref_solver, ref_steps)
                 floors = _floors(spec, n, seed)
                 done: dict[tuple, dict] = {}
                 for solver, schedule, nfe in itertools.product(solvers, schedules, nfes):
@@ -435,9 +410,8 @@ def run_grid(
                         bar.update(1)
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
-              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
-              "probes": probes, "mmd": mmd,
-              "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n, "probes": probes,
+              "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
     if TRAJECTORY in stabilizers:
         config["calibration"] = cal_config
     if "image" in kinds:
@@ -445,9 +419,7 @@ def run_grid(
     return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
 
 
-# --------------------------------------------------------------------------------------------
-# cost, side by side
-# --------------------------------------------------------------------------------------------
+# -- cost, side by side ---------------------------------------------------------------------------
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -534,9 +506,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# summary
-# --------------------------------------------------------------------------------------------
+# -- summary --------------------------------------------------------------------------------------
 def excess(metrics: dict, name: str) -> float | None:
     """A row's excess of metric ``name`` over its floor (``None`` when not measured).
 
@@ -688,9 +658,7 @@ def summarize(result: dict) -> dict:
                                     **verdict(b["excess"][p], c["excess"].get(p))}
     counts: dict[str, dict] = {}
     for c in cells.values():
-        if "verdicts" not in c:
-            continue
-        for name, v in c["verdicts"].items():
+        for name, v in c.get("verdicts", {}).items():
             d = counts.setdefault(c["model"], {}).setdefault(label_of(c), {}).setdefault(
                 name, {"helps": 0, "hurts": 0, "tie": 0, "failed": 0, "n/a": 0, "at_floor": 0, "room": 0})
             d[v["verdict"]] += 1
@@ -807,7 +775,6 @@ def _gamma_summary(rows: Sequence[dict]) -> list[dict]:
             continue
         a = np.asarray(g)
         out.append({"model": m, "stabilizer": s, "coords": c, "steps": len(a), "median": float(np.median(a)),
-                    "p10": float(np.quantile(a, 0.1)), "p90": float(np.quantile(a, 0.9)),
-                    "min": float(a.min()), "max": float(a.max()),
-                    "frac_outside_0.5_1.5": float(((a < 0.5) | (a > 1.5)).mean())})
+                    "p10": float(np.quantile(a, 0.1)), "p90": float(np.quantile(a, 0.9)), "min": float(a.min()),
+                    "max": float(a.max()), "frac_outside_0.5_1.5": float(((a < 0.5) | (a > 1.5)).mean())})
     return out

@@ -38,16 +38,13 @@ def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True,
     p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}")
     p.add_argument("--coords", default="ve", choices=["ve", "vp"], help=coords_help)
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step")
-    p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"],
-                   help="Jacobian products: vjp (reverse mode, the default and the cheaper one) or jvp (forward mode: "
-                        "costs more time and memory here)")
+    p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"], help="Jacobian products: vjp (reverse "
+                   "mode, the default and the cheaper one) or jvp (forward mode: costs more time and memory here)")
     add_jacobian_batch(p)
-    p.add_argument("--gamma-min", type=float, default=None,
-                   help="lower clip of gamma (default: the stabilizer's own: 0 for stein, 0.8 stein-tr, 0.5 "
-                        "stein-energy)")
-    p.add_argument("--gamma-max", type=float, default=None,
-                   help="upper clip of gamma (default: the stabilizer's own: none for stein, 1.25 stein-tr, 1.5 "
-                        "stein-energy)")
+    p.add_argument("--gamma-min", type=float, default=None, help="lower clip of gamma (default: the stabilizer's "
+                   "own: 0 for stein, 0.8 stein-tr, 0.5 stein-energy)")
+    p.add_argument("--gamma-max", type=float, default=None, help="upper clip of gamma (default: the stabilizer's "
+                   "own: none for stein, 1.25 stein-tr, 1.5 stein-energy)")
     if per_sample:
         p.add_argument("--per-sample", action="store_true",
                        help="one gamma per sample from its own statistics, instead of the batch's (works with --n 1)")

@@ -141,8 +141,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                 except (FloatingPointError, ValueError, RuntimeError) as e:
                     gen, x, m, status = None, None, {}, f"failed: {e}"
                 rows.append({"nfe": gen.nfe if gen else nfe, "nfe_budget": nfe, "stabilizer": name, "status": status,
-                             "sigmas": plan.sigmas.tolist(),
-                             "extra_passes": gen.extra_passes if gen else None,
+                             "sigmas": plan.sigmas.tolist(), "extra_passes": gen.extra_passes if gen else None,
                              "wall_s_per_sample": gen.wall_s / args.n if gen else None,
                              "gammas": [r.get("gamma") for r in gen.trace] if gen else None, "metrics": m})
                 grids.append((f"NFE {nfe} {name}",
@@ -152,8 +151,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
     _save_grid(grids, grid_png)
     _save_plot(rows, nfes, stabs, plot_png, args.solver, spec.name, COLUMNS[kind][0])
     result = {"schema": "steindiff.demo/1", "model": spec.name, "solver": args.solver, "schedule": args.schedule,
-              "n": args.n, "seed": args.seed, "probes": args.probes,
-              "device": str(spec.device or "cpu"),
+              "n": args.n, "seed": args.seed, "probes": args.probes, "device": str(spec.device or "cpu"),
               "rows": rows, "grid": str(grid_png), "plot": str(plot_png)}
     written = [grid_png, plot_png]
     if kind == "patches":

@@ -55,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
     stabilizer = common.stabilizer_from_args(args, spec)
     if stabilizer is not None and args.n < 2:
         raise UsageError("a stabilizer's batch statistics need --n >= 2")
-    result = diagnose(
-        spec, args.solver, args.nfe, args.schedule, args.n, args.seed, args.coords,
-        stabilizer=stabilizer, iters=args.iters, method=args.method, jvp=args.jvp, rho=args.rho,
-        dtype=common.DTYPES[args.dtype], batch_size=args.batch_size, progress=not args.no_progress, device=device,
-    )
+    result = diagnose(spec, args.solver, args.nfe, args.schedule, args.n, args.seed, args.coords, stabilizer=stabilizer,
+                      iters=args.iters, method=args.method, jvp=args.jvp, rho=args.rho, dtype=common.DTYPES[args.dtype],
+                      batch_size=args.batch_size, progress=not args.no_progress, device=device)
     result["config"]["stabilizer"] = args.stabilizer
     if args.png is not None:
         plot_diagnosis(result, args.png)
@@ -75,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
                                                               if stabilizer is not None else "")]
     for r in result["steps"]:
         L = r["lipschitz"]
-        line = (f"{r['step']:>4} {r['sigma']:>8.3g} {r['sigma_next']:>8.3g} {L['median']:>8.3g} "
-                f"{L['q95']:>8.3g} {L['max']:>8.3g} "
-                f"{L['frac_gt_1']:>6.2f} {_fmt(r['lipschitz_D']['median']):>8} "
+        line = (f"{r['step']:>4} {r['sigma']:>8.3g} {r['sigma_next']:>8.3g} {L['median']:>8.3g} {L['q95']:>8.3g} "
+                f"{L['max']:>8.3g} {L['frac_gt_1']:>6.2f} {_fmt(r['lipschitz_D']['median']):>8} "
                 f"{_fmt(r['bound']['median'] if r['bound'] else None):>8} {_fmt(r['bound_first_order']['median']):>8}")
         if stabilizer is not None:
             ls = r["lipschitz_stabilized"]

@@ -96,23 +96,20 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} "
                          f"over {world} ranks (pass --per-sample for one gamma per sample)")
     common.check_output_dir(args.out_dir, "--out-dir")
-    out = Path(args.out_dir)
     with _sigterm_as_error(os.environ.get("RANK", "0")):
-        res = sample_distributed(
-            spec, out, n=args.n, solver=args.solver, nfe=args.nfe, schedule=args.schedule, rho=args.rho, seed=args.seed,
-            stabilizer_name=args.stabilizer,
-            stabilizer_options=common.stabilizer_options(args) if stabilizer is not None else {},
-            probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend, timeout_s=args.timeout,
-            progress=not args.no_progress, device=args.device)
+        res = sample_distributed(spec, Path(args.out_dir), n=args.n, solver=args.solver, nfe=args.nfe,
+                                 schedule=args.schedule, rho=args.rho, seed=args.seed, stabilizer_name=args.stabilizer,
+                                 stabilizer_options=common.stabilizer_options(args) if stabilizer is not None else {},
+                                 probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend,
+                                 timeout_s=args.timeout, progress=not args.no_progress, device=args.device)
     if res.rank != 0:
         return 0
     summary = {
         "out_dir": res.out_dir, "manifest": str(Path(res.out_dir) / "manifest.json"), "run_id": res.run_id,
         "world_size": res.world_size, "device_rank0": res.device, "n": args.n, "model": spec.name,
-        "solver": args.solver, "schedule": args.schedule,
-        "stabilizer": args.stabilizer, "probe_mode": args.probe_mode, "nfe": res.nfe, "extra_passes": res.extra_passes,
-        "steps": len(res.config["sigmas"]) - 1, "seed": args.seed, "gammas": res.gammas,
-        "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
+        "solver": args.solver, "schedule": args.schedule, "stabilizer": args.stabilizer, "probe_mode": args.probe_mode,
+        "nfe": res.nfe, "extra_passes": res.extra_passes, "steps": len(res.config["sigmas"]) - 1, "seed": args.seed,
+        "gammas": res.gammas, "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
     }
     lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {args.stabilizer}, NFE {res.nfe} "
              f"(+{res.extra_passes} Jacobian passes), {args.n} samples over {res.world_size} rank(s)"]

@@ -53,9 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop (with a checkpoint) after this many seconds (default: no limit)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32, or bf16 autocast of the network's forward pass (weights, "
-                        "optimizer and loss stay float32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast of the "
+                   "network's forward pass (weights, optimizer and loss stay float32)")
     p.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the saved EMA weights (model.safetensors; float16 halves the file, training "
                         "stays float32)")
@@ -102,18 +101,14 @@ def run(args: argparse.Namespace) -> int:
         if not out.is_dir() or any(out.iterdir()):
             raise UsageError(f"{out}: exists and is not an empty folder")
     with usage_errors(ValueError):  # DataError is a ValueError
-        cfg = TrainConfig(
-            data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-            ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
-            seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit, precision=args.precision,
-            log_every=args.log_every, weights_dtype=args.weights_dtype,
-        )
+        cfg = TrainConfig(data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                          ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
+                          seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit,
+                          precision=args.precision, log_every=args.log_every, weights_dtype=args.weights_dtype)
         ds = load_dataset(args.data)
-        unet = UNetConfig(
-            in_channels=ds.shape[0], model_channels=args.channels, channel_mult=args.channel_mult,
-            num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
-            embedding="fourier" if args.loss == "edm" else "positional", num_classes=args.num_classes,
-        )
+        unet = UNetConfig(in_channels=ds.shape[0], model_channels=args.channels, channel_mult=args.channel_mult,
+                          num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
+                          embedding="fourier" if args.loss == "edm" else "positional", num_classes=args.num_classes)
     start = _checkpoint_step(out) if args.resume else 0
     if start is not None and start >= args.iters:
         return _nothing_to_do(args, out, start)
@@ -130,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": res.wall_s, "loss": res.loss, "n_params": res.n_params,
         "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
         "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"],
-        "batch_size": t["batch_size"],
-        "device": str(device), "precision": args.precision,
+        "batch_size": t["batch_size"], "device": str(device), "precision": args.precision,
+        "start_step": start, "trained": res.step - (start or 0),
     }
-    summary["start_step"], summary["trained"] = start, res.step - (start or 0)
     resumed = f" (resumed at {start})" if args.resume else ""
     lines = [
         f"trained {res.step}/{args.iters} iterations{resumed} in {res.wall_s:.1f} s on {device}"

@@ -122,29 +122,12 @@ def _chunked(fn: Callable[..., tuple[torch.Tensor, dict]], x: torch.Tensor, batc
     return torch.cat(vals), torch.cat(rel)
 
 
-def diagnose(
-    spec: Any,
-    solver: str = "dpmpp_2m",
-    nfe: int = 6,
-    schedule: str = "karras",
-    n: int = 256,
-    seed: int = 0,
-    coords: str = "ve",
-    *,
-    stabilizer: Stabilizer | str | None = None,
-    iters: int = 20,
-    method: str = "lanczos",
-    jvp: str = "auto",
-    denoiser: bool = True,
-    rho: float = 7.0,
-    dtype: torch.dtype = torch.float32,
-    batch_size: int | None = None,
-    sigmas: Any | None = None,
-    plan: SamplingPlan | None = None,
-    solver_options: dict | None = None,
-    progress: bool = False,
-    device: str | torch.device | None = None,
-) -> dict[str, Any]:
+def diagnose(spec: Any, solver: str = "dpmpp_2m", nfe: int = 6, schedule: str = "karras", n: int = 256, seed: int = 0,
+             coords: str = "ve", *, stabilizer: Stabilizer | str | None = None, iters: int = 20,
+             method: str = "lanczos", jvp: str = "auto", denoiser: bool = True, rho: float = 7.0,
+             dtype: torch.dtype = torch.float32, batch_size: int | None = None, sigmas: Any | None = None,
+             plan: SamplingPlan | None = None, solver_options: dict | None = None, progress: bool = False,
+             device: str | torch.device | None = None) -> dict[str, Any]:
     """Local Lipschitz constants of every step of a ``solver`` solve of ``spec`` at the sampled states.
 
     ``spec``: a :class:`~steindiff.models.registry.ModelSpec` or a model name.  ``solver``,
@@ -285,9 +268,7 @@ def diagnose(
         summ["stabilized_frac_gt_1_per_step"] = [r["lipschitz_stabilized"]["frac_gt_1"] for r in records]
         summ["stabilized_trajectory_amplification"] = quantiles(amp_s, threshold=None)
         result["per_sample"]["stabilized_trajectory_amplification"] = amp_s
-    result["summary"] = summ
-    result["x"] = x
-    result["wall_s"] = time.perf_counter() - t0
+    result.update(summary=summ, x=x, wall_s=time.perf_counter() - t0)
     return result
 
 

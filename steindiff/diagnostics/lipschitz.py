@@ -19,12 +19,11 @@ VJP: because the map is sample-wise they give every sample's ``J_i v_i`` and ``J
 
 ``rel_change`` in the info dict reports the relative change of the estimate in the last iteration.
 
-Cost: one forward pass with a graph (kept for the VJPs), then per iteration one Jacobian-vector
-product (forward-mode AD, :mod:`torch.autograd.forward_ad`, the engine of :func:`torch.func.jvp`:
-a forward pass through ``f`` with tangents) and one
-vector-Jacobian product (a backward pass on the kept graph).  ``jvp="double_backward"`` (or the
-automatic fallback when forward mode is not supported by a model) gets ``J v`` as the gradient of
-``u -> <J^T u, v>`` instead: a double-backward pass, no extra forward pass.
+Cost: one forward pass with a graph (kept for the VJPs), then per iteration one Jacobian-vector product
+(forward-mode AD, :mod:`torch.autograd.forward_ad`, the engine of :func:`torch.func.jvp`: a forward pass
+through ``f`` with tangents) and one vector-Jacobian product (a backward pass on the kept graph).
+``jvp="double_backward"`` (or the automatic fallback when forward mode is not supported by a model) gets
+``J v`` as the gradient of ``u -> <J^T u, v>`` instead: a double-backward pass, no extra forward pass.
 """
 
 from __future__ import annotations
@@ -52,27 +51,17 @@ def _per_sample(scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t * scale.to(t.dtype).reshape(-1, *([1] * (t.ndim - 1)))
 
 
-def local_lipschitz(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    iters: int = 20,
-    seed: int = 0,
-    *,
-    jvp: str = "auto",
-    method: str = "lanczos",
-    return_info: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+def local_lipschitz(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, iters: int = 20, seed: int = 0, *,
+                    jvp: str = "auto", method: str = "lanczos",
+                    return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     """Per-sample local Lipschitz constant (largest singular value of the per-sample Jacobian) of
     the sample-wise map ``f`` at ``x``, shape ``(B,)``, float64.
 
-    ``jvp``: ``"forward"`` (forward-mode AD), ``"double_backward"``, or ``"auto"`` (forward
-    mode, falling back to double backward if the model does not support it).  ``method``:
-    ``"power"`` (power iteration) or ``"lanczos"`` (Lanczos on ``J^T J`` from the same start, same
-    products, full reorthogonalization; much faster convergence when the top singular values are
-    close).  With
-    ``return_info`` also returns ``{"iters", "jvp_mode", "jvp_passes", "vjp_passes",
-    "graph_passes", "method", "rel_change"}``: the number of JVPs and VJPs through ``f`` (one each per
-    iteration), the forward passes with a graph (1), and the per-sample relative change of the
+    ``jvp``: ``"forward"`` (forward-mode AD), ``"double_backward"``, or ``"auto"`` (forward mode, falling
+    back to double backward if the model does not support it).  ``method``: ``"power"`` or ``"lanczos"``
+    (module docstring).  With ``return_info`` also returns ``{"iters", "jvp_mode", "jvp_passes",
+    "vjp_passes", "graph_passes", "method", "rel_change"}``: the number of JVPs and VJPs through ``f`` (one
+    each per iteration), the forward passes with a graph (1), and the per-sample relative change of the
     estimate in the last iteration (``(B,)`` tensor).
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -203,16 +192,9 @@ def _lanczos(gram: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor,
     return est, rel
 
 
-def step_lipschitz(
-    op: StepOperator,
-    x: torch.Tensor,
-    iters: int = 20,
-    seed: int = 0,
-    *,
-    jvp: str = "auto",
-    method: str = "lanczos",
-    return_info: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+def step_lipschitz(op: StepOperator, x: torch.Tensor, iters: int = 20, seed: int = 0, *, jvp: str = "auto",
+                   method: str = "lanczos",
+                   return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     """Per-sample local Lipschitz constant of the step operator ``T = op`` at the states ``x``
     (VE coordinates, as the solver carries the state), shape ``(B,)``, float64.
 
@@ -229,18 +211,9 @@ def step_lipschitz(
     return (est, info) if return_info else est
 
 
-def denoiser_lipschitz(
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    sigma: float,
-    iters: int = 20,
-    seed: int = 0,
-    *,
-    extra: dict | None = None,
-    jvp: str = "auto",
-    method: str = "lanczos",
-    return_info: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+def denoiser_lipschitz(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma: float, iters: int = 20,
+                       seed: int = 0, *, extra: dict | None = None, jvp: str = "auto", method: str = "lanczos",
+                       return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     """Per-sample local Lipschitz constant ``L_D`` of the denoiser ``x -> D(x, sigma)`` at ``x``
     (VE state and noise level), shape ``(B,)``, float64.
 

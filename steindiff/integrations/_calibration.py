@@ -82,8 +82,7 @@ def check_plan(plan: SamplingPlan, sigmas: Any, *, solver: str, solver_options: 
         raise ValueError("calibration does not match this solve: " + "; ".join(bad))
     base = plan.meta.get("base_sigmas")
     if base is not None and len(base) == len(sig):
-        b = torch.as_tensor(base, dtype=torch.float64)
-        s = sig.to(torch.float64)
-        if not (torch.allclose(s, b, rtol=1e-4, atol=1e-8) or torch.allclose(s, plan.sigmas, rtol=1e-4, atol=1e-8)):
+        b = torch.as_tensor(base, dtype=torch.float64)  # sig is float64 (validate_sigmas)
+        if not (torch.allclose(sig, b, rtol=1e-4, atol=1e-8) or torch.allclose(sig, plan.sigmas, rtol=1e-4, atol=1e-8)):
             warnings.warn(f"the calibration was made from other noise levels than {what} (same steps and sigma_max); "
                           "its own noise levels are used", stacklevel=3)

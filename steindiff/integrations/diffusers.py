@@ -46,6 +46,7 @@ __all__ = ["denoiser_from_diffusers", "process_from_scheduler", "CFGDenoiser", "
 PREDICTION_TYPE_MAP = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
+DEFAULT_SOLVER, DEFAULT_NFE, DEFAULT_SCHEDULE = "dpmpp_2m", 10, "karras"
 
 
 def _config_of(scheduler_or_config: Any) -> tuple[dict, str]:
@@ -123,13 +124,8 @@ class _DiffusersNet(nn.Module):
         return out
 
 
-def denoiser_from_diffusers(
-    unet: nn.Module,
-    scheduler_or_config: Any,
-    *,
-    dtype: torch.dtype | None = None,
-    timestep: Literal["interp", "round"] = "interp",
-) -> VPDenoiser:
+def denoiser_from_diffusers(unet: nn.Module, scheduler_or_config: Any, *, dtype: torch.dtype | None = None,
+                            timestep: Literal["interp", "round"] = "interp") -> VPDenoiser:
     """A VE denoiser ``D(x, sigma, **extra)`` for a diffusers UNet trained with ``scheduler_or_config``.
 
     The UNet sees ``x_vp = x / sqrt(1 + sigma^2)`` and the timestep of ``sigma`` on the scheduler's
@@ -323,17 +319,11 @@ class PipelineModel:
         return json.dumps(self.conditioning(), sort_keys=True)
 
 
-def pipeline_model(
-    pipe: Any,
-    *,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    class_labels: Any = None,
-    negative_class_labels: Any = None,
-    guidance_scale: float = 1.0,
-    timestep: Literal["interp", "round"] = "interp",
-    sample_shape: Sequence[int] | None = None,
-) -> PipelineModel:
+def pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor | None = None,
+                   negative_prompt_embeds: torch.Tensor | None = None, class_labels: Any = None,
+                   negative_class_labels: Any = None, guidance_scale: float = 1.0,
+                   timestep: Literal["interp", "round"] = "interp",
+                   sample_shape: Sequence[int] | None = None) -> PipelineModel:
     """The model :func:`sample_pipeline` samples, with its conditioning (:class:`PipelineModel`).
 
     ``prompt_embeds`` go to the UNet as ``encoder_hidden_states``, ``class_labels`` as ``class_labels``.
@@ -362,8 +352,7 @@ def pipeline_model(
             raise ValueError(f"guidance_scale={guidance_scale} needs {', '.join(missing)} "
                              "(the unconditional inputs, e.g. the encoded empty prompt or the null class)")
         uncond = {UNCOND_PREFIX + k: torch.as_tensor(u).to(device) for k, c, u, _ in pairs if c is not None}
-    sizes = [v.shape[0] for v in (*cond.values(), *uncond.values()) if v.ndim > 0]
-    batch = max(sizes) if sizes else None
+    batch = max((v.shape[0] for v in (*cond.values(), *uncond.values()) if v.ndim > 0), default=None)
     extra = {**cond, **uncond}
     if batch is not None:
         extra = {k: _batch_to(v, batch, k.replace(UNCOND_PREFIX, "negative ")) for k, v in extra.items()}
@@ -512,11 +501,6 @@ def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | 
     return plan
 
 
-DEFAULT_SOLVER = "dpmpp_2m"
-DEFAULT_NFE = 10
-DEFAULT_SCHEDULE = "karras"
-
-
 def sample_pipeline(
     pipe: Any,
     *,
@@ -548,11 +532,8 @@ def sample_pipeline(
     """Sample a diffusers pipeline (anything with ``unet`` and ``scheduler``, optionally ``vae``) with a
     steindiff solver and stabilizer, or with a calibrated sampler.
 
-    Conditioning: ``prompt_embeds`` (passed as ``encoder_hidden_states``) and/or ``class_labels``;
-    with ``guidance_scale > 1`` (diffusers' convention) classifier-free guidance needs
-    ``negative_prompt_embeds`` / ``negative_class_labels`` (no text encoder is run here).  The model is
-    :func:`pipeline_model`'s.  Batch: ``latents.shape[0]``, else ``batch_size``, else the conditioning's
-    batch, else 1.
+    Conditioning and guidance: as :func:`pipeline_model`, whose model this samples.  Batch: ``latents.shape[0]``,
+    else ``batch_size``, else the conditioning's batch, else 1.
 
     ``latents``: as passed to a diffusers pipeline, i.e. unit-variance noise (the VP latent at
     ``sigma_max``, before ``init_noise_sigma``); converted to VE by dividing by ``alpha(sigma_max)``.

@@ -36,11 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = [
-    "DigitsClassifier", "load_digits_classifier", "load_classifier", "digits_features", "classifier_features",
-    "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv",
-    "image_metrics", "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR",
-]
+__all__ = ["DigitsClassifier", "load_digits_classifier", "load_classifier", "digits_features", "classifier_features",
+           "frechet_distance", "kid", "precision_recall", "memorization_rate", "class_tv", "image_metrics",
+           "inception_fid", "MEMORIZATION_THRESHOLD", "CLASSIFIER_DIR"]
 
 MEMORIZATION_THRESHOLD = 0.1
 CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits_classifier"
@@ -248,33 +246,23 @@ def image_metrics(samples: torch.Tensor, spec: Any, *, k: int = 3, seed: int = 0
     if n <= k:
         raise ValueError(f"image metrics need more than {k} samples, got {n}")
     n_floor = min(n, train.shape[0])
-    f_x, y_x = digits_features(x)
     f_h, _ = digits_features(held)
     f_tr, y_tr = digits_features(train)
-    p, r = precision_recall(f_h, f_x, k)
-    out = {
-        "digits_fid": frechet_distance(f_x, f_h), "digits_kid": kid(f_x, f_h, seed=seed),
-        "class_tv": class_tv(y_x, held_y), "precision": p, "recall": r,
-        "memorization": memorization_rate(x, train, memorization_threshold),
-    }
-    # floors: equal-size draws of real training images against the same held-out images,
-    # averaged over floor_draws draws (one when all training images are used)
+
+    def scores(f: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        p, r = precision_recall(f_h, f, k)
+        return {"digits_fid": frechet_distance(f, f_h), "digits_kid": kid(f, f_h, seed=seed),
+                "class_tv": class_tv(y, held_y), "precision": p, "recall": r}
+
+    out = {**scores(*digits_features(x)), "memorization": memorization_rate(x, train, memorization_threshold)}
     g = torch.Generator().manual_seed(seed)
-    draws = 1 if n_floor == train.shape[0] else floor_draws
-    fl: dict[str, list[float]] = {k_: [] for k_ in ("digits_fid", "digits_kid", "class_tv", "precision", "recall")}
-    for _ in range(draws):
+    fl = []  # the floors' draws (one when all training images are used)
+    for _ in range(1 if n_floor == train.shape[0] else floor_draws):
         idx = torch.randperm(train.shape[0], generator=g)[:n_floor]
-        pf, rf = precision_recall(f_h, f_tr[idx], k)
-        fl["digits_fid"].append(frechet_distance(f_tr[idx], f_h))
-        fl["digits_kid"].append(kid(f_tr[idx], f_h, seed=seed))
-        fl["class_tv"].append(class_tv(y_tr[idx], held_y))
-        fl["precision"].append(pf)
-        fl["recall"].append(rf)
-    for k_, v in fl.items():
-        out[f"{k_}_floor"] = float(np.mean(v))
-    out["memorization_floor"] = memorization_rate(held, train, memorization_threshold)
-    out.update({"n": n, "n_floor": n_floor, "n_heldout": held.shape[0],
-                "memorization_threshold": memorization_threshold})
+        fl.append(scores(f_tr[idx], y_tr[idx]))
+    out.update({f"{k_}_floor": float(np.mean([s[k_] for s in fl])) for k_ in fl[0]})
+    out.update(memorization_floor=memorization_rate(held, train, memorization_threshold), n=n, n_floor=n_floor,
+               n_heldout=held.shape[0], memorization_threshold=memorization_threshold)
     order = ["digits_fid", "digits_kid", "class_tv", "precision", "recall", "memorization"]
     keys = [m for k_ in order for m in (k_, f"{k_}_floor")] + ["n", "n_floor", "n_heldout", "memorization_threshold"]
     return {m: out[m] for m in keys}

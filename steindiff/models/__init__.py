@@ -2,15 +2,10 @@
 :mod:`.denoisers`), the exact-score mixtures (:mod:`.gmm`), the U-Net (:mod:`.unet`), checkpoint folders
 (:mod:`.checkpoint`), trained models by name (:mod:`.trained`) and the name registry (:mod:`.registry`)."""
 
+from . import trained as _trained  # noqa: F401  (registers "digits" and checkpoint folders)
 from .denoisers import PREDICTION_TYPES, Denoiser, EDMPrecond, VPDenoiser
+from .gmm import GMM_PRESETS, GaussianMixture, get_gmm
+from .unet import UNet, UNetConfig
 
-__all__ = ["Denoiser", "EDMPrecond", "VPDenoiser", "PREDICTION_TYPES"]
-
-from .gmm import GMM_PRESETS, GaussianMixture, get_gmm  # noqa: E402
-
-__all__ += ["GaussianMixture", "GMM_PRESETS", "get_gmm"]
-
-from . import trained as _trained  # noqa: E402,F401  (registers "digits" and checkpoint folders)
-from .unet import UNet, UNetConfig  # noqa: E402
-
-__all__ += ["UNet", "UNetConfig"]
+__all__ = ["Denoiser", "EDMPrecond", "VPDenoiser", "PREDICTION_TYPES", "GaussianMixture", "GMM_PRESETS", "get_gmm",
+           "UNet", "UNetConfig"]

@@ -39,7 +39,6 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded (the message names the file and what is wrong)."""
 
 
-
 def make_process(cfg: dict[str, Any]) -> NoiseProcess:
     """The noise process described by a checkpoint's ``process`` entry."""
     kind = cfg.get("type")
@@ -60,7 +59,6 @@ def build_denoiser(net: torch.nn.Module, config: dict[str, Any]) -> tuple[torch.
         return VPDenoiser(net, process, prediction=pre["prediction"], timestep="interp",
                           dtype=torch.float32), process  # type: ignore[arg-type]
     raise ValueError(f"unknown preconditioning {pre['type']!r}")
-
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,9 +28,7 @@ class Denoiser(Protocol):
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector ``(B,)`` (or scalar) to broadcast against ``x``."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    if v.ndim == 0:
-        return v
-    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+    return v if v.ndim == 0 else v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
 
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
@@ -88,15 +86,10 @@ class VPDenoiser(Preconditioned):
     time is ``t * time_scale`` (e.g. ``time_scale=1000`` for score-SDE checkpoints).
     """
 
-    def __init__(
-        self,
-        net: Callable[..., torch.Tensor],
-        process: DiscreteVPProcess | ContinuousVPProcess,
-        prediction: Literal["epsilon", "v", "x0", "score"] = "epsilon",
-        timestep: Literal["interp", "round"] = "interp",
-        time_scale: float = 1.0,
-        dtype: torch.dtype | None = None,
-    ):
+    def __init__(self, net: Callable[..., torch.Tensor], process: DiscreteVPProcess | ContinuousVPProcess,
+                 prediction: Literal["epsilon", "v", "x0", "score"] = "epsilon",
+                 timestep: Literal["interp", "round"] = "interp", time_scale: float = 1.0,
+                 dtype: torch.dtype | None = None):
         super().__init__(net, dtype)
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")

@@ -26,16 +26,8 @@ __all__ = ["GaussianMixture", "GMM_PRESETS", "get_gmm"]
 class GaussianMixture:
     """A Gaussian mixture with exact denoiser, score, divergence and sampling (float64 inside)."""
 
-    def __init__(
-        self,
-        means: torch.Tensor,
-        weights: torch.Tensor | None = None,
-        *,
-        basis: torch.Tensor | None = None,
-        lam: torch.Tensor | None = None,
-        s2: torch.Tensor | float = 1e-2,
-        name: str = "gmm",
-    ):
+    def __init__(self, means: torch.Tensor, weights: torch.Tensor | None = None, *, basis: torch.Tensor | None = None,
+                 lam: torch.Tensor | None = None, s2: torch.Tensor | float = 1e-2, name: str = "gmm"):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
             raise ValueError(f"means must be (K, d), got shape {tuple(means.shape)}")

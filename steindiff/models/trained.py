@@ -73,8 +73,7 @@ def load_trained(name: str) -> ModelSpec:
     denoiser.eval().requires_grad_(False)
     shape = tuple(int(s) for s in config["data"]["shape"])
     info: dict[str, Any] = {"kind": "image", "path": str(path), "config": config}
-    if (path
-        / "calibrations").is_dir():  # calibrations fitted once for these weights (steindiff bench --calibration-dir)
+    if (path / "calibrations").is_dir():  # fitted once for these weights (steindiff bench --calibration-dir)
         info["calibrations"] = str(path / "calibrations")
     info.update(_reference_data(config))
     spec_name = name if name in SHIPPED else os.fspath(path)
