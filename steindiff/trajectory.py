@@ -117,8 +117,9 @@ def _solve(model, x, plan: SamplingPlan, extra_args: dict | None) -> torch.Tenso
 class _TowardsReference:
     """Eq. (1) as a stabilizer: each step's gamma from the reference solution at the step's next level."""
 
-    def __init__(self, ref: ReferenceSolve, coords: str, gamma_bounds: tuple[float, float]):
+    def __init__(self, ref: ReferenceSolve, coords: str, gamma_bounds: tuple[float, float], plain_tail: int = 1):
         self.ref, self.coords, self.bounds, self.gammas = ref, coords, gamma_bounds, []
+        self.plain_tail = plain_tail
 
     def step(self, op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, None]:
         with torch.no_grad():
@@ -127,7 +128,7 @@ class _TowardsReference:
         x_c = a * x
         u = x_c - a_next * st.x_next
         g = 1.0
-        if op.sigma_next > 0:
+        if op.sigma_next > 0 and op.i < len(op.sigmas) - 1 - self.plain_tail:
             target = self.ref.at(op.sigma_next).to(x.dtype)
             uu = float(dot(u, u).sum())
             g = float(dot(u, x_c - a_next * target).sum()) / uu if uu > 0 else 1.0
@@ -138,12 +139,12 @@ class _TowardsReference:
 
 def closed_form_gammas(model: Callable[..., torch.Tensor], noise: torch.Tensor, plan: SamplingPlan,
                        ref: ReferenceSolve, *, gamma_bounds: tuple[float, float] = (0.5, 1.5),
-                       extra_args: dict | None = None) -> list[float]:
+                       plain_tail: int = 1, extra_args: dict | None = None) -> list[float]:
     """Eq. (1) with ``x*`` the reference solution at the next noise level, pooled over the batch,
     one step at a time along the coarse solve that uses the gammas found so far.  In the plan's
     coordinates (``x_c = alpha_k x``): ``gamma_k = sum <u, x_c - alpha_{k+1} x*> / sum ||u||^2``.
-    The final step into ``sigma = 0`` keeps ``gamma = 1``."""
-    towards = _TowardsReference(ref, plan.coords, gamma_bounds)
+    The last ``plain_tail`` steps (at least the final step into ``sigma = 0``) keep ``gamma = 1``."""
+    towards = _TowardsReference(ref, plan.coords, gamma_bounds, max(plain_tail, 1))
     sample(model, noise, plan.sigmas, plan.get_solver(), stabilizer=towards, extra_args=extra_args)
     return towards.gammas
 
@@ -168,11 +169,12 @@ class _Params:
     initial theta the base schedule.  Each log-gap stays within a factor ``e`` of the base's share; the slack
     may grow further (:meth:`bounds`)."""
 
-    def __init__(self, base: SamplingPlan, fit: str, sigma_floor: float, gammas0: list[float]):
+    def __init__(self, base: SamplingPlan, fit: str, sigma_floor: float, gammas0: list[float], plain_tail: int = 1):
         self.base, self.fit = base, fit
         sig = [float(s) for s in base.sigmas]
         self.n = len(sig) - 1
-        self.fit_gamma = fit in ("gamma", "both") and self.n >= 2
+        self.ng = max(self.n - max(plain_tail, 1), 0)  # fitted gammas: all steps but the plain tail
+        self.fit_gamma = fit in ("gamma", "both") and self.ng >= 1
         self.fit_steps = fit in ("steps", "both") and self.n >= 2
         self.s0 = sig[0]
         self.floor = 0.9 * min(sigma_floor, sig[-2])  # the slack gap starts at log(1/0.9)
@@ -185,7 +187,7 @@ class _Params:
     def initial(self) -> np.ndarray:
         parts = []
         if self.fit_gamma:
-            parts.append(np.asarray(self.gammas0[:-1], dtype=float))
+            parts.append(np.asarray(self.gammas0[: self.ng], dtype=float))
         if self.fit_steps:
             parts.append(self.z0.copy())
         return np.concatenate(parts) if parts else np.zeros(0)
@@ -193,8 +195,8 @@ class _Params:
     def bounds(self, gamma_bounds: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = [], []
         if self.fit_gamma:
-            lo += [gamma_bounds[0]] * (self.n - 1)
-            hi += [gamma_bounds[1]] * (self.n - 1)
+            lo += [gamma_bounds[0]] * self.ng
+            hi += [gamma_bounds[1]] * self.ng
         if self.fit_steps:
             # each log-gap within a factor e of its share in the base schedule (no near-empty steps); the
             # slack below the last level may grow to about a third of the range (a last level up to ~sigma_0^(1/3))
@@ -206,8 +208,8 @@ class _Params:
         k = 0
         gammas = list(self.gammas0)
         if self.fit_gamma:
-            gammas = [float(g) for g in theta[: self.n - 1]] + [1.0]
-            k = self.n - 1
+            gammas = [float(g) for g in theta[: self.ng]] + [1.0] * (self.n - self.ng)
+            k = self.ng
         if self.fit_steps:
             z = theta[k:]
             w = np.exp(z - z.max())
@@ -223,7 +225,7 @@ class _Params:
         sigmas, gammas = self.decode(theta)
         out = []
         if self.fit_gamma:
-            out.append(math.sqrt(reg_gamma) * (np.asarray(gammas[:-1]) - 1.0))
+            out.append(math.sqrt(reg_gamma) * (np.asarray(gammas[: self.ng]) - 1.0))
         if self.fit_steps:
             out.append(math.sqrt(reg_steps) * (np.log(sigmas[1:-1].numpy()) - self.log_base))
         return np.concatenate(out) if out else np.zeros(0)
@@ -233,7 +235,7 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
            gammas0: list[float], *, fit: str = "both", sigma_floor: float,
            gamma_bounds: tuple[float, float] = (0.5, 1.5),
            reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
-           max_seconds: float = 60.0, extra_args: dict | None = None,
+           max_seconds: float = 60.0, plain_tail: int = 1, extra_args: dict | None = None,
            progress: bool = False) -> tuple[SamplingPlan, dict]:
     """Fit the plan's gammas and/or interior noise levels so that its final samples from ``noise`` come
     close to ``target`` (the reference solve's), by bounded least squares (``scipy.optimize.least_squares``,
@@ -243,11 +245,12 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
     term ``reg_residual log(R(x_N) / R(target))^2`` with ``R(x) = ||D(x, sigma_floor) - x||`` (samples that
     one more denoising pass moves more than it moves the reference's carry residual noise; less, and
     they are over-smoothed; one extra model pass per solve), plus the regularisers of :meth:`_Params.penalty`.  Stops
-    after ``max_solves`` solves or ``max_seconds``, keeping the best theta.
+    after ``max_solves`` solves or ``max_seconds``, keeping the best theta.  The last ``plain_tail`` steps
+    keep ``gamma = 1``.
     """
     from scipy.optimize import least_squares
 
-    P = _Params(base, fit, sigma_floor, gammas0)
+    P = _Params(base, fit, sigma_floor, gammas0, plain_tail)
     theta0 = P.initial()
     info: dict[str, Any] = {"solves": 0, "stopped": "converged"}
     if theta0.size == 0:
@@ -352,23 +355,28 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
                    ref_solver: str = "dpmpp_2m", ref_steps: int = 200, gamma_bounds: tuple[float, float] = (0.5, 1.5),
                    reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
                    max_seconds: float = 60.0, residual_tolerance: float = 1.05, significance: float = 2.0,
-                   guards: Sequence[str] = DEFAULT_GUARDS, extra_args: dict | None = None,
+                   guards: Sequence[str] = DEFAULT_GUARDS, plain_tail: int = 2, extra_args: dict | None = None,
                    progress: bool = False) -> TrajectoryFit:
     """Calibrate ``base`` (a plain plan) on the calibration ``noise`` (module docstring).
 
     The first ``1 - validation`` of the batch fits, the rest validates.  ``ref`` may be passed to
     reuse a reference solve of the same noise (it must hold the states of the fit part).
     ``extra_args`` (e.g. class labels drawn like the user's) are split with the batch when they are
-    per-sample tensors.  ``guards``: the checks (:data:`GUARDS`) a candidate must pass to replace the
-    plain solver, a sequence or a comma-separated string.  Returns the chosen plan and a record:
-    validation scores (RMS distance per coordinate to the reference's final samples) of every candidate,
-    residual noise, reference convergence, sizes and wall time.
+    per-sample tensors.  ``plain_tail``: how many final steps keep ``gamma = 1`` (default 2: the final
+    denoising step into 0 and the step into the last noise level before it; a damped or stretched step
+    there leaves noise, or an overshoot, that no later step removes).  ``guards``: the checks
+    (:data:`GUARDS`) a candidate must pass to replace the plain solver, a sequence or a comma-separated
+    string.  Returns the chosen plan and a record: validation scores (RMS distance per coordinate to the
+    reference's final samples) of every candidate, residual noise, reference convergence, sizes and
+    wall time.
     """
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
     if not 0 < validation < 1:
         raise ValueError(f"validation must be a fraction in (0, 1), got {validation}")
     guards = _check_guards(guards)
+    if int(plain_tail) != plain_tail or plain_tail < 1:
+        raise ValueError(f"plain_tail must be a whole number of final steps >= 1, got {plain_tail}")
     n = noise.shape[0]
     n_fit = int(round(n * (1 - validation)))
     if n_fit < 2 or n - n_fit < 2:
@@ -391,7 +399,8 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     x_fit, x_val = noise[fit_sl], noise[val_sl]
     ref_fit = ReferenceSolve(ref.sigmas, ref.states[:, :n_fit], ref.final[fit_sl], ref.solver, ref.steps,
                              ref.convergence, ref.wall_s)
-    g_cf = closed_form_gammas(model, x_fit, base, ref_fit, gamma_bounds=gamma_bounds, extra_args=part(fit_sl))
+    g_cf = closed_form_gammas(model, x_fit, base, ref_fit, gamma_bounds=gamma_bounds, plain_tail=plain_tail,
+                              extra_args=part(fit_sl))
     cf_plan = SamplingPlan(base.solver, base.sigmas, base.schedule, g_cf, base.coords, base.solver_options)
     # start the refinement from the better of the plain plan and the closed form (on the fit part)
     start = g_cf if _rms(_solve(model, x_fit, cf_plan, part(fit_sl)), ref.final[fit_sl]) < \
@@ -406,6 +415,7 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
         candidates[name], rinfo[name] = refine(
             model, x_fit, ref.final[fit_sl], base, start, fit=fit, sigma_floor=sigma_min, gamma_bounds=gamma_bounds,
             reg_gamma=reg_gamma, reg_steps=reg_steps, reg_residual=w, max_solves=max(max_solves // 2, 1),
+            plain_tail=plain_tail,
             max_seconds=max_seconds / 2, extra_args=part(fit_sl), progress=progress)
     ref_val = ref.final[val_sl]
     r_ref = residual_noise(model, ref_val, sigma_min, part(val_sl))
@@ -447,7 +457,7 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
                                             "wall_s": ref.wall_s},
         "n_fit": n_fit, "n_val": n - n_fit, "gamma_bounds": list(gamma_bounds), "reg_gamma": reg_gamma,
         "reg_steps": reg_steps, "reg_residual": reg_residual, "residual_tolerance": residual_tolerance,
-        "significance": significance, "guards": list(guards), "refine": rinfo,
+        "significance": significance, "guards": list(guards), "plain_tail": plain_tail, "refine": rinfo,
         "val_ratio": (scores[chosen]["val_rms"] / scores["plain"]["val_rms"]) if scores["plain"]["val_rms"] else None,
         "wall_s": time.perf_counter() - t0,
     }

@@ -224,3 +224,30 @@ def test_fit_records_its_guards_and_refuses_unknown_ones():
     rec = fit.record
     assert rec["guards"] == ["residual", "distribution", "significance"]
     assert all(rec["candidates"][rec["chosen"]][f"passed_{g}_check"] for g in rec["guards"])
+
+
+def test_plain_tail_keeps_the_last_steps_plain_in_every_candidate():
+    """plain_tail=2: the step into the last noise level and the final step into 0 keep gamma 1 in the
+    closed form, in every theta of the refinement, and in the fitted candidates."""
+    base = make_plan(VEProcess(), "dpmpp_2m", 6, "karras")
+    p = _Params(base, "both", 0.002, [1.0] * base.steps, plain_tail=2)
+    lo, hi = p.bounds((0.5, 1.5))
+    assert p.initial().shape == lo.shape and p.ng == base.steps - 2
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        _, g = p.decode(rng.uniform(lo, hi))
+        assert g[-2:] == [1.0, 1.0] and len(g) == base.steps
+    noise = prior_noise((32, 4), 80.0, seed=0, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002)
+    g1 = closed_form_gammas(gaussian_denoiser, noise, base, ref, gamma_bounds=(-10, 10))
+    g2 = closed_form_gammas(gaussian_denoiser, noise, base, ref, gamma_bounds=(-10, 10), plain_tail=2)
+    assert g2[:-2] == g1[:-2] and g2[-2:] == [1.0, 1.0] and g1[-2] != 1.0
+    gmm = get_gmm("gmm:toy2d")
+    fit = fit_trajectory(gmm, make_plan(VEProcess(), "euler", 5, "karras"),
+                         prior_noise((64, 2), 80.0, seed=12345, dtype=torch.float64), sigma_min=0.002,
+                         ref_steps=100, max_solves=20)
+    assert fit.record["plain_tail"] == 2
+    assert all(c["gammas"][-2:] == [1.0, 1.0] for c in fit.record["candidates"].values())
+    with pytest.raises(ValueError, match="plain_tail"):
+        fit_trajectory(gmm, base, prior_noise((8, 2), 80.0, seed=0, dtype=torch.float64), sigma_min=0.002,
+                       plain_tail=0)
