@@ -8,7 +8,8 @@ What it does, on three models (``gmm:image64``, the shipped ``digits`` U-Net, an
 dpmpp_2m at NFE 5 (Karras):
 
 1. ``timing``: the plain solver, a fixed gamma schedule (``GammaSchedule``, what a calibrated schedule
-   costs) and every stabilizer (stein VJP P=1, also with ``jacobian_batch`` chunks on the U-Net, VJP
+   costs) and every stabilizer (stein VJP P=1, also with ``jacobian_batch`` chunks on the U-Net and, on the
+   U-Net, with ``jacobian_precision="bf16"`` (rows ``stein_vjp_p1_bf16``, ``stein_vjp_p1_bf16_jb32``), VJP
    P=5, JVP P=1, stein-tr, stein-energy, stein-sc), side by side in one process on the same noise:
    medians of ``--repeats`` CUDA-synchronised wall times after one warm-up round, and the peak memory
    (``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated``); ratios to the plain solver.
@@ -19,7 +20,7 @@ dpmpp_2m at NFE 5 (Karras):
    resume on the other device, demo, sample-dist and merge, sample-dist under torchrun with nccl),
    each with ``--device``, tiny sizes; exit codes and the tail of their error output.
 4. ``targets``: issue 10's "done when" on the U-Net: stein VJP P=1 at most 2.5x the plain time and
-   3x its peak memory (for each ``jacobian_batch`` measured).
+   3x its peak memory (for each ``jacobian_batch`` and ``jacobian_precision`` measured).
 
 A variant or command that fails (out of memory, an error) is a result, not a crash.  ``--budget-s``
 skips what is left (recorded as skipped) once that many seconds have passed.  Prints the JSON; writes
@@ -152,10 +153,11 @@ def build_model(name: str, device: torch.device, quick: bool):
 
 
 def model_plan(quick: bool) -> list[dict]:
-    """Per model: batch, dtype, the jacobian_batch values timed for stein VJP P=1, agreement batch."""
+    """Per model: batch, dtype, the jacobian_batch values timed for stein VJP P=1 (in fp32, and in bf16 where
+    ``bf16_jacobian_batches`` lists them: ``None`` is the whole batch), agreement batch."""
     return [
         {"name": "unet", "n": 3 if quick else 64, "dtype": torch.float32,
-         "jacobian_batches": [2] if quick else [32, 16, 8],
+         "jacobian_batches": [2] if quick else [32, 16, 8], "bf16_jacobian_batches": [None, 2 if quick else 32],
          "agree_n": 2 if quick else 4, "agree_variants": ["plain", "calibrated", "stein_vjp_p1", "stein-energy"]},
         {"name": "gmm:image64", "n": 16 if quick else 1000, "dtype": torch.float64, "jacobian_batches": [],
          "agree_n": 8 if quick else 500, "agree_variants": None},
@@ -165,7 +167,8 @@ def model_plan(quick: bool) -> list[dict]:
     ]
 
 
-def variants(steps: int, jacobian_batches: list[int]) -> list[tuple[str, Callable]]:
+def variants(steps: int, jacobian_batches: list[int],
+             bf16_jacobian_batches: list[int | None] = ()) -> list[tuple[str, Callable]]:
     from steindiff.stabilizers import make_stabilizer
     from steindiff.stabilizers.schedule import GammaSchedule
 
@@ -179,6 +182,9 @@ def variants(steps: int, jacobian_batches: list[int]) -> list[tuple[str, Callabl
         ("stein_vjp_p1", stab("stein", probes=1)),
     ]
     out += [(f"stein_vjp_p1_jb{jb}", stab("stein", probes=1, jacobian_batch=jb)) for jb in jacobian_batches]
+    # the Jacobian pass under bf16 autocast (the solver's step stays in the state's precision)
+    out += [("stein_vjp_p1_bf16" + (f"_jb{jb}" if jb else ""),
+             stab("stein", probes=1, jacobian_batch=jb, jacobian_precision="bf16")) for jb in bf16_jacobian_batches]
     out += [
         ("stein_vjp_p5", stab("stein", probes=5)),
         ("stein_jvp_p1", stab("stein", probes=1, divergence="jvp")),
@@ -225,12 +231,12 @@ def time_model(plan: dict, device: torch.device, repeats: int, quick: bool, budg
                            "dtype": str(plan["dtype"]).removeprefix("torch."), "solver": "dpmpp_2m", "nfe": 5,
                            "steps": steps,
                            "schedule": "karras", "repeats": repeats}
-    rows = {name: {"variant": name, "status": "ok", "times_s": [], "peaks": []}
-            for name, _ in variants(steps, plan["jacobian_batches"])}
+    timed = variants(steps, plan["jacobian_batches"], plan.get("bf16_jacobian_batches", []))
+    rows = {name: {"variant": name, "status": "ok", "times_s": [], "peaks": []} for name, _ in timed}
     warmup = 0 if quick else 1
     out["warmup_rounds"] = warmup
     for rnd in range(warmup + repeats):  # warm-up rounds untimed
-        for name, make in variants(steps, plan["jacobian_batches"]):
+        for name, make in timed:
             r = rows[name]
             if r["status"] != "ok":
                 continue
@@ -369,6 +375,8 @@ def commands(device: torch.device, quick: bool, tmp: Path, budget: Budget, every
     runs: list[tuple[list[str], int]] = [  # (argv, expected exit code)
         (["sample", "--model", "digits", "--stabilizer", "stein", "--device", dev, "--n", n_small, "--nfe", "6",
           "--json", *q], 0),
+        (["sample", "--model", "digits", "--stabilizer", "stein", "--probes", "1", "--jacobian-precision", "bf16",
+          "--jacobian-batch", "4" if quick else "32", "--device", dev, "--n", n_small, "--nfe", "6", "--json", *q], 0),
         (["sample", "--model", "gmm:image64", "--stabilizer", "stein", "--jacobian-batch", "7" if quick else "128",
           "--device", dev,
           "--n", n_big, "--nfe", "5", "--out", str(tmp / "s.npz"), "--json", *q], 0),

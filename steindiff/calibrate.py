@@ -130,6 +130,7 @@ def calibrate(
     guards: Sequence[str] | None = None,
     extra_args: dict | None = None,
     jacobian_batch: int | None = None,
+    jacobian_precision: str = "fp32",
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for the plain ``plan`` (default: :func:`~steindiff.plan.make_plan` of
     ``solver``, ``nfe``, ``schedule``, ``rho``; module docstring).  ``seed`` draws the calibration noise;
@@ -142,7 +143,8 @@ def calibrate(
     ``ref`` (a reference solve of the same noise to reuse), ``max_solves``/``max_seconds`` (budget of
     the refinement), ``guards`` (the checks a candidate must pass, :data:`~steindiff.trajectory.GUARDS`;
     default :func:`default_guards`), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
-    Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes.
+    Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes and
+    ``jacobian_precision`` sets their precision (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
     if objective is None:
         objective = "trajectory" if variant is None else ("reference" if variant == "reference" else "variant")
@@ -167,7 +169,8 @@ def calibrate(
                                      extra_args=extra_args)
     if objective == "variant":
         return _calibrate_variant(spec, base, meta, n, seed, dtype, variant, probes=probes,
-                                  jacobian_batch=jacobian_batch, batch_size=batch_size, progress=progress)
+                                  jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision,
+                                  batch_size=batch_size, progress=progress)
     return _calibrate_reference(spec, base, meta, n, seed, dtype, reference, grid=grid, sweeps=sweeps,
                                 batch_size=batch_size, progress=progress)
 
@@ -200,10 +203,12 @@ def _calibrate_trajectory(spec: ModelSpec, base: SamplingPlan, meta: dict, n: in
 
 
 def _calibrate_variant(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, seed: int, dtype: torch.dtype,
-                       variant: str, *, probes: int, jacobian_batch: int | None, **gen_options: Any) -> GammaSchedule:
+                       variant: str, *, probes: int, jacobian_batch: int | None, jacobian_precision: str = "fp32",
+                       **gen_options: Any) -> GammaSchedule:
     """The ``variant`` objective: the per-step ``gamma`` of the stabilizer ``variant``, averaged over the
     calibration batches (``gen_options``: ``batch_size`` and ``progress`` of :func:`~steindiff.generate.generate`)."""
-    stab = make_stabilizer(variant, spec, coords=base.coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch)
+    stab = make_stabilizer(variant, spec, coords=base.coords, probes=probes, seed=seed, jacobian_batch=jacobian_batch,
+                           jacobian_precision=jacobian_precision)
     if stab is None:
         gammas = [1.0] * base.steps
     else:
@@ -213,6 +218,8 @@ def _calibrate_variant(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, 
             per_step.setdefault(r["step"], []).append(float(r["gamma"]))
         gammas = [float(np.mean(per_step[k])) for k in range(base.steps)]
     meta["name"] = f"calibrated:{variant}"
+    if jacobian_precision != "fp32":  # the gammas' divergence estimates were taken in this precision
+        meta["calibration"]["jacobian_precision"] = jacobian_precision
     return GammaSchedule(gammas, base.coords, meta)
 
 

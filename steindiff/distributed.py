@@ -41,7 +41,7 @@ from .models.registry import ModelSpec, load_model
 from .plan import SamplingPlan, make_plan
 from .sampling import prior_noise
 from .stabilizers import make_stabilizer
-from .stabilizers.divergence import draw_probes
+from .stabilizers.divergence import draw_probes, to_device
 
 __all__ = ["sample_distributed", "rank_device", "merge_shards", "shard_status", "shard_range", "shard_name",
            "DistResult", "DistributedSamplingError", "MissingShardsError", "MANIFEST", "PROBE_MODES"]
@@ -162,7 +162,7 @@ def _global_probes(n: int, start: int, stop: int) -> Callable:
     def fn(x: torch.Tensor, p: int, generator: torch.Generator) -> torch.Tensor:
         _check_shard(x, start, stop)
         full = draw_probes((n, *x.shape[1:]), p, "gaussian", generator, x.dtype)  # on the CPU: only the slice moves
-        return full[:, start:stop].to(x.device)
+        return to_device(full[:, start:stop].contiguous(), x.device)
 
     return fn
 
@@ -177,7 +177,7 @@ def _per_sample_probes(seed: int, start: int, stop: int) -> Callable:
         for j in range(start, stop):
             s = int(np.random.SeedSequence([seed, call, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
             rows.append(draw_probes((1, *x.shape[1:]), p, "gaussian", torch.Generator().manual_seed(s), x.dtype))
-        return torch.cat(rows, dim=1).to(x.device)
+        return to_device(torch.cat(rows, dim=1), x.device)
 
     return fn
 

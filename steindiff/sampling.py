@@ -90,7 +90,8 @@ def steps(
     ``model(x, sigma, **extra_args)`` is a VE denoiser.  Each step is ``T(x)`` of the solver's step
     operator or, with a ``stabilizer`` (:class:`~steindiff.stabilizers.Stabilizer`), ``stabilizer.step(T,
     x) -> (x_next, step, record)``.  The state is kept in ``dtype`` (default: ``x``'s dtype, or float32 for
-    half precision input).  ``progress`` shows a bar; ``check_finite`` refuses NaN or Inf model outputs;
+    half precision input).  ``progress`` shows a bar; ``check_finite`` refuses NaN or Inf model outputs (read back once
+    per step, :meth:`~steindiff.solvers.Denoise.deferred_checks`, before the step is yielded);
     ``solver_options`` (e.g. ``order``) go to :func:`~steindiff.solvers.get_solver`.
     """
     check_model_device(model, x)
@@ -107,12 +108,15 @@ def steps(
     state = solver.init_state()
     for i in tqdm(range(len(sig) - 1), disable=not progress, desc=f"{solver.name}", leave=False):
         op = StepOperator(solver, denoise, i, sig, state)
-        if stabilizer is None:
-            with torch.no_grad():
-                step = op(x)
-            x_next, record = step.x_next, None
-        else:
-            x_next, step, record = stabilizer.step(op, x)
+        # the model outputs' finiteness is read back once per step, not once per model call (a read-back
+        # waits for the device); a stabilizer may read it back with its own statistics (Denoise.settle)
+        with denoise.deferred_checks():
+            if stabilizer is None:
+                with torch.no_grad():
+                    step = op(x)
+                x_next, record = step.x_next, None
+            else:
+                x_next, step, record = stabilizer.step(op, x)
         yield StepEvent(i, op, x, x_next, step, record)
         x, state = x_next, step.state
 

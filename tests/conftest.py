@@ -45,3 +45,28 @@ def oom_model_name(oom_under_grad, monkeypatch):
     spec = registry.ModelSpec(name, oom_under_grad, VEProcess(0.002, 80.0), (3,))
     monkeypatch.setattr(registry, "_LOADERS", [*registry._LOADERS, (lambda n: n == name, lambda n: spec)])
     return name
+
+
+class ReadBacks(torch.overrides.TorchFunctionMode):
+    """Counts the reads of tensor values into Python (``bool``, ``float``, ``int``, ``.item()``,
+    ``.tolist()``) and the ``torch.tensor(..., device=...)`` copies from Python: on CUDA each one waits
+    for the device (a host synchronisation).  Counted on any device, so CPU tests bound what a GPU waits for."""
+
+    READS = {torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+             torch.Tensor.item, torch.Tensor.tolist}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.READS or (func is torch.tensor and kwargs.get("device") is not None):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def read_backs():
+    """:class:`ReadBacks`: ``with read_backs() as r: ...; r.count``."""
+    return ReadBacks

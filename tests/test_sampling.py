@@ -161,3 +161,33 @@ def test_bad_input_dtype_and_shape():
         sample(Counting(), torch.zeros(0, 2), karras_sigmas(3, 0.1, 5.0))
     with pytest.raises(ValueError, match="strictly decreasing"):
         sample(Counting(), torch.zeros(2, 2), [1.0, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("name", ["heun", "dpmpp_2m"])
+def test_finiteness_is_read_back_once_per_step(name, read_backs):
+    """The loop queues each model output's finiteness check on the device and reads them back once per
+    step (on CUDA a read-back per model call would wait for the device each time); Heun makes two calls a step."""
+    from steindiff.sampling import steps
+
+    sig = karras_sigmas(5, 0.05, 10.0)
+    model = Counting()
+    gen = steps(model, torch.randn(3, 2, dtype=torch.float64), sig, name)
+    next(gen)  # the checks of the arguments read the schedule once, before the first step
+    with read_backs() as r:
+        n = sum(1 for _ in gen)
+    assert n == len(sig) - 2 and r.count == n
+    assert len(model.calls) == get_solver(name).nfe(sig)
+
+
+def test_denoise_outside_the_loop_checks_each_call():
+    """Outside the loop's steps (e.g. a diagnostic calling the step operator after a step) a NaN is refused at once."""
+    from steindiff.solvers import Denoise
+
+    d = Denoise(lambda x, s: x * float("nan"))
+    with pytest.raises(NonFiniteModelOutput, match=r"step 7 \(sigma=2\)"):
+        d(torch.ones(2, 2), 2.0, 7)
+    with pytest.raises(NonFiniteModelOutput, match=r"step 1 \(sigma=3\)"):
+        with d.deferred_checks():
+            d(torch.ones(2, 2), 3.0, 1)  # queued: raised when the block ends
+            d(torch.ones(2, 2), 4.0, 2)
+    assert d.pending_checks() is None  # nothing left queued after the block

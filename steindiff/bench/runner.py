@@ -119,7 +119,7 @@ def primary_metric(obj: Any) -> str:
 def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedules: Sequence[str],
                   coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int,
                   probes: int = 5, device: str | torch.device | None = None,
-                  jacobian_batch: int | None = None) -> dict[str, ModelSpec]:
+                  jacobian_batch: int | None = None, jacobian_precision: str = "fp32") -> dict[str, ModelSpec]:
     """Check every name and value of a grid before any work; return the loaded models (moved to
     ``device`` when given).
 
@@ -165,7 +165,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             if s != TRAJECTORY:
                 make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes,
-                                jacobian_batch=jacobian_batch)
+                                jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision)
     return specs
 
 
@@ -287,7 +287,7 @@ def _reason(e: BaseException) -> str:
 
 
 def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
-             calibrated=None) -> dict:
+             calibrated=None, jacobian_precision="fp32") -> dict:
     row: dict[str, Any] = {"steps": plan.steps}
     try:
         if stab_name == TRAJECTORY:
@@ -299,11 +299,12 @@ def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mm
             # calibrated once on a separate batch (other noise), applied with no extra passes;
             # the calibration's own cost is not in wall_s_per_sample
             stab = calibrate(spec, plan, coords=coords, variant=stab_name[4:], n=noise.shape[0], seed=50_000 + seed,
-                             probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch)
+                             probes=probes, dtype=_dtype(spec), jacobian_batch=jacobian_batch,
+                             jacobian_precision=jacobian_precision)
             row["calibrated_gammas"] = stab.gammas
         else:
             stab = make_stabilizer(stab_name, spec, coords=coords, probes=probes, seed=seed,
-                                   jacobian_batch=jacobian_batch)
+                                   jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision)
             if stab_name in RHO and model_kind(spec) == "mixture":
                 stab = RhoRecorder(stab, spec.gmm.divergence)
         gen = generate(spec, plan, noise=noise, n=noise.shape[0], stabilizer=stab, dtype=_dtype(spec))
@@ -333,7 +334,8 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
              coords: Sequence[str], stabilizers: Sequence[str], seeds: Sequence[int], n: int, probes: int = 5,
              progress: bool = True, *, mmd: bool = False, ref_solver: str = "dpmpp_3m", ref_steps: int = 1000,
              calibration: dict | None = None, calibration_dir: str | None = None,
-             device: str | torch.device | None = None, jacobian_batch: int | None = None) -> dict:
+             device: str | torch.device | None = None, jacobian_batch: int | None = None,
+             jacobian_precision: str = "fp32") -> dict:
     """Run the benchmark grid; return the ``steindiff.bench/1`` object (module docstring).
 
     ``calibration``: options of the ``cal:trajectory`` cells' calibration (:func:`calibration_options`
@@ -346,10 +348,10 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     Rows are produced in the order ``model, seed, solver, schedule, nfe``, and within that the vanilla
     solve first, then every stabilizer and coordinate system, so their wall-clock times are measured
     side by side.  ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
-    ``jacobian_batch``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
+    ``jacobian_batch``, ``jacobian_precision``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
     specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device,
-                          jacobian_batch)
+                          jacobian_batch, jacobian_precision)
     if ref_solver not in SOLVERS or ref_steps < 1:
         raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
     configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
@@ -404,14 +406,16 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                             row = {**done[key], **base, "reused": True}
                         else:
                             row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c, probes, seed,
-                                                      ref, floors, mmd, jacobian_batch, calibrated)}
+                                                      ref, floors, mmd, jacobian_batch, calibrated,
+                                                      jacobian_precision)}
                             done[key] = row
                         rows.append(row)
                         bar.update(1)
     machine["wall_s_total"] = time.perf_counter() - t_start
     config = {"models": list(models), "solvers": list(solvers), "nfe": list(nfes), "schedules": list(schedules),
-              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n, "probes": probes,
-              "mmd": mmd, "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
+              "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
+              "probes": probes, "mmd": mmd, "jacobian_precision": jacobian_precision,
+              "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
     if TRAJECTORY in stabilizers:
         config["calibration"] = cal_config
     if "image" in kinds:
@@ -437,7 +441,8 @@ def _peak(device: torch.device) -> int | None:
 def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int], schedule: str = "karras",
              stabilizers: Sequence[str] = ("none", "stein"), probes_list: Sequence[int] = (1, 5), n: int = 1000,
              repeats: int = 5, coords: str = "ve", seed: int = 0, progress: bool = True,
-             device: str | torch.device | None = None, jacobian_batch: int | None = None) -> list[dict]:
+             device: str | torch.device | None = None, jacobian_batch: int | None = None,
+             jacobian_precision: str = "fp32") -> list[dict]:
     """Wall-clock seconds per sample of ``none`` and each stabilizer at equal NFE, measured in one
     process with the repeats interleaved (``none, stein P=1, stein P=5, ...`` then again), medians,
     after one untimed warm-up round.
@@ -453,7 +458,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     """
     stabilizers = list(dict.fromkeys(["none", *stabilizers]))
     specs = validate_grid(models, solvers, nfes, [schedule], [coords], stabilizers, [seed], n, max(probes_list), device,
-                          jacobian_batch)
+                          jacobian_batch, jacobian_precision)
     if repeats < 1 or any(p < 1 for p in probes_list):
         raise ValueError("repeats and probe counts must be >= 1")
     variants = [(s, p) for s in stabilizers for p in (probes_list if s == "stein" else [None])]
@@ -479,7 +484,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                             stab, run_plan = None, plan  # the plan's gammas
                         else:
                             stab, run_plan = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
-                                                             jacobian_batch=jacobian_batch), base_plan
+                                                             jacobian_batch=jacobian_batch,
+                                                             jacobian_precision=jacobian_precision), base_plan
                         try:
                             _reset_peak(noise.device)
                             gen = generate(spec, run_plan, noise=noise, n=n, stabilizer=stab, dtype=_dtype(spec))
@@ -501,7 +507,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                                 "coords": coords if v[0] != "none" else "-", "nfe_budget": nfe, "stabilizer": v[0],
                                 "probes": v[1], "n": n, "repeats": len(times[v]), **info[v], "wall_s_per_sample": t,
                                 "ratio": (t / t_none) if (t is not None and t_none) else None,
-                                "device": str(noise.device), "jacobian_batch": jacobian_batch, "peak_mem_bytes": pk,
+                                "device": str(noise.device), "jacobian_batch": jacobian_batch,
+                                "jacobian_precision": jacobian_precision, "peak_mem_bytes": pk,
                                 "mem_ratio": (pk / p_none) if (pk is not None and p_none) else None})
     return out
 

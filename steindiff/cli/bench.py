@@ -124,13 +124,15 @@ def run(args: argparse.Namespace) -> int:
         device = common.device_from_args(args)
         with usage_errors(ValueError, TypeError):
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
-                          grid["stabilizers"], grid["seeds"], args.n, args.probes, jacobian_batch=args.jacobian_batch)
+                          grid["stabilizers"], grid["seeds"], args.n, args.probes, jacobian_batch=args.jacobian_batch,
+                          jacobian_precision=args.jacobian_precision)
         progress = not args.no_progress
         if args.cost:
             machine, t0 = machine_info(device), time.perf_counter()
             entries = run_cost(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"][0], grid["stabilizers"],
                                cost_probes, args.n, args.repeats, grid["coords"][0], grid["seeds"][0], progress,
-                               device=device, jacobian_batch=args.jacobian_batch)
+                               device=device, jacobian_batch=args.jacobian_batch,
+                               jacobian_precision=args.jacobian_precision)
             machine["wall_s_total"] = time.perf_counter() - t0
             result = {"schema": SCHEMA, "machine": machine,
                       "config": {**grid, "n": args.n, "cost_probes": cost_probes, "repeats": args.repeats},
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = run_grid(**grid, n=args.n, probes=args.probes, progress=progress, mmd=args.mmd,
                               ref_solver=args.ref_solver, ref_steps=args.ref_steps, device=device,
-                              jacobian_batch=args.jacobian_batch, calibration_dir=args.calibration_dir)
+                              jacobian_batch=args.jacobian_batch, jacobian_precision=args.jacobian_precision,
+                              calibration_dir=args.calibration_dir)
         result["command"] = _command(args)
     summary = summarize(result)
     if args.json_out not in (None, "-"):
@@ -188,7 +191,9 @@ def _command(args: argparse.Namespace) -> str:
     else:
         opts += [("--probes", args.probes), ("--ref-solver", args.ref_solver), ("--ref-steps", args.ref_steps),
                  ("--mmd", args.mmd)]
-    opts += [("--jacobian-batch", args.jacobian_batch), ("--device", None if args.device == "auto" else args.device),
+    opts += [("--jacobian-batch", args.jacobian_batch),
+             ("--jacobian-precision", None if args.jacobian_precision == "fp32" else args.jacobian_precision),
+             ("--device", None if args.device == "auto" else args.device),
              ("--calibration-dir", args.calibration_dir)]
     return _spell(["steindiff", "bench"], opts + _outputs(args))
 

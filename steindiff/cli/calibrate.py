@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                           objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
                           reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype], rho=args.rho,
                           progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
-                          max_solves=args.max_solves, guards=args.guards,
-                          jacobian_batch=args.jacobian_batch)
+                          max_solves=args.max_solves, guards=args.guards, jacobian_batch=args.jacobian_batch,
+                          jacobian_precision=args.jacobian_precision)
     sched.save(args.out)
     summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
     lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",

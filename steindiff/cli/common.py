@@ -55,7 +55,8 @@ def stabilizer_options(args: argparse.Namespace) -> dict:
     return {"coords": args.coords, "probes": args.probes, "divergence": args.divergence,
             "gamma_min": args.gamma_min, "gamma_max": args.gamma_max, "seed": args.seed,
             "per_sample": True if getattr(args, "per_sample", False) else None,
-            "jacobian_batch": getattr(args, "jacobian_batch", None)}
+            "jacobian_batch": getattr(args, "jacobian_batch", None),
+            "jacobian_precision": getattr(args, "jacobian_precision", None)}
 
 
 def check_batch_statistics(stabilizer, n: int, batch_size: int | None = None) -> None:
@@ -170,10 +171,18 @@ def add_device(p: argparse.ArgumentParser, help: str = DEVICE_HELP + "; the init
 
 
 def add_jacobian_batch(p: argparse.ArgumentParser) -> None:
+    """``--jacobian-batch`` and ``--jacobian-precision``: the size and precision of a stabilizer's Jacobian passes."""
     p.add_argument("--jacobian-batch", type=int, default=None, metavar="N",
                    help="at most N sample-probe pairs per Jacobian pass of a stabilizer (samples in chunks through the "
                         "differentiable step, probes in groups through the backward): bounds its memory, changes no "
                         "result; default: the whole batch at once")
+    p.add_argument("--jacobian-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="precision of a stabilizer's Jacobian pass (--divergence vjp): fp32 (the solver's "
+                        "forward pass with a graph serves the VJP too) or bf16 (the solver's step runs as plain, the "
+                        "VJP's own forward pass runs under bf16 autocast, one more forward pass per step: meant to "
+                        "save activation memory and time on GPUs with bf16 tensor cores, not measured on one yet; "
+                        "slower on CPUs; only the divergence estimate changes: measured on CPU, by at most 2-5%% of "
+                        "its spread over probe draws; see GammaStabilizer)")
 
 
 def device_from_args(args: argparse.Namespace):

@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace, spec, out: Path, nfes: list[int], stabs: list
                     stab = None  # the plan's gammas
                 else:
                     stab = make_stabilizer(name, spec, seed=args.seed, jacobian_batch=args.jacobian_batch,
-                                           probes=args.probes)
+                                           jacobian_precision=args.jacobian_precision, probes=args.probes)
                 try:
                     gen = generate(spec, plan, n=args.n, seed=args.seed, stabilizer=stab)
                     x = gen.x.clamp(-1, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -85,6 +85,48 @@ class Denoise:
         self.calls = 0  # solver passes (NFE)
         self.extra_calls = 0  # passes made inside :meth:`extra_passes` (e.g. forward-mode probes)
         self._extra = False
+        self._pending: list[tuple[torch.Tensor, int, float]] | None = None  # deferred finiteness checks
+
+    @contextlib.contextmanager
+    def deferred_checks(self) -> Iterator[None]:
+        """Inside this block the finiteness check of each output is queued as a flag on the output's
+        device instead of being read back at once (on CUDA a read-back waits for the device: one host
+        synchronisation per model call).  Leaving the block reads every queued flag back at once (one
+        synchronisation; none if a caller settled them already, see :meth:`pending_checks`) and raises
+        :class:`NonFiniteModelOutput` naming the step and sigma of the first non-finite output.  The
+        sampling loop (:func:`steindiff.sampling.steps`) wraps each step in it; outside it, every call
+        is checked at once."""
+        if self._pending is not None:  # nested: the outer block settles
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+            self.settle()
+        finally:
+            self._pending = None
+
+    def pending_checks(self) -> torch.Tensor | None:
+        """The queued finiteness flags (1.0: finite) as one float64 tensor on the outputs' device, or
+        ``None`` when none are queued: a caller that reads values back anyway appends them to its own read-back
+        and passes the values to :meth:`settle` (one synchronisation for both)."""
+        if not self._pending:
+            return None
+        return torch.stack([f for f, _, _ in self._pending]).to(torch.float64)
+
+    def settle(self, values: Sequence[float] | None = None) -> None:
+        """Resolve the first ``len(values)`` queued checks with their read-back ``values`` (default: read all of
+        them back here, one synchronisation) and raise :class:`NonFiniteModelOutput` for the first one not finite."""
+        if not self._pending:
+            return
+        if values is None:
+            values = self.pending_checks().tolist()
+        done = self._pending[: len(values)]
+        del self._pending[: len(values)]
+        for ok, (_, step, sigma) in zip(values, done):
+            if not ok:
+                self._pending.clear()
+                raise NonFiniteModelOutput(f"model returned NaN or Inf at step {step} (sigma={sigma:.6g})")
 
     @contextlib.contextmanager
     def extra_passes(self) -> Iterator[None]:
@@ -108,8 +150,12 @@ class Denoise:
                              f"expected {tuple(x.shape)}")
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
+        if not self.check_finite:
+            return out
+        if self._pending is not None:  # queued on the device: read back with the step's other values
+            self._pending.append((torch.isfinite(out.detach()).all(), step, sigma))
         # a NaN or Inf anywhere makes the sum non-finite: one reduction, the full check only then
-        if self.check_finite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        elif not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             raise NonFiniteModelOutput(f"model returned NaN or Inf at step {step} (sigma={sigma:.6g})")
         return out
 

@@ -14,7 +14,7 @@ import torch
 
 from .._forward_ad import load_quietly
 
-__all__ = ["make_probes", "draw_probes", "unit_probes", "vjp_quadratic_forms", "jvp_quadratic_forms"]
+__all__ = ["make_probes", "draw_probes", "to_device", "unit_probes", "vjp_quadratic_forms", "jvp_quadratic_forms"]
 
 
 def draw_probes(shape: tuple[int, ...], n: int, kind: str = "gaussian", generator: torch.Generator | None = None,
@@ -30,11 +30,20 @@ def draw_probes(shape: tuple[int, ...], n: int, kind: str = "gaussian", generato
     raise ValueError(f"probe kind must be 'gaussian' or 'rademacher', got {kind!r}")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor moved to ``device`` without waiting for it: to CUDA through pinned memory with a
+    non-blocking copy, ordered on the current stream before anything that uses it (a plain copy from pageable
+    memory waits for the stream, a host synchronisation).  Other devices: a plain copy."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def make_probes(x: torch.Tensor, n: int, kind: str = "gaussian",
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` probes shaped like ``x``, stacked on a new leading axis: ``(n, *x.shape)``, on ``x``'s
-    device (drawn on the CPU, :func:`draw_probes`)."""
-    return draw_probes(tuple(x.shape), n, kind, generator, x.dtype).to(x.device)
+    device (drawn on the CPU, :func:`draw_probes`, and moved by :func:`to_device`)."""
+    return to_device(draw_probes(tuple(x.shape), n, kind, generator, x.dtype), x.device)
 
 
 def unit_probes(x: torch.Tensor) -> torch.Tensor:

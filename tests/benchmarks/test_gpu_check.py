@@ -35,7 +35,11 @@ def test_quick_cpu_run(gpu_check, tmp_path, capsys):
         for row in t["rows"]:
             assert row["status"] == "ok", row
             assert row["median_s"] > 0 and row["time_ratio"] > 0 and row["mem_ratio"] is None and row["finite"]
-    assert "stein_vjp_p1_jb2" in [row["variant"] for row in r["timing"][0]["rows"]]
+    unet_rows = [row["variant"] for row in r["timing"][0]["rows"]]
+    assert {"stein_vjp_p1_jb2", "stein_vjp_p1_bf16", "stein_vjp_p1_bf16_jb2"} <= set(unet_rows)
+    assert {"stein_vjp_p1_bf16", "stein_vjp_p1_bf16_jb2"} <= {row["variant"] for row in r["targets"]["rows"]}
+    bf16 = next(row for row in r["timing"][0]["rows"] if row["variant"] == "stein_vjp_p1_bf16")
+    assert bf16["extra_passes"] == 2 * bf16["nfe"]  # its own forward pass and one backward per model pass
     assert all(a["all_agree"] for a in r["agreement"]) and r["summary"]["agreement_ok"]
     assert all(c["ok"] for c in r["commands"]) and r["summary"]["commands_ok"]
     assert {c["argv"].split()[0] for c in r["commands"]} == {"sample", "train", "sample-dist", "merge"}

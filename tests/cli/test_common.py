@@ -56,12 +56,35 @@ def test_bad_jacobian_batch_exits_2(cmd, tmp_path, capsys):
     assert "--jacobian-batch must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("cmd", ["sample", "calibrate", "diagnose", "bench", "demo", "sample-dist"])
+def test_bad_jacobian_precision_exits_2(cmd, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        main(_args(cmd, tmp_path, "--jacobian-precision", "fp16", "--device", "cpu", "--no-progress"))
+    assert e.value.code == 2
+    assert "argument --jacobian-precision: invalid choice: 'fp16'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_jacobian_precision_needs_reverse_mode(tmp_path, capsys):
+    assert main(["sample", "--n", "4", "--stabilizer", "stein", "--divergence", "jvp", "--jacobian-precision", "bf16",
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "jacobian_precision='bf16' is for the reverse-mode" in capsys.readouterr().err
+
+
+def test_sample_with_a_bf16_jacobian_pass(capsys):
+    assert main(["sample", "--model", "digits", "--n", "4", "--nfe", "3", "--stabilizer", "stein", "--probes", "1",
+                 "--jacobian-precision", "bf16", "--jacobian-batch", "2", "--device", "cpu", "--json",
+                 "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["nfe"] == 3 and out["extra_passes"] == 6  # the Jacobian pass's own forward pass and one backward
+
+
 def test_help_says_jvp_costs_more(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "vjp (reverse mode, the default and the cheaper one)" in out and "costs more time and memory" in out
-    assert "--jacobian-batch N" in out
+    assert "--jacobian-batch N" in out and "--jacobian-precision {fp32,bf16}" in out
 
 
 @pytest.mark.parametrize("jb,size", [([], "batch of 6 samples"), (["--jacobian-batch", "4"], "4 samples x 5 probe(s)")])

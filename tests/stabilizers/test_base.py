@@ -1,5 +1,7 @@
 """GammaStabilizer's Jacobian passes: chunked (--jacobian-batch) equals unchunked, pass sizes are
-bounded, out-of-memory is reported with the pass size, and every statistic follows the state's device."""
+bounded, out-of-memory is reported with the pass size, every statistic follows the state's device,
+the bf16 Jacobian pass (jacobian_precision) agrees with fp32 within the probe noise, and a step reads
+values back to the host once."""
 
 import pytest
 import torch
@@ -7,14 +9,16 @@ import torch
 from steindiff import VEProcess, get_sigmas, prior_noise, sample
 from steindiff.models import EDMPrecond, UNet, UNetConfig
 from steindiff.models.registry import load_model
-from steindiff.stabilizers import make_stabilizer
+from steindiff.sampling import steps
+from steindiff.stabilizers import SteinStabilizer, make_stabilizer
 from steindiff.stabilizers.base import JacobianOutOfMemoryError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 # (stabilizer, options): reverse mode (looped and vmapped probes), forward mode, exact trace, energy matching
+# and the bf16 Jacobian pass (on these float64 states autocast changes nothing: the step runs apart from the pass)
 VARIANTS = [("stein", {}), ("stein", {"batched_probes": True}), ("stein", {"divergence": "jvp"}),
-            ("stein-exact", {}), ("stein-energy", {"energy_from": "each"})]
+            ("stein-exact", {}), ("stein-energy", {"energy_from": "each"}), ("stein", {"jacobian_precision": "bf16"})]
 
 
 def run(spec, x, sig, solver, name, device="cpu", **opts):
@@ -143,3 +147,81 @@ def test_probes_drawn_in_a_worker_thread_are_the_same(name, opts):
         res.append(sample(spec.denoiser, x, sig, "unipc", stabilizer=stab))
     assert torch.equal(res[0].x, res[1].x)
     assert [r["gamma"] for r in res[0].trace] == [r["gamma"] for r in res[1].trace]
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(model_channels=8, channel_mult=(1, 2), attn_levels=(1,)))
+    for m in unet.modules():  # weights for the zero-initialized output layers: a non-trivial network
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            m.reset_parameters()
+    return EDMPrecond(unet).eval().requires_grad_(False)
+
+
+def test_bf16_jacobian_pass_agrees_with_fp32_within_the_probe_noise():
+    """Same probes, fp32 against bf16 at every step of a float32 U-Net solve: the solver's step is the same
+    (it runs outside autocast), and the batch mean of the divergence (``s_div``) differs by at most a quarter of
+    its spread over probe draws.  benchmarks/jacobian_precision.py measured at most 1.7% (digits U-Net) and
+    5.3% (a small random U-Net) of that spread, so a quarter leaves a margin of 5 for this model and for the
+    spread's own error with 6 draws."""
+    net = _tiny_unet()
+    sig = get_sigmas("karras", 4, VEProcess())
+    x = prior_noise((8, 1, 8, 8), float(sig[0]), seed=0)
+    worst = 0.0
+    for ev in steps(net, x, sig, "dpmpp_2m"):
+        s_div, extra = {}, {}
+        for prec in ("fp32", "bf16"):
+            s_div[prec] = []
+            for seed in range(6):
+                stab = make_stabilizer("stein", None, probes=1, seed=seed, jacobian_precision=prec)
+                _, st, rec = stab.step(ev.op, ev.x)
+                torch.testing.assert_close(st.x_next, ev.step.x_next)  # the plain solver's step in both
+                s_div[prec].append(rec["s_div"])
+                extra[prec] = rec["extra_passes"]
+        spread = torch.tensor(s_div["fp32"], dtype=torch.float64).std()
+        diff = (torch.tensor(s_div["bf16"], dtype=torch.float64) - torch.tensor(s_div["fp32"], dtype=torch.float64))
+        worst = max(worst, float(diff.abs().max() / spread))
+        assert s_div["bf16"] != s_div["fp32"]  # the pass did run in bf16
+        # fp32: one backward pass (the step's forward pass carries the graph); bf16: its own forward pass too
+        assert (extra["fp32"], extra["bf16"]) == (1, 2)
+    assert worst <= 0.25
+
+
+def test_bad_jacobian_precision_names_the_option():
+    for bad in ("fp16", "bfloat16", None, 16):
+        with pytest.raises(ValueError, match="jacobian_precision must be one of 'fp32', 'bf16'"):
+            SteinStabilizer(jacobian_precision=bad)
+    for div in ("jvp", "exact"):
+        with pytest.raises(ValueError, match=f"jacobian_precision='bf16' is for the reverse-mode .* got divergence "
+                                             f"'{div}'"):
+            SteinStabilizer(divergence=div, jacobian_precision="bf16")
+    with pytest.raises(ValueError, match="jacobian_precision"):
+        make_stabilizer("stein-exact", load_model("gmm:toy2d"), jacobian_precision="bf16")
+
+
+@pytest.mark.parametrize("opts", [{}, {"jacobian_batch": 3}, {"per_sample": True}, {"jacobian_precision": "bf16"},
+                                  {"divergence": "jvp"}])
+def test_a_step_reads_back_once(opts, read_backs):
+    """The statistics, the check of the residual, the per-sample gamma's mean and the finiteness of the
+    step's model outputs come back to the host in one read-back per step (on CUDA each read-back waits for
+    the device; there were 6 to 8 before)."""
+    net = _tiny_unet()
+    sig = get_sigmas("karras", 4, VEProcess())
+    x = prior_noise((6, 1, 8, 8), float(sig[0]), seed=0)
+    stab = make_stabilizer("stein", None, probes=2, **opts)
+    gen = steps(net, x, sig, "dpmpp_2m", stabilizer=stab)
+    next(gen)  # the checks of the arguments read the schedule before the first step
+    with read_backs() as r:
+        n = sum(1 for _ in gen)
+    assert n == 3 and r.count == n
+
+
+def test_energy_matching_reads_back_once_per_step(read_backs):
+    spec = load_model("gmm:toy2d")
+    sig = get_sigmas("karras", 4, spec.process)
+    x = prior_noise((10, 2), float(sig[0]), spec.process, seed=1, dtype=torch.float64)
+    gen = steps(spec.denoiser, x, sig, "dpmpp_2m", stabilizer=make_stabilizer("stein-energy", spec, probes=2))
+    next(gen)
+    with read_backs() as r:
+        n = sum(1 for _ in gen)
+    assert n == 3 and r.count == n
