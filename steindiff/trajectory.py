@@ -18,20 +18,20 @@ calibration batch in three stages:
 3. a bounded, regularised least-squares refinement of the final samples' distance to the reference
    (:func:`refine`; derivative-free, so any model works: finite differences of whole solves).
 
-Guards (the failure modes of ``shared/steindiff-method.md``): the final step into ``sigma = 0`` keeps
-``gamma = 1``; gammas stay in ``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly
-decreasing above the process's ``sigma_min``; the calibration noise is split into a fit part and a
-validation part, and a candidate (closed form, refined) replaces the plain solver only if it is
-closer to the reference on the validation part and passes the checks named in ``guards``
-(:func:`choose_candidate`): ``distribution``, its samples as a set are no farther from the reference's
-than the plain solver's are (sliced Wasserstein-2); ``significance``, its gain is more than the
-validation batch's noise (a paired z statistic of the per-sample squared distances above
-``significance``); ``residual`` (off by default), its residual noise (:func:`residual_noise`) is no
-farther from the reference's than the plain solver's is, or within ``residual_tolerance`` of it.  The
-residual check is recorded for every candidate but does not gate by default: on the digits U-Net the
-candidates it rejected beat the plain solver on digits-FID in all 19 cells where it decided
-(``benchmarks/rejected_candidates.py``).  A calibration that cannot beat the plain solver returns the
-plain plan (all gammas 1) and says so.
+Guards (the failure modes of ``shared/steindiff-method.md``): the last ``plain_tail`` steps (default 2:
+the step into the last noise level and the final step into ``sigma = 0``) keep ``gamma = 1``; gammas
+stay in ``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly decreasing above the
+process's ``sigma_min``; the calibration noise is split into a fit part and a validation part, and a
+candidate (closed form, refined) replaces the plain solver only if it is closer to the reference on
+the validation part and passes the checks named in ``guards`` (:func:`choose_candidate`):
+``distribution``, its samples as a set are no farther from the reference's than the plain solver's
+are (sliced Wasserstein-2); ``significance``, its gain is more than the validation batch's noise (a
+paired z statistic of the per-sample squared distances above ``significance``); ``residual``, its
+residual noise (:func:`residual_noise`) is no farther from the reference's than the plain solver's
+is, or within ``residual_tolerance`` of it.  The residual check is recorded for every candidate; it
+gates only when named, which :func:`steindiff.calibrate.default_guards` does for exact mixtures (on
+the digits U-Net the candidates it rejected had the lower digits-FID).  A calibration that cannot beat
+the plain solver returns the plain plan (all gammas 1) and says so.
 """
 
 from __future__ import annotations
