@@ -201,6 +201,16 @@ MUTATIONS: list[Mutation] = [
       "t = torch.arange(T, 0, -T / n, dtype=torch.float64)[:n].round() - 2",
       ("tests/test_schedules.py",),
       "time schedule: trailing spacing off by one timestep"),
+    # ---- calibrated sampler: the validation choice and the plain tail
+    M("guard-any", "steindiff/trajectory.py",
+      "(k == \"plain\" or all(v[f\"passed_{g}_check\"] for g in guards))",
+      "(k == \"plain\" or any(v[f\"passed_{g}_check\"] for g in guards))",
+      ("tests/test_trajectory.py::test_choose_candidate_applies_exactly_the_named_guards",),
+      "calibration choice: a candidate must pass every named guard, not one of them"),
+    M("plain-tail", "steindiff/trajectory.py",
+      "self.ng = max(self.n - max(plain_tail, 1), 0)", "self.ng = max(self.n - 1, 0)",
+      ("tests/test_trajectory.py::test_plain_tail_keeps_the_last_steps_plain_in_every_candidate",),
+      "trajectory fit: the last plain_tail steps keep gamma 1"),
     # ---- training losses and preconditioning
     M("edm-weight", "steindiff/train.py",
       "weight = (s**2 + sd**2) / (s * sd) ** 2", "weight = (s**2 + sd**2) / (s * sd)",
