@@ -1,7 +1,32 @@
 """Test-wide settings."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(name)``: the module of ``benchmarks/<name>.py``, registered in ``sys.modules`` for
+    the session (dataclasses look their module up there)."""
+    loaded = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        loaded.append(name)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(autouse=True, scope="session")

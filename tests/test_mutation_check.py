@@ -3,25 +3,13 @@
 itself reports a mutation that no longer applies."""
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mutation_check.py"
-
 
 @pytest.fixture(scope="module")
-def mc():
-    spec = importlib.util.spec_from_file_location("mutation_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["mutation_check"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        del sys.modules["mutation_check"]
+def mc(load_benchmark):
+    return load_benchmark("mutation_check")
 
 
 def test_every_mutation_applies_cleanly(mc):

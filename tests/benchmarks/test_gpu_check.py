@@ -1,20 +1,13 @@
 """benchmarks/gpu_check.py in its CPU quick mode: every part runs and reports; the target rule."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
-
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def gpu_check(load_benchmark):
+    return load_benchmark("gpu_check")
 
 
 def test_quick_cpu_run(gpu_check, tmp_path, capsys):

@@ -1,19 +1,11 @@
 """benchmarks/refit_cells.py: its cell list is parsed or refused before any work."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "refit_cells.py"
 
 
 @pytest.fixture(scope="module")
-def refit():
-    spec = importlib.util.spec_from_file_location("refit_cells", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def refit(load_benchmark):
+    return load_benchmark("refit_cells")
 
 
 def test_cells_are_parsed_or_refused(refit, tmp_path, capsys):

@@ -1,9 +1,7 @@
 """benchmarks/reselect_calibrations.py: a saved trajectory calibration re-chosen under other guards equals
 the choice fit_trajectory makes from the same candidates; bad input refused, nothing written."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,16 +10,12 @@ from steindiff.models.registry import load_model
 from steindiff.stabilizers.schedule import load_gamma_schedule
 from steindiff.trajectory import choose_candidate
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reselect_calibrations.py"
 ALL = "residual,distribution,significance"
 
 
 @pytest.fixture(scope="module")
-def reselect():
-    spec = importlib.util.spec_from_file_location("reselect_calibrations", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def reselect(load_benchmark):
+    return load_benchmark("reselect_calibrations")
 
 
 @pytest.fixture(scope="module")

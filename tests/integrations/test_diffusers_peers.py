@@ -5,11 +5,8 @@ writes its JSON and Markdown."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,19 +17,10 @@ from steindiff.models import get_gmm  # noqa: E402
 from steindiff.plan import SamplingPlan  # noqa: E402
 from steindiff.sampling import prior_noise, sample  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "diffusers_peers.py"
-
 
 @pytest.fixture(scope="module")
-def dp():
-    spec = importlib.util.spec_from_file_location("diffusers_peers", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["diffusers_peers"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        del sys.modules["diffusers_peers"]
+def dp(load_benchmark):
+    return load_benchmark("diffusers_peers")
 
 
 def peer(dp, label):
