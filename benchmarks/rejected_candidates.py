@@ -54,8 +54,8 @@ def main() -> None:
     folder = spec.info.get("calibrations")
     if not folder:
         raise SystemExit(f"{args.model} ships no calibrations")
-    metrics = [m for m in LOWER_IS_BETTER if m in ("patch_fd", "spectrum", "pixel_sw2")] \
-        if spec.info.get("metrics") == "patches" else ["digits_fid", "digits_kid", "precision", "recall"]
+    patches = spec.info.get("metrics") == "patches"
+    metrics = ["patch_fd", "spectrum", "pixel_sw2"] if patches else ["digits_fid", "digits_kid", "precision", "recall"]
     rows = []
     for f in sorted(Path(folder).glob("*.json")):
         meta = json.loads(f.read_text())

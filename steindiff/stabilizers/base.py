@@ -134,16 +134,10 @@ class GammaStabilizer:
     its backward runs in the precisions the forward recorded (PyTorch's autocast advice: no backward inside
     the autocast block).  Only the divergence estimate changes, and it is returned in float64 as in fp32.
     It costs one more forward pass per model pass of the step (counted in ``extra_passes``) and saves
-    the graph's activations in bf16 where autocast runs an op in bf16 (matmuls and convolutions; on CUDA
-    autocast runs GroupNorm and softmax in float32, so what they save stays float32).  Float64 states are
-    untouched by autocast.  The bf16 rounding of a Hutchinson estimate is small next to its
-    Monte-Carlo noise; measured on CPU (``benchmarks/jacobian_precision.py``: the 5 input states of a dpmpp_2m
-    NFE-5 solve, 16 samples, the same probe in both precisions, 8 probe draws): on the digits U-Net (1x8x8) the
-    fp32-bf16 difference of a one-probe estimate was at most 2.8% (median at most 0.6%) of its spread over probe
-    draws, and that of the batch mean (what ``gamma`` uses) at most 1.7% of the batch mean's spread (relative to
-    the estimate itself: median at most 1.1e-3); on a random small U-Net (3x16x16) at most 5.0% and 5.3%.  The
-    gammas of whole stein P=1 solves moved by at most 0.2% of their spread over probe seeds.  Reverse mode
-    (``vjp``) only: forward mode does not run under autocast, and the ``exact`` divergence is not an estimate.
+    the graph's activations in bf16 where autocast runs an op in bf16.  The bf16 rounding of the
+    Hutchinson estimate is small next to its Monte-Carlo noise (measured in ``docs/stabilizers.md``,
+    ``benchmarks/jacobian_precision.py``).  Reverse mode (``vjp``) only: forward mode does not run under
+    autocast, and the ``exact`` divergence is not an estimate.
     """
 
     name = "gamma"
