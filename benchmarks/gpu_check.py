@@ -9,7 +9,7 @@ dpmpp_2m at NFE 5 (Karras):
 
 1. ``timing``: the plain solver, a fixed gamma schedule (``GammaSchedule``, what a calibrated schedule
    costs) and every stabilizer (stein VJP P=1, also with ``jacobian_batch`` chunks on the U-Net and, on the
-   U-Net, with ``jacobian_precision="bf16"`` (rows ``stein_vjp_p1_bf16``, ``stein_vjp_p1_bf16_jb32``), VJP
+   U-Net, with ``jacobian_precision="bf16"`` (rows ``stein_vjp_p1_bf16``, ``stein_vjp_p1_bf16_jb48``, ``_jb32``), VJP
    P=5, JVP P=1, stein-tr, stein-energy, stein-sc), side by side in one process on the same noise:
    medians of ``--repeats`` CUDA-synchronised wall times after one warm-up round, and the peak memory
    (``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated``); ratios to the plain solver.
@@ -157,7 +157,8 @@ def model_plan(quick: bool) -> list[dict]:
     ``bf16_jacobian_batches`` lists them: ``None`` is the whole batch), agreement batch."""
     return [
         {"name": "unet", "n": 3 if quick else 64, "dtype": torch.float32,
-         "jacobian_batches": [2] if quick else [32, 16, 8], "bf16_jacobian_batches": [None, 2 if quick else 32],
+         "jacobian_batches": [2] if quick else [48, 32, 16],
+         "bf16_jacobian_batches": [None, 2] if quick else [None, 48, 32],
          "agree_n": 2 if quick else 4, "agree_variants": ["plain", "calibrated", "stein_vjp_p1", "stein-energy"]},
         {"name": "gmm:image64", "n": 16 if quick else 1000, "dtype": torch.float64, "jacobian_batches": [],
          "agree_n": 8 if quick else 500, "agree_variants": None},
