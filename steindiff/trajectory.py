@@ -163,12 +163,11 @@ class _Budget(Exception):
 
 
 class _Params:
-    """``theta`` <-> plan.  Gammas of every step but the plain tail; the interior noise levels as log-gaps
-    ``z`` with ``log sigma_i = log sigma_0 - L cumsum(softmax(z))_i`` (a last, slack gap ends ``L`` at
-    ``0.9 sigma_floor``, and a level below ``sigma_floor`` is raised to it: the model is not trained below
-    its ``sigma_min``), so every theta gives a strictly decreasing schedule, and the initial theta the base
-    schedule.  Each log-gap stays within a factor ``e`` of the base's share; the slack may grow further
-    (:meth:`bounds`)."""
+    """``theta`` <-> plan.  Gammas of every step but the last; the interior noise levels as log-gaps
+    ``z`` with ``log sigma_i = log sigma_0 - L cumsum(softmax(z))_i`` (a last, slack gap keeps
+    ``sigma_{N-1}`` above ``0.9 sigma_floor``), so every theta gives a strictly decreasing schedule, and the
+    initial theta the base schedule.  Each log-gap stays within a factor ``e`` of the base's share; the slack
+    may grow further (:meth:`bounds`)."""
 
     def __init__(self, base: SamplingPlan, fit: str, sigma_floor: float, gammas0: list[float], plain_tail: int = 1):
         self.base, self.fit = base, fit
@@ -178,8 +177,8 @@ class _Params:
         self.fit_gamma = fit in ("gamma", "both") and self.ng >= 1
         self.fit_steps = fit in ("steps", "both") and self.n >= 2
         self.s0 = sig[0]
-        self.floor = min(sigma_floor, sig[-2])  # the lowest interior level
-        self.L = math.log(self.s0) - math.log(0.9 * self.floor)  # the slack gap starts at log(1/0.9)
+        self.floor = 0.9 * min(sigma_floor, sig[-2])  # the slack gap starts at log(1/0.9)
+        self.L = math.log(self.s0) - math.log(self.floor)
         pos = [(math.log(self.s0) - math.log(s)) / self.L for s in sig[1:-1]]  # interior, increasing in (0, 1)
         self.z0 = np.log(np.diff([0.0, *pos, 1.0]))
         self.log_base = np.log(sig[1:-1])
@@ -216,9 +215,6 @@ class _Params:
             w = np.exp(z - z.max())
             pos = np.cumsum(w / w.sum())[:-1]
             interior = np.exp(math.log(self.s0) - self.L * pos)
-            # levels below the floor are raised to it (the lowest) or just above the next, strictly decreasing
-            for j in range(len(interior) - 1, -1, -1):
-                interior[j] = max(interior[j], self.floor if j == len(interior) - 1 else 1.001 * interior[j + 1])
             sigmas = torch.tensor([self.s0, *interior.tolist(), 0.0], dtype=torch.float64)
         else:
             sigmas = self.base.sigmas
