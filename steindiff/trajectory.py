@@ -20,9 +20,9 @@ calibration batch in three stages:
 
 Guards (the failure modes of ``shared/steindiff-method.md``): the last ``plain_tail`` steps (default 2:
 the step into the last noise level and the final step into ``sigma = 0``) keep ``gamma = 1``; gammas
-stay in ``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly decreasing above the
-process's ``sigma_min``; the calibration noise is split into a fit part and a validation part, and a
-candidate (closed form, refined) replaces the plain solver only if it is closer to the reference on
+stay in ``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly decreasing, the lowest
+at least ``0.9 sigma_min`` (a floor at ``sigma_min`` itself was measured worse: README); the calibration
+noise is split into a fit part and a validation part, and a candidate (closed form, refined) replaces the plain solver only if it is closer to the reference on
 the validation part and passes the checks named in ``guards`` (:func:`choose_candidate`):
 ``distribution``, its samples as a set are no farther from the reference's than the plain solver's
 are (sliced Wasserstein-2); ``significance``, its gain is more than the validation batch's noise (a
