@@ -22,16 +22,16 @@ Guards (the failure modes of ``shared/steindiff-method.md``): the last ``plain_t
 the step into the last noise level and the final step into ``sigma = 0``) keep ``gamma = 1``; gammas
 stay in ``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly decreasing, the lowest
 at least ``0.9 sigma_min`` (a floor at ``sigma_min`` itself was measured worse: README); the calibration
-noise is split into a fit part and a validation part, and a candidate (closed form, refined) replaces the plain solver only if it is closer to the reference on
-the validation part and passes the checks named in ``guards`` (:func:`choose_candidate`):
-``distribution``, its samples as a set are no farther from the reference's than the plain solver's
-are (sliced Wasserstein-2); ``significance``, its gain is more than the validation batch's noise (a
-paired z statistic of the per-sample squared distances above ``significance``); ``residual``, its
-residual noise (:func:`residual_noise`) is no farther from the reference's than the plain solver's
-is, or within ``residual_tolerance`` of it.  The residual check is recorded for every candidate; it
-gates only when named, which :func:`steindiff.calibrate.default_guards` does for exact mixtures (on
-the digits U-Net the candidates it rejected had the lower digits-FID).  A calibration that cannot beat
-the plain solver returns the plain plan (all gammas 1) and says so.
+noise is split into a fit part and a validation part, and a candidate (closed form, refined) replaces
+the plain solver only if it is closer to the reference on the validation part and passes the checks
+named in ``guards`` (:func:`choose_candidate`): ``distribution``, its samples as a set are no farther
+from the reference's than the plain solver's are (sliced Wasserstein-2); ``significance``, its gain is
+more than the validation batch's noise (a paired z statistic of the per-sample squared distances above
+``significance``); ``residual``, its residual noise (:func:`residual_noise`) is no farther from the
+reference's than the plain solver's is, or within ``residual_tolerance`` of it.  The residual check is
+recorded for every candidate; it gates only when named, which :func:`steindiff.calibrate.default_guards`
+does for exact mixtures (on the digits U-Net the candidates it rejected had the lower digits-FID).  A
+calibration that cannot beat the plain solver returns the plain plan (all gammas 1) and says so.
 """
 
 from __future__ import annotations
