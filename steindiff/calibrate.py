@@ -40,7 +40,7 @@ from .stabilizers import make_stabilizer
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
 from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajectory
 
-__all__ = ["calibrate", "calibrated_plan", "calibration_key", "conditioning_digest", "default_cache_dir",
+__all__ = ["calibrate", "calibrated_plan", "calibration_key", "cache_file", "conditioning_digest", "default_cache_dir",
            "default_guards", "plan_from_schedule", "OBJECTIVES", "model_fingerprint", "CALIBRATION_SEED"]
 
 OBJECTIVES = ("trajectory", "variant", "reference")
@@ -286,7 +286,8 @@ def calibration_key(spec: ModelSpec, base: SamplingPlan, *, fit: str = "both", c
             "conditioning": conditioning}
 
 
-def _key_file(root: Path, key: dict) -> Path:
+def cache_file(root: Path, key: dict) -> Path:
+    """Where a calibration for ``key`` (:func:`calibration_key`) lives in the cache folder ``root``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(key["model"]))[-40:]
     return root / f"{stem}-{key['solver']}-{key['schedule']}-nfe{key['nfe']}-{digest}.json"
@@ -317,9 +318,9 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = calibration_key(spec, base, fit=fit, conditioning=conditioning)
-    path = _key_file(root, key)
+    path = cache_file(root, key)
     shipped = (spec.info or {}).get("calibrations")  # read-only calibrations shipped with a model
-    for p in ([_key_file(Path(shipped), key)] if shipped else []) + [path]:
+    for p in ([cache_file(Path(shipped), key)] if shipped else []) + [path]:
         if not p.exists():
             continue
         try:

@@ -6,11 +6,13 @@ a fine solve of the same model from the same noise: no data, no training."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..calibrate import CALIBRATION_SEED, OBJECTIVES, calibrate
+from ..calibrate import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key
+from ..plan import SamplingPlan, make_plan
 from ..stabilizers import STABILIZERS
 from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
 from . import UsageError, common, emit, usage_errors
@@ -44,7 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{','.join(DEFAULT_GUARDS)}, and residual for gmm:* models: no more residual noise than "
                         f"plain's, which a mixture's likelihood sees and image metrics do not)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
-    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--out", default=None, help="output JSON file (for sample --gamma-schedule)")
+    p.add_argument("--calibration-dir", default=None,
+                   help="trajectory: write the calibration into this cache folder instead, under the name that "
+                        "--stabilizer auto, demo and bench --calibration-dir look up (a model's shipped "
+                        "calibrations: <model>/calibrations)")
     common.add_jacobian_batch(p)
     common.add_device(p)
     common.add_common(p)
@@ -76,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     if args.objective == "variant" and (args.stabilizer not in STABILIZERS or args.stabilizer in ("none", "auto")):
         raise UsageError(f"unknown stabilizer {args.stabilizer!r} for --objective variant; choose one of "
                          f"{', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))}")
+    if (args.out is None) == (args.calibration_dir is None):
+        raise UsageError("give one of --out FILE or --calibration-dir DIR")
+    if args.calibration_dir is not None and args.objective != "trajectory":
+        raise UsageError(f"--calibration-dir holds trajectory calibrations; --objective {args.objective} "
+                         "needs --out FILE")
     if args.objective == "reference" and args.reference is None:
         raise UsageError("--objective reference needs --reference FILE (or 'true' for gmm:* models)")
     if args.n is not None and args.n < (4 if args.objective == "trajectory" else 2):
@@ -85,15 +96,25 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.max_seconds} and {args.max_solves}")
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
+    with usage_errors(ValueError):
+        base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
+    base = SamplingPlan(base.solver, base.sigmas, base.schedule, None, args.coords, base.solver_options)
+    key = None
+    if args.calibration_dir is not None:  # the cache's layout (steindiff.calibrate.calibrated_plan)
+        key = calibration_key(spec, base, fit=args.fit)
+        args.out = str(cache_file(Path(args.calibration_dir), key))
+        Path(args.calibration_dir).mkdir(parents=True, exist_ok=True)
     common.check_outputs(args.out)
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
     with usage_errors(ValueError):
-        sched = calibrate(spec, solver=args.solver, nfe=args.nfe, schedule=args.schedule, coords=args.coords,
-                          objective=args.objective, fit=args.fit, variant=args.stabilizer, n=args.n, seed=args.seed,
-                          reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype], rho=args.rho,
+        sched = calibrate(spec, base, coords=args.coords, objective=args.objective, fit=args.fit,
+                          variant=args.stabilizer, n=args.n, seed=args.seed,
+                          reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype],
                           progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
                           max_solves=args.max_solves, guards=args.guards, jacobian_batch=args.jacobian_batch,
                           jacobian_precision=args.jacobian_precision)
+    if key is not None:
+        sched.meta["key"] = key
     sched.save(args.out)
     summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
     lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",

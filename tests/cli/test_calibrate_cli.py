@@ -97,3 +97,28 @@ def test_sample_auto_calibrates_once_into_the_cache(tmp_path, capsys, monkeypatc
     assert main([*args[:-4], "--calibration-dir", str(tmp_path / "empty"), "--no-calibrate", "--json",
                  "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["stabilizer"] == "auto (plain solver)"
+
+
+def test_calibrate_into_the_cache_is_what_auto_then_reads(tmp_path, capsys, monkeypatch):
+    """calibrate --calibration-dir writes the file under the cache's name: sample --stabilizer auto then
+    uses it without calibrating (same sigmas), and a second model would not find it."""
+    import steindiff.stabilizers.registry as reg
+
+    monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "64", "--ref-steps",
+                 "40", "--max-solves", "20", "--calibration-dir", str(tmp_path), "--json", "--no-progress"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and fitted["out"] == str(files[0]) and fitted["key"]["model"] == "gmm:toy2d"
+    assert main(["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "20", "--stabilizer",
+                 "auto", "--calibration-dir", str(tmp_path), "--json", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "calibrating" not in out.err and json.loads(out.out)["sigmas"] == fitted["sigmas"]
+    # exactly one destination; the cache holds trajectory calibrations only
+    assert main(["calibrate", "--model", "gmm:toy2d", "--no-progress"]) == 2
+    assert "--out FILE or --calibration-dir DIR" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--out", str(tmp_path / "a.json"), "--calibration-dir",
+                 str(tmp_path), "--no-progress"]) == 2
+    assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "variant", "--stabilizer", "stein",
+                 "--calibration-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "needs --out FILE" in capsys.readouterr().err
