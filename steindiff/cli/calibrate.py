@@ -6,13 +6,14 @@ a fine solve of the same model from the same noise: no data, no training."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..calibrate import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key
-from ..plan import SamplingPlan, make_plan
+from ..plan import make_plan
 from ..stabilizers import STABILIZERS
 from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
 from . import UsageError, common, emit, usage_errors
@@ -97,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
     with usage_errors(ValueError):
-        base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
-    base = SamplingPlan(base.solver, base.sigmas, base.schedule, None, args.coords, base.solver_options)
+        base = dataclasses.replace(make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho),
+                                   coords=args.coords)
     key = None
     if args.calibration_dir is not None:  # the cache's layout (steindiff.calibrate.calibrated_plan)
         key = calibration_key(spec, base, fit=args.fit)
