@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration_dir is not None:  # the cache's layout (steindiff.calibrate.calibrated_plan)
         key = calibration_key(spec, base, fit=args.fit)
         args.out = str(cache_file(Path(args.calibration_dir), key))
-        Path(args.calibration_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args.calibration_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--calibration-dir {args.calibration_dir!r} cannot be a folder: {e.strerror}") from None
     common.check_outputs(args.out)
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
     with usage_errors(ValueError):

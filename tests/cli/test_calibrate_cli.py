@@ -122,3 +122,7 @@ def test_calibrate_into_the_cache_is_what_auto_then_reads(tmp_path, capsys, monk
     assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "variant", "--stabilizer", "stein",
                  "--calibration-dir", str(tmp_path), "--no-progress"]) == 2
     assert "needs --out FILE" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["calibrate", "--model", "gmm:toy2d", "--calibration-dir", str(tmp_path / "a-file"),
+                 "--no-progress"]) == 2
+    assert "cannot be a folder" in capsys.readouterr().err
