@@ -2,7 +2,7 @@
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
 # side-by-side cost ratios and small grids on the digits and patches U-Nets.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
-#        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|calibrated-cost|diagnose|engine|all], or patches
+#        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
@@ -101,6 +101,13 @@ if [[ $what == calibrated || $what == calibrated-digits || $what == calibrated-d
   TITLE="digits U-Net: the calibrated sampler against vanilla solvers" sharded calibrated-digits \
     --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations
+fi
+if [[ $what == digits-fine || $what == all ]]; then
+  # the fine solve of the digits U-Net on the calibrated grid's evaluation seeds: the model's own
+  # distribution, against which the grid's secondary metrics (precision, recall) can be read (4 min on 1 CPU thread)
+  steindiff bench --model digits --solvers dpmpp_3m --nfe 100 --schedules karras --coords ve --stabilizers none \
+    --seeds 3,4,5 --n 400 --no-progress --json-out $out/digits-fine.json --markdown $out/digits-fine.md \
+    --title "digits U-Net: the fine solve (100 dpmpp_3m steps) against the real-vs-real floor"
 fi
 if [[ $what == patches ]]; then
   # the shipped 32x32 photo-patch U-Net (issue 13; weights from benchmarks/train_patches.sh): patch metrics against

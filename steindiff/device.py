@@ -7,12 +7,13 @@ model it is given, and refuses (before any work) a model and a state on differen
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
 __all__ = ["DeviceError", "resolve_device", "model_device", "same_device", "check_model_device", "describe_device",
-           "is_out_of_memory"]
+           "is_out_of_memory", "exact_float32"]
 
 
 class DeviceError(ValueError):
@@ -113,3 +114,19 @@ def is_out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Full float32 arithmetic on CUDA inside the block: TF32 off for cuBLAS matmuls and cuDNN convolutions,
+    the previous settings restored after (no effect on the CPU, which has no TF32).
+
+    TF32 keeps 10 mantissa bits (relative rounding about 5e-4, and PyTorch enables it for convolutions by
+    default), the size of a finite-difference step: the calibrated sampler's derivative-free refinement
+    (:func:`steindiff.trajectory.refine`) and its reference solve run inside this block."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev

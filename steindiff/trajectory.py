@@ -32,6 +32,9 @@ reference's than the plain solver's is, or within ``residual_tolerance`` of it. 
 recorded for every candidate; it gates only when named, which :func:`steindiff.calibrate.default_guards`
 does for exact mixtures (on the digits U-Net the candidates it rejected had the lower digits-FID).  A
 calibration that cannot beat the plain solver returns the plain plan (all gammas 1) and says so.
+
+Every stage runs in full float32 (:func:`steindiff.device.exact_float32`: TF32 off on CUDA), since TF32's
+rounding is as large as the refinement's finite-difference steps.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .device import exact_float32
 from .metrics import sliced_w2
 from .noise import coordinate_scales
 from .plan import SamplingPlan
@@ -92,6 +96,7 @@ class ReferenceSolve:
         return torch.lerp(self.states[j - 1], self.states[j], w)
 
 
+@exact_float32()
 def reference_solve(model: Callable[..., torch.Tensor], noise: torch.Tensor, sigma_max: float, sigma_min: float, *,
                     solver: str = "dpmpp_2m", steps: int = 200, keep: int | None = None,
                     extra_args: dict | None = None, progress: bool = False) -> ReferenceSolve:
@@ -117,7 +122,7 @@ def _solve(model, x, plan: SamplingPlan, extra_args: dict | None) -> torch.Tenso
 class _TowardsReference:
     """Eq. (1) as a stabilizer: each step's gamma from the reference solution at the step's next level."""
 
-    def __init__(self, ref: ReferenceSolve, coords: str, gamma_bounds: tuple[float, float], plain_tail: int = 1):
+    def __init__(self, ref: ReferenceSolve, coords: str, gamma_bounds: tuple[float, float], plain_tail: int = 2):
         self.ref, self.coords, self.bounds, self.gammas = ref, coords, gamma_bounds, []
         self.plain_tail = plain_tail
 
@@ -137,9 +142,10 @@ class _TowardsReference:
         return rescaled_update(x_c, u, g, a_next).to(x.dtype), st, None
 
 
+@exact_float32()
 def closed_form_gammas(model: Callable[..., torch.Tensor], noise: torch.Tensor, plan: SamplingPlan,
                        ref: ReferenceSolve, *, gamma_bounds: tuple[float, float] = (0.5, 1.5),
-                       plain_tail: int = 1, extra_args: dict | None = None) -> list[float]:
+                       plain_tail: int = 2, extra_args: dict | None = None) -> list[float]:
     """Eq. (1) with ``x*`` the reference solution at the next noise level, pooled over the batch,
     one step at a time along the coarse solve that uses the gammas found so far.  In the plan's
     coordinates (``x_c = alpha_k x``): ``gamma_k = sum <u, x_c - alpha_{k+1} x*> / sum ||u||^2``.
@@ -169,7 +175,7 @@ class _Params:
     initial theta the base schedule.  Each log-gap stays within a factor ``e`` of the base's share; the slack
     may grow further (:meth:`bounds`)."""
 
-    def __init__(self, base: SamplingPlan, fit: str, sigma_floor: float, gammas0: list[float], plain_tail: int = 1):
+    def __init__(self, base: SamplingPlan, fit: str, sigma_floor: float, gammas0: list[float], plain_tail: int = 2):
         self.base, self.fit = base, fit
         sig = [float(s) for s in base.sigmas]
         self.n = len(sig) - 1
@@ -231,11 +237,12 @@ class _Params:
         return np.concatenate(out) if out else np.zeros(0)
 
 
+@exact_float32()
 def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torch.Tensor, base: SamplingPlan,
            gammas0: list[float], *, fit: str = "both", sigma_floor: float,
            gamma_bounds: tuple[float, float] = (0.5, 1.5),
            reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
-           max_seconds: float = 60.0, plain_tail: int = 1, extra_args: dict | None = None,
+           max_seconds: float = 60.0, plain_tail: int = 2, extra_args: dict | None = None,
            progress: bool = False) -> tuple[SamplingPlan, dict]:
     """Fit the plan's gammas and/or interior noise levels so that its final samples from ``noise`` come
     close to ``target`` (the reference solve's), by bounded least squares (``scipy.optimize.least_squares``,
@@ -350,6 +357,7 @@ def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GU
     return min(ok, key=lambda k: (ok[k]["val_rms"], k != "plain"))
 
 
+@exact_float32()
 def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, *, sigma_min: float,
                    fit: str = "both", validation: float = 0.5, ref: ReferenceSolve | None = None,
                    ref_solver: str = "dpmpp_2m", ref_steps: int = 200, gamma_bounds: tuple[float, float] = (0.5, 1.5),

@@ -96,3 +96,18 @@ def test_meta_model_and_meta_state_are_refused():
 def test_matching_devices_pass():
     check_model_device(tiny_unet(), torch.zeros(1, 1, 8, 8))
     check_model_device(lambda x, s: x, torch.zeros(1))  # unknown device: not checked
+
+
+def test_exact_float32_turns_tf32_off_and_restores_it_even_on_error():
+    from steindiff.device import exact_float32
+
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
+        with pytest.raises(RuntimeError, match="inside"):
+            with exact_float32():
+                assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+                raise RuntimeError("inside")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev

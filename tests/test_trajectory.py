@@ -60,7 +60,7 @@ def test_closed_form_gammas_are_the_paper_coefficient_towards_the_ode_solution()
     plan = SamplingPlan("euler", sig, "custom")
     noise = prior_noise((64, 4), 80.0, seed=0, dtype=torch.float64)
     ref = exact_reference(noise, 80.0, 0.002, steps=2000)
-    g = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(-10, 10))
+    g = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(-10, 10), plain_tail=1)
     for k in range(len(sig) - 2):
         s, t = sig[k], sig[k + 1]
         d = S**2 / (S**2 + s**2)
@@ -80,8 +80,10 @@ def plan_with(plan, gammas):
 def test_closed_form_gammas_are_clipped_to_the_bounds():
     plan = SamplingPlan("euler", [80.0, 5.0, 0.4, 0.03, 0.0], "custom")
     noise = prior_noise((16, 4), 80.0, seed=0, dtype=torch.float64)
-    g = closed_form_gammas(gaussian_denoiser, noise, plan, exact_reference(noise, 80.0, 0.002), gamma_bounds=(0.9, 1.1))
+    ref = exact_reference(noise, 80.0, 0.002)
+    g = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(0.9, 1.1), plain_tail=1)
     assert all(0.9 <= v <= 1.1 for v in g) and min(g[:-1]) == 0.9  # the unclipped values exceed the band
+    assert closed_form_gammas(gaussian_denoiser, noise, plan, ref)[-2:] == [1.0, 1.0]  # default tail: fit_trajectory's
 
 
 def test_params_always_give_a_strictly_decreasing_schedule_above_the_floor():
@@ -239,8 +241,8 @@ def test_plain_tail_keeps_the_last_steps_plain_in_every_candidate():
         assert g[-2:] == [1.0, 1.0] and len(g) == base.steps
     noise = prior_noise((32, 4), 80.0, seed=0, dtype=torch.float64)
     ref = exact_reference(noise, 80.0, 0.002)
-    g1 = closed_form_gammas(gaussian_denoiser, noise, base, ref, gamma_bounds=(-10, 10))
-    g2 = closed_form_gammas(gaussian_denoiser, noise, base, ref, gamma_bounds=(-10, 10), plain_tail=2)
+    g1 = closed_form_gammas(gaussian_denoiser, noise, base, ref, gamma_bounds=(-10, 10), plain_tail=1)
+    g2 = closed_form_gammas(gaussian_denoiser, noise, base, ref, gamma_bounds=(-10, 10))  # default 2
     assert g2[:-2] == g1[:-2] and g2[-2:] == [1.0, 1.0] and g1[-2] != 1.0
     gmm = get_gmm("gmm:toy2d")
     fit = fit_trajectory(gmm, make_plan(VEProcess(), "euler", 5, "karras"),
@@ -251,3 +253,25 @@ def test_plain_tail_keeps_the_last_steps_plain_in_every_candidate():
     with pytest.raises(ValueError, match="plain_tail"):
         fit_trajectory(gmm, base, prior_noise((8, 2), 80.0, seed=0, dtype=torch.float64), sigma_min=0.002,
                        plain_tail=0)
+
+
+def test_every_stage_of_the_fit_runs_without_tf32_and_restores_the_settings():
+    """TF32 rounds to about 5e-4, the size of the refinement's finite-difference steps: the model must be
+    called with TF32 off during the reference solve and the fit, and the user's settings come back after."""
+    seen = []
+
+    def model(x, sigma):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return gaussian_denoiser(x, sigma)
+
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        base = make_plan(VEProcess(), "euler", 3, "karras")
+        noise = prior_noise((16, 2), 80.0, seed=5, dtype=torch.float64)
+        ref = reference_solve(model, noise, 80.0, 0.002, steps=8)
+        fit_trajectory(model, base, noise, sigma_min=0.002, ref=ref, max_solves=6)
+        assert seen and set(seen) == {(False, False)}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev

@@ -59,6 +59,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-dir", default=None, metavar="DIR",
                    help="cal:trajectory: cache the fitted calibrations here (reused when present; the format of "
                         "`sample --stabilizer auto`'s cache); default: a temporary folder")
+    p.add_argument("--calibration-solves", type=int, default=None, metavar="N",
+                   help="cal:trajectory: solves of the refinement per cell (default: 200 for mixtures, 120 for image "
+                        "models)")
+    p.add_argument("--calibration-seconds", type=float, default=None, metavar="S",
+                   help="cal:trajectory: time budget of the refinement per cell, which stops it first on a slow "
+                        "machine (default: 45 for mixtures, 40 for image models); raise it for a fit that ends on "
+                        "--calibration-solves alone, the same on every machine")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
@@ -121,6 +128,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--ref-solver: unknown solver {args.ref_solver!r}")
         if args.ref_steps < 1 or args.repeats < 1 or min(cost_probes) < 1:
             raise UsageError("--ref-steps, --repeats and --cost-probes must be >= 1")
+        calibration = {}
+        if args.calibration_solves is not None:
+            if args.calibration_solves < 1:
+                raise UsageError(f"--calibration-solves must be >= 1, got {args.calibration_solves}")
+            calibration["max_solves"] = args.calibration_solves
+        if args.calibration_seconds is not None:
+            if not args.calibration_seconds > 0 or args.calibration_seconds == float("inf"):
+                raise UsageError(f"--calibration-seconds must be a positive number, got {args.calibration_seconds}")
+            calibration["max_seconds"] = args.calibration_seconds
         device = common.device_from_args(args)
         with usage_errors(ValueError, TypeError):
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
@@ -141,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_grid(**grid, n=args.n, probes=args.probes, progress=progress, mmd=args.mmd,
                               ref_solver=args.ref_solver, ref_steps=args.ref_steps, device=device,
                               jacobian_batch=args.jacobian_batch, jacobian_precision=args.jacobian_precision,
-                              calibration_dir=args.calibration_dir)
+                              calibration_dir=args.calibration_dir, calibration=calibration or None)
         result["command"] = _command(args)
     summary = summarize(result)
     if args.json_out not in (None, "-"):
@@ -194,7 +210,8 @@ def _command(args: argparse.Namespace) -> str:
     opts += [("--jacobian-batch", args.jacobian_batch),
              ("--jacobian-precision", None if args.jacobian_precision == "fp32" else args.jacobian_precision),
              ("--device", None if args.device == "auto" else args.device),
-             ("--calibration-dir", args.calibration_dir)]
+             ("--calibration-dir", args.calibration_dir), ("--calibration-solves", args.calibration_solves),
+             ("--calibration-seconds", args.calibration_seconds)]
     return _spell(["steindiff", "bench"], opts + _outputs(args))
 
 

@@ -50,6 +50,7 @@ def test_bench_cost_mode(tmp_path, capsys):
     ["--solvers", "euler,nope"], ["--stabilizers", "none,magic"], ["--coords", "ve,xy"], ["--schedules", "cosine"],
     ["--model", "gmm:nope"], ["--nfe", "3,x"], ["--nfe", "0"], ["--seeds", ""], ["--n", "1"], ["--probes", "0"],
     ["--ref-solver", "nope"], ["--plots", "/nonexistent-dir/plots"], ["--markdown", "/nonexistent-dir/r.md"],
+    ["--calibration-solves", "0"], ["--calibration-seconds", "-1"], ["--calibration-seconds", "nan"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
     j = tmp_path / "r.json"
@@ -107,3 +108,17 @@ def test_recorded_command_spells_out_every_option():
         assert part in cmd
     cost = _command(build_parser().parse_args(["bench", "--cost", "--device", "cpu"]))
     assert "--cost" in cost and "--ref-steps" not in cost
+
+
+def test_calibration_budget_options_reach_the_fit_and_the_recorded_command(tmp_path):
+    """--calibration-solves bounds the refinement of every cal:trajectory cell (recorded in its calibration and in
+    the grid's config), and the 'regenerate with' line spells the budget out."""
+    j = tmp_path / "r.json"
+    args = [a if a != "none,stein" else "none,cal:trajectory" for a in TINY]
+    assert main(["bench", *args, "--calibration-solves", "6", "--calibration-seconds", "500", "--json-out", str(j)]) == 0
+    res = json.loads(j.read_text())
+    assert res["config"]["calibration"]["gmm:toy2d"]["max_solves"] == 6
+    assert res["config"]["calibration"]["gmm:toy2d"]["max_seconds"] == 500
+    cal = next(r for r in res["rows"] if r["stabilizer"] == "cal:trajectory")["calibration"]
+    assert cal["solves"] <= 6  # two refinements of at most 6 // 2 solves each
+    assert "--calibration-solves 6 --calibration-seconds 500.0" in res["command"]
