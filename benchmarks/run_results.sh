@@ -94,13 +94,15 @@ if [[ $what == calibrated || $what == calibrated-digits || $what == calibrated-d
   # (steindiff/weights/digits/calibrations), so `--stabilizer auto` and the demo reuse them at no cost.
   # calibrated-digits fits them anew (a GPU job: about 3 minutes on an H200, hours on 2 CPU cores);
   # calibrated-digits-eval evaluates the shipped ones (about 50 minutes on 2 shared CPU cores).
-  # Seeds 3,4,5: the guards' rule was chosen looking at seeds 0 and 1.
+  # --calibration-seconds 600: the refinement ends on its solve budget (120 per cell), not on the clock, so a slow or
+  # shared machine fits what a GPU fits. Seeds 3,4,5: the guards' rule was chosen looking at seeds 0 and 1.
   if [[ $what != calibrated-digits-eval ]]; then
     rm -rf steindiff/weights/digits/calibrations  # fitted anew: the bench would reuse what it finds there
   fi
   TITLE="digits U-Net: the calibrated sampler against vanilla solvers" sharded calibrated-digits \
     --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
-    --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations
+    --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations \
+    --calibration-seconds 600
 fi
 if [[ $what == digits-fine || $what == all ]]; then
   # the fine solve of the digits U-Net on the calibrated grid's evaluation seeds: the model's own
