@@ -282,14 +282,11 @@ def time_model(plan: dict, device: torch.device, repeats: int, quick: bool, budg
 # 2. agreement of the device with the CPU
 
 
-@contextlib.contextmanager
 def tf32(enabled: bool):
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    """TF32 on or off inside the block (:func:`steindiff.device.tf32`; imported late, as steindiff is here)."""
+    from steindiff.device import tf32 as _tf32
+
+    return _tf32(enabled)
 
 
 def agree_model(plan: dict, device: torch.device, quick: bool, budget: Budget) -> dict:

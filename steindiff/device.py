@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["DeviceError", "resolve_device", "model_device", "same_device", "check_model_device", "describe_device",
-           "is_out_of_memory", "exact_float32"]
+           "is_out_of_memory", "tf32", "exact_float32"]
 
 
 class DeviceError(ValueError):
@@ -117,16 +117,21 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """Full float32 arithmetic on CUDA inside the block: TF32 off for cuBLAS matmuls and cuDNN convolutions,
-    the previous settings restored after (no effect on the CPU, which has no TF32).
-
-    TF32 keeps 10 mantissa bits (relative rounding about 5e-4, and PyTorch enables it for convolutions by
-    default), the size of a finite-difference step: the calibrated sampler's derivative-free refinement
-    (:func:`steindiff.trajectory.refine`) and its reference solve run inside this block."""
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 on (``True``) or off for cuBLAS matmuls and cuDNN convolutions inside the block, the previous
+    settings restored after; no effect on the CPU, which has no TF32."""
     prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def exact_float32() -> contextlib.AbstractContextManager[None]:
+    """Full float32 arithmetic on CUDA inside the block (``tf32(False)``; also a decorator).
+
+    TF32 keeps 10 mantissa bits (relative rounding about 5e-4, and PyTorch enables it for convolutions by
+    default), the size of a finite-difference step: the calibrated sampler's derivative-free refinement
+    (:func:`steindiff.trajectory.refine`) and its reference solve run inside this block."""
+    return tf32(False)

@@ -115,7 +115,8 @@ def test_calibration_budget_options_reach_the_fit_and_the_recorded_command(tmp_p
     the grid's config), and the 'regenerate with' line spells the budget out."""
     j = tmp_path / "r.json"
     args = [a if a != "none,stein" else "none,cal:trajectory" for a in TINY]
-    assert main(["bench", *args, "--calibration-solves", "6", "--calibration-seconds", "500", "--json-out", str(j)]) == 0
+    budget = ["--calibration-solves", "6", "--calibration-seconds", "500"]
+    assert main(["bench", *args, *budget, "--json-out", str(j)]) == 0
     res = json.loads(j.read_text())
     assert res["config"]["calibration"]["gmm:toy2d"]["max_solves"] == 6
     assert res["config"]["calibration"]["gmm:toy2d"]["max_seconds"] == 500
