@@ -27,3 +27,20 @@ def test_one_hurt_or_too_few_helps_or_worse_secondaries_disqualify():
     # cells without room do not count towards the help share; other labels are ignored
     r = auto_rule(base + [cell(3, "tie", room=False)] * 5 + [cell(3, "hurts", label="stein")], "cal:trajectory/ve")
     assert r["qualifies"] and r["room_small_nfe"] == 10
+
+
+def test_auto_is_what_the_committed_evidence_admits():
+    """``AUTO`` is the calibrated sampler exactly when the rule admits ``cal:trajectory`` on the committed grids
+    (README: ``python benchmarks/select_auto.py`` over the same three files)."""
+    import json
+    from pathlib import Path
+
+    from steindiff.bench.auto import evaluate_candidates
+    from steindiff.stabilizers import registry
+
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    files = [root / f"calibrated-{m}.json" for m in ("image64", "toy2d", "digits")]
+    rows = {r["label"]: r for r in evaluate_candidates([json.loads(f.read_text()) for f in files])}
+    r = rows["cal:trajectory/ve"]
+    assert r["cells"] == 216  # 72 cells per grid
+    assert (registry.AUTO == registry.CALIBRATED) == r["qualifies"]
