@@ -92,7 +92,7 @@ fi
 if [[ $what == calibrated || $what == calibrated-digits || $what == calibrated-digits-eval || $what == all ]]; then
   # digits: the fitted calibrations are written where the shipped model's loader finds them
   # (steindiff/weights/digits/calibrations), so `--stabilizer auto` and the demo reuse them at no cost.
-  # calibrated-digits fits them anew (a GPU job: about 3 minutes on an H200, hours on 2 CPU cores);
+  # calibrated-digits fits them anew (about 3 minutes on one GPU, 69 minutes on 2 CPU cores);
   # calibrated-digits-eval evaluates the shipped ones (about 50 minutes on 2 shared CPU cores).
   # --calibration-seconds 600: the refinement ends on its solve budget (120 per cell), not on the clock, so a slow or
   # shared machine fits what a GPU fits. Seeds 3,4,5: the guards' rule was chosen looking at seeds 0 and 1.
