@@ -233,7 +233,9 @@ def sample_distributed(model: Any, out_dir: str | os.PathLike, plan: SamplingPla
         config = {
             "model": spec.name, "solver": plan.solver, "nfe": nfe, "schedule": plan.schedule, "rho": rho, "seed": seed,
             "n": n, "dtype": str(dtype).replace("torch.", ""), "world_size": world, "probe_mode": probe_mode,
-            "stabilizer": stabilizer_name or "none", "stabilizer_options": stabilizer_options or {},
+            # a plan with gammas (a calibration) is what runs when no stabilizer is named
+            "stabilizer": stabilizer_name if stabilizer_name not in (None, "none") else
+            ("calibrated" if plan.gammas is not None else "none"), "stabilizer_options": stabilizer_options or {},
             "sigmas": [float(s) for s in sigmas], **({"gammas": plan.gammas} if plan.gammas is not None else {}),
         }
         run_id = hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]

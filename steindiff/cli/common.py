@@ -31,11 +31,23 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the sampler state")
 
 
+def add_calibration(p: argparse.ArgumentParser) -> None:
+    """``--no-calibrate`` and ``--calibration-dir``: where ``--stabilizer auto`` finds (or fits) its calibration."""
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="with --stabilizer auto: never calibrate; use a cached calibration if there is "
+                        "one, else the plain solver")
+    p.add_argument("--calibration-dir", default=None,
+                   help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
+
+
 def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True,
                    coords_help: str = "state coordinates of the Stein statistics") -> None:
     from ..stabilizers import STABILIZERS
+    from ..stabilizers.registry import AUTO, CALIBRATED
 
-    p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}")
+    auto = ("the calibrated sampler: fitted once per model, solver, schedule and NFE (shipped or cached), no extra "
+            "pass" if AUTO == CALIBRATED else AUTO)
+    p.add_argument("--stabilizer", default="none", help=f"one of: {', '.join(STABILIZERS)}; auto is {auto}")
     p.add_argument("--coords", default="ve", choices=["ve", "vp"], help=coords_help)
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step")
     p.add_argument("--divergence", default="vjp", choices=["vjp", "jvp"], help="Jacobian products: vjp (reverse "

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 
 from . import UsageError, common, emit, usage_errors
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a collective waiting for a dead or stalled rank fails")
+    common.add_calibration(p)
     common.add_device(p, help="auto (the default: under nccl each rank on its own GPU, cuda:LOCAL_RANK, statistics "
                       "all-reduced on the GPU; else CUDA when available, else the CPU), cpu, cuda (cuda:LOCAL_RANK) or "
                       "cuda:N")
@@ -87,9 +89,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UsageError("--backend nccl needs CUDA, which is not available here; use --backend gloo or auto")
+    from ..stabilizers.registry import resolves_to_calibrated
+
     spec = common.load_model_or_usage(args.model)
-    stabilizer = common.stabilizer_from_args(args, spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan, name = _auto_plan(args, spec, world) if resolves_to_calibrated(args.stabilizer) else (None, args.stabilizer)
+    stabilizer = common.stabilizer_from_args(args, spec) if name != "none" else None
     if args.n < world:
         raise UsageError(f"--num-samples {args.n} cannot be sharded over {world} ranks (at least one sample per rank)")
     if stabilizer is not None and not getattr(stabilizer, "per_sample", False) and args.n // world < 2:
@@ -97,8 +102,8 @@ def run_sample(args: argparse.Namespace) -> int:
                          f"over {world} ranks (pass --per-sample for one gamma per sample)")
     common.check_output_dir(args.out_dir, "--out-dir")
     with _sigterm_as_error(os.environ.get("RANK", "0")):
-        res = sample_distributed(spec, Path(args.out_dir), n=args.n, solver=args.solver, nfe=args.nfe,
-                                 schedule=args.schedule, rho=args.rho, seed=args.seed, stabilizer_name=args.stabilizer,
+        res = sample_distributed(spec, Path(args.out_dir), plan, n=args.n, solver=args.solver, nfe=args.nfe,
+                                 schedule=args.schedule, rho=args.rho, seed=args.seed, stabilizer_name=name,
                                  stabilizer_options=common.stabilizer_options(args) if stabilizer is not None else {},
                                  probe_mode=args.probe_mode, dtype=common.DTYPES[args.dtype], backend=args.backend,
                                  timeout_s=args.timeout, progress=not args.no_progress, device=args.device)
@@ -111,7 +116,9 @@ def run_sample(args: argparse.Namespace) -> int:
         "nfe": res.nfe, "extra_passes": res.extra_passes, "steps": len(res.config["sigmas"]) - 1, "seed": args.seed,
         "gammas": res.gammas, "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
     }
-    lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {args.stabilizer}, NFE {res.nfe} "
+    if name != args.stabilizer:
+        summary["stabilizer"] = "auto (calibrated)" if plan.gammas is not None else "auto (plain solver)"
+    lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {summary['stabilizer']}, NFE {res.nfe} "
              f"(+{res.extra_passes} Jacobian passes), {args.n} samples over {res.world_size} rank(s)"]
     if args.stabilizer != "none":
         lines.append("  gammas     " + " ".join(f"{g:.3g}" for g in res.gammas))
@@ -119,6 +126,25 @@ def run_sample(args: argparse.Namespace) -> int:
                  f"{res.out_dir} --out FILE`")
     emit(args, summary, "\n".join(lines))
     return 0
+
+
+def _auto_plan(args: argparse.Namespace, spec, world: int):
+    """``--stabilizer auto`` as the calibrated sampler: the shipped or cached calibration (fitted now on a
+    single process; under torchrun every rank loads the same file, so it must exist before the launch)."""
+    from ..calibrate import calibrated_plan
+    from ..plan import make_plan
+
+    base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
+    fit = world == 1 and not args.no_calibrate
+    plan = calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=fit,
+                           progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))
+    if plan is base and world > 1 and not args.no_calibrate:
+        raise UsageError(f"--stabilizer auto: no calibration of {spec.name} {args.solver} / {args.schedule} / NFE "
+                         f"{args.nfe} in the model's or the cache's folder, and {world} ranks would each fit it; fit "
+                         f"it once first (`steindiff sample --stabilizer auto` with the same model, solver, schedule "
+                         f"and NFE, or `steindiff calibrate ... --calibration-dir DIR`), or pass --no-calibrate for "
+                         f"the plain solver")
+    return plan, "none"
 
 
 def run_merge(args: argparse.Namespace) -> int:

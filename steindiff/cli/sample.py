@@ -27,11 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gamma-schedule", default=None,
                    help="apply a calibration file from `steindiff calibrate` (its gammas and, if fitted, its noise "
                         "levels): no extra passes")
-    p.add_argument("--no-calibrate", action="store_true",
-                   help="with --stabilizer auto: never calibrate; use a cached calibration if there is "
-                        "one, else the plain solver")
-    p.add_argument("--calibration-dir", default=None,
-                   help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
+    common.add_calibration(p)
     common.add_device(p)
     common.add_common(p)
     p.set_defaults(func=run)

@@ -92,3 +92,33 @@ def test_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["merge", str(tmp_path / "r")])  # --out is required
     assert e.value.code == 2
+
+
+AUTO = ["--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--stabilizer", "auto", "--dtype", "float64",
+        "--seed", "2", "--no-progress"]
+
+
+def test_auto_is_the_calibrated_sampler_as_in_sample(tmp_path, capsys, monkeypatch):
+    """sample-dist --stabilizer auto applies the calibration `sample --stabilizer auto` fits and caches (same
+    samples); under torchrun a missing calibration is refused before any work, since every rank would fit it."""
+    from steindiff.stabilizers import registry
+
+    monkeypatch.setattr(registry, "AUTO", registry.CALIBRATED)
+    cache = ["--calibration-dir", str(tmp_path / "cal")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sample-dist", *AUTO, *cache, "--num-samples", "32", "--out-dir", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "no calibration of gmm:toy2d euler / karras / NFE 3" in err and "--no-calibrate" in err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "cal").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["sample", *AUTO, *cache, "--n", "32", "--out", str(tmp_path / "s.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stabilizer"] == "auto (calibrated)"
+    assert main(["sample-dist", *AUTO, *cache, "--num-samples", "32", "--out-dir", str(tmp_path / "r"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["stabilizer"] == "auto (calibrated)" and s["extra_passes"] == 0
+    assert main(["merge", str(tmp_path / "r"), "--out", str(tmp_path / "m.npz"), "--json"]) == 0
+    capsys.readouterr()
+    with np.load(tmp_path / "m.npz") as m, np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(m["samples"], z["samples"])
+        np.testing.assert_array_equal(m["gammas"], z["gammas"])
+        assert not np.all(z["gammas"] == 1.0)  # a fitted calibration, not the plain solver

@@ -208,6 +208,8 @@ def test_help_texts(capsys):
     assert "(default: 12345)" in calibrate and "(default: 10)" in calibrate  # its own seed, shared --nfe
     train = re.sub(r"\s+", " ", subs["train"].format_help())
     assert "total training iterations (default: 6000)" in train and "(default: 1,2,2)" in train
+    sample = re.sub(r"\s+", " ", subs["sample"].format_help()).replace("- ", "-")  # argparse wraps at hyphens
+    assert "auto is the calibrated sampler: fitted once per model" in sample  # what --stabilizer auto means now
 
 
 # 8. model names -----------------------------------------------------------------------------------------------
