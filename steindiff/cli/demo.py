@@ -168,8 +168,9 @@ def _table(rows: list[dict], args: argparse.Namespace, model: str, cols: list[st
     # the patches grid waits for GPU-trained weights (README, "Photographs: the patches model")
     results = ("docs/results/calibrated-digits.md" if cols[0] == "digits_fid"
                else "not measured yet for this model (README, 'Photographs: the patches model')")
+    auto = " (what --stabilizer auto runs)" if registry.AUTO == registry.CALIBRATED else ""
     head = (f"{model}, {args.solver} / {args.schedule}, {args.n} samples per row; floors: real vs real. "
-            "calibrated: fitted once per NFE (shipped with the model), no extra pass; stein: the paper's "
+            f"calibrated{auto}: fitted once per NFE (shipped with the model), no extra pass; stein: the paper's "
             f"Algorithm 1 ({args.probes} Hutchinson probe(s) per step). Where calibration helps and where it does "
             f"not, over every solver and schedule: {results}")
     lines = [head, f"{'NFE':>4} {'stabilizer':14s} {'+JVP':>5} " + " ".join(f"{c:>10s}" for c in cols) + "  gammas"]

@@ -18,3 +18,16 @@ def test_patches_demo_writes_the_spectrum_plot(tmp_path, capsys):
     for row in r["rows"]:
         assert row["status"] == "ok" and len(row["metrics"]["spectrum_bands"]) == 8
         assert row["metrics"]["patch_fd_floor"] > 0
+
+
+def test_demo_table_says_calibrated_is_what_auto_runs_only_while_it_is(monkeypatch):
+    import argparse
+
+    from steindiff.cli.demo import _table
+    from steindiff.stabilizers import registry
+
+    args = argparse.Namespace(solver="dpmpp_2m", schedule="logsnr", n=8, probes=1)
+    monkeypatch.setattr(registry, "AUTO", registry.CALIBRATED)
+    assert "calibrated (what --stabilizer auto runs):" in _table([], args, "digits", ["digits_fid"])
+    monkeypatch.setattr(registry, "AUTO", "none")
+    assert "auto" not in _table([], args, "digits", ["digits_fid"])
