@@ -5,10 +5,11 @@ with a relative step of 1e-3 in float32.  On a GPU, PyTorch runs convolutions in
 rounded to 10 mantissa bits, about 5e-4 relative): the same size as the step.  This script emulates TF32
 on the CPU (every ``Conv2d``/``Linear`` input and weight rounded to TF32, float32 accumulation, as the
 tensor cores do) and compares, for one cell of an image model, the Jacobian of the final samples with
-respect to the fitted parameters (gammas and log-gaps of the noise levels, at the plain plan) by the
-refinement's forward differences in exact float32 and in emulated TF32 with the same Jacobian by central
-differences of the model in float64 (the truth).  The emulation is a lower bound on the GPU's error:
-cuDNN may add its own (Winograd, FFT), which it does not model.
+respect to the fitted parameters (gammas and log-gaps of the noise levels) by the refinement's forward
+differences in exact float32 and in emulated TF32 with the same Jacobian by central differences of the
+model in float64 (the truth), at two points: the plain plan (where the fit starts) and the calibration
+shipped with the model for that cell, if any (near a fitted optimum).  The emulation is a lower bound on
+the GPU's error: cuDNN may add its own (Winograd, FFT), which it does not model.
 
     python benchmarks/tf32_fd_check.py --model digits --cell unipc/karras/4 --json-out docs/results/tf32-fd-check.json
 """

@@ -40,6 +40,17 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
                    help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
 
 
+def auto_plan(args: argparse.Namespace, spec, base, *, calibrate_missing: bool):
+    """``--stabilizer auto`` as the calibrated sampler: :func:`~steindiff.calibrate.calibrated_plan` of ``base``
+    with the options of :func:`add_calibration` (a one-line notice on stderr before a fit)."""
+    import sys
+
+    from ..calibrate import calibrated_plan
+
+    return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=calibrate_missing,
+                           progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))
+
+
 def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True,
                    coords_help: str = "state coordinates of the Stein statistics") -> None:
     from ..stabilizers import STABILIZERS

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 
 from . import UsageError, common, emit, usage_errors
@@ -131,13 +130,10 @@ def run_sample(args: argparse.Namespace) -> int:
 def _auto_plan(args: argparse.Namespace, spec, world: int):
     """``--stabilizer auto`` as the calibrated sampler: the shipped or cached calibration (fitted now on a
     single process; under torchrun every rank loads the same file, so it must exist before the launch)."""
-    from ..calibrate import calibrated_plan
     from ..plan import make_plan
 
     base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
-    fit = world == 1 and not args.no_calibrate
-    plan = calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=fit,
-                           progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))
+    plan = common.auto_plan(args, spec, base, calibrate_missing=world == 1 and not args.no_calibrate)
     if plan is base and world > 1 and not args.no_calibrate:
         raise UsageError(f"--stabilizer auto: no calibration of {spec.name} {args.solver} / {args.schedule} / NFE "
                          f"{args.nfe} in the model's or the cache's folder, and {world} ranks would each fit it; fit "

@@ -55,9 +55,6 @@ def sampling_plan(args: argparse.Namespace, spec):
     """The plan of this run and whether its gammas are what runs (instead of ``--stabilizer``): plain,
     from ``--gamma-schedule``, or (``--stabilizer auto`` when ``auto`` is the calibrated sampler) the
     cached calibration, fitted now on first use."""
-    import sys
-
-    from ..calibrate import calibrated_plan
     from ..plan import make_plan
     from ..stabilizers.registry import resolves_to_calibrated
 
@@ -65,8 +62,7 @@ def sampling_plan(args: argparse.Namespace, spec):
     if args.gamma_schedule is not None:
         return _load_schedule(args, spec, base), True
     if resolves_to_calibrated(args.stabilizer):
-        return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=not args.no_calibrate,
-                               progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr)), True
+        return common.auto_plan(args, spec, base, calibrate_missing=not args.no_calibrate), True
     return base, False
 
 
