@@ -11,6 +11,14 @@ longer gate on the residual-noise check::
     python benchmarks/reselect_calibrations.py steindiff/weights/digits/calibrations
 
 Each changed file is rewritten atomically and says what it was re-chosen from (``calibration.reselected``).
+
+``--rescore`` first re-scores each file's candidates with the current checks
+(:func:`steindiff.trajectory.score_candidates`): it redraws the calibration noise from the recorded seed,
+repeats the reference solve, solves every recorded candidate plan on the validation half and checks that
+each candidate's validation distance is the recorded one (a file whose candidates are not reproduced is
+refused).  Used to move the shipped digits calibrations to the rank-based significance check::
+
+    python benchmarks/reselect_calibrations.py steindiff/weights/digits/calibrations --rescore
 """
 
 from __future__ import annotations
@@ -20,9 +28,20 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from steindiff.io import save_json
+from steindiff.models.registry import load_model
+from steindiff.plan import SamplingPlan
+from steindiff.sampling import prior_noise
 from steindiff.stabilizers.schedule import load_gamma_schedule
-from steindiff.trajectory import DEFAULT_GUARDS, choose_candidate
+from steindiff.trajectory import (
+    DEFAULT_GUARDS,
+    SIGNIFICANCE_TEST,
+    choose_candidate,
+    reference_solve,
+    score_candidates,
+)
 
 
 def reselect(obj: dict, guards: tuple[str, ...]) -> tuple[dict, str, str]:
@@ -43,12 +62,50 @@ def reselect(obj: dict, guards: tuple[str, ...]) -> tuple[dict, str, str]:
     return out, old, new
 
 
+def rescore(obj: dict, cache: dict, tolerance: float = 1e-5) -> dict:
+    """The calibration file ``obj`` with its candidates' validation record made anew by the current
+    :func:`~steindiff.trajectory.score_candidates`, on the noise and reference solve it was fitted with
+    (``cache`` keeps models and reference solves between files).  Refuses a file whose candidates'
+    validation distances differ from the recorded ones by more than ``tolerance`` (relative)."""
+    cal = obj["calibration"]
+    if (obj.get("key") or {}).get("conditioning"):
+        raise ValueError("a conditional calibration cannot be re-scored here (its labels are not recorded)")
+    spec = cache.setdefault(("model", obj["model"]), None) or load_model(obj["model"])
+    cache[("model", obj["model"])] = spec
+    n, seed, n_fit, ref_rec = cal["n"], cal["seed"], cal["n_fit"], cal["reference"]
+    sigma_max, sigma_min = float(obj["base_sigmas"][0]), float(spec.process.sigma_min)
+    key = (obj["model"], n, seed, ref_rec["solver"], ref_rec["steps"], sigma_max)
+    if key not in cache:
+        noise = prior_noise((n, *spec.sample_shape), sigma_max, spec.process, seed=seed,
+                            device=spec.device or "cpu")
+        ref = reference_solve(spec.denoiser, noise, sigma_max, sigma_min, solver=ref_rec["solver"],
+                              steps=ref_rec["steps"], keep=1)
+        cache[key] = (noise, ref.final)
+    noise, final = cache[key]
+    opts = (obj.get("key") or {}).get("solver_options") or {}
+    plans = {k: SamplingPlan(obj["solver"], torch.tensor(v["sigmas"], dtype=torch.float64), "fitted",
+                             list(v["gammas"]), obj["coords"], opts) for k, v in cal["candidates"].items()}
+    scores = score_candidates(spec.denoiser, plans, noise[n_fit:], final[n_fit:], sigma_min=sigma_min,
+                              residual_tolerance=cal["residual_tolerance"], significance=cal["significance"])
+    for k, v in scores.items():
+        was = cal["candidates"][k]["val_rms"]
+        if (was is None) != (v["val_rms"] is None) or (was is not None and abs(v["val_rms"] / was - 1) > tolerance):
+            raise ValueError(f"candidate {k!r} is not reproduced: validation distance {v['val_rms']} "
+                             f"against the recorded {was}")
+    out = json.loads(json.dumps(obj))
+    out["calibration"]["candidates"] = scores
+    out["calibration"].update(rescored=True, significance_test=SIGNIFICANCE_TEST)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a folder of trajectory calibration files (*.json)")
     p.add_argument("--guards", default=",".join(DEFAULT_GUARDS),
                    help="the guards to choose under, comma-separated (default: an image model's, "
                         "steindiff.calibrate.default_guards)")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-score the candidates with the current checks first (loads the model; module docstring)")
     p.add_argument("--dry-run", action="store_true", help="report the changes, write nothing")
     p.add_argument("--json", action="store_true", help="print the changes as JSON")
     args = p.parse_args(argv)
@@ -57,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"error: no calibration files (*.json) in {args.folder!r}", file=sys.stderr)
         return 2
-    changes, updates = [], []
+    changes, updates, cache = [], [], {}
     for f in files:
         obj = json.loads(f.read_text())
         if obj.get("objective") != "trajectory":
             continue
         try:
+            if args.rescore:
+                obj = rescore(obj, cache)
             new_obj, old, new = reselect(obj, guards)
         except (KeyError, ValueError) as e:
             print(f"error: {f}: {e}", file=sys.stderr)

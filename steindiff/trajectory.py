@@ -18,19 +18,20 @@ calibration batch in three stages:
 3. a bounded, regularised least-squares refinement of the final samples' distance to the reference
    (:func:`refine`; derivative-free, so any model works: finite differences of whole solves).
 
-Guards (the failure modes of ``shared/steindiff-method.md``): the last ``plain_tail`` steps (default 2:
-the step into the last noise level and the final step into ``sigma = 0``) keep ``gamma = 1``; gammas
-stay in ``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly decreasing, the lowest
-at least ``0.9 sigma_min`` (a floor at ``sigma_min`` itself was measured worse: README); the calibration
-noise is split into a fit part and a validation part, and a candidate (closed form, refined) replaces
-the plain solver only if it is closer to the reference on the validation part and passes the checks
-named in ``guards`` (:func:`choose_candidate`): ``distribution``, its samples as a set are no farther
-from the reference's than the plain solver's are (sliced Wasserstein-2); ``significance``, its gain is
-more than the validation batch's noise (a paired z statistic of the per-sample squared distances above
-``significance``); ``residual``, its residual noise (:func:`residual_noise`) is no farther from the
-reference's than the plain solver's is, or within ``residual_tolerance`` of it.  The residual check is
-recorded for every candidate; it gates only when named, which :func:`steindiff.calibrate.default_guards`
-does for exact mixtures (on the digits U-Net the candidates it rejected had the lower digits-FID).  A
+Guards (the failure modes of ``shared/steindiff-method.md``): the last ``plain_tail`` steps (default 2: the
+step into the last noise level and the final step into ``sigma = 0``) keep ``gamma = 1``; gammas stay in
+``gamma_bounds`` and are pulled towards 1; the noise levels stay strictly decreasing, the lowest at least
+``0.9 sigma_min`` (a floor at ``sigma_min`` itself was measured worse: README); the calibration noise is
+split into a fit part and a validation part, and a candidate (closed form, refined) replaces the plain
+solver only if it is closer to the reference on the validation part and passes the checks named in
+``guards`` (:func:`choose_candidate`): ``distribution``, its samples as a set are no farther from the
+reference's than the plain solver's are (sliced Wasserstein-2); ``significance``, its gain is more than the
+validation batch's noise (Wilcoxon's signed-rank statistic of the paired per-sample gains in squared
+distance, as a z score, above ``significance``: a rank test, since a few samples that end in another mode
+hold most of the squared distance); ``residual``, its residual noise (:func:`residual_noise`) is no farther
+from the reference's than the plain solver's is, or within ``residual_tolerance`` of it. The residual check
+is recorded for every candidate; it gates only when named, which :func:`steindiff.calibrate.default_guards`
+does for exact mixtures (on the digits U-Net the candidates it rejected had the lower digits-FID). A
 calibration that cannot beat the plain solver returns the plain plan (all gammas 1) and says so.
 
 Every stage runs in full float32 (:func:`steindiff.device.exact_float32`: TF32 off on CUDA), since TF32's
@@ -59,11 +60,14 @@ from .stabilizers.base import dot, rescaled_update
 from .stabilizers.schedule import GammaSchedule
 
 __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", "residual_noise", "fit_trajectory",
-           "TrajectoryFit", "FIT_MODES", "GUARDS", "DEFAULT_GUARDS", "choose_candidate"]
+           "TrajectoryFit", "FIT_MODES", "GUARDS", "DEFAULT_GUARDS", "SIGNIFICANCE_TEST", "choose_candidate",
+           "score_candidates"]
 
 FIT_MODES = ("gamma", "steps", "both")
 GUARDS = ("residual", "distribution", "significance")
 DEFAULT_GUARDS = ("distribution", "significance")
+#: What the ``significance`` check tests (recorded in every calibration; files without it used the paired t test).
+SIGNIFICANCE_TEST = "wilcoxon-signed-rank"
 
 
 @dataclass
@@ -337,6 +341,26 @@ def _gain_z(d_plain: torch.Tensor, d_cand: torch.Tensor) -> float:
     return m / se if se > 0 else (math.inf if m > 0 else -math.inf)
 
 
+def _rank_z(d_plain: torch.Tensor, d_cand: torch.Tensor) -> float:
+    """Wilcoxon's signed-rank statistic of the paired gains ``d_plain - d_cand`` as a z score (normal
+    approximation; zero gains dropped, tied magnitudes at their mid-rank, the variance corrected for ties).
+    Positive when the candidate is closer for most samples.  A rank test, since the per-sample squared
+    distances are heavy-tailed: a few samples whose coarse solve ends in another mode than the reference's
+    hold most of the sum (``benchmarks/distance_breakdown.py``), and they swamp the mean's standard error."""
+    from scipy.stats import rankdata
+
+    g = (d_plain - d_cand).double().cpu().numpy()
+    g = g[g != 0]
+    n = g.size
+    if n == 0:
+        return 0.0
+    ranks = rankdata(np.abs(g))
+    _, ties = np.unique(np.abs(g), return_counts=True)
+    var = n * (n + 1) * (2 * n + 1) / 24 - float((ties ** 3 - ties).sum()) / 48
+    w = float(ranks[g > 0].sum())
+    return (w - n * (n + 1) / 4) / math.sqrt(var) if var > 0 else 0.0
+
+
 def _check_guards(guards: Sequence[str]) -> tuple[str, ...]:
     if isinstance(guards, str):
         guards = [g for g in guards.split(",") if g]
@@ -355,6 +379,54 @@ def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GU
     ok = {k: v for k, v in scores.items()
           if v["val_rms"] is not None and (k == "plain" or all(v[f"passed_{g}_check"] for g in guards))}
     return min(ok, key=lambda k: (ok[k]["val_rms"], k != "plain"))
+
+
+@exact_float32()
+def score_candidates(model: Callable[..., torch.Tensor], candidates: dict[str, SamplingPlan], x_val: torch.Tensor,
+                     ref_val: torch.Tensor, *, sigma_min: float, residual_tolerance: float = 1.05,
+                     significance: float = 2.0, extra_args: dict | None = None) -> dict[str, dict]:
+    """The validation record of :func:`fit_trajectory`: each candidate plan (``candidates["plain"]`` among
+    them) solved from ``x_val`` and compared with the reference's final samples ``ref_val`` from the same
+    noise: ``val_rms``, ``val_max`` (the farthest sample), ``val_sw2``, ``residual_noise``, its gammas and
+    sigmas, and the outcome of every check of :data:`GUARDS` (``passed_<guard>_check``; plain passes all),
+    with the significance statistics ``val_rank_z`` (which decides) and ``val_gain_z``."""
+    if "plain" not in candidates:
+        raise ValueError("the candidates must include the plain plan ('plain')")
+    r_ref = residual_noise(model, ref_val, sigma_min, extra_args)
+    scores: dict[str, dict] = {}
+    per_sample: dict[str, torch.Tensor] = {}
+    for name, plan in candidates.items():
+        x = _solve(model, x_val, plan, extra_args)
+        finite = bool(torch.isfinite(x).all())
+        if finite:
+            per_sample[name] = (x - ref_val).double().reshape(len(x), -1).pow(2).mean(1)
+        scores[name] = {"val_rms": _rms(x, ref_val) if finite else None,
+                        "val_max": float(per_sample[name].sqrt().max()) if finite else None,
+                        "val_sw2": sliced_w2(x, ref_val) if finite else None,
+                        "residual_noise": residual_noise(model, x, sigma_min, extra_args) if finite else None,
+                        "gammas": list(plan.gammas or [1.0] * plan.steps), "sigmas": [float(s) for s in plan.sigmas]}
+    # residual-noise check, two-sided: no farther from the reference's level than the plain solver, or
+    # than ``residual_tolerance`` (noisier samples move more under one more denoising pass; over-smoothed, less)
+    def deviation(r: float) -> float:
+        return abs(r / r_ref - 1.0) if r_ref > 0 else 0.0
+
+    band = max(deviation(scores["plain"]["residual_noise"] or 0.0), residual_tolerance - 1.0)
+    for k, v in scores.items():
+        v["passed_residual_check"] = k == "plain" or (v["residual_noise"] is not None
+                                                      and deviation(v["residual_noise"]) <= band)
+        # as a set, no farther from the reference's samples than the plain solver's (a distance to the
+        # reference solve alone can prefer blurred samples)
+        v["passed_distribution_check"] = k == "plain" or (v["val_sw2"] is not None
+                                                          and v["val_sw2"] <= scores["plain"]["val_sw2"])
+        # closer than the plain solver beyond the validation batch's noise: Wilcoxon's signed-rank statistic of
+        # the per-sample gains in squared distance (paired over the same noise) above ``significance``; the
+        # paired t statistic of the mean gain is recorded too
+        paired = k != "plain" and k in per_sample
+        v["val_gain_z"] = _gain_z(per_sample["plain"], per_sample[k]) if paired else None
+        v["val_rank_z"] = _rank_z(per_sample["plain"], per_sample[k]) if paired else None
+        v["passed_significance_check"] = k == "plain" or (v["val_rank_z"] is not None
+                                                          and v["val_rank_z"] > significance)
+    return scores
 
 
 @exact_float32()
@@ -427,36 +499,9 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
             max_seconds=max_seconds / 2, extra_args=part(fit_sl), progress=progress)
     ref_val = ref.final[val_sl]
     r_ref = residual_noise(model, ref_val, sigma_min, part(val_sl))
-    scores: dict[str, dict] = {}
-    per_sample: dict[str, torch.Tensor] = {}
-    for name, plan in candidates.items():
-        x = _solve(model, x_val, plan, part(val_sl))
-        finite = bool(torch.isfinite(x).all())
-        if finite:
-            per_sample[name] = (x - ref_val).double().reshape(len(x), -1).pow(2).mean(1)
-        scores[name] = {"val_rms": _rms(x, ref_val) if finite else None,
-                        "val_max": float(per_sample[name].sqrt().max()) if finite else None,
-                        "val_sw2": sliced_w2(x, ref_val) if finite else None,
-                        "residual_noise": residual_noise(model, x, sigma_min, part(val_sl)) if finite else None,
-                        "gammas": list(plan.gammas), "sigmas": [float(s) for s in plan.sigmas]}
-    # residual-noise check, two-sided: no farther from the reference's level than the plain solver, or
-    # than ``residual_tolerance`` (noisier samples move more under one more denoising pass; over-smoothed, less)
-    def deviation(r: float) -> float:
-        return abs(r / r_ref - 1.0) if r_ref > 0 else 0.0
-
-    band = max(deviation(scores["plain"]["residual_noise"] or 0.0), residual_tolerance - 1.0)
-    for k, v in scores.items():
-        v["passed_residual_check"] = k == "plain" or (v["residual_noise"] is not None
-                                                      and deviation(v["residual_noise"]) <= band)
-        # as a set, no farther from the reference's samples than the plain solver's (a distance to the
-        # reference solve alone can prefer blurred samples)
-        v["passed_distribution_check"] = k == "plain" or (v["val_sw2"] is not None
-                                                          and v["val_sw2"] <= scores["plain"]["val_sw2"])
-        # closer than the plain solver beyond the validation batch's noise: the per-sample gain in squared
-        # distance has a mean of more than ``significance`` standard errors (paired over the same noise)
-        v["val_gain_z"] = _gain_z(per_sample["plain"], per_sample[k]) if k != "plain" and k in per_sample else None
-        v["passed_significance_check"] = k == "plain" or (v["val_gain_z"] is not None
-                                                          and v["val_gain_z"] > significance)
+    scores = score_candidates(model, candidates, x_val, ref_val, sigma_min=sigma_min,
+                              residual_tolerance=residual_tolerance, significance=significance,
+                              extra_args=part(val_sl))
     chosen = choose_candidate(scores, guards)
     record = {
         "fit": fit, "chosen": chosen, "beats_plain": chosen != "plain",
@@ -465,7 +510,8 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
                                             "wall_s": ref.wall_s},
         "n_fit": n_fit, "n_val": n - n_fit, "gamma_bounds": list(gamma_bounds), "reg_gamma": reg_gamma,
         "reg_steps": reg_steps, "reg_residual": reg_residual, "residual_tolerance": residual_tolerance,
-        "significance": significance, "guards": list(guards), "plain_tail": plain_tail, "refine": rinfo,
+        "significance": significance, "significance_test": SIGNIFICANCE_TEST, "guards": list(guards),
+        "plain_tail": plain_tail, "refine": rinfo,
         "val_ratio": (scores[chosen]["val_rms"] / scores["plain"]["val_rms"]) if scores["plain"]["val_rms"] else None,
         "wall_s": time.perf_counter() - t0,
     }

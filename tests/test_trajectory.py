@@ -175,6 +175,39 @@ def test_gain_z_is_the_paired_t_statistic():
     assert _gain_z(d_plain, d_plain - 1.0) == math.inf and _gain_z(d_plain, d_plain) == -math.inf
 
 
+@pytest.mark.parametrize("decimals", [None, 2])
+def test_rank_z_is_wilcoxons_signed_rank_statistic(decimals):
+    """Against scipy's Wilcoxon test (one-sided, normal approximation, no continuity correction): the same
+    p-value, with zero gains dropped and, rounded to 2 decimals, tied magnitudes."""
+    from scipy.stats import norm, wilcoxon
+
+    from steindiff.trajectory import _rank_z
+
+    g = torch.Generator().manual_seed(0)
+    d_plain = torch.rand(300, generator=g, dtype=torch.float64)
+    d_cand = d_plain - 0.02 + 0.2 * torch.randn(300, generator=g, dtype=torch.float64)
+    d_cand[:7] = d_plain[:7]
+    if decimals is not None:
+        d_plain, d_cand = d_plain.round(decimals=decimals), d_cand.round(decimals=decimals)
+    ref = wilcoxon(d_plain.numpy(), d_cand.numpy(), method="approx", correction=False, alternative="greater")
+    z = _rank_z(d_plain, d_cand)
+    assert 1e-4 < ref.pvalue < 0.5 and norm.sf(z) == pytest.approx(ref.pvalue, rel=1e-9)
+    assert _rank_z(d_cand, d_plain) == pytest.approx(-z, rel=1e-12)
+    assert _rank_z(d_plain, d_plain) == 0.0
+
+
+def test_one_far_sample_does_not_swamp_the_rank_test():
+    """A candidate closer for every sample but one, which it moves far (a coarse solve ending in another
+    mode): the mean gain's t statistic sees only the far sample, the rank statistic sees the majority."""
+    from steindiff.trajectory import _gain_z, _rank_z
+
+    g = torch.Generator().manual_seed(1)
+    d_plain = 1.0 + torch.rand(256, generator=g, dtype=torch.float64)
+    d_cand = 0.7 * d_plain
+    d_cand[0] = 80.0
+    assert _gain_z(d_plain, d_cand) < 1.0 < 10.0 < _rank_z(d_plain, d_cand)
+
+
 def test_a_gain_within_the_validation_noise_keeps_the_plain_plan():
     """The same fit that beats plain (toy2d, euler, 4 steps) is refused when its gain must exceed any
     number of standard errors; its record says why."""
@@ -186,7 +219,7 @@ def test_a_gain_within_the_validation_noise_keeps_the_plain_plan():
     assert fit.record["chosen"] == "plain" and fit.plan.gammas == [1.0] * base.steps
     assert any(v["val_rms"] < cand["plain"]["val_rms"] for k, v in cand.items() if k != "plain")
     assert all(not v["passed_significance_check"] for k, v in cand.items() if k != "plain")
-    assert all(v["val_gain_z"] is not None for k, v in cand.items() if k != "plain")
+    assert all(v["val_gain_z"] is not None and v["val_rank_z"] is not None for k, v in cand.items() if k != "plain")
 
 
 def _scores(**cands):

@@ -69,3 +69,30 @@ def test_dry_run_and_bad_input_write_nothing(reselect, saved, tmp_path, capsys):
     assert reselect.main([str(folder), "--guards", "nope"]) == 2
     assert "unknown calibration guard(s) 'nope'" in capsys.readouterr().err
     assert (folder / "a.json").read_text() == src
+
+
+def test_rescore_reproduces_the_candidates_and_records_the_rank_test(reselect, saved, tmp_path, capsys):
+    """--rescore redraws the calibration noise and the reference solve, re-solves every recorded candidate
+    (their validation distances must be the recorded ones) and scores them with the current checks."""
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    obj = json.loads((saved / "toy2d-euler.json").read_text())
+    for v in obj["calibration"]["candidates"].values():  # a file written before the rank test
+        v.pop("val_rank_z", None)
+    obj["calibration"].pop("significance_test", None)
+    (folder / "a.json").write_text(json.dumps(obj))
+    assert reselect.main([str(folder), "--rescore", "--guards", ALL]) == 0
+    new = json.loads((folder / "a.json").read_text())
+    cal, was = new["calibration"], obj["calibration"]
+    assert cal["rescored"] is True and cal["significance_test"] == "wilcoxon-signed-rank"
+    assert cal["chosen"] == choose_candidate(cal["candidates"], ALL.split(","))
+    for k, v in cal["candidates"].items():
+        assert v["val_rms"] == pytest.approx(was["candidates"][k]["val_rms"], rel=1e-5)
+        assert (v["val_rank_z"] is None) == (k == "plain")
+    # a file whose candidates are not what it records is refused, and nothing is written
+    obj["calibration"]["candidates"]["plain"]["val_rms"] *= 1.01
+    src = json.dumps(obj)
+    (folder / "a.json").write_text(src)
+    assert reselect.main([str(folder), "--rescore"]) == 2
+    assert "candidate 'plain' is not reproduced" in capsys.readouterr().err
+    assert (folder / "a.json").read_text() == src
