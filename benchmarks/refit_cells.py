@@ -6,10 +6,10 @@ grid (the digits grid is a GPU job).  Nothing is written to the model's shipped 
         --json-out docs/results/digits-refit-cells.json
 
 Each cell is calibrated as the bench does for image models (256 calibration samples, a 100-step reference
-solve, at most 120 solves per refinement; ``--max-seconds`` per refinement so that a slow CPU does not cut
-the fit short), then plain and calibrated are sampled from the same evaluation noise (N = ``--n``) and
-scored with the model's image metrics: excess digits-FID (over the real-vs-real floor), mean and standard
-deviation over seeds.
+solve, at most 120 solves for the two refinements together unless ``--max-solves`` says otherwise;
+``--max-seconds`` for the fit, so that a slow CPU does not cut it short), then plain and calibrated are
+sampled from the same evaluation noise (N = ``--n``) and scored with the model's image metrics: excess
+digits-FID (over the real-vs-real floor), mean and standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", required=True, help="solver/schedule/nfe, comma-separated")
     p.add_argument("--seeds", default="3,4,5", help="evaluation seeds")
     p.add_argument("--n", type=int, default=400, help="samples per seed")
-    p.add_argument("--max-seconds", type=float, default=400.0, help="time budget per refinement")
+    p.add_argument("--max-seconds", type=float, default=400.0,
+                   help="time budget of the fit (the two refinements share it)")
+    p.add_argument("--max-solves", type=int, default=120, help="solve budget of the two refinements together "
+                   "(the bench's: 120)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     try:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for solver, schedule, nfe in cells:
         t0 = time.perf_counter()
         base = make_plan(spec.process, solver, nfe, schedule)
-        sched = calibrate(spec, base, n=256, ref_steps=100, max_solves=120, max_seconds=args.max_seconds)
+        sched = calibrate(spec, base, n=256, ref_steps=100, max_solves=args.max_solves, max_seconds=args.max_seconds)
         rec = sched.meta["calibration"]
         row = {"solver": solver, "schedule": schedule, "nfe": nfe, "chosen": rec["chosen"], "gammas": sched.gammas,
                "sigmas": sched.meta["sigmas"], "val_ratio": rec["val_ratio"], "plain_tail": rec["plain_tail"],

@@ -133,10 +133,11 @@ def test_default_guards_gate_residual_noise_for_mixtures_only(toy):
 
 
 def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards():
-    """Each shipped file's choice is the one its recorded candidates give under the default guards."""
+    """Each shipped file's choice is the one its recorded candidates give under the default guards, and
+    its candidates were scored with the current significance test."""
     from pathlib import Path
 
-    from steindiff.trajectory import choose_candidate
+    from steindiff.trajectory import SIGNIFICANCE_TEST, choose_candidate
 
     spec = load_model("digits")
     files = sorted(Path(spec.info["calibrations"]).glob("*.json"))
@@ -145,5 +146,6 @@ def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards(
         obj = json.loads(f.read_text())
         c = obj["calibration"]
         assert c["guards"] == list(cal.default_guards(spec)), f.name
+        assert c.get("significance_test") == SIGNIFICANCE_TEST, f.name
         assert c["chosen"] == choose_candidate(c["candidates"], c["guards"]), f.name
         assert obj["gammas"] == c["candidates"][c["chosen"]]["gammas"], f.name
