@@ -70,8 +70,9 @@ def rescore(obj: dict, cache: dict, tolerance: float = 1e-5) -> dict:
     cal = obj["calibration"]
     if (obj.get("key") or {}).get("conditioning"):
         raise ValueError("a conditional calibration cannot be re-scored here (its labels are not recorded)")
-    spec = cache.setdefault(("model", obj["model"]), None) or load_model(obj["model"])
-    cache[("model", obj["model"])] = spec
+    if ("model", obj["model"]) not in cache:
+        cache[("model", obj["model"])] = load_model(obj["model"])
+    spec = cache[("model", obj["model"])]
     n, seed, n_fit, ref_rec = cal["n"], cal["seed"], cal["n_fit"], cal["reference"]
     sigma_max, sigma_min = float(obj["base_sigmas"][0]), float(spec.process.sigma_min)
     key = (obj["model"], n, seed, ref_rec["solver"], ref_rec["steps"], sigma_max)

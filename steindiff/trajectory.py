@@ -384,15 +384,17 @@ def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GU
 @exact_float32()
 def score_candidates(model: Callable[..., torch.Tensor], candidates: dict[str, SamplingPlan], x_val: torch.Tensor,
                      ref_val: torch.Tensor, *, sigma_min: float, residual_tolerance: float = 1.05,
-                     significance: float = 2.0, extra_args: dict | None = None) -> dict[str, dict]:
+                     significance: float = 2.0, ref_residual: float | None = None,
+                     extra_args: dict | None = None) -> dict[str, dict]:
     """The validation record of :func:`fit_trajectory`: each candidate plan (``candidates["plain"]`` among
     them) solved from ``x_val`` and compared with the reference's final samples ``ref_val`` from the same
     noise: ``val_rms``, ``val_max`` (the farthest sample), ``val_sw2``, ``residual_noise``, its gammas and
     sigmas, and the outcome of every check of :data:`GUARDS` (``passed_<guard>_check``; plain passes all),
-    with the significance statistics ``val_rank_z`` (which decides) and ``val_gain_z``."""
+    with the significance statistics ``val_rank_z`` (which decides) and ``val_gain_z``.  ``ref_residual``: the
+    reference's :func:`residual_noise`, if the caller has it."""
     if "plain" not in candidates:
         raise ValueError("the candidates must include the plain plan ('plain')")
-    r_ref = residual_noise(model, ref_val, sigma_min, extra_args)
+    r_ref = residual_noise(model, ref_val, sigma_min, extra_args) if ref_residual is None else ref_residual
     scores: dict[str, dict] = {}
     per_sample: dict[str, torch.Tensor] = {}
     for name, plan in candidates.items():
@@ -501,7 +503,7 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     r_ref = residual_noise(model, ref_val, sigma_min, part(val_sl))
     scores = score_candidates(model, candidates, x_val, ref_val, sigma_min=sigma_min,
                               residual_tolerance=residual_tolerance, significance=significance,
-                              extra_args=part(val_sl))
+                              ref_residual=r_ref, extra_args=part(val_sl))
     chosen = choose_candidate(scores, guards)
     record = {
         "fit": fit, "chosen": chosen, "beats_plain": chosen != "plain",
