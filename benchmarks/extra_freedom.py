@@ -109,7 +109,9 @@ def fit_cell(spec, ref: ReferenceSolve, noise: torch.Tensor, solver: str, schedu
         sigmas, gammas, betas, shifts = decode(th)
         return solve(spec.denoiser, x, solver, sigmas, gammas, betas, shifts)
 
-    plain_theta = np.concatenate([_plain_theta(P), np.zeros(n_beta + n_shift)])
+    # the plain plan: every gamma 1, the base levels
+    plain = _Params(base, "both", float(spec.process.sigma_min), [1.0] * N, plain_tail).initial()
+    plain_theta = np.concatenate([plain, np.zeros(n_beta + n_shift)])
     plain_fit = run(x_fit, plain_theta)
     scale = float((plain_fit - t_fit).double().pow(2).sum().sqrt()) or 1.0
     best = {"cost": math.inf, "theta": th0.copy(), "solves": 0}
@@ -149,16 +151,6 @@ def fit_cell(spec, ref: ReferenceSolve, noise: torch.Tensor, solver: str, schedu
             "val_rms_ratio": float(cal_val.pow(2).mean().sqrt() / plain_val.pow(2).mean().sqrt()),
             "val_median_ratio": float(cal_val.median() / plain_val.median()),
             "plan": lambda x: run(x, th)}
-
-
-def _plain_theta(P: _Params) -> np.ndarray:
-    """The parameters of the plain plan: every gamma 1, the base schedule's log-gaps."""
-    parts = []
-    if P.fit_gamma:
-        parts.append(np.ones(P.ng))
-    if P.fit_steps:
-        parts.append(P.z0.copy())
-    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def main(argv: list[str] | None = None) -> int:
