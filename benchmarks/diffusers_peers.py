@@ -29,7 +29,7 @@ as diffusers' multistep schedulers do with Karras sigmas, labelled ``none[t-roun
 
 The calibrated sampler (``cal:trajectory``, skipped with ``--no-calibrated``).  Each steindiff solver and
 schedule with fractional timesteps, at each NFE, is calibrated once (not per seed) by
-:func:`steindiff.calibrate.calibrate` (objective ``trajectory``) of its plain plan
+:func:`steindiff.calibration.calibrate` (objective ``trajectory``) of its plain plan
 (:func:`steindiff.plan.make_plan` over the process's noise levels) for the same model (the ``VPDenoiser``
 over the mixture's epsilon network), on calibration noise disjoint from the evaluation seeds, with the
 bench's options for mixtures (:func:`steindiff.bench.runner.calibration_options`: n 512, seed 12345, a
@@ -70,7 +70,7 @@ from steindiff.bench.runner import (
     excess,
     machine_info,
 )
-from steindiff.calibrate import calibrate, plan_from_schedule
+from steindiff.calibration import calibrate, plan_from_schedule
 from steindiff.metrics import mixture_metrics
 from steindiff.models import VPDenoiser, get_gmm
 from steindiff.models.registry import ModelSpec
@@ -487,7 +487,7 @@ def _reference_line(summ: dict, process: dict) -> str:
 
 def _calibration_setup(cal: dict) -> str:
     return ("- **steindiff calibrated** (`cal:trajectory`). Each of steindiff's configurations with fractional "
-            "timesteps, at each NFE, calibrated once (not per seed) by `steindiff.calibrate.calibrate` (objective "
+            "timesteps, at each NFE, calibrated once (not per seed) by `steindiff.calibration.calibrate` (objective "
             "`trajectory`: per-step gammas and interior noise levels fitted towards the ODE's solution, kept only "
             "where they beat the plain solver on the validation half) of its plain plan, for the same `VPDenoiser`, on "
             f"calibration noise of seed {cal['seed']} (disjoint from the evaluation seeds), n = {cal['n']}, a "

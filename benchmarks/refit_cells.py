@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from steindiff.calibrate import calibrate, plan_from_schedule
+from steindiff.calibration import calibrate, plan_from_schedule
 from steindiff.generate import generate
 from steindiff.io import save_json
 from steindiff.metrics import image_model_metrics

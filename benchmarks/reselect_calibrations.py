@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", help="a folder of trajectory calibration files (*.json)")
     p.add_argument("--guards", default=",".join(DEFAULT_GUARDS),
                    help="the guards to choose under, comma-separated (default: an image model's, "
-                        "steindiff.calibrate.default_guards)")
+                        "steindiff.calibration.default_guards)")
     p.add_argument("--rescore", action="store_true",
                    help="re-score the candidates with the current checks first (loads the model; module docstring)")
     p.add_argument("--dry-run", action="store_true", help="report the changes, write nothing")

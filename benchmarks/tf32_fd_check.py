@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from steindiff.calibrate import CALIBRATION_SEED, calibrated_plan
+from steindiff.calibration import CALIBRATION_SEED, calibrated_plan
 from steindiff.io import save_json
 from steindiff.models.registry import load_model
 from steindiff.plan import SamplingPlan, make_plan

@@ -11,14 +11,14 @@ and the imports have no cycle, imports inside functions included (``tests/test_l
 3. stabilizers: the :class:`~steindiff.stabilizers.Stabilizer` contract and its implementations;
 4. the sampling plan (``plan``: a budget to noise levels) and the sampling loop (``sampling``);
 5. what runs the loop: generation from a named model, the trajectory calibration, diagnostics;
-6. calibration files and the calibrated sampler (``calibrate``), multi-process sampling, training;
+6. calibration files and the calibrated sampler (``calibration``), multi-process sampling, training;
 7. the public ``sample`` (``api``), the benchmark, the diffusers and k-diffusion integrations;
 8. the command line.
 """
 
 from ._version import __version__
 from .api import sample
-from .calibrate import calibrated_plan
+from .calibration import calibrate, calibrated_plan
 from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
 from .plan import SamplingPlan, make_plan
 from .sampling import SampleResult, prior_noise
@@ -27,7 +27,7 @@ from .solvers import SOLVERS, get_solver
 
 __all__ = [
     "NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess",
-    "sample", "SampleResult", "prior_noise", "SamplingPlan", "make_plan", "calibrated_plan",
+    "sample", "SampleResult", "prior_noise", "SamplingPlan", "make_plan", "calibrate", "calibrated_plan",
     "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
     "SOLVERS", "get_solver", "__version__",
 ]

@@ -3,7 +3,7 @@
 A stabilizer given as a string goes through :func:`steindiff.stabilizers.make_stabilizer`;
 ``"auto"``, when it is the calibrated sampler (:data:`steindiff.stabilizers.registry.AUTO`), takes the
 trajectory calibration of this model, solver and noise levels from the cache, fitting it on first use
-(:func:`steindiff.calibrate.calibrated_plan`), and samples with its noise levels and gammas.
+(:func:`steindiff.calibration.calibrated_plan`), and samples with its noise levels and gammas.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .calibrate import calibrated_plan, conditioning_digest
+from .calibration import calibrated_plan, conditioning_digest
 from .models.registry import ModelSpec
 from .noise import NoiseProcess, VEProcess
 from .plan import SamplingPlan
@@ -37,7 +37,7 @@ def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence
     cache); ``process`` gives its noise range (default: VE from the smallest positive sigma to
     ``sigmas[0]``), ``calibration_dir`` the cache (default ``$XDG_CACHE_HOME/steindiff/calibrations``),
     ``calibrate=False`` uses only what is cached, and ``calibration_options`` go to
-    :func:`steindiff.calibrate.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``).  The calibration
+    :func:`steindiff.calibration.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``).  The calibration
     batch is drawn like ``x`` (same shape per sample, dtype and ``extra_args``).
     """
     if registry.resolves_to_calibrated(stabilizer):

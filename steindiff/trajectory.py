@@ -30,7 +30,7 @@ validation batch's noise (Wilcoxon's signed-rank statistic of the paired per-sam
 distance, as a z score, above ``significance``: a rank test, since a few samples that end in another mode
 hold most of the squared distance); ``residual``, its residual noise (:func:`residual_noise`) is no farther
 from the reference's than the plain solver's is, or within ``residual_tolerance`` of it. The residual check
-is recorded for every candidate; it gates only when named, which :func:`steindiff.calibrate.default_guards`
+is recorded for every candidate; it gates only when named, which :func:`steindiff.calibration.default_guards`
 does for exact mixtures (on the digits U-Net the candidates it rejected had the lower digits-FID). A
 calibration that cannot beat the plain solver returns the plain plan (all gammas 1) and says so.
 

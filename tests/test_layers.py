@@ -17,7 +17,7 @@ LAYERS = (
     ("steindiff.stabilizers",),
     ("steindiff.plan", "steindiff.sampling"),
     ("steindiff.generate", "steindiff.trajectory", "steindiff.diagnostics"),
-    ("steindiff.calibrate", "steindiff.distributed", "steindiff.train"),
+    ("steindiff.calibration", "steindiff.distributed", "steindiff.train"),
     ("steindiff.api", "steindiff.bench", "steindiff.integrations"),
     ("steindiff.cli", "steindiff.__main__"),
     ("steindiff",),

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..calibrate import CALIBRATION_SEED, calibrate, calibrated_plan
+from ..calibration import CALIBRATION_SEED, calibrate, calibrated_plan
 from ..diagnostics import RhoRecorder
 from ..generate import generate
 from ..metrics import image_model_metrics, mixture_metrics, traj_err
@@ -67,7 +67,7 @@ __all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost
 
 SCHEMA = "steindiff.bench/1"
 #: The calibrated sampler's label: trajectory calibration (:mod:`steindiff.trajectory`) fitted once per
-#: cell on calibration noise (seed :data:`~steindiff.calibrate.CALIBRATION_SEED`), applied to every seed.
+#: cell on calibration noise (seed :data:`~steindiff.calibration.CALIBRATION_SEED`), applied to every seed.
 TRAJECTORY = "cal:trajectory"
 COORDS = ("ve", "vp")
 #: Metrics of the summary, each as an "excess" over its floor (see :func:`excess`).

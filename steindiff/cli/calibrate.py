@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibrate import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key
+from ..calibration import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
 from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         base = dataclasses.replace(make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho),
                                    coords=args.coords)
     key = None
-    if args.calibration_dir is not None:  # the cache's layout (steindiff.calibrate.calibrated_plan)
+    if args.calibration_dir is not None:  # the cache's layout (steindiff.calibration.calibrated_plan)
         key = calibration_key(spec, base, fit=args.fit)
         args.out = str(cache_file(Path(args.calibration_dir), key))
         try:

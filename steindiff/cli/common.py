@@ -41,11 +41,11 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
 
 
 def auto_plan(args: argparse.Namespace, spec, base, *, calibrate_missing: bool):
-    """``--stabilizer auto`` as the calibrated sampler: :func:`~steindiff.calibrate.calibrated_plan` of ``base``
+    """``--stabilizer auto`` as the calibrated sampler: :func:`~steindiff.calibration.calibrated_plan` of ``base``
     with the options of :func:`add_calibration` (a one-line notice on stderr before a fit)."""
     import sys
 
-    from ..calibrate import calibrated_plan
+    from ..calibration import calibrated_plan
 
     return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=calibrate_missing,
                            progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))

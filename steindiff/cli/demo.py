@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate import calibrated_plan
+from ..calibration import calibrated_plan
 from ..generate import generate
 from ..io import save_json
 from ..plan import make_plan

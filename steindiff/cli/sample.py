@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load_schedule(args: argparse.Namespace, spec, base):
     """The plan of a calibration file, refused (naming the mismatch) when made for another configuration."""
-    from ..calibrate import model_fingerprint, plan_from_schedule
+    from ..calibration import model_fingerprint, plan_from_schedule
     from ..stabilizers.schedule import load_gamma_schedule
 
     with usage_errors(OSError, ValueError):

@@ -1,6 +1,6 @@
 """A calibration handed to an integration, as the :class:`~steindiff.plan.SamplingPlan` it describes.
 
-The calibrated sampler of :mod:`steindiff.calibrate` produces a plan (fitted noise levels and one
+The calibrated sampler of :mod:`steindiff.calibration` produces a plan (fitted noise levels and one
 ``gamma_k`` per step of SteinDiff's rectified update, Alg. 1 with fixed ``gamma``), saved as a
 ``steindiff.gamma-schedule/1`` file.  The integrations accept any of the three forms and refuse one
 that was made for another solve, naming what differs.

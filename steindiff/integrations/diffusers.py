@@ -9,7 +9,7 @@
   ``D = D_u + s (D_c - D_u)``, conditional and unconditional halves in one batched call.
 - :func:`sample_pipeline`: sample a diffusers pipeline's UNet with a steindiff solver (and
   stabilizer, or a calibrated sampler), decoding through the pipeline's VAE when it has one.
-- :func:`calibrate_pipeline`: the calibrated sampler of issue 9 (:mod:`steindiff.calibrate`) for a
+- :func:`calibrate_pipeline`: the calibrated sampler of issue 9 (:mod:`steindiff.calibration`) for a
   pipeline, over the user's prompt embeddings (or class labels) and guidance scale, cached by the
   UNet's weights and that conditioning.  :func:`pipeline_model` builds the model both of them use.
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibrate import calibrated_plan, conditioning_digest, default_cache_dir, model_fingerprint
+from ..calibration import calibrated_plan, conditioning_digest, default_cache_dir, model_fingerprint
 from ..models.denoisers import VPDenoiser
 from ..models.registry import ModelSpec
 from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumprod
@@ -196,7 +196,7 @@ class CFGDenoiser(nn.Module):
     conditional half and ``"uncond:" + key`` (:data:`UNCOND_PREFIX`) for the unconditional one, e.g.
     ``model(x, sigma, **{"encoder_hidden_states": c, "uncond:encoder_hidden_states": u})``.  Being
     per-sample extra arguments, they are split and cycled with the batch by the sampler and the
-    calibration (:func:`steindiff.calibrate.calibrate`); this is how :func:`sample_pipeline` and
+    calibration (:func:`steindiff.calibration.calibrate`); this is how :func:`sample_pipeline` and
     :func:`calibrate_pipeline` condition the model.  Other extra arguments go to both halves.
     """
 
@@ -302,7 +302,7 @@ class PipelineModel:
 
     def spec(self) -> ModelSpec:
         """The :class:`~steindiff.models.registry.ModelSpec` a calibration keys and fits: ``model`` (its
-        ``state_dict`` is the UNet's weights, the fingerprint of :func:`steindiff.calibrate.model_fingerprint`)
+        ``state_dict`` is the UNet's weights, the fingerprint of :func:`steindiff.calibration.model_fingerprint`)
         on the pipeline's VP process."""
         return ModelSpec(name=self.name, denoiser=self.model, process=self.process, sample_shape=self.sample_shape)
 
@@ -376,7 +376,7 @@ def _stderr_notice(msg: str) -> None:
 def _calibrated(pm: PipelineModel, base: SamplingPlan, *, cache_dir: str | os.PathLike | None,
                 calibrate_missing: bool, dtype: torch.dtype, progress: bool, notice: Callable[[str], None] | None,
                 options: dict) -> SamplingPlan:
-    """:func:`steindiff.calibrate.calibrated_plan` of ``pm`` over its conditioning (cycled to the
+    """:func:`steindiff.calibration.calibrated_plan` of ``pm`` over its conditioning (cycled to the
     calibration batch), keyed by :meth:`PipelineModel.conditioning_key`.  The notice is written here,
     without the timed model pass of ``calibrated_plan``'s own estimate (a full calibration batch through a
     large UNet)."""
@@ -438,7 +438,7 @@ def calibrate_pipeline(
     notice: Callable[[str], None] | None = _stderr_notice,
     **options: Any,
 ) -> SamplingPlan:
-    """The calibrated sampler (issue 9; :func:`steindiff.calibrate.calibrated_plan`, trajectory objective)
+    """The calibrated sampler (issue 9; :func:`steindiff.calibration.calibrated_plan`, trajectory objective)
     of a diffusers pipeline, over the user's conditioning: fitted on first use and cached.
 
     The model is the one :func:`sample_pipeline` samples with the same arguments (:func:`pipeline_model`:
@@ -446,7 +446,7 @@ def calibrate_pipeline(
     calibration batch sees ``prompt_embeds`` (a batch of embeddings, one per prompt; with guidance,
     ``negative_prompt_embeds`` of batch 1 or the same batch) and ``class_labels`` cycled to its size, so
     in the user's proportions.  The cache (``cache_dir``, default
-    :func:`steindiff.calibrate.default_cache_dir`) is keyed by the UNet's weights, the latent shape, the
+    :func:`steindiff.calibration.default_cache_dir`) is keyed by the UNet's weights, the latent shape, the
     process, ``solver``, the base noise levels (``nfe``, ``schedule``: ``karras``, ``logsnr``, ``time``
     or explicit VE sigmas) and :meth:`PipelineModel.conditioning_key`: the guidance scale, a hash of the
     embeddings and labels, the timestep convention and the prediction type.  A different guidance
@@ -454,7 +454,7 @@ def calibrate_pipeline(
 
     ``notice`` gets a one-line message before a calibration starts (default: standard error; ``None``
     for none).  ``calibrate_missing=False`` only reads the cache (the plain plan when nothing is
-    cached).  ``options`` go to :func:`steindiff.calibrate.calibrate` (``n``, ``ref_steps``,
+    cached).  ``options`` go to :func:`steindiff.calibration.calibrate` (``n``, ``ref_steps``,
     ``max_solves``, ``max_seconds``, ``seed``, ``fit``, ...).  Apply the result with
     ``sample_pipeline(pipe, ..., calibration=plan)`` or a k-diffusion-style ``sample_*(...,
     calibration=plan)`` function; ``plan.meta["diffusers"]`` records the conditioning it was made for.
@@ -544,7 +544,7 @@ def sample_pipeline(
     (:func:`steindiff.stabilizers.make_stabilizer`); ``"auto"``, when it is the calibrated sampler
     (:data:`steindiff.stabilizers.registry.AUTO`), is :func:`calibrate_pipeline` over this call's
     conditioning (cache ``calibration_dir``; ``calibrate=False`` only reads the cache;
-    ``calibration_options`` go to :func:`steindiff.calibrate.calibrate`).
+    ``calibration_options`` go to :func:`steindiff.calibration.calibrate`).
     ``calibration``: a calibrated sampler to apply (a :class:`~steindiff.plan.SamplingPlan` from
     :func:`calibrate_pipeline`, a :class:`~steindiff.stabilizers.schedule.GammaSchedule` or the path of a
     calibration file): its solver, noise levels and gammas are used; ``solver``, ``nfe``, ``schedule`` and

@@ -12,7 +12,7 @@ denoised estimate).  ``disable``: ``None`` or ``True`` hides the progress bar, `
 The functions return the final ``x`` in the input's dtype.  ``stabilizer`` and
 solver options (``order``, ...) are steindiff's; these wrappers add nothing solver-specific.
 
-``calibration``: a calibrated sampler (:mod:`steindiff.calibrate`, issue 9) as a
+``calibration``: a calibrated sampler (:mod:`steindiff.calibration`, issue 9) as a
 :class:`~steindiff.plan.SamplingPlan`, a :class:`~steindiff.stabilizers.schedule.GammaSchedule` or
 the path of a calibration JSON file.  The solve then runs over the calibration's noise levels with its
 per-step ``gamma`` (SteinDiff's rectified update with fixed ``gamma``): exactly

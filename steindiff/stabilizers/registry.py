@@ -39,7 +39,7 @@ STABILIZERS: dict[str, Callable[..., Stabilizer | None]] = {
 }
 
 
-#: ``auto`` as the calibrated sampler (:func:`steindiff.calibrate.calibrated_plan`): it changes the sampling
+#: ``auto`` as the calibrated sampler (:func:`steindiff.calibration.calibrated_plan`): it changes the sampling
 #: plan (gammas and noise levels), so it is resolved where the plan is made, not by :func:`make_stabilizer`.
 CALIBRATED = "calibrated"
 
@@ -60,7 +60,7 @@ def _auto(name: str, spec: Any, **kw: Any) -> Stabilizer | None:
     if resolves_to_calibrated(name):
         raise ValueError("'auto' is the calibrated sampler, which sets the noise levels too: use "
                          "steindiff.sample(..., stabilizer='auto'), `steindiff sample --stabilizer auto`, or "
-                         "steindiff.calibrate.calibrated_plan")
+                         "steindiff.calibration.calibrated_plan")
     return make_stabilizer(AUTO, spec, **kw)
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from steindiff.calibrate import calibrate
+from steindiff.calibration import calibrate
 from steindiff.models.registry import load_model
 from steindiff.stabilizers.schedule import load_gamma_schedule
 from steindiff.trajectory import choose_candidate

@@ -81,7 +81,7 @@ def test_sample_auto_calibrates_once_into_the_cache(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
     args = ["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "50", "--stabilizer", "auto",
             "--calibration-dir", str(tmp_path), "--json", "--no-progress"]
-    import steindiff.calibrate as cal
+    import steindiff.calibration as cal
 
     real = cal.calibrate
     monkeypatch.setattr(cal, "calibrate", lambda *a, **k: real(*a, **{**k, "n": 64, "ref_steps": 40, "max_solves": 20}))

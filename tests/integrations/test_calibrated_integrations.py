@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import steindiff as sd
-import steindiff.calibrate as cal_mod
+import steindiff.calibration as cal_mod
 import steindiff.stabilizers.registry as reg
-from steindiff.calibrate import calibrate, plan_from_schedule
+from steindiff.calibration import calibrate, plan_from_schedule
 from steindiff.integrations import kdiffusion as kd
 from steindiff.models import get_gmm
 from steindiff.models.registry import load_model

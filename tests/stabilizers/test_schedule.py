@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from steindiff.calibrate import calibrate
+from steindiff.calibration import calibrate
 from steindiff.generate import generate
 from steindiff.models.registry import load_model
 from steindiff.stabilizers.schedule import GammaSchedule, load_gamma_schedule

@@ -1,12 +1,12 @@
-"""steindiff.calibrate: the trajectory objective's file, the fingerprint, and the cache behind ``auto``."""
+"""steindiff.calibration: the trajectory objective's file, the fingerprint, and the cache behind ``auto``."""
 
 import json
 
 import pytest
 import torch
 
-import steindiff.calibrate as cal
-from steindiff.calibrate import calibrate, calibrated_plan, model_fingerprint, plan_from_schedule
+import steindiff.calibration as cal
+from steindiff.calibration import calibrate, calibrated_plan, model_fingerprint, plan_from_schedule
 from steindiff.models.gmm import GaussianMixture
 from steindiff.models.registry import ModelSpec, load_model
 from steindiff.noise import VEProcess
