@@ -19,14 +19,14 @@ and the imports have no cycle, imports inside functions included (``tests/test_l
 from ._version import __version__
 from .api import sample
 from .calibration import calibrate, calibrated_plan
-from .noise import ContinuousVPProcess, DiscreteVPProcess, NoiseProcess, VEProcess
+from .noise import ContinuousVPProcess, DiscreteVPProcess, FlowProcess, NoiseProcess, VEProcess
 from .plan import SamplingPlan, make_plan
 from .sampling import SampleResult, prior_noise
 from .schedules import get_sigmas, karras_sigmas, logsnr_sigmas, time_sigmas, validate_sigmas
 from .solvers import SOLVERS, get_solver
 
 __all__ = [
-    "NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess",
+    "NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess", "FlowProcess",
     "sample", "SampleResult", "prior_noise", "SamplingPlan", "make_plan", "calibrate", "calibrated_plan",
     "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
     "SOLVERS", "get_solver", "__version__",

@@ -1,6 +1,7 @@
 """Noise processes: alpha(t), sigma(t) and log-SNR lambda(t), and VP <-> VE coordinates.
 
-A forward process ``x_t = alpha_t x0 + sigma_t eps`` (VP) is described by its VE
+A forward process ``x_t = alpha_t x0 + sigma_t eps`` (VP, or flow matching with ``alpha_t = 1 - t``,
+``sigma_t = t``) is described by its VE
 ("EDM", k-diffusion) noise level ``sigma_ve = sigma_t / alpha_t``; in VE coordinates
 ``x_ve = x_vp / alpha_t`` and ``alpha = 1``.  All solvers in this package work in VE
 coordinates with ``lambda = -log(sigma_ve)`` (Lu et al. 2022, DPM-Solver, Sec. 3), which
@@ -15,7 +16,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-__all__ = ["NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess", "betas_for_schedule",
+__all__ = ["NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess", "FlowProcess", "betas_for_schedule",
            "zero_snr_alphas_cumprod", "vp_alpha", "log_snr", "sigma_from_log_snr", "coordinate_scales"]
 
 
@@ -233,3 +234,51 @@ class ContinuousVPProcess(NoiseProcess):
         s = self.cosine_s
         c = torch.exp(log_a + math.log(math.cos(s / (1 + s) * math.pi / 2)))
         return torch.acos(c.clamp(-1, 1)) * 2 / math.pi * (1 + s) - s
+
+
+class FlowProcess(NoiseProcess):
+    """Flow matching / rectified flow: ``x_t = (1 - t) x0 + t eps`` on ``t in [t_min, t_max]``
+    (Lipman et al. 2023; Liu et al. 2023; Esser et al. 2024, Stable Diffusion 3, Sec. 2).
+
+    In VE coordinates ``sigma = t / (1 - t)`` and ``x_ve = x_t / (1 - t)``, so the signal scale is
+    ``alpha(sigma) = 1 - t = 1 / (1 + sigma)`` and the log-SNR ``log((1 - t) / t) = -log sigma``, as for
+    every other process: the solvers run on it unchanged.  The time shift of SD3 and FLUX acts on the
+    sampling schedule, not on the process (:func:`steindiff.schedules.flow_time_shift`).
+
+    The prior is the flow's own, ``x_t ~ N(0, I)`` at ``t_max`` whatever the data (as flow pipelines draw
+    it), so the VE state's scale is ``1 + sigma_max`` (:meth:`prior_scale`).  ``t = 1`` itself has no VE
+    noise level (``sigma = inf``): ``t_max`` must be below 1.
+    """
+
+    name = "flow"
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
+        if not (0 < t_min < t_max < 1):
+            raise ValueError(f"need 0 < t_min < t_max < 1 (t = 1 has no VE noise level), got t_min={t_min}, "
+                             f"t_max={t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.sigma_min = float(self.t_to_sigma(self.t_min))
+        self.sigma_max = float(self.t_to_sigma(self.t_max))
+
+    def alpha(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``1 - t = 1 / (1 + sigma)``."""
+        return 1.0 / (1.0 + torch.as_tensor(sigma, dtype=torch.float64))
+
+    @staticmethod
+    def t_to_sigma(t: torch.Tensor | float) -> torch.Tensor:
+        """``sigma = t / (1 - t)`` (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return t / (1.0 - t)
+
+    @staticmethod
+    def sigma_to_t(sigma: torch.Tensor | float) -> torch.Tensor:
+        """``t = sigma / (1 + sigma)`` (float64; the inverse of :meth:`t_to_sigma`)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return sigma / (1.0 + sigma)
+
+    def prior_scale(self, sigma_max: float) -> float:
+        """``x_t ~ N(0, I)`` at ``sigma_max``, so ``x_ve = eps / (1 - t) = eps (1 + sigma_max)``."""
+        return 1.0 + float(sigma_max)
+
+    def __repr__(self) -> str:
+        return f"FlowProcess(t_min={self.t_min:.6g}, t_max={self.t_max:.6g})"

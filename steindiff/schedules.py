@@ -13,7 +13,8 @@ import torch
 
 from .noise import DiscreteVPProcess, NoiseProcess
 
-__all__ = ["SCHEDULES", "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas"]
+__all__ = ["SCHEDULES", "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
+           "flow_time_shift"]
 
 SCHEDULES = ("karras", "logsnr", "time")
 
@@ -69,6 +70,24 @@ def time_sigmas(n: int, process: NoiseProcess, final_zero: bool = True) -> torch
         t = torch.linspace(process.t_max, process.t_min, n, dtype=torch.float64)  # type: ignore[attr-defined]
         return _append_zero(process.t_to_sigma(t), final_zero)  # type: ignore[attr-defined]
     return _append_zero(torch.linspace(process.sigma_max, process.sigma_min, n, dtype=torch.float64), final_zero)
+
+
+def flow_time_shift(t: torch.Tensor | float, shift: float = 1.0, *, mu: float | None = None,
+                    kind: str = "exponential") -> torch.Tensor:
+    """The time shift of flow-matching samplers (Esser et al. 2024, Eq. 23): with a static ``shift``
+    ``t' = shift t / (1 + (shift - 1) t)``; with dynamic shifting by resolution (FLUX) ``mu`` replaces it:
+    ``kind="exponential"``: ``t' = e^mu / (e^mu + (1/t - 1))``, ``kind="linear"``: ``t' = mu / (mu + (1/t - 1))``
+    (diffusers' ``time_shift_type``).  Float64; ``t`` in ``(0, 1]``."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if mu is None:
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        return shift * t / (1 + (shift - 1) * t)
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    if kind == "linear":
+        return mu / (mu + (1 / t - 1))
+    raise ValueError(f"unknown time shift kind {kind!r}; choose exponential or linear")
 
 
 def _check(n: int, sigma_min: float, sigma_max: float) -> None:

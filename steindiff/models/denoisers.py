@@ -1,5 +1,6 @@
 """Denoisers ``D(x, sigma, **extra) -> x0_hat`` in VE coordinates, and adapters that turn
-epsilon-, v-, x0- or score-prediction networks on a VP process into one.
+epsilon-, v-, x0- or score-prediction networks on a VP process, or velocity-prediction networks on a
+flow-matching process, into one.
 
 Convention (k-diffusion): ``x = x0 + sigma * eps`` with ``sigma`` the VE noise level, passed as a
 tensor of shape ``(batch,)``.  A VP network sees ``x_vp = alpha x`` with ``alpha = 1/sqrt(1+sigma^2)``.
@@ -12,11 +13,13 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 from torch import nn
 
-from ..noise import ContinuousVPProcess, DiscreteVPProcess, vp_alpha
+from ..noise import ContinuousVPProcess, DiscreteVPProcess, FlowProcess, vp_alpha
 
-__all__ = ["Denoiser", "Preconditioned", "VPDenoiser", "EDMPrecond", "edm_coefficients", "PREDICTION_TYPES"]
+__all__ = ["Denoiser", "Preconditioned", "VPDenoiser", "EDMPrecond", "FlowDenoiser", "edm_coefficients",
+           "PREDICTION_TYPES", "FLOW_PREDICTION_TYPES"]
 
 PREDICTION_TYPES = ("epsilon", "v", "x0", "score")
+FLOW_PREDICTION_TYPES = ("velocity", "x0", "epsilon")
 
 
 class Denoiser(Protocol):
@@ -126,3 +129,36 @@ class EDMPrecond(Preconditioned):
     def coefficients(self, sigma: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma if x is None else _bcast(sigma, x), self.sigma_data)
         return c_skip, c_out, c_in, c_noise.reshape(-1)
+
+
+class FlowDenoiser(Preconditioned):
+    """Wrap a network ``net(x_t, t, **extra)`` trained by flow matching (``x_t = (1 - t) x0 + t eps``,
+    :class:`~steindiff.noise.FlowProcess`) into a VE denoiser.
+
+    The network sees ``x_t = x / (1 + sigma)`` (``c_in = 1 - t``) and ``t = sigma / (1 + sigma)`` times
+    ``time_scale`` (1 for FLUX-style models, 1000 for SD3-style ones, as the model was trained); from its
+    output ``F``:
+
+    - ``velocity``: ``F = eps - x0`` (rectified flow, SD3, FLUX), ``D = x_t - t F``
+    - ``x0``:       ``D = F``
+    - ``epsilon``:  ``D = (x_t - t F) / (1 - t)``
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor], process: FlowProcess | None = None,
+                 prediction: Literal["velocity", "x0", "epsilon"] = "velocity", time_scale: float = 1.0,
+                 dtype: torch.dtype | None = None):
+        super().__init__(net, dtype)
+        if prediction not in FLOW_PREDICTION_TYPES:
+            raise ValueError(f"unknown flow prediction type {prediction!r}; choose one of "
+                             f"{', '.join(FLOW_PREDICTION_TYPES)}")
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        self.process = process if process is not None else FlowProcess()
+        self.prediction, self.time_scale = prediction, float(time_scale)
+
+    def coefficients(self, sigma: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        s = sigma if x is None else _bcast(sigma, x)
+        c_in = 1 / (1 + s)  # 1 - t
+        t = s * c_in
+        c_skip, c_out = {"velocity": (c_in, -t), "x0": (0.0, 1.0), "epsilon": (1.0, -s)}[self.prediction]
+        return c_skip, c_out, c_in, FlowProcess.sigma_to_t(sigma.detach().reshape(-1)) * self.time_scale
