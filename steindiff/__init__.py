@@ -3,8 +3,8 @@
 The package is built in layers, lowest first; a module imports only from its own layer or lower ones,
 and the imports have no cycle, imports inside functions included (``tests/test_layers.py`` checks both):
 
-0. foundations: file output (``io``), devices, figures (``plotting``), noise processes (``noise``:
-   alpha, sigma, log-SNR, VP <-> VE);
+0. foundations: file output (``io``), devices, figures (``plotting``), model fingerprints (``fingerprint``),
+   noise processes (``noise``: alpha, sigma, log-SNR, VP <-> VE);
 1. noise-level schedules, solvers (one step operator each), image datasets (``data``), metrics of
    samples;
 2. models: denoisers and adapters, exact mixtures, the U-Net, checkpoints, named models;

@@ -15,7 +15,7 @@ import torch
 
 from .calibration import calibrated_plan, conditioning_digest
 from .models.registry import ModelSpec
-from .noise import NoiseProcess, VEProcess
+from .noise import NoiseProcess
 from .plan import SamplingPlan
 from .sampling import SampleResult
 from .sampling import sample as run_loop
@@ -29,29 +29,38 @@ __all__ = ["sample"]
 def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
            solver: str | Solver = "euler", *, stabilizer: Stabilizer | str | None = None,
            process: NoiseProcess | None = None, calibration_dir: str | os.PathLike | None = None,
-           calibrate: bool = True, calibration_options: dict | None = None, **kwargs: Any) -> SampleResult:
+           calibrate: bool = True, calibration_options: dict | None = None, fingerprint: str | None = None,
+           notice: Callable[[str], None] | None = None, **kwargs: Any) -> SampleResult:
     """Solve the PF-ODE from ``x`` down ``sigmas`` (see :func:`steindiff.sampling.sample` for ``kwargs``).
 
     ``stabilizer``: an object, ``None``, or a name (``"stein"``, ``"stein-energy"``, ``"auto"``, ...).
-    With ``"auto"`` as the calibrated sampler the model must have a ``state_dict`` (its weights key the
-    cache); ``process`` gives its noise range (default: VE from the smallest positive sigma to
-    ``sigmas[0]``), ``calibration_dir`` the cache (default ``$XDG_CACHE_HOME/steindiff/calibrations``),
-    ``calibrate=False`` uses only what is cached, and ``calibration_options`` go to
-    :func:`steindiff.calibration.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``).  The calibration
-    batch is drawn like ``x`` (same shape per sample, dtype and ``extra_args``).
+    With ``"auto"`` as the calibrated sampler the calibration of this model, solver and noise levels is
+    taken from the model's shipped calibrations or the cache, or fitted now and cached
+    (:func:`steindiff.calibration.calibrated_plan`).  Then ``process`` is the model's noise process (taken
+    from ``model.process`` when it has one, e.g. :class:`~steindiff.models.VPDenoiser`; else required: the
+    calibration noise is drawn from it), ``calibration_dir`` the cache (default
+    ``$XDG_CACHE_HOME/steindiff/calibrations``), ``calibrate=False`` uses only what is shipped or cached,
+    ``calibration_options`` go to :func:`steindiff.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``; defaults:
+    :data:`steindiff.calibration.CALIBRATION_DEFAULTS`, the same as every other entry point), ``fingerprint``
+    names the model where its contents cannot be read (:func:`steindiff.calibration.model_fingerprint`), and
+    ``notice`` receives one line before a fit starts (default: a warning).  The calibration batch is drawn like
+    ``x`` (same shape per sample and ``extra_args``).
     """
     if registry.resolves_to_calibrated(stabilizer):
         sig = validate_sigmas(sigmas)
-        if process is None:
-            process = VEProcess(float(sig[sig > 0].min()), float(sig[0]))
+        process = process if process is not None else getattr(model, "process", None)
+        if not isinstance(process, NoiseProcess):
+            raise ValueError("stabilizer='auto' calibrates the model from its own prior noise, so it needs the model's "
+                             "noise process: pass process= (e.g. steindiff.VEProcess(sigma_min, sigma_max) for a "
+                             "k-diffusion-style VE denoiser, the DiscreteVPProcess of a VP model)")
         name = type(getattr(model, "_orig_mod", model)).__name__
-        spec = ModelSpec(name=name, denoiser=model, process=process, sample_shape=tuple(x.shape[1:]))
+        spec = ModelSpec(name=name, denoiser=model, process=process, sample_shape=tuple(x.shape[1:]),
+                         fingerprint=fingerprint)
         solver_name = solver if isinstance(solver, str) else solver.name
         base = SamplingPlan(solver_name, sig, "custom", solver_options=kwargs.get("solver_options") or {})
         extra = kwargs.get("extra_args")
-        plan = calibrated_plan(spec, base, cache_dir=calibration_dir, calibrate_missing=calibrate,
-                               dtype=x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32,
-                               extra_args=extra, conditioning=conditioning_digest(extra), **(calibration_options or {}))
+        plan = calibrated_plan(spec, base, cache_dir=calibration_dir, calibrate_missing=calibrate, extra_args=extra,
+                               conditioning=conditioning_digest(extra), notice=notice, **(calibration_options or {}))
         sigmas, stabilizer = plan.sigmas, plan.stabilizer()
     elif isinstance(stabilizer, str):
         stabilizer = make_stabilizer(stabilizer)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .fingerprint import AmbiguousIdentity, fingerprint
 from .generate import generate
 from .io import check_writable
 from .metrics import sliced_w2
@@ -40,12 +42,23 @@ from .stabilizers import make_stabilizer
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
 from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajectory
 
-__all__ = ["calibrate", "calibrated_plan", "calibration_key", "cache_file", "conditioning_digest", "default_cache_dir",
-           "default_guards", "plan_from_schedule", "OBJECTIVES", "model_fingerprint", "CALIBRATION_SEED"]
+__all__ = ["calibrate", "calibrated_plan", "calibration_key", "calibration_options", "cache_file",
+           "conditioning_digest", "default_cache_dir", "default_guards", "plan_from_schedule", "OBJECTIVES",
+           "model_fingerprint", "CALIBRATION_SEED", "CALIBRATION_DEFAULTS"]
 
 OBJECTIVES = ("trajectory", "variant", "reference")
 #: Default seed of the calibration noise: far from the evaluation seeds (0, 1, 2, ...) of the benchmarks.
 CALIBRATION_SEED = 12345
+#: The defaults of every way to calibrate (:func:`calibrate`, :func:`calibrated_plan`, ``sample(stabilizer="auto")``,
+#: ``steindiff calibrate``, ``--stabilizer auto``, the diffusers and k-diffusion bridges), for the options a model
+#: may set for itself in ``spec.info["calibration_defaults"]`` (the shipped models do: the options their shipped
+#: calibrations were fitted with).  ``n``: 512 for the trajectory objective (half of it validates), 1000 otherwise;
+#: ``guards``: :func:`default_guards`.  Every other option's default is in :func:`calibrate`'s signature.
+CALIBRATION_DEFAULTS: dict[str, Any] = {"n": None, "dtype": "float32", "ref_solver": "dpmpp_2m", "ref_steps": 200,
+                                        "max_solves": 200, "max_seconds": 60.0, "guards": None}
+# what calibrate() takes that does not change its result, or that the plan and the key record elsewhere
+_NOT_OPTIONS = {"spec", "plan", "solver", "nfe", "schedule", "rho", "coords", "progress", "ref", "extra_args",
+                "reference", "batch_size", "jacobian_batch"}
 
 
 def _hash_value(h: "hashlib._Hash", v: Any) -> None:
@@ -71,20 +84,24 @@ def conditioning_digest(cond: dict | None) -> str | None:
 
 
 def model_fingerprint(spec: ModelSpec) -> str:
-    """A hash of the model's weights (``state_dict``) or mixture parameters, and its noise range."""
-    h = hashlib.sha256()
-    den = spec.denoiser
-    if spec.gmm is not None:
-        g = spec.gmm
-        tensors = [("means", g.means), ("weights", g.weights), ("basis", g.basis), ("lam", g.lam), ("s2", g.s2)]
-    elif hasattr(den, "state_dict"):
-        tensors = sorted(den.state_dict().items())
+    """What a calibration cache knows a model by: a hash of the model's contents
+    (:func:`steindiff.fingerprint.fingerprint`: weights, buffers, attributes, a function's code and closure),
+    or of ``spec.fingerprint`` when the user gives one, with its noise process and sample shape.
+
+    Raises :class:`~steindiff.fingerprint.AmbiguousIdentity` (a ``ValueError``) naming ``fingerprint=`` and
+    ``--model-name`` when the model's contents cannot be read."""
+    if spec.fingerprint is not None:
+        ident = f"user:{spec.fingerprint}"
     else:
-        raise ValueError(f"cannot fingerprint model {spec.name!r}: it has no state_dict and is not a mixture")
-    for name, t in tensors:
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
-    h.update(f"{spec.process!r}{tuple(spec.sample_shape)}".encode())
+        try:
+            ident = fingerprint(spec.denoiser)
+        except AmbiguousIdentity as e:
+            raise AmbiguousIdentity(f"cannot fingerprint model {spec.name!r}: {e}; give it an identity of your own "
+                                    "(fingerprint= in Python: ModelSpec(..., fingerprint='my-model-v1') or "
+                                    "sample(..., fingerprint=...); --model-name on the command line)") from None
+    h = hashlib.sha256(ident.encode())
+    h.update(fingerprint(spec.process).encode())
+    h.update(repr(tuple(spec.sample_shape)).encode())
     return h.hexdigest()[:16]
 
 
@@ -119,14 +136,14 @@ def calibrate(
     grid: tuple[float, float, float] = (0.5, 1.5, 0.1),
     sweeps: int = 2,
     probes: int = 5,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     progress: bool = False,
     rho: float = 7.0,
-    ref_solver: str = "dpmpp_2m",
-    ref_steps: int = 200,
+    ref_solver: str | None = None,
+    ref_steps: int | None = None,
     ref: ReferenceSolve | None = None,
-    max_solves: int = 200,
-    max_seconds: float = 60.0,
+    max_solves: int | None = None,
+    max_seconds: float | None = None,
     guards: Sequence[str] | None = None,
     extra_args: dict | None = None,
     jacobian_batch: int | None = None,
@@ -143,36 +160,72 @@ def calibrate(
     ``ref`` (a reference solve of the same noise to reuse), ``max_solves``/``max_seconds`` (budget of
     the refinement), ``guards`` (the checks a candidate must pass, :data:`~steindiff.trajectory.GUARDS`;
     default :func:`default_guards`), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
+    Options left at ``None`` take :data:`CALIBRATION_DEFAULTS`, or the model's own defaults
+    (``spec.info["calibration_defaults"]``): :func:`calibration_options` resolves them, for every entry point.
     Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes and
     ``jacobian_precision`` sets their precision (:class:`~steindiff.stabilizers.GammaStabilizer`).
+    The model's identity (:func:`model_fingerprint`) is checked before any work.
     """
     if objective is None:
         objective = "trajectory" if variant is None else ("reference" if variant == "reference" else "variant")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     variant = variant or "stein-energy"
+    fingerprint_ = model_fingerprint(spec)  # an unidentifiable model is refused before any work
+    o = calibration_options(spec, objective=objective, n=n, dtype=dtype, ref_solver=ref_solver, ref_steps=ref_steps,
+                            max_solves=max_solves, max_seconds=max_seconds, guards=guards)
+    n, dtype = o["n"], getattr(torch, o["dtype"])
     base = plan if plan is not None else make_plan(spec.process, solver, nfe, schedule, rho=rho)
     if base.coords != coords:  # the coordinates of the rescaled update are part of the plan
         base = dataclasses.replace(base, coords=coords)
-    if n is None:
-        n = 512 if objective == "trajectory" else 1000
     meta: dict[str, Any] = {
         "model": spec.name, "solver": base.solver, "schedule": base.schedule, "nfe": base.nfe,
         "sigmas": [float(s) for s in base.sigmas], "base_sigmas": [float(s) for s in base.sigmas],
         "objective": objective, "variant": variant if objective == "variant" else objective,
-        "calibration": {"n": n, "seed": seed, "uses_reference_data": objective == "reference"},
+        "fingerprint": fingerprint_, "calibration": {"n": n, "seed": seed, "dtype": o["dtype"],
+                                                     "uses_reference_data": objective == "reference"},
     }
     if objective == "trajectory":
         return _calibrate_trajectory(spec, base, meta, n, seed, dtype, fit=fit, progress=progress, ref=ref,
-                                     ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
-                                     max_seconds=max_seconds, guards=default_guards(spec) if guards is None else guards,
-                                     extra_args=extra_args)
+                                     ref_solver=o["ref_solver"], ref_steps=o["ref_steps"], max_solves=o["max_solves"],
+                                     max_seconds=o["max_seconds"], guards=o["guards"], extra_args=extra_args)
     if objective == "variant":
         return _calibrate_variant(spec, base, meta, n, seed, dtype, variant, probes=probes,
                                   jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision,
                                   batch_size=batch_size, progress=progress)
     return _calibrate_reference(spec, base, meta, n, seed, dtype, reference, grid=grid, sweeps=sweeps,
                                 batch_size=batch_size, progress=progress)
+
+
+_CALIBRATE_PARAMETERS = inspect.signature(calibrate).parameters
+
+
+def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
+    """Every option of :func:`calibrate` that changes its result, resolved the one way all entry points
+    resolve them: ``options`` given (not ``None``), else the model's own defaults
+    (``spec.info["calibration_defaults"]``), else :data:`CALIBRATION_DEFAULTS`, else :func:`calibrate`'s
+    signature.  Values are normalised for a file (a dtype by name, guards as a list); this is the ``options``
+    part of a calibration's cache key (:func:`calibration_key`)."""
+    params = _CALIBRATE_PARAMETERS
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"unknown calibration option(s) {', '.join(unknown)}; see steindiff.calibrate")
+    out = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in _NOT_OPTIONS}
+    out.update(CALIBRATION_DEFAULTS)
+    out.update((spec.info or {}).get("calibration_defaults") or {})
+    out.update({k: v for k, v in options.items() if v is not None and k not in _NOT_OPTIONS})
+    if out["objective"] is None:
+        out["objective"] = "trajectory" if out["variant"] is None else (
+            "reference" if out["variant"] == "reference" else "variant")
+    if out["n"] is None:
+        out["n"] = 512 if out["objective"] == "trajectory" else 1000
+    dt = out["dtype"]
+    out["dtype"] = str(dt).removeprefix("torch.") if isinstance(dt, torch.dtype) else str(dt)
+    if out["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"calibration dtype must be float32 or float64, got {dt!r}")
+    guards = default_guards(spec) if out["guards"] is None else out["guards"]
+    out["guards"] = [g for g in guards.split(",") if g] if isinstance(guards, str) else list(guards)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(out.items())}
 
 
 def default_guards(spec: ModelSpec) -> tuple[str, ...]:
@@ -198,7 +251,7 @@ def _calibrate_trajectory(spec: ModelSpec, base: SamplingPlan, meta: dict, n: in
                             extra_args=_tile_batch(extra_args, n), progress=progress, **options)
     rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0, "device": str(noise.device),
            "torch_threads": torch.get_num_threads()}
-    meta.update(name="calibrated:trajectory", fingerprint=model_fingerprint(spec), calibration=rec)
+    meta.update(name="calibrated:trajectory", calibration=rec)
     return result.schedule(meta)
 
 
@@ -276,14 +329,17 @@ def default_cache_dir() -> Path:
     return Path(root) / "steindiff" / "calibrations"
 
 
-def calibration_key(spec: ModelSpec, base: SamplingPlan, *, fit: str = "both", conditioning: str | None = None) -> dict:
-    """What a cached calibration is valid for: the model's weights, the solver and its options, the
-    plain plan's noise levels (schedule, NFE, noise range), the coordinates, the fit and the
-    conditioning (e.g. a hash of the prompt embeddings and the guidance scale)."""
+def calibration_key(spec: ModelSpec, base: SamplingPlan, *, conditioning: str | None = None,
+                    options: dict | None = None) -> dict:
+    """What a cached calibration is valid for: the model (:func:`model_fingerprint`: its contents, noise process
+    and sample shape), the solver and its options, the plain plan's noise levels (schedule, NFE, noise range),
+    the coordinates, the conditioning (e.g. a hash of the prompt embeddings and the guidance scale) and every
+    option that changes the fit (:func:`calibration_options` of ``options``: batch, seed, dtype, fine solve,
+    budget, guards, ...)."""
     return {"fingerprint": model_fingerprint(spec), "model": spec.name, "solver": base.solver,
             "solver_options": dict(sorted(base.solver_options.items())), "schedule": base.schedule, "nfe": base.nfe,
-            "base_sigmas": [round(float(s), 12) for s in base.sigmas], "coords": base.coords, "fit": fit,
-            "conditioning": conditioning}
+            "base_sigmas": [round(float(s), 12) for s in base.sigmas], "coords": base.coords,
+            "conditioning": conditioning, "options": calibration_options(spec, **(options or {}))}
 
 
 def cache_file(root: Path, key: dict) -> Path:
@@ -304,57 +360,103 @@ def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan
 
 
 def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.PathLike | None = None,
-                    calibrate_missing: bool = True, fit: str = "both", conditioning: str | None = None,
-                    extra_args: dict | None = None, dtype: torch.dtype | None = None, progress: bool = False,
-                    notice: Callable[[str], None] | None = None, **options: Any) -> SamplingPlan:
+                    calibrate_missing: bool = True, conditioning: str | None = None, extra_args: dict | None = None,
+                    progress: bool = False, notice: Callable[[str], None] | None = None,
+                    ref: ReferenceSolve | None = None, **options: Any) -> SamplingPlan:
     """The trajectory-calibrated version of the plain plan ``base`` for ``spec``: shipped with the model
     (``spec.info["calibrations"]``, a folder of calibration files, e.g. the digits model's), else from the
     cache (``cache_dir``, default :func:`default_cache_dir`), else fitted now and cached.
 
-    Falls back to ``base`` (the plain solver) with a warning when the cache cannot be written, and
-    without one when ``calibrate_missing`` is false.  ``notice`` receives a one-line message before
-    a calibration starts (what is fitted, about how long).  A cached file that is corrupt or made for
-    another configuration is ignored with a warning and fitted again.  ``options`` go to :func:`calibrate`.
+    ``options`` go to :func:`calibrate` (``fit``, ``n``, ``dtype``, ``max_solves``, ...); they are resolved by
+    :func:`calibration_options` and are part of the cache key, so a calibration made with other options is
+    another file: it is never used in their place.  ``ref``: a reference solve of the calibration noise to
+    reuse (it must be the one ``options`` describe).  The model's identity is checked before any work.
+
+    Falls back to ``base`` (the plain solver) when the cache cannot be written, and when ``calibrate_missing``
+    is false and nothing matches.  ``notice`` receives one line before a calibration starts (what is fitted, about
+    how long), and one for a cached file that is unreadable or made with other options (what is wrong, and what
+    happens instead); without ``notice`` those lines are warnings.
     """
+    say = notice if notice is not None else (lambda m: warnings.warn(m, stacklevel=3))
+    opts = calibration_options(spec, objective="trajectory", **options)
+    key = calibration_key(spec, base, conditioning=conditioning, options=opts)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = calibration_key(spec, base, fit=fit, conditioning=conditioning)
     path = cache_file(root, key)
     shipped = (spec.info or {}).get("calibrations")  # read-only calibrations shipped with a model
-    for p in ([cache_file(Path(shipped), key)] if shipped else []) + [path]:
+    folders = ([Path(shipped)] if shipped else []) + [root]
+    instead = "fitting it again" if calibrate_missing else "using the plain solver"
+    for p in [cache_file(f, key) for f in folders]:
         if not p.exists():
             continue
         try:
             sched = load_gamma_schedule(p)
             if sched.meta.get("key") != key:
-                raise ValueError("it was made for another configuration")
+                raise ValueError("made for another configuration: " + _key_difference(sched.meta.get("key"), key))
             return plan_from_schedule(sched, base)
         except (OSError, ValueError) as e:
-            warnings.warn(f"ignoring the cached calibration {str(p)!r} ({e}); calibrating again", stacklevel=2)
+            say(f"steindiff: ignoring the cached calibration {str(p)!r} ({e}); {instead}")
+    for p, diff in _near_misses(folders, key):
+        say(f"steindiff: the calibration {str(p)!r} is for this model and plan but other options ({diff}); "
+            f"not used, {instead}")
     if not calibrate_missing:
         return base
     try:
         root.mkdir(parents=True, exist_ok=True)
         check_writable(path)
     except OSError as e:
-        warnings.warn(f"calibration cache {str(root)!r} is not writable ({e}); using the plain solver", stacklevel=2)
+        say(f"steindiff: the calibration cache {str(root)!r} is not writable ({e}); using the plain solver")
         return base
-    if dtype is None:
-        dtype = torch.float64 if spec.gmm is not None else torch.float32
+    dtype = getattr(torch, opts["dtype"])
     if notice is not None:
         notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {spec.name} once "
-               f"(fit: {fit}; {_eta(spec, base, dtype, options, extra_args)}); cached in {root}")
-    sched = calibrate(spec, base, coords=base.coords, fit=fit, dtype=dtype, progress=progress, extra_args=extra_args,
-                      objective="trajectory", **options)
+               f"(fit: {opts['fit']}; {_eta(spec, base, dtype, opts, extra_args)}); cached in {root}")
+    sched = calibrate(spec, base, coords=base.coords, progress=progress, extra_args=extra_args, ref=ref, **opts)
     sched.meta["key"] = key
     sched.save(path)
     return plan_from_schedule(sched, base)
 
 
+def _key_difference(old: Any, new: dict) -> str:
+    """The fields of a cache key that differ, as ``field: file's value, requested value``."""
+    if not isinstance(old, dict):
+        return "it has no key"
+    parts = []
+    for k in sorted(set(old) | set(new)):
+        if k == "options" and isinstance(old.get(k), dict):
+            parts += [f"{o}: {old[k].get(o)!r} in the file, {new[k].get(o)!r} requested"
+                      for o in sorted(set(old[k]) | set(new[k])) if old[k].get(o) != new[k].get(o)]
+        elif old.get(k) != new.get(k):
+            parts.append(f"{k}: {_short(old.get(k))} in the file, {_short(new.get(k))} requested")
+    return "; ".join(parts) or "nothing"
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _near_misses(folders: list[Path], key: dict) -> list[tuple[Path, str]]:
+    """Calibration files of the same model, plan and conditioning as ``key`` whose options differ."""
+    out = []
+    same = {k: v for k, v in key.items() if k != "options"}
+    prefix = cache_file(Path("."), key).name.rsplit("-", 1)[0] + "-"
+    for folder in folders:
+        for p in sorted(folder.glob(prefix + "*.json")) if folder.is_dir() else []:
+            try:
+                old = json.loads(p.read_text()).get("key")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(old, dict) and {k: v for k, v in old.items() if k != "options"} == same \
+                    and old.get("options") != key["options"]:
+                out.append((p, _key_difference(old, key)))
+    return out
+
+
 def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict, extra_args: dict | None) -> str:
     """A rough duration: one timed model pass on a few samples, scaled to the calibration batch and
     times the passes of the reference solve, plus the refinement's time budget."""
-    n = int(options.get("n") or 512)
-    steps = int(options.get("ref_steps", 200))
+    n = int(options["n"])
+    steps = int(options["ref_steps"])
     m = min(n, 8)
     device = spec.device or "cpu"
     x = torch.zeros((m, *spec.sample_shape), dtype=dtype, device=device)
@@ -363,5 +465,5 @@ def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict,
     with torch.no_grad():
         spec.denoiser(x, s, **(_tile_batch(extra_args, m) or {}))
     t_pass = (time.perf_counter() - t0) * n / m
-    refine_s = min(float(options.get("max_seconds", 60.0)), t_pass / 2 * base.nfe * int(options.get("max_solves", 200)))
+    refine_s = min(float(options["max_seconds"]), t_pass / 2 * base.nfe * int(options["max_solves"]))
     return f"about {t_pass * 1.5 * steps + refine_s:.0f} s or less"

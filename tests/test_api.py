@@ -36,11 +36,12 @@ def test_auto_is_the_calibrated_sampler_and_is_cached(tmp_path, monkeypatch):
     sig = sd.get_sigmas("karras", 4, sd.VEProcess())
     x = sd.prior_noise((100, 2), float(sig[0]), seed=0, dtype=torch.float64)
     opts = {"n": 64, "ref_steps": 40, "max_solves": 30}
-    res = sd.sample(model, x, sig, "dpmpp_2m", stabilizer="auto", calibration_dir=tmp_path, calibration_options=opts)
+    kw = dict(stabilizer="auto", calibration_dir=tmp_path, calibration_options=opts, process=sd.VEProcess())
+    res = sd.sample(model, x, sig, "dpmpp_2m", **kw)
     (f,) = tmp_path.glob("*.json")
     assert f.name.startswith("MixtureModule-dpmpp_2m")
     assert res.nfe == 4 and res.extra_passes == 0
-    again = sd.sample(model, x, sig, "dpmpp_2m", stabilizer="auto", calibration_dir=tmp_path, calibrate=False)
+    again = sd.sample(model, x, sig, "dpmpp_2m", calibrate=False, **kw)
     assert torch.equal(again.x, res.x)
     plain = sd.sample(model, x, sig, "dpmpp_2m")
     cached = load_gamma_schedule(f)
@@ -49,14 +50,17 @@ def test_auto_is_the_calibrated_sampler_and_is_cached(tmp_path, monkeypatch):
     else:
         assert not torch.equal(res.x, plain.x)
     # nothing cached for another solver and calibration off: the plain solver
-    other = sd.sample(model, x, sig, "euler", stabilizer="auto", calibration_dir=tmp_path, calibrate=False)
+    other = sd.sample(model, x, sig, "euler", calibrate=False, **kw)
     assert torch.equal(other.x, sd.sample(model, x, sig, "euler").x)
 
 
-def test_auto_needs_weights_to_key_the_cache(tmp_path, monkeypatch):
+def test_auto_refuses_a_model_it_cannot_identify_before_any_work(tmp_path, monkeypatch):
+    import steindiff.calibration as cal
+
     monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
-    gmm_fn = get_gmm("gmm:toy2d")
+    monkeypatch.setattr(cal, "fit_trajectory", lambda *a, **k: pytest.fail("fitted an unidentifiable model"))
     sig = sd.get_sigmas("karras", 3, sd.VEProcess())
     x = sd.prior_noise((8, 2), float(sig[0]), seed=0, dtype=torch.float64)
-    with pytest.raises(ValueError, match="cannot fingerprint"):
-        sd.sample(lambda x, s: gmm_fn(x, s), x, sig, "euler", stabilizer="auto", calibration_dir=tmp_path)
+    with pytest.raises(ValueError, match="cannot fingerprint.*fingerprint="):
+        sd.sample(torch.mul, x, sig, "euler", stabilizer="auto", calibration_dir=tmp_path, process=sd.VEProcess())
+    assert list(tmp_path.iterdir()) == []

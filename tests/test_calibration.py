@@ -47,8 +47,13 @@ def test_fingerprint_follows_the_weights():
     with torch.no_grad():
         net.weight[0, 0] += 1e-6
     assert model_fingerprint(ModelSpec("n", net, VEProcess(), (2,))) != a
-    with pytest.raises(ValueError, match="cannot fingerprint"):
-        model_fingerprint(ModelSpec("f", lambda x, s: x, VEProcess(), (2,)))
+    # a plain function is known by its code; a builtin has nothing to read and needs an explicit identity
+    assert model_fingerprint(ModelSpec("f", lambda x, s: x, VEProcess(), (2,))) != \
+        model_fingerprint(ModelSpec("f", lambda x, s: 2 * x, VEProcess(), (2,)))
+    with pytest.raises(ValueError, match="cannot fingerprint model 'f'.*fingerprint=.*--model-name"):
+        model_fingerprint(ModelSpec("f", torch.tanh, VEProcess(), (2,)))
+    assert model_fingerprint(ModelSpec("f", torch.tanh, VEProcess(), (2,), fingerprint="tanh-v1")) != \
+        model_fingerprint(ModelSpec("f", torch.tanh, VEProcess(), (2,), fingerprint="tanh-v2"))
 
 
 def test_calibrated_plan_fits_once_then_reads_the_cache(toy, tmp_path, monkeypatch):
@@ -140,7 +145,7 @@ def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards(
     from steindiff.trajectory import SIGNIFICANCE_TEST, choose_candidate
 
     spec = load_model("digits")
-    files = sorted(Path(spec.info["calibrations"]).glob("*.json"))
+    files = sorted(Path(spec.info["calibrations"]).glob("digits-*.json"))
     assert len(files) == 68
     for f in files:
         obj = json.loads(f.read_text())

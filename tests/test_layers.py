@@ -11,7 +11,7 @@ ROOT = Path(steindiff.__file__).resolve().parent
 #: The layers of the package docstring, lowest first (a package stands for all its modules).
 LAYERS = (
     ("steindiff._version", "steindiff._forward_ad", "steindiff.io", "steindiff.device", "steindiff.plotting",
-     "steindiff.noise"),
+     "steindiff.noise", "steindiff.fingerprint"),
     ("steindiff.schedules", "steindiff.solvers", "steindiff.data", "steindiff.metrics"),
     ("steindiff.models",),
     ("steindiff.stabilizers",),

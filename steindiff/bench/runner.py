@@ -377,7 +377,8 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                 key = (base.solver, tuple(base.sigmas.tolist()))
                 if key not in cal_cache:
                     try:
-                        plan = calibrated_plan(spec, base, cache_dir=cal_dir, calibrate_missing=False)
+                        plan = calibrated_plan(spec, base, cache_dir=cal_dir, calibrate_missing=False,
+                                               dtype=_dtype(spec), **cal_opts)
                         if plan is base:  # not cached: fit, with the model's shared reference solve
                             if not cal_ref:
                                 cal_ref.append(_calibration_reference(spec, cal_opts))

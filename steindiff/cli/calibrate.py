@@ -36,11 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "out from evaluation; for gmm:* models 'true' draws them from the mixture")
     p.add_argument("--n", type=int, default=None,
                    help="calibration batch size (default: 512 for trajectory, half of it validates; 1000 otherwise)")
-    p.add_argument("--ref-steps", type=int, default=200,
-                   help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
-    p.add_argument("--max-solves", type=int, default=200,
-                   help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not)")
+    p.add_argument("--ref-steps", type=int, default=None,
+                   help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR; default: the model's, else "
+                        "200)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="trajectory: time budget of the refinement (default: the model's, else 60)")
+    p.add_argument("--max-solves", type=int, default=None,
+                   help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not; "
+                        "default: the model's, else 200)")
     p.add_argument("--guards", default=None,
                    help=f"trajectory: the checks a fitted candidate must pass on the validation half to replace the "
                         f"plain solver, comma-separated from {', '.join(GUARDS)} (default: "
@@ -55,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common.add_jacobian_batch(p)
     common.add_device(p)
     common.add_common(p)
-    p.set_defaults(func=run, seed=CALIBRATION_SEED)
+    # the calibration's dtype, like its other options, defaults to the model's own (float64 for exact mixtures)
+    p.set_defaults(func=run, seed=CALIBRATION_SEED, dtype=None)
 
 
 def _load_reference(arg: str, spec) -> torch.Tensor:
@@ -92,17 +96,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--objective reference needs --reference FILE (or 'true' for gmm:* models)")
     if args.n is not None and args.n < (4 if args.objective == "trajectory" else 2):
         raise UsageError(f"--n must be at least 4 for trajectory (fit and validation halves), got {args.n}")
-    if args.ref_steps < 4 or not args.max_seconds > 0 or args.max_solves < 1:
-        raise UsageError(f"--ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1, got {args.ref_steps}, "
-                         f"{args.max_seconds} and {args.max_solves}")
+    for flag, v, ok in (("--ref-steps", args.ref_steps, lambda v: v >= 4), ("--max-seconds", args.max_seconds,
+                        lambda v: v > 0), ("--max-solves", args.max_solves, lambda v: v >= 1)):
+        if v is not None and not ok(v):
+            raise UsageError(f"{flag}: got {v}; --ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1")
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
     with usage_errors(ValueError):
         base = dataclasses.replace(make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho),
                                    coords=args.coords)
+    options = dict(fit=args.fit, n=args.n, seed=args.seed, dtype=args.dtype, ref_steps=args.ref_steps,
+                   max_seconds=args.max_seconds, max_solves=args.max_solves, guards=args.guards)
     key = None
     if args.calibration_dir is not None:  # the cache's layout (steindiff.calibration.calibrated_plan)
-        key = calibration_key(spec, base, fit=args.fit)
+        with usage_errors(ValueError):
+            key = calibration_key(spec, base, options=options)
         args.out = str(cache_file(Path(args.calibration_dir), key))
         try:
             Path(args.calibration_dir).mkdir(parents=True, exist_ok=True)
@@ -111,12 +119,9 @@ def run(args: argparse.Namespace) -> int:
     common.check_outputs(args.out)
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
     with usage_errors(ValueError):
-        sched = calibrate(spec, base, coords=args.coords, objective=args.objective, fit=args.fit,
-                          variant=args.stabilizer, n=args.n, seed=args.seed,
-                          reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype],
-                          progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
-                          max_solves=args.max_solves, guards=args.guards, jacobian_batch=args.jacobian_batch,
-                          jacobian_precision=args.jacobian_precision)
+        sched = calibrate(spec, base, coords=args.coords, objective=args.objective, variant=args.stabilizer,
+                          reference=ref, probes=args.probes, progress=not args.no_progress,
+                          jacobian_batch=args.jacobian_batch, jacobian_precision=args.jacobian_precision, **options)
     if key is not None:
         sched.meta["key"] = key
     sched.save(args.out)

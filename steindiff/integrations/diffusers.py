@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import calibrated_plan, conditioning_digest, default_cache_dir, model_fingerprint
+from ..calibration import calibrated_plan, conditioning_digest, model_fingerprint
 from ..models.denoisers import VPDenoiser
 from ..models.registry import ModelSpec
 from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumprod
@@ -374,28 +374,13 @@ def _stderr_notice(msg: str) -> None:
 
 
 def _calibrated(pm: PipelineModel, base: SamplingPlan, *, cache_dir: str | os.PathLike | None,
-                calibrate_missing: bool, dtype: torch.dtype, progress: bool, notice: Callable[[str], None] | None,
-                options: dict) -> SamplingPlan:
+                calibrate_missing: bool, dtype: torch.dtype | None, progress: bool,
+                notice: Callable[[str], None] | None, options: dict) -> SamplingPlan:
     """:func:`steindiff.calibration.calibrated_plan` of ``pm`` over its conditioning (cycled to the
-    calibration batch), keyed by :meth:`PipelineModel.conditioning_key`.  The notice is written here,
-    without the timed model pass of ``calibrated_plan``'s own estimate (a full calibration batch through a
-    large UNet)."""
-    options = dict(options)
-    fit = options.pop("fit", "both")
-    kw: dict[str, Any] = dict(cache_dir=cache_dir, fit=fit, conditioning=pm.conditioning_key(),
-                              extra_args=pm.cond or None, dtype=dtype, progress=progress, **options)
-    spec = pm.spec()
-    plan = calibrated_plan(spec, base, calibrate_missing=False, **kw)
-    if plan is base and calibrate_missing:
-        if notice is not None:
-            n = int(options.get("n") or 512)
-            passes = int(options.get("ref_steps", 200)) * 3 // 2 + base.nfe * int(options.get("max_solves", 200))
-            what = (f"guidance {pm.guidance_scale:g}, {pm.batch} conditioning rows" if pm.batch else "unconditional")
-            root = cache_dir if cache_dir is not None else default_cache_dir()
-            notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {pm.name} once "
-                   f"({what}; fit: {fit}; at most about {passes} model passes over {n} samples, "
-                   f"{float(options.get('max_seconds', 60.0)):.0f} s of refinement); cached in {root}")
-        plan = calibrated_plan(spec, base, calibrate_missing=True, **kw)
+    calibration batch), keyed by :meth:`PipelineModel.conditioning_key` (``notice``: its one-line messages)."""
+    plan = calibrated_plan(pm.spec(), base, cache_dir=cache_dir, calibrate_missing=calibrate_missing,
+                           conditioning=pm.conditioning_key(), extra_args=pm.cond or None, progress=progress,
+                           notice=notice, **{**options, "dtype": dtype})
     plan.meta["diffusers"] = pm.conditioning()
     return plan
 
@@ -432,7 +417,7 @@ def calibrate_pipeline(
     timestep: Literal["interp", "round"] = "interp",
     sample_shape: Sequence[int] | None = None,
     solver_options: dict | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     calibrate_missing: bool = True,
     progress: bool = False,
     notice: Callable[[str], None] | None = _stderr_notice,
@@ -454,8 +439,9 @@ def calibrate_pipeline(
 
     ``notice`` gets a one-line message before a calibration starts (default: standard error; ``None``
     for none).  ``calibrate_missing=False`` only reads the cache (the plain plan when nothing is
-    cached).  ``options`` go to :func:`steindiff.calibration.calibrate` (``n``, ``ref_steps``,
-    ``max_solves``, ``max_seconds``, ``seed``, ``fit``, ...).  Apply the result with
+    cached).  ``dtype`` and ``options`` go to :func:`steindiff.calibration.calibrate` (``n``, ``ref_steps``,
+    ``max_solves``, ``max_seconds``, ``seed``, ``fit``, ...; defaults: those of every entry point,
+    :data:`steindiff.calibration.CALIBRATION_DEFAULTS`).  Apply the result with
     ``sample_pipeline(pipe, ..., calibration=plan)`` or a k-diffusion-style ``sample_*(...,
     calibration=plan)`` function; ``plan.meta["diffusers"]`` records the conditioning it was made for.
     """
@@ -567,7 +553,8 @@ def sample_pipeline(
         plan = _base_plan(pm.process, solver or DEFAULT_SOLVER, DEFAULT_NFE if nfe is None else nfe,
                           DEFAULT_SCHEDULE if schedule is None else schedule, rho, solver_options)
         if registry.resolves_to_calibrated(stabilizer):
-            plan = _calibrated(pm, plan, cache_dir=calibration_dir, calibrate_missing=calibrate, dtype=dtype,
+            # the calibration's dtype is its own option (calibration_options), not the state's
+            plan = _calibrated(pm, plan, cache_dir=calibration_dir, calibrate_missing=calibrate, dtype=None,
                                progress=progress, notice=_stderr_notice, options=calibration_options or {})
             stabilizer = plan.stabilizer()
         elif isinstance(stabilizer, str):

@@ -20,7 +20,10 @@ class ModelSpec:
     """A denoiser with what sampling it needs: its noise process and the shape of one sample.
 
     ``gmm`` is set for exact mixtures (enables exact metrics, exact divergence and the oracle).
-    ``info`` carries loader-specific extras (e.g. reference data for image metrics).
+    ``info`` carries loader-specific extras (e.g. reference data for image metrics, ``calibration_defaults``:
+    the options :func:`steindiff.calibration.calibration_options` takes for this model unless told otherwise).
+    ``fingerprint``: the model's identity for calibration caches, given by the user where its contents cannot
+    be read (default: a hash of its contents, :func:`steindiff.calibration.model_fingerprint`).
     """
 
     name: str
@@ -29,6 +32,7 @@ class ModelSpec:
     sample_shape: tuple[int, ...]
     gmm: GaussianMixture | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
 
     @property
     def device(self) -> torch.device | None:
@@ -62,7 +66,9 @@ def load_model(name: str) -> ModelSpec:
     """Resolve a model name: ``gmm:<preset>`` or any registered name/path."""
     if name.startswith("gmm:"):
         gmm = get_gmm(name)
-        return ModelSpec(name=gmm.name, denoiser=gmm, process=VEProcess(0.002, 80.0), sample_shape=(gmm.dim,), gmm=gmm)
+        # exact mixtures compute in float64, and so do their calibrations unless told otherwise
+        return ModelSpec(name=gmm.name, denoiser=gmm, process=VEProcess(0.002, 80.0), sample_shape=(gmm.dim,), gmm=gmm,
+                         info={"calibration_defaults": {"dtype": "float64"}})
     for matches, load in _LOADERS:
         if matches(name):
             return load(name)

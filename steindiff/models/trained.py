@@ -12,6 +12,7 @@ that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, els
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,8 @@ def load_trained(name: str) -> ModelSpec:
     info: dict[str, Any] = {"kind": "image", "path": str(path), "config": config}
     if (path / "calibrations").is_dir():  # fitted once for these weights (steindiff bench --calibration-dir)
         info["calibrations"] = str(path / "calibrations")
+        if (path / "calibrations" / "defaults.json").is_file():  # the options they were fitted with
+            info["calibration_defaults"] = json.loads((path / "calibrations" / "defaults.json").read_text())
     info.update(_reference_data(config))
     spec_name = name if name in SHIPPED else os.fspath(path)
     return ModelSpec(name=spec_name, denoiser=denoiser, process=process, sample_shape=shape, info=info)

@@ -100,20 +100,32 @@ def test_sample_auto_calibrates_once_into_the_cache(tmp_path, capsys, monkeypatc
 
 
 def test_calibrate_into_the_cache_is_what_auto_then_reads(tmp_path, capsys, monkeypatch):
-    """calibrate --calibration-dir writes the file under the cache's name: sample --stabilizer auto then
-    uses it without calibrating (same sigmas), and a second model would not find it."""
+    """calibrate --calibration-dir with the default options writes the file under the cache's name: sample
+    --stabilizer auto then uses it without calibrating (same sigmas); one made with other options it does not
+    use, and says so."""
+    import steindiff.calibration as cal
     import steindiff.stabilizers.registry as reg
 
     monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
-    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "64", "--ref-steps",
-                 "40", "--max-solves", "20", "--calibration-dir", str(tmp_path), "--json", "--no-progress"]) == 0
+    for k, v in {"n": 64, "ref_steps": 40, "max_solves": 20}.items():  # small defaults, for every entry point
+        monkeypatch.setitem(cal.CALIBRATION_DEFAULTS, k, v)
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--calibration-dir",
+                 str(tmp_path), "--json", "--no-progress"]) == 0
     fitted = json.loads(capsys.readouterr().out)
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1 and fitted["out"] == str(files[0]) and fitted["key"]["model"] == "gmm:toy2d"
-    assert main(["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "20", "--stabilizer",
-                 "auto", "--calibration-dir", str(tmp_path), "--json", "--no-progress"]) == 0
+    sample = ["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "20", "--stabilizer",
+              "auto", "--calibration-dir", str(tmp_path), "--json", "--no-progress"]
+    assert main(sample) == 0
     out = capsys.readouterr()
     assert "calibrating" not in out.err and json.loads(out.out)["sigmas"] == fitted["sigmas"]
+    other = tmp_path / "other"
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "32",
+                 "--calibration-dir", str(other), "--json", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*sample[:-4], "--calibration-dir", str(other), "--no-calibrate", "--json", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "n: 32 in the file, 64 requested" in out.err and json.loads(out.out)["stabilizer"] == "auto (plain solver)"
     # exactly one destination; the cache holds trajectory calibrations only
     assert main(["calibrate", "--model", "gmm:toy2d", "--no-progress"]) == 2
     assert "--out FILE or --calibration-dir DIR" in capsys.readouterr().err

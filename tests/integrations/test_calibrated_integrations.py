@@ -267,16 +267,17 @@ def test_sample_pipeline_auto_is_the_cached_calibration(pipe, tmp_path, monkeypa
     out = sample_pipeline(pipe, stabilizer="auto", calibration_dir=tmp_path, calibration_options=SMALL, **kw)
     (f,) = tmp_path.glob("*.json")
     assert out.extra_passes == 0 and out.nfe == 3
-    # the cached calibration is calibrate_pipeline's for the same conditioning; applied, it gives the same samples
+    # the cached calibration is calibrate_pipeline's for the same conditioning and options (the state's float64 is
+    # not the calibration's dtype: both take the default); applied, it gives the same samples
     plan = calibrate_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=2.0,
                               solver="dpmpp_2m", nfe=3, schedule="karras", cache_dir=tmp_path,
-                              calibrate_missing=False, dtype=torch.float64)
+                              calibrate_missing=False, **SMALL)
     assert plan.meta.get("key") is not None and out.plan.gammas == plan.gammas
     applied = sample_pipeline(pipe, calibration=f, **{k: v for k, v in kw.items() if k not in ("solver", "nfe")})
     assert torch.equal(applied.latents, out.latents)
     # calibrate=False with nothing cached for this solver: the plain solver
     other = sample_pipeline(pipe, stabilizer="auto", calibration_dir=tmp_path, calibrate=False,
-                            **{**kw, "solver": "euler"})
+                            calibration_options=SMALL, **{**kw, "solver": "euler"})
     assert torch.equal(other.latents, sample_pipeline(pipe, **{**kw, "solver": "euler"}).latents)
 
 
