@@ -15,24 +15,37 @@ __all__ = ["atomic_path", "check_writable", "save_json", "save_npz", "to_jsonabl
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Raise ``OSError`` naming ``path`` if a file cannot be created there (checked before work starts)."""
+    """Raise ``OSError`` naming ``path`` if a file cannot be created there (checked before work starts).
+
+    It creates and removes a temporary file beside ``path``, as :func:`atomic_path` will: permission bits
+    alone do not tell (root ignores them; ``/proc`` or a read-only mount refuses new files anyway)."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise IsADirectoryError(f"output path {str(p)!r} is a directory")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(p)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {str(p)!r}: directory {str(parent)!r} is not writable")
+    os.unlink(_temp_beside(p, ""))
     return p
+
+
+def _temp_beside(p: Path, suffix: str) -> str:
+    """A new empty temporary file in ``p``'s folder, or an ``OSError`` naming ``p`` (not the temporary name)."""
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=parent)
+    except OSError as e:
+        raise PermissionError(f"cannot write {str(p)!r}: directory {str(parent)!r} is not writable "
+                              f"({e.strerror or e})") from None
+    os.close(fd)
+    return tmp
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
     p = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix or p.suffix, dir=p.parent if str(p.parent) else ".")
-    os.close(fd)
+    tmp = _temp_beside(p, suffix or p.suffix)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions

@@ -31,6 +31,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "LOSSES", "PRECISIONS"]
 
 LOSSES = ("edm", "vp-eps")
 PRECISIONS = ("fp32", "bf16")
+LOSS_WINDOW = 200  # the reported loss is the mean of at most this many last iterations
 
 
 @dataclass
@@ -84,10 +85,11 @@ class TrainResult:
     out: Path
     step: int
     wall_s: float
-    loss: float
+    loss: float  # mean training loss of the last ``loss_iters`` iterations
     n_params: int
     config: dict[str, Any]
     stopped_early: bool = False
+    loss_iters: int = 0  # the iterations ``loss`` is the mean of: the last LOSS_WINDOW, or all when fewer
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -212,7 +214,7 @@ class _Run:
                                        "another folder")
         try:
             self.net.load_state_dict(st["model"])
-            self.ema.load_state_dict(st["ema"])
+            self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else self._saved_ema())
             self.opt.load_state_dict(st["opt"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{sfile}: training state does not match the model ({e})") from None
@@ -221,6 +223,20 @@ class _Run:
         if self.device.type == "cuda" and st.get("cuda_rng") is not None:  # dropout's stream, resumed on CUDA
             torch.cuda.set_rng_state(st["cuda_rng"], self.device)
         self.step, self.wall_prev, self.losses = int(st["step"]), float(st["wall_s"]), list(st["losses"])
+
+    def _saved_ema(self) -> dict[str, torch.Tensor]:
+        """The EMA weights of ``model.safetensors``: a float32 checkpoint keeps them there only, not twice."""
+        from safetensors.torch import load_file
+
+        wfile = self.out / ckpt.WEIGHTS_FILE
+        try:
+            state = load_file(str(wfile))
+        except Exception as e:
+            raise ckpt.CheckpointError(f"{wfile}: corrupt or unreadable, and the training state has no copy of "
+                                       f"the EMA weights ({e})") from None
+        if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
+            raise ckpt.CheckpointError(f"{wfile}: not float32, and the training state has no copy of the EMA weights")
+        return state
 
     def _to_device(self) -> None:
         """Networks, optimizer state (it follows its parameters), images and labels to the run's device."""
@@ -298,11 +314,11 @@ class _Run:
             if not np.isfinite(v):
                 raise FloatingPointError(f"training loss became {v} at step {k}; lower the learning rate")
         self.losses.extend(vals)
-        self.bar.set_postfix(loss=f"{np.mean(self.losses[-200:]):.4f}")
+        self.bar.set_postfix(loss=f"{np.mean(self.losses[-LOSS_WINDOW:]):.4f}")
 
     def config(self, stopped: bool) -> dict[str, Any]:
         """The checkpoint's ``config.json``."""
-        tail = self.losses[-200:]
+        tail = self.losses[-LOSS_WINDOW:]
         return {
             "schema": ckpt.CHECKPOINT_SCHEMA, "architecture": {"type": "unet", **self.unet.to_dict()},
             "precond": self.precond, "process": self.process_cfg, "data": self.data_info,
@@ -320,15 +336,20 @@ class _Run:
         return self.wall_prev + time.perf_counter() - self.t0
 
     def checkpoint(self, stopped: bool = False) -> None:
+        """Write the checkpoint.  ``train_state.pt`` holds what resuming needs besides ``model.safetensors``:
+        the raw weights, AdamW's two moment estimates (together three times the weights), the random
+        states and the losses; the EMA weights only when ``model.safetensors`` keeps them in float16."""
         self.flush()
+        ema = _to_cpu(self.ema.state_dict())
         state = {
-            "step": self.step, "model": _to_cpu(self.net.state_dict()), "ema": _to_cpu(self.ema.state_dict()),
+            "step": self.step, "model": _to_cpu(self.net.state_dict()),
+            "ema": ema if self.cfg.weights_dtype != "float32" else None,
             "opt": _to_cpu(self.opt.state_dict()), "gen": self.gen.get_state(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device).cpu() if self.device.type == "cuda" else None,
             "wall_s": self.wall_s(), "losses": self.losses, "unet": self.unet.to_dict(), "loss": self.cfg.loss,
             "fingerprint": self.data_info["fingerprint"], "holdout": self.data_info["holdout"]["indices"],
         }
-        ckpt.save_checkpoint(self.out, self.config(stopped), state["ema"], state,
+        ckpt.save_checkpoint(self.out, self.config(stopped), ema, state,
                              weights_dtype=getattr(torch, self.cfg.weights_dtype))
 
     def run(self, progress: bool, callback: Callable[[dict], None] | None) -> TrainResult:
@@ -363,6 +384,7 @@ class _Run:
             raise
         self.bar.close()
         self.checkpoint(stopped)
+        tail = self.losses[-LOSS_WINDOW:]
         return TrainResult(out=self.out, step=self.step, wall_s=self.wall_s(),
-                           loss=float(np.mean(self.losses[-200:])) if self.losses else float("nan"),
+                           loss=float(np.mean(tail)) if tail else float("nan"), loss_iters=len(tail),
                            n_params=self.net.num_parameters(), config=self.config(stopped), stopped_early=stopped)

@@ -1,26 +1,53 @@
-"""The README as a new user reads it: every ```python block runs as written, every command it shows
-parses with the CLI, its outputs have distinct names, and its claims about the flags hold."""
+"""The README and the documentation pages as a new user reads them: every ```python block runs as written
+(and prints what the ```text block after it shows), every command they show parses with the CLI (the README's
+first one runs and prints what it shows), their outputs have distinct names, and their claims about the flags
+hold."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from steindiff.cli import build_parser
+from steindiff.cli import build_parser, main
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+#: the pages a user reads: the README and the documentation site's own pages (not the result reports)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 TEXT = README.read_text()
 COMMANDS = {"sample", "calibrate", "diagnose", "bench", "train", "demo", "sample-dist", "merge"}
 # flags whose value is a file or folder the command writes
 OUTPUT_FLAGS = {"--out", "--trace", "--png", "--grid", "--json-out", "--markdown", "--plots", "--out-dir"}
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", TEXT, flags=re.S | re.M)
+def _fenced(page: Path) -> list[tuple[str, str]]:
+    """``(language, code)`` of every fenced block of a page, in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+
+
+def _blocks(lang: str, pages=PAGES) -> list[tuple[Path, str]]:
+    return [(p, code) for p in pages for lg, code in _fenced(p) if lg == lang]
+
+
+def _with_output(lang: str) -> list[tuple[Path, str, str | None]]:
+    """Blocks of ``lang`` with the ```text block that follows each, if any (what it prints)."""
+    out = []
+    for p in PAGES:
+        blocks = _fenced(p)
+        for i, (lg, code) in enumerate(blocks):
+            if lg == lang:
+                nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+                text = p.read_text()
+                follows = nxt is not None and nxt[0] == "text" and re.search(
+                    re.escape(code) + r"```\s*\n```text\n" + re.escape(nxt[1]), text)
+                out.append((p, code, nxt[1] if follows else None))
+    return out
 
 
 def _subcommands() -> dict:
@@ -47,26 +74,66 @@ def _block_lines(block: str) -> list[str]:
 
 
 def _invocations() -> list[list[str]]:
-    """Every command of the ```bash blocks (the command list, complete commands)."""
-    return _argvs([line for block in _blocks("bash") for line in _block_lines(block)])
+    """Every command of the ```bash blocks (complete commands)."""
+    return _argvs([line for _, block in _blocks("bash") for line in _block_lines(block)])
 
 
 def _mentions() -> list[list[str]]:
     """Commands quoted in the text (`steindiff train --data digits`): possibly partial."""
-    return _argvs(re.findall(r"`(steindiff [^`]+)`", TEXT))
+    return _argvs([m for p in PAGES for m in re.findall(r"`(steindiff [^`]+)`", p.read_text())])
 
 
-def test_readme_has_snippets_and_commands():
-    assert len(_blocks("python")) >= 3
-    assert {argv[0] for argv in _invocations()} == COMMANDS  # the command list shows every command
+def _same_output(shown: str, printed: str) -> None:
+    """The printed lines are the shown ones: the same words, and numbers within 10% (a calibration under a
+    time budget can stop a little earlier on a loaded machine)."""
+    a, b = shown.strip().splitlines(), printed.strip().splitlines()
+    assert len(a) == len(b), f"shown:\n{shown}\nprinted:\n{printed}"
+    num = r"-?\d+\.?\d*(?:e[-+]?\d+)?"
+    for x, y in zip(a, b):
+        assert re.sub(num, "#", x) == re.sub(num, "#", y), f"shown {x!r}, printed {y!r}"
+        for u, v in zip(re.findall(num, x), re.findall(num, y)):
+            assert float(v) == pytest.approx(float(u), rel=0.1, abs=1e-3), f"shown {x!r}, printed {y!r}"
 
 
-@pytest.mark.parametrize("code", _blocks("python"), ids=[f"snippet{i}" for i in range(len(_blocks("python")))])
-def test_python_snippet_runs(code, tmp_path, monkeypatch):
+def test_pages_have_snippets_and_commands():
+    assert len(_blocks("python", [README])) >= 2 and _blocks("bash", [README])
+    assert {argv[0] for argv in _invocations()} == COMMANDS  # the pages show every command
+
+
+def test_readme_is_a_front_page():
+    assert len(TEXT.splitlines()) <= 200
+    for page in PAGES:  # the pages speak of the library, not of its development history
+        text = page.read_text()
+        for pattern in (r"\bissue \d", r"this round", r"until now", r"git show", r"\b[0-9a-f]{7,40}\b"):
+            assert not re.search(pattern, text, flags=re.I), f"{page.name}: {pattern}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One working folder for every snippet: what one writes (a calibration cache) the next one reuses."""
+    return tmp_path_factory.mktemp("snippets")
+
+
+@pytest.mark.parametrize("page,code,shown", _with_output("python"),
+                         ids=[f"{p.name}-{i}" for i, (p, _, _) in enumerate(_with_output("python"))])
+def test_python_snippet_runs_and_prints_what_is_shown(page, code, shown, workdir, monkeypatch):
     if "diffusers" in code and importlib.util.find_spec("diffusers") is None:
         pytest.skip("diffusers is not installed")
-    monkeypatch.chdir(tmp_path)  # anything a snippet writes lands here
-    exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+    monkeypatch.chdir(workdir)  # anything a snippet writes lands here
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(page), "exec"), {"__name__": "__readme__"})
+    assert out.getvalue().strip(), f"a snippet of {page.name} prints nothing"
+    if shown is not None:
+        _same_output(shown, out.getvalue())
+
+
+def test_readme_command_prints_what_is_shown(tmp_path, monkeypatch, capsys):
+    page, code, shown = next((p, c, s) for p, c, s in _with_output("bash") if p == README)
+    (argv,) = _argvs(_block_lines(code))
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--no-progress"]) == 0
+    _same_output(shown, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("argv", _invocations(), ids=lambda a: " ".join(a)[:60])
@@ -87,19 +154,31 @@ def test_quoted_command_flags_exist(argv):
     assert not unknown, f"`steindiff {' '.join(argv)}`: {argv[0]} has no {', '.join(unknown)}"
 
 
-def test_command_list_outputs_have_distinct_names():
+def test_command_outputs_have_distinct_names():
     written = []
-    for block in _blocks("bash"):
+    for _, block in _blocks("bash"):
         for argv in _argvs(_block_lines(block)):
             written += [argv[i + 1].rstrip("/") for i, a in enumerate(argv[:-1]) if a in OUTPUT_FLAGS]
     assert len(written) >= 8
-    assert len(set(written)) == len(written), f"README examples overwrite each other's outputs: {written}"
+    assert len(set(written)) == len(written), f"the examples overwrite each other's outputs: {written}"
+
+
+def test_examples_use_no_stabilizer_the_docs_call_harmful():
+    """`stein` (the paper's literal method) appears only on the page that shows it on purpose."""
+    for page, block in _blocks("bash"):
+        for argv in _argvs(_block_lines(block)):
+            for flag in ("--stabilizer", "--stabilizers"):
+                if flag in argv and page.name != "stabilizers.md":
+                    names = argv[argv.index(flag) + 1].split(",")
+                    assert not {"stein", "stein-tr"} & set(names) or argv[0] == "bench", (page.name, argv)
+    for page, code in _blocks("python"):
+        assert 'stabilizer="stein"' not in code and "make_stabilizer(\"stein" not in code, page.name
 
 
 def test_flag_claims_hold():
-    """The README: every command has --help, --json and --no-progress; those that draw random numbers
-    take --seed (bench: --seeds; merge draws none)."""
-    claim = re.sub(r"\s+", " ", TEXT)
+    """The guide: every command has --help, --json and --no-progress; those that draw random numbers take
+    --seed (bench: --seeds; merge draws none)."""
+    claim = re.sub(r"\s+", " ", (ROOT / "docs" / "guide.md").read_text())
     assert "Every command has `--help` (it shows every default), `--json`" in claim
     assert "`bench` takes a list, `--seeds`; `merge` draws none and has no seed" in claim
     for name, p in _subcommands().items():
@@ -114,7 +193,7 @@ def test_flag_claims_hold():
             assert not {"--seed", "--seeds"} & flags, name
 
 
-def test_readme_states_the_contract_and_the_digits_size():
-    flat = re.sub(r"\s+", " ", TEXT)
+def test_pages_state_the_contract_and_the_digits_size():
+    flat = re.sub(r"\s+", " ", (ROOT / "docs" / "guide.md").read_text())
     assert "`sigma`: a tensor of shape `(B,)`" in flat and "`extra_args`: a dict passed as keyword arguments" in flat
-    assert "8x8-pixel" in flat
+    assert "8x8-pixel" in re.sub(r"\s+", " ", TEXT)

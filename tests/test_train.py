@@ -93,7 +93,43 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, digits, ckpt):
     a, _ = C.load_checkpoint(out_full)
     b, _ = C.load_checkpoint(out)
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.allclose(va, vb, atol=1e-6), k
+        assert torch.equal(va, vb), k  # the EMA, read back from model.safetensors, resumes exactly
+    sa, sb = (torch.load(d / "train_state.pt", map_location="cpu", weights_only=True) for d in (out_full, out))
+    for k in ("model", "opt"):
+        assert all(torch.equal(x, y) for x, y in zip(_state_tensors(sa[k]), _state_tensors(sb[k]))), k
+
+
+def test_checkpoint_keeps_the_ema_weights_once(ckpt):
+    """train_state.pt holds the raw weights and AdamW's two moments (3x the weights), not the EMA copy that
+    model.safetensors already holds in float32."""
+    out, res = ckpt
+    st = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+    assert st["ema"] is None
+    weights = sum(t.numel() * t.element_size() for t in _state_tensors(st["model"]))
+    # raw weights, exp_avg and exp_avg_sq, plus per-tensor records, random states and held-out indices: under 4x
+    # the weights, where a second copy of the EMA made it more than 4x
+    assert (out / "train_state.pt").stat().st_size < 4 * weights
+    assert (out / "model.safetensors").stat().st_size < 1.1 * weights
+
+
+def test_float16_weights_keep_the_ema_in_the_state_and_resume_exactly(tmp_path, digits):
+    from safetensors.torch import load_file
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    T.train(tiny_cfg(iters=4, weights_dtype="float16"), full, TINY, progress=False, dataset=digits)
+    T.train(tiny_cfg(iters=2, weights_dtype="float16"), part, TINY, progress=False, dataset=digits)
+    st = torch.load(part / "train_state.pt", map_location="cpu", weights_only=True)
+    assert st["ema"] is not None and all(t.dtype == torch.float32 for t in _state_tensors(st["ema"]))
+    T.train(tiny_cfg(iters=4, weights_dtype="float16"), part, TINY, progress=False, dataset=digits, resume=True)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (full, part))  # (its metadata's order varies)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reported_loss_counts_the_iterations_it_averages(tmp_path, digits):
+    res = T.train(tiny_cfg(iters=3), tmp_path / "r", TINY, progress=False, dataset=digits)
+    assert res.loss_iters == 3
+    res = T.train(tiny_cfg(iters=5), tmp_path / "r", TINY, progress=False, dataset=digits, resume=True)
+    assert res.loss_iters == 5  # the losses of the resumed run's first part count too
 
 
 def test_resume_rejects_another_architecture(tmp_path, digits):

@@ -271,6 +271,8 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
     (columns), one line per NFE (mean over seeds).  ``cost_quality_{model}.png``: excess of the primary metric against
     wall-clock seconds per sample.  ``metrics``: default :data:`PLOTS` of the model's primary metric.
     """
+    from matplotlib.ticker import MaxNLocator
+
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[str] = []
@@ -285,6 +287,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                     continue
                 lo = _floor_value(sc, metric)
                 fig, axes = panels(len(solvers))
+                nfe_ticks = sorted({c["nfe_budget"] for c in sc})
                 for ax, solver in zip(axes, solvers):
                     for lab in labels:
                         pts = sorted((c["nfe_budget"], c["excess"][metric]) for c in sc
@@ -297,7 +300,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                         ls = "--" if lab.endswith("/vp") else "-"
                         ax.errorbar(x, y, yerr=[np.minimum(e, y - lo), e], label=lab, color=colors[lab], ls=ls,
                                     marker="o", ms=3, lw=2.2 if lab == "none" else 1.2, capsize=2)
-                    ax.set(yscale="log", ylim=(lo * 0.8, None), xlabel="NFE")
+                    ax.set(yscale="log", ylim=(lo * 0.8, None), xlabel="NFE", xticks=nfe_ticks)  # the grid's NFEs
                     ax.set_title(f"{solver} / {schedule}", fontsize=10)
                     ax.grid(alpha=0.3)
                 axes[0].set_ylabel(names[metric].split(" (")[0])
@@ -326,6 +329,7 @@ def write_plots(result: dict, summary: dict, outdir: str, metrics: Sequence[str]
                             if g is not None:
                                 ax.plot(range(len(g)), g, marker="o", ms=2.5, lw=1, color=cmap[k], label=f"NFE {nfe}")
                         ax.set_yscale("symlog", linthresh=1.0)
+                        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
                         ax.set_title(f"{lab} · {solver}", fontsize=9)
                         if i == len(stabs) - 1:
                             ax.set_xlabel("step")

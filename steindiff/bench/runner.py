@@ -60,6 +60,7 @@ from ..sampling import prior_noise
 from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
 from ..stabilizers import STABILIZERS, make_stabilizer
+from ..stabilizers.registry import resolves_to_calibrated
 
 __all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "excess",
            "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
@@ -128,6 +129,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
     true distribution or with held-out images.  Stabilizers that need the mixture (``stein-oracle``,
     ``stein-exact``) are rejected for image models.
     """
+    stabilizers = resolve_auto(stabilizers)
     for name, xs in (("models", models), ("solvers", solvers), ("nfe", nfes), ("schedules", schedules),
                      ("coords", coords), ("stabilizers", stabilizers), ("seeds", seeds)):
         if not list(xs):
@@ -167,6 +169,15 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
                 make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes,
                                 jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision)
     return specs
+
+
+def resolve_auto(stabilizers: Sequence[str]) -> list[str]:
+    """The grid's stabilizers with ``auto`` spelled as what it runs: :data:`TRAJECTORY` while ``auto`` is the
+    calibrated sampler (the calibration ``sample --stabilizer auto`` uses: shipped with the model, else
+    fitted once per cell), else the stabilizer it names."""
+    from ..stabilizers.registry import AUTO
+
+    return [TRAJECTORY if resolves_to_calibrated(s) else (AUTO if s == "auto" else s) for s in stabilizers]
 
 
 # -- the grid -------------------------------------------------------------------------------------
@@ -350,6 +361,7 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     side by side.  ``device``: where to sample (models moved there; noise drawn on the CPU then moved).
     ``jacobian_batch``, ``jacobian_precision``: of the stabilizers (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
+    stabilizers = resolve_auto(stabilizers)
     specs = validate_grid(models, solvers, nfes, schedules, coords, stabilizers, seeds, n, probes, device,
                           jacobian_batch, jacobian_precision)
     if ref_solver not in SOLVERS or ref_steps < 1:
@@ -457,7 +469,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
     ``stein`` is measured once per probe count in ``probes_list``; other stabilizers once.  Each
     entry has ``ratio`` = median time / median time of ``none`` in the same (model, solver, nfe).
     """
-    stabilizers = list(dict.fromkeys(["none", *stabilizers]))
+    stabilizers = list(dict.fromkeys(["none", *resolve_auto(stabilizers)]))
     specs = validate_grid(models, solvers, nfes, [schedule], [coords], stabilizers, [seed], n, max(probes_list), device,
                           jacobian_batch, jacobian_precision)
     if repeats < 1 or any(p < 1 for p in probes_list):

@@ -46,8 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedules", default="karras,logsnr", help=f"comma-separated, from: {', '.join(SCHEDULES)}")
     p.add_argument("--coords", default="ve,vp", help="stabilizer coordinates, comma-separated: ve, vp")
     p.add_argument("--stabilizers", default="none,stein,stein-sc,stein-oracle",
-                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the calibrated sampler, "
-                        "fitted once per cell on other noise), or cal:<stabilizer> (its gamma schedule calibrated on "
+                   help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the calibrated sampler: "
+                        "the model's shipped calibration, else fitted once per cell on other noise; auto is this one, "
+                        "as in `sample --stabilizer auto`), or cal:<stabilizer> (its gamma schedule calibrated on "
                         "another batch, then applied)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")

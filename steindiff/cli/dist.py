@@ -1,12 +1,15 @@
 """``steindiff sample-dist`` (multi-process sampling, run under torchrun) and ``steindiff merge``.
 
-    torchrun --standalone --nproc_per_node 4 -m steindiff sample-dist --model gmm:image64 --num-samples 50000 \\
-        --stabilizer stein --out-dir runs/x
+    steindiff sample-dist --nproc-per-node 4 --model gmm:image64 --num-samples 50000 --out-dir runs/x
     steindiff merge runs/x --out samples.npz
 
 Every rank samples its shard of the global batch (noise from ``--seed`` for all ``--num-samples``) and
-writes ``shard-{rank:05d}.npz``; rank 0 writes ``manifest.json`` and prints the summary.  Without
-torchrun it runs as a single process (world size 1).  See :mod:`steindiff.distributed`.
+writes ``shard-{rank:05d}.npz``; rank 0 writes ``manifest.json`` and prints the summary.
+``--nproc-per-node N`` checks the arguments once (a refusal exits 2 before any process starts) and then
+starts the N processes itself, as ``torchrun --standalone --nproc_per_node N -m steindiff sample-dist ...``
+would; started by torchrun directly, only rank 0 prints a refusal (torchrun then reports the failure in
+its own words and exits 1).  Without either it runs as a single process (world size 1).  See
+:mod:`steindiff.distributed`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 
 from . import UsageError, common, emit, usage_errors
@@ -36,12 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: nccl with CUDA, else gloo")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds before a collective waiting for a dead or stalled rank fails")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="start N processes on this machine (torchrun --standalone) after checking the arguments once; "
+                        "default: the processes torchrun started, or one")
     common.add_calibration(p)
     common.add_device(p, help="auto (the default: under nccl each rank on its own GPU, cuda:LOCAL_RANK, statistics "
                       "all-reduced on the GPU; else CUDA when available, else the CPU), cpu, cuda (cuda:LOCAL_RANK) or "
                       "cuda:N")
     common.add_common(p)
-    p.set_defaults(func=run_sample)
+    p.set_defaults(func=run_sample, parser=p)
 
     m = sub.add_parser("merge", help="merge the shards of a sample-dist run into one .npz",
                        description="Merge the shards of a `steindiff sample-dist` directory into one .npz (samples in "
@@ -77,8 +84,21 @@ def _sigterm_as_error(rank: str):
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from ..distributed import sample_distributed, shard_name
+    rank = os.environ.get("RANK", "0")
+    try:
+        if args.nproc_per_node is not None:
+            return _launch(args)
+        spec, plan, name, stabilizer = _checked(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except UsageError:
+        if rank != "0":  # every rank finds the same refusal: rank 0 alone says it
+            return 2
+        raise
+    return _sample(args, spec, plan, name, stabilizer)
 
+
+def _checked(args: argparse.Namespace, world: int):
+    """Every check of a run on ``world`` ranks, before any work (``UsageError``): the model, the plan of
+    ``--stabilizer auto``, the stabilizer and the output folder."""
     common.check_sampling(args)
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
@@ -91,7 +111,6 @@ def run_sample(args: argparse.Namespace) -> int:
     from ..stabilizers.registry import resolves_to_calibrated
 
     spec = common.load_model_or_usage(args.model)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     plan, name = _auto_plan(args, spec, world) if resolves_to_calibrated(args.stabilizer) else (None, args.stabilizer)
     stabilizer = common.stabilizer_from_args(args, spec) if name != "none" else None
     if args.n < world:
@@ -100,6 +119,61 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"the stabilizer's batch statistics need at least 2 samples per rank; --num-samples {args.n} "
                          f"over {world} ranks (pass --per-sample for one gamma per sample)")
     common.check_output_dir(args.out_dir, "--out-dir")
+    return spec, plan, name, stabilizer
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc-per-node N``: the checks once here, then N processes as ``torchrun --standalone`` starts
+    them (torch's own launcher, in this process); its failure report is replaced by one line."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc-per-node starts the processes itself; do not combine it with torchrun")
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    _checked(args, args.nproc_per_node)
+    from torch.distributed import run as torchrun
+
+    launcher = torchrun.parse_args(["--standalone", "--nproc_per_node", str(args.nproc_per_node), "-m", "steindiff",
+                                    *_child_argv(args)])
+    quiet, env = logging.getLogger("torch.distributed"), dict(os.environ)
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the launcher's own warnings and failure log: summarised below
+    try:
+        torchrun.run(launcher)
+    except ChildFailedError as e:
+        codes = {r: f.exitcode for r, f in sorted(e.failures.items())}
+        first = min(codes)
+        if codes[first] == 2:  # a refusal, already printed by rank 0
+            return 2
+        raise RuntimeError(f"{len(codes)} of {args.nproc_per_node} processes failed (rank {first}: exit code "
+                           f"{codes[first]}; its error is above); finished shards are kept in {args.out_dir}") from None
+    finally:
+        quiet.setLevel(level)
+        os.environ.clear()
+        os.environ.update(env)  # the launcher sets OMP_NUM_THREADS for its processes
+    return 0
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of every rank: this run's options, without ``--nproc-per-node``."""
+    argv = ["sample-dist"]
+    for a in args.parser._actions:
+        if not a.option_strings or a.dest in ("help", "nproc_per_node"):
+            continue
+        v = getattr(args, a.dest)
+        if isinstance(a, argparse._StoreTrueAction):
+            argv += [a.option_strings[0]] if v else []
+        elif v is not None:
+            argv += [a.option_strings[0], str(v)]
+    return argv
+
+
+def _sample(args: argparse.Namespace, spec, plan, name: str, stabilizer) -> int:
+    from ..distributed import sample_distributed, shard_name
+
     with _sigterm_as_error(os.environ.get("RANK", "0")):
         res = sample_distributed(spec, Path(args.out_dir), plan, n=args.n, solver=args.solver, nfe=args.nfe,
                                  schedule=args.schedule, rho=args.rho, seed=args.seed, stabilizer_name=name,
@@ -115,6 +189,10 @@ def run_sample(args: argparse.Namespace) -> int:
         "nfe": res.nfe, "extra_passes": res.extra_passes, "steps": len(res.config["sigmas"]) - 1, "seed": args.seed,
         "gammas": res.gammas, "shards": [shard_name(r) for r in range(res.world_size)], "wall_s_rank0": res.wall_s,
     }
+    warning = common.gamma_warning(res.gammas) if stabilizer is not None else None
+    if warning:
+        summary["warnings"] = [warning]
+        print(f"steindiff sample-dist: {warning}", file=sys.stderr)
     if name != args.stabilizer:
         summary["stabilizer"] = "auto (calibrated)" if plan.gammas is not None else "auto (plain solver)"
     lines = [f"{spec.name}: {args.solver} / {args.schedule} / stabilizer {summary['stabilizer']}, NFE {res.nfe} "

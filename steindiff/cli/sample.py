@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..generate import generate
 from ..io import save_json, save_npz
@@ -97,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         "sigmas": [float(s) for s in gen.sigmas], "wall_s_per_sample": gen.wall_s / args.n,
         "gammas": [r.get("gamma") for r in gen.trace] if gen.trace else [1.0] * (len(gen.sigmas) - 1),
     }
+    warning = common.gamma_warning(summary["gammas"]) if stabilizer is not None and not by_plan else None
+    if warning:
+        summary["warnings"] = [warning]
+        print(f"steindiff sample: {warning}", file=sys.stderr)
     if spec.gmm is not None:
         summary["metrics"] = mixture_metrics(gen.x, spec.gmm, seed=args.seed)
     if args.out is not None:

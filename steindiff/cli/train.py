@@ -5,7 +5,9 @@ color photographs shipped in scikit-image and scikit-learn, held out by photo re
 ``patches:size=48,flip,photos=astronaut+coffee``), a ``.npy``/``.npz`` array
 ``N x C x H x W`` (floats in [-1, 1], or 8-bit integers in [0, 255]) or a folder of 8-bit PNGs.
 The checkpoint folder ``--out`` gets ``model.safetensors`` (EMA weights), ``config.json`` and
-``train_state.pt``; ``--resume`` continues it (on either device).  Load it with ``--model OUT`` in
+``train_state.pt`` (the raw weights and the optimizer's two moment estimates, three times the
+weights' size: what an exact resume needs besides the EMA weights); ``--resume`` continues it (on
+either device).  Load it with ``--model OUT`` in
 other commands.  On a GPU (``--device cuda``) the images live on the device, the losses are read
 back every ``--log-every`` iterations (no synchronisation per iteration) and ``--precision bf16``
 runs the network under bf16 autocast; checkpoints are written from CPU copies.
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     t = res.config["training"]
     summary = {
         "out": str(res.out), "step": res.step, "iters": args.iters, "stopped_early": res.stopped_early,
-        "wall_s": res.wall_s, "loss": res.loss, "n_params": res.n_params,
+        "wall_s": res.wall_s, "loss": res.loss, "loss_iters": res.loss_iters, "n_params": res.n_params,
         "data": {k: res.config["data"][k] for k in ("source", "shape", "n_train", "n_total")},
         "holdout": res.config["data"]["holdout"]["n"], "loss_type": args.loss, "lr": t["lr"],
         "batch_size": t["batch_size"], "device": str(device), "precision": args.precision,
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} "
         f"train, {summary['holdout']} held out",
         f"  model     U-Net, {res.n_params} parameters, {args.loss} loss",
-        f"  loss      {res.loss:.4g} (mean of the last 200 iterations)",
+        f"  loss      {res.loss:.4g} (mean of the last {res.loss_iters} iterations)",
         f"  wrote     {res.out}",
     ]
     emit(args, summary, "\n".join(lines))

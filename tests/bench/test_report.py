@@ -55,3 +55,24 @@ def test_write_plots(res, tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_have_whole_number_ticks(res, tmp_path, monkeypatch):
+    """NFE axes tick at the grid's NFEs (no 4.5), gamma axes at whole steps."""
+    import steindiff.bench.report as rep
+
+    figs = {}
+    save = rep.save_figure
+    monkeypatch.setattr(rep, "save_figure", lambda fig, path, **kw: figs.setdefault(os.path.basename(path), fig)
+                        and save(fig, path, **kw))
+    r, s = res
+    write_plots(r, s, str(tmp_path))
+    for name, fig in figs.items():
+        if name.startswith("cost_quality"):
+            continue
+        for ax in (a for a in fig.axes if a.get_visible()):
+            fig.canvas.draw()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), (name, ticks)
+            if "_vs_nfe_" in name:
+                assert ticks == [3, 5], (name, ticks)

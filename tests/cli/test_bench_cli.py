@@ -123,3 +123,18 @@ def test_calibration_budget_options_reach_the_fit_and_the_recorded_command(tmp_p
     cal = next(r for r in res["rows"] if r["stabilizer"] == "cal:trajectory")["calibration"]
     assert cal["solves"] <= 6  # two refinements of at most 6 // 2 solves each
     assert "--calibration-solves 6 --calibration-seconds 500.0" in res["command"]
+
+
+def test_auto_is_the_calibrated_sampler(tmp_path, capsys):
+    """bench --stabilizers auto runs what `sample --stabilizer auto` runs: cal:trajectory, fitted once per cell;
+    naming both is a duplicate, refused before any work."""
+    args = [a if a != "none,stein" else "none,auto" for a in TINY]
+    j = tmp_path / "r.json"
+    assert main(["bench", *args, "--calibration-solves", "6", "--json-out", str(j)]) == 0
+    rows = json.loads(j.read_text())["rows"]
+    assert [r["stabilizer"] for r in rows] == ["none", "cal:trajectory"] and rows[1]["status"] == "ok"
+    assert rows[1]["extra_passes"] == 0 and rows[1]["calibration"]["chosen"]
+    assert "cal:trajectory" in capsys.readouterr().out
+    dup = [a if a != "none,stein" else "auto,cal:trajectory" for a in TINY]
+    assert main(["bench", *dup]) == 2
+    assert "duplicate" in capsys.readouterr().err

@@ -87,6 +87,25 @@ def test_help_says_jvp_costs_more(capsys):
     assert "--jacobian-batch N" in out and "--jacobian-precision {fp32,bf16}" in out
 
 
+def test_bf16_help_states_the_h100_measurement(capsys):
+    """--jacobian-precision's help quotes the H100 run of benchmarks/gpu_check.py, and its figures are that file's."""
+    from pathlib import Path
+
+    from steindiff.cli.common import BF16_ON_H100
+
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not measured" not in out and f"an H100 ({BF16_ON_H100})" in out
+    gpu = json.loads((Path(__file__).parents[2] / "docs/results/gpu-check-nvidia-h100-80gb-hbm3.json").read_text())
+    unet = next(t for t in gpu["timing"] if t["model"] == "unet-34.4M")
+    rows = {r["variant"]: r for r in unet["rows"]}
+    bf16, fp32 = rows["stein_vjp_p1_bf16"], rows["stein_vjp_p1"]
+    assert (f"{bf16['time_ratio']:.1f}x the plain solver's time and {bf16['mem_ratio']:.1f}x its memory in bf16, "
+            f"against {fp32['time_ratio']:.1f}x and {fp32['mem_ratio']:.1f}x in fp32") in BF16_ON_H100
+    assert f"batch {unet['batch']}" in BF16_ON_H100
+
+
 @pytest.mark.parametrize("jb,size", [([], "batch of 6 samples"), (["--jacobian-batch", "4"], "4 samples x 5 probe(s)")])
 def test_out_of_memory_in_the_jacobian_pass(jb, size, tmp_path, capsys, oom_model_name):
     out, trace = tmp_path / "s.npz", tmp_path / "t.json"

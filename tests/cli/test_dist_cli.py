@@ -53,22 +53,66 @@ def test_single_process_then_merge_equals_sample(tmp_path, capsys):
     assert "merged 1 shard(s), 16 samples" in capsys.readouterr().out
 
 
-def test_torchrun_two_ranks_equal_sample(tmp_path, capsys):
-    ref_x, ref_g = reference(tmp_path, capsys)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "steindiff",
-           "sample-dist", *RUN, "--num-samples", "16", "--backend", "gloo", "--timeout", "60",
-           "--out-dir", str(tmp_path / "run"), "--json"]
-    p = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stderr[-2000:]
-    s = json.loads(p.stdout)  # rank 0 alone prints the summary
+def test_two_ranks_equal_sample(tmp_path, capfd, monkeypatch):
+    """--nproc-per-node 2 starts the ranks as torchrun does (gloo); the merged shards equal `steindiff sample`."""
+    ref_x, ref_g = reference(tmp_path, capfd)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["sample-dist", *RUN, "--num-samples", "16", "--backend", "gloo", "--timeout", "60",
+                 "--out-dir", str(tmp_path / "run"), "--json", "--nproc-per-node", "2"]) == 0
+    s = json.loads(capfd.readouterr().out)  # rank 0 alone prints the summary
     assert s["world_size"] == 2 and s["shards"] == ["shard-00000.npz", "shard-00001.npz"]
     np.testing.assert_allclose(s["gammas"], ref_g, rtol=1e-6)
     assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m.npz"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["world_size"] == 2
+    assert json.loads(capfd.readouterr().out)["world_size"] == 2
     with np.load(tmp_path / "m.npz") as z:
         np.testing.assert_allclose(z["samples"], ref_x, rtol=1e-6, atol=1e-9)
+
+
+def test_launcher_refuses_once_with_exit_2_before_starting(tmp_path, capfd, monkeypatch):
+    """--nproc-per-node checks the arguments once, for that many ranks, and starts nothing on a refusal."""
+    import torch.distributed.run as torchrun
+
+    monkeypatch.setattr(torchrun, "run", lambda a: pytest.fail("started the ranks"))
+    out = ["--out-dir", str(tmp_path / "r"), "--nproc-per-node", "2"]
+    assert main(["sample-dist", *RUN, "--solver", "nope", *out]) == 2
+    err = capfd.readouterr().err
+    assert err.count("unknown solver 'nope'") == 1 and "Traceback" not in err
+    assert main(["sample-dist", *RUN, "--num-samples", "3", *out]) == 2  # 3 samples over 2 ranks: one has 1
+    assert "at least 2 samples per rank; --num-samples 3 over 2 ranks" in capfd.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sample-dist", *RUN, *out]) == 2
+    assert "do not combine it with torchrun" in capfd.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("code,exit_code", [(2, 2), (1, 1)])
+def test_launcher_reports_a_failed_rank_in_one_line(tmp_path, capfd, monkeypatch, code, exit_code):
+    """A rank's refusal (exit 2, printed by rank 0) keeps exit 2 and adds nothing; a runtime failure is one line
+    naming the rank, not torchrun's traceback."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failed(a):
+        raise ChildFailedError("steindiff", {1: ProcessFailure(local_rank=1, pid=1, exitcode=code, error_file="")})
+
+    monkeypatch.setattr(torchrun, "run", failed)
+    assert main(["sample-dist", *RUN, "--out-dir", str(tmp_path / "r"), "--nproc-per-node", "2"]) == exit_code
+    err = capfd.readouterr().err.strip()
+    if code == 2:
+        assert err == ""
+    else:
+        assert err.splitlines() == [f"steindiff sample-dist: error: RuntimeError: 1 of 2 processes failed (rank 1: "
+                                    f"exit code 1; its error is above); finished shards are kept in {tmp_path / 'r'}"]
+
+
+def test_under_torchrun_only_rank_0_prints_a_refusal(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "steindiff",
+           "sample-dist", *RUN, "--solver", "nope", "--out-dir", str(tmp_path / "run")]
+    p = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert p.returncode != 0  # torchrun's own exit status for a failed rank
+    assert p.stderr.count("steindiff sample-dist: error: unknown solver 'nope'") == 1, p.stderr[-2000:]
 
 
 def test_refusals(tmp_path, capsys):

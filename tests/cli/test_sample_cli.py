@@ -1,6 +1,7 @@
 """``steindiff sample``: JSON summary, outputs, exit codes, nothing half-written."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,6 +61,40 @@ def test_usage_errors_exit_2(args, needle, tmp_path, capsys):
 def test_unwritable_output_is_a_usage_error(tmp_path, capsys):
     assert main(["sample", "--n", "10", "--out", str(tmp_path / "missing" / "s.npz"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_refuses_new_files_exits_2_before_sampling(capsys, monkeypatch):
+    """/proc passes a permission check (as root) but creates no file: found before any work, named as given."""
+    import steindiff.cli.sample as cli_sample
+
+    monkeypatch.setattr(cli_sample, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    assert main(["sample", "--n", "10", "--out", "/proc/s.npz", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("steindiff sample: error: cannot write '/proc/s.npz'") and ".s.npz." not in err
+
+
+def test_gammas_out_of_range_warn_in_one_line(tmp_path, capsys):
+    """The paper's literal estimate on an exact mixture: gammas in the hundreds and near 0, exit 0, one warning
+    line on stderr naming the range and what it means (also in the JSON summary); the plain solver: none."""
+    args = ["sample", "--model", "gmm:toy2d", "--n", "64", "--nfe", "6", "--no-progress", "--json"]
+    assert main([*args, "--stabilizer", "stein", "--probes", "2"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert any(not 0.1 <= g <= 10 for g in summary["gammas"])
+    line = err.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("steindiff sample: warning: gamma left [0.1, 10]")
+    assert "collapses samples" in line and summary["warnings"] == [line.removeprefix("steindiff sample: ")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "warnings" not in json.loads(out)
+
+
+def test_gamma_warning_bounds():
+    from steindiff.cli.common import gamma_warning
+
+    assert gamma_warning([1.0, 0.1, 10.0, 0.5]) is None
+    assert "at 2 of 3 steps (0.05 at step 1, nan at step 3)" in gamma_warning([0.05, 1.0, float("nan")])
 
 
 def test_runtime_failure_names_step_and_leaves_no_file(tmp_path, capsys):
