@@ -292,12 +292,13 @@ def flow_pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor, pooled_prompt
                              f"diffusers:{kind}", embedded_guidance=embedded, pipeline=type(pipe).__name__)
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[str], *, negative_prompt: str = "", guidance_scale: float = 1.0
-                   ) -> dict[str, torch.Tensor]:
+def encode_prompts(pipe: Any, prompts: Sequence[str], *, negative_prompt: str = "", guidance_scale: float = 1.0,
+                   **encode_options: Any) -> dict[str, torch.Tensor]:
     """The pipeline's own ``encode_prompt`` of ``prompts`` (one row each), as the keyword arguments of
     :func:`flow_pipeline_model` or :func:`~steindiff.integrations.diffusers.pipeline_model`: Stable Diffusion
     (``prompt_embeds``, ``negative_prompt_embeds``), SD3 (also the pooled ones), FLUX (``prompt_embeds``,
-    ``pooled_prompt_embeds``, ``text_ids``).  The negative prompt is encoded only where guidance uses it."""
+    ``pooled_prompt_embeds``, ``text_ids``).  The negative prompt is encoded only where guidance uses it;
+    ``encode_options`` go to ``encode_prompt`` (e.g. ``max_sequence_length`` of SD3 and FLUX)."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to encode")
@@ -305,17 +306,18 @@ def encode_prompts(pipe: Any, prompts: Sequence[str], *, negative_prompt: str = 
     guided = float(guidance_scale) > 1.0
     with torch.no_grad():
         if getattr(pipe, "transformer", None) is None:
-            pe, npe = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=[negative_prompt] * len(prompts))
+            pe, npe = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=[negative_prompt] * len(prompts),
+                                         **encode_options)
             out = {"prompt_embeds": pe}
             if guided:
                 out["negative_prompt_embeds"] = npe
             return out
         if _is_flux(pipe):
-            pe, ppe, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+            pe, ppe, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, **encode_options)
             return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "text_ids": text_ids}
         pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                 do_classifier_free_guidance=guided,
-                                                negative_prompt=[negative_prompt] * len(prompts))
+                                                negative_prompt=[negative_prompt] * len(prompts), **encode_options)
         out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
         if guided:
             out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)

@@ -248,6 +248,14 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
             self.process = process_from_scheduler(vp)
             self._net = _PipelineOutput()
             self._adapter = denoiser_from_diffusers(self._net, vp, timestep=timestep_type)
+        self.calibration_meta: dict | None = None  # the full metadata of a calibration given as a file or a plan
+        if calibration is not None and not isinstance(calibration, Mapping):
+            plan = as_plan(os.fspath(calibration) if isinstance(calibration, os.PathLike) else calibration,
+                           solver=solver or DEFAULT_SOLVER)
+            self.calibration_meta = dict(plan.meta)
+            if isinstance(calibration, (str, os.PathLike)):
+                self.calibration_meta.setdefault("source", os.fspath(calibration))
+            calibration = plan
         self._cal = None if calibration is None else calibration_record(calibration, solver=solver)
         if self._cal is not None:
             self.register_to_config(calibration=self._cal)
@@ -323,6 +331,22 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         if here != rec["fingerprint"]:
             raise ValueError(f"calibration was made for another model: its fingerprint is {rec['fingerprint']}, this "
                              f"pipeline's ({type(pipe).__name__}: weights, latent shape, noise process) is {here}")
+
+    def save_calibration(self, path: str | os.PathLike) -> None:
+        """Write the calibration in use as a calibration file (``steindiff.gamma-schedule/1``, atomically): what
+        ``calibration=`` takes back, and what :func:`steindiff.integrations.export.export_calibration`,
+        ``sample_pipeline(calibration=...)`` and the k-diffusion functions read."""
+        rec = self._cal
+        if rec is None:
+            raise ValueError("this scheduler has no calibration to save")
+        sig = torch.as_tensor(rec["sigmas"], dtype=torch.float64)
+        meta = {k: v for k, v in (self.calibration_meta or {}).items() if k != "source"}
+        meta.update(model=meta.get("model", "diffusers"), solver=rec["solver"], schedule=rec["schedule"],
+                    nfe=get_solver(rec["solver"], **(rec.get("solver_options") or {})).nfe(sig),
+                    sigmas=rec["sigmas"], base_sigmas=rec.get("base_sigmas"), fingerprint=rec.get("fingerprint"),
+                    pipeline=rec.get("pipeline"), name=rec.get("name", "calibrated"))
+        gammas = rec.get("gammas") or [1.0] * (len(sig) - 1)
+        GammaSchedule(gammas, rec.get("coords", "ve"), meta).save(path)
 
     def _check_calibration(self, solver: str | None, solver_options: dict | None, schedule: str | None,
                            guidance_scale: float | None) -> None:
@@ -657,6 +681,7 @@ def calibrate_scheduler(
     width: int | None = None,
     solver: str = DEFAULT_SOLVER,
     schedule: str | None = None,
+    rho: float = 7.0,
     solver_options: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
     calibrate_missing: bool = True,
@@ -683,7 +708,7 @@ def calibrate_scheduler(
 
     if prompts is None and embeddings is None:
         raise ValueError("give prompts (encoded by the pipeline) or embeddings")
-    sched = SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=schedule,
+    sched = SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=schedule, rho=rho,
                                            solver_options=solver_options)
     height, width = image_size(pipe, height, width)
     kwargs = pipeline_schedule_kwargs(pipe, num_inference_steps, height, width) if sched.flow is not None else {}
@@ -702,5 +727,5 @@ def calibrate_scheduler(
     plan.meta["pipeline"] = {**_pipeline_record(pipe, sched, pm, height, width, kwargs.get("mu"), guidance_scale),
                              "num_inference_steps": int(num_inference_steps)}
     g = pm.conditioning().get("embedded_guidance") or pm.guidance_scale
-    return SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=sched.schedule,
+    return SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=sched.schedule, rho=rho,
                                           solver_options=solver_options, calibration=plan, guidance_scale=float(g))

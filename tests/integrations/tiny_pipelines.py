@@ -46,6 +46,14 @@ def _vae(latent_channels: int, **kw):
                                    latent_channels=latent_channels, norm_num_groups=1, sample_size=8, **kw)
 
 
+def _t5(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=1, eos_token_id=1))
+
+
 def _done(pipe):
     pipe = pipe.to(DTYPE)
     pipe.set_progress_bar_config(disable=True)
@@ -73,8 +81,8 @@ def stable_diffusion(img2img: bool = False, scheduler=None):
 
 
 def stable_diffusion_3(img2img: bool = False, scheduler=None):
-    """StableDiffusion3Pipeline (or img2img): a one-layer SD3 transformer on 4x8x8 latents, two CLIP encoders, no
-    T5 (the pipeline pads with zeros), the flow scheduler with SD3's shift 3."""
+    """StableDiffusion3Pipeline (or img2img): a one-layer SD3 transformer on 4x8x8 latents, two CLIP encoders and a
+    small T5, the flow scheduler with SD3's shift 3."""
     import diffusers
     from transformers import CLIPTextModelWithProjection
 
@@ -91,14 +99,14 @@ def stable_diffusion_3(img2img: bool = False, scheduler=None):
     cls = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
     return _done(cls(transformer=transformer, scheduler=sched, vae=_vae(4, shift_factor=0.06, scaling_factor=1.5),
                      text_encoder=te1, tokenizer=tokenizer(), text_encoder_2=te2, tokenizer_2=tokenizer(),
-                     text_encoder_3=None, tokenizer_3=None))
+                     text_encoder_3=_t5(10), tokenizer_3=tokenizer()))
 
 
 def flux(scheduler=None):
     """FluxPipeline: a one-layer FLUX transformer (guidance embedding on) on 1x8x8 latents packed to 16 tokens of 4,
     a CLIP and a small T5 encoder, FLUX's dynamic shifting."""
     import diffusers
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(7)
     transformer = diffusers.FluxTransformer2DModel(
@@ -106,9 +114,7 @@ def flux(scheduler=None):
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
     torch.manual_seed(8)
     clip = CLIPTextModel(_clip_config())
-    torch.manual_seed(9)
-    t5 = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                 decoder_start_token_id=0, pad_token_id=1, eos_token_id=1))
+    t5 = _t5(9)
     sched = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096)
