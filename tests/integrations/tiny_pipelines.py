@@ -54,6 +54,24 @@ def _t5(seed: int):
                                    decoder_start_token_id=0, pad_token_id=1, eos_token_id=1))
 
 
+def stable_diffusion_scheduler():
+    """Stable Diffusion's own scheduler config (PNDM, scaled-linear betas)."""
+    import diffusers
+
+    return diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   skip_prk_steps=True, steps_offset=1)
+
+
+def flow_scheduler(kind: str):
+    """The flow scheduler of SD3 (static shift 3) or FLUX (dynamic shifting)."""
+    import diffusers
+
+    if kind == "sd3":
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
 def _done(pipe):
     pipe = pipe.to(DTYPE)
     pipe.set_progress_bar_config(disable=True)
@@ -73,8 +91,7 @@ def stable_diffusion(img2img: bool = False, scheduler=None):
         cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
     torch.manual_seed(3)
     text_encoder = CLIPTextModel(_clip_config())
-    sched = scheduler or diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 skip_prk_steps=True, steps_offset=1)
+    sched = scheduler or stable_diffusion_scheduler()
     cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
     return _done(cls(vae=_vae(4), text_encoder=text_encoder, tokenizer=tokenizer(), unet=unet, scheduler=sched,
                      safety_checker=None, feature_extractor=None, requires_safety_checker=False))
@@ -95,7 +112,7 @@ def stable_diffusion_3(img2img: bool = False, scheduler=None):
     te1 = CLIPTextModelWithProjection(_clip_config())
     torch.manual_seed(6)
     te2 = CLIPTextModelWithProjection(_clip_config())
-    sched = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched = scheduler or flow_scheduler("sd3")
     cls = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
     return _done(cls(transformer=transformer, scheduler=sched, vae=_vae(4, shift_factor=0.06, scaling_factor=1.5),
                      text_encoder=te1, tokenizer=tokenizer(), text_encoder_2=te2, tokenizer_2=tokenizer(),
@@ -115,9 +132,7 @@ def flux(scheduler=None):
     torch.manual_seed(8)
     clip = CLIPTextModel(_clip_config())
     t5 = _t5(9)
-    sched = scheduler or diffusers.FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096)
+    sched = scheduler or flow_scheduler("flux")
     return _done(diffusers.FluxPipeline(scheduler=sched, vae=_vae(1, shift_factor=0.06, scaling_factor=1.5),
                                         text_encoder=clip, tokenizer=tokenizer(), text_encoder_2=t5,
                                         tokenizer_2=tokenizer(max_length=8), transformer=transformer))
