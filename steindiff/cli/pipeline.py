@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         lines.append("  (no --out: only the cache holds it; pass --out FILE to use it from SteinDiffScheduler)")
     lines += ["use it:", *("  " + u for u in usage)]
-    summary = {"out": args.out, "pipeline": args.pipeline, "num_inference_steps": steps, "nfe": args.nfe,
-               "usage": usage, **rec, "calibration_meta": sched.calibration_meta}
+    summary = {**rec, "made_for": rec["pipeline"], "out": args.out, "pipeline": args.pipeline,
+               "num_inference_steps": steps, "nfe": args.nfe, "usage": usage,
+               "calibration_meta": sched.calibration_meta}
     emit(args, summary, "\n".join(lines))
     return 0
