@@ -38,12 +38,15 @@ def _clip_config(**kw):
     return CLIPTextConfig(**cfg)
 
 
-def _vae(latent_channels: int, **kw):
+def _vae(latent_channels: int, levels: int = 1, **kw):
+    """A VAE of ``levels`` levels: images ``2**(levels - 1)`` times the latents' size."""
     import diffusers
 
     torch.manual_seed(2)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                                   latent_channels=latent_channels, norm_num_groups=1, sample_size=8, **kw)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(4,) * levels, layers_per_block=1,
+                                   down_block_types=("DownEncoderBlock2D",) * levels,
+                                   up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=latent_channels,
+                                   norm_num_groups=1, sample_size=8, **kw)
 
 
 def _t5(seed: int):
@@ -97,24 +100,28 @@ def stable_diffusion(img2img: bool = False, scheduler=None):
                      safety_checker=None, feature_extractor=None, requires_safety_checker=False))
 
 
-def stable_diffusion_3(img2img: bool = False, scheduler=None):
+def stable_diffusion_3(img2img: bool = False, scheduler=None, image_size: int = 8):
     """StableDiffusion3Pipeline (or img2img): a one-layer SD3 transformer on 4x8x8 latents, two CLIP encoders and a
-    small T5, the flow scheduler with SD3's shift 3."""
+    small T5, the flow scheduler with SD3's shift 3.  ``image_size`` above 8: a VAE of factor 8 and 2x2 patches
+    (512: 64x64 latents, 1024 tokens), the pipeline's default size."""
     import diffusers
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(4)
+    big = image_size > 8
+    latent = image_size // 8 if big else image_size
     transformer = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-        pos_embed_max_size=16)
+        sample_size=latent, patch_size=2 if big else 1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4, pos_embed_max_size=max(16, latent // 2))
     torch.manual_seed(5)
     te1 = CLIPTextModelWithProjection(_clip_config())
     torch.manual_seed(6)
     te2 = CLIPTextModelWithProjection(_clip_config())
     sched = scheduler or flow_scheduler("sd3")
     cls = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
-    return _done(cls(transformer=transformer, scheduler=sched, vae=_vae(4, shift_factor=0.06, scaling_factor=1.5),
+    vae = _vae(4, levels=4 if big else 1, shift_factor=0.06, scaling_factor=1.5)
+    return _done(cls(transformer=transformer, scheduler=sched, vae=vae,
                      text_encoder=te1, tokenizer=tokenizer(), text_encoder_2=te2, tokenizer_2=tokenizer(),
                      text_encoder_3=_t5(10), tokenizer_3=tokenizer()))
 
