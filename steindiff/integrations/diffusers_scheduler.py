@@ -155,7 +155,7 @@ def calibration_record(calibration: Any, *, solver: str | None = None) -> dict:
             "base_sigmas": None if base is None else [float(s) for s in base], "fingerprint": meta.get("fingerprint"),
             "guidance_scale": None if guidance is None else float(guidance),
             "pipeline": dict(meta["pipeline"]) if isinstance(meta.get("pipeline"), Mapping) else None,
-            "name": str(meta.get("name", "calibrated")),
+            "name": str(meta.get("name", "calibrated")), "timestep": cond.get("timestep"),
             "source": calibration if isinstance(calibration, str) else None}
 
 
@@ -363,6 +363,9 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
                        "same to the pipeline)")
         elif g is not None and guidance_scale is not None and float(guidance_scale) != g:
             bad.append(f"it was made for guidance scale {g:g}, the scheduler is told {float(guidance_scale):g}")
+        if self.flow is None and rec.get("timestep") not in (None, self.config.timestep_type):
+            bad.append(f"it was made with {rec['timestep']!r} timesteps, this scheduler uses "
+                       f"timestep_type={self.config.timestep_type!r}")
         made = rec.get("pipeline") or {}
         if made.get("process") and made["process"] != repr(self.process):
             bad.append(f"it was made for the noise process {made['process']}, this scheduler config gives "

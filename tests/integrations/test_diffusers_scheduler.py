@@ -364,6 +364,12 @@ def test_refusals_name_the_mismatch(sd3_pipe):
                                          r"\(4, 16, 16\)"):
         sd3_pipe(**{**call_kwargs(sd3_pipe, emb), "height": 16, "width": 16}, guidance_scale=5.0,
                  num_inference_steps=4, output_type="latent")
+    # a VP calibration made with fractional timesteps, in a scheduler that rounds them
+    vp_plan = hand_calibration(SteinDiffScheduler.from_config(tp.stable_diffusion_scheduler().config), 3)
+    vp_plan.meta["diffusers"] = {"integration": "diffusers", "guidance_scale": 1.0, "timestep": "interp"}
+    with pytest.raises(ValueError, match="made with 'interp' timesteps, this scheduler uses timestep_type='round'"):
+        SteinDiffScheduler.from_config(tp.stable_diffusion_scheduler().config, calibration=vp_plan,
+                                       timestep_type="round")
     # a calibration for a VP process in a flow pipeline's scheduler
     vp_rec = {**rec, "pipeline": {"process": "DiscreteVPProcess(sigma_min=0.02917, sigma_max=14.61)"}}
     with pytest.raises(ValueError, match="made for the noise process DiscreteVPProcess"):
