@@ -1,0 +1,351 @@
+"""Flow-matching diffusers pipelines (Stable Diffusion 3, FLUX): their scheduler configs and transformers.
+
+- :func:`flow_scheduler_config` reads a flow-matching scheduler config (``FlowMatchEulerDiscreteScheduler`` and
+  the multistep schedulers with ``use_flow_sigmas``) as a :class:`FlowSchedulerConfig`: the time shift (static
+  ``shift``, or dynamic shifting by ``mu``) and diffusers' default flow schedule, exactly as
+  ``FlowMatchEulerDiscreteScheduler.set_timesteps`` computes them (in float64).  A field we cannot represent
+  exactly (``invert_sigmas``, ``shift_terminal``, ``use_karras_sigmas``, ..., an unknown ``time_shift_type``)
+  is refused, naming it.
+- :func:`flow_pipeline_model`: a flow pipeline's transformer as a VE denoiser (:class:`~steindiff.models.FlowDenoiser`,
+  velocity prediction), under classifier-free guidance (SD3) or with FLUX's embedded guidance, as the pipeline
+  calls it: the :class:`~steindiff.integrations.diffusers.PipelineModel` that :func:`calibrate_flow_pipeline` fits.
+- :func:`pipeline_mu`: the resolution shift ``mu`` a pipeline passes to its scheduler for an image size.
+
+This reading of flow configs is this module's own; ``process_from_scheduler`` still refuses flow schedulers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.denoisers import FlowDenoiser
+from ..noise import FlowProcess
+from ..schedules import flow_time_shift
+from .diffusers import UNCOND_PREFIX, CFGDenoiser, PipelineModel, _batch_to, _config_of, pipeline_model
+
+__all__ = ["FlowSchedulerConfig", "flow_scheduler_config", "is_flow_config", "flow_pipeline_model", "pipeline_mu",
+           "pipeline_schedule_kwargs", "FlowPipelineModel", "FLOW_T_MAX", "UNSUPPORTED_FLOW_FIELDS", "encode_prompts",
+           "any_pipeline_model", "image_size"]
+
+#: The flow time taken for diffusers' first level ``t = 1``, which has no VE noise level (``sigma = inf``):
+#: ``sigma_max = t / (1 - t) = 1e4``.  The network sees ``t = 0.9999`` there instead of 1.
+FLOW_T_MAX = 1.0 - 1e-4
+
+#: Flow scheduler fields that change the schedule in ways this reading does not represent, with their neutral value.
+UNSUPPORTED_FLOW_FIELDS = {"invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+                           "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False,
+                           "use_lu_lambdas": False, "use_exponential_sigmas_flow": False, "thresholding": False}
+TIME_SHIFT_TYPES = ("exponential", "linear")
+FLOW_PREDICTIONS = (None, "flow_prediction", "velocity")
+
+
+def is_flow_config(cfg: Mapping, cls: str = "") -> bool:
+    """Whether a scheduler config describes a flow-matching scheduler (``FlowMatch*``, ``use_flow_sigmas``, or a
+    ``shift`` without a beta schedule): the same test ``process_from_scheduler`` refuses them by."""
+    return bool("FlowMatch" in cls or cfg.get("use_flow_sigmas") or ("shift" in cfg and "beta_schedule" not in cfg)
+                or cfg.get("prediction_type") == "flow_prediction")
+
+
+@dataclass(frozen=True)
+class FlowSchedulerConfig:
+    """What a flow-matching scheduler config says about sampling: the time shift and the training table's size.
+
+    ``shift``: the static shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, Eq. 23); with
+    ``use_dynamic_shifting`` the shift comes from ``mu`` instead (FLUX), ``exponential`` or ``linear``
+    (``time_shift_type``).  ``base_shift``, ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len`` give
+    ``mu`` for an image sequence length (:meth:`mu`).
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+
+    def mu(self, image_seq_len: int, *, max_shift: float | None = None) -> float:
+        """diffusers' ``calculate_shift``: ``mu`` linear in the image sequence length, ``base_shift`` at
+        ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len``."""
+        top = self.max_shift if max_shift is None else max_shift
+        m = (top - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return float(image_seq_len * m + self.base_shift - m * self.base_image_seq_len)
+
+    def shifted(self, t: torch.Tensor | Sequence[float], mu: float | None = None) -> torch.Tensor:
+        """The time shift of ``set_timesteps`` (float64): dynamic with ``mu`` when ``use_dynamic_shifting``
+        (``mu`` then required), else the static ``shift`` (``mu`` ignored, as diffusers ignores it)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("mu must be given when the scheduler config sets use_dynamic_shifting=True: the time "
+                                 "shift then depends on the image size (the pipeline passes mu; diffusers raises the "
+                                 "same error)")
+            return flow_time_shift(t, mu=float(mu), kind=self.time_shift_type)
+        return flow_time_shift(t, self.shift)
+
+    def unshifted(self, t: torch.Tensor | Sequence[float], mu: float | None = None) -> torch.Tensor:
+        """The inverse of :meth:`shifted`: the shift is a Moebius map of ``1/t - 1`` by a factor, undone by the
+        inverse factor (``1/shift``; ``-mu`` exponential, ``1/mu`` linear)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("mu must be given when the scheduler config sets use_dynamic_shifting=True")
+            inv = -float(mu) if self.time_shift_type == "exponential" else 1.0 / float(mu)
+            return flow_time_shift(t, mu=inv, kind=self.time_shift_type)
+        return flow_time_shift(t, 1.0 / self.shift)
+
+    def default_times(self, n: int, mu: float | None = None) -> torch.Tensor:
+        """The ``n`` flow times of ``FlowMatchEulerDiscreteScheduler.set_timesteps(n, mu=mu)`` (before the final
+        0): uniform in ``t`` from the table's first level to its last (``1/num_train_timesteps``, shifted once when
+        the shift is static), then shifted."""
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+        t_first = 1.0  # shift(1) = 1 for every shift
+        t_last = 1.0 / self.num_train_timesteps
+        if not self.use_dynamic_shifting:
+            t_last = float(flow_time_shift(torch.tensor(t_last, dtype=torch.float64), self.shift))
+        return self.shifted(torch.linspace(t_first, t_last, n, dtype=torch.float64), mu)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def flow_scheduler_config(scheduler_or_config: Any) -> FlowSchedulerConfig:
+    """A flow-matching scheduler (or its config) as a :class:`FlowSchedulerConfig`.
+
+    Reads ``FlowMatchEulerDiscreteScheduler``/``FlowMatchHeunDiscreteScheduler`` fields (``shift``,
+    ``use_dynamic_shifting``, ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``,
+    ``time_shift_type``) and the multistep schedulers' ``use_flow_sigmas`` with ``flow_shift``.  Raises
+    ValueError naming the field for a config that is not a flow config, a ``prediction_type`` other than flow
+    prediction, an unknown ``time_shift_type`` and a non-neutral field of :data:`UNSUPPORTED_FLOW_FIELDS`.
+    """
+    cfg, cls = _config_of(scheduler_or_config)
+    name = cls or "(config)"
+    if not is_flow_config(cfg, cls):
+        raise ValueError(f"scheduler {name} is not a flow-matching scheduler (no FlowMatch class, use_flow_sigmas or "
+                         "shift without a beta schedule)")
+    for key, neutral in UNSUPPORTED_FLOW_FIELDS.items():
+        if key in cfg and cfg[key] not in (neutral, None) and not (neutral is None and cfg[key] in (0, 0.0)):
+            raise ValueError(f"scheduler {name} sets {key}={cfg[key]!r}, which steindiff cannot represent exactly "
+                             f"(supported: {key}={neutral!r})")
+    pred = cfg.get("prediction_type")
+    if pred not in FLOW_PREDICTIONS:
+        raise ValueError(f"scheduler {name} has prediction_type={pred!r}; a flow scheduler's model predicts the "
+                         "velocity (flow_prediction)")
+    kind = cfg.get("time_shift_type", "exponential")
+    if kind not in TIME_SHIFT_TYPES:
+        raise ValueError(f"scheduler {name} has time_shift_type={kind!r}; supported: {', '.join(TIME_SHIFT_TYPES)}")
+    shift = cfg.get("flow_shift", 1.0) if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
+    if shift is None or not float(shift) > 0:
+        raise ValueError(f"scheduler {name} has shift={shift!r}; it must be > 0")
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if n < 2:
+        raise ValueError(f"scheduler {name} has num_train_timesteps={n}; need at least 2")
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    return FlowSchedulerConfig(
+        num_train_timesteps=n, shift=float(shift), use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
+        base_shift=0.5 if base_shift is None else float(base_shift), max_shift=1.15 if max_shift is None else
+        float(max_shift), base_image_seq_len=int(cfg.get("base_image_seq_len", 256)),
+        max_image_seq_len=int(cfg.get("max_image_seq_len", 4096)), time_shift_type=str(kind))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pipelines
+# ------------------------------------------------------------------------------------------------------------
+def _is_flux(pipe: Any) -> bool:
+    return "Flux" in type(pipe).__name__ or "Flux" in type(getattr(pipe, "transformer", None)).__name__
+
+
+def _latent_hw(pipe: Any, height: int, width: int) -> tuple[int, int]:
+    """The latent grid of an image of ``height x width`` pixels, as the pipeline's ``prepare_latents`` makes it."""
+    f = int(getattr(pipe, "vae_scale_factor", 8))
+    if _is_flux(pipe):  # packed 2x2: a multiple of 2 after the VAE's factor
+        return 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
+    return int(height) // f, int(width) // f
+
+
+def pipeline_mu(pipe: Any, height: int, width: int) -> float | None:
+    """The ``mu`` a flow pipeline passes to ``set_timesteps`` for an image of ``height x width`` pixels (``None``
+    where it passes none: Stable Diffusion 3 without dynamic shifting).  FLUX: ``calculate_shift`` of the packed
+    sequence length; SD3: of ``(h / patch) (w / patch)``, with the pipeline's own default ``max_shift`` (1.16)."""
+    cfg = flow_scheduler_config(pipe.scheduler)
+    h, w = _latent_hw(pipe, height, width)
+    if _is_flux(pipe):
+        return cfg.mu((h // 2) * (w // 2))
+    if not cfg.use_dynamic_shifting:
+        return None
+    p = int(pipe.transformer.config.patch_size)
+    raw = dict(pipe.scheduler.config)
+    return cfg.mu((h // p) * (w // p), max_shift=float(raw.get("max_shift", 1.16) or 1.16))
+
+
+def pipeline_schedule_kwargs(pipe: Any, num_inference_steps: int, height: int, width: int) -> dict:
+    """What a flow pipeline passes to ``scheduler.set_timesteps`` besides the step count: FLUX its own sigmas
+    ``linspace(1, 1/n, n)`` and ``mu``; SD3 ``mu`` with dynamic shifting only."""
+    out: dict[str, Any] = {}
+    mu = pipeline_mu(pipe, height, width)
+    if mu is not None:
+        out["mu"] = mu
+    if _is_flux(pipe):
+        out["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
+    return out
+
+
+class _TransformerNet(nn.Module):
+    """``net(x_t, t, **extra) = transformer(hidden_states=x_t, timestep=t, **fixed, **extra)[0]``; ``guidance``
+    (FLUX's embedded guidance) is passed per sample when set; floating tensors are cast to ``x``'s dtype."""
+
+    def __init__(self, transformer: nn.Module, fixed: dict | None = None, guidance: float | None = None):
+        super().__init__()
+        self.transformer, self.fixed, self.guidance = transformer, dict(fixed or {}), guidance
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
+        kw = {k: (v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in {**self.fixed, **extra}.items()}
+        if self.guidance is not None:
+            kw["guidance"] = torch.full((x.shape[0],), self.guidance, dtype=torch.float32, device=x.device)
+        return self.transformer(hidden_states=x, timestep=t, return_dict=False, **kw)[0]
+
+
+@dataclass
+class FlowPipelineModel(PipelineModel):
+    """:class:`~steindiff.integrations.diffusers.PipelineModel` of a flow pipeline: ``denoiser`` is a
+    :class:`~steindiff.models.FlowDenoiser`; ``embedded_guidance`` is FLUX's guidance input (``None``: none)."""
+
+    embedded_guidance: float | None = None
+    pipeline: str = ""
+
+    def conditioning(self) -> dict[str, Any]:
+        from ..calibration import conditioning_digest
+
+        return {"integration": "diffusers", "pipeline": self.pipeline, "guidance_scale": self.guidance_scale,
+                "embedded_guidance": self.embedded_guidance, "conditioning": conditioning_digest(self.cond),
+                "time_scale": self.denoiser.time_scale, "prediction": self.denoiser.prediction}
+
+
+def flow_pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                        negative_prompt_embeds: torch.Tensor | None = None,
+                        negative_pooled_prompt_embeds: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                        height: int | None = None, width: int | None = None, text_ids: torch.Tensor | None = None,
+                        t_max: float = FLOW_T_MAX) -> FlowPipelineModel:
+    """The model a flow pipeline samples (Stable Diffusion 3: ``transformer(hidden_states, timestep=1000 t,
+    encoder_hidden_states, pooled_projections)``; FLUX: packed latents, ``timestep=t``, ``txt_ids``/``img_ids`` and,
+    when the transformer embeds it, ``guidance``), as a VE denoiser with its conditioning.
+
+    SD3 with ``guidance_scale > 1`` is classifier-free guidance over ``negative_*`` (as the pipeline applies it to
+    the velocity, which the denoised estimate is affine in).  FLUX: ``guidance_scale`` is the embedded guidance
+    (no second pass), as ``FluxPipeline`` uses it.  ``height``/``width``: the image size in pixels (default: the
+    transformer's ``sample_size`` times the VAE's factor).  The process is a :class:`~steindiff.noise.FlowProcess`
+    from ``1/num_train_timesteps`` to ``t_max`` (:data:`FLOW_T_MAX`: diffusers' ``t = 1`` has no VE level).
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or getattr(pipe, "scheduler", None) is None:
+        raise ValueError("a flow pipeline needs a `transformer` and a `scheduler`")
+    cfg = flow_scheduler_config(pipe.scheduler)
+    flux = _is_flux(pipe)
+    kind = type(transformer).__name__
+    if kind not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
+        raise ValueError(f"transformer {kind} is not supported: steindiff's flow pipelines are Stable Diffusion 3 "
+                         "(SD3Transformer2DModel) and FLUX (FluxTransformer2DModel)")
+    tcfg = transformer.config
+    h, w = _latent_hw(pipe, *image_size(pipe, height, width))
+    device = getattr(transformer, "device", torch.device("cpu"))
+    process = FlowProcess(1.0 / cfg.num_train_timesteps, t_max)
+    fixed: dict[str, Any] = {}
+    embedded = None
+    if flux:
+        c = int(tcfg.in_channels) // 4
+        shape: tuple[int, ...] = ((h // 2) * (w // 2), c * 4)
+        dtype = prompt_embeds.dtype
+        fixed["img_ids"] = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+        fixed["txt_ids"] = (text_ids if text_ids is not None else
+                            torch.zeros(prompt_embeds.shape[1], 3)).to(device=device, dtype=dtype)
+        if tcfg.get("guidance_embeds"):
+            embedded = float(guidance_scale)
+        time_scale = cfg.num_train_timesteps / 1000.0  # FluxPipeline passes timestep / 1000
+        guided = False
+    else:
+        shape = (int(tcfg.in_channels), h, w)
+        time_scale = float(cfg.num_train_timesteps)
+        guided = float(guidance_scale) > 1.0
+    net = _TransformerNet(transformer, fixed, embedded)
+    den = FlowDenoiser(net, process, "velocity", time_scale=time_scale, dtype=getattr(transformer, "dtype", None))
+    keys = ("encoder_hidden_states", "pooled_projections")
+    cond = {k: torch.as_tensor(v).to(device) for k, v in zip(keys, (prompt_embeds, pooled_prompt_embeds))}
+    extra: dict[str, torch.Tensor] = dict(cond)
+    if guided:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs negative_prompt_embeds and "
+                             "negative_pooled_prompt_embeds (the encoded negative prompt)")
+        extra.update({UNCOND_PREFIX + k: torch.as_tensor(v).to(device)
+                      for k, v in zip(keys, (negative_prompt_embeds, negative_pooled_prompt_embeds))})
+    batch = max(v.shape[0] for v in extra.values())
+    extra = {k: _batch_to(v, batch, k.replace(UNCOND_PREFIX, "negative ")) for k, v in extra.items()}
+    model: Callable[..., torch.Tensor] = CFGDenoiser(den, float(guidance_scale)) if guided else den
+    return FlowPipelineModel(den, model, extra, batch, float(guidance_scale) if guided else 1.0, shape,
+                             f"diffusers:{kind}", embedded_guidance=embedded, pipeline=type(pipe).__name__)
+
+
+def encode_prompts(pipe: Any, prompts: Sequence[str], *, negative_prompt: str = "", guidance_scale: float = 1.0,
+                   **encode_options: Any) -> dict[str, torch.Tensor]:
+    """The pipeline's own ``encode_prompt`` of ``prompts`` (one row each), as the keyword arguments of
+    :func:`flow_pipeline_model` or :func:`~steindiff.integrations.diffusers.pipeline_model`: Stable Diffusion
+    (``prompt_embeds``, ``negative_prompt_embeds``), SD3 (also the pooled ones), FLUX (``prompt_embeds``,
+    ``pooled_prompt_embeds``, ``text_ids``).  The negative prompt is encoded only where guidance uses it;
+    ``encode_options`` go to ``encode_prompt`` (e.g. ``max_sequence_length`` of SD3 and FLUX)."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    device = getattr(getattr(pipe, "transformer", None) or pipe.unet, "device", torch.device("cpu"))
+    guided = float(guidance_scale) > 1.0
+    with torch.no_grad():
+        if getattr(pipe, "transformer", None) is None:
+            pe, npe = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=[negative_prompt] * len(prompts),
+                                         **encode_options)
+            out = {"prompt_embeds": pe}
+            if guided:
+                out["negative_prompt_embeds"] = npe
+            return out
+        if _is_flux(pipe):
+            pe, ppe, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, **encode_options)
+            return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe, "text_ids": text_ids}
+        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                do_classifier_free_guidance=guided,
+                                                negative_prompt=[negative_prompt] * len(prompts), **encode_options)
+        out = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+        if guided:
+            out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
+        return out
+
+
+def any_pipeline_model(pipe: Any, *, guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                       t_max: float = FLOW_T_MAX, **embeds: Any) -> PipelineModel:
+    """The model a pipeline samples, for a UNet pipeline (:func:`~steindiff.integrations.diffusers.pipeline_model`,
+    fractional timesteps) or a flow one (:func:`flow_pipeline_model`), with the embeddings of
+    :func:`encode_prompts`; ``height``/``width`` in pixels set the latent size."""
+    if getattr(pipe, "transformer", None) is not None:
+        return flow_pipeline_model(pipe, guidance_scale=guidance_scale, height=height, width=width, t_max=t_max,
+                                   **embeds)
+    shape = None
+    if height is not None and width is not None:
+        f = int(getattr(pipe, "vae_scale_factor", 8))
+        shape = (int(pipe.unet.config.in_channels), int(height) // f, int(width) // f)
+    return pipeline_model(pipe, prompt_embeds=embeds.get("prompt_embeds"),
+                          negative_prompt_embeds=embeds.get("negative_prompt_embeds"), guidance_scale=guidance_scale,
+                          sample_shape=shape)
+
+
+def image_size(pipe: Any, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """The image size in pixels a pipeline makes by default (its denoiser's ``sample_size`` times the VAE's
+    factor), unless given."""
+    f = int(getattr(pipe, "vae_scale_factor", 8))
+    net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    size = net.config.get("sample_size", 64) if net is not None else 64
+    hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+    return int(height or hw[0] * f), int(width or hw[1] * f)
