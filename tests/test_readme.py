@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 #: the pages a user reads: the README and the documentation site's own pages (not the result reports)
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+#: pages whose Python blocks build on one another: run in order, by their own test
+IN_ORDER = {"diffusers-scheduler.md": "tests/test_diffusers_scheduler_page.py"}
 TEXT = README.read_text()
 COMMANDS = {"sample", "calibrate", "diagnose", "bench", "train", "demo", "sample-dist", "merge"}
 # flags whose value is a file or folder the command writes
@@ -39,6 +41,8 @@ def _with_output(lang: str) -> list[tuple[Path, str, str | None]]:
     """Blocks of ``lang`` with the ```text block that follows each, if any (what it prints)."""
     out = []
     for p in PAGES:
+        if p.name in IN_ORDER and lang == "python":
+            continue
         blocks = _fenced(p)
         for i, (lg, code) in enumerate(blocks):
             if lg == lang:
