@@ -298,3 +298,27 @@ def test_batch_statistics_need_two_samples_per_rank(tmp_path):
     r = sample_distributed("gmm:toy2d", tmp_path / "b", n=1, solver="euler", nfe=3, stabilizer_name="stein",
                            stabilizer_options={"per_sample": True, "probes": 2})
     assert (r.start, r.stop) == (0, 1) and len(r.gammas) == 3
+
+
+def test_a_run_draws_new_global_probes_at_every_step_from_the_stabilizers_seed(tmp_path, monkeypatch):
+    """What sample_distributed hands the stabilizer: at step c, the c-th draw of the global batch's probes from
+    a generator seeded with the stabilizer's seed (so every rank draws the same ones)."""
+    import steindiff.distributed as D
+    from steindiff.stabilizers.divergence import draw_probes
+
+    drawn = []
+
+    def recording(n, start, stop):
+        fn = _global_probes(n, start, stop)
+        return lambda x, p, gen: drawn.append(fn(x, p, gen)) or drawn[-1]
+
+    from steindiff.distributed import _global_probes
+
+    monkeypatch.setattr(D, "_global_probes", recording)
+    sample_distributed("gmm:toy2d", tmp_path / "a", n=5, solver="euler", nfe=3, stabilizer_name="stein",
+                       stabilizer_options={"probes": 2, "seed": 7}, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    assert len(drawn) == 3
+    for v in drawn:
+        torch.testing.assert_close(v, draw_probes((5, 2), 2, "gaussian", gen, torch.float64), rtol=0, atol=0)
+    assert not torch.allclose(drawn[0], drawn[1])

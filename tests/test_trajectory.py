@@ -467,7 +467,7 @@ def test_fit_splits_the_batch_by_the_validation_fraction():
     base = make_plan(VEProcess(), "euler", 4, "karras")
     noise = prior_noise((10, 3), 80.0, seed=1, dtype=torch.float64)
     ref = exact_reference(noise, 80.0, 0.002, steps=200)
-    fit = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref=ref, fit="gamma", validation=0.25,
+    fit = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.01, ref=ref, fit="gamma", validation=0.25,
                          max_solves=2)
     rec = fit.record
     assert (rec["n_fit"], rec["n_val"]) == (8, 2)
@@ -476,11 +476,14 @@ def test_fit_splits_the_batch_by_the_validation_fraction():
     part = ReferenceSolve(ref.sigmas, ref.states[:, :8], ref.final[:8], "exact", 200, 0.0, 0.0)
     assert rec["candidates"]["closed_form"]["gammas"] == closed_form_gammas(gaussian_denoiser, noise[:8], base, part)
     assert rec["reference"]["residual_noise"] == pytest.approx(residual_noise(gaussian_denoiser, ref.final[8:],
-                                                                              0.002), rel=1e-12)
+                                                                              0.01), rel=1e-12)
+    assert rec["candidates"]["plain"]["residual_noise"] == pytest.approx(
+        residual_noise(gaussian_denoiser, plain_val, 0.01), rel=1e-12)  # at sigma_min, not the plan's last level
     # the reference solve made by the fit keeps the states of the fit part
     fit2 = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref_steps=8, fit="gamma",
                           validation=0.75, max_solves=2)
     assert (fit2.record["n_fit"], fit2.record["n_val"]) == (2, 8)
+    assert fit2.record["reference"]["solver"] == "dpmpp_2m" and fit2.record["reference"]["steps"] == 8
 
 
 def test_refinement_starts_from_the_closed_form_when_it_is_closer_on_the_fit_part():
@@ -636,3 +639,62 @@ def test_fit_keeps_every_candidate_within_the_default_gamma_bounds():
     assert rec["gamma_bounds"] == [0.5, 1.5]
     assert rec["candidates"]["refined"]["gammas"][0] == pytest.approx(1.5, abs=2e-3)  # on the distance alone
     assert all(0.5 <= g <= 1.5 for c in rec["candidates"].values() for g in c["gammas"])
+
+
+def test_reference_solve_is_dpmpp_2m_on_uniform_log_snr_steps_with_its_convergence():
+    gmm = get_gmm("gmm:toy2d")
+    noise = prior_noise((12, 2), 80.0, seed=6, dtype=torch.float64)
+    ref = reference_solve(gmm, noise, 80.0, 0.01, steps=12, keep=5)
+    sig = logsnr_sigmas(12, 0.01, 80.0)
+    assert torch.equal(ref.sigmas, sig) and ref.solver == "dpmpp_2m" and ref.steps == 12
+    fine, half = (sample(gmm, noise, logsnr_sigmas(k, 0.01, 80.0), "dpmpp_2m").x for k in (12, 6))
+    torch.testing.assert_close(ref.final, fine, rtol=0, atol=0)
+    assert ref.states.shape == (13, 5, 2) and torch.equal(ref.states[-1], fine[:5]) and torch.equal(ref.states[0],
+                                                                                                    noise[:5])
+    assert ref.convergence == pytest.approx(float((half - fine).pow(2).mean().sqrt()), rel=1e-12)
+
+
+def test_params_step_penalty_and_the_refined_schedule_name():
+    """penalty: sqrt(reg) (gamma - 1) and sqrt(reg) (log sigma - log sigma_base) per fitted value."""
+    from steindiff.trajectory import refine
+
+    base = make_plan(VEProcess(), "euler", 5, "karras")
+    p = _Params(base, "both", 0.002, [1.0] * base.steps)
+    theta = p.initial()
+    theta[0] = 1.3
+    theta[p.ng + 1] += 0.4
+    sig, g = p.decode(theta)
+    pen = p.penalty(theta, 0.04, 0.09)
+    np.testing.assert_allclose(pen[: p.ng], 0.2 * (np.asarray(g[: p.ng]) - 1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(pen[p.ng:], 0.3 * (np.log(sig[1:-1].numpy()) - np.log(base.sigmas[1:-1].numpy())),
+                               rtol=1e-12, atol=1e-15)
+    assert abs(pen[p.ng:]).max() > 0.01
+    noise = prior_noise((8, 3), 80.0, seed=7, dtype=torch.float64)
+    target = 0.9 * sample(gaussian_denoiser, noise, base.sigmas, "euler").x
+    for fit, schedule in (("both", "fitted"), ("steps", "fitted"), ("gamma", "karras")):
+        plan, _ = refine(gaussian_denoiser, noise, target, base, [1.0] * base.steps, fit=fit, sigma_floor=0.002,
+                         max_solves=3)
+        assert plan.schedule == schedule
+
+
+def test_fit_splits_per_sample_extra_args_with_the_batch():
+    """A class-conditional model (a shift per label): the fit and validation parts get their own labels."""
+    means = torch.tensor([[2.0, 0.0, 0.0], [-1.0, 1.0, 0.5]], dtype=torch.float64)
+
+    def model(x, sigma, y):
+        w = (S**2 / (S**2 + sigma**2)).reshape(-1, 1)
+        return w * x + (1 - w) * means[y]
+
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((12, 3), 80.0, seed=8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1])  # the validation half's labels differ from the fit half's
+    labels = {"y": y}
+    ref = reference_solve(model, noise, 80.0, 0.002, steps=16, keep=6, extra_args=labels)
+    rec = fit_trajectory(model, base, noise, sigma_min=0.002, ref=ref, fit="gamma", max_solves=4,
+                         extra_args=labels).record
+    plain_val = sample(model, noise[6:], base.sigmas, "euler", extra_args={"y": y[6:]}).x
+    from steindiff.trajectory import _rms
+
+    assert rec["candidates"]["plain"]["val_rms"] == pytest.approx(_rms(plain_val, ref.final[6:]), rel=1e-12)
+    assert rec["candidates"]["plain"]["residual_noise"] == pytest.approx(
+        residual_noise(model, plain_val, 0.002, {"y": y[6:]}), rel=1e-12)

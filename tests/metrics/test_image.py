@@ -82,6 +82,11 @@ def test_memorization_detects_copies(ref):
     half = torch.cat([train[:50], ref["heldout"][:50]])
     assert M.memorization_rate(half, train) == 0.5
     assert M.memorization_rate(ref["heldout"], train, threshold=10.0) == 1.0
+    # images are judged in [-1, 1]: a copy whose background is pushed below -1 is still a copy
+    dark = train[:20].clone()
+    assert (dark.amin((1, 2, 3)) == -1.0).all()
+    dark[dark == -1.0] = -3.0
+    assert M.memorization_rate(dark, train) == 1.0
 
 
 def test_class_tv():

@@ -143,3 +143,5 @@ def test_patch_metrics_spectrum_is_the_rms_of_the_band_errors(ref):
     assert len(set(np.round(bands.tolist(), 6))) == 8  # the bands differ: which one is "high" matters
     half = P.patch_metrics(0.5 * x, ref)
     assert half["spectrum_bands"] == pytest.approx((bands - math.log10(4)).tolist(), rel=1e-9)
+    # samples are judged as images in [-1, 1]: values beyond are clamped first, for every metric
+    assert P.patch_metrics(3 * x, ref) == P.patch_metrics((3 * x).clamp(-1, 1), ref)
