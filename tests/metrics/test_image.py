@@ -186,8 +186,8 @@ def test_save_image_grid(tmp_path):
 
 
 def _poly_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """Binkowski et al. 2018 (Eq. 4 with k(a, b) = (a.b / d + 1)^3): the within-set sums over distinct pairs,
-    the cross sum over all pairs; a direct double loop."""
+    """Binkowski et al. 2018, the unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3: the within-set sums over
+    distinct pairs, the cross sum over all pairs; a direct double loop."""
     d = x.shape[1]
 
     def k(a, b):
