@@ -4,6 +4,7 @@ fails the others with a clear message, finished shards are kept, the manifest an
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -33,12 +34,31 @@ STAB = {"probes": 2, "seed": 0}
 # (the Stein trajectory here is far from tame).  The tolerances keep a margin of 100x or more.
 GAMMA_TOL = dict(rtol=1e-11, atol=0)
 SAMPLE_TOL = dict(rtol=1e-10, atol=1e-10)
+# More runs of the two ranks, each against one process on the global batch: (stabilizer, options beyond STAB).
+# stein-energy's gamma depends on the batch means' normaliser (its target energy is not scale free), per_sample
+# records the mean of the per-sample gammas, energy_from="first" with per_sample uses the batch's data energy.
+TRACED = {
+    "energy": ("stein-energy", {}),
+    "energy-each": ("stein-energy", {"energy_from": "each"}),
+    "lookahead": ("stein-sc", {}),
+    "per-sample-gamma": ("stein", {"per_sample": True}),
+    "energy-per-sample": ("stein-energy", {"per_sample": True}),
+}
 
 WORKER = textwrap.dedent("""
     import datetime, json, os, signal, sys
     import torch
+    import steindiff.distributed as D
     from steindiff.distributed import sample_distributed
-    out, cfg, opts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    out, cfg, opts, traced = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    runs = []  # every generation sample_distributed makes on this rank: its trace records are kept
+    _generate = D.generate
+
+    def capture(*a, **k):
+        runs.append(_generate(*a, **k))
+        return runs[-1]
+
+    D.generate = capture
 
     def kill_rank1(info):
         if info["rank"] == 1 and info["step"] == 1:
@@ -49,6 +69,12 @@ WORKER = textwrap.dedent("""
         for mode in ("global", "per-sample"):
             sample_distributed("gmm:image64", os.path.join(out, mode), stabilizer_name="stein", stabilizer_options=opts,
                                probe_mode=mode, dtype=torch.float64, **cfg)
+        for name, (stab, extra) in traced.items():
+            sample_distributed("gmm:image64", os.path.join(out, name), stabilizer_name=stab,
+                               stabilizer_options={**opts, **extra}, dtype=torch.float64, **cfg)
+        names = ["global", "per-sample", *traced]
+        torch.save({k: {"trace": g.trace, "x": g.x} for k, g in zip(names, runs)},
+                   os.path.join(out, "runs-%s.pt" % os.environ["RANK"]))
         sample_distributed("gmm:image64", os.path.join(out, "killed"), dtype=torch.float64, callback=kill_rank1, **cfg)
     except Exception as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
@@ -74,8 +100,8 @@ def two_ranks(tmp_path_factory):
     for r in range(2):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(d), json.dumps(CFG), json.dumps(STAB)],
-                                      env=env, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(d), json.dumps(CFG), json.dumps(STAB),
+                                       json.dumps(TRACED)], env=env, stderr=subprocess.PIPE, text=True))
     return d, [(p.wait(timeout=120), p.stderr.read()) for p in procs]
 
 
@@ -111,6 +137,40 @@ def test_two_ranks_equal_single_process(two_ranks, tmp_path):
         np.testing.assert_allclose(b["gammas"], a["gammas"], **GAMMA_TOL)
         np.testing.assert_allclose(b["samples"], a["samples"], **SAMPLE_TOL)
         assert not np.allclose(a["gammas"], g_single)  # another probe stream than the global one
+
+
+def _close(a, b, rtol=1e-9, atol=1e-12):
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+    return a == b
+
+
+@pytest.mark.parametrize("name", ["global", *TRACED])
+def test_every_recorded_statistic_of_two_ranks_equals_one_process(two_ranks, tmp_path, name):
+    """Each step's trace record on both ranks (the batch means s_*, gamma and gamma_raw, the pass counts) and
+    the samples equal those of one process on the global batch, for each stabilizer with batch statistics:
+    the means are sums over both ranks divided by the global batch size, the per-sample gammas' mean too,
+    and every rank draws its slice of the global batch's probes at every step."""
+    d, results = two_ranks
+    assert all((d / f"runs-{r}.pt").is_file() for r in range(2)), results
+    ranks = [torch.load(d / f"runs-{r}.pt", weights_only=False) for r in range(2)]
+    stab, extra = TRACED.get(name, ("stein", {}))
+    spec = load_model("gmm:image64")
+    single = generate(spec, **CFG, stabilizer=make_stabilizer(stab, spec, **STAB, **extra), dtype=torch.float64)
+    gammas = [rec["gamma"] for rec in single.trace]
+    assert len(gammas) == 5 and max(abs(g - 1) for g in gammas) > 5e-3  # not the plain solver throughout
+    torch.testing.assert_close(torch.cat([r[name]["x"] for r in ranks]), single.x, rtol=1e-10, atol=1e-10)
+    for rank in ranks:
+        assert len(rank[name]["trace"]) == len(single.trace)
+        for i, (mine, ref) in enumerate(zip(rank[name]["trace"], single.trace)):
+            assert set(mine) == set(ref)
+            bad = {k: (mine[k], ref[k]) for k in ref if k != "wall_s" and not _close(mine[k], ref[k])}
+            assert not bad, f"step {i}: {bad}"
+    # each rank's shard records the run's gamma trajectory: the shards merge
+    info = merge_shards(d / name, tmp_path / "m.npz")
+    assert info["n"] == CFG["n"]
+    with np.load(tmp_path / "m.npz") as z:
+        np.testing.assert_allclose(z["gammas"], gammas, **GAMMA_TOL)
 
 
 def test_killed_rank_fails_clearly_and_keeps_finished_shards(two_ranks, tmp_path):
@@ -179,3 +239,86 @@ def test_single_process_on_a_device(tmp_path, device):
     ref = generate(spec, stabilizer=make_stabilizer("stein", spec, probes=2), dtype=torch.float64, **kw)
     with np.load(tmp_path / "a" / shard_name(0)) as z:
         np.testing.assert_allclose(z["samples"], ref.x.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_global_probes_are_each_ranks_slice_of_the_global_draw_and_change_every_step():
+    """probe_mode "global": rank r's probes at a step are columns [start, stop) of the probes one process
+    draws for the whole batch from the stabilizer's generator (the same seed on every rank), and the
+    generator moves on, so the next step has other probes."""
+    from steindiff.distributed import _global_probes
+    from steindiff.stabilizers.divergence import draw_probes
+
+    n, p, shape = 7, 3, (2, 3)
+    full_gen = torch.Generator().manual_seed(11)
+    full = [draw_probes((n, *shape), p, "gaussian", full_gen, torch.float64) for _ in range(2)]
+    assert not torch.allclose(full[0], full[1])
+    for r in range(3):
+        lo, hi = shard_range(n, 3, r)
+        fn, gen = _global_probes(n, lo, hi), torch.Generator().manual_seed(11)
+        x = torch.zeros(hi - lo, *shape, dtype=torch.float64)
+        for step in range(2):
+            v = fn(x, p, gen)
+            assert v.shape == (p, hi - lo, *shape) and v.dtype == torch.float64
+            torch.testing.assert_close(v, full[step][:, lo:hi], rtol=0, atol=0)
+        with pytest.raises(ValueError, match=f"shard of {hi - lo} samples, got a batch of {hi - lo + 1}"):
+            fn(torch.zeros(hi - lo + 1, *shape), p, gen)
+
+
+def test_per_sample_probes_depend_on_seed_step_and_global_index_only():
+    """probe_mode "per-sample": sample j's probes at step c come from (seed, c, j) alone: the same in any
+    shard that holds j (any world size), other ones at the next step, for another sample or another seed."""
+    from steindiff.distributed import _per_sample_probes
+
+    n, p, shape = 6, 2, (4,)
+    gen = torch.Generator().manual_seed(0)  # not used: the per-sample generators are seeded anew
+
+    def draws(seed, lo, hi, steps=3):
+        fn = _per_sample_probes(seed, lo, hi)
+        return [fn(torch.zeros(hi - lo, *shape), p, gen) for _ in range(steps)]
+
+    whole = draws(5, 0, n)
+    assert all(v.shape == (p, n, *shape) for v in whole)
+    for world in (2, 3):
+        for r in range(world):
+            lo, hi = shard_range(n, world, r)
+            for step, v in enumerate(draws(5, lo, hi)):
+                torch.testing.assert_close(v, whole[step][:, lo:hi], rtol=0, atol=0)
+    flat = torch.stack(whole).reshape(3, p, n, -1)
+    for c in range(3):  # every (step, sample) pair has its own probes
+        for j in range(n):
+            others = [flat[c2, :, j2] for c2 in range(3) for j2 in range(n) if (c2, j2) != (c, j)]
+            assert all(not torch.allclose(flat[c, :, j], o) for o in others)
+    assert not torch.allclose(draws(6, 0, n, 1)[0], whole[0])
+    assert abs(float(torch.stack(whole).std()) - 1) < 0.2  # standard Gaussian probes
+
+
+def test_batch_statistics_need_two_samples_per_rank(tmp_path):
+    with pytest.raises(ValueError, match="at least 2 samples per rank; n=1 over 1 ranks leaves 1"):
+        sample_distributed("gmm:toy2d", tmp_path / "a", n=1, solver="euler", nfe=3, stabilizer_name="stein")
+    r = sample_distributed("gmm:toy2d", tmp_path / "b", n=1, solver="euler", nfe=3, stabilizer_name="stein",
+                           stabilizer_options={"per_sample": True, "probes": 2})
+    assert (r.start, r.stop) == (0, 1) and len(r.gammas) == 3
+
+
+def test_a_run_draws_new_global_probes_at_every_step_from_the_stabilizers_seed(tmp_path, monkeypatch):
+    """What sample_distributed hands the stabilizer: at step c, the c-th draw of the global batch's probes from
+    a generator seeded with the stabilizer's seed (so every rank draws the same ones)."""
+    import steindiff.distributed as D
+    from steindiff.stabilizers.divergence import draw_probes
+
+    drawn = []
+
+    def recording(n, start, stop):
+        fn = _global_probes(n, start, stop)
+        return lambda x, p, gen: drawn.append(fn(x, p, gen)) or drawn[-1]
+
+    from steindiff.distributed import _global_probes
+
+    monkeypatch.setattr(D, "_global_probes", recording)
+    sample_distributed("gmm:toy2d", tmp_path / "a", n=5, solver="euler", nfe=3, stabilizer_name="stein",
+                       stabilizer_options={"probes": 2, "seed": 7}, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    assert len(drawn) == 3
+    for v in drawn:
+        torch.testing.assert_close(v, draw_probes((5, 2), 2, "gaussian", gen, torch.float64), rtol=0, atol=0)
+    assert not torch.allclose(drawn[0], drawn[1])

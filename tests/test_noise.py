@@ -175,3 +175,33 @@ def test_discrete_tables_follow_the_input_device(device):
     assert t.device.type == device
     torch.testing.assert_close(t.cpu(), p.sigma_to_t(sig))
     torch.testing.assert_close(p.t_to_sigma(t).cpu(), p.t_to_sigma(t.cpu()))
+
+
+def test_vp_alpha_and_log_snr_of_floats_and_tensors():
+    from steindiff.noise import vp_alpha
+
+    assert vp_alpha(0.75) == pytest.approx(0.8, rel=1e-15)  # 1 / sqrt(1 + 9/16)
+    assert float(vp_alpha(torch.tensor(0.75, dtype=torch.float64))) == pytest.approx(0.8, rel=1e-15)
+    assert vp_alpha(0.0) == 1.0
+    assert log_snr(0.0) == math.inf and float(log_snr(torch.tensor([0.0]))[0]) == math.inf
+    assert log_snr(math.e) == pytest.approx(-1.0, rel=1e-15)
+
+
+def test_continuous_vp_defaults_and_other_betas():
+    """Defaults of score-SDE / DPM-Solver (Song et al. 2021; Lu et al. 2022): beta 0.1 to 20, t in [1e-3, 1] for
+    the linear schedule and [1e-3, 0.9946] for the cosine one; other betas follow the closed form too."""
+    lin, cos = ContinuousVPProcess("linear"), ContinuousVPProcess("cosine")
+    assert (lin.t_min, lin.t_max, cos.t_min, cos.t_max) == (1e-3, 1.0, 1e-3, 0.9946)
+    assert lin.sigma_min == pytest.approx(_linear_sigma(1e-3), rel=1e-10)
+    assert cos.sigma_max == pytest.approx(_cosine_sigma(0.9946), rel=1e-10)
+    proc = ContinuousVPProcess("linear", beta_min=0.5, beta_max=8.0)
+    t = torch.linspace(proc.t_min, proc.t_max, 101, dtype=torch.float64)
+    np.testing.assert_allclose(proc.t_to_sigma(t).numpy(), [_linear_sigma(float(v), 0.5, 8.0) for v in t], rtol=1e-9)
+    torch.testing.assert_close(proc.sigma_to_t(proc.t_to_sigma(t)), t, rtol=0, atol=1e-9)
+
+
+def test_discrete_t_to_sigma_clamps_outside_the_table():
+    proc = DiscreteVPProcess()
+    sig = proc.t_to_sigma(torch.tensor([-5.0, -0.5, 999.0, 1003.5], dtype=torch.float64))
+    assert sig.tolist() == pytest.approx([float(proc.sigmas_table[0])] * 2 + [float(proc.sigmas_table[-1])] * 2,
+                                         rel=1e-14)

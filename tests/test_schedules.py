@@ -123,3 +123,13 @@ def test_validate_sigmas_accepts_truncated_and_zero_final():
 def test_schedule_argument_errors(fn):
     with pytest.raises(ValueError, match="steps must be >= 1|0 < sigma_min < sigma_max"):
         fn()
+
+
+@pytest.mark.parametrize("schedule", ["karras", "logsnr"])
+@pytest.mark.parametrize("proc", PROCESSES, ids=repr)
+def test_schedules_span_the_processs_noise_range_by_default(schedule, proc):
+    s = get_sigmas(schedule, 6, proc)
+    assert float(s[0]) == pytest.approx(proc.sigma_max, rel=1e-12)
+    assert float(s[-2]) == pytest.approx(proc.sigma_min, rel=1e-12)
+    t = get_sigmas(schedule, 6, proc, sigma_min=2 * proc.sigma_min)
+    assert float(t[0]) == pytest.approx(proc.sigma_max, rel=1e-12) and float(t[-2]) == pytest.approx(2 * proc.sigma_min)

@@ -54,6 +54,7 @@ def test_tiny_run_writes_a_loadable_checkpoint(ckpt):
     assert config["data"]["holdout"]["n"] == 297 and len(config["data"]["holdout"]["indices"]) == 297
     assert config["data"]["n_train"] == 1500
     assert config["precond"] == {"type": "edm", "sigma_data": 0.5}
+    assert config["process"] == {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}  # EDM's range
     assert config["training"]["step"] == 4 and config["training"]["P_mean"] == -1.2
     net, cfg = C.load_checkpoint(out)
     assert not net.training
@@ -198,6 +199,18 @@ def test_vp_epsilon_training(tmp_path, digits):
     assert torch.isfinite(spec.denoiser(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 50.0]))).all()
 
 
+def test_float16_weights_are_saved_as_float16_and_load_as_float32(tmp_path, digits):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "h"
+    T.train(tiny_cfg(iters=1, weights_dtype="float16"), out, TINY, progress=False, dataset=digits)
+    saved = load_file(str(out / C.WEIGHTS_FILE))
+    assert {v.dtype for v in saved.values()} == {torch.float16}
+    net, config = C.load_checkpoint(out)
+    assert config["weights"]["dtype"] == "float16"
+    assert all(v.dtype == torch.float32 and torch.equal(v, saved[k].float()) for k, v in net.state_dict().items())
+
+
 def test_class_conditional_training(tmp_path, digits):
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(), num_classes=10)
     T.train(tiny_cfg(iters=2), tmp_path / "c", unet, progress=False, dataset=digits)
@@ -222,20 +235,26 @@ class _RandomUNet(T.UNet):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("loss", ["edm", "vp-eps"])
-def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss):
+@pytest.mark.parametrize("loss,sd,p_mean,p_std", [("edm", 0.5, -1.2, 1.2), ("edm", 0.3, -0.4, 0.7),
+                                                   ("vp-eps", None, None, None)])
+def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss, sd, p_mean, p_std):
     """The loss of the first iteration (initial weights) on the batch drawn from the documented
     generator stream, recomputed here from the papers' formulas: EDM (Karras et al. 2022, Table 1
-    preconditioning, ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2)/(sigma sd)^2) and DDPM
-    epsilon prediction on linear betas 1e-4..0.02 over 1000 steps (Ho et al. 2020)."""
+    preconditioning, ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2)/(sigma sd)^2), at the defaults
+    and at other values of sigma_data, P_mean and P_std, and DDPM epsilon prediction on linear betas
+    1e-4..0.02 over 1000 steps (Ho et al. 2020).  The checkpoint records the preconditioning trained."""
     monkeypatch.setattr(T, "UNet", _RandomUNet)
     x = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32))
     ds = DS.ImageDataset(x, None, "x", "x")
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(),
                       embedding="fourier" if loss == "edm" else "positional")
-    cfg = tiny_cfg(iters=1, batch_size=6, loss=loss, seed=5)
+    edm_opts = {"sigma_data": sd, "P_mean": p_mean, "P_std": p_std} if loss == "edm" else {}
+    cfg = tiny_cfg(iters=1, batch_size=6, loss=loss, seed=5, **edm_opts)
     seen = []
-    T.train(cfg, tmp_path / "run", unet, progress=False, dataset=ds, callback=lambda info: seen.append(info["loss"]))
+    res = T.train(cfg, tmp_path / "run", unet, progress=False, dataset=ds,
+                  callback=lambda info: seen.append(info["loss"]))
+    assert res.config["precond"] == ({"type": "edm", "sigma_data": sd} if loss == "edm" else
+                                     {"type": "vp", "prediction": "epsilon"})
 
     torch.manual_seed(cfg.seed)
     net = _RandomUNet(unet)
@@ -245,8 +264,7 @@ def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss):
     noise = torch.randn(x0.shape, generator=gen)
     with torch.no_grad():
         if loss == "edm":
-            sigma = (torch.randn(6, generator=gen) * 1.2 - 1.2).exp().reshape(-1, 1, 1, 1)
-            sd = 0.5
+            sigma = (torch.randn(6, generator=gen) * p_std + p_mean).exp().reshape(-1, 1, 1, 1)
             c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
             c_in = 1 / (sigma**2 + sd**2).sqrt()
             D = c_skip * (x0 + sigma * noise) + c_out * net(c_in * (x0 + sigma * noise), sigma.log().reshape(-1) / 4)

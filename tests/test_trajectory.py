@@ -308,3 +308,393 @@ def test_every_stage_of_the_fit_runs_without_tf32_and_restores_the_settings():
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+# ---------------------------------------------------------------- the validation choice on constructed candidates
+# A linear "model" D(x) = x / 2 and one Euler step into 0: the plain solve gives x / 2, gamma g gives
+# (1 - g / 2) x, and residual_noise of samples y is RMS(y) / 2.  With 1-D samples and a reference chosen
+# sample by sample, every per-sample distance and every residual level is known in closed form.
+
+
+def halve(x, sigma):
+    return 0.5 * x
+
+
+ONE_STEP = [1.0, 0.0]
+
+
+def one_step(g):
+    return SamplingPlan("euler", ONE_STEP, "custom", [g])
+
+
+def asymmetric_case(cand_better_for_most: bool):
+    """64 samples: for 54 small ones (|x| 0.1 to 0.2) one solve is exact and the other off by 0.2 |x|; for 10
+    large ones (|x| 5 to 10) the other way round.  gamma 0.6 solves to 0.7 x, plain to 0.5 x."""
+    small = torch.linspace(0.1, 0.2, 54, dtype=torch.float64)
+    large = torch.linspace(5.0, 10.0, 10, dtype=torch.float64)
+    x = torch.cat([small, large])[:, None] * torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(32)[:, None]
+    plain_exact, cand_exact = 0.5 * x, 0.7 * x
+    most, few = (cand_exact, plain_exact) if cand_better_for_most else (plain_exact, cand_exact)
+    ref = torch.cat([most[:54], few[54:]])
+    return x, ref
+
+
+def wilcoxon_z(d_plain, d_cand):
+    """Wilcoxon's signed-rank statistic of d_plain - d_cand as a z score (scipy, normal approximation)."""
+    from scipy.stats import norm, wilcoxon
+
+    p = wilcoxon(d_plain.numpy(), d_cand.numpy(), method="approx", correction=False, alternative="greater").pvalue
+    return float(norm.isf(p))
+
+
+@pytest.mark.parametrize("cand_better_for_most", [False, True])
+def test_significance_decides_by_the_majority_of_samples_not_by_the_mean(cand_better_for_most):
+    """Worse for 54 of 64 samples but far better on the mean (10 large gains): refused, although its RMS
+    distance is lower.  Better for 54 samples but worse on the mean: it passes the significance check (its
+    larger RMS distance keeps the plain plan).  The statistics against scipy and direct per-sample sums."""
+    from steindiff.trajectory import choose_candidate, score_candidates
+
+    x, ref = asymmetric_case(cand_better_for_most)
+    scores = score_candidates(halve, {"plain": one_step(1.0), "damped": one_step(0.6)}, x, ref, sigma_min=0.002,
+                              ref_residual=1.0)
+    d_plain, d_cand = (0.5 * x - ref).pow(2).mean(1), (0.7 * x - ref).pow(2).mean(1)
+    plain, cand = scores["plain"], scores["damped"]
+    assert plain["val_rms"] == pytest.approx(float(d_plain.mean().sqrt()), rel=1e-12)
+    assert cand["val_rms"] == pytest.approx(float(d_cand.mean().sqrt()), rel=1e-12)
+    assert cand["val_max"] == pytest.approx(float(d_cand.max().sqrt()), rel=1e-12)
+    z = wilcoxon_z(d_plain, d_cand)
+    assert cand["val_rank_z"] == pytest.approx(z, rel=1e-9) and abs(z) > 2.5
+    gain = d_plain - d_cand
+    assert cand["val_gain_z"] == pytest.approx(float(gain.mean() / gain.std() * math.sqrt(64)), rel=1e-9)
+    if cand_better_for_most:
+        assert z > 2.5 and cand["val_gain_z"] < -2.5 and cand["val_rms"] > plain["val_rms"]
+        assert cand["passed_significance_check"]
+    else:
+        assert z < -2.5 and cand["val_gain_z"] > 2.5 and cand["val_rms"] < 0.2 * plain["val_rms"]
+        assert not cand["passed_significance_check"]
+        assert choose_candidate(scores, ()) == "damped"  # the closest; refused by the significance check alone
+    assert plain["passed_significance_check"] and plain["val_rank_z"] is None
+    assert choose_candidate(scores, ("significance",)) == "plain"
+
+
+def test_significance_threshold_is_strict_and_takes_the_rank_statistic():
+    from steindiff.trajectory import score_candidates
+
+    x, ref = asymmetric_case(True)
+    cands = {"plain": one_step(1.0), "damped": one_step(0.6)}
+    z = score_candidates(halve, cands, x, ref, sigma_min=0.002, ref_residual=1.0)["damped"]["val_rank_z"]
+    assert 2.5 < z < 3.5
+    for level, passed in ((z - 1e-9, True), (z, False), (z + 1e-9, False), (-z, True)):
+        rec = score_candidates(halve, cands, x, ref, sigma_min=0.002, significance=level, ref_residual=1.0)
+        assert rec["damped"]["passed_significance_check"] is passed, level
+
+
+def test_residual_check_band_is_two_sided_and_at_least_the_plain_solvers_deviation():
+    """Residual noise of the solve with gamma g is (1 - g/2) R with R = RMS(x)/2 (plain: R/2).  With the
+    reference's level at the plain one the band is residual_tolerance - 1 on either side; with the plain
+    solve 20% off it, the band is those 20%."""
+    from steindiff.trajectory import score_candidates
+
+    x = torch.linspace(-2.0, 3.0, 40, dtype=torch.float64)[:, None]
+    R = float(x.pow(2).mean().sqrt()) / 2
+    ref = 0.5 * x
+
+    def ratio_to_gamma(q):  # a candidate whose residual is q times the plain solve's
+        return 2 - q
+
+    def check(ratios, r_ref, **kw):
+        cands = {"plain": one_step(1.0), **{f"q{q}": one_step(ratio_to_gamma(q)) for q in ratios}}
+        sc = score_candidates(halve, cands, x, ref, sigma_min=0.002, ref_residual=r_ref, **kw)
+        for q in ratios:
+            assert sc[f"q{q}"]["residual_noise"] == pytest.approx(q * R / 2, rel=1e-12)
+        assert sc["plain"]["passed_residual_check"]
+        return {q: sc[f"q{q}"]["passed_residual_check"] for q in ratios}
+
+    # deviation |r / r_ref - 1|: 0.951 and 1.049 are within 0.05 (not their reciprocals 0.0515 and 0.0467)
+    assert check([1.04, 0.96, 0.951, 1.049, 1.0515, 1.06, 0.94, 0.5, 1.5], R / 2) == {
+        1.04: True, 0.96: True, 0.951: True, 1.049: True, 1.0515: False, 1.06: False, 0.94: False, 0.5: False,
+        1.5: False}
+    assert check([1.06, 1.09, 1.11, 0.91], R / 2, residual_tolerance=1.10) == {
+        1.06: True, 1.09: True, 1.11: False, 0.91: True}
+    # the plain solve 20% above the reference's level: the band is 0.2 on both sides of the reference's level
+    # (candidates at rho times the reference's level; rho = 1.2 is the plain solve itself, on the band's edge)
+    rhos = [1.2, 1.19, 1.1, 1.0, 0.9, 0.81, 1.25, 0.75]
+    got = check([rho / 1.2 for rho in rhos], R / 2 / 1.2)
+    assert [got[rho / 1.2] for rho in rhos] == [True] * 6 + [False] * 2
+
+
+def test_a_candidate_identical_to_plain_passes_every_check():
+    """Ties pass: equal residual deviation (when that is the band) and equal sliced W2; then plain wins
+    the tie of the distances, whatever the order of the candidates."""
+    from steindiff.trajectory import choose_candidate, score_candidates
+
+    x = torch.linspace(-2.0, 3.0, 40, dtype=torch.float64)[:, None]
+    ref = 0.45 * x + 0.01
+    plain_res = float(x.pow(2).mean().sqrt()) / 4
+    sc = score_candidates(halve, {"same": one_step(1.0), "plain": one_step(1.0), "wider": one_step(0.9)}, x, ref,
+                          sigma_min=0.002, ref_residual=plain_res / 1.3)
+    same, plain, wider = sc["same"], sc["plain"], sc["wider"]
+    assert same["val_rms"] == plain["val_rms"] and same["val_sw2"] == plain["val_sw2"]
+    assert same["passed_residual_check"] and same["passed_distribution_check"]
+    assert same["val_rank_z"] == 0.0 and not same["passed_significance_check"]
+    assert wider["val_sw2"] > plain["val_sw2"] and not wider["passed_distribution_check"]
+    assert choose_candidate(sc, ("residual", "distribution")) == "plain"
+    assert list(sc) == ["same", "plain", "wider"]
+
+
+def test_plain_wins_ties_and_always_passes_in_any_order():
+    from steindiff.trajectory import choose_candidate
+
+    tie = _scores(refined=(1.0, True, True, True), closed_form=(1.0, True, True, True), plain=(1.0, True, True, True))
+    assert choose_candidate(tie, ()) == "plain" and choose_candidate(tie) == "plain"
+    tie["closed_form"]["val_rms"] = 0.999
+    assert choose_candidate(tie) == "closed_form"
+    # plain is the fallback even with its flags unset; non-finite candidates never win
+    lone = _scores(refined=(0.5, False, False, False), plain=(2.0, False, False, False), closed_form=(None, True,
+                                                                                                     True, True))
+    assert choose_candidate(lone, ("residual", "distribution", "significance")) == "plain"
+    assert choose_candidate(lone, ()) == "refined"
+
+
+# ---------------------------------------------------------------- the fit: split, start, budget, bounds, last level
+
+
+def test_fit_splits_the_batch_by_the_validation_fraction():
+    """validation=0.25 of 10: the first round(7.5) = 8 samples fit, the last 2 validate; the record's plain
+    score, closed form and reference residual are those of these parts."""
+    from steindiff.trajectory import _rms
+
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((10, 3), 80.0, seed=1, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002, steps=200)
+    fit = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.01, ref=ref, fit="gamma", validation=0.25,
+                         max_solves=2)
+    rec = fit.record
+    assert (rec["n_fit"], rec["n_val"]) == (8, 2)
+    plain_val = sample(gaussian_denoiser, noise[8:], base.sigmas, "euler").x
+    assert rec["candidates"]["plain"]["val_rms"] == pytest.approx(_rms(plain_val, ref.final[8:]), rel=1e-12)
+    part = ReferenceSolve(ref.sigmas, ref.states[:, :8], ref.final[:8], "exact", 200, 0.0, 0.0)
+    assert rec["candidates"]["closed_form"]["gammas"] == closed_form_gammas(gaussian_denoiser, noise[:8], base, part)
+    assert rec["reference"]["residual_noise"] == pytest.approx(residual_noise(gaussian_denoiser, ref.final[8:],
+                                                                              0.01), rel=1e-12)
+    assert rec["candidates"]["plain"]["residual_noise"] == pytest.approx(
+        residual_noise(gaussian_denoiser, plain_val, 0.01), rel=1e-12)  # at sigma_min, not the plan's last level
+    # the reference solve made by the fit keeps the states of the fit part
+    fit2 = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref_steps=8, fit="gamma",
+                          validation=0.75, max_solves=2)
+    assert (fit2.record["n_fit"], fit2.record["n_val"]) == (2, 8)
+    assert fit2.record["reference"]["solver"] == "dpmpp_2m" and fit2.record["reference"]["steps"] == 8
+
+
+def test_refinement_starts_from_the_closed_form_when_it_is_closer_on_the_fit_part():
+    """With one solve per refinement, a refined candidate is its starting point: the closed form where the
+    exact reference makes it land on the ODE solution; the plain gammas where the reference's intermediate
+    states are off (scaled by 0.8) while its final samples are the plain solve's own."""
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((16, 3), 80.0, seed=2, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002, steps=200)
+    rec = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref=ref, fit="gamma",
+                         max_solves=2).record
+    cf = rec["candidates"]["closed_form"]["gammas"]
+    assert abs(cf[1] - 1) > 0.01
+    assert rec["candidates"]["refined"]["gammas"] == cf == rec["candidates"]["refined_residual"]["gammas"]
+    assert rec["refine"]["refined"]["solves"] == 1 and rec["refine"]["refined"]["stopped"] == "budget"
+
+    plain_final = sample(gaussian_denoiser, noise, base.sigmas, "euler").x
+    off = ReferenceSolve(ref.sigmas, 0.8 * ref.states, plain_final, "off", 200, 0.0, 0.0)
+    rec = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref=off, fit="gamma",
+                         max_solves=2).record
+    assert abs(rec["candidates"]["closed_form"]["gammas"][0] - 1) > 0.01
+    assert rec["candidates"]["refined"]["gammas"] == [1.0] * 4 == rec["candidates"]["refined_residual"]["gammas"]
+
+
+def test_the_solve_budget_is_split_between_the_two_refinements():
+    base = make_plan(VEProcess(), "euler", 5, "karras")
+    noise = prior_noise((16, 3), 80.0, seed=3, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002, steps=200)
+    off = ReferenceSolve(ref.sigmas, ref.states, 1.1 * ref.final, "off", 200, 0.0, 0.0)  # far from any plan
+    for max_solves, each in ((12, 6), (9, 4), (1, 1)):
+        rec = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref=off, fit="both",
+                             max_solves=max_solves).record
+        for name in ("refined", "refined_residual"):
+            assert rec["refine"][name]["solves"] == each and rec["refine"][name]["stopped"] == "budget", name
+    rec = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref=off, fit="both", max_solves=12,
+                         reg_residual=0.0).record
+    assert list(rec["refine"]) == ["refined"] and rec["refine"]["refined"]["solves"] == 6
+
+
+@pytest.mark.parametrize("g_star,bounds,expected", [(3.0, (0.5, 1.5), 1.5), (3.0, (0.5, 2.0), 2.0),
+                                                    (0.2, (0.5, 1.5), 0.5), (1.3, (0.5, 1.5), 1.3)])
+def test_refine_keeps_the_gamma_within_its_bounds(g_star, bounds, expected):
+    """One fitted gamma (3 steps, plain tail 2) and a target solved with gamma g*: the final samples are
+    linear in gamma, so the bounded least-squares fit lands on g* clipped to the bounds."""
+    from steindiff.trajectory import refine
+
+    base = SamplingPlan("euler", [80.0, 2.0, 0.05, 0.0], "custom")
+    noise = prior_noise((16, 3), 80.0, seed=4, dtype=torch.float64)
+    target = sample(gaussian_denoiser, noise, base.sigmas, "euler",
+                    stabilizer=SamplingPlan("euler", base.sigmas, "custom", [g_star, 1.0, 1.0]).stabilizer()).x
+    plan, info = refine(gaussian_denoiser, noise, target, base, [1.0] * 3, fit="gamma", sigma_floor=0.002,
+                        gamma_bounds=bounds, reg_gamma=1e-8, reg_residual=0.0, max_solves=60)
+    assert plan.gammas[1:] == [1.0, 1.0] and bounds[0] <= plan.gammas[0] <= bounds[1]
+    assert plan.gammas[0] == pytest.approx(expected, abs=2e-3)
+    assert torch.equal(plan.sigmas, base.sigmas) and info["solves"] <= 60
+
+
+def test_closed_form_gammas_are_clipped_at_the_upper_bound():
+    """Unclipped, the Gaussian closed form of this plan is (0.9997, 0.958, 0.603): with bounds (0.5, 0.99) the
+    first step's gamma is the upper bound, and the next steps, inside the bounds, make up for it."""
+    plan = SamplingPlan("euler", [80.0, 5.0, 0.4, 0.03, 0.0], "custom")
+    noise = prior_noise((16, 4), 80.0, seed=0, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002)
+    free = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(-10, 10), plain_tail=1)
+    assert free[0] > 0.99 and 0.9 < free[1] < 0.99 and 0.55 < free[2] < 0.65
+    g = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(0.5, 0.99), plain_tail=1)
+    assert g[0] == 0.99 and free[1] < g[1] < 0.99 and g[2] == pytest.approx(free[2], rel=1e-9) and g[3] == 1.0
+
+
+def test_closed_form_gammas_in_vp_coordinates():
+    """In VP coordinates (x_c = alpha x), Eq. (1) for the Gaussian: u = (a - a' c_T) x and x_c - a' x* =
+    (a - a' c) x, so gamma = (a - a' c) / (a - a' c_T), and the corrected step lands on the ODE solution."""
+    sig = [80.0, 5.0, 0.4, 0.03, 0.0]
+    plan = SamplingPlan("euler", sig, "custom", coords="vp")
+    noise = prior_noise((32, 4), 80.0, seed=0, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002, steps=2000)
+    g = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(-10, 10), plain_tail=1)
+    for k in range(len(sig) - 2):
+        s, t = sig[k], sig[k + 1]
+        a, a_next = 1 / math.sqrt(1 + s**2), 1 / math.sqrt(1 + t**2)
+        d = S**2 / (S**2 + s**2)
+        c_T = d + (t / s) * (1 - d)
+        c = math.sqrt(S**2 + t**2) / math.sqrt(S**2 + s**2)
+        assert g[k] == pytest.approx((a - a_next * c) / (a - a_next * c_T), rel=1e-4)
+    assert abs(g[0] - closed_form_gammas(gaussian_denoiser, noise, SamplingPlan("euler", sig, "custom"), ref,
+                                         gamma_bounds=(-10, 10), plain_tail=1)[0]) > 1e-3
+
+
+def test_params_last_level_floor_and_bounds():
+    """The last noise level can come down to 0.9 sigma_floor (below the base's last level when sigma_floor is
+    below it), never lower; each log-gap stays within e of its share, the slack may reach exp(-0.5)."""
+    base = make_plan(VEProcess(), "dpmpp_2m", 6, "karras")
+    last = float(base.sigmas[-2])
+    for floor, expected in ((0.002, 0.9 * 0.002), (0.001, 0.9 * 0.001), (0.01, 0.9 * last)):
+        p = _Params(base, "both", floor, [1.0] * base.steps)
+        theta = p.initial()
+        theta[p.ng:] = 0.0
+        theta[-1] = -60.0  # no slack: the last level sits on the floor
+        sig, _ = p.decode(theta)
+        assert float(sig[-2]) == pytest.approx(expected, rel=1e-12)
+        assert float(sig[0]) == 80.0 and float(sig[-1]) == 0.0
+    p = _Params(base, "both", 0.002, [1.0] * base.steps)
+    lo, hi = p.bounds((0.6, 1.4))
+    ng = p.ng
+    assert ng == base.steps - 2 and lo[:ng].tolist() == [0.6] * ng and hi[:ng].tolist() == [1.4] * ng
+    np.testing.assert_allclose(lo[ng:], p.z0 - 1.0, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(hi[ng:-1], p.z0[:-1] + 1.0, rtol=0, atol=1e-15)
+    assert hi[-1] == max(p.z0[-1] + 1.0, -0.5)
+    assert math.exp(p.z0[-1]) == pytest.approx(math.log(1 / 0.9) / p.L, rel=1e-12)  # the base's slack share
+    gam = _Params(base, "gamma", 0.002, [1.1] * base.steps)
+    assert gam.initial().tolist() == [1.1] * ng and torch.equal(gam.decode(gam.initial())[0], base.sigmas)
+    steps_only = _Params(base, "steps", 0.002, [1.1] * base.steps)
+    assert steps_only.decode(steps_only.initial())[1] == [1.1] * base.steps
+
+
+def test_refine_objective_is_the_normalised_distance_plus_residual_and_gamma_terms():
+    """At the starting theta (one solve): ||x - t||^2 / ||x_plain - t||^2 + reg_residual log(R(x) / R(t))^2 +
+    reg_gamma sum (gamma - 1)^2, with R(y) = ||D(y, sigma_floor) - y|| (toy2d's exact denoiser)."""
+    from steindiff.trajectory import refine
+
+    gmm = get_gmm("gmm:toy2d")
+    base = SamplingPlan("euler", [80.0, 3.0, 0.6, 0.0], "custom")
+    noise = prior_noise((16, 2), 80.0, seed=4, dtype=torch.float64)
+    x_plain = sample(gmm, noise, base.sigmas, "euler").x
+    target = 1.05 * x_plain + 0.01
+    g0 = [1.2, 1.0, 1.0]
+    plan, info = refine(gmm, noise, target, base, g0, fit="gamma", sigma_floor=0.01, reg_gamma=0.3, reg_residual=2.0,
+                        max_solves=1)
+    assert plan.gammas == g0 and info["solves"] == 1
+
+    def R(y, s=0.01):
+        return float((gmm(y, torch.full((16,), s, dtype=torch.float64)) - y).pow(2).sum().sqrt())
+
+    x = sample(gmm, noise, base.sigmas, "euler",
+               stabilizer=SamplingPlan("euler", base.sigmas, "custom", g0).stabilizer()).x
+    expected = float((x - target).pow(2).sum() / (x_plain - target).pow(2).sum()) \
+        + 2.0 * math.log(R(x) / R(target)) ** 2 + 0.3 * 0.2**2
+    assert info["objective"] == pytest.approx(expected, rel=1e-9)
+    assert abs(math.log(R(x, 0.6) / R(target, 0.6)) ** 2 - math.log(R(x) / R(target)) ** 2) > 1e-3
+
+
+def test_fit_keeps_every_candidate_within_the_default_gamma_bounds():
+    """A reference whose final samples need gamma 3 at the first step (3 steps, plain tail 2): by default the
+    refinement on the distance alone stops at the upper bound 1.5, and the record says which bounds applied."""
+    base = SamplingPlan("euler", [80.0, 2.0, 0.05, 0.0], "karras")
+    noise = prior_noise((16, 3), 80.0, seed=5, dtype=torch.float64)
+    far = sample(gaussian_denoiser, noise, base.sigmas, "euler",
+                 stabilizer=SamplingPlan("euler", base.sigmas, "custom", [3.0, 1.0, 1.0]).stabilizer()).x
+    exact = exact_reference(noise, 80.0, 0.002)
+    ref = ReferenceSolve(exact.sigmas, exact.states, far, "far", 400, 0.0, 0.0)
+    rec = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002, ref=ref, fit="gamma", max_solves=80,
+                         reg_gamma=1e-8).record
+    assert rec["gamma_bounds"] == [0.5, 1.5]
+    assert rec["candidates"]["refined"]["gammas"][0] == pytest.approx(1.5, abs=2e-3)  # on the distance alone
+    assert all(0.5 <= g <= 1.5 for c in rec["candidates"].values() for g in c["gammas"])
+
+
+def test_reference_solve_is_dpmpp_2m_on_uniform_log_snr_steps_with_its_convergence():
+    gmm = get_gmm("gmm:toy2d")
+    noise = prior_noise((12, 2), 80.0, seed=6, dtype=torch.float64)
+    ref = reference_solve(gmm, noise, 80.0, 0.01, steps=12, keep=5)
+    sig = logsnr_sigmas(12, 0.01, 80.0)
+    assert torch.equal(ref.sigmas, sig) and ref.solver == "dpmpp_2m" and ref.steps == 12
+    fine, half = (sample(gmm, noise, logsnr_sigmas(k, 0.01, 80.0), "dpmpp_2m").x for k in (12, 6))
+    torch.testing.assert_close(ref.final, fine, rtol=0, atol=0)
+    assert ref.states.shape == (13, 5, 2) and torch.equal(ref.states[-1], fine[:5]) and torch.equal(ref.states[0],
+                                                                                                    noise[:5])
+    assert ref.convergence == pytest.approx(float((half - fine).pow(2).mean().sqrt()), rel=1e-12)
+
+
+def test_params_step_penalty_and_the_refined_schedule_name():
+    """penalty: sqrt(reg) (gamma - 1) and sqrt(reg) (log sigma - log sigma_base) per fitted value."""
+    from steindiff.trajectory import refine
+
+    base = make_plan(VEProcess(), "euler", 5, "karras")
+    p = _Params(base, "both", 0.002, [1.0] * base.steps)
+    theta = p.initial()
+    theta[0] = 1.3
+    theta[p.ng + 1] += 0.4
+    sig, g = p.decode(theta)
+    pen = p.penalty(theta, 0.04, 0.09)
+    np.testing.assert_allclose(pen[: p.ng], 0.2 * (np.asarray(g[: p.ng]) - 1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(pen[p.ng:], 0.3 * (np.log(sig[1:-1].numpy()) - np.log(base.sigmas[1:-1].numpy())),
+                               rtol=1e-12, atol=1e-15)
+    assert abs(pen[p.ng:]).max() > 0.01
+    noise = prior_noise((8, 3), 80.0, seed=7, dtype=torch.float64)
+    target = 0.9 * sample(gaussian_denoiser, noise, base.sigmas, "euler").x
+    for fit, schedule in (("both", "fitted"), ("steps", "fitted"), ("gamma", "karras")):
+        plan, _ = refine(gaussian_denoiser, noise, target, base, [1.0] * base.steps, fit=fit, sigma_floor=0.002,
+                         max_solves=3)
+        assert plan.schedule == schedule
+
+
+def test_fit_splits_per_sample_extra_args_with_the_batch():
+    """A class-conditional model (a shift per label): the fit and validation parts get their own labels."""
+    means = torch.tensor([[2.0, 0.0, 0.0], [-1.0, 1.0, 0.5]], dtype=torch.float64)
+
+    def model(x, sigma, y):
+        w = (S**2 / (S**2 + sigma**2)).reshape(-1, 1)
+        return w * x + (1 - w) * means[y]
+
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((12, 3), 80.0, seed=8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1])  # the validation half's labels differ from the fit half's
+    labels = {"y": y}
+    ref = reference_solve(model, noise, 80.0, 0.002, steps=16, keep=6, extra_args=labels)
+    rec = fit_trajectory(model, base, noise, sigma_min=0.002, ref=ref, fit="gamma", max_solves=4,
+                         extra_args=labels).record
+    plain_val = sample(model, noise[6:], base.sigmas, "euler", extra_args={"y": y[6:]}).x
+    from steindiff.trajectory import _rms
+
+    assert rec["candidates"]["plain"]["val_rms"] == pytest.approx(_rms(plain_val, ref.final[6:]), rel=1e-12)
+    assert rec["candidates"]["plain"]["residual_noise"] == pytest.approx(
+        residual_noise(model, plain_val, 0.002, {"y": y[6:]}), rel=1e-12)

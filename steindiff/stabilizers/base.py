@@ -367,7 +367,12 @@ class GammaStabilizer:
         s = StepStats(op, x, st, x_c, x_c - a_next * st.x_next, a, a_next, sig_c, x[0].numel(), div)
         per = self.statistics(s)
         names = list(per)
-        stats = torch.stack([per[k].sum() for k in names]  # the batch count: a fill, not a copy from the host
+        sums = [per[k].sum() for k in names]
+        if self.per_sample:  # the record's gamma is the mean over the whole batch (all processes) too
+            g_raw = self.coefficient(per, s)
+            g = g_raw.clamp(min=self.gamma_min, max=self.gamma_max)
+            sums += [g_raw.sum(), g.sum()]
+        stats = torch.stack([v.to(torch.float64) for v in sums]  # the batch count: a fill, not a copy from the host
                             + [torch.full((), float(x.shape[0]), dtype=torch.float64, device=x.device)])
         if self.reduce is not None:
             stats = self.reduce(stats)
@@ -375,19 +380,16 @@ class GammaStabilizer:
         back = [stats.to(torch.float64).reshape(-1)]
         if "uu" in names:
             back.append(dot(x_c, x_c).mean().reshape(1))
-        if self.per_sample:
-            g_raw = self.coefficient(per, s)
-            g = g_raw.clamp(min=self.gamma_min, max=self.gamma_max)
-            back.append(torch.stack([g_raw.mean(), g.mean()]).to(torch.float64))
         flags = op.denoise.pending_checks()  # the step's model outputs were finite (Denoise.deferred_checks)
         if flags is not None:
             back.append(flags)
         vals = torch.cat([b.to(x.device) for b in back]).tolist()
         if flags is not None:  # a non-finite model output is named before the statistics it spoiled
             op.denoise.settle(vals[len(vals) - flags.numel():])
-        n_tot = vals[len(names)]
+        n_stats = len(sums)
+        n_tot = vals[n_stats]
         means = {k: v / n_tot for k, v in zip(names, vals)}
-        rest = vals[len(names) + 1:]
+        rest = vals[n_stats + 1:]
         if not all(math.isfinite(v) for v in means.values()):
             raise FloatingPointError(f"non-finite stabilizer statistics at step {op.i} (sigma={sigma:.6g}): {means}")
         if "uu" in names:
@@ -396,7 +398,7 @@ class GammaStabilizer:
                 raise ValueError(f"gamma undefined at step {op.i} (sigma={sigma:.6g}): the solver residual s_uu="
                                  f"{means['uu']:.3g} is ~0 (the step does not move the state)")
         if self.per_sample:
-            gamma_raw, gamma = rest[0], rest[1]
+            gamma_raw, gamma = vals[len(names)] / n_tot, vals[len(names) + 1] / n_tot
             gam = g.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         else:
             gamma_raw = float(self.coefficient(means, s))

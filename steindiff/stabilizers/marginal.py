@@ -61,10 +61,18 @@ class EnergyMatchingStabilizer(GammaStabilizer):
             self.data_energy = None  # a new trajectory
         return super().step(op, x)
 
+    def _batch_mean(self, v: torch.Tensor) -> float:
+        """The mean of per-sample values over the whole batch, across processes (``reduce``) too."""
+        tot = torch.stack([v.sum().to(torch.float64), torch.full((), float(v.numel()), dtype=torch.float64,
+                                                                 device=v.device)])
+        if self.reduce is not None:
+            tot = self.reduce(tot)
+        return float(tot[0] / tot[1])
+
     def coefficient(self, m, s: StepStats):
         if self.energy_from == "first":
             if self.data_energy is None:
-                self.data_energy = float(m["e0"].mean()) if isinstance(m["e0"], torch.Tensor) else m["e0"]
+                self.data_energy = self._batch_mean(m["e0"]) if isinstance(m["e0"], torch.Tensor) else m["e0"]
             e0 = self.data_energy
         else:
             e0 = m["e0"]

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,11 @@ def test_memorization_detects_copies(ref):
     half = torch.cat([train[:50], ref["heldout"][:50]])
     assert M.memorization_rate(half, train) == 0.5
     assert M.memorization_rate(ref["heldout"], train, threshold=10.0) == 1.0
+    # images are judged in [-1, 1]: a copy whose background is pushed below -1 is still a copy
+    dark = train[:20].clone()
+    assert (dark.amin((1, 2, 3)) == -1.0).all()
+    dark[dark == -1.0] = -3.0
+    assert M.memorization_rate(dark, train) == 1.0
 
 
 def test_class_tv():
@@ -173,3 +180,122 @@ def test_save_image_grid(tmp_path):
         save_image_grid(torch.zeros(2, 2, 8, 8), tmp_path / "bad.png")
     with pytest.raises(FileNotFoundError):
         save_image_grid(x, tmp_path / "no" / "g.png")
+
+
+# ---------------------------------------------------------------- KID and k-NN precision/recall against the papers
+
+
+def _poly_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Binkowski et al. 2018, the unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3: the within-set sums over
+    distinct pairs, the cross sum over all pairs; a direct double loop."""
+    d = x.shape[1]
+
+    def k(a, b):
+        return (float(a @ b) / d + 1.0) ** 3
+
+    n, m = len(x), len(y)
+    sxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    syy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    sxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return sxx + syy - 2 * sxy
+
+
+def test_kid_is_the_unbiased_polynomial_kernel_mmd():
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(9, 5)), 0.8 * g.normal(size=(9, 5)) + 0.3
+    ref = _poly_mmd2_unbiased(a, b)
+    assert abs(ref) > 0.05
+    assert M.kid(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, rel=1e-12)
+    assert M.kid(torch.from_numpy(b), torch.from_numpy(a)) == pytest.approx(ref, rel=1e-12)
+    # subsets of 6 out of 9 and 11: the mean over subsets tends to the full-set U-statistic (unequal sizes)
+    c = 0.8 * g.normal(size=(11, 5)) + 0.3
+    full = _poly_mmd2_unbiased(a, c)
+    subsets = [M.kid(torch.from_numpy(a), torch.from_numpy(c), n_subsets=1, subset_size=6, seed=s) for s in range(40)]
+    spread = float(np.std(subsets))
+    assert M.kid(torch.from_numpy(a), torch.from_numpy(c), n_subsets=1500, subset_size=6) == \
+        pytest.approx(full, abs=5 * spread / math.sqrt(1500))
+    assert M.kid(torch.from_numpy(a), torch.from_numpy(c), n_subsets=1500, subset_size=9) == \
+        pytest.approx(full, abs=5 * spread / math.sqrt(1500))
+    # smaller subsets are noisier: subset_size is the size of each subset
+    spread3, spread9 = (float(np.std([M.kid(torch.from_numpy(a), torch.from_numpy(c), n_subsets=1, subset_size=m,
+                                            seed=s) for s in range(40)])) for m in (3, 9))
+    assert spread3 > 2 * spread9
+    with pytest.raises(ValueError, match="same d"):
+        M.kid(torch.zeros(4, 3), torch.zeros(4, 2))
+
+
+def test_kid_has_no_bias_between_sets_of_one_distribution():
+    """Over 400 pairs of sets of 8 from one distribution, KID averages 0 within its standard error, while the
+    biased (V-statistic) estimate, with the diagonal terms, is positive by far more."""
+    g = np.random.default_rng(1)
+    vals, biased = [], []
+    for _ in range(400):
+        a, b = g.normal(size=(8, 3)), g.normal(size=(8, 3))
+        vals.append(M.kid(torch.from_numpy(a), torch.from_numpy(b)))
+        kxx, kyy, kxy = ((u @ v.T / 3 + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
+        biased.append(kxx.mean() + kyy.mean() - 2 * kxy.mean())
+    se = np.std(vals) / math.sqrt(len(vals))
+    assert abs(np.mean(vals)) < 3 * se < np.mean(biased) / 10
+
+
+def _knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019 by brute force: the radius of a point is the distance to its k-th nearest
+    other point of its own set; precision is the fraction of fake points in some real point's closed ball,
+    recall the fraction of real points in some fake point's closed ball (the authors compare distance <= radius)."""
+    def radii(s):
+        return [sorted(float(np.linalg.norm(s[i] - s[j])) for j in range(len(s)) if j != i)[k - 1]
+                for i in range(len(s))]
+
+    def covered(points, centres, r):
+        return float(np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r)) for p in points]))
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_recall_against_brute_force_for_several_k():
+    """Sets built so that k (2, 3 or 4), and which set's radii each side uses, change the answers."""
+    g = np.random.default_rng(11)
+    real = g.normal(size=(24, 3))
+    fake = 1.3 * g.normal(size=(17, 3)) + np.array([0.8, 0.0, 0.0])
+    answers = {k: _knn_precision_recall(real, fake, k) for k in (1, 2, 3, 4, 5)}
+    for k, (p, r) in answers.items():
+        assert M.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=k) == (p, r)
+    assert M.precision_recall(torch.from_numpy(real), torch.from_numpy(fake)) == answers[3]
+
+    def own_radius(points, other):  # points with some point of `other` within their own 3-NN radius
+        return float(np.mean([any(np.linalg.norm(y - x) <= sorted(np.linalg.norm(points - x, axis=1))[3]
+                                  for y in other) for x in points]))
+
+    p2, p3, p4 = (answers[k][0] for k in (2, 3, 4))
+    r2, r3, r4 = (answers[k][1] for k in (2, 3, 4))
+    assert p2 != p3 != p4 and r2 != r3 != r4  # an off-by-one in k shows
+    assert own_radius(fake, real) != p3 and own_radius(real, fake) != r3  # so do the other set's radii
+
+
+def test_precision_recall_balls_are_closed():
+    """On a lattice, distances are exact: real points 0..4 on a line (k = 3: radius 3 at the ends, 2 inside);
+    a fake point at distance exactly 3 from real point 0 and farther from the others is inside its ball."""
+    real = torch.tensor([[float(i), 0.0] for i in range(5)], dtype=torch.float64)
+    fake = torch.tensor([[-3.0, 0.0], [0.0, 3.0], [2.0, 2.0], [2.0, 2.5], [9.0, 9.0]], dtype=torch.float64)
+    p, r = M.precision_recall(real, fake, k=3)
+    assert (p, r) == _knn_precision_recall(real.numpy(), fake.numpy(), 3)
+    assert p == pytest.approx(3 / 5)  # (-3, 0) and (0, 3) on radius 3 of point 0, (2, 2) on radius 2 of point 2
+    assert M.precision_recall(fake, real, k=3)[1] == p  # recall's balls, the roles swapped: closed too
+
+
+def test_image_metrics_compare_the_samples_with_the_held_out_images(ref):
+    """image_metrics = the public metrics of the classifier features: held-out images as the real set of
+    precision/recall (with the k asked for), the samples as the generated set."""
+    g = torch.Generator().manual_seed(2)
+    x = (ref["train"][:60] + 0.3 * torch.randn(60, 1, 8, 8, generator=g)).clamp(-1, 1)
+    m = M.image_metrics(x, ref, k=5, floor_draws=1)
+    f, y = M.digits_features(x)
+    f_h, _ = M.digits_features(ref["heldout"])
+    p, r = M.precision_recall(f_h, f, 5)
+    assert p != r and (m["precision"], m["recall"]) == (p, r)
+    assert m["digits_kid"] == M.kid(f, f_h) and m["digits_fid"] == M.frechet_distance(f, f_h)
+    assert m["class_tv"] == M.class_tv(y, ref["heldout_labels"])
+    p3, r3 = M.precision_recall(f_h, f, 3)
+    assert (p, r) != (p3, r3)
+    m3 = M.image_metrics(x, ref, floor_draws=1)  # k = 3 by default (Kynkaanniemi et al.)
+    assert (m3["precision"], m3["recall"]) == (p3, r3)

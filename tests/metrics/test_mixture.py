@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
-from steindiff.metrics import mixture_metrics, mmd_rbf, mode_tv, nll_per_dim, sliced_w2
+from steindiff.metrics import mixture_metrics, mmd_rbf, mode_tv, nll_per_dim, sliced_w2, traj_err
 from steindiff.metrics.mixture import _directions
 from steindiff.models import GaussianMixture
 
@@ -209,3 +209,50 @@ def test_shifted_samples_exceed_the_floor_by_the_shift(line_mixture):
     # shifted by 3, a left-mode sample -2 + 0.5 z lands above the boundary 0 when z > -2
     p_cross = float(norm.sf(-2.0))
     assert sh["mode_tv"] == pytest.approx(0.5 * p_cross, abs=0.03)
+
+
+# ---------------------------------------------------------------------------- traj_err, options, the metrics record
+
+
+def test_traj_err_is_the_rms_distance_per_dimension():
+    ref = _randn(6, 1, 2, 2, seed=50)
+    assert traj_err(ref + 0.25, ref) == pytest.approx(0.25, rel=1e-12)
+    x = ref.clone()
+    x[0, 0, 0, 0] += 2.0  # one coordinate of 24 off by 2: sqrt(4 / 24)
+    assert traj_err(x, ref) == pytest.approx(math.sqrt(4 / 24), rel=1e-12)
+
+
+def test_mmd_uses_the_first_max_n_samples_of_each_set():
+    x, y = _randn(9, 3, seed=51), _randn(8, 3, seed=52) + 0.5
+    assert mmd_rbf(x, y, max_n=5) == pytest.approx(_mmd_double_sum(x[:5].numpy(), y[:5].numpy()), rel=1e-10)
+    assert mmd_rbf(x, y, max_n=5) != pytest.approx(mmd_rbf(x, y), rel=1e-3)
+
+
+def test_sliced_w2_uses_256_fixed_directions_by_default():
+    """The protocol's sliced W2: 256 fixed random directions (seed 0)."""
+    x, y = _randn(30, 4, seed=53), 1.3 * _randn(30, 4, seed=54)
+    assert sliced_w2(x, y) == sliced_w2(x, y, n_dirs=256, seed=0)
+    assert sliced_w2(x, y) != sliced_w2(x, y, n_dirs=64, seed=0)
+    assert sliced_w2(x, y) != sliced_w2(x, y, n_dirs=256, seed=1)
+
+
+def test_mixture_metrics_record(three_modes):
+    """The metrics of mixture_metrics are the functions of this module applied to the samples; the floors do
+    not depend on the samples, the true sets do depend on the seed (and the two true sets of a seed differ)."""
+    g = three_modes
+    x = g.sample(200, seed=60) + 0.2
+    ref = g.sample(200, seed=61)
+    m = mixture_metrics(x, g, seed=2, ref=ref, mmd=True)
+    assert set(m) == {"sw2", "sw2_floor", "mode_tv", "nll", "mmd", "mmd_floor", "traj_err"}
+    assert m["traj_err"] == traj_err(x, ref) and m["nll"] == nll_per_dim(x, g) and m["mode_tv"] == mode_tv(x, g)
+    other = mixture_metrics(g.sample(200, seed=62), g, seed=2, mmd=True)
+    assert set(other) == {"sw2", "sw2_floor", "mode_tv", "nll", "mmd", "mmd_floor"}
+    assert other["sw2_floor"] == m["sw2_floor"] and other["mmd_floor"] == m["mmd_floor"]
+    seed3 = mixture_metrics(x, g, seed=3, mmd=True)
+    assert seed3["sw2"] != m["sw2"] and seed3["sw2_floor"] != m["sw2_floor"] and seed3["mmd"] != m["mmd"]
+    assert seed3["mmd_floor"] != m["mmd_floor"]
+    assert mixture_metrics(x, g, seed=2)["sw2"] == m["sw2"]  # reproducible
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mixture_metrics(bad, g)

@@ -1,6 +1,8 @@
 """Patch metrics: the power spectrum against closed forms and known corruptions, the Fréchet distance against
 a direct scipy computation, the shipped classifier on held-out regions, and the floors."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -88,3 +90,58 @@ def test_patch_metrics_errors(ref):
         P.patch_metrics(torch.full((10, 3, 32, 32), float("nan")), ref)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         P.patch_metrics(torch.zeros(10, 1, 8, 8), ref)
+
+
+def _band_of(fy: float, fx: float, bands: int):
+    """The ring of a frequency (cycles per pixel) by the definition: ``bands`` rings of equal width over the
+    radial frequencies (0, 1/2], each closed at its outer edge; None for the mean and the corners beyond 1/2."""
+    r = (fy**2 + fx**2) ** 0.5
+    if r == 0 or r > 0.5:
+        return None
+    for b in range(bands):
+        if r <= (b + 1) / (2 * bands):
+            return b
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (16, 24)])
+def test_spectrum_puts_each_frequencys_power_in_its_ring(h, w):
+    """One cosine per frequency bin (images of 2 x 3 channels with unequal amplitudes): its power (Parseval:
+    the mean over images and channels of sum x^2) lands in the ring of its radius, divided by the ring's
+    number of bins; nothing elsewhere.  Ring edges fall on bins here (radius 1/16 = 1/(2 * 8) at (1, 0))."""
+    bands = 8
+    fy_all = [i / h if i < h / 2 else i / h - 1 for i in range(h)]  # fftfreq, written out
+    fx_all = [j / w if j < w / 2 else j / w - 1 for j in range(w)]
+    ring = {(i, j): _band_of(fy_all[i], fx_all[j], bands) for i in range(h) for j in range(w)}
+    counts = [sum(1 for b in ring.values() if b == k) for k in range(bands)]
+    assert all(c > 0 for c in counts)
+    m, n = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    amp = torch.tensor([[0.5, 1.0, 2.0], [1.5, 0.2, 0.7]], dtype=torch.float64)[:, :, None, None]
+    on_edge = 0
+    for (i, j), b in ring.items():
+        x = amp * torch.cos(2 * math.pi * (i * m / h + j * n / w) + 0.3)
+        s = P.radial_spectrum(x, bands)
+        expected = torch.zeros(bands, dtype=torch.float64)
+        if b is not None:
+            expected[b] = x.pow(2).sum((-2, -1)).mean() / counts[b]
+            on_edge += any(abs((fy_all[i] ** 2 + fx_all[j] ** 2) ** 0.5 - (k + 1) / (2 * bands)) < 1e-12
+                           for k in range(bands))
+        torch.testing.assert_close(s, expected, rtol=1e-9, atol=1e-9 * float(x.pow(2).sum()), msg=f"bin {(i, j)}")
+    assert on_edge >= 4
+
+
+def test_patch_metrics_spectrum_is_the_rms_of_the_band_errors(ref):
+    """spectrum: RMS over the 8 bands of log10(power of the samples / power of the held-out patches);
+    spectrum_high: the highest band's; halving the samples lowers every band by log10(4)."""
+    real = ref["train"][torch.randperm(ref["train"].shape[0], generator=torch.Generator().manual_seed(1))[:200]]
+    g = torch.Generator().manual_seed(3)
+    x = (0.8 * real + 0.05 * torch.randn(real.shape, generator=g)).clamp(-1, 1)
+    m = P.patch_metrics(x, ref)
+    bands = (P.radial_spectrum(x) / P.radial_spectrum(ref["heldout"])).log10()
+    assert m["spectrum_bands"] == pytest.approx(bands.tolist(), rel=1e-9)
+    assert m["spectrum"] == pytest.approx(float(bands.pow(2).mean().sqrt()), rel=1e-9)
+    assert m["spectrum_high"] == pytest.approx(float(bands[-1]), rel=1e-9)
+    assert len(set(np.round(bands.tolist(), 6))) == 8  # the bands differ: which one is "high" matters
+    half = P.patch_metrics(0.5 * x, ref)
+    assert half["spectrum_bands"] == pytest.approx((bands - math.log10(4)).tolist(), rel=1e-9)
+    # samples are judged as images in [-1, 1]: values beyond are clamped first, for every metric
+    assert P.patch_metrics(3 * x, ref) == P.patch_metrics((3 * x).clamp(-1, 1), ref)
