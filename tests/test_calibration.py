@@ -61,7 +61,7 @@ def test_calibrated_plan_fits_once_then_reads_the_cache(toy, tmp_path, monkeypat
     notices = []
     plan = calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, **FAST)
     files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1 and len(notices) == 1 and "calibrating euler at NFE 4" in notices[0]
+    assert len(files) == 1 and len(notices) == 1 and "calibrating euler / karras / NFE 4" in notices[0]
     assert json.loads(files[0].read_text())["key"]["fingerprint"] == model_fingerprint(toy)
     monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     again = calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, **FAST)

@@ -383,7 +383,7 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                             if not cal_ref:
                                 cal_ref.append(_calibration_reference(spec, cal_opts))
                             plan = calibrated_plan(spec, base, cache_dir=cal_dir, dtype=_dtype(spec), ref=cal_ref[0],
-                                                   **cal_opts)
+                                                   calibrate_missing="always", **cal_opts)
                         cal_cache[key] = plan
                     except Exception as e:
                         cal_cache[key] = e
@@ -478,7 +478,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                 if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
                     with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
                         plan = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
-                                               **calibration_options(spec))
+                                               calibrate_missing="always", **calibration_options(spec))
                 for rep in range(repeats + 1):  # round 0: untimed warm-up
                     for v in variants:
                         if v[0] == TRAJECTORY:

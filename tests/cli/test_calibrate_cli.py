@@ -17,15 +17,18 @@ def test_calibrate_then_sample(tmp_path, capsys):
                  "--gamma-schedule", str(out), "--json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["extra_passes"] == 0 and res["gammas"] == summary["gammas"]
-    # mismatched configuration is refused with a usage error naming the mismatch, no output written
+    # flags that contradict the file are refused with a usage error naming both values, no output written
     samples = tmp_path / "s.npz"
     assert main(["sample", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "5", "--gamma-schedule", str(out),
                  "--out", str(samples), "--no-progress"]) == 2
-    assert "nfe: file has 4, requested 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--nfe 5 contradicts the calibration file" in err and "made for nfe 4" in err
     assert not samples.exists()
     assert main(["sample", "--model", "gmm:image64", "--solver", "euler", "--nfe", "4", "--gamma-schedule", str(out),
                  "--no-progress"]) == 2
-    assert "model: file has 'gmm:toy2d'" in capsys.readouterr().err
+    assert "--model gmm:image64 contradicts" in (err := capsys.readouterr().err) and "model 'gmm:toy2d'" in err
+    assert main(["sample", "--solver", "heun", "--gamma-schedule", str(out), "--no-progress"]) == 2
+    assert "--solver heun contradicts" in (err := capsys.readouterr().err) and "solver euler" in err
 
 
 def test_calibrate_bad_input(tmp_path, capsys):
@@ -87,7 +90,7 @@ def test_sample_auto_calibrates_once_into_the_cache(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cal, "calibrate", lambda *a, **k: real(*a, **{**k, "n": 64, "ref_steps": 40, "max_solves": 20}))
     assert main(args) == 0
     first = capsys.readouterr()
-    assert "calibrating euler at NFE 3" in first.err and len(list(tmp_path.glob("*.json"))) == 1
+    assert "calibrating euler / karras / NFE 3 for gmm:toy2d" in first.err and len(list(tmp_path.glob("*.json"))) == 1
     assert json.loads(first.out)["stabilizer"].startswith("auto (")
     assert main(args) == 0
     second = capsys.readouterr()
@@ -126,13 +129,12 @@ def test_calibrate_into_the_cache_is_what_auto_then_reads(tmp_path, capsys, monk
     assert main([*sample[:-4], "--calibration-dir", str(other), "--no-calibrate", "--json", "--no-progress"]) == 0
     out = capsys.readouterr()
     assert "n: 32 in the file, 64 requested" in out.err and json.loads(out.out)["stabilizer"] == "auto (plain solver)"
-    # exactly one destination; the cache holds trajectory calibrations only
-    assert main(["calibrate", "--model", "gmm:toy2d", "--no-progress"]) == 2
-    assert "--out FILE or --calibration-dir DIR" in capsys.readouterr().err
-    assert main(["calibrate", "--model", "gmm:toy2d", "--out", str(tmp_path / "a.json"), "--calibration-dir",
-                 str(tmp_path), "--no-progress"]) == 2
+    # the cache holds trajectory calibrations only: the other objectives need --out
     assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "variant", "--stabilizer", "stein",
                  "--calibration-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "needs --out FILE" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--objective", "variant", "--stabilizer", "stein",
+                 "--no-progress"]) == 2
     assert "needs --out FILE" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
     assert main(["calibrate", "--model", "gmm:toy2d", "--calibration-dir", str(tmp_path / "a-file"),
