@@ -422,8 +422,9 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
             if sched.meta.get("key") != key:
                 raise ValueError("made for another configuration: " + _key_difference(sched.meta.get("key"), key))
             return plan_from_schedule(sched, base)
-        except (OSError, ValueError) as e:
-            problems.append(f"ignoring the cached calibration {str(p)!r} ({e})")
+        except (OSError, ValueError) as e:  # the reading errors name the file themselves
+            problems.append(f"ignoring a cached calibration: {e}" if str(p) in str(e)
+                            else f"ignoring the cached calibration {str(p)!r} ({e})")
     problems += [f"the calibration {str(p)!r} is for this model and plan but other options ({diff}); not used"
                  for p, diff in _near_misses(folders, key)]
 
@@ -434,13 +435,6 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     if when == "never":
         report("using the plain solver")
         return base
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        check_writable(path)
-    except OSError as e:
-        report("using the plain solver")
-        say(f"steindiff: the calibration cache {str(root)!r} is not writable ({e}); using the plain solver")
-        return base
     what = f"{base.solver} / {base.schedule} / NFE {base.nfe} for {spec.name}"
     tiled = _tile_batch(extra_args, int(opts["n"]))
     if when == "if-quick":
@@ -449,11 +443,19 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
         if est.seconds > quick_fit_seconds:
             report("using the plain solver")
             hint = fit_command or "pass calibrate_missing='always' to steindiff.calibrated_plan"
-            say(f"steindiff: no calibration of {what} is shipped or cached, and fitting one would take {est} here "
+            none = "no usable calibration" if problems else "no calibration"
+            say(f"steindiff: {none} of {what} is shipped or cached, and fitting one would take {est} here "
                 f"(more than the {quick_fit_seconds:g} s that if-quick allows): sampling with the plain solver. "
                 f"To fit it once ({est}): {hint}")
             return base
-    else:
+    try:  # only now: a skipped fit leaves no empty folder behind
+        root.mkdir(parents=True, exist_ok=True)
+        check_writable(path)
+    except OSError as e:
+        report("using the plain solver")
+        say(f"steindiff: the calibration cache {str(root)!r} is not writable ({e}); using the plain solver")
+        return base
+    if when == "always":
         est = estimate_fit(spec, base, opts, extra_args=tiled)
     report("fitting it again")
     say_fit = notice if notice is not None else (lambda m: None)  # what is fitted is news, not a warning
