@@ -48,7 +48,8 @@ def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence
     ``calibration_options`` go to :func:`steindiff.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``; defaults:
     :data:`steindiff.calibration.CALIBRATION_DEFAULTS`, the same as every other entry point), ``fingerprint``
     names the model where its contents cannot be read (:func:`steindiff.calibration.model_fingerprint`), and
-    ``notice`` receives one line before a fit starts (default: a warning).  The calibration batch is drawn like
+    ``notice`` receives the calibration's one-line messages (a fit starting, with its estimated time; a fit not
+    started, with the way to start it; a cached file not used; default: warnings, and silence before a fit).  The calibration batch is drawn like
     ``x`` (same shape per sample and ``extra_args``).
     """
     if registry.resolves_to_calibrated(stabilizer):
