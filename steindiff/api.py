@@ -44,13 +44,12 @@ def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence
     ``"if-quick"`` (the default) only when estimated, on this machine, to take at most ``quick_fit_seconds``
     (default :data:`steindiff.calibration.QUICK_FIT_SECONDS`, 30 s), else the plain solver with a notice of how
     long the fit would take; ``"always"`` (or ``True``); ``"never"`` (or ``False``) uses only what is shipped or
-    cached,
-    ``calibration_options`` go to :func:`steindiff.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``; defaults:
+    cached; ``calibration_options`` go to :func:`steindiff.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``; defaults:
     :data:`steindiff.calibration.CALIBRATION_DEFAULTS`, the same as every other entry point), ``fingerprint``
     names the model where its contents cannot be read (:func:`steindiff.calibration.model_fingerprint`), and
     ``notice`` receives the calibration's one-line messages (a fit starting, with its estimated time; a fit not
-    started, with the way to start it; a cached file not used; default: warnings, and silence before a fit).  The calibration batch is drawn like
-    ``x`` (same shape per sample and ``extra_args``).
+    started, with the way to start it; a cached file not used; default: warnings, and silence before a fit).
+    The calibration batch is drawn like ``x`` (same shape per sample and ``extra_args``).
     """
     if registry.resolves_to_calibrated(stabilizer):
         sig = validate_sigmas(sigmas)

@@ -392,8 +392,8 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     :data:`QUICK_FIT_SECONDS`) on this machine (:func:`~steindiff.fit_estimate.estimate_fit`, measured on the model
     in a few seconds at most), and otherwise returns ``base`` (the plain solver) with a notice that says how long
     the fit would take and how to run it (``fit_command``: the ``steindiff calibrate`` command on the command
-    line; default: the Python call); ``"always"`` (or ``True``)
-    fits whatever it costs, announcing the estimate; ``"never"`` (or ``False``) only reads.
+    line; default: the Python call); ``"always"`` (or ``True``) fits whatever it costs, announcing the estimate;
+    ``"never"`` (or ``False``) only reads.
 
     ``options`` go to :func:`calibrate` (``fit``, ``n``, ``dtype``, ``max_solves``, ...); they are resolved by
     :func:`calibration_options` and are part of the cache key, so a calibration made with other options is

@@ -24,7 +24,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 #: (``info["sampling_defaults"]``: a ``sampling_defaults.json`` beside its weights) says otherwise.
 DEFAULT_MODEL = "gmm:image64"
 SAMPLING_DEFAULTS = {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 10}
-_FLAGS = {"model": "--model", "solver": "--solver", "schedule": "--schedule", "nfe": "--nfe"}
+_FLAGS = {"solver": "--solver", "schedule": "--schedule", "nfe": "--nfe"}
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -52,10 +52,10 @@ def _effective_nfe(solver: str, nfe: int) -> int:
     return get_solver(solver).nfe([float(n - i) for i in range(n)] + [0.0])
 
 
-def resolve_model(args: argparse.Namespace, fixed: str | None = None, source: str | None = None) -> str:
-    """``--model``, else the model a calibration file ``source`` was made for (``fixed``), else
-    :data:`DEFAULT_MODEL`; stored back in ``args.model``.  (A ``--model`` that contradicts ``fixed`` is refused
-    once the model is loaded, by its name.)"""
+def resolve_model(args: argparse.Namespace, fixed: str | None = None) -> str:
+    """``--model``, else the model a calibration file was made for (``fixed``), else :data:`DEFAULT_MODEL`;
+    stored back in ``args.model``.  (The caller refuses a ``--model`` that contradicts ``fixed`` once the model
+    is loaded, by its name.)"""
     args.model = args.model or fixed or DEFAULT_MODEL
     return args.model
 

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = {k: sched.meta.get(k) for k in ("model", "solver", "schedule", "nfe")} if sched is not None else None
     source = f"the calibration file {args.gamma_schedule!r}"
     given_model = args.model
-    spec = common.model_on_device(common.resolve_model(args, fixed and fixed["model"], source), device)
+    spec = common.model_on_device(common.resolve_model(args, fixed and fixed["model"]), device)
     if fixed is not None and given_model is not None and fixed["model"] is not None and spec.name != fixed["model"]:
         raise UsageError(f"--model {given_model} contradicts {source}, which was made for model {fixed['model']!r}; "
                          "leave --model out to take it from the file")
