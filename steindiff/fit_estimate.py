@@ -14,8 +14,9 @@ A trajectory fit (:func:`steindiff.trajectory.fit_trajectory`) is a fixed patter
 reference solver on ``n`` samples, one plain solve and one model pass on ``n_fit``), and adds them up as
 above.  The refinements are counted as if they used their whole budget, which they usually do; one that
 converges earlier makes the fit shorter than the estimate.  With ``probe_seconds`` the measurement itself is
-bounded: model passes on growing batches, stopped once they have taken that long, scaled linearly to the
-real batch (exact on a CPU, an overestimate on a GPU, where small batches leave it idle).
+bounded: model passes on growing batches, stopped once they have taken that long, extended to the real batch
+along a line through the two largest batches timed (its slope between no cost per sample and no fixed cost
+per pass).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
     (resolved by :func:`steindiff.calibration.calibration_options`) will take (module docstring).
 
     ``extra_args``: the calibration batch's conditioning (per-sample tensors with ``n`` rows).  ``probe_seconds``
-    bounds the model passes on growing batches (``None``: up to the whole batch).  ``precise_below``: time the
+    bounds the model passes on growing batches (``None``: up to the whole batch; beyond the largest batch timed,
+    a pass is extrapolated along a line through the two largest).  ``precise_below``: time the
     units themselves (steps of the reference solver, a plain solve) only when the estimate from model passes is
     below it (``None``: always, when the whole batch was reached); above it the estimate from passes is kept."""
     t_start = time.perf_counter()
@@ -162,8 +164,20 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
         if probe_seconds is not None and time.perf_counter() - t_start > probe_seconds:
             break
     batch = max(times)
-    t_full = times[batch] * n / batch
-    t_fit = times[n_fit] if n_fit in times else times[batch] * n_fit / batch
+
+    def at(b: int) -> float:
+        """A pass on ``b`` samples: timed, else a line through the two largest batches timed, its slope between
+        0 (the batch is free) and the largest batch's time per sample (no fixed cost per pass)."""
+        if b in times:
+            return times[b]
+        t2, smaller = times[batch], [k for k in times if k < batch]
+        slope = t2 / batch
+        if smaller:
+            b1 = max(smaller)
+            slope = min(max((t2 - times[b1]) / (batch - b1), 0.0), slope)
+        return t2 + slope * (b - batch)
+
+    t_full, t_fit = at(n), at(n_fit)
     ref_solver = get_solver(options["ref_solver"])
     passes_per_ref_step = ref_solver.nfe(ref_sigmas) / (len(ref_sigmas) - 1)
     est = FitEstimate(fit_seconds(options, ref_step_s=t_full * passes_per_ref_step, solve_s=t_fit * base.nfe,
