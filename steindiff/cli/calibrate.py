@@ -27,6 +27,7 @@ from ..calibration import (
     stamp_fit,
 )
 from ..fit_estimate import estimate_fit
+from ..io import check_writable
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
 from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
@@ -131,13 +132,22 @@ def run(args: argparse.Namespace) -> int:
             key = calibration_key(spec, base, options=options)
         cache = Path(args.calibration_dir) if args.calibration_dir is not None else default_cache_dir()
         cached = str(cache_file(cache, key))
+        what = f"--calibration-dir {str(cache)!r}" if args.calibration_dir is not None else \
+            f"the calibration cache {str(cache)!r}"
         try:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            problem = f"{what} cannot be a folder: {e.strerror}"
+        else:
+            try:
+                check_writable(Path(cached))
+                problem = None
+            except OSError as e:
+                problem = f"{what} is not writable: {e}"
+        if problem is not None:
             if args.calibration_dir is not None or args.out is None:
-                raise UsageError(f"--calibration-dir {str(cache)!r} cannot be a folder: {e.strerror}") from None
-            print(f"steindiff: the calibration cache {str(cache)!r} cannot be a folder ({e.strerror}); writing "
-                  f"only {args.out}", file=sys.stderr)
+                raise UsageError(problem)
+            print(f"steindiff: {problem}; writing only {args.out}", file=sys.stderr)
             cached = None
     common.check_outputs(*[p for p in (args.out, cached) if p is not None], distinct="--out and the cache file")
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None

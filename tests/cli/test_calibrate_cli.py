@@ -243,3 +243,18 @@ def test_a_corrupt_cached_file_under_no_calibrate_is_one_line(tmp_path, capsys, 
     (line,) = out.err.strip().splitlines()
     assert line.startswith("steindiff: ignoring a cached calibration") and "corrupt or truncated" in line
     assert line.endswith("; using the plain solver") and "fitting" not in line and line.count(str(f)) == 1
+
+
+def test_calibrate_out_with_no_usable_cache_writes_the_file_and_says_so(tmp_path, capsys, monkeypatch):
+    _small_defaults(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the default cache cannot be made
+    out = tmp_path / "c.json"
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--out", str(out), "--json",
+                 "--no-progress"]) == 0
+    res = capsys.readouterr()
+    assert out.exists() and json.loads(res.out)["written"] == [str(out)]
+    assert "the calibration cache" in res.err and "cannot be a folder" in res.err and f"writing only {out}" in res.err
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--no-progress"]) == 2
+    assert "the calibration cache" in capsys.readouterr().err
