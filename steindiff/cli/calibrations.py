@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     for name, folder in models.items():
         d = _declared(folder)
         if d is not None:
-            ships = any(r.get("model") == name and r["where"] != "cache" and all(r.get(k) == d.get(k) for k in d)
-                        for r in rows)
+            ships = any(r.get("model") == name and r["where"] != "cache"
+                        and all(r.get(k) == d.get(k) for k in ("solver", "schedule", "nfe")) for r in rows)
             defaults[name] = {**d, "ships_calibration": ships}
     summary = {"cache": str(cache), "sampling_defaults": defaults, "calibrations": rows}
     lines = [f"calibrations shipped with the models and cached in {cache}: --stabilizer auto uses one when the run's "

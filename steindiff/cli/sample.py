@@ -11,13 +11,15 @@ from ..stabilizers.registry import resolves_to_calibrated
 from . import UsageError, common, emit, usage_errors
 
 GRID_MAX = 64  # samples shown by --grid (8 per row)
+DEFAULT_N = 2000  # samples drawn when neither --n nor the model (sampling_defaults.json) says
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples with a solver", description=__doc__)
     common.add_sampling(p)
     common.add_stabilizer(p)
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"number of samples (default: the model's, e.g. 64 for digits and patches; else {DEFAULT_N})")
     p.add_argument("--batch-size", type=int, default=None, help="samples per model call (default: all)")
     p.add_argument("--out", default=None, metavar="FILE.npz",
                    help="write samples, sigmas and gammas to this .npz file (default: not saved)")
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {given_model} contradicts {source}, which was made for model {fixed['model']!r}; "
                          "leave --model out to take it from the file")
     common.resolve_sampling(args, spec, fixed, source)
+    if args.n is None:
+        args.n = int(((spec.info or {}).get("sampling_defaults") or {}).get("n", DEFAULT_N))
     if args.grid is not None and len(spec.sample_shape) != 3:
         raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of "
                          f"shape {spec.sample_shape}")

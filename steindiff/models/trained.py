@@ -29,7 +29,8 @@ __all__ = ["DIGITS_DIR", "PATCHES_DIR", "SHIPPED", "SAMPLING_DEFAULTS_FILE", "lo
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
 PATCHES_DIR = DIGITS_DIR.parent / "patches"
 #: A model folder's declared sampling configuration (``info["sampling_defaults"]``): the solver, schedule and NFE
-#: the command line samples with when not told (the shipped models: ones that ship a calibration).
+#: the command line samples with when not told (the shipped models: ones that ship a calibration), and ``n``, the
+#: number of samples ``steindiff sample`` draws when not told.
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
 #: The models shipped with the package, by name.
 SHIPPED = {"digits": DIGITS_DIR, "patches": PATCHES_DIR}
@@ -67,7 +68,8 @@ def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sampling_defaults(path: Path) -> dict[str, Any]:
-    """A model's declared sampling configuration (``solver``, ``schedule``, ``nfe``), checked."""
+    """A model's declared sampling configuration (``solver``, ``schedule``, ``nfe``; ``n``: how many samples
+    ``steindiff sample`` draws), checked."""
     from ..schedules import SCHEDULES
     from ..solvers import SOLVERS
 
@@ -75,11 +77,13 @@ def _sampling_defaults(path: Path) -> dict[str, Any]:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable sampling defaults: {e}") from None
-    ok = (isinstance(d, dict) and set(d) <= {"solver", "schedule", "nfe"} and d.get("solver", "euler") in SOLVERS
-          and d.get("schedule", "karras") in SCHEDULES and isinstance(d.get("nfe", 1), int) and d.get("nfe", 1) >= 1)
+    counts = ("nfe", "n")
+    ok = (isinstance(d, dict) and set(d) <= {"solver", "schedule", *counts} and d.get("solver", "euler") in SOLVERS
+          and d.get("schedule", "karras") in SCHEDULES
+          and all(isinstance(d.get(k, 1), int) and d.get(k, 1) >= 1 for k in counts))
     if not ok:
         raise ValueError(f"{path}: sampling defaults must be an object with solver (one of {', '.join(SOLVERS)}), "
-                         f"schedule (one of {', '.join(SCHEDULES)}) and nfe (an integer >= 1), got {d!r}")
+                         f"schedule (one of {', '.join(SCHEDULES)}), nfe and n (integers >= 1), got {d!r}")
     return d
 
 

@@ -22,7 +22,7 @@ def test_lists_shipped_and_cached_calibrations(tmp_path, capsys, monkeypatch):
     assert {r["model"] for r in shipped} == {"digits", "patches"}
     assert ("patches", "dpmpp_2m", "logsnr", 8) in {(r["model"], r["solver"], r["schedule"], r["nfe"]) for r in shipped}
     assert all(r["wall_s"] > 0 and r["options"]["n"] > 0 for r in shipped)
-    assert listing["sampling_defaults"]["patches"] == {"solver": "dpmpp_2m", "schedule": "logsnr", "nfe": 8,
+    assert listing["sampling_defaults"]["patches"] == {"solver": "dpmpp_2m", "schedule": "logsnr", "nfe": 8, "n": 64,
                                                        "ships_calibration": True}
     assert listing["sampling_defaults"]["digits"]["ships_calibration"]
     cached = [r for r in listing["calibrations"] if r["where"] == "cache"]
