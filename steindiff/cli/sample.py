@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write the stabilizer's per-step trace to this JSON file")
     p.add_argument("--gamma-schedule", default=None,
                    help="apply a calibration file from `steindiff calibrate` (its gammas and, if fitted, its noise "
-                        "levels): no extra passes")
+                        "levels): no extra passes; the run takes the model, solver, schedule and NFE the file was made "
+                        "for (flags may repeat them, not contradict them)")
     common.add_calibration(p)
     common.add_device(p)
     common.add_common(p)
