@@ -137,9 +137,9 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
 
     ``extra_args``: the calibration batch's conditioning (per-sample tensors with ``n`` rows).  ``probe_seconds``
     bounds the model passes on growing batches (``None``: up to the whole batch; beyond the largest batch timed,
-    a pass is extrapolated along a line through the two largest).  ``precise_below``: time the
-    units themselves (steps of the reference solver, a plain solve) only when the estimate from model passes is
-    below it (``None``: always, when the whole batch was reached); above it the estimate from passes is kept."""
+    a pass is extrapolated along a line through the two largest).  The units themselves (steps of the reference
+    solver, a plain solve) are then timed, unless the passes stopped short of the whole batch or the estimate from
+    them is at least ``precise_below`` (``None``: no such limit): then the estimate from passes is kept."""
     t_start = time.perf_counter()
     n = int(options["n"])
     n_fit = max(int(round(n * (1 - _VALIDATION))), 1)
@@ -157,7 +157,9 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
             model(noise[:b], torch.full((b,), sigma, dtype=dtype, device=device), **_rows(extra_args, b))
 
     one_pass(1)  # warm-up: lazy initialisation, first allocations
-    sizes = sorted({max(1, math.ceil(n / 2 ** k)) for k in range(0, max(n.bit_length() - 2, 1))})
+    # unbounded, the units are timed below: one pass on the fit half is all that is needed here
+    sizes = [n_fit] if probe_seconds is None else \
+        sorted({max(1, math.ceil(n / 2 ** k)) for k in range(0, max(n.bit_length() - 2, 1))})
     times: dict[int, float] = {}
     for b in sizes:
         times[b] = _timed(lambda: one_pass(b), device)
@@ -183,7 +185,7 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
     est = FitEstimate(fit_seconds(options, ref_step_s=t_full * passes_per_ref_step, solve_s=t_fit * base.nfe,
                                   pass_s=t_fit),
                       t_full * passes_per_ref_step, t_fit * base.nfe, t_fit, n, batch, False, 0.0)
-    if batch == n and (precise_below is None or est.seconds < precise_below):
+    if (probe_seconds is None or batch == n) and (precise_below is None or est.seconds < precise_below):
         # the units themselves, with the solvers' own overhead: steps of the reference solve, one plain solve;
         # first what the fit imports on first use (seconds on a loaded machine: spent here, not in the fit)
         import scipy.optimize  # noqa: F401
@@ -194,6 +196,6 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
         solve_s = _timed(lambda: sample(model, noise[:n_fit], base.sigmas, base.get_solver(), extra_args=extra_fit),
                          device)
         est = FitEstimate(fit_seconds(options, ref_step_s=ref_step_s, solve_s=solve_s, pass_s=t_fit),
-                          ref_step_s, solve_s, t_fit, n, batch, True, 0.0)
+                          ref_step_s, solve_s, t_fit, n, n, True, 0.0)
     est.probe_s = time.perf_counter() - t_start
     return est
