@@ -50,6 +50,7 @@ def test_shipped_models_sample_by_default_with_a_shipped_calibration(name):
 
     spec = load_model(name)
     d = spec.info["sampling_defaults"]
+    assert d["n"] == 64  # `steindiff sample` draws 64 samples unless told: seconds, not minutes
     base = make_plan(spec.process, d["solver"], d["nfe"], d["schedule"])
     plan = calibrated_plan(spec, base, calibrate_missing="never", notice=pytest.fail)
     assert plan is not base and plan.gammas is not None
