@@ -11,13 +11,14 @@ Three objectives:
   choose ``gamma_k`` by coordinate search to minimize the sliced Wasserstein-2 distance between the
   calibration batch's samples and the reference.  This uses data; it is labelled as such in the file.
 
-:func:`calibrated_plan` is what ``--stabilizer auto`` runs: the cached trajectory calibration of a
-(model, solver, schedule, NFE), fitted on first use.
+:func:`calibrated_plan` is what ``--stabilizer auto`` runs: the shipped or cached trajectory calibration of a
+(model, solver, schedule, NFE), fitted on first use when that is quick (:data:`CALIBRATE_WHEN`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import inspect
 import json
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .fingerprint import AmbiguousIdentity, fingerprint
+from .fit_estimate import FitEstimate, estimate_fit
 from .generate import generate
 from .io import check_writable
 from .metrics import sliced_w2
@@ -44,7 +46,8 @@ from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajector
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "calibration_options", "cache_file",
            "conditioning_digest", "default_cache_dir", "default_guards", "plan_from_schedule", "OBJECTIVES",
-           "model_fingerprint", "CALIBRATION_SEED", "CALIBRATION_DEFAULTS"]
+           "model_fingerprint", "CALIBRATION_SEED", "CALIBRATION_DEFAULTS", "CALIBRATE_WHEN", "QUICK_FIT_SECONDS",
+           "calibrate_when", "stamp_fit", "list_calibrations", "options_summary"]
 
 OBJECTIVES = ("trajectory", "variant", "reference")
 #: Default seed of the calibration noise: far from the evaluation seeds (0, 1, 2, ...) of the benchmarks.
@@ -56,6 +59,12 @@ CALIBRATION_SEED = 12345
 #: ``guards``: :func:`default_guards`.  Every other option's default is in :func:`calibrate`'s signature.
 CALIBRATION_DEFAULTS: dict[str, Any] = {"n": None, "dtype": "float32", "ref_solver": "dpmpp_2m", "ref_steps": 200,
                                         "max_solves": 200, "max_seconds": 60.0, "guards": None}
+#: When a missing calibration is fitted (``calibrated_plan(calibrate_missing=)``, ``sample(calibrate=)``,
+#: ``--calibrate``): ``always``; ``if-quick``, the default everywhere: only when estimated to take at most
+#: :data:`QUICK_FIT_SECONDS` on this machine (else the plain solver, and the command that fits it); ``never``.
+CALIBRATE_WHEN = ("always", "if-quick", "never")
+#: The longest fit that ``if-quick`` starts unasked, in seconds (``quick_fit_seconds=``, ``--quick-fit-seconds``).
+QUICK_FIT_SECONDS = 30.0
 # what calibrate() takes that does not change its result, or that the plan and the key record elsewhere
 _NOT_OPTIONS = {"spec", "plan", "solver", "nfe", "schedule", "rho", "coords", "progress", "ref", "extra_args",
                 "reference", "batch_size", "jacobian_batch"}
@@ -359,32 +368,52 @@ def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan
                         list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta})
 
 
+def calibrate_when(value: bool | str) -> str:
+    """``calibrate_missing`` (or ``--calibrate``) as one of :data:`CALIBRATE_WHEN`: ``True`` is ``always``,
+    ``False`` ``never``."""
+    if value is True or value is False:
+        return "always" if value else "never"
+    if value not in CALIBRATE_WHEN:
+        raise ValueError(f"calibrate must be one of {', '.join(CALIBRATE_WHEN)} (or True/False), got {value!r}")
+    return value
+
+
 def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.PathLike | None = None,
-                    calibrate_missing: bool = True, conditioning: str | None = None, extra_args: dict | None = None,
-                    progress: bool = False, notice: Callable[[str], None] | None = None,
+                    calibrate_missing: bool | str = "if-quick", quick_fit_seconds: float = QUICK_FIT_SECONDS,
+                    conditioning: str | None = None, extra_args: dict | None = None, progress: bool = False,
+                    notice: Callable[[str], None] | None = None, fit_command: str | None = None,
                     ref: ReferenceSolve | None = None, **options: Any) -> SamplingPlan:
     """The trajectory-calibrated version of the plain plan ``base`` for ``spec``: shipped with the model
     (``spec.info["calibrations"]``, a folder of calibration files, e.g. the digits model's), else from the
-    cache (``cache_dir``, default :func:`default_cache_dir`), else fitted now and cached.
+    cache (``cache_dir``, default :func:`default_cache_dir`), else fitted now and cached, if allowed.
+
+    ``calibrate_missing`` says when a missing calibration is fitted (:data:`CALIBRATE_WHEN`): ``"if-quick"``
+    (the default) fits only when the fit is estimated to take at most ``quick_fit_seconds`` (default
+    :data:`QUICK_FIT_SECONDS`) on this machine (:func:`~steindiff.fit_estimate.estimate_fit`, measured on the model
+    in a few seconds at most), and otherwise returns ``base`` (the plain solver) with a notice that says how long
+    the fit would take and how to run it (``fit_command``: the ``steindiff calibrate`` command on the command
+    line; default: the Python call); ``"always"`` (or ``True``) fits whatever it costs, announcing the estimate;
+    ``"never"`` (or ``False``) only reads.
 
     ``options`` go to :func:`calibrate` (``fit``, ``n``, ``dtype``, ``max_solves``, ...); they are resolved by
     :func:`calibration_options` and are part of the cache key, so a calibration made with other options is
     another file: it is never used in their place.  ``ref``: a reference solve of the calibration noise to
     reuse (it must be the one ``options`` describe).  The model's identity is checked before any work.
 
-    Falls back to ``base`` (the plain solver) when the cache cannot be written, and when ``calibrate_missing``
-    is false and nothing matches.  ``notice`` receives one line before a calibration starts (what is fitted, about
-    how long), and one for a cached file that is unreadable or made with other options (what is wrong, and what
-    happens instead); without ``notice`` those lines are warnings.
+    Falls back to ``base`` when the cache cannot be written.  ``notice`` receives one line per event: before a
+    fit (what is fitted, the estimated time; the file records the time it took), a fit skipped by ``"if-quick"``,
+    a cached file that is unreadable or made with other options (what is wrong, and what happens instead);
+    without ``notice`` those lines are warnings, except the one before a fit.
     """
     say = notice if notice is not None else (lambda m: warnings.warn(m, stacklevel=3))
+    when = calibrate_when(calibrate_missing)
     opts = calibration_options(spec, objective="trajectory", **options)
     key = calibration_key(spec, base, conditioning=conditioning, options=opts)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache_file(root, key)
     shipped = (spec.info or {}).get("calibrations")  # read-only calibrations shipped with a model
     folders = ([Path(shipped)] if shipped else []) + [root]
-    instead = "fitting it again" if calibrate_missing else "using the plain solver"
+    problems: list[str] = []  # said once, with what happens instead, when that is known
     for p in [cache_file(f, key) for f in folders]:
         if not p.exists():
             continue
@@ -393,27 +422,58 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
             if sched.meta.get("key") != key:
                 raise ValueError("made for another configuration: " + _key_difference(sched.meta.get("key"), key))
             return plan_from_schedule(sched, base)
-        except (OSError, ValueError) as e:
-            say(f"steindiff: ignoring the cached calibration {str(p)!r} ({e}); {instead}")
-    for p, diff in _near_misses(folders, key):
-        say(f"steindiff: the calibration {str(p)!r} is for this model and plan but other options ({diff}); "
-            f"not used, {instead}")
-    if not calibrate_missing:
+        except (OSError, ValueError) as e:  # the reading errors name the file themselves
+            problems.append(f"ignoring a cached calibration: {e}" if str(p) in str(e)
+                            else f"ignoring the cached calibration {str(p)!r} ({e})")
+    problems += [f"the calibration {str(p)!r} is for this model and plan but other options ({diff}); not used"
+                 for p, diff in _near_misses(folders, key)]
+
+    def report(instead: str) -> None:
+        for m in problems:
+            say(f"steindiff: {m}; {instead}")
+
+    if when == "never":
+        report("using the plain solver")
         return base
-    try:
+    what = f"{base.solver} / {base.schedule} / NFE {base.nfe} for {spec.name}"
+    tiled = _tile_batch(extra_args, int(opts["n"]))
+    if when == "if-quick":
+        est = estimate_fit(spec, base, opts, extra_args=tiled, probe_seconds=quick_fit_seconds / 10,
+                           precise_below=3 * quick_fit_seconds)
+        if est.seconds > quick_fit_seconds:
+            report("using the plain solver")
+            hint = fit_command or "pass calibrate_missing='always' to steindiff.calibrated_plan"
+            none = "no usable calibration" if problems else "no calibration"
+            say(f"steindiff: {none} of {what} is shipped or cached, and fitting one would take {est} here "
+                f"(more than the {quick_fit_seconds:g} s that if-quick allows): sampling with the plain solver. "
+                f"To fit it once ({est}): {hint}")
+            return base
+    try:  # only now: a skipped fit leaves no empty folder behind
         root.mkdir(parents=True, exist_ok=True)
         check_writable(path)
     except OSError as e:
+        report("using the plain solver")
         say(f"steindiff: the calibration cache {str(root)!r} is not writable ({e}); using the plain solver")
         return base
-    dtype = getattr(torch, opts["dtype"])
-    if notice is not None:
-        notice(f"steindiff: calibrating {base.solver} at NFE {base.nfe} ({base.schedule}) for {spec.name} once "
-               f"(fit: {opts['fit']}; {_eta(spec, base, dtype, opts, extra_args)}); cached in {root}")
+    if when == "always":
+        est = estimate_fit(spec, base, opts, extra_args=tiled)
+    report("fitting it again")
+    say_fit = notice if notice is not None else (lambda m: None)  # what is fitted is news, not a warning
+    say_fit(f"steindiff: calibrating {what} once (fit: {opts['fit']}; {est}, measured on this machine); "
+            f"cached in {root}")
     sched = calibrate(spec, base, coords=base.coords, progress=progress, extra_args=extra_args, ref=ref, **opts)
     sched.meta["key"] = key
+    stamp_fit(sched, est)
     sched.save(path)
     return plan_from_schedule(sched, base)
+
+
+def stamp_fit(sched: GammaSchedule, estimate: FitEstimate | None = None) -> None:
+    """Record in a calibration when it was fitted (UTC, ISO 8601) and the time announced before it."""
+    cal = sched.meta.setdefault("calibration", {})
+    cal["fitted_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if estimate is not None:
+        cal["estimated_s"] = round(estimate.seconds, 3)
 
 
 def _key_difference(old: Any, new: dict) -> str:
@@ -452,18 +512,44 @@ def _near_misses(folders: list[Path], key: dict) -> list[tuple[Path, str]]:
     return out
 
 
-def _eta(spec: ModelSpec, base: SamplingPlan, dtype: torch.dtype, options: dict, extra_args: dict | None) -> str:
-    """A rough duration: one timed model pass on a few samples, scaled to the calibration batch and
-    times the passes of the reference solve, plus the refinement's time budget."""
-    n = int(options["n"])
-    steps = int(options["ref_steps"])
-    m = min(n, 8)
-    device = spec.device or "cpu"
-    x = torch.zeros((m, *spec.sample_shape), dtype=dtype, device=device)
-    s = torch.full((m,), float(base.sigmas[1]), dtype=dtype, device=device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        spec.denoiser(x, s, **(_tile_batch(extra_args, m) or {}))
-    t_pass = (time.perf_counter() - t0) * n / m
-    refine_s = min(float(options["max_seconds"]), t_pass / 2 * base.nfe * int(options["max_solves"]))
-    return f"about {t_pass * 1.5 * steps + refine_s:.0f} s or less"
+#: The options ``steindiff calibrations`` shows in its table (``--json`` has them all).
+_LISTED_OPTIONS = ("n", "ref_steps", "max_solves", "max_seconds", "fit", "dtype")
+
+
+def list_calibrations(folder: str | os.PathLike, where: str) -> list[dict[str, Any]]:
+    """One record per calibration file (``*.json`` but ``defaults.json``) in ``folder``, sorted by model,
+    solver, schedule and NFE: ``model``, ``solver``, ``schedule``, ``nfe``, ``options`` (the fitting options its
+    key records), ``chosen`` (the candidate kept: ``plain`` when nothing beat the plain solver), ``fitted_at``
+    (recorded, else the file's time for a cache file, else ``None``), ``wall_s`` (how long the fit took),
+    ``path``, ``where`` (e.g. ``shipped`` or ``cache``); an unreadable file gets ``error`` instead."""
+    out = []
+    root = Path(folder)
+    for p in sorted(root.glob("*.json")) if root.is_dir() else []:
+        if p.name == "defaults.json":
+            continue
+        rec: dict[str, Any] = {"where": where, "path": str(p)}
+        try:
+            sched = load_gamma_schedule(p)
+        except (OSError, ValueError) as e:
+            out.append({**rec, "error": str(e)})
+            continue
+        meta, key = sched.meta, sched.meta.get("key") if isinstance(sched.meta.get("key"), dict) else {}
+        cal = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+        fitted = cal.get("fitted_at")
+        if fitted is None and where != "shipped":  # a cache file is written once, when it is fitted
+            fitted = datetime.datetime.fromtimestamp(p.stat().st_mtime, datetime.timezone.utc).isoformat(
+                timespec="seconds")
+        out.append({**rec, "model": meta.get("model"), "solver": meta.get("solver"), "schedule": meta.get("schedule"),
+                    "nfe": meta.get("nfe"), "objective": meta.get("objective"), "options": key.get("options"),
+                    "chosen": cal.get("chosen"), "fitted_at": fitted, "wall_s": cal.get("wall_s"),
+                    "key": key or None})
+    return sorted(out, key=lambda r: (str(r.get("model")), str(r.get("solver")), str(r.get("schedule")),
+                                      r.get("nfe") or 0, r["path"]))
+
+
+def options_summary(options: dict | None) -> str:
+    """The main fitting options of a calibration, for a table: ``n=256 ref_steps=100 ...``."""
+    if not options:
+        return "-"
+    return " ".join(f"{k}={options[k]:g}" if isinstance(options.get(k), float) else f"{k}={options[k]}"
+                    for k in _LISTED_OPTIONS if k in options)

@@ -79,7 +79,7 @@ def steps(
     *,
     stabilizer: Stabilizer | None = None,
     extra_args: dict | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
     solver_options: dict | None = None,
@@ -90,7 +90,8 @@ def steps(
     ``model(x, sigma, **extra_args)`` is a VE denoiser.  Each step is ``T(x)`` of the solver's step
     operator or, with a ``stabilizer`` (:class:`~steindiff.stabilizers.Stabilizer`), ``stabilizer.step(T,
     x) -> (x_next, step, record)``.  The state is kept in ``dtype`` (default: ``x``'s dtype, or float32 for
-    half precision input).  ``progress`` shows a bar; ``check_finite`` refuses NaN or Inf model outputs (read back once
+    half precision input).  ``progress`` shows a bar (labelled ``progress`` when a string, else the solver's name);
+    ``check_finite`` refuses NaN or Inf model outputs (read back once
     per step, :meth:`~steindiff.solvers.Denoise.deferred_checks`, before the step is yielded);
     ``solver_options`` (e.g. ``order``) go to :func:`~steindiff.solvers.get_solver`.
     """
@@ -106,7 +107,8 @@ def steps(
     x = x.to(dtype)
     denoise = Denoise(model, extra_args, check_finite=check_finite)
     state = solver.init_state()
-    for i in tqdm(range(len(sig) - 1), disable=not progress, desc=f"{solver.name}", leave=False):
+    label = progress if isinstance(progress, str) else solver.name
+    for i in tqdm(range(len(sig) - 1), disable=not progress, desc=label, leave=False):
         op = StepOperator(solver, denoise, i, sig, state)
         # the model outputs' finiteness is read back once per step, not once per model call (a read-back
         # waits for the device); a stabilizer may read it back with its own statistics (Denoise.settle)

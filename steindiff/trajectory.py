@@ -112,9 +112,11 @@ def reference_solve(model: Callable[..., torch.Tensor], noise: torch.Tensor, sig
     t0 = time.perf_counter()
     sigmas = logsnr_sigmas(steps, sigma_min, sigma_max)
     states = [noise[:keep].detach().clone()]
-    res = sample(model, noise, sigmas, solver, extra_args=extra_args, progress=progress,
+    res = sample(model, noise, sigmas, solver, extra_args=extra_args,
+                 progress="calibrating: reference solve" if progress else False,
                  callback=lambda d: states.append(d["x"][:keep].detach().clone()))
-    coarse = sample(model, noise, logsnr_sigmas(steps // 2, sigma_min, sigma_max), solver, extra_args=extra_args).x
+    coarse = sample(model, noise, logsnr_sigmas(steps // 2, sigma_min, sigma_max), solver, extra_args=extra_args,
+                    progress="calibrating: reference check" if progress else False).x
     conv = float(((coarse - res.x).double().pow(2).mean()).sqrt())
     return ReferenceSolve(sigmas, torch.stack(states), res.x, solver, steps, conv, time.perf_counter() - t0)
 
@@ -247,7 +249,7 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
            gamma_bounds: tuple[float, float] = (0.5, 1.5),
            reg_gamma: float = 1e-2, reg_steps: float = 1e-3, reg_residual: float = 2.0, max_solves: int = 200,
            max_seconds: float = 60.0, plain_tail: int = 2, extra_args: dict | None = None,
-           progress: bool = False) -> tuple[SamplingPlan, dict]:
+           progress: bool | str = False) -> tuple[SamplingPlan, dict]:
     """Fit the plan's gammas and/or interior noise levels so that its final samples from ``noise`` come
     close to ``target`` (the reference solve's), by bounded least squares (``scipy.optimize.least_squares``,
     trust-region reflective, Jacobian by finite differences of whole solves, no gradients of the model).
@@ -257,7 +259,7 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
     one more denoising pass moves more than it moves the reference's carry residual noise; less, and
     they are over-smoothed; one extra model pass per solve), plus the regularisers of :meth:`_Params.penalty`.  Stops
     after ``max_solves`` solves or ``max_seconds``, keeping the best theta.  The last ``plain_tail`` steps
-    keep ``gamma = 1``.
+    keep ``gamma = 1``.  ``progress``: a bar of the solves (labelled ``progress`` when it is a string).
     """
     from scipy.optimize import least_squares
 
@@ -277,7 +279,8 @@ def refine(model: Callable[..., torch.Tensor], noise: torch.Tensor, target: torc
     r_target = moved(target) if reg_residual > 0 else 0.0
     best = {"cost": math.inf, "theta": theta0.copy()}
     t0 = time.perf_counter()
-    bar = tqdm(total=max_solves, disable=not progress, desc=f"fit {base.solver}", leave=False)
+    bar = tqdm(total=max_solves, disable=not progress, leave=False, unit="solve",
+               desc=progress if isinstance(progress, str) else "calibrating: fit")
 
     def residuals(theta: np.ndarray) -> np.ndarray:
         if info["solves"] >= max_solves or time.perf_counter() - t0 > max_seconds:
@@ -491,14 +494,15 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     plain = SamplingPlan(base.solver, base.sigmas, base.schedule, [1.0] * base.steps, base.coords, base.solver_options)
     candidates = {"plain": plain, "closed_form": cf_plan}
     rinfo = {}
-    for name, w in (("refined", 0.0), ("refined_residual", reg_residual)):
+    for i, (name, w) in enumerate((("refined", 0.0), ("refined_residual", reg_residual))):
         if name == "refined_residual" and w <= 0:
             continue
         candidates[name], rinfo[name] = refine(
             model, x_fit, ref.final[fit_sl], base, start, fit=fit, sigma_floor=sigma_min, gamma_bounds=gamma_bounds,
             reg_gamma=reg_gamma, reg_steps=reg_steps, reg_residual=w, max_solves=max(max_solves // 2, 1),
             plain_tail=plain_tail,
-            max_seconds=max_seconds / 2, extra_args=part(fit_sl), progress=progress)
+            max_seconds=max_seconds / 2, extra_args=part(fit_sl),
+            progress=f"calibrating: fit {i + 1}/{1 + (reg_residual > 0)}" if progress else False)
     ref_val = ref.final[val_sl]
     r_ref = residual_noise(model, ref_val, sigma_min, part(val_sl))
     scores = score_candidates(model, candidates, x_val, ref_val, sigma_min=sigma_min,

@@ -39,6 +39,13 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def private_calibration_cache(tmp_path_factory, monkeypatch):
+    """Each test's default calibration cache (``$XDG_CACHE_HOME/steindiff/calibrations``) is its own empty
+    folder: ``steindiff calibrate`` writes there, and nothing a test does reaches the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 class OutOfMemoryUnderGrad(torch.nn.Module):
     """Runs out of memory (as CUDA would) whenever its input carries a graph, i.e. in a stabilizer's
     Jacobian pass; a plain solver pass (``x -> x / 2``) works."""

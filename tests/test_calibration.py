@@ -61,7 +61,7 @@ def test_calibrated_plan_fits_once_then_reads_the_cache(toy, tmp_path, monkeypat
     notices = []
     plan = calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, **FAST)
     files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1 and len(notices) == 1 and "calibrating euler at NFE 4" in notices[0]
+    assert len(files) == 1 and len(notices) == 1 and "calibrating euler / karras / NFE 4" in notices[0]
     assert json.loads(files[0].read_text())["key"]["fingerprint"] == model_fingerprint(toy)
     monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     again = calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, **FAST)
@@ -154,3 +154,70 @@ def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards(
         assert c.get("significance_test") == SIGNIFICANCE_TEST, f.name
         assert c["chosen"] == choose_candidate(c["candidates"], c["guards"]), f.name
         assert obj["gammas"] == c["candidates"][c["chosen"]]["gammas"], f.name
+
+
+def test_if_quick_fits_only_what_is_estimated_quick(toy, tmp_path, monkeypatch):
+    """The rule of every entry point: a missing calibration is fitted when its estimated time is at most
+    ``quick_fit_seconds`` (default QUICK_FIT_SECONDS); above it, the plain plan and one notice with the estimate
+    and the way to fit it; ``always`` fits regardless, ``never`` never."""
+    from steindiff.fit_estimate import FitEstimate
+
+    base = make_plan(toy.process, "euler", 4, "karras")
+    seconds = {"value": cal.QUICK_FIT_SECONDS + 1}
+    monkeypatch.setattr(cal, "estimate_fit", lambda *a, **k: FitEstimate(seconds["value"], 0, 0, 0, 64, 64, True, 0))
+    real = cal.calibrate
+    fits = []
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: fits.append(1) or real(*a, **k))
+    notices = []
+    assert calibrated_plan(toy, base, cache_dir=tmp_path, notice=notices.append, fit_command="CMD", **FAST) is base
+    assert not fits and not list(tmp_path.glob("*.json")) and len(notices) == 1
+    assert f"about {cal.QUICK_FIT_SECONDS + 1:.0f} s" in notices[0] and "more than the 30 s" in notices[0]
+    assert notices[0].endswith(": CMD") and "plain solver" in notices[0]
+    with pytest.warns(UserWarning, match="calibrate_missing='always'"):  # Python: a warning, with the Python way
+        assert calibrated_plan(toy, base, cache_dir=tmp_path, **FAST) is base
+    assert calibrated_plan(toy, base, cache_dir=tmp_path, quick_fit_seconds=60, notice=notices.append,
+                           **FAST) is not base and fits == [1]
+    other = make_plan(toy.process, "euler", 5, "karras")
+    seconds["value"] = cal.QUICK_FIT_SECONDS - 1
+    assert calibrated_plan(toy, other, cache_dir=tmp_path, notice=notices.append, **FAST) is not other
+    assert fits == [1, 1] and "calibrating euler / karras / NFE 5" in notices[-1]
+    (f,) = [p for p in tmp_path.glob("*nfe5*.json")]
+    rec = json.loads(f.read_text())["calibration"]
+    assert rec["estimated_s"] == cal.QUICK_FIT_SECONDS - 1 and rec["fitted_at"].endswith("+00:00")
+    with pytest.raises(ValueError, match="calibrate must be one of always, if-quick, never"):
+        calibrated_plan(toy, other, cache_dir=tmp_path, calibrate_missing="sometimes")
+
+
+def test_always_fits_and_never_reads_whatever_the_estimate(toy, tmp_path):
+    base = make_plan(toy.process, "euler", 3, "karras")
+    assert cal.calibrate_when(True) == "always" and cal.calibrate_when(False) == "never"
+    assert calibrated_plan(toy, base, cache_dir=tmp_path, calibrate_missing="never", quick_fit_seconds=1e-9,
+                           notice=pytest.fail, **FAST) is base
+    notices = []
+    plan = calibrated_plan(toy, base, cache_dir=tmp_path, calibrate_missing="always", quick_fit_seconds=1e-9,
+                           notice=notices.append, **FAST)
+    assert plan is not base and len(notices) == 1 and "measured on this machine" in notices[0]
+
+
+def test_sample_auto_applies_the_same_rule(toy, tmp_path):
+    """``steindiff.sample(stabilizer="auto")``: a fit longer than ``quick_fit_seconds`` is not started; the
+    notice says how to ask for it from Python."""
+    import steindiff as sd
+
+    sig = sd.get_sigmas("karras", 4, toy.process)
+    x = sd.prior_noise((8, 2), float(sig[0]), seed=0, dtype=torch.float64)
+    notices = []
+    res = sd.sample(toy.denoiser, x, sig, "euler", stabilizer="auto", process=toy.process, calibration_dir=tmp_path,
+                    calibration_options=FAST, quick_fit_seconds=1e-9, notice=notices.append)
+    assert torch.equal(res.x, sd.sample(toy.denoiser, x, sig, "euler").x) and not list(tmp_path.glob("*.json"))
+    assert len(notices) == 1 and "pass calibrate='always' to steindiff.sample" in notices[0]
+    sd.sample(toy.denoiser, x, sig, "euler", stabilizer="auto", process=toy.process, calibration_dir=tmp_path,
+              calibration_options=FAST, quick_fit_seconds=1e-9, calibrate="always", notice=notices.append)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_progress_bars_say_what_the_calibration_is_doing(toy, capsys):
+    calibrate(toy, solver="euler", nfe=4, progress=True, **FAST)
+    err = capsys.readouterr().err
+    assert "calibrating: reference solve" in err and "calibrating: fit 1/2" in err and "calibrating: fit 2/2" in err
+    assert "dpmpp_2m:" not in err and "fit euler" not in err  # not the bare solvers' names

@@ -190,8 +190,8 @@ def test_flag_claims_hold():
         assert {"--help", "--json", "--no-progress"} <= flags, name
         json_action = next(a for a in p._actions if "--json" in a.option_strings)
         assert json_action.nargs == 0, f"{name}: --json must be a switch"
-        # merge and export draw no random numbers (the README names merge; export is on docs/diffusers-scheduler.md)
-        seed = {"bench": "--seeds", "merge": None, "export": None}.get(name, "--seed")
+        # merge, export and calibrations draw no random numbers (listings and file conversions)
+        seed = {"bench": "--seeds", "merge": None, "export": None, "calibrations": None}.get(name, "--seed")
         if seed:
             assert seed in flags, name
         else:

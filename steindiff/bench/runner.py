@@ -42,6 +42,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any, Iterable, Sequence
@@ -389,13 +390,15 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                 key = (base.solver, tuple(base.sigmas.tolist()))
                 if key not in cal_cache:
                     try:
+                        # a silent look first: what is wrong with a cached file is said once, by the fit below
                         plan = calibrated_plan(spec, base, cache_dir=cal_dir, calibrate_missing=False,
-                                               dtype=_dtype(spec), **cal_opts)
+                                               notice=lambda m: None, dtype=_dtype(spec), **cal_opts)
                         if plan is base:  # not cached: fit, with the model's shared reference solve
                             if not cal_ref:
                                 cal_ref.append(_calibration_reference(spec, cal_opts))
                             plan = calibrated_plan(spec, base, cache_dir=cal_dir, dtype=_dtype(spec), ref=cal_ref[0],
-                                                   **cal_opts)
+                                                   calibrate_missing="always",
+                                                   notice=lambda m: bar.write(m, file=sys.stderr), **cal_opts)
                         cal_cache[key] = plan
                     except Exception as e:
                         cal_cache[key] = e
@@ -490,6 +493,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                 if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
                     with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
                         plan = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
+                                               calibrate_missing="always", notice=lambda m: None,
                                                **calibration_options(spec))
                 for rep in range(repeats + 1):  # round 0: untimed warm-up
                     for v in variants:

@@ -19,7 +19,7 @@ from ..io import to_jsonable
 
 __all__ = ["main", "UsageError", "usage_errors", "emit"]
 
-COMMANDS = ["sample", "train", "calibrate", "diagnose", "demo", "bench", "dist", "pipeline", "export"]
+COMMANDS = ["sample", "train", "calibrate", "calibrations", "diagnose", "demo", "bench", "dist", "pipeline", "export"]
 
 
 class UsageError(Exception):

@@ -1,18 +1,33 @@
-"""``steindiff calibrate``: fit a sampler once and save it as JSON; then ``steindiff sample
---gamma-schedule FILE`` applies it with no extra passes.  The default objective, ``trajectory``, fits
-each step's scale (and, with ``--fit steps|both``, the noise levels) so that the few-step solve follows
-a fine solve of the same model from the same noise: no data, no training."""
+"""``steindiff calibrate``: fit a sampler once, then sample with it for free.  The default objective,
+``trajectory``, fits each step's scale (and, with ``--fit steps|both``, the noise levels) so that the few-step
+solve follows a fine solve of the same model from the same noise: no data, no training.  Its duration is
+measured on the model and announced before the fit starts.  A trajectory calibration is written into the
+calibration cache (``--calibration-dir``, default ``$XDG_CACHE_HOME/steindiff/calibrations``), where ``sample
+--stabilizer auto`` finds it, and to ``--out FILE`` when given (``sample --gamma-schedule FILE``); the command
+prints the ``steindiff sample`` commands that use it."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..calibration import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key
+from ..calibration import (
+    CALIBRATION_SEED,
+    OBJECTIVES,
+    cache_file,
+    calibrate,
+    calibration_key,
+    calibration_options,
+    default_cache_dir,
+    stamp_fit,
+)
+from ..fit_estimate import estimate_fit
+from ..io import check_writable
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
 from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
@@ -50,11 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{','.join(DEFAULT_GUARDS)}, and residual for gmm:* models: no more residual noise than "
                         f"plain's, which a mixture's likelihood sees and image metrics do not)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
-    p.add_argument("--out", default=None, help="output JSON file (for sample --gamma-schedule)")
+    p.add_argument("--out", default=None, help="also write the calibration to this JSON file (for sample "
+                   "--gamma-schedule; the only destination of the variant and reference objectives)")
     p.add_argument("--calibration-dir", default=None,
-                   help="trajectory: write the calibration into this cache folder instead, under the name that "
-                        "--stabilizer auto, demo and bench --calibration-dir look up (a model's shipped "
-                        "calibrations: <model>/calibrations)")
+                   help="trajectory: the cache folder the calibration is written into, under the name that "
+                        "--stabilizer auto, demo and bench look up (default: $XDG_CACHE_HOME/steindiff/calibrations; "
+                        "a model's shipped calibrations: <model>/calibrations)")
     common.add_jacobian_batch(p)
     common.add_device(p)
     common.add_common(p)
@@ -87,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if args.objective == "variant" and (args.stabilizer not in STABILIZERS or args.stabilizer in ("none", "auto")):
         raise UsageError(f"unknown stabilizer {args.stabilizer!r} for --objective variant; choose one of "
                          f"{', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))}")
-    if (args.out is None) == (args.calibration_dir is None):
-        raise UsageError("give one of --out FILE or --calibration-dir DIR")
-    if args.calibration_dir is not None and args.objective != "trajectory":
-        raise UsageError(f"--calibration-dir holds trajectory calibrations; --objective {args.objective} "
-                         "needs --out FILE")
+    if args.objective != "trajectory":
+        if args.calibration_dir is not None:
+            raise UsageError(f"--calibration-dir holds trajectory calibrations; --objective {args.objective} "
+                             "needs --out FILE")
+        if args.out is None:
+            raise UsageError(f"--objective {args.objective} needs --out FILE (the cache holds trajectory "
+                             "calibrations only)")
     if args.objective == "reference" and args.reference is None:
         raise UsageError("--objective reference needs --reference FILE (or 'true' for gmm:* models)")
     if args.n is not None and args.n < (4 if args.objective == "trajectory" else 2):
@@ -101,33 +119,59 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and not ok(v):
             raise UsageError(f"{flag}: got {v}; --ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1")
     device = common.device_from_args(args)
-    spec = common.model_on_device(args.model, device)
+    spec = common.model_on_device(common.resolve_model(args), device)
+    common.resolve_sampling(args, spec)
     with usage_errors(ValueError):
-        base = dataclasses.replace(make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho),
-                                   coords=args.coords)
+        plain = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
+    base = dataclasses.replace(plain, coords=args.coords)
     options = dict(fit=args.fit, n=args.n, seed=args.seed, dtype=args.dtype, ref_steps=args.ref_steps,
                    max_seconds=args.max_seconds, max_solves=args.max_solves, guards=args.guards)
-    key = None
-    if args.calibration_dir is not None:  # the cache's layout (steindiff.calibration.calibrated_plan)
+    key, cached = None, None
+    if args.objective == "trajectory":  # into the cache's layout (steindiff.calibration.calibrated_plan)
         with usage_errors(ValueError):
             key = calibration_key(spec, base, options=options)
-        args.out = str(cache_file(Path(args.calibration_dir), key))
+        cache = Path(args.calibration_dir) if args.calibration_dir is not None else default_cache_dir()
+        cached = str(cache_file(cache, key))
+        what = f"--calibration-dir {str(cache)!r}" if args.calibration_dir is not None else \
+            f"the calibration cache {str(cache)!r}"
         try:
-            Path(args.calibration_dir).mkdir(parents=True, exist_ok=True)
+            cache.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"--calibration-dir {args.calibration_dir!r} cannot be a folder: {e.strerror}") from None
-    common.check_outputs(args.out)
+            problem = f"{what} cannot be a folder: {e.strerror}"
+        else:
+            try:
+                check_writable(Path(cached))
+                problem = None
+            except OSError as e:
+                problem = f"{what} is not writable: {e}"
+        if problem is not None:
+            if args.calibration_dir is not None or args.out is None:
+                raise UsageError(problem)
+            print(f"steindiff: {problem}; writing only {args.out}", file=sys.stderr)
+            cached = None
+    common.check_outputs(*[p for p in (args.out, cached) if p is not None], distinct="--out and the cache file")
     ref = _load_reference(args.reference, spec) if args.objective == "reference" else None
+    estimate = None
+    if args.objective == "trajectory":
+        with usage_errors(ValueError):
+            opts = calibration_options(spec, objective="trajectory", **options)
+        estimate = estimate_fit(spec, base, opts)
+        print(f"steindiff: calibrating {args.solver} / {args.schedule} / NFE {base.nfe} for {spec.name} (fit: "
+              f"{opts['fit']}; {estimate}, measured on this machine)", file=sys.stderr, flush=True)
     with usage_errors(ValueError):
         sched = calibrate(spec, base, coords=args.coords, objective=args.objective, variant=args.stabilizer,
                           reference=ref, probes=args.probes, progress=not args.no_progress,
                           jacobian_batch=args.jacobian_batch, jacobian_precision=args.jacobian_precision, **options)
     if key is not None:
         sched.meta["key"] = key
-    sched.save(args.out)
-    summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
-    lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",
-             "  gammas " + " ".join(f"{g:.3f}" for g in sched.gammas)]
+    stamp_fit(sched, estimate)
+    written = [p for p in (args.out, cached) if p is not None]
+    for path in written:
+        sched.save(path)
+    file = written[0]
+    summary = {"out": file, "written": written, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
+    lines = [f"wrote {' and '.join(written)}: {sched.meta['objective']} calibration of {args.solver} at NFE "
+             f"{sched.meta['nfe']}", "  gammas " + " ".join(f"{g:.3f}" for g in sched.gammas)]
     cal = sched.meta.get("calibration", {})
     if sched.meta["objective"] == "trajectory":
         lines.append("  sigmas " + " ".join(f"{s:.4g}" for s in sched.meta["sigmas"]))
@@ -137,6 +181,25 @@ def run(args: argparse.Namespace) -> int:
                      + ("" if cal["beats_plain"] else ": nothing beat the plain solver, gammas stay 1") + ")")
         lines.append(f"  reference: {cal['reference']['steps']} {cal['reference']['solver']} steps, converged to "
                      f"{cal['reference']['convergence_rms']:.2g} (RMS, {cal['reference']['steps'] // 2} vs "
-                     f"{cal['reference']['steps']} steps); took {cal['wall_s']:.1f} s")
+                     f"{cal['reference']['steps']} steps); took {cal['wall_s']:.1f} s (estimated "
+                     f"{estimate.seconds:.0f} s)")
+    summary["use"] = _use_commands(args, spec, plain, key, file)
+    lines += [f"  use it: {summary['use'][0]}"] + [f"     or: {c}" for c in summary["use"][1:]]
     emit(args, summary, "\n".join(lines))
     return 0
+
+
+def _use_commands(args: argparse.Namespace, spec, plain, key: dict | None, file: str) -> list[str]:
+    """The ``steindiff sample`` commands that use this calibration: ``--stabilizer auto`` when what it looks up
+    (the default options, the cache folder) is what was written, and ``--gamma-schedule FILE`` always."""
+    import shlex
+
+    q = shlex.quote
+    out = []
+    if key is not None and key == calibration_key(spec, plain):
+        where = "" if args.calibration_dir is None else f" --calibration-dir {q(args.calibration_dir)}"
+        rho = f" --rho {args.rho:g}" if args.schedule == "karras" and args.rho != 7.0 else ""
+        out.append(f"steindiff sample --model {q(args.model)} --solver {args.solver} --schedule {args.schedule} "
+                   f"--nfe {args.nfe}{rho} --stabilizer auto{where}")
+    out.append(f"steindiff sample --model {q(args.model)} --gamma-schedule {q(file)}")
+    return out

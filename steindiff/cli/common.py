@@ -20,35 +20,118 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+#: The model and sampling configuration when neither the command line, a calibration file nor the model
+#: (``info["sampling_defaults"]``: a ``sampling_defaults.json`` beside its weights) says otherwise.
+DEFAULT_MODEL = "gmm:image64"
+SAMPLING_DEFAULTS = {"solver": "dpmpp_2m", "schedule": "karras", "nfe": 10}
+_FLAGS = {"solver": "--solver", "schedule": "--schedule", "nfe": "--nfe"}
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gmm:image64",
-                   help="gmm:<preset> (toy2d, image64, hd1024, ...), digits, patches, or a checkpoint path")
-    p.add_argument("--solver", default="dpmpp_2m", help=f"one of: {', '.join(SOLVERS)}")
-    p.add_argument("--nfe", type=int, default=10, help="model passes per sample (budget)")
-    p.add_argument("--schedule", default="karras", help=f"one of: {', '.join(SCHEDULES)}")
+    """``--model``, ``--solver``, ``--nfe``, ``--schedule`` (left out: the model's own sampling defaults, resolved
+    by :func:`resolve_sampling` once the model is loaded), ``--rho``, ``--seed`` and ``--dtype``."""
+    p.add_argument("--model", default=None,
+                   help=f"gmm:<preset> (toy2d, image64, hd1024, ...), digits, patches, or a checkpoint path "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--solver", default=None, help=f"one of: {', '.join(SOLVERS)} (default: the model's, see "
+                   f"`steindiff calibrations`; else {SAMPLING_DEFAULTS['solver']})")
+    p.add_argument("--nfe", type=int, default=None,
+                   help=f"model passes per sample, the budget (default: the model's, else {SAMPLING_DEFAULTS['nfe']})")
+    p.add_argument("--schedule", default=None, help=f"one of: {', '.join(SCHEDULES)} (default: the model's, else "
+                   f"{SAMPLING_DEFAULTS['schedule']})")
     p.add_argument("--rho", type=float, default=7.0, help="Karras schedule exponent (> 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of the probes")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the sampler state")
 
 
+def _effective_nfe(solver: str, nfe: int) -> int:
+    """The model passes a solve of ``solver`` within the budget ``nfe`` makes (heun's are odd)."""
+    from ..solvers import get_solver
+
+    n = steps_for(solver, nfe)
+    return get_solver(solver).nfe([float(n - i) for i in range(n)] + [0.0])
+
+
+def resolve_model(args: argparse.Namespace, fixed: str | None = None) -> str:
+    """``--model``, else the model a calibration file was made for (``fixed``), else :data:`DEFAULT_MODEL`;
+    stored back in ``args.model``.  (The caller refuses a ``--model`` that contradicts ``fixed`` once the model
+    is loaded, by its name.)"""
+    args.model = args.model or fixed or DEFAULT_MODEL
+    return args.model
+
+
+def resolve_sampling(args: argparse.Namespace, spec, fixed: dict | None = None, source: str | None = None) -> None:
+    """Fill ``--solver``, ``--schedule`` and ``--nfe`` left out: from ``fixed`` (what a calibration file
+    ``source`` was made for), else the model's ``info["sampling_defaults"]``, else :data:`SAMPLING_DEFAULTS`; then
+    check them.  A flag given that contradicts ``fixed`` is refused (``UsageError``), naming both values."""
+    declared = (spec.info or {}).get("sampling_defaults") or {}
+    for k in ("solver", "schedule", "nfe"):
+        given = getattr(args, k)
+        if fixed is not None and fixed.get(k) is not None:
+            if given is not None and given != fixed[k] and not (
+                    k == "nfe" and _effective_nfe(fixed.get("solver", args.solver), given) == fixed[k]):
+                raise UsageError(f"{_FLAGS[k]} {given} contradicts {source}, which was made for {k} {fixed[k]}; leave "
+                                 f"{_FLAGS[k]} out to take it from the file")
+            setattr(args, k, fixed[k])
+        elif given is None:
+            setattr(args, k, declared.get(k, SAMPLING_DEFAULTS[k]))
+    check_sampling(args)
+
+
 def add_calibration(p: argparse.ArgumentParser) -> None:
-    """``--no-calibrate`` and ``--calibration-dir``: where ``--stabilizer auto`` finds (or fits) its calibration."""
-    p.add_argument("--no-calibrate", action="store_true",
-                   help="with --stabilizer auto: never calibrate; use a cached calibration if there is "
-                        "one, else the plain solver")
+    """``--calibrate``, ``--no-calibrate``, ``--quick-fit-seconds`` and ``--calibration-dir``: where ``--stabilizer
+    auto`` finds its calibration, and when it fits a missing one."""
+    from ..calibration import CALIBRATE_WHEN, QUICK_FIT_SECONDS
+
+    p.add_argument("--calibrate", default=None, choices=CALIBRATE_WHEN,
+                   help="with --stabilizer auto, when no calibration is shipped or cached: fit one always; if-quick "
+                        "(the default): only if it is estimated, on this machine, to take at most --quick-fit-seconds, "
+                        "else sample with the plain solver and print the `steindiff calibrate` command that fits it; "
+                        "never: the plain solver")
+    p.add_argument("--no-calibrate", action="store_true", help="the same as --calibrate never")
+    p.add_argument("--quick-fit-seconds", type=float, default=QUICK_FIT_SECONDS, metavar="S",
+                   help="the longest fit --calibrate if-quick starts")
     p.add_argument("--calibration-dir", default=None,
                    help="cache of calibrations for --stabilizer auto (default: $XDG_CACHE_HOME/steindiff/calibrations)")
 
 
-def auto_plan(args: argparse.Namespace, spec, base, *, calibrate_missing: bool):
+def calibrate_mode(args: argparse.Namespace) -> str:
+    """``--calibrate`` with ``--no-calibrate`` folded in (a contradiction is a ``UsageError``)."""
+    if args.no_calibrate and args.calibrate not in (None, "never"):
+        raise UsageError(f"--no-calibrate contradicts --calibrate {args.calibrate}")
+    if not args.quick_fit_seconds > 0:
+        raise UsageError(f"--quick-fit-seconds must be > 0, got {args.quick_fit_seconds}")
+    return "never" if args.no_calibrate else (args.calibrate or "if-quick")
+
+
+def calibrate_command(args: argparse.Namespace) -> str:
+    """The ``steindiff calibrate`` command that fits what ``--stabilizer auto`` looks up for this run: the same
+    model, solver, schedule, NFE (and ``--rho``, ``--calibration-dir``, ``--device`` where given)."""
+    import shlex
+
+    parts = ["steindiff", "calibrate", "--model", args.model, "--solver", args.solver, "--schedule", args.schedule,
+             "--nfe", str(args.nfe)]
+    if args.schedule == "karras" and args.rho != 7.0:
+        parts += ["--rho", f"{args.rho:g}"]
+    if getattr(args, "calibration_dir", None) is not None:
+        parts += ["--calibration-dir", args.calibration_dir]
+    if getattr(args, "device", "auto") != "auto":
+        parts += ["--device", args.device]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def auto_plan(args: argparse.Namespace, spec, base, *, calibrate_missing: str | None = None):
     """``--stabilizer auto`` as the calibrated sampler: :func:`~steindiff.calibration.calibrated_plan` of ``base``
-    with the options of :func:`add_calibration` (a one-line notice on stderr before a fit)."""
+    with the options of :func:`add_calibration` (``calibrate_missing``: overrides ``--calibrate``); its notices
+    go to standard error, one line each."""
     import sys
 
     from ..calibration import calibrated_plan
 
-    return calibrated_plan(spec, base, cache_dir=args.calibration_dir, calibrate_missing=calibrate_missing,
-                           progress=not args.no_progress, notice=lambda m: print(m, file=sys.stderr))
+    return calibrated_plan(spec, base, cache_dir=args.calibration_dir,
+                           calibrate_missing=calibrate_missing or calibrate_mode(args),
+                           quick_fit_seconds=args.quick_fit_seconds, progress=not args.no_progress,
+                           notice=lambda m: print(m, file=sys.stderr, flush=True), fit_command=calibrate_command(args))
 
 
 def add_stabilizer(p: argparse.ArgumentParser, *, per_sample: bool = True,
@@ -150,12 +233,13 @@ def stabilizer_from_args(args: argparse.Namespace, spec):
 
 
 def check_sampling(args: argparse.Namespace) -> None:
-    """Reject bad names and values before any work (exit code 2)."""
-    if args.solver not in SOLVERS:
+    """Reject bad names and values before any work (exit code 2); ``--solver``, ``--schedule`` and ``--nfe`` when
+    given (:func:`resolve_sampling` checks them again once resolved)."""
+    if args.solver is not None and args.solver not in SOLVERS:
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
-    if args.schedule not in SCHEDULES:
+    if args.schedule is not None and args.schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if args.nfe < 1:
+    if args.nfe is not None and args.nfe < 1:
         raise UsageError(f"--nfe must be >= 1, got {args.nfe}")
     if not args.rho > 0:
         raise UsageError(f"--rho must be > 0, got {args.rho}")
@@ -163,7 +247,8 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    steps_for(args.solver, args.nfe)
+    if args.solver is not None and args.nfe is not None:
+        steps_for(args.solver, args.nfe)
 
 
 def steps_for(solver: str, nfe: int) -> int:

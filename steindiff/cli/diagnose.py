@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     common.check_extension(args.out, "--out", ".json")
     common.check_outputs(args.png, args.out, distinct="--png and --out")
     device = common.device_from_args(args)
-    spec = common.model_on_device(args.model, device)
+    spec = common.model_on_device(common.resolve_model(args), device)
+    common.resolve_sampling(args, spec)
     stabilizer = common.stabilizer_from_args(args, spec)
     if stabilizer is not None and args.n < 2:
         raise UsageError("a stabilizer's batch statistics need --n >= 2")

@@ -110,7 +110,10 @@ def _checked(args: argparse.Namespace, world: int):
             raise UsageError("--backend nccl needs CUDA, which is not available here; use --backend gloo or auto")
     from ..stabilizers.registry import resolves_to_calibrated
 
-    spec = common.load_model_or_usage(args.model)
+    if resolves_to_calibrated(args.stabilizer):
+        common.calibrate_mode(args)
+    spec = common.load_model_or_usage(common.resolve_model(args))
+    common.resolve_sampling(args, spec)
     plan, name = _auto_plan(args, spec, world) if resolves_to_calibrated(args.stabilizer) else (None, args.stabilizer)
     stabilizer = common.stabilizer_from_args(args, spec) if name != "none" else None
     if args.n < world:
@@ -211,13 +214,13 @@ def _auto_plan(args: argparse.Namespace, spec, world: int):
     from ..plan import make_plan
 
     base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
-    plan = common.auto_plan(args, spec, base, calibrate_missing=world == 1 and not args.no_calibrate)
-    if plan is base and world > 1 and not args.no_calibrate:
+    mode = common.calibrate_mode(args)
+    plan = common.auto_plan(args, spec, base, calibrate_missing=mode if world == 1 else "never")
+    if plan is base and world > 1 and mode != "never":
         raise UsageError(f"--stabilizer auto: no calibration of {spec.name} {args.solver} / {args.schedule} / NFE "
                          f"{args.nfe} in the model's or the cache's folder, and {world} ranks would each fit it; fit "
-                         f"it once first (`steindiff sample --stabilizer auto` with the same model, solver, schedule "
-                         f"and NFE, or `steindiff calibrate ... --calibration-dir DIR`), or pass --no-calibrate for "
-                         f"the plain solver")
+                         f"it once first ({common.calibrate_command(args)}), or pass --calibrate never for the plain "
+                         f"solver")
     return plan, "none"
 
 

@@ -8,16 +8,19 @@ import sys
 from ..generate import generate
 from ..io import save_json, save_npz
 from ..metrics import mixture_metrics
+from ..stabilizers.registry import resolves_to_calibrated
 from . import UsageError, common, emit, usage_errors
 
 GRID_MAX = 64  # samples shown by --grid (8 per row)
+DEFAULT_N = 2000  # samples drawn when neither --n nor the model (sampling_defaults.json) says
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples with a solver", description=__doc__)
     common.add_sampling(p)
     common.add_stabilizer(p)
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"number of samples (default: the model's, e.g. 64 for digits and patches; else {DEFAULT_N})")
     p.add_argument("--batch-size", type=int, default=None, help="samples per model call (default: all)")
     p.add_argument("--out", default=None, metavar="FILE.npz",
                    help="write samples, sigmas and gammas to this .npz file (default: not saved)")
@@ -27,20 +30,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write the stabilizer's per-step trace to this JSON file")
     p.add_argument("--gamma-schedule", default=None,
                    help="apply a calibration file from `steindiff calibrate` (its gammas and, if fitted, its noise "
-                        "levels): no extra passes")
+                        "levels): no extra passes; the run takes the model, solver, schedule and NFE the file was made "
+                        "for (flags may repeat them, not contradict them)")
     common.add_calibration(p)
     common.add_device(p)
     common.add_common(p)
     p.set_defaults(func=run)
 
 
-def _load_schedule(args: argparse.Namespace, spec, base):
-    """The plan of a calibration file, refused (naming the mismatch) when made for another configuration."""
-    from ..calibration import model_fingerprint, plan_from_schedule
+def _read_schedule(path: str):
+    """The calibration file of ``--gamma-schedule`` (a ``UsageError`` when unreadable)."""
     from ..stabilizers.schedule import load_gamma_schedule
 
     with usage_errors(OSError, ValueError):
-        sched = load_gamma_schedule(args.gamma_schedule)
+        return load_gamma_schedule(path)
+
+
+def _schedule_plan(args: argparse.Namespace, spec, sched, base):
+    """The plan of a calibration file, refused (naming the mismatch) when made for another configuration."""
+    from ..calibration import model_fingerprint, plan_from_schedule
+
+    with usage_errors(ValueError):
         sched.check_matches(model=spec.name, solver=args.solver, schedule=args.schedule, nfe=base.nfe)
         base_sigmas = sched.meta.get("base_sigmas", sched.meta["sigmas"])
         if len(base_sigmas) != len(base.sigmas) or any(
@@ -52,18 +62,18 @@ def _load_schedule(args: argparse.Namespace, spec, base):
         return plan_from_schedule(sched, base)
 
 
-def sampling_plan(args: argparse.Namespace, spec):
+def sampling_plan(args: argparse.Namespace, spec, sched=None):
     """The plan of this run and whether its gammas are what runs (instead of ``--stabilizer``): plain,
-    from ``--gamma-schedule``, or (``--stabilizer auto`` when ``auto`` is the calibrated sampler) the
-    cached calibration, fitted now on first use."""
+    from the ``--gamma-schedule`` file ``sched``, or (``--stabilizer auto`` when ``auto`` is the calibrated
+    sampler) the shipped or cached calibration, fitted now when ``--calibrate`` allows."""
     from ..plan import make_plan
     from ..stabilizers.registry import resolves_to_calibrated
 
     base = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
-    if args.gamma_schedule is not None:
-        return _load_schedule(args, spec, base), True
+    if sched is not None:
+        return _schedule_plan(args, spec, sched, base), True
     if resolves_to_calibrated(args.stabilizer):
-        return common.auto_plan(args, spec, base, calibrate_missing=not args.no_calibrate), True
+        return common.auto_plan(args, spec, base), True
     return base, False
 
 
@@ -73,14 +83,27 @@ def run(args: argparse.Namespace) -> int:
     common.check_extension(args.grid, "--grid", ".png")
     common.check_extension(args.trace, "--trace", ".json")
     common.check_outputs(args.out, args.grid, args.trace, distinct="--out, --grid and --trace")
+    if args.gamma_schedule is not None and args.stabilizer != "none":
+        raise UsageError("give either --stabilizer or --gamma-schedule, not both")
+    if resolves_to_calibrated(args.stabilizer):
+        common.calibrate_mode(args)
     device = common.device_from_args(args)
-    spec = common.model_on_device(args.model, device)
+    # a calibration file fixes the model, solver, schedule and NFE it was made for; flags may only repeat them
+    sched = _read_schedule(args.gamma_schedule) if args.gamma_schedule is not None else None
+    fixed = {k: sched.meta.get(k) for k in ("model", "solver", "schedule", "nfe")} if sched is not None else None
+    source = f"the calibration file {args.gamma_schedule!r}"
+    given_model = args.model
+    spec = common.model_on_device(common.resolve_model(args, fixed and fixed["model"]), device)
+    if fixed is not None and given_model is not None and fixed["model"] is not None and spec.name != fixed["model"]:
+        raise UsageError(f"--model {given_model} contradicts {source}, which was made for model {fixed['model']!r}; "
+                         "leave --model out to take it from the file")
+    common.resolve_sampling(args, spec, fixed, source)
+    if args.n is None:
+        args.n = int(((spec.info or {}).get("sampling_defaults") or {}).get("n", DEFAULT_N))
     if args.grid is not None and len(spec.sample_shape) != 3:
         raise UsageError(f"--grid needs an image model (samples C x H x W); {spec.name} makes samples of "
                          f"shape {spec.sample_shape}")
-    if args.gamma_schedule is not None and args.stabilizer != "none":
-        raise UsageError("give either --stabilizer or --gamma-schedule, not both")
-    plan, by_plan = sampling_plan(args, spec)
+    plan, by_plan = sampling_plan(args, spec, sched)
     stabilizer = plan.stabilizer() if by_plan else common.stabilizer_from_args(args, spec)
     common.check_batch_statistics(stabilizer, args.n, args.batch_size)
     with usage_errors(ValueError):

@@ -374,7 +374,7 @@ def _stderr_notice(msg: str) -> None:
 
 
 def _calibrated(pm: PipelineModel, base: SamplingPlan, *, cache_dir: str | os.PathLike | None,
-                calibrate_missing: bool, dtype: torch.dtype | None, progress: bool,
+                calibrate_missing: bool | str, dtype: torch.dtype | None, progress: bool,
                 notice: Callable[[str], None] | None, options: dict) -> SamplingPlan:
     """:func:`steindiff.calibration.calibrated_plan` of ``pm`` over its conditioning (cycled to the
     calibration batch), keyed by :meth:`PipelineModel.conditioning_key` (``notice``: its one-line messages)."""
@@ -418,7 +418,7 @@ def calibrate_pipeline(
     sample_shape: Sequence[int] | None = None,
     solver_options: dict | None = None,
     dtype: torch.dtype | None = None,
-    calibrate_missing: bool = True,
+    calibrate_missing: bool | str = "always",
     progress: bool = False,
     notice: Callable[[str], None] | None = _stderr_notice,
     **options: Any,
@@ -438,8 +438,10 @@ def calibrate_pipeline(
     scale or other prompts calibrate anew.
 
     ``notice`` gets a one-line message before a calibration starts (default: standard error; ``None``
-    for none).  ``calibrate_missing=False`` only reads the cache (the plain plan when nothing is
-    cached).  ``dtype`` and ``options`` go to :func:`steindiff.calibration.calibrate` (``n``, ``ref_steps``,
+    for none).  ``calibrate_missing``: ``"always"`` (the default: this function is asked for the fit),
+    ``"if-quick"``, or ``"never"`` (``False``: only reads the cache; the plain plan when nothing is cached), as
+    in :func:`steindiff.calibration.calibrated_plan`.  ``dtype`` and ``options`` go to
+    :func:`steindiff.calibration.calibrate` (``n``, ``ref_steps``,
     ``max_solves``, ``max_seconds``, ``seed``, ``fit``, ...; defaults: those of every entry point,
     :data:`steindiff.calibration.CALIBRATION_DEFAULTS`).  Apply the result with
     ``sample_pipeline(pipe, ..., calibration=plan)`` or a k-diffusion-style ``sample_*(...,
@@ -503,7 +505,7 @@ def sample_pipeline(
     stabilizer: Stabilizer | str | None = None,
     calibration: Calibration | None = None,
     calibration_dir: str | os.PathLike | None = None,
-    calibrate: bool = True,
+    calibrate: bool | str = "if-quick",
     calibration_options: dict | None = None,
     latents: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -529,7 +531,8 @@ def sample_pipeline(
     ``time`` or explicit VE sigmas) make the plain plan.  ``stabilizer``: a stabilizer object or name
     (:func:`steindiff.stabilizers.make_stabilizer`); ``"auto"``, when it is the calibrated sampler
     (:data:`steindiff.stabilizers.registry.AUTO`), is :func:`calibrate_pipeline` over this call's
-    conditioning (cache ``calibration_dir``; ``calibrate=False`` only reads the cache;
+    conditioning (cache ``calibration_dir``; ``calibrate``: when a missing calibration is fitted, ``"if-quick"``
+    by default, as every entry point: :data:`steindiff.calibration.CALIBRATE_WHEN`; ``False`` only reads the cache;
     ``calibration_options`` go to :func:`steindiff.calibration.calibrate`).
     ``calibration``: a calibrated sampler to apply (a :class:`~steindiff.plan.SamplingPlan` from
     :func:`calibrate_pipeline`, a :class:`~steindiff.stabilizers.schedule.GammaSchedule` or the path of a

@@ -7,7 +7,8 @@
 model) in eval mode with frozen parameters.  When the training data can be reloaded, ``info`` carries
 the held-out and training images of the recorded split, and ``info["metrics"]`` names the image metrics
 that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, else ``digits``:
-:func:`steindiff.metrics.image.image_metrics`).
+:func:`steindiff.metrics.image.image_metrics`); ``info["sampling_defaults"]`` the solver, schedule and NFE of
+the folder's ``sampling_defaults.json``, and ``info["calibrations"]`` its folder of calibrations.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from ..data import DataError, load_dataset
 from .checkpoint import build_denoiser, is_checkpoint_dir, load_checkpoint
 from .registry import ModelSpec, register_model_loader
 
-__all__ = ["DIGITS_DIR", "PATCHES_DIR", "SHIPPED", "load_trained", "is_trained_checkpoint"]
+__all__ = ["DIGITS_DIR", "PATCHES_DIR", "SHIPPED", "SAMPLING_DEFAULTS_FILE", "load_trained", "is_trained_checkpoint"]
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
 PATCHES_DIR = DIGITS_DIR.parent / "patches"
+#: A model folder's declared sampling configuration (``info["sampling_defaults"]``): the solver, schedule and NFE
+#: the command line samples with when not told (the shipped models: ones that ship a calibration), and ``n``, the
+#: number of samples ``steindiff sample`` draws when not told.
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
 #: The models shipped with the package, by name.
 SHIPPED = {"digits": DIGITS_DIR, "patches": PATCHES_DIR}
 
@@ -62,6 +67,26 @@ def _reference_data(config: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def _sampling_defaults(path: Path) -> dict[str, Any]:
+    """A model's declared sampling configuration (``solver``, ``schedule``, ``nfe``; ``n``: how many samples
+    ``steindiff sample`` draws), checked."""
+    from ..schedules import SCHEDULES
+    from ..solvers import SOLVERS
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable sampling defaults: {e}") from None
+    counts = ("nfe", "n")
+    ok = (isinstance(d, dict) and set(d) <= {"solver", "schedule", *counts} and d.get("solver", "euler") in SOLVERS
+          and d.get("schedule", "karras") in SCHEDULES
+          and all(isinstance(d.get(k, 1), int) and d.get(k, 1) >= 1 for k in counts))
+    if not ok:
+        raise ValueError(f"{path}: sampling defaults must be an object with solver (one of {', '.join(SOLVERS)}), "
+                         f"schedule (one of {', '.join(SCHEDULES)}), nfe and n (integers >= 1), got {d!r}")
+    return d
+
+
 def load_trained(name: str) -> ModelSpec:
     """ModelSpec of a shipped model or of a checkpoint folder (see the module doc)."""
     path = SHIPPED.get(name, Path(name))
@@ -78,6 +103,8 @@ def load_trained(name: str) -> ModelSpec:
         info["calibrations"] = str(path / "calibrations")
         if (path / "calibrations" / "defaults.json").is_file():  # the options they were fitted with
             info["calibration_defaults"] = json.loads((path / "calibrations" / "defaults.json").read_text())
+    if (path / SAMPLING_DEFAULTS_FILE).is_file():  # the solver, schedule and NFE to sample with unless told
+        info["sampling_defaults"] = _sampling_defaults(path / SAMPLING_DEFAULTS_FILE)
     info.update(_reference_data(config))
     spec_name = name if name in SHIPPED else os.fspath(path)
     return ModelSpec(name=spec_name, denoiser=denoiser, process=process, sample_shape=shape, info=info)

@@ -152,7 +152,8 @@ def test_auto_is_the_calibrated_sampler_as_in_sample(tmp_path, capsys, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["sample-dist", *AUTO, *cache, "--num-samples", "32", "--out-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
-    assert "no calibration of gmm:toy2d euler / karras / NFE 3" in err and "--no-calibrate" in err
+    assert "no calibration of gmm:toy2d euler / karras / NFE 3" in err and "--calibrate never" in err
+    assert "steindiff calibrate --model gmm:toy2d --solver euler --schedule karras --nfe 3 --calibration-dir" in err
     assert not (tmp_path / "r2").exists() and not (tmp_path / "cal").exists()
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["sample", *AUTO, *cache, "--n", "32", "--out", str(tmp_path / "s.npz"), "--json"]) == 0

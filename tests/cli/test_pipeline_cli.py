@@ -45,7 +45,7 @@ def test_calibrate_pipeline_writes_a_calibration_the_scheduler_takes(folder, pro
     assert main(argv) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert "steindiff: calibrating dpmpp_2m at NFE 3 (flow)" in captured.err
+    assert "steindiff: calibrating dpmpp_2m / flow / NFE 3" in captured.err
     assert summary["num_inference_steps"] == 3 and summary["guidance_scale"] == 4.0 and len(summary["gammas"]) == 3
     assert summary["pipeline"] == str(folder) and summary["usage"][1].startswith("pipe(prompt, num_inference_steps=3")
     made = json.loads(out.read_text())

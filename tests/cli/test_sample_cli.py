@@ -115,3 +115,27 @@ def test_patches_model_samples_an_rgb_grid(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["model"] == "patches"
     with Image.open(grid) as img:  # 3 patches of 32x32 in a row, 1-pixel gaps
         assert img.mode == "RGB" and img.size == (3 * 33 + 1, 34)
+
+
+@pytest.mark.parametrize("model,config,n", [("digits", ("dpmpp_2m", "karras", 10), []),
+                                            ("patches", ("dpmpp_2m", "logsnr", 8), ["--n", "2"])])  # a test's budget
+def test_shipped_models_auto_with_default_flags_uses_a_shipped_calibration(model, config, n, capsys, monkeypatch):
+    """`steindiff sample --model NAME --stabilizer auto`, nothing else: the model's own solver, schedule, NFE (which
+    ship a calibration, so nothing is estimated or fitted) and number of samples (64: seconds, not minutes)."""
+    import steindiff.calibration as cal
+    import steindiff.stabilizers.registry as reg
+
+    monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
+    monkeypatch.setattr(cal, "estimate_fit", lambda *a, **k: pytest.fail("estimated a fit"))
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: pytest.fail("fitted"))
+    assert main(["sample", "--model", model, *n, "--stabilizer", "auto", "--json", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    assert res["stabilizer"] == "auto (calibrated)" and (res["solver"], res["schedule"], res["nfe"]) == config
+    assert res["n"] == (64 if not n else 2)
+    assert out.err == ""
+    # flags given win over the model's defaults
+    assert main(["sample", "--model", model, "--n", "2", "--solver", "euler", "--nfe", "3", "--json",
+                 "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["solver"], res["schedule"], res["nfe"]) == ("euler", config[1], 3)

@@ -205,7 +205,7 @@ def test_help_texts(capsys):
     demo_solver = next(a for a in subs["demo"]._actions if "--solver" in a.option_strings)
     assert demo_solver.help and "dpmpp_2m" in demo_solver.help
     calibrate = re.sub(r"\s+", " ", subs["calibrate"].format_help())
-    assert "(default: 12345)" in calibrate and "(default: 10)" in calibrate  # its own seed, shared --nfe
+    assert "(default: 12345)" in calibrate and "(default: the model's, else 10)" in calibrate  # shared --nfe
     train = re.sub(r"\s+", " ", subs["train"].format_help())
     assert "total training iterations (default: 6000)" in train and "(default: 1,2,2)" in train
     sample = re.sub(r"\s+", " ", subs["sample"].format_help()).replace("- ", "-")  # argparse wraps at hyphens

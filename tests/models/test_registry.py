@@ -38,3 +38,35 @@ def test_shipped_patches_model_carries_its_split_metrics_and_calibrations():
     assert spec.info["heldout"].shape[0] == cfg["data"]["holdout"]["n"] > 1000
     assert spec.info["train"].shape[0] == cfg["data"]["n_train"]
     assert cfg["weights"]["dtype"] == "float16" and spec.info["calibrations"].endswith("calibrations")
+
+
+@pytest.mark.parametrize("name", ["digits", "patches"])
+def test_shipped_models_sample_by_default_with_a_shipped_calibration(name):
+    """Each shipped model declares the solver, schedule and NFE it samples with unless told
+    (``sampling_defaults.json``), and a calibration ships for exactly that, with the options it declares: so
+    ``steindiff sample --model NAME --stabilizer auto`` never fits."""
+    from steindiff.calibration import calibrated_plan
+    from steindiff.plan import make_plan
+
+    spec = load_model(name)
+    d = spec.info["sampling_defaults"]
+    assert d["n"] == 64  # `steindiff sample` draws 64 samples unless told: seconds, not minutes
+    base = make_plan(spec.process, d["solver"], d["nfe"], d["schedule"])
+    plan = calibrated_plan(spec, base, calibrate_missing="never", notice=pytest.fail)
+    assert plan is not base and plan.gammas is not None
+
+
+def test_a_malformed_sampling_defaults_file_is_refused_naming_it(tmp_path):
+    import shutil
+
+    from steindiff.models.trained import DIGITS_DIR, SAMPLING_DEFAULTS_FILE
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(DIGITS_DIR / f, ckpt / f)
+    (ckpt / SAMPLING_DEFAULTS_FILE).write_text('{"solver": "eulr", "nfe": 4}')
+    with pytest.raises(ValueError, match=f"{SAMPLING_DEFAULTS_FILE}: sampling defaults must be.*'eulr'"):
+        load_model(str(ckpt))
+    (ckpt / SAMPLING_DEFAULTS_FILE).write_text('{"solver": "heun", "nfe": 5}')
+    assert load_model(str(ckpt)).info["sampling_defaults"] == {"solver": "heun", "nfe": 5}
