@@ -4,7 +4,9 @@ Three objectives:
 
 - ``trajectory`` (default): SteinDiff's closed-form step scale aimed at the probability-flow ODE's own
   solution, refined on the final samples, with the interior noise levels optionally fitted too
-  (:mod:`steindiff.trajectory`).  Needs only the model: no data, no training.
+  (:mod:`steindiff.trajectory`).  Needs only the model: no data, no training.  ``fit_method="gradient"``
+  fits it by backpropagation through the few-step solve instead (:mod:`steindiff.gradient_fit`), with more
+  parameters to choose from (the model's own noise levels, history corrections).
 - ``variant``: run a stabilizer variant (``stein-energy``, ``stein``, ...) on a calibration batch and
   keep its per-step ``gamma`` (averaged over calibration batches);
 - ``reference``: with reference data the user already has (held out from any evaluation data),
@@ -31,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generate import generate
+from .gradient_fit import DEFAULT_PARAMS, FIT_METHODS, LOSSES, check_params, describe_loss, fit_trajectory_gradient
 from .io import check_writable
 from .metrics import sliced_w2
 from .models.registry import ModelSpec
@@ -41,7 +44,8 @@ from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
 from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajectory
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "cache_file", "conditioning_digest", "default_cache_dir",
-           "default_guards", "plan_from_schedule", "OBJECTIVES", "model_fingerprint", "CALIBRATION_SEED"]
+           "default_guards", "plan_from_schedule", "OBJECTIVES", "model_fingerprint", "CALIBRATION_SEED",
+           "gradient_fit_options"]
 
 OBJECTIVES = ("trajectory", "variant", "reference")
 #: Default seed of the calibration noise: far from the evaluation seeds (0, 1, 2, ...) of the benchmarks.
@@ -131,6 +135,13 @@ def calibrate(
     extra_args: dict | None = None,
     jacobian_batch: int | None = None,
     jacobian_precision: str = "fp32",
+    fit_method: str = "derivative-free",
+    params: str | Sequence[str] | None = None,
+    loss: str = "l2",
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    residual_weight: float = 0.0,
+    teacher_ball: float = 0.0,
+    gradient_options: dict | None = None,
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for the plain ``plan`` (default: :func:`~steindiff.plan.make_plan` of
     ``solver``, ``nfe``, ``schedule``, ``rho``; module docstring).  ``seed`` draws the calibration noise;
@@ -143,6 +154,12 @@ def calibrate(
     ``ref`` (a reference solve of the same noise to reuse), ``max_solves``/``max_seconds`` (budget of
     the refinement), ``guards`` (the checks a candidate must pass, :data:`~steindiff.trajectory.GUARDS`;
     default :func:`default_guards`), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
+    ``fit_method``: ``derivative-free`` (default: finite differences of whole solves, any model) or ``gradient``
+    (:func:`~steindiff.gradient_fit.fit_trajectory_gradient`, a differentiable model), which takes ``params``
+    (from :data:`~steindiff.gradient_fit.PARAMS`, default :data:`~steindiff.gradient_fit.DEFAULT_PARAMS`), ``loss``
+    (``l2``, or ``features`` with a ``features(x) -> tensor`` function), ``residual_weight``, ``teacher_ball`` (soft
+    teacher forcing) and ``gradient_options`` (``lr``, ``batch_size``, ``max_iters``, ...); its teacher is
+    ``ref_solver``/``ref_steps`` and its time budget ``max_seconds``.
     Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes and
     ``jacobian_precision`` sets their precision (:class:`~steindiff.stabilizers.GammaStabilizer`).
     """
@@ -162,11 +179,25 @@ def calibrate(
         "objective": objective, "variant": variant if objective == "variant" else objective,
         "calibration": {"n": n, "seed": seed, "uses_reference_data": objective == "reference"},
     }
+    if fit_method not in FIT_METHODS:
+        raise ValueError(f"fit_method must be one of {', '.join(FIT_METHODS)}, got {fit_method!r}")
+    gradient = {"params": params, "loss": loss, "features": features, "residual_weight": residual_weight,
+                "teacher_ball": teacher_ball, **(gradient_options or {})}
+    if fit_method != "gradient" or objective != "trajectory":
+        given = [k for k, v in gradient.items() if v not in (None, "l2", 0.0)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of the gradient fit (objective='trajectory', "
+                             f"fit_method='gradient'); this calibration is {objective!r}, {fit_method!r}")
+    else:
+        gradient["params"] = check_params(DEFAULT_PARAMS if params is None else params)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if objective == "trajectory":
         return _calibrate_trajectory(spec, base, meta, n, seed, dtype, fit=fit, progress=progress, ref=ref,
                                      ref_solver=ref_solver, ref_steps=ref_steps, max_solves=max_solves,
                                      max_seconds=max_seconds, guards=default_guards(spec) if guards is None else guards,
-                                     extra_args=extra_args)
+                                     extra_args=extra_args, fit_method=fit_method,
+                                     gradient=gradient if fit_method == "gradient" else None)
     if objective == "variant":
         return _calibrate_variant(spec, base, meta, n, seed, dtype, variant, probes=probes,
                                   jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision,
@@ -186,18 +217,26 @@ def default_guards(spec: ModelSpec) -> tuple[str, ...]:
 
 
 def _calibrate_trajectory(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, seed: int, dtype: torch.dtype, *,
-                          fit: str, progress: bool, extra_args: dict | None, **options: Any) -> GammaSchedule:
-    """The ``trajectory`` objective: :func:`~steindiff.trajectory.fit_trajectory` (``options``) from the
-    calibration noise, drawn as :func:`~steindiff.generate.generate` draws it (from ``seed`` on the CPU, then moved)."""
+                          fit: str, progress: bool, extra_args: dict | None, fit_method: str = "derivative-free",
+                          gradient: dict | None = None, **options: Any) -> GammaSchedule:
+    """The ``trajectory`` objective: :func:`~steindiff.trajectory.fit_trajectory` (``options``), or with
+    ``fit_method="gradient"`` :func:`~steindiff.gradient_fit.fit_trajectory_gradient` (``options`` but the
+    solve budget, and the ``gradient`` options), from the calibration noise, drawn as
+    :func:`~steindiff.generate.generate` draws it (from ``seed`` on the CPU, then moved)."""
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     noise = prior_noise((n, *spec.sample_shape), float(base.sigmas[0]), spec.process, seed=seed, dtype=dtype,
                         device=spec.device or "cpu")
-    result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit,
-                            extra_args=_tile_batch(extra_args, n), progress=progress, **options)
-    rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0, "device": str(noise.device),
-           "torch_threads": torch.get_num_threads()}
+    common = {"sigma_min": float(spec.process.sigma_min), "extra_args": _tile_batch(extra_args, n),
+              "progress": progress}
+    if fit_method == "gradient":
+        options.pop("max_solves", None)
+        result = fit_trajectory_gradient(spec.denoiser, base, noise, **common, **options, **(gradient or {}))
+    else:
+        result = fit_trajectory(spec.denoiser, base, noise, fit=fit, **common, **options)
+    rec = {**meta["calibration"], "fit_method": fit_method, **result.record, "wall_s": time.perf_counter() - t0,
+           "cpu_s": time.process_time() - cpu0, "device": str(noise.device), "torch_threads": torch.get_num_threads()}
     meta.update(name="calibrated:trajectory", fingerprint=model_fingerprint(spec), calibration=rec)
     return result.schedule(meta)
 
@@ -276,14 +315,34 @@ def default_cache_dir() -> Path:
     return Path(root) / "steindiff" / "calibrations"
 
 
-def calibration_key(spec: ModelSpec, base: SamplingPlan, *, fit: str = "both", conditioning: str | None = None) -> dict:
+def calibration_key(spec: ModelSpec, base: SamplingPlan, *, fit: str = "both", conditioning: str | None = None,
+                    fit_options: dict | None = None) -> dict:
     """What a cached calibration is valid for: the model's weights, the solver and its options, the
     plain plan's noise levels (schedule, NFE, noise range), the coordinates, the fit and the
-    conditioning (e.g. a hash of the prompt embeddings and the guidance scale)."""
-    return {"fingerprint": model_fingerprint(spec), "model": spec.name, "solver": base.solver,
-            "solver_options": dict(sorted(base.solver_options.items())), "schedule": base.schedule, "nfe": base.nfe,
-            "base_sigmas": [round(float(s), 12) for s in base.sigmas], "coords": base.coords, "fit": fit,
-            "conditioning": conditioning}
+    conditioning (e.g. a hash of the prompt embeddings and the guidance scale); for a gradient fit also
+    its options (:func:`gradient_fit_options`; absent for the derivative-free fit, whose keys stay as they were)."""
+    key = {"fingerprint": model_fingerprint(spec), "model": spec.name, "solver": base.solver,
+           "solver_options": dict(sorted(base.solver_options.items())), "schedule": base.schedule, "nfe": base.nfe,
+           "base_sigmas": [round(float(s), 12) for s in base.sigmas], "coords": base.coords, "fit": fit,
+           "conditioning": conditioning}
+    if fit_options:
+        key["fit_options"] = fit_options
+    return key
+
+
+def gradient_fit_options(options: dict) -> dict | None:
+    """The part of a calibration's cache key that says how a gradient fit was made (``None`` for the
+    derivative-free fit): parameters, distance (a feature function by its name), soft teacher forcing, the
+    teacher and the optimiser's options, from the :func:`calibrate` ``options`` of a calibration."""
+    if options.get("fit_method", "derivative-free") != "gradient":
+        return None
+    out = {"fit_method": "gradient", "params": list(check_params(options.get("params") or DEFAULT_PARAMS)),
+           **describe_loss(options.get("loss", "l2"), options.get("features"), float(options.get("residual_weight", 0)),
+                           float(options.get("teacher_ball", 0))),
+           "teacher": [options.get("ref_solver", "dpmpp_2m"), int(options.get("ref_steps", 200))]}
+    if options.get("gradient_options"):
+        out["gradient_options"] = dict(sorted(options["gradient_options"].items()))
+    return out
 
 
 def cache_file(root: Path, key: dict) -> Path:
@@ -294,13 +353,15 @@ def cache_file(root: Path, key: dict) -> Path:
 
 
 def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan:
-    """The plan a calibration file describes: its noise levels and gammas, with ``base``'s solver."""
+    """The plan a calibration file describes: its noise levels, gammas, model noise levels and history
+    corrections, with ``base``'s solver."""
     sigmas = sched.meta.get("sigmas", base.sigmas)
     fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12
                                                      for a, b in zip(sigmas, base.sigmas))
     return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64),
                         "fitted" if fitted else base.schedule,
-                        list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta})
+                        list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta},
+                        sched.model_sigmas, sched.history)
 
 
 def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.PathLike | None = None,
@@ -317,7 +378,7 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     another configuration is ignored with a warning and fitted again.  ``options`` go to :func:`calibrate`.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = calibration_key(spec, base, fit=fit, conditioning=conditioning)
+    key = calibration_key(spec, base, fit=fit, conditioning=conditioning, fit_options=gradient_fit_options(options))
     path = cache_file(root, key)
     shipped = (spec.info or {}).get("calibrations")  # read-only calibrations shipped with a model
     for p in ([cache_file(Path(shipped), key)] if shipped else []) + [path]:

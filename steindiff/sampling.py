@@ -140,7 +140,8 @@ def steps(
 def _levels(sigmas: Sequence[float] | torch.Tensor) -> list[float] | list[torch.Tensor]:
     """The noise levels as the solvers take them: floats, or 0-d float64 tensors when any requires grad
     (validated either way, :func:`~steindiff.schedules.validate_sigmas`)."""
-    checked = validate_sigmas(sigmas.detach() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas])
+    checked = validate_sigmas(sigmas.detach() if isinstance(sigmas, torch.Tensor) else
+                              [float(s.detach()) if isinstance(s, torch.Tensor) else float(s) for s in sigmas])
     if isinstance(sigmas, torch.Tensor):
         if sigmas.requires_grad:
             return list(sigmas.to(torch.float64).unbind(0))

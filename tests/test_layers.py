@@ -16,7 +16,7 @@ LAYERS = (
     ("steindiff.models",),
     ("steindiff.stabilizers",),
     ("steindiff.plan", "steindiff.sampling"),
-    ("steindiff.generate", "steindiff.trajectory", "steindiff.diagnostics"),
+    ("steindiff.generate", "steindiff.trajectory", "steindiff.gradient_fit", "steindiff.diagnostics"),
     ("steindiff.calibration", "steindiff.distributed", "steindiff.train"),
     ("steindiff.api", "steindiff.bench", "steindiff.integrations"),
     ("steindiff.cli", "steindiff.__main__"),

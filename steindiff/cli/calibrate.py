@@ -1,7 +1,8 @@
 """``steindiff calibrate``: fit a sampler once and save it as JSON; then ``steindiff sample
 --gamma-schedule FILE`` applies it with no extra passes.  The default objective, ``trajectory``, fits
 each step's scale (and, with ``--fit steps|both``, the noise levels) so that the few-step solve follows
-a fine solve of the same model from the same noise: no data, no training."""
+a fine solve of the same model from the same noise: no data, no training.  ``--fit-method gradient``
+fits it by backpropagation through the solve instead, with the parameters named by ``--params``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key
+from ..calibration import CALIBRATION_SEED, OBJECTIVES, cache_file, calibrate, calibration_key, gradient_fit_options
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_params
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
 from ..trajectory import DEFAULT_GUARDS, FIT_MODES, GUARDS
@@ -27,6 +29,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(--stabilizer) estimates on the calibration batch; reference: fit to --reference data")
     p.add_argument("--fit", default="both", choices=FIT_MODES,
                    help="trajectory: fit the per-step gammas, the interior noise levels, or both")
+    p.add_argument("--fit-method", default="derivative-free", choices=FIT_METHODS,
+                   help="trajectory: derivative-free (finite differences of whole solves; any model) or gradient "
+                        "(backpropagation through the solve; a differentiable model; fits --params)")
+    p.add_argument("--params", default=None,
+                   help=f"--fit-method gradient: what to fit, comma-separated from {', '.join(PARAMS)} (default "
+                        f"{','.join(DEFAULT_PARAMS)}): interior noise levels, per-step gamma, the noise level given "
+                        "to the model at each step, corrections over past denoised outputs")
+    p.add_argument("--teacher-ball", type=float, default=0.0,
+                   help="--fit-method gradient: soft teacher forcing, each fit sample's start may move within this "
+                        "fraction of its noise's norm (0: off)")
+    p.add_argument("--residual-weight", type=float, default=0.0,
+                   help="--fit-method gradient: weight of the residual-noise term of the loss (0: off)")
+    p.add_argument("--ref-solver", default="dpmpp_2m",
+                   help="trajectory: solver of the fine reference solve (the teacher), e.g. unipc with --ref-steps 20")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="--fit-method gradient: Adam steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="--fit-method gradient: teacher pairs per Adam step (default 64)")
     p.add_argument("--stabilizer", default="stein-energy",
                    help=f"--objective variant: the stabilizer run on the calibration batch "
                         f"({', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))})")
@@ -37,8 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=None,
                    help="calibration batch size (default: 512 for trajectory, half of it validates; 1000 otherwise)")
     p.add_argument("--ref-steps", type=int, default=200,
-                   help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="trajectory: time budget of the refinement")
+                   help="trajectory: steps of the fine reference solve (--ref-solver, log-SNR)")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="trajectory: time budget of the refinement (of the gradient fit with --fit-method gradient)")
     p.add_argument("--max-solves", type=int, default=200,
                    help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not)")
     p.add_argument("--guards", default=None,
@@ -95,6 +116,26 @@ def run(args: argparse.Namespace) -> int:
     if args.ref_steps < 4 or not args.max_seconds > 0 or args.max_solves < 1:
         raise UsageError(f"--ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1, got {args.ref_steps}, "
                          f"{args.max_seconds} and {args.max_solves}")
+    gradient = args.fit_method == "gradient"
+    if not gradient and (args.params is not None or args.teacher_ball or args.residual_weight
+                         or args.max_iters is not None or args.batch_size is not None):
+        raise UsageError("--params, --teacher-ball, --residual-weight, --max-iters and --batch-size are options of "
+                         "--fit-method gradient")
+    if gradient and args.objective != "trajectory":
+        raise UsageError(f"--fit-method gradient fits the trajectory objective, not --objective {args.objective}")
+    for name, v in (("--max-iters", args.max_iters), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
+    if args.teacher_ball < 0 or args.residual_weight < 0:
+        raise UsageError(f"--teacher-ball and --residual-weight must be >= 0, got {args.teacher_ball} and "
+                         f"{args.residual_weight}")
+    fit_options = {}
+    if gradient:
+        with usage_errors(ValueError):
+            params = check_params(args.params) if args.params is not None else DEFAULT_PARAMS
+        opts = {k: v for k, v in (("max_iters", args.max_iters), ("batch_size", args.batch_size)) if v is not None}
+        fit_options = {"fit_method": "gradient", "params": params, "teacher_ball": args.teacher_ball,
+                       "residual_weight": args.residual_weight, "gradient_options": opts or None}
     device = common.device_from_args(args)
     spec = common.model_on_device(args.model, device)
     with usage_errors(ValueError):
@@ -102,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                                    coords=args.coords)
     key = None
     if args.calibration_dir is not None:  # the cache's layout (steindiff.calibration.calibrated_plan)
-        key = calibration_key(spec, base, fit=args.fit)
+        key = calibration_key(spec, base, fit=args.fit, fit_options=gradient_fit_options(
+            {**fit_options, "ref_solver": args.ref_solver, "ref_steps": args.ref_steps}))
         args.out = str(cache_file(Path(args.calibration_dir), key))
         try:
             Path(args.calibration_dir).mkdir(parents=True, exist_ok=True)
@@ -116,16 +158,21 @@ def run(args: argparse.Namespace) -> int:
                           reference=ref, probes=args.probes, dtype=common.DTYPES[args.dtype],
                           progress=not args.no_progress, ref_steps=args.ref_steps, max_seconds=args.max_seconds,
                           max_solves=args.max_solves, guards=args.guards, jacobian_batch=args.jacobian_batch,
-                          jacobian_precision=args.jacobian_precision)
+                          jacobian_precision=args.jacobian_precision, ref_solver=args.ref_solver, **fit_options)
     if key is not None:
         sched.meta["key"] = key
     sched.save(args.out)
-    summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
+    summary = {"out": args.out, "gammas": sched.gammas, "coords": sched.coords, **sched.meta,
+               **{k: getattr(sched, k) for k in sched.requires}}
     lines = [f"wrote {args.out}: {sched.meta['objective']} calibration of {args.solver} at NFE {sched.meta['nfe']}",
              "  gammas " + " ".join(f"{g:.3f}" for g in sched.gammas)]
     cal = sched.meta.get("calibration", {})
     if sched.meta["objective"] == "trajectory":
         lines.append("  sigmas " + " ".join(f"{s:.4g}" for s in sched.meta["sigmas"]))
+        if sched.model_sigmas is not None:
+            lines.append("  model sigmas " + " ".join(f"{s:.4g}" for s in sched.model_sigmas))
+        if sched.history is not None:
+            lines.append("  history " + " | ".join(" ".join(f"{c:+.3f}" for c in row) or "-" for row in sched.history))
         cand = cal["candidates"]
         lines.append(f"  validation: distance to the fine solve {cand[cal['chosen']]['val_rms']:.4g} vs plain "
                      f"{cand['plain']['val_rms']:.4g} ({cal['chosen']}"

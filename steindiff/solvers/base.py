@@ -230,6 +230,10 @@ class StepOperator:
     def __call__(self, x: torch.Tensor) -> Step:
         return self.solver.step(self.denoise, x, self.i, self.sigmas, self.state)
 
+    def with_denoise(self, denoise: Denoise) -> "StepOperator":
+        """The same step with another model wrapper (e.g. one that feeds the model other noise levels)."""
+        return StepOperator(self.solver, denoise, self.i, self.sigmas, self.state)
+
     def restrict(self, sl: slice, n: int) -> "StepOperator":
         """The same step on the samples ``sl`` of the batch of ``n`` (the history sliced to match)."""
         if sl == slice(0, n):

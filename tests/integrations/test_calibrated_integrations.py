@@ -63,6 +63,24 @@ def test_kdiffusion_calibration_equals_sample_with_the_plan(fn, solver, tmp_path
     assert torch.equal(fn(GMM, x, base, calibration=path), want)
 
 
+def test_kdiffusion_applies_model_noise_levels_and_history_from_a_second_generation_file(tmp_path):
+    plan, base = fitted_plan("unipc")
+    plan.model_sigmas = [float(s) * 1.05 for s in plan.sigmas[:-1]]
+    plan.history = [[], [0.2], [0.1, -0.05], [0.0]]
+    x = x0()
+    want = sd.sample(GMM, x, plan.sigmas, plan.solver, stabilizer=plan.stabilizer()).x
+    assert not torch.allclose(want, sd.sample(GMM, x, plan.sigmas, plan.solver,
+                                              stabilizer=GammaSchedule(plan.gammas, "ve")).x)
+    sched = GammaSchedule(plan.gammas, "ve", plan.meta, model_sigmas=plan.model_sigmas, history=plan.history)
+    path = tmp_path / "cal2.json"
+    sched.save(path)
+    for cal in (plan, sched, path):
+        assert torch.equal(kd.sample_unipc(GMM, x, base, calibration=cal), want)
+    loaded = plan_from_schedule(load_gamma_schedule(path), make_plan(sd.VEProcess(), "unipc", 4))
+    assert loaded.model_sigmas == plan.model_sigmas and loaded.history == plan.history
+    assert torch.equal(sd.sample(GMM, x, loaded.sigmas, "unipc", stabilizer=loaded.stabilizer()).x, want)
+
+
 def test_kdiffusion_callback_sees_the_calibrated_noise_levels():
     plan, base = fitted_plan()
     seen = []
