@@ -235,8 +235,8 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
                  features: Callable[[torch.Tensor], torch.Tensor] | None = None, residual_weight: float = 0.0,
                  teacher_ball: float = 0.0, gammas0: list[float] | None = None,
                  gamma_bounds: tuple[float, float] = (0.5, 1.5), plain_tail: int = 2, history_depth: int = 2,
-                 lr: float = 0.02, batch_size: int = 64, max_iters: int = 300, max_seconds: float = 60.0,
-                 val_every: int = 10, patience: int = 8, explode: float = 100.0, checkpoint: bool = True,
+                 lr: float = 0.03, batch_size: int = 64, max_iters: int = 300, max_seconds: float = 60.0,
+                 val_every: int = 10, patience: int = 8, explode: float = 100.0, checkpoint: bool | None = None,
                  seed: int = 0, extra_args: dict | None = None, val_extra_args: dict | None = None,
                  progress: bool = False) -> tuple[SamplingPlan, dict]:
     """Fit ``params`` of the plain plan ``base`` so that its solve from ``noise`` ends near ``target`` (the
@@ -246,7 +246,9 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
     ``history_depth``: past denoised outputs each ``history`` correction reaches back to.  Budget: at most
     ``max_iters`` Adam steps (learning rate ``lr``, ``batch_size`` pairs each) and ``max_seconds``; it also stops
     after ``patience`` held-out checks without improvement.  ``explode``: a training loss above this many times
-    the starting one stops the fit.  ``extra_args``/``val_extra_args``: per-sample conditioning of the two sets.
+    the starting one stops the fit.  ``checkpoint``: recompute each step's activations in the backward pass
+    (memory of about one step; costs about one more forward pass); default on CUDA devices, off on the CPU,
+    where memory is rarely the limit.  ``extra_args``/``val_extra_args``: per-sample conditioning of the two sets.
     Returns the plan of the best held-out parameters and a record (``iters``, ``stopped``, the held-out
     loss of the start and of the best, the wall time, the distance minimised).
 
@@ -277,6 +279,8 @@ def _gradient_fit(model, base, noise, target, val_noise, val_target, sigma_floor
                          "each")
     t0 = time.perf_counter()
     n = noise.shape[0]
+    if checkpoint is None:
+        checkpoint = noise.is_cuda
     theta = _Theta(base, params, sigma_floor, list(gammas0 or [1.0] * base.steps), plain_tail, history_depth,
                    gamma_bounds)
     info: dict[str, Any] = {"method": "gradient", "params": list(params), "fitted": sorted(theta.tensors),
@@ -316,8 +320,11 @@ def _gradient_fit(model, base, noise, target, val_noise, val_target, sigma_floor
         scale = float(distance(plain, t_feat_fit).mean()) or 1.0
 
     def held_out() -> float:
-        with torch.no_grad():
-            v = float(objective(solve(val_noise, val_extra_args, False), t_feat_val, val_extra_args, scale))
+        try:
+            with torch.no_grad():
+                v = float(objective(solve(val_noise, val_extra_args, False), t_feat_val, val_extra_args, scale))
+        except FloatingPointError:  # the model returned NaN or Inf for these parameters: the worst score
+            return math.inf
         return v if math.isfinite(v) else math.inf
 
     best = {"val": held_out(), "state": theta.state(), "iter": 0}
@@ -361,6 +368,9 @@ def _gradient_fit(model, base, noise, target, val_noise, val_target, sigma_floor
                 total.backward()
             except NotDifferentiableError:
                 raise
+            except FloatingPointError as e:  # NaN or Inf from the model (Denoise's check)
+                info["stopped"] = f"non-finite model output at step {it} ({e}); kept the best held-out parameters"
+                break
             except RuntimeError as e:
                 if any(w in str(e).lower() for w in ("grad", "derivative", "inplace", "in-place")):
                     raise _not_differentiable(f"autograd failed: {e}") from e
