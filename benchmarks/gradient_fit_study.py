@@ -127,7 +127,7 @@ def _stats(v: list[float]) -> dict:
 
 
 def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict], seeds: list[int], n_eval: int,
-              df_shipped: bool, progress: bool) -> dict:
+              df_shipped: bool, progress: bool, log: bool = False) -> dict:
     spec = load_model(name)
     kind = "mixture" if spec.gmm is not None else "image"
     d = DEFAULTS[kind]
@@ -190,6 +190,10 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                            requires=sched.requires)
             fits.append(rec)
             bar.update()
+            if log:
+                print(f"fit {name} {solver}/{schedule}/{nfe} {cfg['label']}: chosen {rec.get('chosen', '-')}, "
+                      f"val ratio {rec.get('val_ratio') or 1:.3f}, cpu {rec.get('cpu_s') or 0:.1f} s, "
+                      f"stopped {rec.get('stopped')}", file=sys.stderr, flush=True)
     for seed in seeds:
         noise = _noise(spec, n_eval, seed)
         ref = _reference(spec, noise, "dpmpp_3m", 1000)
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", default="docs/results/gradient-fit-study.json")
     p.add_argument("--markdown", default="docs/results/gradient-fit-study.md")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--log", action="store_true", help="one line per fit on standard error")
     args = p.parse_args(argv)
     command = "python benchmarks/gradient_fit_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
@@ -391,12 +396,14 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = [int(s) for s in (args.seeds or ("3,4,5" if kind_image else "0,1,2")).split(",")]
                 n = args.n or (400 if kind_image else 1000)
                 t0 = time.perf_counter()
-                res = run_model(name, cells, configs, seeds, n, args.df_shipped and kind_image, not args.no_progress)
+                res = run_model(name, cells, configs, seeds, n, args.df_shipped and kind_image, not args.no_progress,
+                                args.log)
                 res["wall_s"] = time.perf_counter() - t0
                 result["models"].append(res)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    save_json(args.json_out, result)  # the raw rows first: a summary that fails loses nothing
     summary = summarize(result)
     result["summary"] = summary
     save_json(args.json_out, result)
