@@ -120,6 +120,8 @@ class GammaSchedule:
         self.gammas, self.coords, self.meta = g, coords, dict(meta or {})
         self.model_sigmas, self.history = model_sigmas, history
         self.depth = max((len(row) for row in history), default=0) if history is not None else 0
+        self._tensors = [v for v in (*g, *(model_sigmas or []), *(c for row in history or [] for c in row))
+                         if isinstance(v, torch.Tensor)]  # a fit's parameters: a step tracks grad through them
         self.name = self.meta.get("name", "gamma-schedule")
 
     @property
@@ -130,9 +132,9 @@ class GammaSchedule:
     def _tracks_grad(self, op: StepOperator, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
-        params = [*self.gammas, *(self.model_sigmas or []), *(c for row in self.history or [] for c in row),
-                  op.sigma, op.sigma_next]
-        return x.requires_grad or any(isinstance(v, torch.Tensor) and v.requires_grad for v in params)
+        levels = (op.sigma, op.sigma_next)
+        return x.requires_grad or any(isinstance(v, torch.Tensor) and v.requires_grad for v in levels) or any(
+            v.requires_grad for v in self._tensors)
 
     def step(self, op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, dict]:
         if op.i >= len(self.gammas) or len(op.sigmas) - 1 != len(self.gammas):
