@@ -251,6 +251,25 @@ def test_sample_pipeline_applies_a_calibration_on_the_same_model(pipe):
     torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-10)
 
 
+def test_sample_pipeline_applies_model_noise_levels_and_history_at_the_plain_nfe(pipe):
+    emb = prompts()
+    plan = hand_plan(pipe, 3.0, emb)
+    plan.model_sigmas = [float(s) * 0.9 for s in plan.sigmas[:-1]]
+    plan.history = [[], [0.3], [-0.1, 0.1]]
+    lat = torch.randn(6, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = sample_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=3.0, latents=lat,
+                          calibration=plan, dtype=torch.float64, output_type="latent")
+    cfg = CFGDenoiser(denoiser_from_diffusers(pipe.unet, pipe.scheduler), 3.0, emb.repeat_interleave(2, 0), NEG)
+    want = sd.sample(cfg, lat * (1 + plan.sigmas[0] ** 2).sqrt(), plan.sigmas, "dpmpp_2m",
+                     stabilizer=plan.stabilizer()).x
+    torch.testing.assert_close(out.latents, want, rtol=1e-10, atol=1e-10)
+    assert out.nfe == 3 and out.extra_passes == 0
+    without = SamplingPlan("dpmpp_2m", plan.sigmas, "fitted", plan.gammas, "ve", {}, plan.meta)
+    assert not torch.allclose(sample_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=3.0,
+                                              latents=lat, calibration=without, dtype=torch.float64,
+                                              output_type="latent").latents, out.latents)
+
+
 def test_sample_pipeline_refuses_a_mismatched_calibration(pipe):
     emb = prompts()
     plan = hand_plan(pipe, 3.0, emb)
