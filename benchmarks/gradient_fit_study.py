@@ -62,7 +62,7 @@ MIXTURE_METRICS = ("sw2", "nll", "mode_tv", "mmd", "traj_err")
 IMAGE_METRICS = ("digits_fid", "digits_kid", "precision", "recall", "traj_err")
 #: Per kind of model: calibration batch, teacher (solver, steps), gradient-fit budget.
 DEFAULTS = {"mixture": {"n": 512, "teacher": ("dpmpp_2m", 200), "iters": 300, "batch": 64},
-            "image": {"n": 256, "teacher": ("dpmpp_2m", 100), "iters": 200, "batch": 32}}
+            "image": {"n": 256, "teacher": ("dpmpp_2m", 100), "iters": 100, "batch": 32}}
 
 
 class OpaqueMixture(torch.nn.Module):
@@ -127,7 +127,7 @@ def _stats(v: list[float]) -> dict:
 
 
 def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict], seeds: list[int], n_eval: int,
-              df_shipped: bool, progress: bool, log: bool = False) -> dict:
+              df_shipped: bool, progress: bool, log: bool = False, teacher_cache: str | None = None) -> dict:
     spec = load_model(name)
     kind = "mixture" if spec.gmm is not None else "image"
     d = DEFAULTS[kind]
@@ -139,6 +139,11 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
     def teacher(cfg: dict):
         key = (*cfg.get("teacher", d["teacher"]), cfg.get("n", d["n"]))
         if key not in teachers:
+            cached = Path(teacher_cache) / f"{name.replace(':', '_')}-{key[0]}-{key[1]}-{key[2]}.pt" \
+                if teacher_cache else None
+            if cached is not None and cached.exists():
+                teachers[key] = torch.load(cached, weights_only=False)
+                return teachers[key]
             t0, w0 = time.process_time(), time.perf_counter()
             noise = sd.prior_noise((key[2], *spec.sample_shape), float(spec.process.sigma_max), spec.process,
                                    seed=CALIBRATION_SEED, dtype=dtype)
@@ -146,6 +151,9 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                                   solver=key[0], steps=key[1], keep=key[2] // 2)
             teachers[key] = {"ref": ref, "cpu_s": time.process_time() - t0, "wall_s": time.perf_counter() - w0,
                              "solver": key[0], "steps": key[1], "n": key[2], "convergence_rms": ref.convergence}
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(teachers[key], cached)
         return teachers[key]
 
     fits, rows = [], []
@@ -377,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log", action="store_true", help="one line per fit on standard error")
+    p.add_argument("--teacher-cache", default=None,
+                   help="folder where the teachers' fine solves are kept and reused (shards of one model share them)")
     args = p.parse_args(argv)
     command = "python benchmarks/gradient_fit_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
@@ -397,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = args.n or (400 if kind_image else 1000)
                 t0 = time.perf_counter()
                 res = run_model(name, cells, configs, seeds, n, args.df_shipped and kind_image, not args.no_progress,
-                                args.log)
+                                args.log, args.teacher_cache)
                 res["wall_s"] = time.perf_counter() - t0
                 result["models"].append(res)
     except (ValueError, KeyError, FileNotFoundError) as e:
