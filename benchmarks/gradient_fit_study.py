@@ -62,7 +62,7 @@ MIXTURE_METRICS = ("sw2", "nll", "mode_tv", "mmd", "traj_err")
 IMAGE_METRICS = ("digits_fid", "digits_kid", "precision", "recall", "traj_err")
 #: Per kind of model: calibration batch, teacher (solver, steps), gradient-fit budget.
 DEFAULTS = {"mixture": {"n": 512, "teacher": ("dpmpp_2m", 200), "iters": 300, "batch": 64},
-            "image": {"n": 256, "teacher": ("dpmpp_2m", 100), "iters": 100, "batch": 32}}
+            "image": {"n": 256, "teacher": ("dpmpp_2m", 100), "iters": 150, "batch": 32}}
 
 
 class OpaqueMixture(torch.nn.Module):

@@ -69,6 +69,10 @@ LOSSES = ("l2", "features")
 FIT_METHODS = ("derivative-free", "gradient")
 
 _BOUNDS = {"model_sigmas": 0.5, "history": 1.0}  # |delta_j| (log ratio) and |c_kj| stay within these
+#: Learning rate of each kind of parameter relative to ``lr``: the log-gaps range over a few units (the last
+#: level may move by two orders of magnitude), the others over a fraction of one.
+_LR_SCALE = {"steps": 3.0, "gamma": 1.0, "model_sigmas": 1.0, "history": 1.0}
+_WARMUP = 0.05  # fraction of max_iters over which the learning rate ramps up (no overshoot on the first steps)
 _REG = {"gamma": 1e-2, "steps": 1e-3, "model_sigmas": 1e-3, "history": 1e-3}
 
 
@@ -335,10 +339,15 @@ def _gradient_fit(model, base, noise, target, val_noise, val_target, sigma_floor
         d = noise[0].numel()
         ball = (teacher_ball * noise.reshape(n, -1).double().norm(dim=1) / math.sqrt(d)).to(noise.dtype)
         offsets = torch.zeros_like(noise, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam(list(theta.tensors.values()) + ([offsets] if offsets is not None else []), lr=lr)
-    # cosine decay to a tenth over the budget: large early moves between the schedule's basins, then settling
+    groups = [{"params": [t], "lr": lr * _LR_SCALE[k]} for k, t in theta.tensors.items()]
+    if offsets is not None:
+        groups.append({"params": [offsets], "lr": lr})
+    opt = torch.optim.Adam(groups)
+    # a short linear warm-up, then cosine decay to a tenth over the budget: large early moves between the
+    # schedule's basins, then settling
+    warm = max(1, int(_WARMUP * max_iters))
     decay = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: 0.1 + 0.45 * (1 + math.cos(math.pi * min(k / max_iters, 1))))
+        opt, lambda k: min(1.0, (k + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(k / max_iters, 1)))))
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
     pos, since_best, loss0 = 0, 0, None
@@ -418,7 +427,7 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
                             sigma_min: float, params: str | Sequence[str] = DEFAULT_PARAMS, loss: str = "l2",
                             features: Callable[[torch.Tensor], torch.Tensor] | None = None,
                             residual_weight: float = 0.0, teacher_ball: float = 0.0, validation: float = 0.5,
-                            holdout: float = 0.25, ref: ReferenceSolve | None = None, ref_solver: str = "dpmpp_2m",
+                            holdout: float = 0.5, ref: ReferenceSolve | None = None, ref_solver: str = "dpmpp_2m",
                             ref_steps: int = 200, gamma_bounds: tuple[float, float] = (0.5, 1.5), plain_tail: int = 2,
                             max_seconds: float = 60.0, residual_tolerance: float = 1.05, significance: float = 2.0,
                             guards: Sequence[str] = DEFAULT_GUARDS, extra_args: dict | None = None,
