@@ -56,8 +56,8 @@ from .stabilizers.base import NotDifferentiableError
 from .stabilizers.schedule import GammaSchedule
 from .trajectory import DEFAULT_GUARDS, ReferenceSolve, TrajectoryFit, _Params, calibration_batch, validate_candidates
 
-__all__ = ["gradient_fit", "fit_trajectory_gradient", "PARAMS", "DEFAULT_PARAMS", "LOSSES", "FIT_METHODS",
-           "check_params", "describe_loss"]
+__all__ = ["gradient_fit", "fit_trajectory_gradient", "PARAMS", "DEFAULT_PARAMS", "DEFAULT_LRS", "LOSSES",
+           "FIT_METHODS", "check_params", "describe_loss"]
 
 #: What the gradient fit can fit (module docstring).
 PARAMS = ("steps", "gamma", "model_sigmas", "history")
@@ -65,6 +65,9 @@ PARAMS = ("steps", "gamma", "model_sigmas", "history")
 DEFAULT_PARAMS = ("steps", "gamma")
 #: Distances the fit can minimise: ``l2`` on the samples, or ``features`` (a user's ``features(x) -> tensor``).
 LOSSES = ("l2", "features")
+#: The learning rates :func:`fit_trajectory_gradient` tries (the lower held-out loss wins): chosen by
+#: benchmarks/gradient_fit_study.py (docs/calibrated-sampler-gradient.md).
+DEFAULT_LRS = (0.03, 0.1)
 #: How a trajectory calibration is fitted: finite differences of whole solves, or gradients through the solve.
 FIT_METHODS = ("derivative-free", "gradient")
 
@@ -431,14 +434,21 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
                             ref_steps: int = 200, gamma_bounds: tuple[float, float] = (0.5, 1.5), plain_tail: int = 2,
                             max_seconds: float = 60.0, residual_tolerance: float = 1.05, significance: float = 2.0,
                             guards: Sequence[str] = DEFAULT_GUARDS, extra_args: dict | None = None,
-                            progress: bool = False, **options: Any) -> TrajectoryFit:
+                            lr: float | Sequence[float] = DEFAULT_LRS, progress: bool = False,
+                            **options: Any) -> TrajectoryFit:
     """The trajectory calibration fitted by gradients: the same split, teacher and validation choice as
     :func:`steindiff.trajectory.fit_trajectory` (:func:`~steindiff.trajectory.calibration_batch`,
     :func:`~steindiff.trajectory.validate_candidates`), with one candidate, :func:`gradient_fit` of ``params``
     on the fit part (its last ``holdout`` fraction early-stops the fit), competing with the plain plan on the
-    validation part under ``guards``.  ``options`` go to :func:`gradient_fit` (``lr``, ``batch_size``,
-    ``max_iters``, ``history_depth``, ``val_every``, ``patience``, ``checkpoint``, ``seed``)."""
+    validation part under ``guards``.  ``lr``: one fit per learning rate (default :data:`DEFAULT_LRS`), the one
+    with the lower held-out loss is the candidate (the fit lands in different basins of the schedule from one
+    learning rate to another; each fit is recorded).  ``max_seconds`` is shared between them.  ``options`` go
+    to :func:`gradient_fit` (``batch_size``, ``max_iters``, ``history_depth``, ``val_every``, ``patience``,
+    ``checkpoint``, ``seed``)."""
     params = check_params(params)
+    lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
+    if not lrs or not all(v > 0 for v in lrs):
+        raise ValueError(f"lr must be a positive learning rate or a non-empty sequence of them, got {lr!r}")
     if not 0 < holdout < 1:
         raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout}")
     if int(plain_tail) != plain_tail or plain_tail < 1:
@@ -452,12 +462,16 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
         raise ValueError(f"the fit part of {batch.n_fit} samples is too small to hold out {holdout:.0%} of it")
     train, held = slice(0, n_train), slice(n_train, batch.n_fit)
     final = batch.ref.final
-    fitted, info = gradient_fit(model, base, noise[train], final[train], val_noise=noise[held],
-                                val_target=final[held], sigma_floor=sigma_min, params=params, loss=loss,
-                                features=features, residual_weight=residual_weight, teacher_ball=teacher_ball,
-                                gamma_bounds=gamma_bounds, plain_tail=plain_tail, max_seconds=max_seconds,
-                                extra_args=batch.part(train), val_extra_args=batch.part(held), progress=progress,
-                                **options)
+    fits = [gradient_fit(model, base, noise[train], final[train], val_noise=noise[held], val_target=final[held],
+                         sigma_floor=sigma_min, params=params, loss=loss, features=features,
+                         residual_weight=residual_weight, teacher_ball=teacher_ball, gamma_bounds=gamma_bounds,
+                         plain_tail=plain_tail, max_seconds=max_seconds / len(lrs), lr=v, extra_args=batch.part(train),
+                         val_extra_args=batch.part(held), progress=progress, **options) for v in lrs]
+    best = min(range(len(fits)), key=lambda j: fits[j][1]["val_best"])
+    fitted, info = fits[best]
+    info = {**info, "lr": lrs[best], "tries": [
+        {"lr": v, **{k: f[1][k] for k in ("val_start", "val_best", "best_iter", "iters", "stopped", "wall_s")}}
+        for v, f in zip(lrs, fits)]}
     plain = SamplingPlan(base.solver, base.sigmas, base.schedule, [1.0] * base.steps, base.coords, base.solver_options)
     candidates = {"plain": plain, "gradient": fitted}
     chosen = validate_candidates(model, batch, candidates, sigma_min=sigma_min, residual_tolerance=residual_tolerance,

@@ -151,6 +151,10 @@ def test_calibrate_with_the_gradient_fit_records_it_and_round_trips(tmp_path):
     assert cal["distance"] == {"loss": "l2", "features": None, "residual_weight": 0.0, "teacher_ball": 0.0}
     assert set(cal["candidates"]) == {"plain", "gradient"} and cal["guards"] == ["residual", "distribution",
                                                                                   "significance"]
+    tries = cal["gradient"]["tries"]  # one fit per default learning rate; the lower held-out loss is the candidate
+    assert [t["lr"] for t in tries] == [0.03, 0.1]
+    assert cal["gradient"]["val_best"] == min(t["val_best"] for t in tries)
+    assert cal["gradient"]["lr"] == tries[[t["val_best"] for t in tries].index(cal["gradient"]["val_best"])]["lr"]
     path = tmp_path / "g.json"
     sched.save(path)
     back = load_gamma_schedule(path)
