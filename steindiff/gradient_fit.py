@@ -262,167 +262,158 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
     Raises :class:`~steindiff.stabilizers.base.NotDifferentiableError` naming the derivative-free fit when the
     model's output carries no gradient (to its input or to its noise level) or autograd fails inside it.
     """
-    with torch.autocast(noise.device.type, enabled=False):
-        return _gradient_fit(model, base, noise, target, val_noise, val_target, sigma_floor, params, loss, features,
-                             residual_weight, teacher_ball, gammas0, gamma_bounds, plain_tail, history_depth, lr,
-                             batch_size, max_iters, max_seconds, val_every, patience, explode, checkpoint, seed,
-                             extra_args, val_extra_args, progress)
+    with torch.autocast(noise.device.type, enabled=False):  # the fit's arithmetic in the state's own precision
+        params = check_params(params)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if (loss == "features") != (features is not None):
+            raise ValueError("loss='features' needs a features(x) -> tensor function, and a features function needs "
+                             "loss='features'")
+        if teacher_ball < 0 or residual_weight < 0:
+            raise ValueError(f"teacher_ball and residual_weight must be >= 0, got {teacher_ball} and {residual_weight}")
+        if noise.shape != target.shape or val_noise.shape != val_target.shape or len(noise) < 1 or len(val_noise) < 1:
+            raise ValueError("the fit and held-out sets need noise and teacher samples of the same shape, at least one "
+                             "each")
+        t0 = time.perf_counter()
+        n = noise.shape[0]
+        if checkpoint is None:
+            checkpoint = noise.is_cuda
+        theta = _Theta(base, params, sigma_floor, list(gammas0 or [1.0] * base.steps), plain_tail, history_depth,
+                       gamma_bounds)
+        info: dict[str, Any] = {"method": "gradient", "params": list(params), "fitted": sorted(theta.tensors),
+                                "distance": describe_loss(loss, features, residual_weight, teacher_ball), "iters": 0,
+                                "stopped": "max_iters", "checkpoint": checkpoint,
+                                "dtype": str(noise.dtype).split(".")[-1]}
+        if not theta.tensors:
+            info.update(stopped="nothing to fit", wall_s=time.perf_counter() - t0)
+            return theta.plan(), info
+        _probe(model, noise[:2], float(base.sigmas[min(1, base.steps - 1)]), _subset(extra_args, torch.arange(2), n),
+               needs_sigma=bool({"steps", "model_sigmas"} & set(theta.tensors)))
+        solver = base.get_solver()
+        feats = features if features is not None else (lambda x: x)
 
+        def distance(x: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
+            f = feats(x)
+            return (f - t_feat).double().reshape(len(x), -1).pow(2).mean(1)
 
-def _gradient_fit(model, base, noise, target, val_noise, val_target, sigma_floor, params, loss, features,
-                  residual_weight, teacher_ball, gammas0, gamma_bounds, plain_tail, history_depth, lr, batch_size,
-                  max_iters, max_seconds, val_every, patience, explode, checkpoint, seed, extra_args, val_extra_args,
-                  progress) -> tuple[SamplingPlan, dict]:
-    params = check_params(params)
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if (loss == "features") != (features is not None):
-        raise ValueError("loss='features' needs a features(x) -> tensor function, and a features function needs "
-                         "loss='features'")
-    if teacher_ball < 0 or residual_weight < 0:
-        raise ValueError(f"teacher_ball and residual_weight must be >= 0, got {teacher_ball} and {residual_weight}")
-    if noise.shape != target.shape or val_noise.shape != val_target.shape or len(noise) < 1 or len(val_noise) < 1:
-        raise ValueError("the fit and held-out sets need noise and teacher samples of the same shape, at least one "
-                         "each")
-    t0 = time.perf_counter()
-    n = noise.shape[0]
-    if checkpoint is None:
-        checkpoint = noise.is_cuda
-    theta = _Theta(base, params, sigma_floor, list(gammas0 or [1.0] * base.steps), plain_tail, history_depth,
-                   gamma_bounds)
-    info: dict[str, Any] = {"method": "gradient", "params": list(params), "fitted": sorted(theta.tensors),
-                            "distance": describe_loss(loss, features, residual_weight, teacher_ball), "iters": 0,
-                            "stopped": "max_iters", "checkpoint": checkpoint, "dtype": str(noise.dtype).split(".")[-1]}
-    if not theta.tensors:
-        info.update(stopped="nothing to fit", wall_s=time.perf_counter() - t0)
-        return theta.plan(), info
-    _probe(model, noise[:2], float(base.sigmas[min(1, base.steps - 1)]), _subset(extra_args, torch.arange(2), n),
-           needs_sigma=bool({"steps", "model_sigmas"} & set(theta.tensors)))
-    solver = base.get_solver()
-    feats = features if features is not None else (lambda x: x)
+        with torch.no_grad():
+            t_feat_fit = feats(target)
+            t_feat_val = feats(val_target)
+            r_target = _residual(model, target, sigma_floor, extra_args) if residual_weight > 0 else None
 
-    def distance(x: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
-        f = feats(x)
-        return (f - t_feat).double().reshape(len(x), -1).pow(2).mean(1)
-
-    with torch.no_grad():
-        t_feat_fit = feats(target)
-        t_feat_val = feats(val_target)
-        r_target = _residual(model, target, sigma_floor, extra_args) if residual_weight > 0 else None
-
-    def solve(x: torch.Tensor, extra: dict | None, grad: bool) -> torch.Tensor:
-        with torch.set_grad_enabled(grad):
-            sig = theta.sigmas()
-            return sample(model, x, sig, solver, stabilizer=theta.schedule(base.coords, sig), extra_args=extra,
-                          checkpoint=checkpoint and grad).x
-
-    def objective(x: torch.Tensor, t_feat: torch.Tensor, extra: dict | None, scale: float) -> torch.Tensor:
-        out = distance(x, t_feat).mean() / scale
-        if r_target is not None:
-            out = out + residual_weight * torch.log(_residual(model, x, sigma_floor, extra) / r_target).pow(2)
-        return out
-
-    with torch.no_grad():
-        plain = sample(model, noise, base.sigmas, solver, extra_args=extra_args).x
-        scale = float(distance(plain, t_feat_fit).mean()) or 1.0
-
-    def held_out() -> float:
-        try:
-            with torch.no_grad():
-                v = float(objective(solve(val_noise, val_extra_args, False), t_feat_val, val_extra_args, scale))
-        except FloatingPointError:  # the model returned NaN or Inf for these parameters: the worst score
-            return math.inf
-        return v if math.isfinite(v) else math.inf
-
-    best = {"val": held_out(), "state": theta.state(), "iter": 0}
-    info["val_start"] = best["val"]
-    offsets = None
-    if teacher_ball > 0:
-        # soft teacher forcing: x'_0 = x_0 + b_i v_i with ||v_i|| <= sqrt(d), b_i = r ||x_0,i|| / sqrt(d)
-        d = noise[0].numel()
-        ball = (teacher_ball * noise.reshape(n, -1).double().norm(dim=1) / math.sqrt(d)).to(noise.dtype)
-        offsets = torch.zeros_like(noise, dtype=torch.float64, requires_grad=True)
-    groups = [{"params": [t], "lr": lr * _LR_SCALE[k]} for k, t in theta.tensors.items()]
-    if offsets is not None:
-        groups.append({"params": [offsets], "lr": lr})
-    opt = torch.optim.Adam(groups)
-    # a short linear warm-up, then cosine decay to a tenth over the budget: large early moves between the
-    # schedule's basins, then settling
-    warm = max(1, int(_WARMUP * max_iters))
-    decay = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(k / max_iters, 1)))))
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-    pos, since_best, loss0 = 0, 0, None
-    bar = tqdm(total=max_iters, disable=not progress, desc=f"gradient fit {base.solver}", leave=False)
-    try:
-        for it in range(1, max_iters + 1):
-            if time.perf_counter() - t0 > max_seconds:
-                info["stopped"] = "max_seconds"
-                break
-            if pos + min(batch_size, n) > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos: pos + min(batch_size, n)]
-            pos += len(idx)
-            x0 = noise[idx]
-            if offsets is not None:
-                shape = (-1, *([1] * (noise.ndim - 1)))
-                x0 = x0 + ball[idx].reshape(shape) * offsets[idx].to(noise.dtype)
-            extra = _subset(extra_args, idx, n)
-            try:
-                x = solve(x0, extra, True)
-                if not x.requires_grad:
-                    raise _not_differentiable("its output carries no gradient")
+        def solve(x: torch.Tensor, extra: dict | None, grad: bool) -> torch.Tensor:
+            with torch.set_grad_enabled(grad):
                 sig = theta.sigmas()
-                value = objective(x, t_feat_fit[idx], extra, scale)
-                total = value + theta.penalty(sig)
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-            except NotDifferentiableError:
-                raise
-            except FloatingPointError as e:  # NaN or Inf from the model (Denoise's check)
-                info["stopped"] = f"non-finite model output at step {it} ({e}); kept the best held-out parameters"
-                break
-            except RuntimeError as e:
-                if any(w in str(e).lower() for w in ("grad", "derivative", "inplace", "in-place")):
-                    raise _not_differentiable(f"autograd failed: {e}") from e
-                raise
-            v = float(value.detach())
-            grads = [t.grad for t in theta.tensors.values()]
-            if not math.isfinite(v) or any(g is not None and not torch.isfinite(g).all() for g in grads):
-                info["stopped"] = f"non-finite loss or gradient at step {it}; kept the best held-out parameters"
-                break
-            loss0 = v if loss0 is None else loss0
-            if v > explode * max(loss0, 1e-12):
-                info["stopped"] = (f"loss exploded at step {it} ({v:.3g}, {v / loss0:.0f}x the first); kept the best "
-                                   "held-out parameters")
-                break
-            opt.step()
-            decay.step()
-            theta.project()
-            if offsets is not None:
-                with torch.no_grad():  # back onto the ball ||v_i|| <= sqrt(d)
-                    norm = offsets.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
-                    f = (math.sqrt(offsets[0].numel()) / norm).clamp(max=1.0)
-                    offsets.mul_(f.reshape(-1, *([1] * (noise.ndim - 1))))
-            info["iters"] = it
-            bar.update()
-            if it % val_every == 0 or it == max_iters:
-                val = held_out()
-                if val < best["val"]:
-                    best.update(val=val, state=theta.state(), iter=it)
-                    since_best = 0
-                else:
-                    since_best += 1
-                    if since_best >= patience:
-                        info["stopped"] = f"no held-out improvement in {patience} checks"
-                        break
-    finally:
-        bar.close()
-    theta.load(best["state"])
-    plan = theta.plan()
-    info.update(val_best=best["val"], best_iter=best["iter"], wall_s=time.perf_counter() - t0, fit_loss_scale=scale)
-    return plan, info
+                return sample(model, x, sig, solver, stabilizer=theta.schedule(base.coords, sig), extra_args=extra,
+                              checkpoint=checkpoint and grad).x
+
+        def objective(x: torch.Tensor, t_feat: torch.Tensor, extra: dict | None, scale: float) -> torch.Tensor:
+            out = distance(x, t_feat).mean() / scale
+            if r_target is not None:
+                out = out + residual_weight * torch.log(_residual(model, x, sigma_floor, extra) / r_target).pow(2)
+            return out
+
+        with torch.no_grad():
+            plain = sample(model, noise, base.sigmas, solver, extra_args=extra_args).x
+            scale = float(distance(plain, t_feat_fit).mean()) or 1.0
+
+        def held_out() -> float:
+            try:
+                with torch.no_grad():
+                    v = float(objective(solve(val_noise, val_extra_args, False), t_feat_val, val_extra_args, scale))
+            except FloatingPointError:  # the model returned NaN or Inf for these parameters: the worst score
+                return math.inf
+            return v if math.isfinite(v) else math.inf
+
+        best = {"val": held_out(), "state": theta.state(), "iter": 0}
+        info["val_start"] = best["val"]
+        offsets = None
+        if teacher_ball > 0:
+            # soft teacher forcing: x'_0 = x_0 + b_i v_i with ||v_i|| <= sqrt(d), b_i = r ||x_0,i|| / sqrt(d)
+            d = noise[0].numel()
+            ball = (teacher_ball * noise.reshape(n, -1).double().norm(dim=1) / math.sqrt(d)).to(noise.dtype)
+            offsets = torch.zeros_like(noise, dtype=torch.float64, requires_grad=True)
+        groups = [{"params": [t], "lr": lr * _LR_SCALE[k]} for k, t in theta.tensors.items()]
+        if offsets is not None:
+            groups.append({"params": [offsets], "lr": lr})
+        opt = torch.optim.Adam(groups)
+        # a short linear warm-up, then cosine decay to a tenth over the budget: large early moves between the
+        # schedule's basins, then settling
+        warm = max(1, int(_WARMUP * max_iters))
+        decay = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: min(1.0, (k + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(k / max_iters, 1)))))
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=gen)
+        pos, since_best, loss0 = 0, 0, None
+        bar = tqdm(total=max_iters, disable=not progress, desc=f"gradient fit {base.solver}", leave=False)
+        try:
+            for it in range(1, max_iters + 1):
+                if time.perf_counter() - t0 > max_seconds:
+                    info["stopped"] = "max_seconds"
+                    break
+                if pos + min(batch_size, n) > n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos: pos + min(batch_size, n)]
+                pos += len(idx)
+                x0 = noise[idx]
+                if offsets is not None:
+                    shape = (-1, *([1] * (noise.ndim - 1)))
+                    x0 = x0 + ball[idx].reshape(shape) * offsets[idx].to(noise.dtype)
+                extra = _subset(extra_args, idx, n)
+                try:
+                    x = solve(x0, extra, True)
+                    if not x.requires_grad:
+                        raise _not_differentiable("its output carries no gradient")
+                    sig = theta.sigmas()
+                    value = objective(x, t_feat_fit[idx], extra, scale)
+                    total = value + theta.penalty(sig)
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                except NotDifferentiableError:
+                    raise
+                except FloatingPointError as e:  # NaN or Inf from the model (Denoise's check)
+                    info["stopped"] = f"non-finite model output at step {it} ({e}); kept the best held-out parameters"
+                    break
+                except RuntimeError as e:
+                    if any(w in str(e).lower() for w in ("grad", "derivative", "inplace", "in-place")):
+                        raise _not_differentiable(f"autograd failed: {e}") from e
+                    raise
+                v = float(value.detach())
+                grads = [t.grad for t in theta.tensors.values()]
+                if not math.isfinite(v) or any(g is not None and not torch.isfinite(g).all() for g in grads):
+                    info["stopped"] = f"non-finite loss or gradient at step {it}; kept the best held-out parameters"
+                    break
+                loss0 = v if loss0 is None else loss0
+                if v > explode * max(loss0, 1e-12):
+                    info["stopped"] = (f"loss exploded at step {it} ({v:.3g}, {v / loss0:.0f}x the first); kept "
+                                       "the best held-out parameters")
+                    break
+                opt.step()
+                decay.step()
+                theta.project()
+                if offsets is not None:
+                    with torch.no_grad():  # back onto the ball ||v_i|| <= sqrt(d)
+                        norm = offsets.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
+                        f = (math.sqrt(offsets[0].numel()) / norm).clamp(max=1.0)
+                        offsets.mul_(f.reshape(-1, *([1] * (noise.ndim - 1))))
+                info["iters"] = it
+                bar.update()
+                if it % val_every == 0 or it == max_iters:
+                    val = held_out()
+                    if val < best["val"]:
+                        best.update(val=val, state=theta.state(), iter=it)
+                        since_best = 0
+                    else:
+                        since_best += 1
+                        if since_best >= patience:
+                            info["stopped"] = f"no held-out improvement in {patience} checks"
+                            break
+        finally:
+            bar.close()
+        theta.load(best["state"])
+        plan = theta.plan()
+        info.update(val_best=best["val"], best_iter=best["iter"], wall_s=time.perf_counter() - t0, fit_loss_scale=scale)
+        return plan, info
 
 
 @exact_float32()
