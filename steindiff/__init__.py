@@ -10,8 +10,8 @@ and the imports have no cycle, imports inside functions included (``tests/test_l
 2. models: denoisers and adapters, exact mixtures, the U-Net, checkpoints, named models;
 3. stabilizers: the :class:`~steindiff.stabilizers.Stabilizer` contract and its implementations;
 4. the sampling plan (``plan``: a budget to noise levels) and the sampling loop (``sampling``);
-5. what runs the loop: generation from a named model, the trajectory calibration and the estimate of its
-   duration (``fit_estimate``), diagnostics;
+5. what runs the loop: generation from a named model, the trajectory calibration (derivative-free and
+   gradient fits) and the estimate of its duration (``fit_estimate``), diagnostics;
 6. calibration files and the calibrated sampler (``calibration``), multi-process sampling, training;
 7. the public ``sample`` (``api``), the benchmark, the diffusers and k-diffusion integrations;
 8. the command line.

@@ -4,7 +4,9 @@ Three objectives:
 
 - ``trajectory`` (default): SteinDiff's closed-form step scale aimed at the probability-flow ODE's own
   solution, refined on the final samples, with the interior noise levels optionally fitted too
-  (:mod:`steindiff.trajectory`).  Needs only the model: no data, no training.
+  (:mod:`steindiff.trajectory`).  Needs only the model: no data, no training.  ``fit_method="gradient"``
+  fits it by backpropagation through the few-step solve instead (:mod:`steindiff.gradient_fit`), with more
+  parameters to choose from (the model's own noise levels, history corrections).
 - ``variant``: run a stabilizer variant (``stein-energy``, ``stein``, ...) on a calibration batch and
   keep its per-step ``gamma`` (averaged over calibration batches);
 - ``reference``: with reference data the user already has (held out from any evaluation data),
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 from .fingerprint import AmbiguousIdentity, fingerprint
 from .fit_estimate import FitEstimate, estimate_fit
 from .generate import generate
+from .gradient_fit import DEFAULT_PARAMS, FIT_METHODS, LOSSES, check_params, describe_loss, fit_trajectory_gradient
 from .io import check_writable
 from .metrics import sliced_w2
 from .models.registry import ModelSpec
@@ -47,7 +50,8 @@ from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajector
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "calibration_options", "cache_file",
            "conditioning_digest", "default_cache_dir", "default_guards", "plan_from_schedule", "OBJECTIVES",
            "model_fingerprint", "CALIBRATION_SEED", "CALIBRATION_DEFAULTS", "CALIBRATE_WHEN", "QUICK_FIT_SECONDS",
-           "calibrate_when", "stamp_fit", "list_calibrations", "options_summary"]
+           "calibrate_when", "stamp_fit", "list_calibrations", "options_summary",
+           "gradient_fit_options"]
 
 OBJECTIVES = ("trajectory", "variant", "reference")
 #: Default seed of the calibration noise: far from the evaluation seeds (0, 1, 2, ...) of the benchmarks.
@@ -66,6 +70,8 @@ CALIBRATE_WHEN = ("always", "if-quick", "never")
 #: The longest fit that ``if-quick`` starts unasked, in seconds (``quick_fit_seconds=``, ``--quick-fit-seconds``).
 QUICK_FIT_SECONDS = 30.0
 # what calibrate() takes that does not change its result, or that the plan and the key record elsewhere
+# the gradient fit's options: one normalised entry in the key, and none for the derivative-free fit
+_GRADIENT_OPTIONS = ("fit_method", "params", "loss", "features", "residual_weight", "teacher_ball", "gradient_options")
 _NOT_OPTIONS = {"spec", "plan", "solver", "nfe", "schedule", "rho", "coords", "progress", "ref", "extra_args",
                 "reference", "batch_size", "jacobian_batch"}
 
@@ -157,6 +163,13 @@ def calibrate(
     extra_args: dict | None = None,
     jacobian_batch: int | None = None,
     jacobian_precision: str = "fp32",
+    fit_method: str = "derivative-free",
+    params: str | Sequence[str] | None = None,
+    loss: str = "l2",
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    residual_weight: float = 0.0,
+    teacher_ball: float = 0.0,
+    gradient_options: dict | None = None,
 ) -> GammaSchedule:
     """A :class:`GammaSchedule` for the plain ``plan`` (default: :func:`~steindiff.plan.make_plan` of
     ``solver``, ``nfe``, ``schedule``, ``rho``; module docstring).  ``seed`` draws the calibration noise;
@@ -171,6 +184,12 @@ def calibrate(
     default :func:`default_guards`), ``extra_args`` (conditioning of the calibration batch, e.g. class labels).
     Options left at ``None`` take :data:`CALIBRATION_DEFAULTS`, or the model's own defaults
     (``spec.info["calibration_defaults"]``): :func:`calibration_options` resolves them, for every entry point.
+    ``fit_method``: ``derivative-free`` (default: finite differences of whole solves, any model) or ``gradient``
+    (:func:`~steindiff.gradient_fit.fit_trajectory_gradient`, a differentiable model), which takes ``params``
+    (from :data:`~steindiff.gradient_fit.PARAMS`, default :data:`~steindiff.gradient_fit.DEFAULT_PARAMS`), ``loss``
+    (``l2``, or ``features`` with a ``features(x) -> tensor`` function), ``residual_weight``, ``teacher_ball`` (soft
+    teacher forcing) and ``gradient_options`` (``lr``, ``batch_size``, ``max_iters``, ...); its teacher is
+    ``ref_solver``/``ref_steps`` and its time budget ``max_seconds``.
     Runs on the model's device (:meth:`ModelSpec.to`); ``jacobian_batch`` bounds the variant's Jacobian passes and
     ``jacobian_precision`` sets their precision (:class:`~steindiff.stabilizers.GammaStabilizer`).
     The model's identity (:func:`model_fingerprint`) is checked before any work.
@@ -194,10 +213,24 @@ def calibrate(
         "fingerprint": fingerprint_, "calibration": {"n": n, "seed": seed, "dtype": o["dtype"],
                                                      "uses_reference_data": objective == "reference"},
     }
+    if fit_method not in FIT_METHODS:
+        raise ValueError(f"fit_method must be one of {', '.join(FIT_METHODS)}, got {fit_method!r}")
+    gradient = {"params": params, "loss": loss, "features": features, "residual_weight": residual_weight,
+                "teacher_ball": teacher_ball, **(gradient_options or {})}
+    if fit_method != "gradient" or objective != "trajectory":
+        given = [k for k, v in gradient.items() if v not in (None, "l2", 0.0)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of the gradient fit (objective='trajectory', "
+                             f"fit_method='gradient'); this calibration is {objective!r}, {fit_method!r}")
+    else:
+        gradient["params"] = check_params(DEFAULT_PARAMS if params is None else params)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if objective == "trajectory":
         return _calibrate_trajectory(spec, base, meta, n, seed, dtype, fit=fit, progress=progress, ref=ref,
                                      ref_solver=o["ref_solver"], ref_steps=o["ref_steps"], max_solves=o["max_solves"],
-                                     max_seconds=o["max_seconds"], guards=o["guards"], extra_args=extra_args)
+                                     max_seconds=o["max_seconds"], guards=o["guards"], extra_args=extra_args,
+                                     fit_method=fit_method, gradient=gradient if fit_method == "gradient" else None)
     if objective == "variant":
         return _calibrate_variant(spec, base, meta, n, seed, dtype, variant, probes=probes,
                                   jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision,
@@ -216,6 +249,8 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
     signature.  Values are normalised for a file (a dtype by name, guards as a list); this is the ``options``
     part of a calibration's cache key (:func:`calibration_key`)."""
     params = _CALIBRATE_PARAMETERS
+    options = dict(options)
+    resolved_gradient = options.pop("gradient", None)  # already resolved: calibration_options is idempotent
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise ValueError(f"unknown calibration option(s) {', '.join(unknown)}; see steindiff.calibrate")
@@ -234,6 +269,13 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
         raise ValueError(f"calibration dtype must be float32 or float64, got {dt!r}")
     guards = default_guards(spec) if out["guards"] is None else out["guards"]
     out["guards"] = [g for g in guards.split(",") if g] if isinstance(guards, str) else list(guards)
+    # the gradient fit's options, normalised (a feature function by its fingerprint); absent for the
+    # derivative-free fit, whose keys stay those of the files made before the gradient fit existed
+    gradient = gradient_fit_options(out) or resolved_gradient
+    for k in _GRADIENT_OPTIONS:
+        out.pop(k, None)
+    if gradient is not None:
+        out["gradient"] = gradient
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(out.items())}
 
 
@@ -248,18 +290,26 @@ def default_guards(spec: ModelSpec) -> tuple[str, ...]:
 
 
 def _calibrate_trajectory(spec: ModelSpec, base: SamplingPlan, meta: dict, n: int, seed: int, dtype: torch.dtype, *,
-                          fit: str, progress: bool, extra_args: dict | None, **options: Any) -> GammaSchedule:
-    """The ``trajectory`` objective: :func:`~steindiff.trajectory.fit_trajectory` (``options``) from the
-    calibration noise, drawn as :func:`~steindiff.generate.generate` draws it (from ``seed`` on the CPU, then moved)."""
+                          fit: str, progress: bool, extra_args: dict | None, fit_method: str = "derivative-free",
+                          gradient: dict | None = None, **options: Any) -> GammaSchedule:
+    """The ``trajectory`` objective: :func:`~steindiff.trajectory.fit_trajectory` (``options``), or with
+    ``fit_method="gradient"`` :func:`~steindiff.gradient_fit.fit_trajectory_gradient` (``options`` but the
+    solve budget, and the ``gradient`` options), from the calibration noise, drawn as
+    :func:`~steindiff.generate.generate` draws it (from ``seed`` on the CPU, then moved)."""
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     noise = prior_noise((n, *spec.sample_shape), float(base.sigmas[0]), spec.process, seed=seed, dtype=dtype,
                         device=spec.device or "cpu")
-    result = fit_trajectory(spec.denoiser, base, noise, sigma_min=float(spec.process.sigma_min), fit=fit,
-                            extra_args=_tile_batch(extra_args, n), progress=progress, **options)
-    rec = {**meta["calibration"], **result.record, "wall_s": time.perf_counter() - t0, "device": str(noise.device),
-           "torch_threads": torch.get_num_threads()}
+    common = {"sigma_min": float(spec.process.sigma_min), "extra_args": _tile_batch(extra_args, n),
+              "progress": progress}
+    if fit_method == "gradient":
+        options.pop("max_solves", None)
+        result = fit_trajectory_gradient(spec.denoiser, base, noise, **common, **options, **(gradient or {}))
+    else:
+        result = fit_trajectory(spec.denoiser, base, noise, fit=fit, **common, **options)
+    rec = {**meta["calibration"], "fit_method": fit_method, **result.record, "wall_s": time.perf_counter() - t0,
+           "cpu_s": time.process_time() - cpu0, "device": str(noise.device), "torch_threads": torch.get_num_threads()}
     meta.update(name="calibrated:trajectory", calibration=rec)
     return result.schedule(meta)
 
@@ -351,6 +401,22 @@ def calibration_key(spec: ModelSpec, base: SamplingPlan, *, conditioning: str | 
             "conditioning": conditioning, "options": calibration_options(spec, **(options or {}))}
 
 
+def gradient_fit_options(options: dict) -> dict | None:
+    """How a gradient fit was made, normalised for a file and a cache key (``None`` for the derivative-free
+    fit): parameters, distance (a feature function by its content fingerprint), soft teacher forcing and the
+    optimiser's options, from :func:`calibrate`'s options."""
+    if options.get("fit_method", "derivative-free") != "gradient":
+        return None
+    feats = options.get("features")
+    out = {"params": list(check_params(options.get("params") or DEFAULT_PARAMS)),
+           **describe_loss(options.get("loss") or "l2", feats, float(options.get("residual_weight") or 0),
+                           float(options.get("teacher_ball") or 0))}
+    if feats is not None:
+        out["features"] = f"{out['features']}:{fingerprint(feats)}"
+    out["gradient_options"] = dict(sorted((options.get("gradient_options") or {}).items()))
+    return out
+
+
 def cache_file(root: Path, key: dict) -> Path:
     """Where a calibration for ``key`` (:func:`calibration_key`) lives in the cache folder ``root``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -359,13 +425,15 @@ def cache_file(root: Path, key: dict) -> Path:
 
 
 def plan_from_schedule(sched: GammaSchedule, base: SamplingPlan) -> SamplingPlan:
-    """The plan a calibration file describes: its noise levels and gammas, with ``base``'s solver."""
+    """The plan a calibration file describes: its noise levels, gammas, model noise levels and history
+    corrections, with ``base``'s solver."""
     sigmas = sched.meta.get("sigmas", base.sigmas)
     fitted = len(sigmas) == len(base.sigmas) and any(abs(float(a) - float(b)) > 1e-12
                                                      for a, b in zip(sigmas, base.sigmas))
     return SamplingPlan(base.solver, torch.as_tensor(sigmas, dtype=torch.float64),
                         "fitted" if fitted else base.schedule,
-                        list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta})
+                        list(sched.gammas), sched.coords, base.solver_options, {"name": sched.name, **sched.meta},
+                        sched.model_sigmas, sched.history)
 
 
 def calibrate_when(value: bool | str) -> str:
@@ -461,7 +529,9 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     say_fit = notice if notice is not None else (lambda m: None)  # what is fitted is news, not a warning
     say_fit(f"steindiff: calibrating {what} once (fit: {opts['fit']}; {est}, measured on this machine); "
             f"cached in {root}")
-    sched = calibrate(spec, base, coords=base.coords, progress=progress, extra_args=extra_args, ref=ref, **opts)
+    call = {k: v for k, v in opts.items() if k != "gradient"}
+    call.update((k, options[k]) for k in _GRADIENT_OPTIONS if k in options)
+    sched = calibrate(spec, base, coords=base.coords, progress=progress, extra_args=extra_args, ref=ref, **call)
     sched.meta["key"] = key
     stamp_fit(sched, est)
     sched.save(path)

@@ -237,6 +237,7 @@ def sample_distributed(model: Any, out_dir: str | os.PathLike, plan: SamplingPla
             "stabilizer": stabilizer_name if stabilizer_name not in (None, "none") else
             ("calibrated" if plan.gammas is not None else "none"), "stabilizer_options": stabilizer_options or {},
             "sigmas": [float(s) for s in sigmas], **({"gammas": plan.gammas} if plan.gammas is not None else {}),
+            **{k: getattr(plan, k) for k in ("model_sigmas", "history") if getattr(plan, k) is not None},
         }
         run_id = hashlib.sha256(json.dumps(to_jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
         out.mkdir(parents=True, exist_ok=True)

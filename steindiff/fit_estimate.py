@@ -30,6 +30,8 @@ from typing import Any, Callable
 import torch
 
 from .device import exact_float32
+from .gradient_fit import DEFAULT_LRS as GRADIENT_LRS
+from .gradient_fit import gradient_fit
 from .models.registry import ModelSpec
 from .plan import SamplingPlan
 from .sampling import prior_noise, sample, steps
@@ -41,6 +43,9 @@ __all__ = ["FitEstimate", "estimate_fit", "fit_seconds", "describe_seconds"]
 
 #: The fraction of the calibration batch that validates (:func:`~steindiff.trajectory.fit_trajectory`'s default).
 _VALIDATION = inspect.signature(fit_trajectory).parameters["validation"].default
+_GRADIENT_DEFAULTS = inspect.signature(gradient_fit).parameters
+GRADIENT_BATCH = _GRADIENT_DEFAULTS["batch_size"].default
+GRADIENT_ITERS = _GRADIENT_DEFAULTS["max_iters"].default
 #: Repeat a timed unit until it has run this long in total (or 5 times): short units are noisy.
 _MIN_TIMED_S = 0.1
 
@@ -81,6 +86,22 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
     :func:`steindiff.calibration.calibration_options`."""
     ref_steps, max_solves, max_seconds = int(options["ref_steps"]), int(options["max_solves"]), options["max_seconds"]
     reference = (ref_steps + ref_steps // 2) * ref_step_s
+    validation = 4 * (solve_s + pass_s) + pass_s
+    gradient = options.get("gradient")
+    if gradient is not None:
+        # Adam steps on mini-batches of the fit half's first half (the rest early-stops): a forward and a
+        # backward through the checkpointed solve, about 4 solves' work per sample; one fit per learning rate
+        g = gradient.get("gradient_options") or {}
+        lrs = g.get("lr", GRADIENT_LRS)
+        fits = 1 if isinstance(lrs, (int, float)) else len(lrs)
+        n_fit = max(int(options["n"]) * (1 - _VALIDATION), 1)
+        batch = min(int(g.get("batch_size", GRADIENT_BATCH)), n_fit / 2)
+        per_iter = 4 * solve_s * batch / n_fit
+        iters = fits * int(g.get("max_iters", GRADIENT_ITERS))
+        fit = iters * per_iter * 1.2  # and the held-out solves every few steps
+        if max_seconds is not None:
+            fit = min(fit, float(max_seconds) + per_iter)
+        return reference + fit + 2 * (solve_s + pass_s) + pass_s
     per_refinement = max(max_solves // 2, 1)
     refine = 0.0
     # on the distance alone; with the residual-noise term (a model pass per solve, and one for the reference)
@@ -89,7 +110,6 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
                                                                        float(max_seconds) / 2 + unit)
         refine += solve_s + extra + budget
     closed_form = 3 * solve_s
-    validation = 4 * (solve_s + pass_s) + pass_s
     return reference + closed_form + refine + validation
 
 

@@ -6,11 +6,13 @@ diagnostics) goes through one of the two."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from .device import check_model_device
@@ -83,6 +85,7 @@ def steps(
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
     solver_options: dict | None = None,
+    checkpoint: bool = False,
 ) -> Iterator[StepEvent]:
     """The sampling loop, one :class:`StepEvent` per step: :func:`sample` and the diagnostics
     (:func:`steindiff.diagnostics.diagnose`) both run it.  The checks run before the first step.
@@ -94,9 +97,15 @@ def steps(
     ``check_finite`` refuses NaN or Inf model outputs (read back once
     per step, :meth:`~steindiff.solvers.Denoise.deferred_checks`, before the step is yielded);
     ``solver_options`` (e.g. ``order``) go to :func:`~steindiff.solvers.get_solver`.
+
+    A differentiable solve: ``sigmas`` as a float64 tensor (or a sequence of 0-d tensors) that requires
+    grad reaches the solvers as 0-d tensors (:mod:`steindiff.solvers.base`), and the steps run with autograd
+    on when ``x`` or the noise levels require grad (otherwise without a graph, as always).  ``checkpoint``:
+    each step's activations are recomputed in the backward pass (``torch.utils.checkpoint``), so a
+    differentiable solve holds about one step's activations, not all of them.
     """
     check_model_device(model, x)
-    sig = [float(s) for s in validate_sigmas(sigmas)]
+    sig = _levels(sigmas)
     solver = get_solver(solver, **(solver_options or {}))
     if dtype is None:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -108,19 +117,39 @@ def steps(
     denoise = Denoise(model, extra_args, check_finite=check_finite)
     state = solver.init_state()
     label = progress if isinstance(progress, str) else solver.name
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(isinstance(s, torch.Tensor) for s in sig))
+
+    def run(op: StepOperator, x: torch.Tensor) -> tuple[torch.Tensor, Step, dict | None]:
+        if stabilizer is None:
+            with (contextlib.nullcontext() if grad else torch.no_grad()):
+                step = op(x)
+            return step.x_next, step, None
+        return stabilizer.step(op, x)
+
     for i in tqdm(range(len(sig) - 1), disable=not progress, desc=label, leave=False):
         op = StepOperator(solver, denoise, i, sig, state)
         # the model outputs' finiteness is read back once per step, not once per model call (a read-back
         # waits for the device); a stabilizer may read it back with its own statistics (Denoise.settle)
         with denoise.deferred_checks():
-            if stabilizer is None:
-                with torch.no_grad():
-                    step = op(x)
-                x_next, record = step.x_next, None
+            if checkpoint and grad:
+                x_next, step, record = torch.utils.checkpoint.checkpoint(run, op, x, use_reentrant=False)
             else:
-                x_next, step, record = stabilizer.step(op, x)
+                x_next, step, record = run(op, x)
         yield StepEvent(i, op, x, x_next, step, record)
         x, state = x_next, step.state
+
+
+def _levels(sigmas: Sequence[float] | torch.Tensor) -> list[float] | list[torch.Tensor]:
+    """The noise levels as the solvers take them: floats, or 0-d float64 tensors when any requires grad
+    (validated either way, :func:`~steindiff.schedules.validate_sigmas`)."""
+    checked = validate_sigmas(sigmas.detach() if isinstance(sigmas, torch.Tensor) else
+                              [float(s.detach()) if isinstance(s, torch.Tensor) else float(s) for s in sigmas])
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.requires_grad:
+            return list(sigmas.to(torch.float64).unbind(0))
+    elif any(isinstance(s, torch.Tensor) and s.requires_grad for s in sigmas):
+        return [torch.as_tensor(s, dtype=torch.float64).reshape(()) for s in sigmas]
+    return [float(s) for s in checked]
 
 
 def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
@@ -128,9 +157,10 @@ def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence
            **options) -> SampleResult:
     """Solve the PF-ODE from ``x`` (VE state at ``sigmas[0]``) down the schedule ``sigmas``.
 
-    ``options``: ``stabilizer``, ``extra_args``, ``progress``, ``dtype``, ``check_finite`` and
-    ``solver_options`` of :func:`steps`.  The stabilizer's records make the trace.  ``callback`` receives
-    a dict with ``step``, ``sigma``, ``sigma_next``, ``x``, ``denoised`` after every step.
+    ``options``: ``stabilizer``, ``extra_args``, ``progress``, ``dtype``, ``check_finite``,
+    ``solver_options`` and ``checkpoint`` of :func:`steps` (which also says when a solve is differentiable).
+    The stabilizer's records make the trace.  ``callback`` receives a dict with ``step``, ``sigma``,
+    ``sigma_next``, ``x``, ``denoised`` after every step.
 
     Everything runs on ``x``'s device; a model whose parameters live elsewhere (or on ``meta``) is
     refused before any work (:func:`steindiff.device.check_model_device`).

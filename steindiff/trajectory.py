@@ -61,7 +61,7 @@ from .stabilizers.schedule import GammaSchedule
 
 __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", "residual_noise", "fit_trajectory",
            "TrajectoryFit", "FIT_MODES", "GUARDS", "DEFAULT_GUARDS", "SIGNIFICANCE_TEST", "choose_candidate",
-           "score_candidates"]
+           "score_candidates", "CalibrationBatch", "calibration_batch", "validate_candidates"]
 
 FIT_MODES = ("gamma", "steps", "both")
 GUARDS = ("residual", "distribution", "significance")
@@ -328,7 +328,8 @@ class TrajectoryFit:
         """The plan as a :class:`GammaSchedule` whose ``meta`` carries the sigmas and the record."""
         m = {"calibration": self.record, **(meta or {}), "sigmas": [float(s) for s in self.plan.sigmas],
              "objective": "trajectory"}
-        return GammaSchedule(self.plan.gammas or [1.0] * self.plan.steps, self.plan.coords, m)
+        return GammaSchedule(self.plan.gammas or [1.0] * self.plan.steps, self.plan.coords, m,
+                             model_sigmas=self.plan.model_sigmas, history=self.plan.history)
 
 
 def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -434,6 +435,81 @@ def score_candidates(model: Callable[..., torch.Tensor], candidates: dict[str, S
     return scores
 
 
+@dataclass
+class CalibrationBatch:
+    """The calibration noise split into a fit part (the first ``n_fit`` samples) and a validation part, with
+    the teacher's fine solve ``ref`` of all of it and the per-sample conditioning ``extra_args``."""
+
+    noise: torch.Tensor
+    ref: ReferenceSolve
+    n_fit: int
+    extra_args: dict | None = None
+
+    @property
+    def n(self) -> int:
+        return self.noise.shape[0]
+
+    @property
+    def fit(self) -> slice:
+        return slice(0, self.n_fit)
+
+    @property
+    def val(self) -> slice:
+        return slice(self.n_fit, self.n)
+
+    def part(self, sl: slice) -> dict | None:
+        """``extra_args`` of the samples ``sl`` (per-sample tensors sliced, anything else kept)."""
+        if not self.extra_args:
+            return self.extra_args
+        return {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == self.n else v)
+                for k, v in self.extra_args.items()}
+
+
+def calibration_batch(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, *,
+                      sigma_min: float, validation: float = 0.5, ref: ReferenceSolve | None = None,
+                      ref_solver: str = "dpmpp_2m", ref_steps: int = 200, keep_states: bool = True,
+                      extra_args: dict | None = None, progress: bool = False) -> CalibrationBatch:
+    """Split ``noise`` into fit and validation parts (``validation``: the validation fraction) and solve it
+    finely (the teacher, :func:`reference_solve`; its states kept for the fit part when ``keep_states``), or
+    check that ``ref`` matches it."""
+    if not 0 < validation < 1:
+        raise ValueError(f"validation must be a fraction in (0, 1), got {validation}")
+    n = noise.shape[0]
+    n_fit = int(round(n * (1 - validation)))
+    if n_fit < 2 or n - n_fit < 2:
+        raise ValueError(f"calibration batch of {n} is too small to split into fit and validation parts (need >= 4)")
+    if ref is None:
+        ref = reference_solve(model, noise, float(base.sigmas[0]), sigma_min, solver=ref_solver, steps=ref_steps,
+                              keep=n_fit if keep_states else 0, extra_args=extra_args, progress=progress)
+    if (keep_states and ref.states.shape[1] < n_fit) or ref.final.shape[0] != n:
+        raise ValueError("the reference solve does not match the calibration batch")
+    return CalibrationBatch(noise, ref, n_fit, extra_args)
+
+
+def validate_candidates(model: Callable[..., torch.Tensor], batch: CalibrationBatch,
+                        candidates: dict[str, SamplingPlan], *, sigma_min: float, residual_tolerance: float = 1.05,
+                        significance: float = 2.0, guards: Sequence[str] = DEFAULT_GUARDS) -> dict:
+    """Score ``candidates`` (``plain`` among them) on the validation part (:func:`score_candidates`) and choose
+    under ``guards`` (:func:`choose_candidate`): the part of a calibration record every fit method shares."""
+    guards = _check_guards(guards)
+    val = batch.val
+    ref_val = batch.ref.final[val]
+    r_ref = residual_noise(model, ref_val, sigma_min, batch.part(val))
+    scores = score_candidates(model, candidates, batch.noise[val], ref_val, sigma_min=sigma_min,
+                              residual_tolerance=residual_tolerance, significance=significance,
+                              ref_residual=r_ref, extra_args=batch.part(val))
+    chosen = choose_candidate(scores, guards)
+    ref = batch.ref
+    return {
+        "chosen": chosen, "beats_plain": chosen != "plain", "candidates": scores,
+        "reference": {"solver": ref.solver, "steps": ref.steps, "schedule": "logsnr",
+                      "convergence_rms": ref.convergence, "residual_noise": r_ref, "wall_s": ref.wall_s},
+        "n_fit": batch.n_fit, "n_val": batch.n - batch.n_fit, "residual_tolerance": residual_tolerance,
+        "significance": significance, "significance_test": SIGNIFICANCE_TEST, "guards": list(guards),
+        "val_ratio": (scores[chosen]["val_rms"] / scores["plain"]["val_rms"]) if scores["plain"]["val_rms"] else None,
+    }
+
+
 @exact_float32()
 def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, *, sigma_min: float,
                    fit: str = "both", validation: float = 0.5, ref: ReferenceSolve | None = None,
@@ -453,35 +529,20 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     (:data:`GUARDS`) a candidate must pass to replace the plain solver, a sequence or a comma-separated
     string.  Returns the chosen plan and a record: validation scores (RMS distance per coordinate to the
     reference's final samples) of every candidate, residual noise, reference convergence, sizes and
-    wall time.
+    wall time.  The gradient fit (:func:`steindiff.gradient_fit.fit_trajectory_gradient`) shares the split,
+    the teacher and the validation choice.
     """
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-    if not 0 < validation < 1:
-        raise ValueError(f"validation must be a fraction in (0, 1), got {validation}")
     guards = _check_guards(guards)
     if int(plain_tail) != plain_tail or plain_tail < 1:
         raise ValueError(f"plain_tail must be a whole number of final steps >= 1, got {plain_tail}")
-    n = noise.shape[0]
-    n_fit = int(round(n * (1 - validation)))
-    if n_fit < 2 or n - n_fit < 2:
-        raise ValueError(f"calibration batch of {n} is too small to split into fit and validation parts (need >= 4)")
     t0 = time.perf_counter()
-    sigma_max = float(base.sigmas[0])
-    if ref is None:
-        ref = reference_solve(model, noise, sigma_max, sigma_min, solver=ref_solver, steps=ref_steps, keep=n_fit,
-                              extra_args=extra_args, progress=progress)
-    if ref.states.shape[1] < n_fit or ref.final.shape[0] != n:
-        raise ValueError("the reference solve does not match the calibration batch")
-
-    def part(sl: slice) -> dict | None:
-        if not extra_args:
-            return extra_args
-        return {k: (v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
-                for k, v in extra_args.items()}
-
-    fit_sl, val_sl = slice(0, n_fit), slice(n_fit, n)
-    x_fit, x_val = noise[fit_sl], noise[val_sl]
+    batch = calibration_batch(model, base, noise, sigma_min=sigma_min, validation=validation, ref=ref,
+                              ref_solver=ref_solver, ref_steps=ref_steps, extra_args=extra_args, progress=progress)
+    ref, fit_sl, part = batch.ref, batch.fit, batch.part
+    n_fit = batch.n_fit
+    x_fit = noise[fit_sl]
     ref_fit = ReferenceSolve(ref.sigmas, ref.states[:, :n_fit], ref.final[fit_sl], ref.solver, ref.steps,
                              ref.convergence, ref.wall_s)
     g_cf = closed_form_gammas(model, x_fit, base, ref_fit, gamma_bounds=gamma_bounds, plain_tail=plain_tail,
@@ -503,22 +564,9 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
             plain_tail=plain_tail,
             max_seconds=max_seconds / 2, extra_args=part(fit_sl),
             progress=f"calibrating: fit {i + 1}/{1 + (reg_residual > 0)}" if progress else False)
-    ref_val = ref.final[val_sl]
-    r_ref = residual_noise(model, ref_val, sigma_min, part(val_sl))
-    scores = score_candidates(model, candidates, x_val, ref_val, sigma_min=sigma_min,
-                              residual_tolerance=residual_tolerance, significance=significance,
-                              ref_residual=r_ref, extra_args=part(val_sl))
-    chosen = choose_candidate(scores, guards)
-    record = {
-        "fit": fit, "chosen": chosen, "beats_plain": chosen != "plain",
-        "candidates": scores, "reference": {"solver": ref.solver, "steps": ref.steps, "schedule": "logsnr",
-                                            "convergence_rms": ref.convergence, "residual_noise": r_ref,
-                                            "wall_s": ref.wall_s},
-        "n_fit": n_fit, "n_val": n - n_fit, "gamma_bounds": list(gamma_bounds), "reg_gamma": reg_gamma,
-        "reg_steps": reg_steps, "reg_residual": reg_residual, "residual_tolerance": residual_tolerance,
-        "significance": significance, "significance_test": SIGNIFICANCE_TEST, "guards": list(guards),
-        "plain_tail": plain_tail, "refine": rinfo,
-        "val_ratio": (scores[chosen]["val_rms"] / scores["plain"]["val_rms"]) if scores["plain"]["val_rms"] else None,
-        "wall_s": time.perf_counter() - t0,
-    }
-    return TrajectoryFit(candidates[chosen], record)
+    chosen = validate_candidates(model, batch, candidates, sigma_min=sigma_min, residual_tolerance=residual_tolerance,
+                                 significance=significance, guards=guards)
+    record = {"fit": fit, **chosen, "gamma_bounds": list(gamma_bounds), "reg_gamma": reg_gamma,
+              "reg_steps": reg_steps, "reg_residual": reg_residual, "plain_tail": plain_tail, "refine": rinfo,
+              "wall_s": time.perf_counter() - t0}
+    return TrajectoryFit(candidates[chosen["chosen"]], record)

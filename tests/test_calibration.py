@@ -119,6 +119,24 @@ def test_the_digits_model_ships_its_calibrations(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written to the user's cache
 
 
+def test_first_generation_files_load_as_the_plans_they_were():
+    """Every shipped calibration is a ``/1`` file: gammas and noise levels only, applied as before (the
+    rescaled update alone: no model noise levels, no history corrections)."""
+    from pathlib import Path
+
+    weights = Path(load_model("digits").info["calibrations"]).parent.parent
+    files = sorted(f for f in weights.glob("*/calibrations/*.json") if f.name != "defaults.json")
+    assert len(files) >= 60
+    for f in files:
+        assert json.loads(f.read_text())["schema"] == "steindiff.gamma-schedule/1"
+        sched = load_gamma_schedule(f)
+        assert sched.requires == [] and sched.model_sigmas is None and sched.history is None
+        m = sched.meta
+        plan = plan_from_schedule(sched, make_plan(load_model("gmm:toy2d").process, m["solver"], m["nfe"],
+                                                   m["schedule"]))
+        assert plan.model_sigmas is None and plan.history is None and plan.gammas == sched.gammas
+
+
 def test_trajectory_calibration_uses_the_requested_coordinates(toy):
     sched = calibrate(toy, solver="euler", nfe=3, coords="vp", dtype=torch.float64, **FAST)
     assert sched.coords == "vp"

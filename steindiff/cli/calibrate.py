@@ -4,7 +4,8 @@ solve follows a fine solve of the same model from the same noise: no data, no tr
 measured on the model and announced before the fit starts.  A trajectory calibration is written into the
 calibration cache (``--calibration-dir``, default ``$XDG_CACHE_HOME/steindiff/calibrations``), where ``sample
 --stabilizer auto`` finds it, and to ``--out FILE`` when given (``sample --gamma-schedule FILE``); the command
-prints the ``steindiff sample`` commands that use it."""
+prints the ``steindiff sample`` commands that use it.  ``--fit-method gradient`` fits by
+backpropagation through the solve instead, with the parameters named by ``--params``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..calibration import (
     stamp_fit,
 )
 from ..fit_estimate import estimate_fit
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_params
 from ..io import check_writable
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
@@ -42,6 +44,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(--stabilizer) estimates on the calibration batch; reference: fit to --reference data")
     p.add_argument("--fit", default="both", choices=FIT_MODES,
                    help="trajectory: fit the per-step gammas, the interior noise levels, or both")
+    p.add_argument("--fit-method", default="derivative-free", choices=FIT_METHODS,
+                   help="trajectory: derivative-free (finite differences of whole solves; any model) or gradient "
+                        "(backpropagation through the solve; a differentiable model; fits --params)")
+    p.add_argument("--params", default=None,
+                   help=f"--fit-method gradient: what to fit, comma-separated from {', '.join(PARAMS)} (default "
+                        f"{','.join(DEFAULT_PARAMS)}): interior noise levels, per-step gamma, the noise level given "
+                        "to the model at each step, corrections over past denoised outputs")
+    p.add_argument("--teacher-ball", type=float, default=0.0,
+                   help="--fit-method gradient: soft teacher forcing, each fit sample's start may move within this "
+                        "fraction of its noise's norm (0: off)")
+    p.add_argument("--residual-weight", type=float, default=0.0,
+                   help="--fit-method gradient: weight of the residual-noise term of the loss (0: off)")
+    p.add_argument("--ref-solver", default=None,
+                   help="trajectory: solver of the fine reference solve (the teacher; default: the model's, else "
+                        "dpmpp_2m), e.g. unipc with --ref-steps 20")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="--fit-method gradient: Adam steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="--fit-method gradient: teacher pairs per Adam step (default 64)")
     p.add_argument("--stabilizer", default="stein-energy",
                    help=f"--objective variant: the stabilizer run on the calibration batch "
                         f"({', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))})")
@@ -52,10 +73,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=None,
                    help="calibration batch size (default: 512 for trajectory, half of it validates; 1000 otherwise)")
     p.add_argument("--ref-steps", type=int, default=None,
-                   help="trajectory: steps of the fine reference solve (dpmpp_2m, log-SNR; default: the model's, else "
-                        "200)")
+                   help="trajectory: steps of the fine reference solve (--ref-solver, log-SNR; default: the "
+                        "model's, else 200)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="trajectory: time budget of the refinement (default: the model's, else 60)")
+                   help="trajectory: time budget of the refinement (of the gradient fit with --fit-method gradient; "
+                        "default: the model's, else 60)")
     p.add_argument("--max-solves", type=int, default=None,
                    help="trajectory: refinement budget in solves of the fit batch (reproducible; seconds are not; "
                         "default: the model's, else 200)")
@@ -118,6 +140,26 @@ def run(args: argparse.Namespace) -> int:
                         lambda v: v > 0), ("--max-solves", args.max_solves, lambda v: v >= 1)):
         if v is not None and not ok(v):
             raise UsageError(f"{flag}: got {v}; --ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1")
+    gradient = args.fit_method == "gradient"
+    if not gradient and (args.params is not None or args.teacher_ball or args.residual_weight
+                         or args.max_iters is not None or args.batch_size is not None):
+        raise UsageError("--params, --teacher-ball, --residual-weight, --max-iters and --batch-size are options of "
+                         "--fit-method gradient")
+    if gradient and args.objective != "trajectory":
+        raise UsageError(f"--fit-method gradient fits the trajectory objective, not --objective {args.objective}")
+    for name, v in (("--max-iters", args.max_iters), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
+    if args.teacher_ball < 0 or args.residual_weight < 0:
+        raise UsageError(f"--teacher-ball and --residual-weight must be >= 0, got {args.teacher_ball} and "
+                         f"{args.residual_weight}")
+    fit_options = {}
+    if gradient:
+        with usage_errors(ValueError):
+            params = check_params(args.params) if args.params is not None else DEFAULT_PARAMS
+        opts = {k: v for k, v in (("max_iters", args.max_iters), ("batch_size", args.batch_size)) if v is not None}
+        fit_options = {"fit_method": "gradient", "params": params, "teacher_ball": args.teacher_ball,
+                       "residual_weight": args.residual_weight, "gradient_options": opts or None}
     device = common.device_from_args(args)
     spec = common.model_on_device(common.resolve_model(args), device)
     common.resolve_sampling(args, spec)
@@ -125,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         plain = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
     base = dataclasses.replace(plain, coords=args.coords)
     options = dict(fit=args.fit, n=args.n, seed=args.seed, dtype=args.dtype, ref_steps=args.ref_steps,
-                   max_seconds=args.max_seconds, max_solves=args.max_solves, guards=args.guards)
+                   max_seconds=args.max_seconds, max_solves=args.max_solves, guards=args.guards,
+                   ref_solver=args.ref_solver, **fit_options)
     key, cached = None, None
     if args.objective == "trajectory":  # into the cache's layout (steindiff.calibration.calibrated_plan)
         with usage_errors(ValueError):
@@ -169,12 +212,17 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         sched.save(path)
     file = written[0]
-    summary = {"out": file, "written": written, "gammas": sched.gammas, "coords": sched.coords, **sched.meta}
+    summary = {"out": file, "written": written, "gammas": sched.gammas, "coords": sched.coords, **sched.meta,
+               **{k: getattr(sched, k) for k in sched.requires}}
     lines = [f"wrote {' and '.join(written)}: {sched.meta['objective']} calibration of {args.solver} at NFE "
              f"{sched.meta['nfe']}", "  gammas " + " ".join(f"{g:.3f}" for g in sched.gammas)]
     cal = sched.meta.get("calibration", {})
     if sched.meta["objective"] == "trajectory":
         lines.append("  sigmas " + " ".join(f"{s:.4g}" for s in sched.meta["sigmas"]))
+        if sched.model_sigmas is not None:
+            lines.append("  model sigmas " + " ".join(f"{s:.4g}" for s in sched.model_sigmas))
+        if sched.history is not None:
+            lines.append("  history " + " | ".join(" ".join(f"{c:+.3f}" for c in row) or "-" for row in sched.history))
         cand = cal["candidates"]
         lines.append(f"  validation: distance to the fine solve {cand[cal['chosen']]['val_rms']:.4g} vs plain "
                      f"{cand['plain']['val_rms']:.4g} ({cal['chosen']}"

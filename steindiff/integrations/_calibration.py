@@ -60,7 +60,8 @@ def as_plan(calibration: Any, *, solver: str, sigmas: torch.Tensor | None = None
         raise ValueError(f"the gamma schedule has {len(calibration.gammas)} gammas but {len(sig) - 1} steps of "
                          "noise levels")
     return SamplingPlan(str(meta.get("solver") or solver), sig, str(meta.get("schedule") or "custom"),
-                        list(calibration.gammas), calibration.coords, {}, {"name": calibration.name, **meta})
+                        list(calibration.gammas), calibration.coords, {}, {"name": calibration.name, **meta},
+                        calibration.model_sigmas, calibration.history)
 
 
 def check_plan(plan: SamplingPlan, sigmas: Any, *, solver: str, solver_options: dict | None = None,

@@ -8,18 +8,50 @@ step as a pure function of the current state and the history it carries:
 
 ``x_next = T(x)`` is differentiable with respect to ``x`` through the model (the history in ``state``
 is treated as constant), which is what a stabilizer wraps (:mod:`steindiff.stabilizers`).
+
+The noise levels ``sigmas`` are Python floats, or 0-d float64 tensors (possibly requiring grad): every
+solver is then differentiable in them too (the calibrated sampler's gradient fit,
+:mod:`steindiff.gradient_fit`).  The step formulas are written once over scalar arithmetic that both
+kinds support; the few functions that differ (``expm1``, a small linear solve) dispatch on the type
+(:func:`scalar_expm1`, :func:`scalar_solve`), so the float path computes exactly what it always did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 __all__ = ["Step", "Solver", "Denoise", "NonFiniteModelOutput", "detach_state", "slice_state", "cat_states",
-           "steps_for_nfe", "StepOperator"]
+           "steps_for_nfe", "StepOperator", "Scalar", "scalar_expm1", "scalar_solve"]
+
+#: A noise level or a coefficient computed from noise levels: a float, or a 0-d float64 tensor.
+Scalar = float | torch.Tensor
+
+
+def scalar_expm1(v: Scalar) -> Scalar:
+    """``exp(v) - 1`` of a float (``math.expm1``) or of a 0-d tensor (``torch.expm1``, differentiable)."""
+    return torch.expm1(v) if isinstance(v, torch.Tensor) else math.expm1(v)
+
+
+def scalar_solve(rows: Sequence[Sequence[Scalar]], rhs: Sequence[Scalar]) -> list[Scalar]:
+    """The solution ``a`` of the small linear system ``sum_k rows[j][k] a_k = rhs[j]``: floats from
+    ``numpy.linalg.solve`` when every entry is a float, else 0-d float64 tensors from ``torch.linalg.solve``
+    (differentiable in the entries)."""
+    entries = [v for row in rows for v in row] + list(rhs)
+    if not any(isinstance(v, torch.Tensor) for v in entries):
+        import numpy as np
+
+        return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)).tolist()
+
+    def t(v: Scalar) -> torch.Tensor:
+        return torch.as_tensor(v, dtype=torch.float64)
+
+    A = torch.stack([torch.stack([t(v) for v in row]) for row in rows])
+    return list(torch.linalg.solve(A, torch.stack([t(v) for v in rhs])).unbind())
 
 
 class NonFiniteModelOutput(FloatingPointError):
@@ -75,7 +107,8 @@ def cat_states(parts: list, sizes: list[int]) -> Any:
 class Denoise:
     """Calls the model at one noise level, checks its output and counts passes (NFE).
 
-    ``denoise(x, sigma, step)`` broadcasts the scalar ``sigma`` to the batch, passes ``extra``
+    ``denoise(x, sigma, step)`` broadcasts the scalar ``sigma`` (a float or a 0-d tensor, whose gradient
+    it keeps) to the batch, passes ``extra``
     through, casts the output to the state's dtype and raises a clear error on a wrong shape or a
     non-finite value (naming the step and sigma).
     """
@@ -137,8 +170,11 @@ class Denoise:
         finally:
             self._extra = prev
 
-    def __call__(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-        s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+    def __call__(self, x: torch.Tensor, sigma: Scalar, step: int) -> torch.Tensor:
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.to(dtype=x.dtype, device=x.device).reshape(1).repeat(x.shape[0])
+        else:
+            s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         out = self.model(x, s, **self.extra)
         if self._extra:
             self.extra_calls += 1
@@ -155,7 +191,7 @@ class Denoise:
         if self._pending is not None:  # queued on the device: read back with the step's other values
             self._pending.append((torch.isfinite(out.detach()).all(), step, sigma))
         # a NaN or Inf anywhere makes the sum non-finite: one reduction, the full check only then
-        elif not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        elif not bool(torch.isfinite(out.detach().sum())) and not bool(torch.isfinite(out.detach()).all()):
             raise NonFiniteModelOutput(f"model returned NaN or Inf at step {step} (sigma={sigma:.6g})")
         return out
 
@@ -171,7 +207,7 @@ class Solver:
         """History before the first step."""
         return {}
 
-    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[Scalar], state: dict) -> Step:
         raise NotImplementedError
 
     def nfe(self, sigmas: list[float] | torch.Tensor) -> int:
@@ -187,12 +223,16 @@ class StepOperator:
     """The step operator ``T`` of step ``i``: ``T(x) = solver.step(denoise, x, i, sigmas, state)``
     with the solver's history fixed.  This is all a stabilizer sees of a solver."""
 
-    def __init__(self, solver: Solver, denoise: Denoise, i: int, sigmas: list[float], state: dict):
+    def __init__(self, solver: Solver, denoise: Denoise, i: int, sigmas: list[Scalar], state: dict):
         self.solver, self.denoise, self.i, self.sigmas, self.state = solver, denoise, i, sigmas, state
         self.sigma, self.sigma_next = sigmas[i], sigmas[i + 1]
 
     def __call__(self, x: torch.Tensor) -> Step:
         return self.solver.step(self.denoise, x, self.i, self.sigmas, self.state)
+
+    def with_denoise(self, denoise: Denoise) -> "StepOperator":
+        """The same step with another model wrapper (e.g. one that feeds the model other noise levels)."""
+        return StepOperator(self.solver, denoise, self.i, self.sigmas, self.state)
 
     def restrict(self, sl: slice, n: int) -> "StepOperator":
         """The same step on the samples ``sl`` of the batch of ``n`` (the history sliced to match)."""

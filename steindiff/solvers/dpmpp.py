@@ -11,12 +11,10 @@ midpoint form ``x_{i+1} = ... - expm1(-h) (D_0 + D_1/2)`` with ``D_1 = (m_0 - m_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..noise import log_snr
-from .base import Denoise, Solver, Step
+from .base import Denoise, Scalar, Solver, Step, scalar_expm1
 
 __all__ = ["DPMSolverPP"]
 
@@ -48,7 +46,7 @@ class DPMSolverPP(Solver):
     def init_state(self) -> dict:
         return {"denoised": [], "lambdas": []}
 
-    def step_order(self, i: int, sigmas: list[float]) -> int:
+    def step_order(self, i: int, sigmas: list[Scalar]) -> int:
         n = len(sigmas) - 1
         p = min(self.order, i + 1)
         if sigmas[i + 1] == 0 or (self.lower_order_final and n < 15 and i == n - 1):
@@ -57,18 +55,18 @@ class DPMSolverPP(Solver):
             p = min(p, 2)
         return p
 
-    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[Scalar], state: dict) -> Step:
         s, s_next = sigmas[i], sigmas[i + 1]
         m0 = denoise(x, s, i)
         lam, lam_next = log_snr(s), log_snr(s_next)
         p = self.step_order(i, sigmas)
         hist_d, hist_l = state["denoised"], state["lambdas"]
         if p == 1:
-            e = -1.0 if s_next == 0 else math.expm1(-(lam_next - lam))
+            e = -1.0 if s_next == 0 else scalar_expm1(-(lam_next - lam))
             x_next = (s_next / s) * x - e * m0
         else:
             h = lam_next - lam
-            e = math.expm1(-h)
+            e = scalar_expm1(-h)
             r0 = (lam - hist_l[-1]) / h
             d1_0 = (m0 - hist_d[-1]) / r0
             if p == 2:

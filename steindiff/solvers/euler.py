@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Denoise, Solver, Step
+from .base import Denoise, Scalar, Solver, Step
 
 __all__ = ["Euler", "Heun"]
 
@@ -17,7 +17,7 @@ class Euler(Solver):
     name = "euler"
     order = 1
 
-    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[Scalar], state: dict) -> Step:
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s, i)
         return Step(d + (s_next / s) * (x - d), d, state)
@@ -31,7 +31,7 @@ class Heun(Solver):
     name = "heun"
     order = 2
 
-    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[Scalar], state: dict) -> Step:
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s, i)
         slope = (x - d) / s
@@ -41,6 +41,6 @@ class Heun(Solver):
         slope_next = (x_euler - denoise(x_euler, s_next, i)) / s_next
         return Step(x + (s_next - s) * 0.5 * (slope + slope_next), d, state)
 
-    def nfe(self, sigmas: list[float] | torch.Tensor) -> int:
+    def nfe(self, sigmas: list[Scalar] | torch.Tensor) -> int:
         n = len(sigmas) - 1
         return 2 * n - (1 if float(sigmas[-1]) == 0 else 0)

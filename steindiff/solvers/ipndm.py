@@ -3,10 +3,9 @@ PF-ODE slope ``d = (x - D(x))/sigma`` with lower-order warm-up, one model pass p
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .base import Denoise, Solver, Step
+from .base import Denoise, Scalar, Solver, Step
 
 __all__ = ["IPNDM"]
 
@@ -14,20 +13,33 @@ __all__ = ["IPNDM"]
 _AB_FIXED = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
-def adams_bashforth_weights(nodes: list[float], a: float, b: float) -> list[float]:
+def adams_bashforth_weights(nodes: list[Scalar], a: Scalar, b: Scalar) -> list[Scalar]:
     """Weights ``w_j = int_a^b L_j(s) ds / (b - a)`` of the Lagrange basis on ``nodes``:
     the variable-step Adams-Bashforth rule ``x(b) = x(a) + (b - a) sum_j w_j d(nodes[j])``.
 
     Computed in the affine coordinate ``u = (s - a) / (b - a)`` (the Lagrange basis is invariant
     under it), so ``w_j = int_0^1 L_j(u) du``: integrating in raw ``sigma`` loses all precision when
-    the steps are small relative to ``sigma`` (cancellation between ``integ(b)`` and ``integ(a)``)."""
-    nodes_arr = (np.asarray(nodes, dtype=np.float64) - a) / (b - a)
+    the steps are small relative to ``sigma`` (cancellation between ``integ(b)`` and ``integ(a)``).
+    Plain scalar arithmetic (the order of operations of ``numpy.poly1d``: expand the product of
+    ``(u - u_m)``, divide by ``prod (u_j - u_m)``, integrate term by term, sum), so floats and 0-d tensors
+    (differentiable) go through the same formula."""
+    u = [(nd - a) / (b - a) for nd in nodes]
     out = []
-    for j in range(len(nodes_arr)):
-        others = np.delete(nodes_arr, j)
-        poly = np.poly1d(others, r=True) / np.prod(nodes_arr[j] - others) if len(others) else np.poly1d([1.0])
-        integ = poly.integ()
-        out.append(float(integ(1.0) - integ(0.0)))
+    for j, uj in enumerate(u):
+        others = u[:j] + u[j + 1:]
+        coef: list[Scalar] = [1.0]  # prod_m (t - u_m), highest power first
+        for um in others:
+            coef = [hi - um * lo for hi, lo in zip(coef + [0.0], [0.0] + coef)]
+        if others:
+            denom = uj - others[0]
+            for um in others[1:]:
+                denom = denom * (uj - um)
+            coef = [c / denom for c in coef]
+        n = len(coef)
+        w = 0.0
+        for k, c in enumerate(coef):  # int_0^1 t^(n-1-k) dt = 1 / (n - k)
+            w = w + c / (n - k)
+        out.append(w)
     return out
 
 
@@ -48,7 +60,7 @@ class IPNDM(Solver):
     def init_state(self) -> dict:
         return {"slopes": [], "sigmas": []}
 
-    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[Scalar], state: dict) -> Step:
         s, s_next = sigmas[i], sigmas[i + 1]
         d = denoise(x, s, i)
         slope = (x - d) / s

@@ -14,41 +14,39 @@ pass: it is applied at the start of the next step, using the model output comput
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from ..noise import log_snr
-from .base import Denoise, Solver, Step
+from .base import Denoise, Scalar, Solver, Step, scalar_expm1, scalar_solve
 
 __all__ = ["UniPC"]
 
 
-def unipc_weights(rks: list[float], h: float, order: int, variant: str) -> tuple[np.ndarray, np.ndarray, float]:
+def unipc_weights(rks: list[Scalar], h: Scalar, order: int,
+                  variant: str) -> tuple[list[Scalar], list[Scalar], Scalar]:
     """Predictor weights (``order - 1``), corrector weights (``order``) and ``B(h)``.
 
     ``rks`` holds the ``order - 1`` past ratios; the corrector adds ``r = 1``.
-    UniP-2 uses ``a = 1/2`` and UniC-1 ``c = 1/2`` (Zhao et al. 2023, App. C).
+    UniP-2 uses ``a = 1/2`` and UniC-1 ``c = 1/2`` (Zhao et al. 2023, App. C).  Floats for float
+    ratios and step; 0-d tensors, differentiable in them, for tensors (:func:`~steindiff.solvers.base.scalar_solve`).
     """
     hh = -h
-    h_phi_1 = math.expm1(hh)
+    h_phi_1 = scalar_expm1(hh)
     B_h = hh if variant == "bh1" else h_phi_1
-    r = np.array(list(rks) + [1.0])
-    R = np.stack([r**j for j in range(order)])
+    r = list(rks) + [1.0]
+    R = [[rk**j for rk in r] for j in range(order)]
     g, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
     for j in range(1, order + 1):
         g.append(h_phi_k * fact / B_h)
         fact *= j + 1
         h_phi_k = h_phi_k / hh - 1.0 / fact
-    g = np.array(g)
     if order == 1:
-        pred = np.zeros(0)
+        pred = []
     elif order == 2:
-        pred = np.array([0.5])
+        pred = [0.5]
     else:
-        pred = np.linalg.solve(R[:-1, :-1], g[:-1])
-    corr = np.array([0.5]) if order == 1 else np.linalg.solve(R, g)
+        pred = scalar_solve([row[:-1] for row in R[:-1]], g[:-1])
+    corr = [0.5] if order == 1 else scalar_solve(R, g)
     return pred, corr, B_h
 
 
@@ -79,7 +77,7 @@ class UniPC(Solver):
     def init_state(self) -> dict:
         return {"denoised": [], "lambdas": [], "pending": None}
 
-    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[float], state: dict) -> Step:
+    def step(self, denoise: Denoise, x: torch.Tensor, i: int, sigmas: list[Scalar], state: dict) -> Step:
         s, s_next = sigmas[i], sigmas[i + 1]
         n = len(sigmas) - 1
         m0 = denoise(x, s, i)
@@ -95,7 +93,7 @@ class UniPC(Solver):
         if s_next == 0:
             p = 1
         h = lam_next - lam
-        e = -1.0 if s_next == 0 else math.expm1(-h)
+        e = -1.0 if s_next == 0 else scalar_expm1(-h)
         x_next = (s_next / s) * x - e * m0
         new_pending = None
         if s_next > 0:
@@ -103,10 +101,10 @@ class UniPC(Solver):
             d1s = [(hist_d[-k] - m0) / r for k, r in zip(range(1, p), rks)]
             pred, corr, B_h = unipc_weights(rks, h, p, self.variant)
             if p > 1:
-                x_next = x_next - B_h * sum(float(a) * d for a, d in zip(pred, d1s))
+                x_next = x_next - B_h * sum(a * d for a, d in zip(pred, d1s))
             if self.corrector:
-                hist_term = sum((float(c - a) * d for c, a, d in zip(corr[:-1], pred, d1s)), torch.zeros_like(m0))
-                new_pending = (hist_term, float(corr[-1]), m0, B_h)
+                hist_term = sum(((c - a) * d for c, a, d in zip(corr[:-1], pred, d1s)), torch.zeros_like(m0))
+                new_pending = (hist_term, corr[-1], m0, B_h)
         keep = self.order
         new_state = {"denoised": (hist_d + [m0])[-keep:], "lambdas": (hist_l + [lam])[-keep:], "pending": new_pending}
         return Step(x_next, m0, new_state)

@@ -63,6 +63,24 @@ def test_kdiffusion_calibration_equals_sample_with_the_plan(fn, solver, tmp_path
     assert torch.equal(fn(GMM, x, base, calibration=path), want)
 
 
+def test_kdiffusion_applies_model_noise_levels_and_history_from_a_second_generation_file(tmp_path):
+    plan, base = fitted_plan("unipc")
+    plan.model_sigmas = [float(s) * 1.05 for s in plan.sigmas[:-1]]
+    plan.history = [[], [0.2], [0.1, -0.05], [0.0]]
+    x = x0()
+    want = sd.sample(GMM, x, plan.sigmas, plan.solver, stabilizer=plan.stabilizer()).x
+    assert not torch.allclose(want, sd.sample(GMM, x, plan.sigmas, plan.solver,
+                                              stabilizer=GammaSchedule(plan.gammas, "ve")).x)
+    sched = GammaSchedule(plan.gammas, "ve", plan.meta, model_sigmas=plan.model_sigmas, history=plan.history)
+    path = tmp_path / "cal2.json"
+    sched.save(path)
+    for cal in (plan, sched, path):
+        assert torch.equal(kd.sample_unipc(GMM, x, base, calibration=cal), want)
+    loaded = plan_from_schedule(load_gamma_schedule(path), make_plan(sd.VEProcess(), "unipc", 4))
+    assert loaded.model_sigmas == plan.model_sigmas and loaded.history == plan.history
+    assert torch.equal(sd.sample(GMM, x, loaded.sigmas, "unipc", stabilizer=loaded.stabilizer()).x, want)
+
+
 def test_kdiffusion_callback_sees_the_calibrated_noise_levels():
     plan, base = fitted_plan()
     seen = []
@@ -231,6 +249,25 @@ def test_sample_pipeline_applies_a_calibration_on_the_same_model(pipe):
     x = kd.sample_dpmpp_2m(pm.model, lat * (1 + base[0] ** 2).sqrt(), base, extra_args=pm.extra_args(6),
                            calibration=plan)
     torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-10)
+
+
+def test_sample_pipeline_applies_model_noise_levels_and_history_at_the_plain_nfe(pipe):
+    emb = prompts()
+    plan = hand_plan(pipe, 3.0, emb)
+    plan.model_sigmas = [float(s) * 0.9 for s in plan.sigmas[:-1]]
+    plan.history = [[], [0.3], [-0.1, 0.1]]
+    lat = torch.randn(6, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = sample_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=3.0, latents=lat,
+                          calibration=plan, dtype=torch.float64, output_type="latent")
+    cfg = CFGDenoiser(denoiser_from_diffusers(pipe.unet, pipe.scheduler), 3.0, emb.repeat_interleave(2, 0), NEG)
+    want = sd.sample(cfg, lat * (1 + plan.sigmas[0] ** 2).sqrt(), plan.sigmas, "dpmpp_2m",
+                     stabilizer=plan.stabilizer()).x
+    torch.testing.assert_close(out.latents, want, rtol=1e-10, atol=1e-10)
+    assert out.nfe == 3 and out.extra_passes == 0
+    without = SamplingPlan("dpmpp_2m", plan.sigmas, "fitted", plan.gammas, "ve", {}, plan.meta)
+    assert not torch.allclose(sample_pipeline(pipe, prompt_embeds=emb, negative_prompt_embeds=NEG, guidance_scale=3.0,
+                                              latents=lat, calibration=without, dtype=torch.float64,
+                                              output_type="latent").latents, out.latents)
 
 
 def test_sample_pipeline_refuses_a_mismatched_calibration(pipe):

@@ -83,3 +83,91 @@ def test_bad_schedule_files(tmp_path):
     sched = GammaSchedule([1.0, 1.0], meta={"model": "gmm:image64", "solver": "euler", "nfe": 2})
     with pytest.raises(ValueError, match="solver: file has 'euler', requested 'heun'"):
         sched.check_matches(model="gmm:image64", solver="heun", nfe=2)
+
+
+# -- model noise levels and history corrections (the gradient fit's extra parameters) ----------------------
+def _solve(spec, sched, solver="dpmpp_2m", steps=4, n=16):
+    from steindiff.sampling import sample
+    from steindiff.schedules import get_sigmas
+
+    x = torch.randn(n, *spec.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    return sample(spec.denoiser, x, get_sigmas("karras", steps, spec.process), solver, stabilizer=sched)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "unipc", "ipndm"])
+def test_model_sigmas_feed_the_model_its_own_levels_at_no_extra_pass(spec, solver):
+    from steindiff.schedules import get_sigmas
+
+    sig = get_sigmas("karras", 4, spec.process)
+    seen = []
+
+    class Recorder:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, x, s):
+            seen.append(float(s[0]))
+            return self.model(x, s)
+
+    same = GammaSchedule([1.0] * 4, "ve", model_sigmas=sig[:-1].tolist())
+    plain = _solve(spec, None, solver)
+    assert torch.equal(_solve(spec, same, solver).x, plain.x)  # the model's levels are the solver's: plain
+    moved = [float(s) * 1.1 for s in sig[:-1]]
+    spec2 = type(spec)(spec.name, Recorder(spec.denoiser), spec.process, spec.sample_shape)
+    res = _solve(spec2, GammaSchedule([1.0] * 4, "ve", model_sigmas=moved), solver)
+    assert res.nfe == plain.nfe and res.extra_passes == 0
+    assert set(seen) <= set(moved) and len(seen) == plain.nfe  # Heun's second pass too: every level is mapped
+    assert not torch.allclose(res.x, plain.x)
+
+
+def test_history_correction_is_the_documented_formula(spec):
+    """Euler with ``c_{k,1}``: ``x_{k+1} = T(x_k) + (1 - s_{k+1}/s_k) c (D_k - D_{k-1})`` (then gamma)."""
+    from steindiff.sampling import sample
+    from steindiff.solvers import Denoise, get_solver
+
+    sig = [10.0, 2.0, 0.5, 0.0]
+    x0 = torch.randn(5, spec.gmm.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 10
+    hist, gam = [[], [0.3], [-0.2]], [1.0, 0.8, 1.0]
+    got = sample(spec.denoiser, x0, sig, "euler", stabilizer=GammaSchedule(gam, "ve", history=hist)).x
+    den, euler, x, past = Denoise(spec.denoiser), get_solver("euler"), x0, None
+    for i in range(3):
+        st = euler.step(den, x, i, sig, {})
+        t = st.x_next
+        if past is not None:
+            t = t + (1 - sig[i + 1] / sig[i]) * hist[i][0] * (st.denoised - past)
+        x, past = x - gam[i] * (x - t), st.denoised
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
+    zero = GammaSchedule([1.0] * 4, "ve", history=[[], [0.0], [0.0, 0.0], [0.0]])
+    assert zero.history is None and torch.equal(_solve(spec, zero).x, _solve(spec, None).x)
+
+
+def test_schedule_parameters_are_checked():
+    with pytest.raises(ValueError, match="one positive finite noise level per step"):
+        GammaSchedule([1.0] * 3, model_sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="step 1 has 2 coefficients but only 1 past"):
+        GammaSchedule([1.0] * 3, history=[[], [0.1, 0.2], []])
+
+
+def test_second_generation_files_round_trip_and_are_refused_when_not_understood(spec, tmp_path):
+    meta = {"model": "m", "solver": "dpmpp_2m", "nfe": 3, "schedule": "karras", "sigmas": [80.0, 1.0, 0.1, 0.0]}
+    s = GammaSchedule([0.9, 1.0, 1.0], "ve", meta, model_sigmas=[79.0, 1.1, 0.1], history=[[], [0.2], [0.1, -0.1]])
+    path = tmp_path / "g2.json"
+    s.save(path)
+    obj = json.loads(path.read_text())
+    assert obj["schema"] == "steindiff.gamma-schedule/2" and obj["requires"] == ["model_sigmas", "history"]
+    back = load_gamma_schedule(path)
+    assert back.model_sigmas == s.model_sigmas and back.history == s.history and back.gammas == s.gammas
+    assert "requires" not in back.meta
+    plain = GammaSchedule([0.9, 1.0, 1.0], "ve", meta)
+    plain.save(tmp_path / "g1.json")
+    assert json.loads((tmp_path / "g1.json").read_text())["schema"] == "steindiff.gamma-schedule/1"
+    for change, match in (({"requires": ["model_sigmas", "warp"]}, "cannot apply \\(warp"),
+                          ({"schema": "steindiff.gamma-schedule/3"}, "written by a newer steindiff"),
+                          ({"requires": ["history"], "history": None}, None)):
+        bad = {**obj, **change}
+        if change.get("history", 1) is None:
+            del bad["history"]
+            match = "requires history but lacks"
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_gamma_schedule(tmp_path / "bad.json")

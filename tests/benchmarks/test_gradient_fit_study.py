@@ -1,0 +1,43 @@
+"""benchmarks/gradient_fit_study.py: configurations parse (bad ones refused), a tiny study runs end to end through
+the public API with every metric and writes its JSON and Markdown, shards of one model merge."""
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study(load_benchmark):
+    return load_benchmark("gradient_fit_study")
+
+
+def test_configurations_parse_and_bad_ones_are_refused(study):
+    c = study.parse_config("grad:steps+history@ball=0.05@teacher=unipc:20@n=128")
+    assert c["method"] == "gradient" and c["params"] == ["steps", "history"]
+    assert c["ball"] == 0.05 and c["teacher"] == ("unipc", 20) and c["n"] == 128
+    assert study.parse_config("plain")["method"] == "plain"
+    for bad in ("grad:steps+warp", "magic", "grad:steps@foo=1", "derivative-free@ball=0.1"):
+        with pytest.raises(ValueError):
+            study.parse_config(bad)
+
+
+def test_a_tiny_study_runs_and_merges(study, tmp_path, capsys):
+    common = ["--models", "gmm:toy2d", "--schedules", "karras", "--nfe", "3", "--seeds", "0,1", "--n", "100",
+              "--configs", "plain,derivative-free,grad:steps@iters=10", "--no-progress"]
+    for solver in ("euler", "dpmpp_2m"):
+        assert study.main([*common, "--solvers", solver, "--json-out", str(tmp_path / f"{solver}.json"),
+                           "--markdown", str(tmp_path / f"{solver}.md")]) == 0
+    res = json.loads((tmp_path / "euler.json").read_text())
+    m = res["models"][0]
+    assert m["metrics"] == list(study.MIXTURE_METRICS) and {f["config"] for f in m["fits"]} == {
+        "plain", "derivative-free", "grad:steps@iters=10"}
+    ok = [r for r in m["rows"] if r["config"] != "fine"]
+    assert len(ok) == 2 * 3 and all(set(r["excess"]) == set(study.MIXTURE_METRICS) for r in ok)
+    assert "gap_closed" in res["summary"]["gmm:toy2d"]["best"]["3"]["configs"]["grad:steps@iters=10"]
+    capsys.readouterr()
+    assert study.main(["--merge", str(tmp_path / "euler.json"), str(tmp_path / "dpmpp_2m.json"), "--json-out",
+                       str(tmp_path / "all.json"), "--markdown", str(tmp_path / "all.md"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["gmm:toy2d"]
+    assert {k.split("/")[0] for k in summary["cells"]} == {"euler", "dpmpp_2m"}
+    assert "Gap closed on sw2" in (tmp_path / "all.md").read_text()
+    assert study.main(["--configs", "nonsense"]) == 2

@@ -1,0 +1,238 @@
+"""The gradient fit of the calibrated sampler (steindiff/gradient_fit.py): it fits what it says it fits, what it
+fits is what sampling applies, bad models and diverging fits are refused or stopped with a message, and it
+goes through calibrate(), the cache and the CLI.  Small exact mixtures, few Adam steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import steindiff as sd
+from steindiff.calibration import calibrated_plan, calibration_key, gradient_fit_options
+from steindiff.gradient_fit import check_params, fit_trajectory_gradient, gradient_fit
+from steindiff.models import get_gmm
+from steindiff.models.registry import load_model
+from steindiff.stabilizers.base import NotDifferentiableError
+from steindiff.stabilizers.schedule import load_gamma_schedule
+from steindiff.trajectory import reference_solve
+
+GMM = get_gmm("gmm:toy2d")
+ALL = ("steps", "gamma", "model_sigmas", "history")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    noise = sd.prior_noise((160, 2), 80.0, seed=12345, dtype=torch.float64)
+    ref = reference_solve(GMM, noise, 80.0, 0.002, steps=60)
+    return noise, ref
+
+
+def _rms(plan, x, target):
+    y = sd.sample(GMM, x, plan.sigmas, plan.solver, stabilizer=plan.stabilizer()).x
+    return float((y - target).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("params", [("steps",), ("gamma",), ("model_sigmas",), ("history",), ALL])
+def test_each_parameter_set_fits_and_only_what_it_names(pairs, params):
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "dpmpp_2m", 4, "karras")
+    plan, info = gradient_fit(GMM, base, noise[:96], ref.final[:96], val_noise=noise[96:128],
+                              val_target=ref.final[96:128], sigma_floor=0.002, params=params, max_iters=40,
+                              val_every=5, lr=0.03)
+    assert info["val_best"] < info["val_start"]  # the held-out loss went down
+    assert _rms(plan, noise[128:], ref.final[128:]) < _rms(base, noise[128:], ref.final[128:])
+    assert torch.equal(plan.sigmas, base.sigmas) == ("steps" not in params)
+    assert (plan.gammas == [1.0] * 4) == ("gamma" not in params)
+    assert plan.gammas[-2:] == [1.0, 1.0]  # the plain tail
+    assert (plan.model_sigmas is None) == ("model_sigmas" not in params)
+    assert (plan.history is None) == ("history" not in params)
+    # the plan is the same solve at sampling time, at the plain NFE
+    res = sd.sample(GMM, noise[:8], plan.sigmas, "dpmpp_2m", stabilizer=plan.stabilizer())
+    assert res.nfe == 4 and res.extra_passes == 0
+
+
+def test_the_fit_keeps_the_best_held_out_parameters(pairs):
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "euler", 4, "karras")
+    plan, info = gradient_fit(GMM, base, noise[:96], ref.final[:96], val_noise=noise[96:128],
+                              val_target=ref.final[96:128], sigma_floor=0.002, params="steps,gamma", max_iters=30,
+                              val_every=5, patience=100)
+    # the returned plan's held-out loss is the best recorded one (recomputed here from the plan alone)
+    plain = sd.sample(GMM, noise[:96], base.sigmas, "euler").x
+    scale = float((plain - ref.final[:96]).pow(2).mean())
+    y = sd.sample(GMM, noise[96:128], plan.sigmas, "euler", stabilizer=plan.stabilizer()).x
+    assert float((y - ref.final[96:128]).pow(2).mean()) / scale == pytest.approx(info["val_best"], rel=1e-9)
+    assert info["best_iter"] > 0 and info["distance"]["loss"] == "l2"
+
+
+def test_soft_teacher_forcing_and_residual_term_and_features_run(pairs):
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "unipc", 4, "logsnr")
+    for kw in ({"teacher_ball": 0.05}, {"residual_weight": 1.0}, {"loss": "features", "features": lambda x: x ** 2}):
+        plan, info = gradient_fit(GMM, base, noise[:96], ref.final[:96], val_noise=noise[96:128],
+                                  val_target=ref.final[96:128], sigma_floor=0.002, max_iters=10, val_every=5, **kw)
+        assert math.isfinite(info["val_best"]) and torch.isfinite(plan.sigmas).all()
+    assert info["distance"]["features"] == "test_soft_teacher_forcing_and_residual_term_and_features_run.<locals>." \
+                                          "<lambda>"
+    with pytest.raises(ValueError, match="features"):
+        gradient_fit(GMM, base, noise[:8], ref.final[:8], val_noise=noise[8:16], val_target=ref.final[8:16],
+                     sigma_floor=0.002, loss="features")
+
+
+def test_models_without_gradients_are_refused_naming_the_derivative_free_fit(pairs):
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "dpmpp_2m", 3, "karras")
+    kw = {"val_noise": noise[32:48], "val_target": ref.final[32:48], "sigma_floor": 0.002, "max_iters": 2}
+
+    def no_grad_model(x, s):
+        with torch.no_grad():
+            return GMM(x, s)
+
+    def numpy_model(x, s):
+        return torch.from_numpy(GMM(x.detach(), s.detach()).numpy())
+
+    def detached_sigma(x, s):  # differentiable in x only
+        return GMM(x, s.detach())
+
+    for model in (no_grad_model, numpy_model):
+        with pytest.raises(NotDifferentiableError, match="fit_method='derivative-free'"):
+            gradient_fit(model, base, noise[:32], ref.final[:32], **kw)
+    with pytest.raises(NotDifferentiableError, match="noise level"):
+        gradient_fit(detached_sigma, base, noise[:32], ref.final[:32], params="steps", **kw)
+    gradient_fit(detached_sigma, base, noise[:32], ref.final[:32], params="gamma", **kw)  # needs d/dx only
+
+
+def test_a_diverging_fit_stops_with_a_message_and_keeps_a_valid_plan(pairs):
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "dpmpp_2m", 4, "karras")
+    kw = {"val_noise": noise[32:48], "val_target": ref.final[32:48], "sigma_floor": 0.002, "max_iters": 50,
+          "val_every": 1, "params": "steps,gamma"}
+
+    def after(n_calls, how):  # the exact denoiser for the checks and the first steps, then broken
+        calls = {"n": 0}
+
+        def model(x, s):
+            calls["n"] += 1
+            return how(GMM(x, s)) if calls["n"] > n_calls else GMM(x, s)
+
+        return model
+
+    for how, message in ((lambda d: d * float("nan"), "non-finite model output"),
+                         (lambda d: d * 1e4, "loss exploded")):
+        plan, info = gradient_fit(after(30, how), base, noise[:32], ref.final[:32], **kw)
+        assert message in info["stopped"] and "kept the best held-out parameters" in info["stopped"]
+        assert 0 < info["iters"] < 50
+        assert torch.isfinite(plan.sigmas).all() and all(math.isfinite(g) for g in plan.gammas)
+        sd.make_plan(sd.VEProcess(), "dpmpp_2m", 4, sigmas=plan.sigmas)  # a valid schedule
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="unknown or no gradient-fit parameter"):
+        check_params("steps,warp")
+    with pytest.raises(ValueError, match="unknown or no"):
+        check_params("")
+    assert check_params("history,steps") == ("steps", "history")
+    spec = load_model("gmm:toy2d")
+    with pytest.raises(ValueError, match="options of the gradient fit"):
+        sd.calibrate(spec, solver="euler", nfe=3, params="steps", n=8)
+    with pytest.raises(ValueError, match="fit_method must be"):
+        sd.calibrate(spec, solver="euler", nfe=3, fit_method="magic", n=8)
+
+
+def test_calibrate_with_the_gradient_fit_records_it_and_round_trips(tmp_path):
+    spec = load_model("gmm:toy2d")
+    sched = sd.calibrate(spec, solver="dpmpp_2m", nfe=4, dtype=torch.float64, n=64, ref_steps=40,
+                         fit_method="gradient", params=ALL, gradient_options={"max_iters": 20, "val_every": 5})
+    cal = sched.meta["calibration"]
+    assert cal["fit_method"] == "gradient" and cal["params"] == list(ALL) and "cpu_s" in cal
+    assert cal["distance"] == {"loss": "l2", "features": None, "residual_weight": 0.0, "teacher_ball": 0.0}
+    assert set(cal["candidates"]) == {"plain", "gradient"} and cal["guards"] == ["residual", "distribution",
+                                                                                  "significance"]
+    tries = cal["gradient"]["tries"]  # one fit per default learning rate; the lower held-out loss is the candidate
+    assert [t["lr"] for t in tries] == [0.03, 0.1]
+    assert cal["gradient"]["val_best"] == min(t["val_best"] for t in tries)
+    assert cal["gradient"]["lr"] == tries[[t["val_best"] for t in tries].index(cal["gradient"]["val_best"])]["lr"]
+    path = tmp_path / "g.json"
+    sched.save(path)
+    back = load_gamma_schedule(path)
+    assert back.model_sigmas == sched.model_sigmas and back.history == sched.history
+    if cal["chosen"] == "gradient":
+        assert json.loads(path.read_text())["schema"] == "steindiff.gamma-schedule/2"
+
+
+def test_cache_keys_tell_the_fit_methods_apart(tmp_path):
+    spec = load_model("gmm:toy2d")
+    base = sd.make_plan(spec.process, "euler", 3, "karras")
+    plain_key = calibration_key(spec, base)
+    # derivative-free keys are what they were (shipped files still found)
+    assert not {"gradient", "fit_method", "params"} & set(plain_key["options"])
+    assert gradient_fit_options({"fit_method": "derivative-free", "params": ["steps"]}) is None
+    key = calibration_key(spec, base, options={"fit_method": "gradient", "params": ["steps"], "ref_steps": 40})
+    assert key["options"]["gradient"]["params"] == ["steps"] and key["options"]["ref_steps"] == 40
+    assert key != plain_key
+    other = calibration_key(spec, base, options={"fit_method": "gradient", "params": ["steps", "gamma"],
+                                                 "ref_steps": 40})
+    assert other["options"]["gradient"] != key["options"]["gradient"]
+    small = {"n": 32, "ref_steps": 40, "fit_method": "gradient", "params": "steps",
+             "gradient_options": {"max_iters": 5}}
+    plan = calibrated_plan(spec, base, cache_dir=tmp_path, **small)
+    again = calibrated_plan(spec, base, cache_dir=tmp_path, calibrate_missing=False, **small)
+    assert torch.equal(plan.sigmas, again.sigmas)
+    said = []  # another key: the gradient fit's file is not used for a derivative-free request, and that is said
+    assert calibrated_plan(spec, base, cache_dir=tmp_path, calibrate_missing=False, n=32, notice=said.append) is base
+    assert len(said) == 1 and "gradient" in said[0] and "not used" in said[0]
+
+
+def test_fit_trajectory_gradient_on_a_user_module(pairs):
+    """A model the library has never seen (a module, no mixture special case): the fitted candidate wins."""
+    noise, ref = pairs
+
+    class UserModel(torch.nn.Module):
+        def forward(self, x, sigma):
+            return GMM(x, sigma)
+
+    base = sd.make_plan(sd.VEProcess(), "euler", 4, "karras")
+    fit = fit_trajectory_gradient(UserModel(), base, noise, sigma_min=0.002, ref=ref, params="steps,gamma",
+                                  max_iters=60, val_every=5, lr=0.03)
+    rec = fit.record
+    assert rec["chosen"] == "gradient" and rec["val_ratio"] < 0.8
+    assert rec["n_train"] + rec["n_holdout"] == rec["n_fit"] == 80
+
+
+def test_the_fit_runs_in_full_precision_whatever_the_callers_settings(pairs):
+    noise, ref = pairs
+    seen = []
+
+    def model(x, s):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+        return GMM(x, s)
+
+    base = sd.make_plan(sd.VEProcess(), "euler", 3, "karras")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gradient_fit(model, base, noise[:16], ref.final[:16], val_noise=noise[16:24], val_target=ref.final[16:24],
+                         sigma_floor=0.002, max_iters=2)
+        assert seen and set(seen) == {(False, False)}
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def test_cli_calibrate_with_the_gradient_fit(tmp_path, capsys):
+    from steindiff.cli import main
+
+    out = tmp_path / "c.json"
+    rc = main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "32", "--ref-steps", "20",
+               "--fit-method", "gradient", "--params", "steps,history", "--max-iters", "5", "--out", str(out),
+               "--no-progress", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["calibration"]["fit_method"] == "gradient" and out.exists()
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--params", "steps",
+                 "--out", str(tmp_path / "d.json")]) == 2
+    assert "options of --fit-method gradient" in capsys.readouterr().err
