@@ -50,6 +50,7 @@ from steindiff.calibration import CALIBRATION_SEED
 from steindiff.guards import CHECKS, TOLERANCES, judge
 from steindiff.io import atomic_path, save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics
+from steindiff.metrics.image import digits_features, frechet_distance, kid, precision_recall
 from steindiff.models.registry import ModelSpec, load_model
 from steindiff.plan import SamplingPlan, make_plan
 from steindiff.sampling import prior_noise, sample
@@ -71,12 +72,15 @@ SECONDARY = {"mixture": ("nll", "mode_tv"), "digits": ("digits_kid", "precision"
              "patches": ("spectrum", "pixel_sw2")}
 #: Tolerances tried for each check besides its default (its unit: guards.TOLERANCES).
 SWEEP = {"residual": (0.0, 0.02, 0.05, 0.1, 0.2), "residual_tail": (0.0, 0.02, 0.05, 0.1, 0.2),
-         "denoised": (0.0, 0.05, 0.1, 0.2), "spectrum": (0.0, 0.02, 0.05, 0.1), "elbo": (0.0, 0.01, 0.02, 0.05,
-                                                                                          0.1, 0.2)}
+         "denoised": (0.0, 0.05, 0.1, 0.2), "modes": (0.0, 0.02, 0.05, 0.1), "spectrum": (0.0, 0.02, 0.05, 0.1),
+         "elbo": (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)}
 #: Guard sets whose choices are compared (distribution and significance are always on).
 GUARD_SETS = {"distribution+significance": DEFAULT_GUARDS,
               **{f"+{c}": (c, *DEFAULT_GUARDS) for c in CHECKS},
               "+elbo+spectrum": ("elbo", "spectrum", *DEFAULT_GUARDS),
+              "+residual+modes": ("residual", "modes", *DEFAULT_GUARDS),
+              "+elbo+modes": ("elbo", "modes", *DEFAULT_GUARDS),
+              "+residual+modes+spectrum": ("residual", "modes", "spectrum", *DEFAULT_GUARDS),
               "+residual+spectrum": ("residual", "spectrum", *DEFAULT_GUARDS),
               "+elbo+residual": ("elbo", "residual", *DEFAULT_GUARDS)}
 
@@ -96,12 +100,27 @@ def opaque(den: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return model
 
 
+def _digits_scores(x: torch.Tensor, spec: ModelSpec, seed: int) -> dict[str, float]:
+    """The sample side of :func:`steindiff.metrics.image.image_metrics` (its floors do not depend on the samples)."""
+    info = spec.info
+    if "_held_features" not in info:
+        info["_held_features"] = digits_features(info["heldout"].reshape(-1, 1, 8, 8))[0]
+    f_h = info["_held_features"]
+    f, _ = digits_features(x.clamp(-1, 1))
+    p, r = precision_recall(f_h, f, 3)
+    return {"digits_fid": frechet_distance(f, f_h), "digits_kid": kid(f, f_h, seed=seed), "precision": p, "recall": r}
+
+
 def metrics_of(spec: ModelSpec, kind: str, x: torch.Tensor, seed: int, floors: dict) -> dict[str, float]:
-    """Excess of every metric the study uses (primary and secondary) for samples ``x`` of evaluation ``seed``."""
+    """Excess of every metric the study uses (primary and secondary) for samples ``x`` of evaluation ``seed``
+    (``floors``: this seed's floors, filled on first use for image models)."""
     if kind == "mixture":
         m = {**mixture_metrics(x, spec.gmm, seed=seed), **floors}
+    elif kind == "digits" and floors:
+        m = {**_digits_scores(x, spec, seed), **floors}
     else:
         m = image_model_metrics(x.clamp(-1, 1), spec, seed=seed)
+        floors.update({k: v for k, v in m.items() if k.endswith("_floor")})
     return {k: excess(m, k) for k in (PRIMARY[kind], *SECONDARY[kind])}
 
 
@@ -194,22 +213,31 @@ def _rejects(c: dict, plain: dict, check: str, tol: float | None) -> bool:
     return not judge(check, c["checks"].get(check), (plain.get("checks") or {}).get(check), tol)
 
 
-def confusion(rows: Sequence[dict], check: str, tol: float | None = None) -> dict:
+def confusion(rows: Sequence[dict], check: str, tol: float | None = None, survivors: bool = False) -> dict:
     """Detection and false-alarm counts of ``check`` over every non-plain candidate of ``rows`` (``tol``:
-    judged anew from the recorded deviations at this tolerance; ``None``: the recorded outcome)."""
+    judged anew from the recorded deviations at this tolerance; ``None``: the recorded outcome).  ``survivors``:
+    only the candidates that pass the distribution and significance checks (those a further guard must stop).
+    ``by_metric``: per secondary metric, the candidates worse in it and how many of them the check rejects."""
     tp = fn = fp = tn = 0
+    by_metric: dict[str, list[int]] = {}
     for r in rows:
         plain = r["candidates"]["plain"]
         for name, c in r["candidates"].items():
             if name == "plain" or c.get("primary") == "failed":
+                continue
+            if survivors and not all(c["passed"][g] for g in DEFAULT_GUARDS):
                 continue
             rej = _rejects(c, plain, check, tol)
             if c["bad"]:
                 tp, fn = tp + rej, fn + (not rej)
             else:
                 fp, tn = fp + rej, tn + (not rej)
+            for m in c["worse"]:
+                d = by_metric.setdefault(m, [0, 0])
+                d[0], d[1] = d[0] + 1, d[1] + rej
     return {"bad": tp + fn, "good": fp + tn, "rejected_bad": tp, "rejected_good": fp,
-            "detection": tp / (tp + fn) if tp + fn else None, "false_alarm": fp / (fp + tn) if fp + tn else None}
+            "detection": tp / (tp + fn) if tp + fn else None, "false_alarm": fp / (fp + tn) if fp + tn else None,
+            "by_metric": {m: {"worse": w, "rejected": k} for m, (w, k) in by_metric.items()}}
 
 
 def choices(rows: Sequence[dict], guards: Sequence[str]) -> dict:
@@ -239,9 +267,10 @@ def choices(rows: Sequence[dict], guards: Sequence[str]) -> dict:
 def analyse(rows: Sequence[dict]) -> dict:
     models = list(dict.fromkeys(r["model"] for r in rows))
     groups = {**{m: [r for r in rows if r["model"] == m] for m in models}, "all": list(rows)}
-    out: dict[str, Any] = {"checks": {}, "sweep": {}, "guard_sets": {}}
+    out: dict[str, Any] = {"checks": {}, "survivors": {}, "sweep": {}, "guard_sets": {}}
     for g, rs in groups.items():
         out["checks"][g] = {c: confusion(rs, c) for c in ("distribution", "significance", *CHECKS)}
+        out["survivors"][g] = {c: confusion(rs, c, survivors=True) for c in CHECKS}
         out["sweep"][g] = {c: {str(t): confusion(rs, c, t) for t in SWEEP[c]} for c in CHECKS}
         out["guard_sets"][g] = {name: choices(rs, gs) for name, gs in GUARD_SETS.items()}
     return out
@@ -286,6 +315,18 @@ def markdown(result: dict) -> str:
                    + [f"{_pct(an['checks'][g][c]['rejected_bad'], an['checks'][g][c]['bad'])} / "
                       f"{_pct(an['checks'][g][c]['rejected_good'], an['checks'][g][c]['good'])}" for g in groups])
     lines += _table(["check (tolerance)", *groups], tab) + [""]
+    lines += ["## Among the candidates that pass the distribution and significance checks", "",
+              "The candidates a further guard must stop: detection / false alarms per check, and per secondary metric "
+              "the candidates worse in it that the check rejects.", ""]
+    tab = []
+    for c in CHECKS:
+        row = [f"`{c}`"]
+        for g in groups:
+            d = an["survivors"][g][c]
+            row.append(f"{_pct(d['rejected_bad'], d['bad'])} / {_pct(d['rejected_good'], d['good'])}"
+                       + "".join(f"; {m} {v['rejected']}/{v['worse']}" for m, v in sorted(d["by_metric"].items())))
+        tab.append(row)
+    lines += _table(["check", *groups], tab) + [""]
     lines += ["## Tolerance sweep (all models): detection / false alarms", ""]
     tab = []
     for c in CHECKS:

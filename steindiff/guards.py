@@ -12,6 +12,9 @@ plain solver's, using nothing but the model:
 - ``residual_tail``: the same per sample, its 90th percentile: a few noisy samples in a clean batch.
 - ``denoised``: the samples after that pass, as a set, against the reference's after it (sliced
   Wasserstein-2): the distribution check once the faint noise is taken away.
+- ``modes``: how the samples share out among the reference's clusters (k-means with ``k = 8`` on the
+  reference's samples, :func:`mode_histogram`): total variation between the candidate's histogram and the
+  reference's.  Steps that move mass between modes change it; the other checks barely see that.
 - ``spectrum``: the power in the highest band of spatial frequencies (images only: samples of shape
   ``(C, H, W)``), ``log10`` of its ratio to the reference's (:func:`~steindiff.metrics.patches.radial_spectrum`):
   above 0 residual noise, below 0 blur (Durall et al. 2020; Dzanic et al. 2020).
@@ -42,29 +45,36 @@ import torch
 from .metrics import sliced_w2
 from .metrics.patches import radial_spectrum
 
-__all__ = ["CHECKS", "CHEAP_CHECKS", "TOLERANCES", "SampleStats", "denoise_residuals", "diffusion_loss",
-           "sample_stats", "statistics", "judge"]
+__all__ = ["CHECKS", "CHEAP_CHECKS", "TOLERANCES", "MODES", "SampleStats", "denoise_residuals", "diffusion_loss",
+           "kmeans", "mode_histogram", "sample_stats", "statistics", "judge"]
 
 #: Every check, in the order they are recorded.
-CHECKS = ("residual", "residual_tail", "denoised", "spectrum", "elbo")
+CHECKS = ("residual", "residual_tail", "denoised", "modes", "spectrum", "elbo")
 #: The checks that need no more than the one denoising pass at ``sigma_min`` (always recorded).
-CHEAP_CHECKS = ("residual", "residual_tail", "denoised", "spectrum")
+CHEAP_CHECKS = ("residual", "residual_tail", "denoised", "modes", "spectrum")
 #: Default tolerance of each check, in the unit of its deviation from the reference (:func:`statistics`):
 #: relative for ``residual`` and ``residual_tail`` (5%), absolute for ``spectrum`` (log10 of a power ratio:
-#: 0.05 is 12%) and ``elbo`` (nats per coordinate), relative to the plain solver's distance for ``denoised``.
-TOLERANCES = {"residual": 0.05, "residual_tail": 0.05, "denoised": 0.0, "spectrum": 0.05, "elbo": 0.05}
+#: 0.05 is 12%) and ``elbo`` (nats per coordinate), relative to the plain solver's distance for ``denoised``,
+#: and for ``modes`` an absolute total variation above the plain solver's.
+TOLERANCES = {"residual": 0.05, "residual_tail": 0.05, "denoised": 0.0, "modes": 0.05, "spectrum": 0.05,
+              "elbo": 0.05}
+#: Clusters of the ``modes`` check.
+MODES = 8
 
 
 @dataclass
 class SampleStats:
     """What the checks need of one set of samples: ``residual`` per sample (RMS per coordinate of
-    ``D(x, sigma_min) - x``), the ``denoised`` samples, the radial power ``spectrum`` (images; else
-    ``None``) and the per-sample diffusion loss ``elbo`` (when asked for; else ``None``)."""
+    ``D(x, sigma_min) - x``), the ``denoised`` samples, the ``samples`` themselves, the radial power
+    ``spectrum`` (images; else ``None``) and the per-sample diffusion loss ``elbo`` (when asked for; else
+    ``None``).  ``centroids``: the ``modes`` check's clusters, when these are a reference's (made on first use)."""
 
     residual: torch.Tensor
     denoised: torch.Tensor
+    samples: torch.Tensor
     spectrum: torch.Tensor | None = None
     elbo: torch.Tensor | None = None
+    centroids: torch.Tensor | None = None
 
 
 def _sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -102,6 +112,30 @@ def diffusion_loss(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma_mi
     return total
 
 
+def kmeans(x: torch.Tensor, k: int, *, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """``k`` centroids of the rows of ``x`` (Lloyd's algorithm from ``k`` rows drawn with ``seed``; a cluster
+    that empties keeps its centroid): deterministic for given samples."""
+    x = x.reshape(len(x), -1).double()
+    k = min(k, len(x))
+    c = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k].to(x.device)].clone()
+    for _ in range(iters):
+        a = torch.cdist(x, c).argmin(1)
+        new = c.clone()
+        for j in range(k):
+            if (a == j).any():
+                new[j] = x[a == j].mean(0)
+        if torch.equal(new, c):
+            break
+        c = new
+    return c
+
+
+def mode_histogram(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The fraction of the samples ``x`` nearest to each centroid."""
+    a = torch.cdist(x.reshape(len(x), -1).double(), centroids).argmin(1)
+    return torch.bincount(a, minlength=len(centroids)).double() / len(x)
+
+
 def _is_image(x: torch.Tensor) -> bool:
     return x.ndim == 4 and min(x.shape[-2:]) >= 8
 
@@ -118,7 +152,7 @@ def sample_stats(model: Callable[..., torch.Tensor], x: torch.Tensor, sigma_min:
     spectrum of images, and with ``"elbo"`` among ``checks`` the diffusion loss up to ``sigma_max``
     (:func:`diffusion_loss`, ``elbo_levels`` passes, noise from ``seed``)."""
     r, d = denoise_residuals(model, x, sigma_min, extra_args)
-    stats = SampleStats(r, d, _spectrum(x) if _is_image(x) else None)
+    stats = SampleStats(r, d, x.detach(), _spectrum(x) if _is_image(x) else None)
     if "elbo" in checks:
         if sigma_max is None:
             raise ValueError("the elbo check needs sigma_max")
@@ -131,8 +165,10 @@ def statistics(stats: SampleStats, ref: SampleStats) -> dict[str, float | None]:
     """Each check's deviation from the reference (0: as the reference; the sign says which way):
     ``residual`` and ``residual_tail`` as ratios minus 1 (the mean-square RMS over the batch, and the 90th
     percentile of the per-sample values), ``denoised`` the sliced Wasserstein-2 distance of the denoised
-    sets (never negative), ``spectrum`` the ``log10`` power ratio in the highest band, ``elbo`` the difference
-    of the mean diffusion losses (nats per coordinate); with the values themselves (``*_value``)."""
+    sets (never negative), ``modes`` the total variation between the histograms over the reference's
+    clusters (:func:`kmeans`, :data:`MODES` clusters; never negative), ``spectrum`` the ``log10`` power ratio in
+    the highest band, ``elbo`` the difference of the mean diffusion losses (nats per coordinate); with the values
+    themselves (``*_value``)."""
 
     def ratio(a: float, b: float) -> float:
         return a / b - 1.0 if b > 0 else 0.0
@@ -144,6 +180,10 @@ def statistics(stats: SampleStats, ref: SampleStats) -> dict[str, float | None]:
         "residual_tail": ratio(q90, float(torch.quantile(ref.residual, 0.9))), "residual_tail_value": q90,
         "denoised": sliced_w2(stats.denoised, ref.denoised),
         "spectrum": None, "elbo": None}
+    if ref.centroids is None:
+        ref.centroids = kmeans(ref.samples, MODES)
+    out["modes"] = float(0.5 * (mode_histogram(stats.samples, ref.centroids)
+                                - mode_histogram(ref.samples, ref.centroids)).abs().sum())
     if stats.spectrum is not None and ref.spectrum is not None:
         out["spectrum"] = float((stats.spectrum[-1] / ref.spectrum[-1]).log10())
     if stats.elbo is not None and ref.elbo is not None:
@@ -166,4 +206,6 @@ def judge(check: str, candidate: float | None, plain: float | None, tolerance: f
         return False
     if check == "denoised":  # a distance: no farther than plain's, by the relative tolerance
         return candidate <= plain * (1.0 + tol)
+    if check == "modes":  # a distance: no farther than plain's, by the absolute tolerance
+        return candidate <= plain + tol
     return abs(candidate) <= max(abs(plain), tol)

@@ -66,7 +66,7 @@ __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", 
            "score_candidates"]
 
 FIT_MODES = ("gamma", "steps", "both")
-GUARDS = ("residual", "distribution", "significance", "residual_tail", "denoised", "spectrum", "elbo")
+GUARDS = ("residual", "distribution", "significance", "residual_tail", "denoised", "modes", "spectrum", "elbo")
 DEFAULT_GUARDS = ("distribution", "significance")
 #: What the ``significance`` check tests (recorded in every calibration; files without it used the paired t test).
 SIGNIFICANCE_TEST = "wilcoxon-signed-rank"
@@ -378,7 +378,7 @@ def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GU
     every check in ``guards`` (their ``passed_<guard>_check`` flags), the one closest to the reference's
     final samples (``val_rms``); plain always passes, and wins ties."""
     guards = _check_guards(guards)
-    missing = sorted({g for v in scores.values() for g in guards if f"passed_{g}_check" not in v})
+    missing = sorted({g for k, v in scores.items() for g in guards if k != "plain" and f"passed_{g}_check" not in v})
     if missing:
         raise ValueError(f"the candidates were scored without the {', '.join(missing)} check(s) (made before "
                          "they existed): score them again (score_candidates) to choose under these guards")
@@ -400,7 +400,7 @@ def score_candidates(model: Callable[..., torch.Tensor], candidates: dict[str, S
     sigmas, and the outcome of every check of :data:`GUARDS` (``passed_<guard>_check``; plain passes all),
     with the significance statistics ``val_rank_z`` (which decides) and ``val_gain_z``.
 
-    The data-free checks of :mod:`steindiff.guards` (``residual``, ``residual_tail``, ``denoised``,
+    The data-free checks of :mod:`steindiff.guards` (``residual``, ``residual_tail``, ``denoised``, ``modes``,
     ``spectrum``, ``elbo``; those in ``checks``, the others pass unmeasured) compare each candidate's samples
     with the reference's, relative to the plain solver's (:func:`steindiff.guards.judge`); their deviations
     from the reference are recorded under ``checks``.  ``tolerances`` overrides
