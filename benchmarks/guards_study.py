@@ -74,6 +74,8 @@ SECONDARY = {"mixture": ("nll", "mode_tv"), "digits": ("digits_kid", "precision"
 SWEEP = {"residual": (0.0, 0.02, 0.05, 0.1, 0.2), "residual_tail": (0.0, 0.02, 0.05, 0.1, 0.2),
          "denoised": (0.0, 0.05, 0.1, 0.2), "modes": (0.0, 0.02, 0.05, 0.1), "spectrum": (0.0, 0.02, 0.05, 0.1),
          "elbo": (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)}
+#: Relative margins over plain's deviation tried for the two-sided checks (guards.MARGINS).
+MARGIN_CHECKS, MARGIN_SWEEP = ("residual", "elbo"), (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 #: Guard sets whose choices are compared (distribution and significance are always on).
 GUARD_SETS = {"distribution+significance": DEFAULT_GUARDS,
               **{f"+{c}": (c, *DEFAULT_GUARDS) for c in CHECKS},
@@ -205,15 +207,16 @@ def label(row: dict) -> None:
 
 
 # -- analysis ---------------------------------------------------------------------------------------
-def _rejects(c: dict, plain: dict, check: str, tol: float | None) -> bool:
-    if tol is None:
+def _rejects(c: dict, plain: dict, check: str, tol: float | None, margin: float | None = None) -> bool:
+    if tol is None and margin is None:
         return not c["passed"][check]
     if c.get("checks") is None:
         return True
-    return not judge(check, c["checks"].get(check), (plain.get("checks") or {}).get(check), tol)
+    return not judge(check, c["checks"].get(check), (plain.get("checks") or {}).get(check), tol, margin)
 
 
-def confusion(rows: Sequence[dict], check: str, tol: float | None = None, survivors: bool = False) -> dict:
+def confusion(rows: Sequence[dict], check: str, tol: float | None = None, survivors: bool = False,
+              margin: float | None = None) -> dict:
     """Detection and false-alarm counts of ``check`` over every non-plain candidate of ``rows`` (``tol``:
     judged anew from the recorded deviations at this tolerance; ``None``: the recorded outcome).  ``survivors``:
     only the candidates that pass the distribution and significance checks (those a further guard must stop).
@@ -227,7 +230,7 @@ def confusion(rows: Sequence[dict], check: str, tol: float | None = None, surviv
                 continue
             if survivors and not all(c["passed"][g] for g in DEFAULT_GUARDS):
                 continue
-            rej = _rejects(c, plain, check, tol)
+            rej = _rejects(c, plain, check, tol, margin)
             if c["bad"]:
                 tp, fn = tp + rej, fn + (not rej)
             else:
@@ -240,13 +243,17 @@ def confusion(rows: Sequence[dict], check: str, tol: float | None = None, surviv
             "by_metric": {m: {"worse": w, "rejected": k} for m, (w, k) in by_metric.items()}}
 
 
-def choices(rows: Sequence[dict], guards: Sequence[str]) -> dict:
+def choices(rows: Sequence[dict], guards: Sequence[str], margins: dict[str, float] | None = None) -> dict:
     """What the calibration keeps under ``guards`` in each cell: counts of cells whose kept candidate is plain,
     bad (a hidden trade), better / worse than plain on the primary metric; and the mean ratio of the kept
-    configuration's excess primary metric to plain's."""
+    configuration's excess primary metric to plain's.  ``margins``: checks judged anew at these margins."""
     out = {"cells": 0, "plain": 0, "trades": 0, "primary_helps": 0, "primary_hurts": 0, "ratios": []}
     for r in rows:
-        cands = {k: {"val_rms": c["val_rms"], **{f"passed_{g}_check": c["passed"][g] for g in GUARDS}}
+        plain = r["candidates"]["plain"]
+        cands = {k: {"val_rms": c["val_rms"],
+                     **{f"passed_{g}_check": k == "plain" or (not _rejects(c, plain, g, None, margins[g])
+                                                              if g in (margins or {}) else c["passed"][g])
+                        for g in GUARDS}}
                  for k, c in r["candidates"].items()}
         k = choose_candidate(cands, guards)
         c = r["candidates"][k]
@@ -267,12 +274,15 @@ def choices(rows: Sequence[dict], guards: Sequence[str]) -> dict:
 def analyse(rows: Sequence[dict]) -> dict:
     models = list(dict.fromkeys(r["model"] for r in rows))
     groups = {**{m: [r for r in rows if r["model"] == m] for m in models}, "all": list(rows)}
-    out: dict[str, Any] = {"checks": {}, "survivors": {}, "sweep": {}, "guard_sets": {}}
+    out: dict[str, Any] = {"checks": {}, "survivors": {}, "sweep": {}, "guard_sets": {}, "margins": {}}
     for g, rs in groups.items():
         out["checks"][g] = {c: confusion(rs, c) for c in ("distribution", "significance", *CHECKS)}
         out["survivors"][g] = {c: confusion(rs, c, survivors=True) for c in CHECKS}
         out["sweep"][g] = {c: {str(t): confusion(rs, c, t) for t in SWEEP[c]} for c in CHECKS}
         out["guard_sets"][g] = {name: choices(rs, gs) for name, gs in GUARD_SETS.items()}
+        out["margins"][g] = {c: {str(m): {"survivors": confusion(rs, c, survivors=True, margin=m),
+                                          "kept": choices(rs, (c, *DEFAULT_GUARDS), {c: m})} for m in MARGIN_SWEEP}
+                             for c in MARGIN_CHECKS}
     return out
 
 
@@ -336,6 +346,21 @@ def markdown(result: dict) -> str:
                     f"{an['sweep'][g][c][t]['rejected_good']}/{an['sweep'][g][c][t]['good']}" for g in groups[:-1]]
             tab.append([f"`{c}`", t, *per])
     lines += _table(["check", "tolerance", "all", *groups[:-1]], tab) + [""]
+    lines += ["## Relative margins of the two-sided checks", "",
+              "A candidate passes when its deviation from the fine solve is at most (1 + margin) times the plain "
+              "solver's. Per model: survivors of distribution and significance, bad rejected / good rejected; and "
+              "what the calibration keeps with the check added (trades / helps / plain, of the cells).", ""]
+    tab = []
+    for c in MARGIN_CHECKS:
+        for m in map(str, MARGIN_SWEEP):
+            row = [f"`{c}`", m]
+            for g in groups:
+                d = an["margins"][g][c][m]
+                sv, k = d["survivors"], d["kept"]
+                row.append(f"{sv['rejected_bad']}/{sv['bad']}, {sv['rejected_good']}/{sv['good']}; "
+                           f"{k['trades']} / {k['primary_helps']} / {k['plain']} of {k['cells']}")
+            tab.append(row)
+    lines += _table(["check", "margin", *groups], tab) + [""]
     lines += ["## What the calibration keeps under each guard set", "",
               "Per guard set and model: cells where the kept candidate is a hidden trade (bad) / cells where it is "
               "better than plain on the primary metric beyond the spread / cells where it keeps plain; and the mean "

@@ -45,8 +45,8 @@ import torch
 from .metrics import sliced_w2
 from .metrics.patches import radial_spectrum
 
-__all__ = ["CHECKS", "CHEAP_CHECKS", "TOLERANCES", "MODES", "SampleStats", "denoise_residuals", "diffusion_loss",
-           "kmeans", "mode_histogram", "sample_stats", "statistics", "judge"]
+__all__ = ["CHECKS", "CHEAP_CHECKS", "TOLERANCES", "MARGINS", "MODES", "SampleStats", "denoise_residuals",
+           "diffusion_loss", "kmeans", "mode_histogram", "sample_stats", "statistics", "judge"]
 
 #: Every check, in the order they are recorded.
 CHECKS = ("residual", "residual_tail", "denoised", "modes", "spectrum", "elbo")
@@ -58,6 +58,8 @@ CHEAP_CHECKS = ("residual", "residual_tail", "denoised", "modes", "spectrum")
 #: and for ``modes`` an absolute total variation above the plain solver's.
 TOLERANCES = {"residual": 0.05, "residual_tail": 0.05, "denoised": 0.0, "modes": 0.05, "spectrum": 0.05,
               "elbo": 0.05}
+#: Relative margin of each two-sided check over the plain solver's deviation (:func:`judge`).
+MARGINS = {"residual": 0.0, "residual_tail": 0.0, "spectrum": 0.0, "elbo": 0.0}
 #: Clusters of the ``modes`` check.
 MODES = 8
 
@@ -192,11 +194,13 @@ def statistics(stats: SampleStats, ref: SampleStats) -> dict[str, float | None]:
     return out
 
 
-def judge(check: str, candidate: float | None, plain: float | None, tolerance: float | None = None) -> bool:
+def judge(check: str, candidate: float | None, plain: float | None, tolerance: float | None = None,
+          margin: float | None = None) -> bool:
     """Does a candidate pass ``check``: is its deviation from the reference (:func:`statistics`) no larger
-    in size than the plain solver's, or than the check's ``tolerance`` (default :data:`TOLERANCES`)?
-    A check that does not apply (``None`` for both) passes; a candidate without a value where the plain
-    solver has one (non-finite samples) fails."""
+    in size than the plain solver's times ``1 + margin`` (default :data:`MARGINS`), or than the check's
+    ``tolerance`` (default :data:`TOLERANCES`)?  For the distances ``denoised`` and ``modes``: no larger than
+    the plain solver's, up to the tolerance (relative, absolute).  A check that does not apply (``None`` for
+    both) passes; a candidate without a value where the plain solver has one (non-finite samples) fails."""
     if check not in CHECKS:
         raise ValueError(f"unknown check {check!r}; choose from {', '.join(CHECKS)}")
     tol = TOLERANCES[check] if tolerance is None else tolerance
@@ -208,4 +212,5 @@ def judge(check: str, candidate: float | None, plain: float | None, tolerance: f
         return candidate <= plain * (1.0 + tol)
     if check == "modes":  # a distance: no farther than plain's, by the absolute tolerance
         return candidate <= plain + tol
-    return abs(candidate) <= max(abs(plain), tol)
+    m = MARGINS.get(check, 0.0) if margin is None else margin
+    return abs(candidate) <= max(abs(plain) * (1.0 + m), tol)
