@@ -47,7 +47,7 @@ import torch
 
 from steindiff.bench.runner import _floors, excess, machine_info, verdict
 from steindiff.calibration import CALIBRATION_SEED
-from steindiff.guards import CHECKS, TOLERANCES, judge
+from steindiff.guards import CHECKS, MARGINS, TOLERANCES, judge
 from steindiff.io import atomic_path, save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics
 from steindiff.metrics.image import digits_features, frechet_distance, kid, precision_recall
@@ -207,8 +207,11 @@ def label(row: dict) -> None:
 
 
 # -- analysis ---------------------------------------------------------------------------------------
-def _rejects(c: dict, plain: dict, check: str, tol: float | None, margin: float | None = None) -> bool:
-    if tol is None and margin is None:
+def _rejects(c: dict, plain: dict, check: str, tol: float | None = None, margin: float | None = None) -> bool:
+    """Does ``check`` reject candidate ``c``: the data-free checks judged anew from the recorded deviations
+    (``tol``, ``margin``: default :data:`~steindiff.guards.TOLERANCES`, :data:`~steindiff.guards.MARGINS`, the
+    library's current ones), ``distribution`` and ``significance`` as recorded."""
+    if check not in CHECKS:
         return not c["passed"][check]
     if c.get("checks") is None:
         return True
@@ -251,8 +254,7 @@ def choices(rows: Sequence[dict], guards: Sequence[str], margins: dict[str, floa
     for r in rows:
         plain = r["candidates"]["plain"]
         cands = {k: {"val_rms": c["val_rms"],
-                     **{f"passed_{g}_check": k == "plain" or (not _rejects(c, plain, g, None, margins[g])
-                                                              if g in (margins or {}) else c["passed"][g])
+                     **{f"passed_{g}_check": k == "plain" or not _rejects(c, plain, g, None, (margins or {}).get(g))
                         for g in GUARDS}}
                  for k, c in r["candidates"].items()}
         k = choose_candidate(cands, guards)
@@ -317,7 +319,8 @@ def markdown(result: dict) -> str:
     n_good = {g: an["checks"][g]["residual"]["good"] for g in groups}
     lines += ["## Bad candidates", "", *_table(["model", "candidates", "bad"],
                                                [[g, str(n_bad[g] + n_good[g]), str(n_bad[g])] for g in groups]), ""]
-    lines += ["## Each check at its default tolerance: detection / false alarms", ""]
+    lines += ["## Each check at its default tolerance and margin: detection / false alarms", "",
+              "Margins (steindiff.guards.MARGINS): " + ", ".join(f"{k} {v}" for k, v in MARGINS.items()) + ".", ""]
     checks = list(an["checks"]["all"])
     tab = []
     for c in checks:
