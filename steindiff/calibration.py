@@ -180,13 +180,15 @@ def default_guards(spec: ModelSpec) -> tuple[str, ...]:
     is not looked at: a user's model is judged as a built-in one): ``residual``, ``distribution`` and
     ``significance`` (:data:`~steindiff.trajectory.GUARDS`, :mod:`steindiff.guards`).
 
-    Chosen by ``benchmarks/guards_study.py`` (docs/guards.md), which calibrates mixtures as opaque callables
-    and the digits U-Net at NFE 3-6 and counts the cells whose kept candidate makes a secondary metric worse
-    than the plain solver beyond the seed spread (a hidden trade).  With ``distribution`` and ``significance``
-    alone: 8 of 64 cells (4 of 16 on digits).  Adding ``residual`` at its margin (a candidate may move up to
-    twice as much as plain's samples, relative to the fine solve's, under one more denoising pass): 3 of 64
-    (2 of 16 on digits), with the cells better than plain on the primary metric 52 -> 51.  The ``elbo`` check
-    (the model's likelihood bound) made the same choices at 16 model passes per candidate instead of one."""
+    Chosen by ``benchmarks/guards_study.py`` (docs/guards.md), which calibrates three mixtures as opaque
+    callables, the digits U-Net and the patches U-Net at NFE 3-6 (70 cells) and counts the cells whose kept
+    candidate makes a secondary metric worse than the plain solver's beyond the seed spread (a hidden trade).
+    With ``distribution`` and ``significance`` alone: 9 of 70 cells (4 of 16 on digits).  Adding ``residual``
+    (a candidate may move under one more denoising pass at most 1.2 times as far from the fine solve's level as
+    the plain solver's samples do, :data:`steindiff.guards.MARGINS`): 3 of 70 (2 of 16 on digits), with the
+    cells better than plain on the primary metric 53 -> 49.  The ``elbo`` check (the model's likelihood bound)
+    made the same choices at 16 model passes per candidate instead of one.
+    """
     return ("residual", *DEFAULT_GUARDS)
 
 

@@ -84,11 +84,11 @@ def test_judge(check, cand, plain, tol, margin, ok):
     assert judge(check, cand, plain, tol, margin) is ok
 
 
-def test_default_margins_let_twice_the_plain_deviation_through():
-    """The residual and likelihood checks pass up to (1 + 1) times the plain solver's deviation (docs/guards.md)."""
-    assert judge("residual", 1.9, 1.0) and not judge("residual", 2.1, 1.0)
-    assert judge("elbo", -1.9, 1.0) and not judge("elbo", -2.1, 1.0)
-    assert not judge("residual_tail", 1.1, 1.0)
+def test_default_margins():
+    """The residual and likelihood checks pass up to 1.2 times the plain solver's deviation (docs/guards.md)."""
+    assert judge("residual", 1.19, 1.0) and not judge("residual", 1.21, 1.0)
+    assert judge("elbo", -1.19, 1.0) and not judge("elbo", -1.21, 1.0)
+    assert not judge("residual_tail", 1.01, 1.0)
 
 
 def test_judge_rejects_an_unknown_check():
