@@ -102,8 +102,8 @@ def rescore(obj: dict, cache: dict, tolerance: float = 1e-5) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a folder of trajectory calibration files (*.json)")
-    p.add_argument("--guards", default=",".join(DEFAULT_GUARDS),
-                   help="the guards to choose under, comma-separated (default: an image model's, "
+    p.add_argument("--guards", default=",".join(("residual", *DEFAULT_GUARDS)),
+                   help="the guards to choose under, comma-separated (default: every model's, "
                         "steindiff.calibration.default_guards)")
     p.add_argument("--rescore", action="store_true",
                    help="re-score the candidates with the current checks first (loads the model; module docstring)")

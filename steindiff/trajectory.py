@@ -29,10 +29,11 @@ reference's than the plain solver's are (sliced Wasserstein-2); ``significance``
 validation batch's noise (Wilcoxon's signed-rank statistic of the paired per-sample gains in squared
 distance, as a z score, above ``significance``: a rank test, since a few samples that end in another mode
 hold most of the squared distance); ``residual``, its residual noise (:func:`residual_noise`) is no farther
-from the reference's than the plain solver's is, or within ``residual_tolerance`` of it. The residual check
-is recorded for every candidate; it gates only when named, which :func:`steindiff.calibration.default_guards`
-does for exact mixtures (on the digits U-Net the candidates it rejected had the lower digits-FID). A
-calibration that cannot beat the plain solver returns the plain plan (all gammas 1) and says so.
+from the reference's than the plain solver's is, up to a margin (:data:`steindiff.guards.MARGINS`), or within
+``residual_tolerance`` of it; and the other data-free checks of :mod:`steindiff.guards`.  Every check is
+recorded for every candidate; it gates only when named (:func:`steindiff.calibration.default_guards`:
+``residual``, ``distribution``, ``significance``, for every model; docs/guards.md).  A calibration that
+cannot beat the plain solver returns the plain plan (all gammas 1) and says so.
 
 Every stage runs in full float32 (:func:`steindiff.device.exact_float32`: TF32 off on CUDA), since TF32's
 rounding is as large as the refinement's finite-difference steps.
@@ -50,6 +51,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .device import exact_float32
+from .guards import CHEAP_CHECKS, CHECKS, TOLERANCES, judge, sample_stats
+from .guards import statistics as check_statistics
 from .metrics import sliced_w2
 from .noise import coordinate_scales
 from .plan import SamplingPlan
@@ -64,7 +67,7 @@ __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", 
            "score_candidates", "CalibrationBatch", "calibration_batch", "validate_candidates"]
 
 FIT_MODES = ("gamma", "steps", "both")
-GUARDS = ("residual", "distribution", "significance")
+GUARDS = ("residual", "distribution", "significance", "residual_tail", "denoised", "modes", "spectrum", "elbo")
 DEFAULT_GUARDS = ("distribution", "significance")
 #: What the ``significance`` check tests (recorded in every calibration; files without it used the paired t test).
 SIGNIFICANCE_TEST = "wilcoxon-signed-rank"
@@ -380,6 +383,10 @@ def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GU
     every check in ``guards`` (their ``passed_<guard>_check`` flags), the one closest to the reference's
     final samples (``val_rms``); plain always passes, and wins ties."""
     guards = _check_guards(guards)
+    missing = sorted({g for k, v in scores.items() for g in guards if k != "plain" and f"passed_{g}_check" not in v})
+    if missing:
+        raise ValueError(f"the candidates were scored without the {', '.join(missing)} check(s) (made before "
+                         "they existed): score them again (score_candidates) to choose under these guards")
     ok = {k: v for k, v in scores.items()
           if v["val_rms"] is not None and (k == "plain" or all(v[f"passed_{g}_check"] for g in guards))}
     return min(ok, key=lambda k: (ok[k]["val_rms"], k != "plain"))
@@ -389,37 +396,63 @@ def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GU
 def score_candidates(model: Callable[..., torch.Tensor], candidates: dict[str, SamplingPlan], x_val: torch.Tensor,
                      ref_val: torch.Tensor, *, sigma_min: float, residual_tolerance: float = 1.05,
                      significance: float = 2.0, ref_residual: float | None = None,
+                     checks: Sequence[str] = CHEAP_CHECKS, tolerances: dict[str, float] | None = None,
+                     sigma_max: float | None = None, elbo_levels: int = 16,
                      extra_args: dict | None = None) -> dict[str, dict]:
     """The validation record of :func:`fit_trajectory`: each candidate plan (``candidates["plain"]`` among
     them) solved from ``x_val`` and compared with the reference's final samples ``ref_val`` from the same
     noise: ``val_rms``, ``val_max`` (the farthest sample), ``val_sw2``, ``residual_noise``, its gammas and
     sigmas, and the outcome of every check of :data:`GUARDS` (``passed_<guard>_check``; plain passes all),
-    with the significance statistics ``val_rank_z`` (which decides) and ``val_gain_z``.  ``ref_residual``: the
+    with the significance statistics ``val_rank_z`` (which decides) and ``val_gain_z``.
+
+    The data-free checks of :mod:`steindiff.guards` (``residual``, ``residual_tail``, ``denoised``, ``modes``,
+    ``spectrum``, and ``elbo`` when ``checks`` names it: it costs ``elbo_levels`` model passes per candidate)
+    compare each candidate's samples with the reference's, relative to the plain solver's
+    (:func:`steindiff.guards.judge`); their deviations from the reference are recorded under ``checks``, and a
+    check not measured has no ``passed_<check>_check`` flag (:func:`choose_candidate` refuses to use it).
+    ``tolerances`` overrides :data:`steindiff.guards.TOLERANCES` (``residual_tolerance``, a ratio, sets the
+    residual check's); ``sigma_max`` (default: the largest first noise level of the candidates) and
+    ``elbo_levels`` are the ``elbo`` check's (:func:`steindiff.guards.diffusion_loss`).  ``ref_residual``: the
     reference's :func:`residual_noise`, if the caller has it."""
     if "plain" not in candidates:
         raise ValueError("the candidates must include the plain plan ('plain')")
-    r_ref = residual_noise(model, ref_val, sigma_min, extra_args) if ref_residual is None else ref_residual
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {', '.join(map(repr, unknown))}; choose from {', '.join(CHECKS)}")
+    tol = {**TOLERANCES, "residual": residual_tolerance - 1.0, **(tolerances or {})}
+    if sigma_max is None:
+        sigma_max = max(float(p.sigmas[0]) for p in candidates.values())
+
+    def stats_of(x: torch.Tensor):
+        return sample_stats(model, x, sigma_min, checks=checks, sigma_max=sigma_max, elbo_levels=elbo_levels,
+                            extra_args=extra_args)
+
+    ref_stats = stats_of(ref_val)
     scores: dict[str, dict] = {}
     per_sample: dict[str, torch.Tensor] = {}
     for name, plan in candidates.items():
         x = _solve(model, x_val, plan, extra_args)
         finite = bool(torch.isfinite(x).all())
+        dev = None
         if finite:
             per_sample[name] = (x - ref_val).double().reshape(len(x), -1).pow(2).mean(1)
+            dev = check_statistics(stats_of(x), ref_stats)
+            if ref_residual is not None:  # the reference's level as the caller measured it
+                dev["residual"] = dev["residual_value"] / ref_residual - 1.0 if ref_residual > 0 else 0.0
         scores[name] = {"val_rms": _rms(x, ref_val) if finite else None,
                         "val_max": float(per_sample[name].sqrt().max()) if finite else None,
                         "val_sw2": sliced_w2(x, ref_val) if finite else None,
-                        "residual_noise": residual_noise(model, x, sigma_min, extra_args) if finite else None,
+                        "residual_noise": dev["residual_value"] if finite else None, "checks": dev,
                         "gammas": list(plan.gammas or [1.0] * plan.steps), "sigmas": [float(s) for s in plan.sigmas]}
-    # residual-noise check, two-sided: no farther from the reference's level than the plain solver, or
-    # than ``residual_tolerance`` (noisier samples move more under one more denoising pass; over-smoothed, less)
-    def deviation(r: float) -> float:
-        return abs(r / r_ref - 1.0) if r_ref > 0 else 0.0
-
-    band = max(deviation(scores["plain"]["residual_noise"] or 0.0), residual_tolerance - 1.0)
+    plain_dev = scores["plain"]["checks"] or {}
     for k, v in scores.items():
-        v["passed_residual_check"] = k == "plain" or (v["residual_noise"] is not None
-                                                      and deviation(v["residual_noise"]) <= band)
+        # the data-free checks (steindiff.guards): no farther from the reference's samples than the plain
+        # solver's, or within the check's tolerance (the residual check: noisier samples move more under one
+        # more denoising pass; over-smoothed, less)
+        for c in CHECKS:
+            if c in checks or c in CHEAP_CHECKS:
+                v[f"passed_{c}_check"] = k == "plain" or (
+                    v["checks"] is not None and judge(c, v["checks"].get(c), plain_dev.get(c), tol[c]))
         # as a set, no farther from the reference's samples than the plain solver's (a distance to the
         # reference solve alone can prefer blurred samples)
         v["passed_distribution_check"] = k == "plain" or (v["val_sw2"] is not None
@@ -497,7 +530,8 @@ def validate_candidates(model: Callable[..., torch.Tensor], batch: CalibrationBa
     r_ref = residual_noise(model, ref_val, sigma_min, batch.part(val))
     scores = score_candidates(model, candidates, batch.noise[val], ref_val, sigma_min=sigma_min,
                               residual_tolerance=residual_tolerance, significance=significance,
-                              ref_residual=r_ref, extra_args=batch.part(val))
+                              ref_residual=r_ref, checks=(*CHEAP_CHECKS, *(g for g in guards if g in CHECKS)),
+                              extra_args=batch.part(val))
     chosen = choose_candidate(scores, guards)
     ref = batch.ref
     return {

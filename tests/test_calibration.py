@@ -142,12 +142,15 @@ def test_trajectory_calibration_uses_the_requested_coordinates(toy):
     assert sched.coords == "vp"
 
 
-def test_default_guards_gate_residual_noise_for_mixtures_only(toy):
+def test_default_guards_are_the_same_for_every_model(toy):
+    """No gmm:* special case: a mixture, the digits U-Net and an opaque callable get the same guards."""
+    from steindiff.models.registry import ModelSpec
     from steindiff.trajectory import choose_candidate
 
     digits = load_model("digits")
-    assert cal.default_guards(toy) == ("residual", "distribution", "significance")
-    assert cal.default_guards(digits) == ("distribution", "significance")
+    opaque = ModelSpec("mine", lambda x, s: toy.denoiser(x, s), toy.process, toy.sample_shape)
+    assert cal.default_guards(toy) == cal.default_guards(digits) == cal.default_guards(opaque) == (
+        "residual", "distribution", "significance")
     rec = calibrate(toy, solver="euler", nfe=4, dtype=torch.float64, **FAST).meta["calibration"]
     assert rec["guards"] == ["residual", "distribution", "significance"]
     assert rec["chosen"] == choose_candidate(rec["candidates"], rec["guards"])
@@ -168,7 +171,7 @@ def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards(
     for f in files:
         obj = json.loads(f.read_text())
         c = obj["calibration"]
-        assert c["guards"] == list(cal.default_guards(spec)), f.name
+        assert c["guards"] == cal.calibration_options(spec)["guards"], f.name  # the model's own (defaults.json)
         assert c.get("significance_test") == SIGNIFICANCE_TEST, f.name
         assert c["chosen"] == choose_candidate(c["candidates"], c["guards"]), f.name
         assert obj["gammas"] == c["candidates"][c["chosen"]]["gammas"], f.name

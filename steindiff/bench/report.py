@@ -151,6 +151,8 @@ def markdown(result: dict, summary: dict, *, metrics: Sequence[str] | None = Non
             lines += _table(["stabilizer"] + [names[m].split(" (")[0] for m in mnames], rows) + [""]
         for cs in (c for c in summary.get("calibration", []) if c["model"] == model):
             lines += _calibration_markdown(cs)
+        for ps in (c for c in summary.get("peers", []) if c["model"] == model):
+            lines += _peer_markdown(ps)
         best = [b for b in summary["best_vanilla"] if b["model"] == model]
         if best:
             lines += ["### Best vanilla configuration per NFE (all solvers and schedules)", ""]
@@ -218,6 +220,26 @@ def _calibration_markdown(cs: dict) -> list[str]:
                  _fmt(b["best_calibrated"]["excess"]), _fmt(b["ratio"])] for b in cs["best_per_nfe"]]
         lines += [f"Best configuration per NFE budget, excess {cs['metric']} (mean over seeds):", ""]
         lines += _table(["NFE", "best vanilla", "excess", "best calibrated", "excess", "ratio"], rows) + [""]
+    return lines
+
+
+def _peer_markdown(ps: dict) -> list[str]:
+    """A peer's section: what its fit minimised, its cost, its best configuration per NFE, and the calibrated
+    sampler against it cell by cell."""
+    fit = ps["fit_s"] or {}
+    v = ps["calibrated_vs_peer"]
+    lines = [f"### {ps['peer']} (a peer)", "",
+             f"{ps['cells']} cells fitted from the calibration noise and its fine solve (fit minimised: "
+             f"{ps['distance']}); fit time per cell (without the fine solve): median {_fmt(fit.get('median'))} s, "
+             f"max {_fmt(fit.get('max'))} s."]
+    if sum(v[k] for k in ("helps", "tie", "hurts", "failed")):
+        lines.append(f"cal:trajectory/ve against {ps['peer']} at the same solver, schedule and NFE (excess "
+                     f"{ps['metric']}, helps / ties / hurts / failed): {_tally(v)}).")
+    lines.append("")
+    if ps["best_per_nfe"]:
+        lines += _table(["NFE", f"best {ps['peer']}", f"excess {ps['metric']}"],
+                        [[str(b["nfe_budget"]), f"{b['solver']} / {b['schedule']}", _fmt(b["excess"])]
+                         for b in ps["best_per_nfe"]]) + [""]
     return lines
 
 

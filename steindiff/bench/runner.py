@@ -31,6 +31,9 @@ Conventions (documented here once, used by the report and the CLI):
 - A configuration that raises (non-finite statistics, non-finite samples, ...) is a result: its row
   has ``status = "failed: <reason>"`` and empty metrics; the grid goes on.
 - Vanilla rows carry ``gammas = [1.0] * steps`` and empty ``gamma_raw`` and ``rho``.
+- Peers (:mod:`steindiff.bench.peers`, e.g. ``peer:gits``) are fitted once per cell from the calibration noise
+  and its fine solve, the ones ``cal:trajectory`` uses, and sampled like vanilla rows (``coords = "-"``: their
+  plans carry no gamma); each row records its fit (``peer``: the distance it minimised, its wall time).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from ..schedules import SCHEDULES, get_sigmas
 from ..solvers import SOLVERS, get_solver, steps_for_nfe
 from ..stabilizers import STABILIZERS, make_stabilizer
 from ..stabilizers.registry import resolves_to_calibrated
+from .peers import PEERS, PREFIX, fit_peer, peer_name
 
 __all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "excess",
            "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
@@ -143,10 +147,12 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
             if x not in known:
                 raise ValueError(f"unknown {what} {x!r}; choose from {', '.join(known)}")
     for s in stabilizers:
-        if s != TRAJECTORY and (s.removeprefix("cal:") not in STABILIZERS or s == "cal:none"):
+        if s.startswith(PREFIX):
+            peer_name(s)  # raises for an unknown peer
+        elif s != TRAJECTORY and (s.removeprefix("cal:") not in STABILIZERS or s == "cal:none"):
             raise ValueError(f"unknown stabilizer {s!r}; choose from {', '.join(STABILIZERS)}, {TRAJECTORY} (the "
-                             "calibrated sampler), or cal:<stabilizer> (its gamma schedule calibrated on another "
-                             "batch, then applied)")
+                             "calibrated sampler), cal:<stabilizer> (its gamma schedule calibrated on another "
+                             f"batch, then applied), or a peer {', '.join(PREFIX + p for p in PEERS)}")
     whole = [(v, 1, "NFE values must be positive integers") for v in nfes]
     whole += [(v, 0, "seeds must be non-negative integers") for v in seeds]
     whole += [(n, 2, "n must be an integer >= 2 (Stein statistics are batch means)"),
@@ -166,7 +172,7 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
                              f"reference images (digits, patches), got {m!r}" + (f": {note}" if note else ""))
         specs[m] = spec if device is None else spec.to(device)
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
-            if s != TRAJECTORY:
+            if s != TRAJECTORY and not s.startswith(PREFIX):
                 make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes,
                                 jacobian_batch=jacobian_batch, jacobian_precision=jacobian_precision)
     return specs
@@ -299,11 +305,21 @@ def _reason(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {msg[:300]}"
 
 
+def _peer_summary(meta: dict) -> dict:
+    """What a ``peer:<name>`` row records of its fit: the peer, its distance, its fit time and its own record."""
+    info = dict(meta.get("peer", {}))
+    return {**info, "record": meta.get(info.get("name"))}
+
+
 def _run_one(spec, noise, plan, stab_name, coords, probes, seed, ref, floors, mmd, jacobian_batch=None,
-             calibrated=None, jacobian_precision="fp32") -> dict:
+             calibrated=None, jacobian_precision="fp32", peer=None) -> dict:
     row: dict[str, Any] = {"steps": plan.steps}
     try:
-        if stab_name == TRAJECTORY:
+        if stab_name.startswith(PREFIX):
+            # fitted once per cell from the calibration teacher (``peer(label, plan)``), applied here as is
+            plan, stab = peer(stab_name, plan), None
+            row.update(peer_sigmas=plan.sigmas.tolist(), peer=_peer_summary(plan.meta))
+        elif stab_name == TRAJECTORY:
             # fitted once per cell on calibration noise (``calibrated(plan)``), applied here with no extra pass
             plan, stab = calibrated(plan), None  # generate() applies the plan's gammas
             row.update(calibrated_gammas=plan.gammas, calibrated_sigmas=plan.sigmas.tolist(),
@@ -368,7 +384,8 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                           jacobian_batch, jacobian_precision)
     if ref_solver not in SOLVERS or ref_steps < 1:
         raise ValueError(f"bad reference solve: solver {ref_solver!r}, {ref_steps} steps")
-    configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" else coords)]
+    # the plain solver and the peers (plans without a gamma) do not depend on the coordinates
+    configs = [(s, c) for s in stabilizers for c in (["-"] if s == "none" or s.startswith(PREFIX) else coords)]
     total = len(models) * len(seeds) * len(solvers) * len(schedules) * len(nfes) * len(configs)
     rows: list[dict] = []
     cal_config: dict[str, dict] = {}
@@ -407,6 +424,22 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     raise cal_cache[key]
                 return cal_cache[key]
 
+            def peer(label: str, base: SamplingPlan, spec=spec, cal_opts=cal_opts, cal_cache=cal_cache,
+                     cal_ref=cal_ref):
+                key = (label, base.solver, tuple(base.sigmas.tolist()))
+                if key not in cal_cache:
+                    try:
+                        if not cal_ref:
+                            cal_ref.append(_calibration_reference(spec, cal_opts))
+                        cal_cache[key] = fit_peer(label, spec.denoiser, base, _noise(spec, cal_opts["n"],
+                                                                                     cal_opts["seed"]),
+                                                  cal_ref[0], sigma_min=float(spec.process.sigma_min))
+                    except Exception as e:
+                        cal_cache[key] = e
+                if isinstance(cal_cache[key], Exception):
+                    raise cal_cache[key]
+                return cal_cache[key]
+
             for seed in seeds:
                 noise = _noise(spec, n, seed)
                 ref = _reference(spec, noise, ref_solver, ref_steps)
@@ -424,7 +457,7 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                         else:
                             row = {**base, **_run_one(spec, noise, plan, stab, "ve" if c == "-" else c, probes, seed,
                                                       ref, floors, mmd, jacobian_batch, calibrated,
-                                                      jacobian_precision)}
+                                                      jacobian_precision, peer)}
                             done[key] = row
                         rows.append(row)
                         bar.update(1)
@@ -433,8 +466,11 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
               "coords": list(coords), "stabilizers": list(stabilizers), "seeds": list(seeds), "n": n,
               "probes": probes, "mmd": mmd, "jacobian_precision": jacobian_precision,
               "reference": {"solver": ref_solver, "steps": ref_steps, "schedule": "karras"}}
-    if TRAJECTORY in stabilizers:
+    peers = [peer_name(s) for s in stabilizers if s.startswith(PREFIX)]
+    if TRAJECTORY in stabilizers or peers:  # the calibration noise and its teacher, shared by both
         config["calibration"] = cal_config
+    if peers:
+        config["peers"] = {p: {"paper": PEERS[p].paper, "distance": PEERS[p].distance} for p in peers}
     if "image" in kinds:
         config["reference"]["image_model_steps"] = min(ref_steps, IMAGE_REF_STEPS)
     return {"schema": SCHEMA, "machine": machine, "config": config, "rows": rows}
@@ -490,16 +526,21 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                 times: dict[tuple, list[float]] = {v: [] for v in variants}
                 peaks: dict[tuple, list[int]] = {v: [] for v in variants}
                 info: dict[tuple, dict] = {}
-                plan = None
-                if TRAJECTORY in stabilizers:  # fitted before the timing: calibration is a one-off cost
+                fitted: dict[str, SamplingPlan] = {}  # fitted before the timing: calibration is a one-off cost
+                if TRAJECTORY in stabilizers:
                     with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
-                        plan = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
-                                               calibrate_missing="always", notice=lambda m: None,
-                                               **calibration_options(spec))
+                        fitted[TRAJECTORY] = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
+                                                             calibrate_missing="always", notice=lambda m: None,
+                                                             **calibration_options(spec))
+                for label in (s for s in stabilizers if s.startswith(PREFIX)):
+                    opts = calibration_options(spec)
+                    fitted[label] = fit_peer(label, spec.denoiser, base_plan, _noise(spec, opts["n"], opts["seed"]),
+                                             _calibration_reference(spec, opts),
+                                             sigma_min=float(spec.process.sigma_min))
                 for rep in range(repeats + 1):  # round 0: untimed warm-up
                     for v in variants:
-                        if v[0] == TRAJECTORY:
-                            stab, run_plan = None, plan  # the plan's gammas
+                        if v[0] in fitted:
+                            stab, run_plan = None, fitted[v[0]]  # the fitted plan (noise levels, gammas)
                         else:
                             stab, run_plan = make_stabilizer(v[0], spec, coords=coords, probes=v[1] or 1, seed=seed,
                                                              jacobian_batch=jacobian_batch,
@@ -522,7 +563,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                 for v in variants:
                     t, pk = med[v], top[v]
                     out.append({"model": spec.name, "solver": solver, "schedule": schedule,
-                                "coords": coords if v[0] != "none" else "-", "nfe_budget": nfe, "stabilizer": v[0],
+                                "coords": "-" if v[0] == "none" or v[0].startswith(PREFIX) else coords,
+                                "nfe_budget": nfe, "stabilizer": v[0],
                                 "probes": v[1], "n": n, "repeats": len(times[v]), **info[v], "wall_s_per_sample": t,
                                 "ratio": (t / t_none) if (t is not None and t_none) else None,
                                 "device": str(noise.device), "jacobian_batch": jacobian_batch,
@@ -695,7 +737,7 @@ def summarize(result: dict) -> dict:
                 d["helps_pct"] = 100.0 * d["helps"] / d["room"] if d["room"] else None
                 d["hurts_pct"] = 100.0 * (d["hurts"] + d["failed"]) / d["room"] if d["room"] else None
     return {"cells": list(cells.values()), "primary": primary,
-            "calibration": _calibration_stats(rows, cells, primary, best),
+            "calibration": _calibration_stats(rows, cells, primary, best), "peers": _peer_stats(rows, cells, primary),
             "best_vanilla": [{"model": m, "nfe_budget": nb, "solver": b["solver"], "schedule": b["schedule"],
                               "nfe": b["nfe"], "metric": primary[m], f"excess_{primary[m]}": b["excess"][primary[m]]}
                              for (m, nb), b in sorted(best.items())],
@@ -743,6 +785,42 @@ def _calibration_stats(rows: Sequence[dict], cells: dict, primary: dict, best: d
                     if standalone else None,
                     "val_ratio_median": float(np.median([c["val_ratio"] for c in cal.values() if c.get("val_ratio")])),
                     "traj_err_ratio_median": float(np.median(ratios)) if ratios else None, "best_per_nfe": per_nfe})
+    return out
+
+
+def _peer_stats(rows: Sequence[dict], cells: dict, primary: dict) -> list[dict]:
+    """Per model and peer: the distance its fit minimised, its fit time, its best configuration per NFE budget,
+    and the calibrated sampler's verdict against it cell by cell (``cal:trajectory`` in ``ve`` coordinates
+    against the peer at the same solver, schedule and NFE, the peer's seed spread as the spread)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        p = primary[model]
+        for label in dict.fromkeys(r["stabilizer"] for r in rows if r["model"] == model
+                                   and r["stabilizer"].startswith(PREFIX)):
+            fits = {}
+            for r in rows:
+                if r["model"] == model and r["stabilizer"] == label and r.get("peer") and not r.get("reused"):
+                    fits.setdefault((r["solver"], r["schedule"], r["nfe_budget"]), r["peer"])
+            mine = {k: c for k, c in cells.items() if k[0] == model and k[5] == label and p in c["excess"]}
+            best = {}
+            for k, c in mine.items():
+                if k[4] not in best or c["excess"][p]["mean"] < best[k[4]]["excess"][p]["mean"]:
+                    best[k[4]] = c
+            versus = {"helps": 0, "tie": 0, "hurts": 0, "failed": 0, "n/a": 0, "room": 0}
+            for k, c in mine.items():
+                cal = cells.get((*k[:3], "ve", k[4], TRAJECTORY))
+                if cal is not None:
+                    v = verdict(c["excess"][p], cal["excess"].get(p))
+                    versus[v["verdict"]] += 1
+                    versus["room"] += int(v["room"])
+            wall = [f["wall_s"] for f in fits.values() if f.get("wall_s") is not None]
+            first = next(iter(fits.values()), {})
+            out.append({"model": model, "peer": label, "metric": p, "distance": first.get("distance"),
+                        "cells": len(fits), "fit_s": {"median": float(np.median(wall)), "max": float(np.max(wall))}
+                        if wall else None,
+                        "best_per_nfe": [{"nfe_budget": nb, "solver": c["solver"], "schedule": c["schedule"],
+                                          "excess": c["excess"][p]["mean"]} for nb, c in sorted(best.items())],
+                        "calibrated_vs_peer": versus})
     return out
 
 

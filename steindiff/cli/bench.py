@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..bench.peers import PEERS, PREFIX
 from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
@@ -49,7 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated, from: {', '.join(STABILIZERS)}, cal:trajectory (the calibrated sampler: "
                         "the model's shipped calibration, else fitted once per cell on other noise; auto is this one, "
                         "as in `sample --stabilizer auto`), or cal:<stabilizer> (its gamma schedule calibrated on "
-                        "another batch, then applied)")
+                        "another batch, then applied), or peer:<name> (as --peers)")
+    p.add_argument("--peers", default=None, metavar="NAME[,NAME...]",
+                   help="learned-schedule peers to run beside the grid, rows labelled peer:<name>, fitted per cell "
+                        f"from the calibration noise and fine solve that cal:trajectory uses, from: {', '.join(PEERS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (initial noise and probes)")
     p.add_argument("--n", type=int, default=1000, help="samples per configuration")
     p.add_argument("--probes", type=int, default=5, help="Hutchinson probes per step for stein")
@@ -124,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
                     nfes=_list(args.nfe, "nfe", int), schedules=_list(args.schedules, "schedules"),
                     coords=_list(args.coords, "coords"), stabilizers=_list(args.stabilizers, "stabilizers"),
                     seeds=_list(args.seeds, "seeds", int))
+        if args.peers is not None:
+            peers = [PREFIX + p for p in _list(args.peers, "peers")]
+            grid["stabilizers"] += [p for p in peers if p not in grid["stabilizers"]]
         cost_probes = _list(args.cost_probes, "cost-probes", int)
         if args.ref_solver not in SOLVERS:
             raise UsageError(f"--ref-solver: unknown solver {args.ref_solver!r}")
@@ -202,7 +209,8 @@ def _text(result: dict, summary: dict, args: argparse.Namespace, plots: list[str
 def _command(args: argparse.Namespace) -> str:
     """The command line that regenerates these results (every grid option spelled out)."""
     opts = [("--model", args.models), ("--solvers", args.solvers), ("--nfe", args.nfe), ("--schedules", args.schedules),
-            ("--coords", args.coords), ("--stabilizers", args.stabilizers), ("--seeds", args.seeds), ("--n", args.n)]
+            ("--coords", args.coords), ("--stabilizers", args.stabilizers), ("--peers", args.peers),
+            ("--seeds", args.seeds), ("--n", args.n)]
     if args.cost:
         opts += [("--cost", True), ("--cost-probes", args.cost_probes), ("--repeats", args.repeats)]
     else:

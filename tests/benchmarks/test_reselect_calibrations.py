@@ -41,7 +41,7 @@ def test_reselect_equals_the_fit_choice_and_is_undone_by_the_old_guards(reselect
     ratio = cand[best]["val_rms"] / cand["plain"]["val_rms"]
     obj["calibration"]["chosen"] = choose_candidate(cand, ALL.split(","))
     (folder / "a.json").write_text(json.dumps(obj))
-    assert reselect.main([str(folder), "--json"]) == 0
+    assert reselect.main([str(folder), "--json", "--guards", "distribution,significance"]) == 0
     report = json.loads(capsys.readouterr().out)
     new = json.loads((folder / "a.json").read_text())
     assert new["calibration"]["chosen"] == best == choose_candidate(cand)

@@ -1,0 +1,63 @@
+"""benchmarks/guards_study.py: every candidate of a cell scored and labelled, the checks' counts, the choices
+under each guard set equal to what the calibration chooses, and the report rebuilt from saved results."""
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def study(load_benchmark):
+    return load_benchmark("guards_study")
+
+
+@pytest.fixture(scope="module")
+def rows(study):
+    study.SETTINGS["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_solves": 10, "max_seconds": 30.0, "n_eval": 200,
+                                 "dtype": torch.float64}
+    return study.run_model("gmm:toy2d", ["euler"], [3], "karras", [0, 1])
+
+
+def test_cells_are_labelled_by_the_protocol(study, rows):
+    from steindiff.bench.runner import verdict
+
+    (row,) = rows
+    assert row["kind"] == "mixture" and set(row["candidates"]) >= {"plain", "closed_form", "refined"}
+    plain = row["candidates"]["plain"]["metrics"]
+    assert set(plain) == {"sw2", "nll", "mode_tv"} and len(plain["sw2"]["per_seed"]) == 2
+    for name, c in row["candidates"].items():
+        if name == "plain":
+            continue
+        worse = [m for m in ("nll", "mode_tv") if verdict(plain[m], c["metrics"][m])["verdict"] == "hurts"
+                 or verdict(plain[m], c["metrics"][m])["worse_at_floor"]]
+        assert c["worse"] == worse and c["bad"] == bool(worse)
+        assert set(c["passed"]) >= {"residual", "elbo", "modes", "distribution", "significance"}
+
+
+def test_choices_follow_the_calibration_and_the_counts_add_up(study, rows):
+    from steindiff.trajectory import GUARDS
+
+    (row,) = rows
+    kept = study.choices(rows, GUARDS)
+    assert kept["cells"] == 1 and kept["plain"] == (row["chosen_by_record"] == "plain")
+    for check in ("residual", "elbo", "distribution"):
+        d = study.confusion(rows, check)
+        assert d["bad"] + d["good"] == len(row["candidates"]) - 1
+        assert d["rejected_bad"] + d["rejected_good"] == sum(
+            not c["passed"][check] for k, c in row["candidates"].items() if k != "plain")
+
+
+def test_report_from_saved_results(study, rows, tmp_path, capsys):
+    part = {"schema": study.SCHEMA, "machine": {}, "config": {"models": ["gmm:toy2d"], "solvers": ["euler"],
+                                                               "nfe": [3], "schedule": "karras", "seeds": [0, 1],
+                                                               "settings": {"mixture": {**study.SETTINGS["mixture"],
+                                                                                        "dtype": "float64"}}},
+            "commands": ["python benchmarks/guards_study.py ..."], "wall_s": 1.0, "rows": rows}
+    src = tmp_path / "part.json"
+    src.write_text(json.dumps(part))
+    out, md = tmp_path / "all.json", tmp_path / "all.md"
+    assert study.main(["--from", str(src), "--json-out", str(out), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "## What the calibration keeps under each guard set" in text and "| gmm:toy2d | euler | 3 |" in text
+    assert json.loads(out.read_text())["analysis"]["guard_sets"]["all"]["+residual"]["cells"] == 1
