@@ -135,6 +135,17 @@ class GaussianMixture:
             return (x - self.denoise(x, sigma)) / s.to(x_vp.dtype)
         return eps
 
+    def velocity_net(self, time_scale: float = 1.0) -> "callable":
+        """The velocity ``v(x_t, t * time_scale) = E[eps - x0 | x_t]`` of this mixture seen through the flow
+        process ``x_t = (1 - t) x0 + t eps`` (:class:`~steindiff.noise.FlowProcess`), exactly: with
+        ``D`` the denoiser at ``sigma = t / (1 - t)`` of ``x_ve = x_t / (1 - t)``, ``v = (x_t - D) / t``."""
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(torch.float64).reshape(-1) / time_scale
+            tb = t.reshape(-1, *([1] * (x_t.ndim - 1)))
+            xf = x_t.to(torch.float64)
+            return ((xf - self.denoise(xf / (1 - tb), t / (1 - t))) / tb).to(x_t.dtype)
+        return velocity
+
     # --- sampling ----------------------------------------------------------------------------
     def sample(self, n: int, sigma: float = 0.0, *, generator: torch.Generator | None = None, seed: int | None = None,
                return_labels: bool = False):

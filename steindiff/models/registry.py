@@ -1,5 +1,6 @@
-"""Named models for the CLI and benchmarks: ``gmm:<preset>`` (exact mixtures), and more
-registered by other modules (e.g. the shipped digits and patches models)."""
+"""Named models for the CLI and benchmarks: ``gmm:<preset>`` (exact mixtures on the VE process),
+``gmm:<preset>-flow`` (the same mixtures seen through flow matching), and more registered by other modules
+(e.g. the shipped digits and patches models)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..noise import NoiseProcess, VEProcess
+from ..noise import FLOW_T_DELTA, FlowProcess, NoiseProcess, VEProcess
+from .denoisers import FlowDenoiser
 from .gmm import GaussianMixture, get_gmm
 
-__all__ = ["ModelSpec", "load_model", "register_model_loader"]
+__all__ = ["ModelSpec", "load_model", "register_model_loader", "flow_mixture", "FLOW_SUFFIX"]
+
+#: ``gmm:<preset>`` + this suffix: the mixture as a flow-matching model (:func:`flow_mixture`).
+FLOW_SUFFIX = "-flow"
 
 
 @dataclass
@@ -58,15 +63,30 @@ def register_model_loader(matches: Callable[[str], bool], load: Callable[[str], 
     _LOADERS.append((matches, load))
 
 
+def flow_mixture(gmm: GaussianMixture) -> ModelSpec:
+    """An exact mixture as a flow-matching model: its velocity network (:meth:`GaussianMixture.velocity_net`,
+    SD3's model time ``1000 t``) behind a :class:`~steindiff.models.FlowDenoiser`, on a
+    :class:`~steindiff.noise.FlowProcess` from ``t_max = 1 - FLOW_T_DELTA`` (the stand-in for ``t = 1``, where flow
+    pipelines start) down to ``sigma_min = 0.002`` (the VE presets' lowest level), with the flow schedule of
+    shift 1.  Sampling goes through the adapter, as for a user's flow model; ``gmm`` keeps the exact metrics."""
+    process = FlowProcess(0.002 / 1.002, 1.0 - FLOW_T_DELTA)
+    den = FlowDenoiser(gmm.velocity_net(1000.0), process, "velocity", time_scale=1000.0)
+    return ModelSpec(name=gmm.name + FLOW_SUFFIX, denoiser=den, process=process, sample_shape=(gmm.dim,), gmm=gmm)
+
+
 def load_model(name: str) -> ModelSpec:
-    """Resolve a model name: ``gmm:<preset>`` or any registered name/path."""
+    """Resolve a model name: ``gmm:<preset>``, ``gmm:<preset>-flow`` (:func:`flow_mixture`) or any registered
+    name/path."""
+    if name.startswith("gmm:") and name.endswith(FLOW_SUFFIX):
+        return flow_mixture(get_gmm(name[: -len(FLOW_SUFFIX)]))
     if name.startswith("gmm:"):
         gmm = get_gmm(name)
         return ModelSpec(name=gmm.name, denoiser=gmm, process=VEProcess(0.002, 80.0), sample_shape=(gmm.dim,), gmm=gmm)
     for matches, load in _LOADERS:
         if matches(name):
             return load(name)
-    raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64), digits "
+    raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64, or "
+                     "gmm:image64-flow for the mixture as a flow-matching model), digits "
                      "or patches (the shipped models) or a checkpoint folder written by `steindiff train` "
                      "(config.json, model.safetensors)")
 
