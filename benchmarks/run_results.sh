@@ -2,7 +2,8 @@
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
 # side-by-side cost ratios and small grids on the digits and patches U-Nets.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
-#        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|diagnose|engine|all], or patches
+#        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
+#        flow-t1|digits-flow|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
@@ -76,6 +77,22 @@ if [[ $what == calibrated || $what == calibrated-image64 || $what == all ]]; the
   TITLE="gmm:image64: the calibrated sampler against vanilla solvers" sharded calibrated-image64 \
     --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}"
+fi
+if [[ $what == calibrated || $what == calibrated-image64-flow || $what == all ]]; then
+  # the same mixture as a flow-matching model (gmm:image64-flow: its exact velocity behind FlowDenoiser, from
+  # t = 1 - 1e-6), with the flow's own schedule beside karras and logsnr; heun_flow is FlowMatchHeun's Heun (EDM's
+  # diverges from t ~ 1). Then diffusers' flow schedulers on the same model and noise (benchmarks/flow_peers.py).
+  SOLVERS=euler,heun_flow,dpmpp_2m,unipc TITLE="gmm:image64-flow: the calibrated sampler on a flow-matching model" \
+    sharded calibrated-image64-flow --model gmm:image64-flow --nfe 3,4,5,6,8,10 --schedules karras,logsnr,flow \
+    --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}" \
+    --calibration-seconds 600
+  python benchmarks/flow_peers.py --bench $out/calibrated-image64-flow.json --json-out $out/peers-image64-flow.json \
+    --markdown $out/peers-image64-flow.md --no-progress
+fi
+if [[ $what == flow-t1 || $what == all ]]; then
+  # how t = 1 of a flow model is stood in for (t_max = 1 - delta): distance to diffusers' own flow schedulers on a
+  # tiny SD3 transformer, and float32 exactness of every solver from sigma ~ 1/delta (about 2 minutes on 1 CPU thread)
+  python benchmarks/flow_t1.py --json-out $out/flow-t1.json --markdown $out/flow-t1.md
 fi
 if [[ $what == calibrated || $what == calibrated-cost || $what == all ]]; then
   # the calibrated sampler's cost at sampling time, side by side with the plain solver (fitted before the timing)

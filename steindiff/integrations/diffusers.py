@@ -99,6 +99,10 @@ def _flow_process(cfg: dict, cls: str, mu: float | None, image_seq_len: int | No
                          "UniPCMultistepScheduler with use_flow_sigmas=True")
     multistep = cls in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler") or (
         not cls and bool(cfg.get("use_flow_sigmas")))
+    if not multistep and "FlowMatch" not in cls and (cls or "beta_schedule" in cfg):
+        _refuse(name, "prediction_type", cfg.get("prediction_type"), "a flow model is sampled with "
+                f"{', '.join(FLOW_SCHEDULERS[:2])}, or DPMSolverMultistepScheduler or UniPCMultistepScheduler with "
+                "use_flow_sigmas=True")
     if multistep and not cfg.get("use_flow_sigmas"):
         _refuse(name, "use_flow_sigmas", cfg.get("use_flow_sigmas"), "a flow model (prediction_type="
                 "'flow_prediction') needs the flow sigmas of use_flow_sigmas=True")
