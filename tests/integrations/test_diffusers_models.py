@@ -272,7 +272,8 @@ def test_flow_transformers_time_conventions():
     den(torch.zeros(1, 2), torch.tensor([1.0]))
     assert float(seen[-1]) == pytest.approx(500.0)
     flux_like = type("FluxTransformer2DModel", (Probe,), {})()
-    denoiser_from_diffusers(flux_like, diffusers.FlowMatchEulerDiscreteScheduler())(torch.zeros(1, 2), torch.tensor([1.0]))
+    flux_den = denoiser_from_diffusers(flux_like, diffusers.FlowMatchEulerDiscreteScheduler())
+    flux_den(torch.zeros(1, 2), torch.tensor([1.0]))
     assert float(seen[-1]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="time_scale applies to flow-matching models"):
         denoiser_from_diffusers(tiny_unet(), diffusers.DDPMScheduler(), time_scale=1000.0)

@@ -1,9 +1,10 @@
 """Our solvers against diffusers' flow-matching schedulers, on a random-weight SD3 transformer in float64.
 
 The model is a tiny ``SD3Transformer2DModel`` built from a config (random weights, fixed prompt embeddings),
-wrapped by :func:`denoiser_from_diffusers` (velocity, model time ``1000 t``); the scheduler is read by
-:func:`process_from_scheduler`, whose ``"flow"`` schedule gives the noise levels (checked against the
-scheduler's own), and both loops start from the same latents (ours: ``x_ve = eps (1 + sigma_max)``).
+wrapped by :func:`denoiser_from_diffusers` (velocity, model time ``1000 t``), which reads the scheduler with
+:func:`~steindiff.integrations.diffusers.process_from_scheduler`, whose ``"flow"`` schedule gives the noise
+levels (checked against the scheduler's own), and both loops start from the same latents (ours:
+``x_ve = eps (1 + sigma_max)``).
 
 diffusers keeps the flow state ``x_t`` and we keep ``x_ve = x_t / (1 - t)``; at ``t = 0`` they coincide.
 Residual differences: ``FlowMatchEuler``/``FlowMatchHeun`` start at ``t = 1`` exactly, we at ``t_max = 1 - 1e-6``
@@ -20,7 +21,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from steindiff import sample  # noqa: E402
-from steindiff.integrations.diffusers import denoiser_from_diffusers, process_from_scheduler  # noqa: E402
+from steindiff.integrations.diffusers import denoiser_from_diffusers  # noqa: E402
 from steindiff.schedules import get_sigmas  # noqa: E402
 
 RTOL = 1e-5
