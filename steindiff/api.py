@@ -15,7 +15,7 @@ import torch
 
 from .calibration import calibrated_plan, conditioning_digest
 from .models.registry import ModelSpec
-from .noise import NoiseProcess, VEProcess
+from .noise import FlowProcess, NoiseProcess, VEProcess
 from .plan import SamplingPlan
 from .sampling import SampleResult
 from .sampling import sample as run_loop
@@ -34,16 +34,18 @@ def sample(model: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: Sequence
 
     ``stabilizer``: an object, ``None``, or a name (``"stein"``, ``"stein-energy"``, ``"auto"``, ...).
     With ``"auto"`` as the calibrated sampler the model must have a ``state_dict`` (its weights key the
-    cache); ``process`` gives its noise range (default: VE from the smallest positive sigma to
-    ``sigmas[0]``), ``calibration_dir`` the cache (default ``$XDG_CACHE_HOME/steindiff/calibrations``),
-    ``calibrate=False`` uses only what is cached, and ``calibration_options`` go to
-    :func:`steindiff.calibration.calibrate` (e.g. ``{"n": 256, "max_seconds": 30}``).  The calibration
-    batch is drawn like ``x`` (same shape per sample, dtype and ``extra_args``).
+    cache); ``process`` gives its noise range and prior (default: the model's own ``process`` when it is a
+    :class:`~steindiff.noise.FlowProcess`, as a :class:`~steindiff.models.FlowDenoiser`'s is, else VE from the
+    smallest positive sigma to ``sigmas[0]``), ``calibration_dir`` the cache (default
+    ``$XDG_CACHE_HOME/steindiff/calibrations``), ``calibrate=False`` uses only what is cached, and
+    ``calibration_options`` go to :func:`steindiff.calibration.calibrate` (e.g. ``{"n": 256, "max_seconds":
+    30}``).  The calibration batch is drawn like ``x`` (same shape per sample, dtype and ``extra_args``).
     """
     if registry.resolves_to_calibrated(stabilizer):
         sig = validate_sigmas(sigmas)
         if process is None:
-            process = VEProcess(float(sig[sig > 0].min()), float(sig[0]))
+            own = getattr(model, "process", None)  # a flow model's prior is x_t ~ N(0, I): its own process
+            process = own if isinstance(own, FlowProcess) else VEProcess(float(sig[sig > 0].min()), float(sig[0]))
         name = type(getattr(model, "_orig_mod", model)).__name__
         spec = ModelSpec(name=name, denoiser=model, process=process, sample_shape=tuple(x.shape[1:]))
         solver_name = solver if isinstance(solver, str) else solver.name

@@ -1,14 +1,14 @@
-"""Trained U-Net checkpoints as named models: ``digits``, ``digits-flow`` and ``patches`` (shipped) and any
-checkpoint folder.
+"""Trained U-Net checkpoints as named models: ``digits``, ``digits-flow`` and ``patches`` (shipped) and any checkpoint
+folder.
 
-``load_model("digits")`` returns the shipped EDM model of the 8x8 digits (weights in
-``steindiff/weights/digits``), ``load_model("digits-flow")`` a rectified-flow model of the same digits with the
-same U-Net (``steindiff/weights/digits_flow``, ``steindiff train --objective flow``), ``load_model("patches")`` the
-EDM model of 32x32 RGB photo patches (``steindiff/weights/patches``); ``load_model("path/to/checkpoint")`` loads a
-folder written by ``steindiff train``.  The denoiser is ``EDMPrecond(unet)`` (``VPDenoiser`` for a VP epsilon
-model, ``FlowDenoiser`` for a flow model) in eval mode with frozen parameters.  When the training data can be reloaded, ``info`` carries
-the held-out and training images of the recorded split, and ``info["metrics"]`` names the image metrics
-that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, else ``digits``:
+``load_model("digits")`` returns the shipped EDM model of the 8x8 digits (weights in ``steindiff/weights/digits``),
+``load_model("digits-flow")`` a rectified-flow model of the same digits with the same U-Net
+(``steindiff/weights/digits_flow``, ``steindiff train --objective flow``), ``load_model("patches")`` the EDM model
+of 32x32 RGB photo patches (``steindiff/weights/patches``); ``load_model("path/to/checkpoint")`` loads a folder
+written by ``steindiff train``. The denoiser is ``EDMPrecond(unet)`` (``VPDenoiser`` for a VP epsilon model,
+``FlowDenoiser`` for a flow model) in eval mode with frozen parameters. When the training data can be reloaded,
+``info`` carries the held-out and training images of the recorded split, and ``info["metrics"]`` names the image
+metrics that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, else ``digits``:
 :func:`steindiff.metrics.image.image_metrics`).
 """
 
