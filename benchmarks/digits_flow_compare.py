@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from steindiff.bench.runner import excess
+from steindiff.io import save_json, save_text
 
 METRICS = ("digits_fid", "digits_kid", "precision", "recall", "class_tv")
 CALIBRATED = "cal:trajectory"
@@ -127,12 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = compare(*load)
     command = "python benchmarks/digits_flow_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=1) + "\n")
+        save_json(args.json_out, res)
     md = markdown(res, command)
-    if args.markdown:
-        Path(args.markdown).write_text(md + "\n")
-    else:
-        print(md)
+    save_text(args.markdown, md) if args.markdown else print(md)
     return 0
 
 

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 
 from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
+from steindiff.io import save_json, save_text
 from steindiff.metrics import mixture_metrics
 from steindiff.models.registry import FLOW_SUFFIX, load_model
 
@@ -327,12 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flow_peers: error: {e}", file=sys.stderr)
         return 2
     if args.json_out and not args.from_json:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+        save_json(args.json_out, result)
     md = markdown(result, bench, result["config"].get("command", ""))
-    if args.markdown:
-        Path(args.markdown).write_text(md + "\n")
-    else:
-        print(md)
+    save_text(args.markdown, md) if args.markdown else print(md)
     return 0
 
 

@@ -20,14 +20,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from steindiff import sample
+from steindiff.io import save_json, save_text
 from steindiff.models import FlowDenoiser
 from steindiff.models.registry import load_model
 from steindiff.noise import FlowProcess
@@ -158,12 +157,9 @@ def main(argv=None) -> int:
     result["wall_s"] = time.perf_counter() - t0
     result["command"] = "python benchmarks/flow_t1.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+        save_json(args.json_out, result)
     md = markdown(result)
-    if args.markdown:
-        Path(args.markdown).write_text(md)
-    else:
-        print(md)
+    save_text(args.markdown, md) if args.markdown else print(md)
     return 0
 
 
