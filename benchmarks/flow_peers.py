@@ -5,9 +5,11 @@ a flow-matching model (``gmm:<preset>-flow``), from the same noise.
         --json-out docs/results/peers-image64-flow.json --markdown docs/results/peers-image64-flow.md
 
 ``--bench`` is a ``steindiff bench`` result on a ``gmm:<preset>-flow`` model (its plain and ``cal:trajectory`` rows,
-benchmarks/run_results.sh ``calibrated-image64-flow``): this script runs diffusers' schedulers on the same model,
-seeds, sample count, NFE budgets, initial noise, reference solve and metrics, and compares per NFE the best
-configuration of each group (diffusers, steindiff plain, steindiff calibrated) by mean excess sliced W2.
+benchmarks/run_results.sh ``calibrated-image64-flow``), or several, comma-separated, on its variants whose ``flow``
+schedule is another scheduler's grid (``-flow-unipc``, ``-flow-dpm``: the same model and noise): this script runs
+diffusers' schedulers on the same model, seeds, sample count, NFE budgets, initial noise, reference solve and
+metrics, and compares per NFE the best configuration of each group (diffusers, steindiff plain, steindiff
+calibrated) by mean excess sliced W2.
 
 The model: the mixture's exact velocity ``v(x_t, 1000 t)`` (:meth:`steindiff.models.GaussianMixture.velocity_net`),
 the network behind the bench's ``FlowDenoiser``; diffusers' loops call it as a flow pipeline calls its transformer
@@ -37,7 +39,7 @@ import torch
 from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
 from steindiff.io import save_json, save_text
 from steindiff.metrics import mixture_metrics
-from steindiff.models.registry import FLOW_SUFFIX, load_model
+from steindiff.models.registry import FLOW_GRID_SUFFIXES, FLOW_SUFFIX, load_model
 
 SHIFTS = (1.0, 2.0, 3.0)
 METRICS = ("sw2", "nll", "mode_tv", "mmd", "traj_err")
@@ -100,15 +102,36 @@ def run_diffusers(peer: Peer, gmm, eps: torch.Tensor, nfe: int) -> dict:
             "sigmas": [float(s) for s in sch.sigmas]}
 
 
+def _base(model: str) -> str | None:
+    """The mixture ``gmm:<preset>`` of a flow bed ``gmm:<preset>-flow[-dpm|-unipc]`` (``None`` for other models)."""
+    for suffix in sorted(FLOW_GRID_SUFFIXES, key=len, reverse=True):
+        if model.startswith("gmm:") and model.endswith(suffix):
+            return model[: -len(suffix)]
+    return None
+
+
+def merge_benches(benches: Sequence[dict]) -> dict:
+    """Bench results on flow beds of one mixture (``-flow``, ``-flow-unipc``, ...), run with the same seeds, sample
+    count, NFE budgets and reference: their rows together (the same model and noise, other ``flow`` levels)."""
+    first = benches[0]["config"]
+    models = [m for b in benches for m in b["config"]["models"]]
+    bases = {_base(m) for m in models}
+    if len(bases) != 1 or None in bases:
+        raise ValueError(f"--bench must be steindiff bench results on gmm:<preset>{FLOW_SUFFIX} models of one mixture "
+                         f"(or its -flow-dpm, -flow-unipc variants), got {models}")
+    keys = ("n", "seeds", "nfe", "reference")
+    for b in benches[1:]:
+        if [b["config"][k] for k in keys] != [first[k] for k in keys]:
+            raise ValueError("--bench results differ in n, seeds, NFE budgets or reference solve")
+    return {"config": {**first, "models": models}, "rows": [r for b in benches for r in b["rows"]]}
+
+
 def run(bench: dict, peer_list: Sequence[Peer] | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     cfg = bench["config"]
-    models = cfg["models"]
-    if len(models) != 1 or not models[0].endswith(FLOW_SUFFIX):
-        raise ValueError(f"--bench must be a steindiff bench result on one gmm:<preset>{FLOW_SUFFIX} model, "
-                         f"got {models}")
-    spec = load_model(models[0])
+    bench = merge_benches([bench])  # checks the models
+    spec = load_model(_base(cfg["models"][0]) + FLOW_SUFFIX)
     n, seeds, nfes = int(cfg["n"]), list(cfg["seeds"]), list(cfg["nfe"])
     ref_cfg = cfg["reference"]
     mmd = any("mmd" in r.get("metrics", {}) for r in bench["rows"])
@@ -160,7 +183,9 @@ def _label(row: dict) -> str:
     if row.get("framework") in ("diffusers", "reference"):
         return row["label"]
     cal = f" {CALIBRATED}" if row["stabilizer"] == CALIBRATED else ""
-    return f"steindiff {row['solver']} {row['schedule']}{cal}"
+    grid = FLOW_GRID_SUFFIXES.get(row["model"][len(_base(row["model"]) or ""):], "euler")
+    schedule = row["schedule"] if row["schedule"] != "flow" or grid == "euler" else f"flow ({grid} grid)"
+    return f"steindiff {row['solver']} {schedule}{cal}"
 
 
 def summarize(peers_result: dict, bench: dict) -> dict:
@@ -237,9 +262,10 @@ def markdown(peers_result: dict, bench: dict, command: str) -> str:
         "spacings), `FlowMatchHeunDiscreteScheduler` (shift 1, 2, 3; `(NFE + 1) / 2` steps), "
         "`DPMSolverMultistepScheduler` and `UniPCMultistepScheduler` with `use_flow_sigmas=True`, "
         "`prediction_type='flow_prediction'` (`flow_shift` 1, 2, 3; orders 2 and 3); otherwise their defaults.",
-        "- **steindiff.** The grid's plain solvers (`euler`, `heun_flow`, `dpmpp_2m`, `unipc`) on `karras`, `logsnr` "
-        "and `flow` (the flow's own uniform times, shift 1) noise levels, and their calibrated sampler "
-        "(`cal:trajectory`), from the bench result (`--bench`).",
+        "- **steindiff.** The grids' plain solvers on their `karras`, `logsnr` and `flow` noise levels (`flow`: "
+        "FlowMatchEuler's uniform times, shift 1; `flow (unipc grid)`: UniPC's flow sigmas, shift 1, on the "
+        "`-flow-unipc` variant of the same model), and their calibrated sampler (`cal:trajectory`), from the bench "
+        f"results (`--bench`: {', '.join(bench['config']['models'])}).",
         f"- **Metrics.** As the grid's: excess over the floors of an independent true sample set; `traj_err` against "
         f"a `{cfg['reference']['solver']}` solve of {cfg['reference']['steps']} Karras steps from the same noise. "
         "Mean ± seed std.",
@@ -308,7 +334,8 @@ def markdown(peers_result: dict, bench: dict, command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", required=True, metavar="FILE", help="steindiff bench result on a gmm:<preset>-flow model")
+    p.add_argument("--bench", required=True, metavar="FILE[,FILE]",
+                   help="steindiff bench results on gmm:<preset>-flow (and -flow-dpm, -flow-unipc) models")
     p.add_argument("--json-out", metavar="FILE", help="write the diffusers rows as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the comparison as Markdown (default: standard output)")
     p.add_argument("--from-json", metavar="FILE", help="do not run: the Markdown of saved diffusers rows")
@@ -317,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        bench = json.loads(Path(args.bench).read_text())
+        bench = merge_benches([json.loads(Path(f).read_text()) for f in args.bench.split(",") if f])
         if args.from_json:
             result = json.loads(Path(args.from_json).read_text())
         else:

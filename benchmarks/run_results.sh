@@ -82,12 +82,18 @@ if [[ $what == calibrated || $what == calibrated-image64-flow || $what == all ]]
   # the same mixture as a flow-matching model (gmm:image64-flow: its exact velocity behind FlowDenoiser, from
   # t = 1 - 1e-6), with the flow's own schedule beside karras and logsnr; heun_flow is FlowMatchHeun's Heun (EDM's
   # diverges from t ~ 1). Then diffusers' flow schedulers on the same model and noise (benchmarks/flow_peers.py).
+  # About 100 + 60 + 50 minutes on 2 CPU cores shared with other jobs (load ~14).
   SOLVERS=euler,heun_flow,dpmpp_2m,unipc TITLE="gmm:image64-flow: the calibrated sampler on a flow-matching model" \
     sharded calibrated-image64-flow --model gmm:image64-flow --nfe 3,4,5,6,8,10 --schedules karras,logsnr,flow \
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}" \
     --calibration-seconds 600
-  python benchmarks/flow_peers.py --bench $out/calibrated-image64-flow.json --json-out $out/peers-image64-flow.json \
-    --markdown $out/peers-image64-flow.md --no-progress
+  # the same model with UniPC's flow-sigma grid as its flow schedule (diffusers' best flow configuration's levels)
+  SOLVERS=unipc,dpmpp_2m TITLE="gmm:image64-flow on UniPC's flow grid: the calibrated sampler" \
+    sharded calibrated-image64-flow-unipc --model gmm:image64-flow-unipc --nfe 3,4,5,6,8,10 --schedules flow \
+    --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}" \
+    --calibration-seconds 600
+  python benchmarks/flow_peers.py --bench $out/calibrated-image64-flow.json,$out/calibrated-image64-flow-unipc.json \
+    --json-out $out/peers-image64-flow.json --markdown $out/peers-image64-flow.md --no-progress
 fi
 if [[ $what == flow-t1 || $what == all ]]; then
   # how t = 1 of a flow model is stood in for (t_max = 1 - delta): distance to diffusers' own flow schedulers on a

@@ -258,8 +258,8 @@ class FlowProcess(NoiseProcess):
     (``benchmarks/flow_t1.py``).
 
     ``schedule``: how the pipelines that sampled the model place their noise levels (the time shift of SD3
-    and FLUX, :class:`steindiff.schedules.FlowSchedule`); the schedule named ``"flow"`` uses it.  It does not
-    change the process.
+    and FLUX, :class:`steindiff.schedules.FlowSchedule`; ``None``: its default, FlowMatchEuler's uniform times
+    without shift); the schedule named ``"flow"`` uses it.  It does not change the process.
     """
 
     name = "flow"
@@ -268,11 +268,7 @@ class FlowProcess(NoiseProcess):
         if not (0 < t_min < t_max < 1):
             raise ValueError(f"need 0 < t_min < t_max < 1 (t = 1 has no VE noise level), got t_min={t_min}, "
                              f"t_max={t_max}")
-        from .schedules import FlowSchedule
-
-        if schedule is None:
-            schedule = FlowSchedule()
-        if not isinstance(schedule, FlowSchedule):
+        if schedule is not None and not callable(getattr(schedule, "sigmas", None)):
             raise TypeError(f"schedule must be a steindiff.schedules.FlowSchedule, got {type(schedule).__name__}")
         self.t_min, self.t_max, self.schedule = float(t_min), float(t_max), schedule
         self.sigma_min = float(self.t_to_sigma(self.t_min))

@@ -247,7 +247,7 @@ def get_sigmas(schedule: str | Sequence[float] | torch.Tensor, steps: int, proce
         if not isinstance(process, FlowProcess):
             raise ValueError(f"the 'flow' schedule (shifted flow times, as flow-matching pipelines step) needs a "
                              f"FlowProcess, got {process!r}")
-        s = process.schedule.sigmas(steps, process.t_max)
+        s = (process.schedule or FlowSchedule()).sigmas(steps, process.t_max)
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)} or pass sigmas")
     return validate_sigmas(s)

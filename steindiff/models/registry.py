@@ -11,13 +11,16 @@ from typing import Any, Callable
 import torch
 
 from ..noise import FLOW_T_DELTA, FlowProcess, NoiseProcess, VEProcess
+from ..schedules import FlowSchedule
 from .denoisers import FlowDenoiser
 from .gmm import GaussianMixture, get_gmm
 
-__all__ = ["ModelSpec", "load_model", "register_model_loader", "flow_mixture", "FLOW_SUFFIX"]
+__all__ = ["ModelSpec", "load_model", "register_model_loader", "flow_mixture", "FLOW_SUFFIX", "FLOW_GRID_SUFFIXES"]
 
-#: ``gmm:<preset>`` + this suffix: the mixture as a flow-matching model (:func:`flow_mixture`).
+#: ``gmm:<preset>`` + this suffix: the mixture as a flow-matching model (:func:`flow_mixture`); ``-flow-dpm`` and
+#: ``-flow-unipc``: the same model whose ``flow`` schedule is DPM-Solver's or UniPC's flow-sigma grid.
 FLOW_SUFFIX = "-flow"
+FLOW_GRID_SUFFIXES = {"-flow": "euler", "-flow-dpm": "dpm", "-flow-unipc": "unipc"}
 
 
 @dataclass
@@ -63,22 +66,26 @@ def register_model_loader(matches: Callable[[str], bool], load: Callable[[str], 
     _LOADERS.append((matches, load))
 
 
-def flow_mixture(gmm: GaussianMixture) -> ModelSpec:
+def flow_mixture(gmm: GaussianMixture, grid: str = "euler") -> ModelSpec:
     """An exact mixture as a flow-matching model: its velocity network (:meth:`GaussianMixture.velocity_net`,
     SD3's model time ``1000 t``) behind a :class:`~steindiff.models.FlowDenoiser`, on a
     :class:`~steindiff.noise.FlowProcess` from ``t_max = 1 - FLOW_T_DELTA`` (the stand-in for ``t = 1``, where flow
     pipelines start) down to ``sigma_min = 0.002`` (the VE presets' lowest level), with the flow schedule of
-    shift 1.  Sampling goes through the adapter, as for a user's flow model; ``gmm`` keeps the exact metrics."""
-    process = FlowProcess(0.002 / 1.002, 1.0 - FLOW_T_DELTA)
+    shift 1 on ``grid`` (:class:`~steindiff.schedules.FlowSchedule`: FlowMatchEuler's ``euler``, or DPM-Solver's
+    or UniPC's flow sigmas).  Sampling goes through the adapter, as for a user's flow model; ``gmm`` keeps the exact
+    metrics."""
+    process = FlowProcess(0.002 / 1.002, 1.0 - FLOW_T_DELTA, FlowSchedule(grid=grid))
     den = FlowDenoiser(gmm.velocity_net(1000.0), process, "velocity", time_scale=1000.0)
-    return ModelSpec(name=gmm.name + FLOW_SUFFIX, denoiser=den, process=process, sample_shape=(gmm.dim,), gmm=gmm)
+    suffix = {v: k for k, v in FLOW_GRID_SUFFIXES.items()}[grid]
+    return ModelSpec(name=gmm.name + suffix, denoiser=den, process=process, sample_shape=(gmm.dim,), gmm=gmm)
 
 
 def load_model(name: str) -> ModelSpec:
-    """Resolve a model name: ``gmm:<preset>``, ``gmm:<preset>-flow`` (:func:`flow_mixture`) or any registered
-    name/path."""
-    if name.startswith("gmm:") and name.endswith(FLOW_SUFFIX):
-        return flow_mixture(get_gmm(name[: -len(FLOW_SUFFIX)]))
+    """Resolve a model name: ``gmm:<preset>``, ``gmm:<preset>-flow`` (and ``-flow-dpm``, ``-flow-unipc``:
+    :func:`flow_mixture`) or any registered name/path."""
+    for suffix, grid in FLOW_GRID_SUFFIXES.items():
+        if name.startswith("gmm:") and name.endswith(suffix):
+            return flow_mixture(get_gmm(name[: -len(suffix)]), grid)
     if name.startswith("gmm:"):
         gmm = get_gmm(name)
         return ModelSpec(name=gmm.name, denoiser=gmm, process=VEProcess(0.002, 80.0), sample_shape=(gmm.dim,), gmm=gmm)
