@@ -5,8 +5,8 @@ a flow-matching model (``gmm:<preset>-flow``), from the same noise.
         --json-out docs/results/peers-image64-flow.json --markdown docs/results/peers-image64-flow.md
 
 ``--bench`` is a ``steindiff bench`` result on a ``gmm:<preset>-flow`` model (its plain and ``cal:trajectory`` rows,
-benchmarks/run_results.sh ``calibrated-image64-flow``), or several, comma-separated, on its variants whose ``flow``
-schedule is another scheduler's grid (``-flow-unipc``, ``-flow-dpm``: the same model and noise): this script runs
+benchmarks/run_results.sh ``calibrated-image64-flow``), or several, comma-separated, on its variant whose ``flow``
+schedule is UniPC's grid (``-flow-unipc``: the same model and noise): this script runs
 diffusers' schedulers on the same model, seeds, sample count, NFE budgets, initial noise, reference solve and
 metrics, and compares per NFE the best configuration of each group (diffusers, steindiff plain, steindiff
 calibrated) by mean excess sliced W2.
@@ -103,7 +103,7 @@ def run_diffusers(peer: Peer, gmm, eps: torch.Tensor, nfe: int) -> dict:
 
 
 def _base(model: str) -> str | None:
-    """The mixture ``gmm:<preset>`` of a flow bed ``gmm:<preset>-flow[-dpm|-unipc]`` (``None`` for other models)."""
+    """The mixture ``gmm:<preset>`` of a flow bed ``gmm:<preset>-flow[-unipc]`` (``None`` for other models)."""
     for suffix in sorted(FLOW_GRID_SUFFIXES, key=len, reverse=True):
         if model.startswith("gmm:") and model.endswith(suffix):
             return model[: -len(suffix)]
@@ -118,7 +118,7 @@ def merge_benches(benches: Sequence[dict]) -> dict:
     bases = {_base(m) for m in models}
     if len(bases) != 1 or None in bases:
         raise ValueError(f"--bench must be steindiff bench results on gmm:<preset>{FLOW_SUFFIX} models of one mixture "
-                         f"(or its -flow-dpm, -flow-unipc variants), got {models}")
+                         f"(or its -flow-unipc variant), got {models}")
     keys = ("n", "seeds", "nfe", "reference")
     for b in benches[1:]:
         if [b["config"][k] for k in keys] != [first[k] for k in keys]:
@@ -335,7 +335,7 @@ def markdown(peers_result: dict, bench: dict, command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", required=True, metavar="FILE[,FILE]",
-                   help="steindiff bench results on gmm:<preset>-flow (and -flow-dpm, -flow-unipc) models")
+                   help="steindiff bench results on gmm:<preset>-flow (and -flow-unipc) models")
     p.add_argument("--json-out", metavar="FILE", help="write the diffusers rows as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the comparison as Markdown (default: standard output)")
     p.add_argument("--from-json", metavar="FILE", help="do not run: the Markdown of saved diffusers rows")

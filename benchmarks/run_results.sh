@@ -130,23 +130,27 @@ fi
 if [[ $what == digits-flow || $what == all ]]; then
   # the shipped rectified-flow digits model (steindiff train --objective flow: the digits U-Net, its data and its 1947
   # iterations) beside the EDM one: plain euler and dpmpp_2m on the EDM grid's karras and logsnr levels and on the flow
-  # model's own flow schedule; the calibrated sampler on the flow schedule only (a calibration costs about 6 CPU-minutes
-  # per cell here), shipped in steindiff/weights/digits_flow/calibrations; the fine solve; the comparison with the EDM
-  # model's grid (calibrated-digits, digits-fine). About 3 hours on 2 CPU cores shared with other jobs.
+  # model's own flow schedule; the calibrated sampler on logsnr and flow (a calibration costs about 6 CPU-minutes per
+  # cell here), shipped in steindiff/weights/digits_flow/calibrations; the fine solve; the comparison with the EDM
+  # model's grid (calibrated-digits, digits-fine). About 2 hours on 2 CPU cores shared with other jobs.
   rm -rf steindiff/weights/digits_flow/calibrations
   tmp=$out/.shards-calibrated-digits-flow; rm -rf "$tmp"; mkdir -p "$tmp"
   common=(--model digits-flow --nfe 3,4,5,6,8,10 --coords ve --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --no-progress)
+  files=()
   for s in euler dpmpp_2m; do
-    steindiff bench "${common[@]}" --solvers $s --schedules karras,logsnr --stabilizers none \
-      --json-out "$tmp/$s-plain.json" > "$tmp/$s-plain.log" 2>&1 &
-    steindiff bench "${common[@]}" --solvers $s --schedules flow --stabilizers none,cal:trajectory \
-      --calibration-dir steindiff/weights/digits_flow/calibrations --calibration-seconds 600 \
-      --json-out "$tmp/$s-flow.json" > "$tmp/$s-flow.log" 2>&1 &
+    steindiff bench "${common[@]}" --solvers $s --schedules karras --stabilizers none \
+      --json-out "$tmp/$s-karras.json" > "$tmp/$s-karras.log" 2>&1 &
+    for sch in logsnr flow; do
+      steindiff bench "${common[@]}" --solvers $s --schedules $sch --stabilizers none,cal:trajectory \
+        --calibration-dir steindiff/weights/digits_flow/calibrations --calibration-seconds 600 \
+        --json-out "$tmp/$s-$sch.json" > "$tmp/$s-$sch.log" 2>&1 &
+    done
+    files+=("$tmp/$s-karras.json" "$tmp/$s-logsnr.json" "$tmp/$s-flow.json")
   done
   wait
-  steindiff bench --from "$tmp/euler-plain.json,$tmp/euler-flow.json,$tmp/dpmpp_2m-plain.json,$tmp/dpmpp_2m-flow.json" \
-    --json-out $out/calibrated-digits-flow.json --markdown $out/calibrated-digits-flow.md \
-    --plots $out/plots/calibrated-digits-flow --title "digits-flow U-Net (rectified flow): plain and calibrated solvers"
+  (IFS=,; steindiff bench --from "${files[*]}" --json-out $out/calibrated-digits-flow.json \
+    --markdown $out/calibrated-digits-flow.md --plots $out/plots/calibrated-digits-flow \
+    --title "digits-flow U-Net (rectified flow): plain and calibrated solvers")
   rm -rf "$tmp"
   steindiff bench --model digits-flow --solvers dpmpp_3m --nfe 100 --schedules karras --coords ve --stabilizers none \
     --seeds 3,4,5 --n 400 --no-progress --json-out $out/digits-flow-fine.json --markdown $out/digits-flow-fine.md \

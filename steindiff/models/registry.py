@@ -17,10 +17,10 @@ from .gmm import GaussianMixture, get_gmm
 
 __all__ = ["ModelSpec", "load_model", "register_model_loader", "flow_mixture", "FLOW_SUFFIX", "FLOW_GRID_SUFFIXES"]
 
-#: ``gmm:<preset>`` + this suffix: the mixture as a flow-matching model (:func:`flow_mixture`); ``-flow-dpm`` and
-#: ``-flow-unipc``: the same model whose ``flow`` schedule is DPM-Solver's or UniPC's flow-sigma grid.
+#: ``gmm:<preset>`` + this suffix: the mixture as a flow-matching model (:func:`flow_mixture`); ``-flow-unipc``: the
+#: same model whose ``flow`` schedule is UniPC's flow-sigma grid (which starts at t = 1 too, unlike DPM-Solver's).
 FLOW_SUFFIX = "-flow"
-FLOW_GRID_SUFFIXES = {"-flow": "euler", "-flow-dpm": "dpm", "-flow-unipc": "unipc"}
+FLOW_GRID_SUFFIXES = {"-flow": "euler", "-flow-unipc": "unipc"}
 
 
 @dataclass
@@ -71,9 +71,8 @@ def flow_mixture(gmm: GaussianMixture, grid: str = "euler") -> ModelSpec:
     SD3's model time ``1000 t``) behind a :class:`~steindiff.models.FlowDenoiser`, on a
     :class:`~steindiff.noise.FlowProcess` from ``t_max = 1 - FLOW_T_DELTA`` (the stand-in for ``t = 1``, where flow
     pipelines start) down to ``sigma_min = 0.002`` (the VE presets' lowest level), with the flow schedule of
-    shift 1 on ``grid`` (:class:`~steindiff.schedules.FlowSchedule`: FlowMatchEuler's ``euler``, or DPM-Solver's
-    or UniPC's flow sigmas).  Sampling goes through the adapter, as for a user's flow model; ``gmm`` keeps the exact
-    metrics."""
+    shift 1 on ``grid`` (:class:`~steindiff.schedules.FlowSchedule`: FlowMatchEuler's ``euler``, UniPC's
+    ``unipc``).  Sampling goes through the adapter, as for a user's flow model; ``gmm`` keeps the exact metrics."""
     process = FlowProcess(0.002 / 1.002, 1.0 - FLOW_T_DELTA, FlowSchedule(grid=grid))
     den = FlowDenoiser(gmm.velocity_net(1000.0), process, "velocity", time_scale=1000.0)
     suffix = {v: k for k, v in FLOW_GRID_SUFFIXES.items()}[grid]
@@ -81,8 +80,8 @@ def flow_mixture(gmm: GaussianMixture, grid: str = "euler") -> ModelSpec:
 
 
 def load_model(name: str) -> ModelSpec:
-    """Resolve a model name: ``gmm:<preset>``, ``gmm:<preset>-flow`` (and ``-flow-dpm``, ``-flow-unipc``:
-    :func:`flow_mixture`) or any registered name/path."""
+    """Resolve a model name: ``gmm:<preset>``, ``gmm:<preset>-flow`` (and ``-flow-unipc``: :func:`flow_mixture`) or
+    any registered name/path."""
     for suffix, grid in FLOW_GRID_SUFFIXES.items():
         if name.startswith("gmm:") and name.endswith(suffix):
             return flow_mixture(get_gmm(name[: -len(suffix)]), grid)
