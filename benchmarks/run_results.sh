@@ -2,7 +2,8 @@
 # Regenerates docs/results/: the benchmark protocol's grid on the exact-score mixtures, the
 # side-by-side cost ratios and small grids on the digits and patches U-Nets.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
-#        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|diagnose|engine|all], or patches
+#        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
+#        flow-t1|digits-flow|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
@@ -77,6 +78,32 @@ if [[ $what == calibrated || $what == calibrated-image64 || $what == all ]]; the
     --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}"
 fi
+if [[ $what == calibrated || $what == calibrated-image64-flow || $what == all ]]; then
+  # the same mixture as a flow-matching model (gmm:image64-flow: its exact velocity behind FlowDenoiser, from
+  # t = 1 - 1e-6), with the flow's own schedule beside karras and logsnr; heun_flow is FlowMatchHeun's Heun (EDM's
+  # diverges from t ~ 1). Then diffusers' flow schedulers on the same model and noise (benchmarks/flow_peers.py).
+  # About 100 + 60 + 50 minutes on 2 CPU cores shared with other jobs (load ~14).
+  SOLVERS=euler,heun_flow,dpmpp_2m,unipc TITLE="gmm:image64-flow: the calibrated sampler on a flow-matching model" \
+    sharded calibrated-image64-flow --model gmm:image64-flow --nfe 3,4,5,6,8,10 --schedules karras,logsnr,flow \
+    --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}" \
+    --calibration-seconds 600
+  # EDM's Heun (trapezoid in sigma) against heun_flow (in flow time, FlowMatchHeun's) from t = 1 - 1e-6
+  steindiff bench --model gmm:image64-flow --solvers heun,heun_flow --nfe 3,5,9,15 --schedules flow,karras,logsnr \
+    --coords ve --stabilizers none --seeds 0,1,2 --n 1000 --no-progress --json-out $out/heun-image64-flow.json \
+    --markdown $out/heun-image64-flow.md --title "gmm:image64-flow: EDM's Heun against Heun in flow time"
+  # the same model with UniPC's flow-sigma grid as its flow schedule (diffusers' best flow configuration's levels)
+  SOLVERS=unipc,dpmpp_2m TITLE="gmm:image64-flow on UniPC's flow grid: the calibrated sampler" \
+    sharded calibrated-image64-flow-unipc --model gmm:image64-flow-unipc --nfe 3,4,5,6,8,10 --schedules flow \
+    --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}" \
+    --calibration-seconds 600
+  python benchmarks/flow_peers.py --bench $out/calibrated-image64-flow.json,$out/calibrated-image64-flow-unipc.json \
+    --json-out $out/peers-image64-flow.json --markdown $out/peers-image64-flow.md --no-progress
+fi
+if [[ $what == flow-t1 || $what == all ]]; then
+  # how t = 1 of a flow model is stood in for (t_max = 1 - delta): distance to diffusers' own flow schedulers on a
+  # tiny SD3 transformer, and float32 exactness of every solver from sigma ~ 1/delta (about 2 minutes on 1 CPU thread)
+  python benchmarks/flow_t1.py --json-out $out/flow-t1.json --markdown $out/flow-t1.md
+fi
 if [[ $what == calibrated || $what == calibrated-cost || $what == all ]]; then
   # the calibrated sampler's cost at sampling time, side by side with the plain solver (fitted before the timing)
   steindiff bench --model gmm:image64 --cost --solvers euler,dpmpp_2m --nfe 5,10 --stabilizers none,cal:trajectory \
@@ -97,12 +124,42 @@ if [[ $what == calibrated || $what == calibrated-digits || $what == calibrated-d
   # --calibration-seconds 600: the refinement ends on its solve budget (120 per cell), not on the clock, so a slow or
   # shared machine fits what a GPU fits. Seeds 3,4,5: the guards' rule was chosen looking at seeds 0 and 1.
   if [[ $what != calibrated-digits-eval ]]; then
-    rm -rf steindiff/weights/digits/calibrations  # fitted anew: the bench would reuse what it finds there
+    find steindiff/weights/digits/calibrations -name "*-nfe*.json" -delete  # fitted anew (defaults.json: their options)
   fi
   TITLE="digits U-Net: the calibrated sampler against vanilla solvers" sharded calibrated-digits \
     --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations \
     --calibration-seconds 600
+fi
+if [[ $what == digits-flow || $what == all ]]; then
+  # the shipped rectified-flow digits model (steindiff train --objective flow: the digits U-Net, its data and its 1947
+  # iterations) beside the EDM one: plain euler and dpmpp_2m on the EDM grid's karras and logsnr levels and on the flow
+  # model's own flow schedule, NFE 3-6; the calibrated sampler on the flow schedule (a calibration costs about 10
+  # CPU-minutes per cell here), shipped in steindiff/weights/digits_flow/calibrations (fitted with the options of its
+  # defaults.json); the fine solve; the comparison with the EDM model's grid (calibrated-digits, digits-fine).
+  find steindiff/weights/digits_flow/calibrations -name "*-nfe*.json" -delete
+  tmp=$out/.shards-calibrated-digits-flow; rm -rf "$tmp"; mkdir -p "$tmp"
+  common=(--model digits-flow --nfe 3,4,5,6 --coords ve --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --no-progress)
+  files=()
+  for s in euler dpmpp_2m; do
+    steindiff bench "${common[@]}" --solvers $s --schedules karras,logsnr --stabilizers none \
+      --json-out "$tmp/$s-karras.json" > "$tmp/$s-karras.log" 2>&1 &
+    steindiff bench "${common[@]}" --solvers $s --schedules flow --stabilizers none,cal:trajectory \
+      --calibration-dir steindiff/weights/digits_flow/calibrations --calibration-seconds 600 \
+      --json-out "$tmp/$s-flow.json" > "$tmp/$s-flow.log" 2>&1 &
+    files+=("$tmp/$s-karras.json" "$tmp/$s-flow.json")
+  done
+  wait
+  (IFS=,; steindiff bench --from "${files[*]}" --json-out $out/calibrated-digits-flow.json \
+    --markdown $out/calibrated-digits-flow.md --plots $out/plots/calibrated-digits-flow \
+    --title "digits-flow U-Net (rectified flow): plain and calibrated solvers")
+  rm -rf "$tmp"
+  steindiff bench --model digits-flow --solvers dpmpp_3m --nfe 100 --schedules karras --coords ve --stabilizers none \
+    --seeds 3,4,5 --n 400 --no-progress --json-out $out/digits-flow-fine.json --markdown $out/digits-flow-fine.md \
+    --title "digits-flow U-Net: the fine solve (100 dpmpp_3m steps) against the real-vs-real floor"
+  python benchmarks/digits_flow_compare.py --edm $out/calibrated-digits.json --edm-fine $out/digits-fine.json \
+    --flow $out/calibrated-digits-flow.json --flow-fine $out/digits-flow-fine.json \
+    --json-out $out/digits-flow-vs-edm.json --markdown $out/digits-flow-vs-edm.md
 fi
 if [[ $what == digits-fine || $what == all ]]; then
   # the fine solve of the digits U-Net on the calibrated grid's evaluation seeds: the model's own
@@ -116,7 +173,7 @@ if [[ $what == patches ]]; then
   # held-out photo regions (primary: patch_fd); the calibrated sampler is fitted once per cell and shipped with the
   # model (steindiff/weights/patches/calibrations, where the demo finds them). About 8 minutes on one H200 (estimated),
   # 5 to 9 hours on 2 shared CPU cores (estimated from 4 cells).
-  rm -rf steindiff/weights/patches/calibrations
+  find steindiff/weights/patches/calibrations -name "*-nfe*.json" -delete
   SOLVERS=euler,dpmpp_2m,unipc,heun,ipndm \
     TITLE="patches U-Net (32x32 photo patches): the calibrated sampler against vanilla solvers" \
     sharded patches --model patches --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve \

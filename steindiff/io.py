@@ -78,6 +78,12 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
             f.write("\n")
 
 
+def save_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (a report) atomically, ending in one newline."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text.rstrip("\n") + "\n")
+
+
 def save_npz(path: str | os.PathLike, **arrays: Any) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **{k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))

@@ -11,13 +11,14 @@ makes DDIM, DPM-Solver++ and UniPC identical to their VP formulations.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess", "FlowProcess", "betas_for_schedule",
-           "zero_snr_alphas_cumprod", "vp_alpha", "log_snr", "sigma_from_log_snr", "coordinate_scales"]
+__all__ = ["NoiseProcess", "VEProcess", "DiscreteVPProcess", "ContinuousVPProcess", "FlowProcess", "FLOW_T_DELTA",
+           "betas_for_schedule", "zero_snr_alphas_cumprod", "vp_alpha", "log_snr", "sigma_from_log_snr",
+           "coordinate_scales"]
 
 
 def vp_alpha(sigma: torch.Tensor | float) -> torch.Tensor | float:
@@ -236,29 +237,47 @@ class ContinuousVPProcess(NoiseProcess):
         return torch.acos(c.clamp(-1, 1)) * 2 / math.pi * (1 + s) - s
 
 
+#: ``1 - t_max`` of the default :class:`FlowProcess`: its ``t_max`` stands in for ``t = 1`` (no VE noise level).
+FLOW_T_DELTA = 1e-6
+
+
 class FlowProcess(NoiseProcess):
     """Flow matching / rectified flow: ``x_t = (1 - t) x0 + t eps`` on ``t in [t_min, t_max]``
     (Lipman et al. 2023; Liu et al. 2023; Esser et al. 2024, Stable Diffusion 3, Sec. 2).
 
     In VE coordinates ``sigma = t / (1 - t)`` and ``x_ve = x_t / (1 - t)``, so the signal scale is
     ``alpha(sigma) = 1 - t = 1 / (1 + sigma)`` and the log-SNR ``log((1 - t) / t) = -log sigma``, as for
-    every other process: the solvers run on it unchanged.  The time shift of SD3 and FLUX acts on the
-    sampling schedule, not on the process (:func:`steindiff.schedules.flow_time_shift`).
+    every other process: the solvers run on it unchanged.
 
-    The prior is the flow's own, ``x_t ~ N(0, I)`` at ``t_max`` whatever the data (as flow pipelines draw
-    it), so the VE state's scale is ``1 + sigma_max`` (:meth:`prior_scale`).  ``t = 1`` itself has no VE
-    noise level (``sigma = inf``): ``t_max`` must be below 1.
+    ``t = 1`` itself has no VE noise level (``sigma = inf``), so ``t_max`` must be below 1: it stands in for
+    ``t = 1`` wherever a schedule starts there (diffusers' ``FlowMatchEulerDiscreteScheduler`` does), and the
+    prior is the flow's own, ``x_t ~ N(0, I)`` at ``t_max`` whatever the data (as flow pipelines draw it at
+    ``t = 1``), so the VE state's scale is ``1 + sigma_max`` (:meth:`prior_scale`).  The default
+    ``t_max = 1 - 1e-6`` (:data:`FLOW_T_DELTA`, the stand-in diffusers' UniPC uses too) moves a solve from
+    ``t = 1`` by about ``1e-6`` relative, and every solver stays exact to float32 rounding from there
+    (``benchmarks/flow_t1.py``).
+
+    ``schedule``: how the pipelines that sampled the model place their noise levels (the time shift of SD3
+    and FLUX, :class:`steindiff.schedules.FlowSchedule`; ``None``: its default, FlowMatchEuler's uniform times
+    without shift); the schedule named ``"flow"`` uses it.  It does not change the process.
     """
 
     name = "flow"
 
-    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3):
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-6, schedule: Any = None):
         if not (0 < t_min < t_max < 1):
             raise ValueError(f"need 0 < t_min < t_max < 1 (t = 1 has no VE noise level), got t_min={t_min}, "
                              f"t_max={t_max}")
-        self.t_min, self.t_max = float(t_min), float(t_max)
+        if schedule is not None and not callable(getattr(schedule, "sigmas", None)):
+            raise TypeError(f"schedule must be a steindiff.schedules.FlowSchedule, got {type(schedule).__name__}")
+        self.t_min, self.t_max, self.schedule = float(t_min), float(t_max), schedule
         self.sigma_min = float(self.t_to_sigma(self.t_min))
         self.sigma_max = float(self.t_to_sigma(self.t_max))
+
+    @classmethod
+    def from_sigmas(cls, sigma_min: float, sigma_max: float, schedule: Any = None) -> "FlowProcess":
+        """The flow process whose VE noise range is ``[sigma_min, sigma_max]`` (``t = sigma / (1 + sigma)``)."""
+        return cls(sigma_min / (1.0 + sigma_min), sigma_max / (1.0 + sigma_max), schedule)
 
     def alpha(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """``1 - t = 1 / (1 + sigma)``."""
@@ -281,4 +300,4 @@ class FlowProcess(NoiseProcess):
         return 1.0 + float(sigma_max)
 
     def __repr__(self) -> str:
-        return f"FlowProcess(t_min={self.t_min:.6g}, t_max={self.t_max:.6g})"
+        return f"FlowProcess(t_min={self.t_min:.9g}, t_max={self.t_max:.9g}, schedule={self.schedule!r})"

@@ -7,16 +7,17 @@ Every schedule returns ``N + 1`` values for ``N`` steps, the last being ``0`` (t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .noise import DiscreteVPProcess, NoiseProcess
+from .noise import DiscreteVPProcess, FlowProcess, NoiseProcess
 
 __all__ = ["SCHEDULES", "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
-           "flow_time_shift"]
+           "flow_time_shift", "flow_shift_mu", "FlowSchedule", "FLOW_GRIDS", "FLOW_SPACINGS"]
 
-SCHEDULES = ("karras", "logsnr", "time")
+SCHEDULES = ("karras", "logsnr", "time", "flow")
 
 
 def validate_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,133 @@ def flow_time_shift(t: torch.Tensor | float, shift: float = 1.0, *, mu: float | 
     raise ValueError(f"unknown time shift kind {kind!r}; choose exponential or linear")
 
 
+def flow_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                  base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The resolution shift ``mu`` of FLUX-style pipelines: linear in the number of latent tokens, ``base_shift``
+    at ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len`` (diffusers' ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    return float(image_seq_len * m + base_shift - m * base_image_seq_len)
+
+
+FLOW_GRIDS = ("euler", "dpm", "unipc")
+FLOW_SPACINGS = ("karras", "exponential", "beta")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Where diffusers' flow-matching schedulers put their noise levels: flow times ``t`` from (about) 1 down,
+    shifted.  ``times(n)`` reproduces ``scheduler.sigmas[:-1]`` (flow times, float64) for ``n`` steps of:
+
+    - ``grid="euler"``: ``FlowMatchEulerDiscreteScheduler`` and ``FlowMatchHeunDiscreteScheduler``: ``u`` uniform
+      from 1 to the smallest entry of the training table (``1/N``, shifted when the shift is static, so a static
+      shift acts twice on it), then shifted; the first level is ``t = 1`` exactly;
+    - ``grid="dpm"``: ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``: ``u`` from ``1 - 1/N`` to
+      ``(1 - 1/N)/n``, shifted by ``shift``, or by ``e^mu`` when ``mu`` is given;
+    - ``grid="unipc"``: ``UniPCMultistepScheduler(use_flow_sigmas=True)``: ``u`` from 1 to ``1/N + (1 - 1/N)/n``.
+
+    The shift (:func:`flow_time_shift`): static ``shift``, or with ``dynamic`` the resolution shift ``mu`` of
+    kind ``shift_type`` (``exponential``, ``linear``), which the pipeline computes from the image size
+    (:func:`flow_shift_mu`).  ``shift_terminal``: the levels stretched so that the last one is this value
+    (LTX-Video).  ``spacing``: ``FlowMatchEulerDiscreteScheduler``'s ``use_karras_sigmas`` (Karras' rho = 7 on
+    flow times), ``use_exponential_sigmas`` or ``use_beta_sigmas`` (Beta(0.6, 0.6) quantiles), applied to the
+    shifted levels.  ``N = num_train_timesteps``.
+    """
+
+    shift: float = 1.0
+    dynamic: bool = False
+    mu: float | None = None
+    shift_type: str = "exponential"
+    shift_terminal: float | None = None
+    grid: str = "euler"
+    spacing: str | None = None
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.shift, (int, float)) and self.shift > 0):
+            raise ValueError(f"shift must be a number > 0, got {self.shift!r}")
+        if self.shift_type not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {self.shift_type!r}: diffusers knows 'exponential' and "
+                             "'linear'")
+        if self.grid not in FLOW_GRIDS:
+            raise ValueError(f"unknown flow grid {self.grid!r}; choose one of {', '.join(FLOW_GRIDS)}")
+        if self.spacing is not None and self.spacing not in FLOW_SPACINGS:
+            raise ValueError(f"unknown flow spacing {self.spacing!r}; choose one of {', '.join(FLOW_SPACINGS)}")
+        if self.spacing is not None and self.grid != "euler":
+            raise ValueError("Karras, exponential and beta spacings of flow times are "
+                             "FlowMatchEulerDiscreteScheduler's (grid 'euler')")
+        if self.shift_terminal is not None and not 0 < self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in (0, 1), got {self.shift_terminal}")
+        if int(self.num_train_timesteps) != self.num_train_timesteps or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps}")
+        if self.mu is not None and not math.isfinite(self.mu):
+            raise ValueError(f"mu must be finite, got {self.mu}")
+        if self.dynamic and self.shift_type == "linear" and self.mu is not None and not self.mu > 0:
+            raise ValueError(f"a linear time shift needs mu > 0, got {self.mu}")
+
+    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
+        if self.grid == "dpm":  # DPM-Solver: a static shift, e^mu when mu is passed (exponential only)
+            if self.mu is not None and self.shift_type != "exponential":
+                raise ValueError("DPMSolverMultistepScheduler's mu needs time_shift_type='exponential', got "
+                                 f"{self.shift_type!r}")
+            return flow_time_shift(u, math.exp(self.mu) if self.mu is not None else self.shift)
+        if self.dynamic:
+            if self.mu is None:
+                raise ValueError("this flow schedule uses dynamic shifting (use_dynamic_shifting=True): its noise "
+                                 "levels need the resolution shift mu, which the pipeline passes to set_timesteps; "
+                                 "pass mu=..., or image_seq_len=... to compute it from the image size "
+                                 "(steindiff.schedules.flow_shift_mu)")
+            return flow_time_shift(u, mu=self.mu, kind=self.shift_type)
+        return flow_time_shift(u, self.shift)
+
+    def times(self, n: int) -> torch.Tensor:
+        """The ``n`` flow times of ``n`` steps (decreasing, float64; the final ``t = 0`` not included)."""
+        if n < 1:
+            raise ValueError(f"number of steps must be >= 1, got {n}")
+        N = self.num_train_timesteps
+        if self.grid == "euler":
+            last = 1 / N if self.dynamic else float(flow_time_shift(1 / N, self.shift))
+            u = torch.linspace(1.0, last, n, dtype=torch.float64)
+        elif self.grid == "dpm":
+            u = (1 - torch.linspace(1.0, 1 / N, n + 1, dtype=torch.float64)).flip(0)[:-1]
+        else:
+            u = torch.linspace(1.0, 1 / N, n + 1, dtype=torch.float64)[:-1]
+        t = self._shifted(u)
+        if self.shift_terminal is not None:  # stretched so that the last level is shift_terminal
+            if n < 2:
+                raise ValueError("shift_terminal stretches the levels between t = 1 and the last one: it needs at "
+                                 "least 2 steps")
+            t = 1 - (1 - t) * (1 - self.shift_terminal) / (1 - t[-1])
+        if self.spacing is not None:
+            t = _respaced(t, n, self.spacing)
+        if self.grid == "unipc" and abs(float(t[0]) - 1) < 1e-6:  # UniPC's own stand-in for t = 1
+            t[0] -= 1e-6
+        return t
+
+    def sigmas(self, n: int, t_max: float) -> torch.Tensor:
+        """VE noise levels of :meth:`times`, ending in 0, with ``t = 1`` (and anything at or above ``t_max``, e.g.
+        UniPC's own stand-in ``1 - 1e-6``) at ``t_max``; only the first level may be there."""
+        t = self.times(n).clone()
+        if t[0] >= t_max:
+            t[0] = t_max
+        if len(t) > 1 and t[1] >= t_max:
+            raise ValueError(f"the flow schedule's second level t = {float(t[1]):.9g} is at or above the process's "
+                             f"t_max = {t_max:.9g}: use a process with a larger t_max (closer to 1) or fewer steps")
+        return _append_zero(t / (1 - t), True)
+
+
+def _respaced(t: torch.Tensor, n: int, spacing: str) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler's ``_convert_to_karras/_exponential/_beta`` of flow times ``t``."""
+    hi, lo = float(t[0]), float(t[-1])
+    if spacing == "karras":
+        return karras_sigmas(n, lo, hi, 7.0, final_zero=False) if n > 1 else t
+    if spacing == "exponential":
+        return torch.exp(torch.linspace(math.log(hi), math.log(lo), n, dtype=torch.float64))
+    from scipy.stats import beta
+
+    q = 1 - torch.linspace(0, 1, n, dtype=torch.float64)
+    return torch.tensor([lo + float(beta.ppf(float(p), 0.6, 0.6)) * (hi - lo) for p in q], dtype=torch.float64)
+
+
 def _check(n: int, sigma_min: float, sigma_max: float) -> None:
     if n < 1:
         raise ValueError(f"number of steps must be >= 1, got {n}")
@@ -101,8 +229,9 @@ def get_sigmas(schedule: str | Sequence[float] | torch.Tensor, steps: int, proce
                sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0) -> torch.Tensor:
     """Noise levels for ``steps`` solver steps: ``steps + 1`` values ending in 0.
 
-    ``schedule`` is ``"karras"``, ``"logsnr"``, ``"time"`` or an explicit sequence of sigmas
-    (validated and returned as is; ``steps`` is then ignored).
+    ``schedule`` is ``"karras"``, ``"logsnr"``, ``"time"``, ``"flow"`` (a :class:`~steindiff.noise.FlowProcess`'s
+    own shifted times, :class:`FlowSchedule`; ``sigma_min``/``sigma_max`` do not apply) or an explicit sequence
+    of sigmas (validated and returned as is; ``steps`` is then ignored).
     """
     if not isinstance(schedule, str):
         return validate_sigmas(schedule)
@@ -114,6 +243,11 @@ def get_sigmas(schedule: str | Sequence[float] | torch.Tensor, steps: int, proce
         s = logsnr_sigmas(steps, smin, smax)
     elif schedule == "time":
         s = time_sigmas(steps, process)
+    elif schedule == "flow":
+        if not isinstance(process, FlowProcess):
+            raise ValueError(f"the 'flow' schedule (shifted flow times, as flow-matching pipelines step) needs a "
+                             f"FlowProcess, got {process!r}")
+        s = (process.schedule or FlowSchedule()).sigmas(steps, process.t_max)
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)} or pass sigmas")
     return validate_sigmas(s)

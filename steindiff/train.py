@@ -8,6 +8,11 @@ Losses
     ``sd = sigma_data = 0.5``.
     ``vp-eps``: epsilon prediction on a discrete VP process (DDPM, Ho et al. 2020, linear betas,
     1000 steps, uniform timesteps), used through :class:`~steindiff.models.VPDenoiser`.
+    ``flow``: rectified flow (Liu et al. 2023; Esser et al. 2024, Stable Diffusion 3, Sec. 2 and 3.1):
+    ``x_t = (1 - t) x0 + t eps``, the network ``F(x_t, 1000 t)`` regresses the velocity ``eps - x0`` (plain
+    mean squared error), with SD3's logit-normal times ``t = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)``
+    (SD3: 0 and 1); used through :class:`~steindiff.models.FlowDenoiser` on a
+    :class:`~steindiff.noise.FlowProcess`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from .models.unet import UNet, UNetConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train", "LOSSES", "PRECISIONS"]
 
-LOSSES = ("edm", "vp-eps")
+LOSSES = ("edm", "vp-eps", "flow")
+#: The flow process a ``flow`` checkpoint records: the VE noise range of the ``edm`` models, [0.002, 80], so both
+#: kinds of model share the Karras and log-SNR schedules.
+FLOW_PROCESS = {"type": "flow", "sigma_min": 0.002, "sigma_max": 80.0, "shift": 1.0}
 PRECISIONS = ("fp32", "bf16")
 LOSS_WINDOW = 200  # the reported loss is the mean of at most this many last iterations
 
@@ -50,6 +58,8 @@ class TrainConfig:
     sigma_data: float = 0.5
     P_mean: float = -1.2
     P_std: float = 1.2
+    logit_mean: float = 0.0  # flow: t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3's logit-normal)
+    logit_std: float = 1.0
     holdout: int | None = None  # None: 297 for digits, 0 otherwise
     split_seed: int = 0
     seed: int = 0
@@ -70,8 +80,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or not 0 <= self.ema_decay < 1:
             raise ValueError("need lr > 0, warmup >= 0 and 0 <= ema_decay < 1")
-        if self.sigma_data <= 0 or self.P_std <= 0:
-            raise ValueError("sigma_data and P_std must be > 0")
+        if self.sigma_data <= 0 or self.P_std <= 0 or not self.logit_std > 0:
+            raise ValueError("sigma_data, P_std and logit_std must be > 0")
         if self.weights_dtype not in ("float32", "float16"):
             raise ValueError(f"weights_dtype must be float32 or float16, got {self.weights_dtype!r}")
         if self.holdout is not None and self.holdout < 0:
@@ -138,7 +148,7 @@ def _architecture(cfg: TrainConfig, ds: ImageDataset, labels: torch.Tensor | Non
     """The U-Net configuration (default: for the loss and the images' channels), checked against the data."""
     c, h, w = ds.shape
     if unet is None:
-        unet = UNetConfig(in_channels=c, embedding="fourier" if cfg.loss == "edm" else "positional")
+        unet = UNetConfig(in_channels=c, embedding="fourier" if cfg.loss == "edm" else "positional")  # flow: 1000 t
     if unet.in_channels != c:
         raise DataError(f"{cfg.data}: images have {c} channel(s) but the U-Net expects {unet.in_channels}")
     f = 2 ** (len(unet.channel_mult) - 1)
@@ -190,6 +200,9 @@ class _Run:
         if cfg.loss == "edm":
             self.precond = {"type": "edm", "sigma_data": cfg.sigma_data}
             self.process_cfg = {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}
+        elif cfg.loss == "flow":
+            self.precond = {"type": "flow", "prediction": "velocity", "time_scale": 1000.0}
+            self.process_cfg = dict(FLOW_PROCESS)
         else:
             self.precond = {"type": "vp", "prediction": "epsilon"}
             self.process_cfg = dict(ckpt.VP_PROCESS)
@@ -277,6 +290,12 @@ class _Run:
             D = c_skip * (x0 + s * noise) + c_out * F_pred.float()
             weight = (s**2 + sd**2) / (s * sd) ** 2
             return (weight * (D - x0) ** 2).mean()
+        if cfg.loss == "flow":
+            t = self._dev(torch.sigmoid(torch.randn(cfg.batch_size, generator=gen) * cfg.logit_std + cfg.logit_mean))
+            tb = t[:, None, None, None]
+            with self.autocast:
+                v = net((1 - tb) * x0 + tb * noise, 1000.0 * t, class_labels=labels)
+            return ((v.float() - (noise - x0)) ** 2).mean()
         t = self._dev(torch.randint(0, self.vp.num_train_timesteps, (cfg.batch_size,), generator=gen))  # type: ignore
         abar = self.abar[t][:, None, None, None]  # type: ignore[index]
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
@@ -320,7 +339,8 @@ class _Run:
         """The checkpoint's ``config.json``."""
         tail = self.losses[-LOSS_WINDOW:]
         return {
-            "schema": ckpt.CHECKPOINT_SCHEMA, "architecture": {"type": "unet", **self.unet.to_dict()},
+            "schema": ckpt.CHECKPOINT_SCHEMA, "objective": self.cfg.loss,
+            "architecture": {"type": "unet", **self.unet.to_dict()},
             "precond": self.precond, "process": self.process_cfg, "data": self.data_info,
             "training": {
                 **asdict(self.cfg), "step": self.step, "wall_s": round(self.wall_s(), 2),

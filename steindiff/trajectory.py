@@ -148,7 +148,7 @@ class _TowardsReference:
             g = float(dot(u, x_c - a_next * target).sum()) / uu if uu > 0 else 1.0
             g = min(max(g, self.bounds[0]), self.bounds[1]) if math.isfinite(g) else 1.0
         self.gammas.append(g)
-        return rescaled_update(x_c, u, g, a_next).to(x.dtype), st, None
+        return rescaled_update(st.x_next, u, g, a_next).to(x.dtype), st, None
 
 
 @exact_float32()

@@ -64,3 +64,24 @@ def test_auto_refuses_a_model_it_cannot_identify_before_any_work(tmp_path, monke
     with pytest.raises(ValueError, match="cannot fingerprint.*fingerprint="):
         sd.sample(torch.mul, x, sig, "euler", stabilizer="auto", calibration_dir=tmp_path, process=sd.VEProcess())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_on_a_flow_model_calibrates_on_its_own_process(tmp_path, monkeypatch):
+    """A FlowDenoiser's process (prior x_t ~ N(0, I) at t_max) is the calibration's, not a VE one."""
+    import steindiff.api as api
+    from steindiff.models import FlowDenoiser
+
+    monkeypatch.setattr(reg, "AUTO", reg.CALIBRATED)
+    seen = []
+
+    def fake_plan(spec, base, **kw):
+        seen.append(spec.process)
+        return base
+
+    monkeypatch.setattr(api, "calibrated_plan", fake_plan)
+    process = sd.FlowProcess(1e-3, 1 - 1e-3)
+    den = FlowDenoiser(get_gmm("gmm:toy2d").velocity_net(), process)
+    sig = sd.get_sigmas("flow", 3, process)
+    x = sd.prior_noise((8, 2), float(sig[0]), process, seed=0, dtype=torch.float64)
+    sd.sample(den, x, sig, "euler", stabilizer="auto", calibration_dir=tmp_path)
+    assert seen == [process]

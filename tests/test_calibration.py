@@ -122,18 +122,17 @@ def test_the_digits_model_ships_its_calibrations(tmp_path):
 def test_first_generation_files_load_as_the_plans_they_were():
     """Every shipped calibration is a ``/1`` file: gammas and noise levels only, applied as before (the
     rescaled update alone: no model noise levels, no history corrections)."""
-    from pathlib import Path
+    from steindiff.models.trained import SHIPPED
 
-    weights = Path(load_model("digits").info["calibrations"]).parent.parent
-    files = sorted(f for f in weights.glob("*/calibrations/*.json") if f.name != "defaults.json")
+    files = [(name, f) for name, folder in SHIPPED.items() for f in sorted((folder / "calibrations").glob("*.json"))
+             if f.name != "defaults.json"]
     assert len(files) >= 60
-    for f in files:
+    for name, f in files:
         assert json.loads(f.read_text())["schema"] == "steindiff.gamma-schedule/1"
         sched = load_gamma_schedule(f)
         assert sched.requires == [] and sched.model_sigmas is None and sched.history is None
         m = sched.meta
-        plan = plan_from_schedule(sched, make_plan(load_model("gmm:toy2d").process, m["solver"], m["nfe"],
-                                                   m["schedule"]))
+        plan = plan_from_schedule(sched, make_plan(load_model(name).process, m["solver"], m["nfe"], m["schedule"]))
         assert plan.model_sigmas is None and plan.history is None and plan.gammas == sched.gammas
 
 

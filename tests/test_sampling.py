@@ -40,7 +40,7 @@ def test_nfe_counts_model_calls(name, sched):
     r = sample(model, torch.randn(3, 2), sig, name)
     assert r.nfe == len(model.calls) == get_solver(name).nfe(sig)
     n = len(sig) - 1
-    expected = 2 * n - (1 if sig[-1] == 0 else 0) if name == "heun" else n
+    expected = 2 * n - (1 if sig[-1] == 0 else 0) if name in ("heun", "heun_flow") else n
     assert r.nfe == expected
     # each call is batched over the whole batch at a single noise level from the schedule
     for c in model.calls:

@@ -11,10 +11,10 @@ import torch
 import steindiff.data as DS
 import steindiff.models.checkpoint as C
 import steindiff.train as T
-from steindiff.models import EDMPrecond, VPDenoiser
+from steindiff.models import EDMPrecond, FlowDenoiser, VPDenoiser
 from steindiff.models.registry import load_model
 from steindiff.models.unet import UNetConfig
-from steindiff.noise import DiscreteVPProcess, VEProcess
+from steindiff.noise import DiscreteVPProcess, FlowProcess, VEProcess
 
 TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,))
 
@@ -211,6 +211,33 @@ def test_float16_weights_are_saved_as_float16_and_load_as_float32(tmp_path, digi
     assert all(v.dtype == torch.float32 and torch.equal(v, saved[k].float()) for k, v in net.state_dict().items())
 
 
+def test_flow_training_records_the_objective_loads_as_flow_and_resumes(tmp_path, digits):
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(), embedding="positional")
+    cfg = tiny_cfg(iters=2, loss="flow", logit_mean=0.5, logit_std=0.8)
+    T.train(cfg, tmp_path / "fl", unet, progress=False, dataset=digits)
+    config = json.loads((tmp_path / "fl" / "config.json").read_text())
+    assert config["objective"] == "flow" and config["training"]["logit_std"] == 0.8
+    assert config["precond"] == {"type": "flow", "prediction": "velocity", "time_scale": 1000.0}
+    spec = load_model(str(tmp_path / "fl"))
+    assert isinstance(spec.denoiser, FlowDenoiser) and isinstance(spec.process, FlowProcess)
+    # the flow process spans the EDM models' VE range, so both kinds share the Karras and log-SNR schedules
+    assert spec.process.sigma_min == pytest.approx(0.002) and spec.process.sigma_max == pytest.approx(80.0)
+    assert torch.isfinite(spec.denoiser(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 50.0]))).all()
+    res = T.train(tiny_cfg(iters=4, loss="flow", logit_mean=0.5, logit_std=0.8), tmp_path / "fl", unet,
+                  progress=False, dataset=digits, resume=True)
+    assert res.step == 4
+    straight = T.train(tiny_cfg(iters=4, loss="flow", logit_mean=0.5, logit_std=0.8), tmp_path / "fl4", unet,
+                       progress=False, dataset=digits)
+    a, _ = C.load_checkpoint(tmp_path / "fl")
+    b, _ = C.load_checkpoint(straight.out)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    with pytest.raises(C.CheckpointError, match="another loss"):  # an EDM run does not resume a flow checkpoint
+        T.train(tiny_cfg(iters=6), tmp_path / "fl", unet, progress=False, dataset=digits, resume=True)
+    with pytest.raises(ValueError, match="logit_std"):
+        T.TrainConfig(loss="flow", logit_std=0.0)
+
+
 def test_class_conditional_training(tmp_path, digits):
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(), num_classes=10)
     T.train(tiny_cfg(iters=2), tmp_path / "c", unet, progress=False, dataset=digits)
@@ -236,25 +263,29 @@ class _RandomUNet(T.UNet):
 
 
 @pytest.mark.parametrize("loss,sd,p_mean,p_std", [("edm", 0.5, -1.2, 1.2), ("edm", 0.3, -0.4, 0.7),
-                                                   ("vp-eps", None, None, None)])
+                                                   ("vp-eps", None, None, None), ("flow", None, None, None)])
 def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss, sd, p_mean, p_std):
     """The loss of the first iteration (initial weights) on the batch drawn from the documented
     generator stream, recomputed here from the papers' formulas: EDM (Karras et al. 2022, Table 1
     preconditioning, ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2)/(sigma sd)^2), at the defaults
-    and at other values of sigma_data, P_mean and P_std, and DDPM epsilon prediction on linear betas
-    1e-4..0.02 over 1000 steps (Ho et al. 2020).  The checkpoint records the preconditioning trained."""
+    and at other values of sigma_data, P_mean and P_std, DDPM epsilon prediction on linear betas
+    1e-4..0.02 over 1000 steps (Ho et al. 2020) and rectified flow (Esser et al. 2024: x_t = (1 - t) x0 +
+    t eps, velocity eps - x0, t = sigmoid(n), n ~ N(m, s^2)).  The checkpoint records the preconditioning
+    trained."""
     monkeypatch.setattr(T, "UNet", _RandomUNet)
     x = torch.from_numpy(np.random.default_rng(1).uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32))
     ds = DS.ImageDataset(x, None, "x", "x")
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=(),
                       embedding="fourier" if loss == "edm" else "positional")
-    edm_opts = {"sigma_data": sd, "P_mean": p_mean, "P_std": p_std} if loss == "edm" else {}
-    cfg = tiny_cfg(iters=1, batch_size=6, loss=loss, seed=5, **edm_opts)
+    opts = {"sigma_data": sd, "P_mean": p_mean, "P_std": p_std} if loss == "edm" else \
+        {"logit_mean": 0.3, "logit_std": 1.4} if loss == "flow" else {}
+    cfg = tiny_cfg(iters=1, batch_size=6, loss=loss, seed=5, **opts)
     seen = []
     res = T.train(cfg, tmp_path / "run", unet, progress=False, dataset=ds,
                   callback=lambda info: seen.append(info["loss"]))
     assert res.config["precond"] == ({"type": "edm", "sigma_data": sd} if loss == "edm" else
-                                     {"type": "vp", "prediction": "epsilon"})
+                                     {"type": "flow", "prediction": "velocity", "time_scale": 1000.0}
+                                     if loss == "flow" else {"type": "vp", "prediction": "epsilon"})
 
     torch.manual_seed(cfg.seed)
     net = _RandomUNet(unet)
@@ -269,13 +300,16 @@ def test_first_loss_equals_a_direct_computation(tmp_path, monkeypatch, loss, sd,
             c_in = 1 / (sigma**2 + sd**2).sqrt()
             D = c_skip * (x0 + sigma * noise) + c_out * net(c_in * (x0 + sigma * noise), sigma.log().reshape(-1) / 4)
             expected = ((sigma**2 + sd**2) / (sigma * sd) ** 2 * (D - x0) ** 2).mean()
+        elif loss == "flow":
+            t = torch.sigmoid(torch.randn(6, generator=gen) * 1.4 + 0.3).reshape(-1, 1, 1, 1)
+            expected = ((net((1 - t) * x0 + t * noise, 1000 * t.reshape(-1)) - (noise - x0)) ** 2).mean()
         else:
             t = torch.randint(0, 1000, (6,), generator=gen)
             abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
                                  0)[t].float().reshape(-1, 1, 1, 1)
             expected = ((net(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.float()) - noise) ** 2).mean()
         zero_net = ((c_skip * (x0 + sigma * noise) - x0) ** 2 * (sigma**2 + sd**2) / (sigma * sd) ** 2).mean() \
-            if loss == "edm" else (noise**2).mean()
+            if loss == "edm" else ((noise - x0) ** 2).mean() if loss == "flow" else (noise**2).mean()
     assert len(seen) == 1
     assert seen[0] == pytest.approx(float(expected), rel=1e-5)
     assert abs(float(zero_net) / float(expected) - 1) > 0.05  # the network's output is part of the check

@@ -171,6 +171,12 @@ def validate_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[
             raise ValueError(f"the benchmark needs an exact-score mixture model (gmm:...) or an image model with "
                              f"reference images (digits, patches), got {m!r}" + (f": {note}" if note else ""))
         specs[m] = spec if device is None else spec.to(device)
+        for sch in schedules:  # the shared initial noise is drawn at sigma_max: every schedule must start there
+            first = float(get_sigmas(sch, 2, spec.process)[0])
+            if not math.isclose(first, spec.process.sigma_max, rel_tol=1e-9):
+                raise ValueError(f"schedule {sch!r} of {m!r} starts at sigma {first:.6g}, not at the process's "
+                                 f"sigma_max {spec.process.sigma_max:.6g}, where the benchmark draws every "
+                                 "configuration's shared initial noise")
         for s in stabilizers:  # needs-mixture checks and option errors, before any work
             if s != TRAJECTORY and not s.startswith(PREFIX):
                 make_stabilizer(s.removeprefix("cal:"), spec, coords=coords[0], probes=probes,

@@ -38,8 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="'digits', 'patches[:size=N,flip,photos=A+B]', a .npy/.npz file or a folder of .png images")
     p.add_argument("--out", required=True, help="checkpoint folder to create (or continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out up to --iters")
-    p.add_argument("--loss", default="edm", choices=["edm", "vp-eps"],
-                   help="EDM (Karras et al. 2022) or VP epsilon prediction")
+    p.add_argument("--objective", "--loss", dest="loss", default="edm", choices=["edm", "vp-eps", "flow"],
+                   help="EDM (Karras et al. 2022), VP epsilon prediction, or flow: rectified flow's velocity "
+                        "(x_t = (1 - t) x0 + t eps, as Stable Diffusion 3; loads as a flow model)")
+    p.add_argument("--logit-mean", type=float, default=0.0,
+                   help="flow: times t = sigmoid(n) with n ~ N(mean, std^2), SD3's logit-normal sampling (default 0)")
+    p.add_argument("--logit-std", type=float, default=1.0, help="flow: std of the logit-normal times (default 1)")
     p.add_argument("--iters", type=int, default=6000, help="total training iterations")
     p.add_argument("--batch-size", type=int, default=128, help="images per iteration")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -106,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(data=args.data, iters=args.iters, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                           ema_decay=args.ema_decay, loss=args.loss, holdout=args.holdout, split_seed=args.split_seed,
                           seed=args.seed, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit,
-                          precision=args.precision, log_every=args.log_every, weights_dtype=args.weights_dtype)
+                          precision=args.precision, log_every=args.log_every, weights_dtype=args.weights_dtype,
+                          logit_mean=args.logit_mean, logit_std=args.logit_std)
         ds = load_dataset(args.data)
         unet = UNetConfig(in_channels=ds.shape[0], model_channels=args.channels, channel_mult=args.channel_mult,
                           num_blocks=args.num_blocks, attn_levels=args.attn_levels, dropout=args.dropout,
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         + (" (stopped early)" if res.stopped_early else ""),
         f"  data      {summary['data']['source']} {tuple(summary['data']['shape'])}, {summary['data']['n_train']} "
         f"train, {summary['holdout']} held out",
-        f"  model     U-Net, {res.n_params} parameters, {args.loss} loss",
+        f"  model     U-Net, {res.n_params} parameters, {args.loss} objective",
         f"  loss      {res.loss:.4g} (mean of the last {res.loss_iters} iterations)",
         f"  wrote     {res.out}",
     ]

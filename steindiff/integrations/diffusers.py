@@ -1,10 +1,12 @@
 """diffusers models and pipelines with steindiff solvers and stabilizers.
 
-- :func:`denoiser_from_diffusers`: a diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``) and
-  its scheduler (or scheduler config) to a VE denoiser ``D(x, sigma, **extra)``
-  (:class:`~steindiff.models.VPDenoiser` on a :class:`~steindiff.noise.DiscreteVPProcess` built
-  from the scheduler's betas).  Extra arguments (``encoder_hidden_states``, ``class_labels``, ...)
-  go to the UNet.
+- :func:`denoiser_from_diffusers`: a diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``) or flow
+  transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) and its scheduler (or scheduler config)
+  to a VE denoiser ``D(x, sigma, **extra)``: :class:`~steindiff.models.VPDenoiser` on a
+  :class:`~steindiff.noise.DiscreteVPProcess` built from the scheduler's betas, or
+  :class:`~steindiff.models.FlowDenoiser` on a :class:`~steindiff.noise.FlowProcess` for flow-matching
+  schedulers (:func:`process_from_scheduler`).  Extra arguments (``encoder_hidden_states``,
+  ``class_labels``, ``pooled_projections``, ...) go to the network.
 - :class:`CFGDenoiser`: classifier-free guidance in VE coordinates,
   ``D = D_u + s (D_c - D_u)``, conditional and unconditional halves in one batched call.
 - :func:`sample_pipeline`: sample a diffusers pipeline's UNet with a steindiff solver (and
@@ -13,9 +15,12 @@
   pipeline, over the user's prompt embeddings (or class labels) and guidance scale, cached by the
   UNet's weights and that conditioning.  :func:`pipeline_model` builds the model both of them use.
 
-Only VP (DDPM-family) schedulers are supported: DDPM, DDIM, PNDM, Euler, Heun, DPM-Solver, UniPC,
-... with ``prediction_type`` ``epsilon``, ``v_prediction`` or ``sample``.  Flow-matching and VE
-schedulers are refused with a ValueError.
+Schedulers: VP (DDPM-family) ones, DDPM, DDIM, PNDM, Euler, Heun, DPM-Solver, UniPC, ... with
+``prediction_type`` ``epsilon``, ``v_prediction`` or ``sample``; and flow-matching ones,
+``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, and DPM-Solver or UniPC with
+``use_flow_sigmas=True``.  VE schedulers, and settings of a flow scheduler that no steindiff schedule
+reproduces, are refused with a ValueError naming the field.  :func:`sample_pipeline` and
+:func:`calibrate_pipeline` take UNet pipelines.
 """
 
 from __future__ import annotations
@@ -31,15 +36,24 @@ import torch
 from torch import nn
 
 from ..calibration import calibrated_plan, conditioning_digest, model_fingerprint
-from ..models.denoisers import VPDenoiser
+from ..models.denoisers import FlowDenoiser, VPDenoiser
 from ..models.registry import ModelSpec
-from ..noise import DiscreteVPProcess, betas_for_schedule, zero_snr_alphas_cumprod
+from ..noise import (
+    FLOW_T_DELTA,
+    DiscreteVPProcess,
+    FlowProcess,
+    NoiseProcess,
+    betas_for_schedule,
+    zero_snr_alphas_cumprod,
+)
 from ..plan import SamplingPlan, make_plan
 from ..sampling import sample
+from ..schedules import FlowSchedule, flow_shift_mu
 from ..stabilizers import Stabilizer, registry
 from ._calibration import Calibration, as_plan, canonical_solver, check_plan, refuse_with_stabilizer
 
-__all__ = ["denoiser_from_diffusers", "process_from_scheduler", "CFGDenoiser", "sample_pipeline", "PipelineSample",
+__all__ = ["denoiser_from_diffusers", "process_from_scheduler", "is_flow_scheduler", "flow_time_scale", "CFGDenoiser",
+           "sample_pipeline", "PipelineSample",
            "PREDICTION_TYPE_MAP", "pipeline_model", "PipelineModel", "calibrate_pipeline", "UNCOND_PREFIX"]
 
 #: diffusers ``prediction_type`` -> :class:`VPDenoiser` prediction
@@ -47,6 +61,8 @@ PREDICTION_TYPE_MAP = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
 DEFAULT_SOLVER, DEFAULT_NFE, DEFAULT_SCHEDULE = "dpmpp_2m", 10, "karras"
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+                   "UniPCMultistepScheduler")
 
 
 def _config_of(scheduler_or_config: Any) -> tuple[dict, str]:
@@ -61,20 +77,121 @@ def _config_of(scheduler_or_config: Any) -> tuple[dict, str]:
     return dict(cfg), type(scheduler_or_config).__name__
 
 
-def process_from_scheduler(scheduler_or_config: Any) -> DiscreteVPProcess:
-    """The discrete VP process (float64 ``alphas_cumprod``) of a diffusers VP scheduler or its config.
+def is_flow_scheduler(scheduler_or_config: Any) -> bool:
+    """Whether a diffusers scheduler (or config) is a flow-matching one: a ``FlowMatch*`` class,
+    ``use_flow_sigmas=True``, ``prediction_type="flow_prediction"`` or a ``shift`` without betas."""
+    cfg, cls = _config_of(scheduler_or_config)
+    return ("FlowMatch" in cls or bool(cfg.get("use_flow_sigmas")) or cfg.get("prediction_type") == "flow_prediction"
+            or ("shift" in cfg and "beta_schedule" not in cfg and cfg.get("trained_betas") is None))
 
-    Betas come from ``trained_betas`` or from ``beta_schedule`` (``linear``, ``scaled_linear``,
+
+def _refuse(cls: str, field: str, value: Any, why: str) -> None:
+    raise ValueError(f"{cls or 'flow scheduler config'}: {field}={value!r} is not supported: {why}")
+
+
+def _flow_process(cfg: dict, cls: str, mu: float | None, image_seq_len: int | None,
+                  t_max: float | None) -> FlowProcess:
+    """:func:`process_from_scheduler` of a flow-matching scheduler (see there)."""
+    name = cls or "flow scheduler config"
+    if "FlowMatch" in cls and cls not in FLOW_SCHEDULERS:
+        raise ValueError(f"flow-matching scheduler {cls} is not supported: steindiff reads the configs of "
+                         f"{', '.join(FLOW_SCHEDULERS[:2])}, and of DPMSolverMultistepScheduler and "
+                         "UniPCMultistepScheduler with use_flow_sigmas=True")
+    multistep = cls in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler") or (
+        not cls and bool(cfg.get("use_flow_sigmas")))
+    if not multistep and "FlowMatch" not in cls and (cls or "beta_schedule" in cfg):
+        _refuse(name, "prediction_type", cfg.get("prediction_type"), "a flow model is sampled with "
+                f"{', '.join(FLOW_SCHEDULERS[:2])}, or DPMSolverMultistepScheduler or UniPCMultistepScheduler with "
+                "use_flow_sigmas=True")
+    if multistep and not cfg.get("use_flow_sigmas"):
+        _refuse(name, "use_flow_sigmas", cfg.get("use_flow_sigmas"), "a flow model (prediction_type="
+                "'flow_prediction') needs the flow sigmas of use_flow_sigmas=True")
+    pred = cfg.get("prediction_type", "flow_prediction")
+    if multistep and pred != "flow_prediction":
+        _refuse(name, "prediction_type", pred, "a flow-sigma schedule is read for a velocity model "
+                "(prediction_type='flow_prediction')")
+    n = int(cfg.get("num_train_timesteps", 1000))
+    grid = "euler"
+    if multistep:
+        grid = "dpm" if "DPM" in cls or "algorithm_type" in cfg else "unipc"
+        for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+            if cfg.get(field):
+                _refuse(name, field, cfg[field], "with use_flow_sigmas the multistep schedulers build these levels "
+                        "from their VP beta table, which a flow model was not trained on")
+        if cfg.get("final_sigmas_type", "zero") != "zero":
+            _refuse(name, "final_sigmas_type", cfg["final_sigmas_type"], "the flow schedule ends at t = 0 "
+                    "('zero'); 'sigma_min' repeats or replaces its last level")
+        if cfg.get("thresholding"):
+            _refuse(name, "thresholding", True, "dynamic thresholding changes the model's prediction")
+        if grid == "dpm" and cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+            _refuse(name, "algorithm_type", cfg["algorithm_type"], "steindiff's dpmpp_2m/3m are the deterministic "
+                    "data-prediction DPM-Solver++ ('dpmsolver++')")
+        shift = float(cfg.get("flow_shift", 1.0) or 1.0)
+    else:
+        shift = float(cfg.get("shift", 1.0) if cfg.get("shift") is not None else 1.0)
+        for field in ("stochastic_sampling", "invert_sigmas"):
+            if cfg.get(field):
+                _refuse(name, field, cfg[field], "stochastic_sampling re-noises each step (an SDE sampler), "
+                        "invert_sigmas runs the schedule backwards (Mochi): neither is a probability-flow ODE solve")
+    spacing = [k for k in ("karras", "exponential", "beta") if not multistep and cfg.get(f"use_{k}_sigmas")]
+    if len(spacing) > 1:
+        raise ValueError(f"{name}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be "
+                         "set (diffusers refuses it too)")
+    dynamic = bool(cfg.get("use_dynamic_shifting"))
+    kind = cfg.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        _refuse(name, "time_shift_type", kind, "diffusers' time shifts are 'exponential' and 'linear'")
+    if mu is not None and image_seq_len is not None:
+        raise ValueError("pass mu or image_seq_len, not both")
+    if image_seq_len is not None:
+        if not dynamic:
+            raise ValueError(f"image_seq_len={image_seq_len} was given but {name} does not set use_dynamic_shifting: "
+                             "its shift does not depend on the image size")
+        keys = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+        mu = flow_shift_mu(int(image_seq_len), **{k: (cfg.get(k) if cfg.get(k) is not None else v)
+                                                  for k, v in keys.items()})
+    if mu is not None and not dynamic:
+        raise ValueError(f"mu={mu} was given but {name} does not set use_dynamic_shifting: its shift is the static "
+                         f"{'flow_shift' if multistep else 'shift'}={shift:g}")
+    term = cfg.get("shift_terminal")
+    schedule = FlowSchedule(shift=shift, dynamic=dynamic, mu=None if mu is None else float(mu), shift_type=kind,
+                            shift_terminal=float(term) if term else None, grid=grid,
+                            spacing=spacing[0] if spacing else None, num_train_timesteps=n)
+    delta = FLOW_T_DELTA if t_max is None else 1.0 - float(t_max)
+    return FlowProcess(1.0 / n, 1.0 - delta, schedule)
+
+
+def process_from_scheduler(scheduler_or_config: Any, *, mu: float | None = None, image_seq_len: int | None = None,
+                           t_max: float | None = None) -> NoiseProcess:
+    """The noise process of a diffusers scheduler or its config: a :class:`~steindiff.noise.DiscreteVPProcess`
+    (float64 ``alphas_cumprod``) for a VP scheduler, a :class:`~steindiff.noise.FlowProcess` for a
+    flow-matching one (:func:`is_flow_scheduler`).
+
+    VP: betas come from ``trained_betas`` or from ``beta_schedule`` (``linear``, ``scaled_linear``,
     ``squaredcos_cap_v2``) with ``beta_start``, ``beta_end`` and ``num_train_timesteps``.  With
     ``rescale_betas_zero_snr`` the last ``alphas_cumprod`` is set to ``2**-24``, as diffusers' Euler
-    scheduler does (a terminal SNR of exactly 0 has no VE noise level).  Raises ValueError for flow-matching
-    and VE schedulers and for tables that disagree with ``num_train_timesteps`` or with the
-    scheduler's own ``alphas_cumprod``.
+    scheduler does (a terminal SNR of exactly 0 has no VE noise level).  Raises ValueError for VE
+    schedulers and for tables that disagree with ``num_train_timesteps`` or with the scheduler's own
+    ``alphas_cumprod``.
+
+    Flow: the process's ``schedule`` (:class:`~steindiff.schedules.FlowSchedule`, the ``"flow"`` schedule) gives
+    the noise levels the scheduler's ``set_timesteps(n, mu=mu)`` gives: static ``shift`` (``flow_shift``),
+    ``use_dynamic_shifting`` with ``time_shift_type`` and the resolution shift ``mu`` (or ``image_seq_len``, from
+    which ``mu`` is computed as FLUX pipelines do, with the config's ``base_shift``, ``max_shift``,
+    ``base_image_seq_len`` and ``max_image_seq_len``), ``shift_terminal``, and FlowMatchEuler's Karras,
+    exponential or beta spacing.  Dynamic shifting without ``mu`` builds the process, and asking it for the
+    flow schedule then names the missing ``mu`` (diffusers raises it in ``set_timesteps``).  ``t = 1`` (where
+    FlowMatchEuler starts) is ``t_max`` (default ``1 - FLOW_T_DELTA``); ``t_min = 1 / num_train_timesteps``.
+    Settings with no exact steindiff counterpart (``stochastic_sampling``, ``invert_sigmas``,
+    ``final_sigmas_type='sigma_min'``, the multistep schedulers' VP-table spacings with flow sigmas,
+    thresholding, an unknown ``time_shift_type``, ...) raise ValueError naming the field.
     """
+    if is_flow_scheduler(scheduler_or_config):
+        cfg, cls = _config_of(scheduler_or_config)
+        return _flow_process(cfg, cls, mu, image_seq_len, t_max)
+    if mu is not None or image_seq_len is not None or t_max is not None:
+        raise ValueError("mu, image_seq_len and t_max apply to flow-matching schedulers only")
     cfg, cls = _config_of(scheduler_or_config)
-    if "FlowMatch" in cls or cfg.get("use_flow_sigmas") or ("shift" in cfg and "beta_schedule" not in cfg):
-        raise ValueError(f"flow-matching scheduler {cls or '(config)'} is not supported: steindiff's diffusers bridge "
-                         "needs a VP (DDPM-family) scheduler with a beta schedule")
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
         kind = "VE scheduler" if ("sigma_max" in cfg or "sigma_min" in cfg) else "scheduler without a beta schedule"
         raise ValueError(f"{kind} {cls or '(config)'} is not supported: steindiff's diffusers bridge needs a VP "
@@ -124,20 +241,57 @@ class _DiffusersNet(nn.Module):
         return out
 
 
-def denoiser_from_diffusers(unet: nn.Module, scheduler_or_config: Any, *, dtype: torch.dtype | None = None,
-                            timestep: Literal["interp", "round"] = "interp") -> VPDenoiser:
-    """A VE denoiser ``D(x, sigma, **extra)`` for a diffusers UNet trained with ``scheduler_or_config``.
+def _network_dtype(net: Any) -> torch.dtype | None:
+    dtype = getattr(net, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        p = next(iter(net.parameters()), None) if isinstance(net, nn.Module) else None
+        dtype = p.dtype if p is not None else None
+    return dtype
 
-    The UNet sees ``x_vp = x / sqrt(1 + sigma^2)`` and the timestep of ``sigma`` on the scheduler's
-    table (``timestep="interp"``: fractional, as diffusers' Euler/Heun schedulers; ``"round"``: the
-    nearest integer, as DPM-Solver/UniPC with Karras sigmas).  ``extra`` keyword arguments go to the
-    UNet (``encoder_hidden_states`` for ``UNet2DConditionModel``, ``class_labels``, ...).
-    ``dtype``: the UNet's input dtype (default: its parameters' dtype).  The result's ``process`` is
-    the scheduler's :class:`~steindiff.noise.DiscreteVPProcess` (for schedules and prior noise).
+
+def flow_time_scale(model: Any) -> float:
+    """The model-time convention of a diffusers flow transformer: the timestep its pipeline passes is
+    ``t * 1000`` (``SD3Transformer2DModel``, and the default), or ``t`` in [0, 1] for ``FluxTransformer2DModel``
+    (``FluxPipeline`` divides by 1000; the transformer multiplies back inside)."""
+    return 1.0 if "Flux" in type(model).__name__ else 1000.0
+
+
+def denoiser_from_diffusers(unet: nn.Module, scheduler_or_config: Any, *, dtype: torch.dtype | None = None,
+                            timestep: str | None = None, time_scale: float | None = None, mu: float | None = None,
+                            image_seq_len: int | None = None, t_max: float | None = None
+                            ) -> VPDenoiser | FlowDenoiser:
+    """A VE denoiser ``D(x, sigma, **extra)`` for a diffusers network trained with ``scheduler_or_config``.
+
+    VP schedulers (a UNet): the network sees ``x_vp = x / sqrt(1 + sigma^2)`` and the timestep of ``sigma`` on the
+    scheduler's table (``timestep="interp"``, the default: fractional, as diffusers' Euler/Heun schedulers;
+    ``"round"``: the nearest integer, as DPM-Solver/UniPC with Karras sigmas).
+
+    Flow-matching schedulers (a transformer: ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ...): a
+    :class:`~steindiff.models.FlowDenoiser` of the velocity, on :func:`process_from_scheduler`'s
+    :class:`~steindiff.noise.FlowProcess` (``mu``, ``image_seq_len``, ``t_max`` go there).  The network sees
+    ``x_t = x / (1 + sigma)`` and ``timestep = t * time_scale``: default :func:`flow_time_scale` (1000 for SD3, 1
+    for FLUX).  ``timestep``: ``"continuous"`` (default, as the flow-matching Euler and Heun schedulers) or
+    ``"floor"`` (the integer part, as DPM-Solver and UniPC with ``use_flow_sigmas`` pass it).  FLUX's
+    transformer works on packed latents ``(B, tokens, 4 C)``: sample that packed state and pass ``img_ids``,
+    ``txt_ids``, ``pooled_projections``, ``encoder_hidden_states`` (and ``guidance``) as extra arguments; packing
+    and unpacking (``FluxPipeline._pack_latents`` / ``_unpack_latents``) stay with the pipeline.
+
+    ``extra`` keyword arguments go to the network (``encoder_hidden_states`` for ``UNet2DConditionModel``,
+    ``class_labels``, ...).  ``dtype``: the network's input dtype (default: its parameters' dtype).  The result's
+    ``process`` is the scheduler's process (for schedules and prior noise) and ``scheduler_config`` its config.
     """
     cfg, cls = _config_of(scheduler_or_config)
+    if is_flow_scheduler(scheduler_or_config):
+        process = process_from_scheduler(scheduler_or_config, mu=mu, image_seq_len=image_seq_len, t_max=t_max)
+        den: VPDenoiser | FlowDenoiser = FlowDenoiser(
+            _DiffusersNet(unet), process, "velocity", time_scale=flow_time_scale(unet) if time_scale is None
+            else float(time_scale), dtype=dtype or _network_dtype(unet), timestep=timestep or "continuous")
+        den.scheduler_config = cfg
+        return den
+    if time_scale is not None:
+        raise ValueError("time_scale applies to flow-matching models; a VP scheduler's timesteps are its table's")
     pred = cfg.get("prediction_type", "epsilon")
-    process = process_from_scheduler(scheduler_or_config)
+    process = process_from_scheduler(scheduler_or_config, mu=mu, image_seq_len=image_seq_len, t_max=t_max)
     if pred not in PREDICTION_TYPE_MAP:
         raise ValueError(f"unsupported prediction_type {pred!r} of scheduler {cls or '(config)'}; "
                          f"supported: {', '.join(PREDICTION_TYPE_MAP)}")
@@ -146,12 +300,8 @@ def denoiser_from_diffusers(unet: nn.Module, scheduler_or_config: Any, *, dtype:
     if unet_n is not None and int(unet_n) != process.num_train_timesteps:
         raise ValueError(f"the UNet was built for num_train_timesteps={unet_n} but the scheduler's table has "
                          f"{process.num_train_timesteps} timesteps")
-    if dtype is None:
-        dtype = getattr(unet, "dtype", None)
-        if not isinstance(dtype, torch.dtype):
-            p = next(iter(unet.parameters()), None) if isinstance(unet, nn.Module) else None
-            dtype = p.dtype if p is not None else None
-    den = VPDenoiser(_DiffusersNet(unet), process, PREDICTION_TYPE_MAP[pred], timestep=timestep, dtype=dtype)
+    den = VPDenoiser(_DiffusersNet(unet), process, PREDICTION_TYPE_MAP[pred], timestep=timestep or "interp",
+                     dtype=dtype or _network_dtype(unet))
     den.scheduler_config = cfg
     return den
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ..noise import DiscreteVPProcess, NoiseProcess, VEProcess
-from .denoisers import EDMPrecond, VPDenoiser
+from ..noise import DiscreteVPProcess, FlowProcess, NoiseProcess, VEProcess
+from ..schedules import FlowSchedule
+from .denoisers import EDMPrecond, FlowDenoiser, VPDenoiser
 from .unet import UNet, UNetConfig
 
 __all__ = ["CheckpointError", "CHECKPOINT_SCHEMA", "make_process", "build_denoiser", "is_checkpoint_dir",
@@ -47,17 +48,23 @@ def make_process(cfg: dict[str, Any]) -> NoiseProcess:
     if kind == "vp-discrete":
         return DiscreteVPProcess(beta_schedule=cfg["beta_schedule"], num_train_timesteps=cfg["num_train_timesteps"],
                                  beta_start=cfg["beta_start"], beta_end=cfg["beta_end"])
+    if kind == "flow":  # the VE noise range, and the shift of the "flow" schedule
+        return FlowProcess.from_sigmas(cfg["sigma_min"], cfg["sigma_max"], FlowSchedule(shift=cfg.get("shift", 1.0)))
     raise ValueError(f"unknown process type {kind!r}")
 
 
 def build_denoiser(net: torch.nn.Module, config: dict[str, Any]) -> tuple[torch.nn.Module, NoiseProcess]:
-    """``(denoiser, process)`` for a network and its checkpoint config: ``EDMPrecond`` or ``VPDenoiser``."""
+    """``(denoiser, process)`` for a network and its checkpoint config: ``EDMPrecond``, ``VPDenoiser`` or (a
+    ``flow`` objective) ``FlowDenoiser``."""
     pre, process = config["precond"], make_process(config["process"])
     if pre["type"] == "edm":
         return EDMPrecond(net, sigma_data=pre["sigma_data"], dtype=torch.float32), process
     if pre["type"] == "vp":
         return VPDenoiser(net, process, prediction=pre["prediction"], timestep="interp",
                           dtype=torch.float32), process  # type: ignore[arg-type]
+    if pre["type"] == "flow":
+        return FlowDenoiser(net, process, prediction=pre["prediction"], time_scale=pre["time_scale"],  # type: ignore
+                            dtype=torch.float32), process
     raise ValueError(f"unknown preconditioning {pre['type']!r}")
 
 

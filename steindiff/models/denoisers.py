@@ -142,23 +142,35 @@ class FlowDenoiser(Preconditioned):
     - ``velocity``: ``F = eps - x0`` (rectified flow, SD3, FLUX), ``D = x_t - t F``
     - ``x0``:       ``D = F``
     - ``epsilon``:  ``D = (x_t - t F) / (1 - t)``
+
+    ``timestep``: ``"continuous"`` passes ``t * time_scale`` as is (diffusers' flow-matching Euler and Heun
+    schedulers); ``"floor"`` its integer part, as ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler``
+    with ``use_flow_sigmas`` pass their timesteps (``int64``), while their update uses the exact ``t``.
     """
 
     def __init__(self, net: Callable[..., torch.Tensor], process: FlowProcess | None = None,
                  prediction: Literal["velocity", "x0", "epsilon"] = "velocity", time_scale: float = 1.0,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, timestep: Literal["continuous", "floor"] = "continuous"):
         super().__init__(net, dtype)
         if prediction not in FLOW_PREDICTION_TYPES:
             raise ValueError(f"unknown flow prediction type {prediction!r}; choose one of "
                              f"{', '.join(FLOW_PREDICTION_TYPES)}")
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        if timestep not in ("continuous", "floor"):
+            raise ValueError(f"timestep must be 'continuous' or 'floor', got {timestep!r}")
         self.process = process if process is not None else FlowProcess()
-        self.prediction, self.time_scale = prediction, float(time_scale)
+        self.prediction, self.time_scale, self.timestep = prediction, float(time_scale), timestep
+
+    def model_time(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's time input at VE noise level ``sigma``: ``t * time_scale`` (float64), floored with
+        ``timestep="floor"``."""
+        t = FlowProcess.sigma_to_t(sigma.detach().reshape(-1)) * self.time_scale
+        return t.floor() if self.timestep == "floor" else t
 
     def coefficients(self, sigma: torch.Tensor, x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         s = sigma if x is None else _bcast(sigma, x)
         c_in = 1 / (1 + s)  # 1 - t
         t = s * c_in
         c_skip, c_out = {"velocity": (c_in, -t), "x0": (0.0, 1.0), "epsilon": (1.0, -s)}[self.prediction]
-        return c_skip, c_out, c_in, FlowProcess.sigma_to_t(sigma.detach().reshape(-1)) * self.time_scale
+        return c_skip, c_out, c_in, self.model_time(sigma)

@@ -135,6 +135,23 @@ class GaussianMixture:
             return (x - self.denoise(x, sigma)) / s.to(x_vp.dtype)
         return eps
 
+    def velocity_net(self, time_scale: float = 1.0) -> "callable":
+        """The velocity ``v(x_t, t * time_scale) = E[eps - x0 | x_t]`` of this mixture seen through the flow
+        process ``x_t = (1 - t) x0 + t eps`` (:class:`~steindiff.noise.FlowProcess`), exactly: with
+        ``D`` the denoiser at ``sigma = t / (1 - t)`` of ``x_ve = x_t / (1 - t)``, ``v = (x_t - D) / t``; at ``t = 1``
+        (where flow pipelines start) its limit, ``D = E[x0]``."""
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = t.to(torch.float64).reshape(-1).expand(x_t.shape[0]) / time_scale
+            one = t >= 1
+            ts = torch.where(one, torch.full_like(t, 0.5), t)  # any t < 1 where t = 1: replaced below
+            tb = ts.reshape(-1, *([1] * (x_t.ndim - 1)))
+            xf = x_t.to(torch.float64)
+            d = self.denoise(xf / (1 - tb), ts / (1 - ts))
+            mean = (self.weights[:, None] * self.means).sum(0).reshape(1, *x_t.shape[1:])
+            d = torch.where(one.reshape(-1, *([1] * (x_t.ndim - 1))), mean, d)
+            return ((xf - d) / torch.where(one, torch.ones_like(t), t).reshape(tb.shape)).to(x_t.dtype)
+        return velocity
+
     # --- sampling ----------------------------------------------------------------------------
     def sample(self, n: int, sigma: float = 0.0, *, generator: torch.Generator | None = None, seed: int | None = None,
                return_labels: bool = False):

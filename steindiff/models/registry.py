@@ -1,5 +1,6 @@
-"""Named models for the CLI and benchmarks: ``gmm:<preset>`` (exact mixtures), and more
-registered by other modules (e.g. the shipped digits and patches models)."""
+"""Named models for the CLI and benchmarks: ``gmm:<preset>`` (exact mixtures on the VE process),
+``gmm:<preset>-flow`` (the same mixtures seen through flow matching), and more registered by other modules
+(e.g. the shipped digits and patches models)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from typing import Any, Callable
 
 import torch
 
-from ..noise import NoiseProcess, VEProcess
+from ..noise import FLOW_T_DELTA, FlowProcess, NoiseProcess, VEProcess
+from ..schedules import FlowSchedule
+from .denoisers import FlowDenoiser
 from .gmm import GaussianMixture, get_gmm
 
-__all__ = ["ModelSpec", "load_model", "register_model_loader"]
+__all__ = ["ModelSpec", "load_model", "register_model_loader", "flow_mixture", "FLOW_SUFFIX", "FLOW_GRID_SUFFIXES"]
+
+#: ``gmm:<preset>`` + this suffix: the mixture as a flow-matching model (:func:`flow_mixture`); ``-flow-unipc``: the
+#: same model whose ``flow`` schedule is UniPC's flow-sigma grid (which starts at t = 1 too, unlike DPM-Solver's).
+FLOW_SUFFIX = "-flow"
+FLOW_GRID_SUFFIXES = {"-flow": "euler", "-flow-unipc": "unipc"}
 
 
 @dataclass
@@ -62,8 +70,25 @@ def register_model_loader(matches: Callable[[str], bool], load: Callable[[str], 
     _LOADERS.append((matches, load))
 
 
+def flow_mixture(gmm: GaussianMixture, grid: str = "euler") -> ModelSpec:
+    """An exact mixture as a flow-matching model: its velocity network (:meth:`GaussianMixture.velocity_net`,
+    SD3's model time ``1000 t``) behind a :class:`~steindiff.models.FlowDenoiser`, on a
+    :class:`~steindiff.noise.FlowProcess` from ``t_max = 1 - FLOW_T_DELTA`` (the stand-in for ``t = 1``, where flow
+    pipelines start) down to ``sigma_min = 0.002`` (the VE presets' lowest level), with the flow schedule of
+    shift 1 on ``grid`` (:class:`~steindiff.schedules.FlowSchedule`: FlowMatchEuler's ``euler``, UniPC's
+    ``unipc``).  Sampling goes through the adapter, as for a user's flow model; ``gmm`` keeps the exact metrics."""
+    process = FlowProcess(0.002 / 1.002, 1.0 - FLOW_T_DELTA, FlowSchedule(grid=grid))
+    den = FlowDenoiser(gmm.velocity_net(1000.0), process, "velocity", time_scale=1000.0)
+    suffix = {v: k for k, v in FLOW_GRID_SUFFIXES.items()}[grid]
+    return ModelSpec(name=gmm.name + suffix, denoiser=den, process=process, sample_shape=(gmm.dim,), gmm=gmm)
+
+
 def load_model(name: str) -> ModelSpec:
-    """Resolve a model name: ``gmm:<preset>`` or any registered name/path."""
+    """Resolve a model name: ``gmm:<preset>``, ``gmm:<preset>-flow`` (and ``-flow-unipc``: :func:`flow_mixture`) or
+    any registered name/path."""
+    for suffix, grid in FLOW_GRID_SUFFIXES.items():
+        if name.startswith("gmm:") and name.endswith(suffix):
+            return flow_mixture(get_gmm(name[: -len(suffix)]), grid)
     if name.startswith("gmm:"):
         gmm = get_gmm(name)
         # exact mixtures compute in float64, and so do their calibrations unless told otherwise
@@ -72,7 +97,8 @@ def load_model(name: str) -> ModelSpec:
     for matches, load in _LOADERS:
         if matches(name):
             return load(name)
-    raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64), digits "
+    raise ValueError(f"unknown model {name!r}: {_why_not(name)}; use gmm:<preset> (e.g. gmm:image64, or "
+                     "gmm:image64-flow for the mixture as a flow-matching model), digits "
                      "or patches (the shipped models) or a checkpoint folder written by `steindiff train` "
                      "(config.json, model.safetensors)")
 

@@ -1,12 +1,14 @@
-"""Trained U-Net checkpoints as named models: ``digits`` and ``patches`` (shipped) and any checkpoint folder.
+"""Trained U-Net checkpoints as named models: ``digits``, ``digits-flow`` and ``patches`` (shipped) and any checkpoint
+folder.
 
-``load_model("digits")`` returns the shipped EDM model of the 8x8 digits (weights in
-``steindiff/weights/digits``), ``load_model("patches")`` the one of 32x32 RGB photo patches
-(``steindiff/weights/patches``); ``load_model("path/to/checkpoint")`` loads a folder written by
-``steindiff train``.  The denoiser is ``EDMPrecond(unet)`` (or ``VPDenoiser`` for a VP epsilon
-model) in eval mode with frozen parameters.  When the training data can be reloaded, ``info`` carries
-the held-out and training images of the recorded split, and ``info["metrics"]`` names the image metrics
-that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, else ``digits``:
+``load_model("digits")`` returns the shipped EDM model of the 8x8 digits (weights in ``steindiff/weights/digits``),
+``load_model("digits-flow")`` a rectified-flow model of the same digits with the same U-Net
+(``steindiff/weights/digits_flow``, ``steindiff train --objective flow``), ``load_model("patches")`` the EDM model
+of 32x32 RGB photo patches (``steindiff/weights/patches``); ``load_model("path/to/checkpoint")`` loads a folder
+written by ``steindiff train``. The denoiser is ``EDMPrecond(unet)`` (``VPDenoiser`` for a VP epsilon model,
+``FlowDenoiser`` for a flow model) in eval mode with frozen parameters. When the training data can be reloaded,
+``info`` carries the held-out and training images of the recorded split, and ``info["metrics"]`` names the image
+metrics that fit them (``patches``: :func:`steindiff.metrics.patches.patch_metrics`, else ``digits``:
 :func:`steindiff.metrics.image.image_metrics`); ``info["sampling_defaults"]`` the solver, schedule and NFE of
 the folder's ``sampling_defaults.json``, and ``info["calibrations"]`` its folder of calibrations.
 """
@@ -24,16 +26,18 @@ from ..data import DataError, load_dataset
 from .checkpoint import build_denoiser, is_checkpoint_dir, load_checkpoint
 from .registry import ModelSpec, register_model_loader
 
-__all__ = ["DIGITS_DIR", "PATCHES_DIR", "SHIPPED", "SAMPLING_DEFAULTS_FILE", "load_trained", "is_trained_checkpoint"]
+__all__ = ["DIGITS_DIR", "DIGITS_FLOW_DIR", "PATCHES_DIR", "SHIPPED", "SAMPLING_DEFAULTS_FILE", "load_trained",
+           "is_trained_checkpoint"]
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits"
+DIGITS_FLOW_DIR = DIGITS_DIR.parent / "digits_flow"
 PATCHES_DIR = DIGITS_DIR.parent / "patches"
 #: A model folder's declared sampling configuration (``info["sampling_defaults"]``): the solver, schedule and NFE
 #: the command line samples with when not told (the shipped models: ones that ship a calibration), and ``n``, the
 #: number of samples ``steindiff sample`` draws when not told.
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
 #: The models shipped with the package, by name.
-SHIPPED = {"digits": DIGITS_DIR, "patches": PATCHES_DIR}
+SHIPPED = {"digits": DIGITS_DIR, "digits-flow": DIGITS_FLOW_DIR, "patches": PATCHES_DIR}
 
 
 def is_trained_checkpoint(name: str) -> bool:

@@ -19,6 +19,7 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
     "euler": Euler,
     "ddim": Euler,
     "heun": Heun,
+    "heun_flow": lambda **kw: Heun(**{"time": "flow", **kw}),
     "dpmpp_2m": lambda **kw: DPMSolverPP(order=2, **kw),
     "dpmpp_3m": lambda **kw: DPMSolverPP(order=3, **kw),
     "unipc": lambda **kw: UniPC(**{"variant": "bh2", **kw}),
@@ -30,9 +31,9 @@ SOLVERS: dict[str, Callable[..., Solver]] = {
 
 
 def get_solver(name: str | Solver, **options: Any) -> Solver:
-    """A solver by name (``euler``/``ddim``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``/``unipc_bh2``,
-    ``unipc_bh1``, ``ipndm``, ``ipndm_v``), with solver options such as ``order``.  Its ``name`` is the
-    registry's name of its configuration (the first of two aliases: ``euler`` for ``ddim``)."""
+    """A solver by name (``euler``/``ddim``, ``heun``, ``heun_flow``, ``dpmpp_2m``, ``dpmpp_3m``,
+    ``unipc``/``unipc_bh2``, ``unipc_bh1``, ``ipndm``, ``ipndm_v``), with solver options such as ``order``.  Its
+    ``name`` is the registry's name of its configuration (the first of two aliases: ``euler`` for ``ddim``)."""
     if isinstance(name, Solver):
         return name
     if name not in SOLVERS:

@@ -71,7 +71,11 @@ class IPNDM(Solver):
             w = adams_bashforth_weights(nodes[:p], s, s_next)
         else:
             w = _AB_FIXED[p]
-        combined = sum(wj * sj for wj, sj in zip(w, slopes[:p]))
+        # x + (s' - s) sum_j w_j d_j with sum_j w_j = 1, as the Euler step D + (s'/s)(x - D) plus the history's
+        # correction: the same number, without cancelling a large x (s near infinity) against (s' - s) d_0
+        x_next = d + (s_next / s) * (x - d)
+        if p > 1:
+            x_next = x_next + (s_next - s) * sum(wj * (sj - slope) for wj, sj in zip(w[1:], slopes[1:p]))
         keep = self.order - 1
         new_state = {"slopes": slopes[:keep], "sigmas": nodes[:keep]}
-        return Step(x + (s_next - s) * combined, d, new_state)
+        return Step(x_next, d, new_state)

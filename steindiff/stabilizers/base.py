@@ -74,9 +74,12 @@ def _probe_pool():
     return _POOL[0]
 
 
-def rescaled_update(x_c: torch.Tensor, u: torch.Tensor, gamma, alpha_next: float) -> torch.Tensor:
-    """``x_{k-1} = (x_c - gamma u) / alpha_{k-1}``: the rectified step in coordinates, back to VE."""
-    return (x_c - gamma * u) / alpha_next
+def rescaled_update(x_next: torch.Tensor, u: torch.Tensor, gamma, alpha_next: float) -> torch.Tensor:
+    """``x_{k-1} = (x_c - gamma u) / alpha_{k-1}``: the rectified step in coordinates, back to VE, from the solver's
+    step ``x_next = T(x)`` (VE) and ``u = x_c - alpha_{k-1} T(x)``.  Written ``T(x) + (1 - gamma) u / alpha_{k-1}``:
+    the same number, exactly ``T(x)`` at ``gamma = 1``, and no cancellation of a large state (a flow's first level,
+    ``sigma`` near infinity) against ``u``."""
+    return x_next + ((1 - gamma) / alpha_next) * u
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -408,7 +411,7 @@ class GammaStabilizer:
             if self.gamma_max is not None:
                 gamma = min(gamma, self.gamma_max)
             gam = gamma
-        x_next = rescaled_update(x_c, s.u, gam, a_next)
+        x_next = rescaled_update(st.x_next, s.u, gam, a_next)
         record.update({"gamma": gamma, "gamma_raw": gamma_raw, **{f"s_{k}": v for k, v in means.items()},
                        "extra_passes": int(extra), "nfe_step": op.denoise.calls - calls0})
         record["wall_s"] = time.perf_counter() - t0

@@ -158,7 +158,7 @@ class GammaSchedule:
                 x_next = st.x_next
             else:
                 x_c = a * x
-                x_next = rescaled_update(x_c, x_c - a_next * st.x_next, g, a_next)
+                x_next = rescaled_update(st.x_next, x_c - a_next * st.x_next, g, a_next)
         rec = {"step": op.i, "sigma": _value(op.sigma), "sigma_next": _value(op.sigma_next), "gamma": _value(g),
                "extra_passes": 0, "wall_s": time.perf_counter() - t0}
         return x_next, st, rec

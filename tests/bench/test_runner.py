@@ -228,3 +228,20 @@ def test_run_cost_peak_memory(device):
         assert all(e["peak_mem_bytes"] is None and e["mem_ratio"] is None for e in entries)
     else:
         assert by["none"]["mem_ratio"] == 1.0 and by["stein"]["peak_mem_bytes"] > 0 and by["stein"]["mem_ratio"] > 0
+
+
+def test_every_schedule_must_start_at_the_shared_noise_level(monkeypatch):
+    """The grid draws each seed's noise once at sigma_max: a flow schedule that starts below it (DPM-Solver's flow
+    grid, from t = 1 - 1/1000) is refused before any work; FlowMatchEuler's and UniPC's start at t_max."""
+    import steindiff.bench.runner as R
+    from steindiff.models import get_gmm
+    from steindiff.models.registry import flow_mixture
+    from steindiff.schedules import FlowSchedule
+
+    R.validate_grid(["gmm:toy2d-flow", "gmm:toy2d-flow-unipc"], ["euler"], [3], ["karras", "logsnr", "flow", "time"],
+                    ["ve"], ["none"], [0], 10)
+    spec = flow_mixture(get_gmm("gmm:toy2d"))
+    spec.process.schedule = FlowSchedule(grid="dpm")
+    monkeypatch.setattr(R, "load_model", lambda name: spec)
+    with pytest.raises(ValueError, match="starts at sigma 999, not at the process's sigma_max"):
+        R.validate_grid(["dpm-flow"], ["euler"], [3], ["flow"], ["ve"], ["none"], [0], 10)

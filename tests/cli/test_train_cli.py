@@ -42,6 +42,20 @@ def test_train_resume_and_sample(tmp_path, capsys):
     assert "architecture differs" in capsys.readouterr().err
 
 
+def test_flow_objective_trains_resumes_and_samples_with_the_flow_schedule(tmp_path, capsys):
+    out = tmp_path / "fl"
+    args = ["train", "--objective", "flow", "--logit-std", "0.7", "--out", str(out), "--no-progress", "--json", *TINY]
+    assert main([*args, "--iters", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss_type"] == "flow"
+    assert json.loads((out / "config.json").read_text())["objective"] == "flow"
+    assert main([*args, "--iters", "3", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    assert main(["sample", "--model", str(out), "--n", "4", "--nfe", "3", "--solver", "heun_flow", "--schedule", "flow",
+                 "--no-progress", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["n"] == 4 and s["nfe"] == 3
+
+
 def test_user_npy_data(tmp_path, capsys):
     x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 4, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

@@ -171,8 +171,6 @@ def test_errors_name_the_value():
     unet = tiny_unet()
     with pytest.raises(ValueError, match="'flow_prediction'"):
         denoiser_from_diffusers(unet, {**diffusers.DDPMScheduler().config, "prediction_type": "flow_prediction"})
-    with pytest.raises(ValueError, match="flow-matching scheduler FlowMatchEulerDiscreteScheduler"):
-        denoiser_from_diffusers(unet, diffusers.FlowMatchEulerDiscreteScheduler())
     with pytest.raises(ValueError, match="VE scheduler ScoreSdeVeScheduler"):
         denoiser_from_diffusers(unet, diffusers.ScoreSdeVeScheduler())
     with pytest.raises(ValueError, match="unsupported beta_schedule 'sigmoid'"):
@@ -207,3 +205,92 @@ def test_class_conditional_guidance():
     torch.testing.assert_close(guided.latents, want)
     plain = sample_pipeline(pipe, class_labels=[0, 1], **kw)
     assert not torch.allclose(plain.latents, guided.latents)
+
+
+def test_flow_scheduler_configs_are_read_or_refused_naming_the_field():
+    from steindiff.integrations.diffusers import process_from_scheduler
+    from steindiff.noise import FlowProcess
+    from steindiff.schedules import FlowSchedule, flow_shift_mu, get_sigmas
+
+    euler = diffusers.FlowMatchEulerDiscreteScheduler
+    p = process_from_scheduler(euler(shift=3.0))
+    assert isinstance(p, FlowProcess) and p.schedule == FlowSchedule(shift=3.0)
+    # a config mapping without its class (a shift, no betas) reads as FlowMatchEuler's
+    assert process_from_scheduler({"shift": 3.0, "num_train_timesteps": 1000}).schedule == FlowSchedule(shift=3.0)
+    # dynamic shifting: mu, or the image size it is computed from (FLUX's calculate_shift on the config's fields)
+    flux = euler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096)
+    assert process_from_scheduler(flux, image_seq_len=1024).schedule.mu == pytest.approx(flow_shift_mu(1024))
+    # without mu the process is built, and its flow levels are refused as diffusers' set_timesteps refuses them
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True.*mu"):
+        get_sigmas("flow", 4, process_from_scheduler(flux))
+    with pytest.raises(ValueError, match="mu or image_seq_len, not both"):
+        process_from_scheduler(flux, mu=0.5, image_seq_len=1024)
+    with pytest.raises(ValueError, match="does not set use_dynamic_shifting"):
+        process_from_scheduler(euler(shift=3.0), mu=0.5)
+    with pytest.raises(ValueError, match="time_shift_type='cubic'"):
+        process_from_scheduler({**flux.config, "time_shift_type": "cubic"})
+    with pytest.raises(ValueError, match="stochastic_sampling=True"):
+        process_from_scheduler(euler(stochastic_sampling=True))
+    with pytest.raises(ValueError, match="invert_sigmas=True"):
+        process_from_scheduler(euler(invert_sigmas=True))
+    dpm = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        process_from_scheduler(diffusers.DPMSolverMultistepScheduler(**dpm, use_karras_sigmas=True))
+    with pytest.raises(ValueError, match="final_sigmas_type='sigma_min'"):
+        process_from_scheduler(diffusers.UniPCMultistepScheduler(**dpm, final_sigmas_type="sigma_min"))
+    with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver\\+\\+'"):
+        process_from_scheduler(diffusers.DPMSolverMultistepScheduler(**dpm, algorithm_type="sde-dpmsolver++"))
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        process_from_scheduler(diffusers.UniPCMultistepScheduler(use_flow_sigmas=True))
+    with pytest.raises(ValueError, match="FlowMatchLCMScheduler is not supported"):
+        process_from_scheduler({"_class_name": "FlowMatchLCMScheduler", "shift": 1.0})
+    with pytest.raises(ValueError, match="apply to flow-matching schedulers only"):
+        process_from_scheduler(diffusers.DDPMScheduler(), mu=0.5)
+    p = process_from_scheduler(euler(), t_max=1 - 1e-3)
+    assert p.t_max == pytest.approx(1 - 1e-3)
+
+
+def test_flow_transformers_time_conventions():
+    """SD3's transformer gets timestep = 1000 t, FLUX's t (FluxPipeline divides by 1000); FLUX's packed latents
+    (B, tokens, 4 C) are the sampled state, its ids and pooled projections extra arguments."""
+    from steindiff import sample
+    from steindiff.models import FlowDenoiser
+    from steindiff.schedules import get_sigmas
+
+    diffusers.utils.logging.set_verbosity_error()
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, timestep, **kw):
+            seen.append(timestep)
+            return torch.zeros_like(x)
+
+    sd3_like = type("SD3Transformer2DModel", (Probe,), {})()
+    den = denoiser_from_diffusers(sd3_like, diffusers.FlowMatchEulerDiscreteScheduler())
+    assert isinstance(den, FlowDenoiser) and den.time_scale == 1000.0 and den.prediction == "velocity"
+    den(torch.zeros(1, 2), torch.tensor([1.0]))
+    assert float(seen[-1]) == pytest.approx(500.0)
+    flux_like = type("FluxTransformer2DModel", (Probe,), {})()
+    flux_den = denoiser_from_diffusers(flux_like, diffusers.FlowMatchEulerDiscreteScheduler())
+    flux_den(torch.zeros(1, 2), torch.tensor([1.0]))
+    assert float(seen[-1]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="time_scale applies to flow-matching models"):
+        denoiser_from_diffusers(tiny_unet(), diffusers.DDPMScheduler(), time_scale=1000.0)
+
+    torch.manual_seed(0)
+    flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    den = denoiser_from_diffusers(flux, sch, image_seq_len=16)
+    tokens = 16  # a 4x4 grid of packed 2x2 patches of a 4-channel 8x8 latent
+    img_ids = torch.zeros(tokens, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(tokens) // 4, torch.arange(tokens) % 4
+    extra = {"encoder_hidden_states": torch.randn(2, 3, 16), "pooled_projections": torch.randn(2, 8),
+             "img_ids": img_ids, "txt_ids": torch.zeros(3, 3)}
+    sig = get_sigmas("flow", 3, den.process)
+    with torch.no_grad():
+        res = sample(den, torch.randn(2, tokens, 16) * den.process.prior_scale(float(sig[0])), sig, "euler",
+                     extra_args=extra)
+    assert res.x.shape == (2, tokens, 16) and torch.isfinite(res.x).all() and res.nfe == 3
