@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -68,7 +69,8 @@ from .diffusers_flow import (
 __all__ = ["SteinDiffScheduler", "SteinDiffSchedulerOutput", "calibration_record", "calibrate_scheduler",
            "conditioning_free_model"]
 
-FLOW_SCHEDULES = ("flow", *SCHEDULES)
+FLOW_SCHEDULES = ("flow", *(s for s in SCHEDULES if s != "flow"))
+VP_SCHEDULES = tuple(s for s in SCHEDULES if s != "flow")  # 'flow' needs a FlowProcess
 VP_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
              "rescale_betas_zero_snr")
 
@@ -263,10 +265,11 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
             solver = solver or self._cal["solver"]
             solver_options = self._cal.get("solver_options") or solver_options
             made = self._cal.get("schedule")
-            schedule = schedule or (made if made in (FLOW_SCHEDULES if self.flow is not None else SCHEDULES) else None)
+            ok = FLOW_SCHEDULES if self.flow is not None else VP_SCHEDULES
+            schedule = schedule or (made if made in ok else None)
         self.solver_name = solver or DEFAULT_SOLVER
         self.solver = get_solver(self.solver_name, **(solver_options or {}))
-        allowed = FLOW_SCHEDULES if self.flow is not None else SCHEDULES
+        allowed = FLOW_SCHEDULES if self.flow is not None else VP_SCHEDULES
         self.schedule = schedule or ("flow" if self.flow is not None else "karras")
         if self.schedule not in allowed:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(allowed)} for a "
@@ -667,7 +670,7 @@ def conditioning_free_model(pipe: Any, rec: Mapping) -> Any:
         embeds = {k: embeds[k] for k in ("prompt_embeds", "negative_prompt_embeds")}
     t_max = FLOW_T_MAX
     if getattr(pipe, "transformer", None) is not None and made.get("process", "").startswith("FlowProcess"):
-        t_max = float(made["process"].split("t_max=")[1].rstrip(")"))
+        t_max = float(re.search(r"t_max=([-+0-9.eE]+)", made["process"]).group(1))
     return any_pipeline_model(pipe, guidance_scale=g, height=made.get("height"), width=made.get("width"), t_max=t_max,
                               **embeds)
 
