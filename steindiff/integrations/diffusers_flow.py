@@ -2,14 +2,15 @@
 
 - :func:`flow_scheduler_config`: a flow-matching scheduler config (``FlowMatchEulerDiscreteScheduler`` and the
   multistep schedulers with ``use_flow_sigmas``) as a :class:`FlowSchedulerConfig`, its time shift (static
-  ``shift``, or dynamic shifting by ``mu``) in diffusers' field names: what :class:`SteinDiffScheduler
-  <steindiff.integrations.diffusers_scheduler.SteinDiffScheduler>`, the pipeline helpers below and the diffusers
-  export use.  The config is read, and refused naming the field, by the one reader of flow configs that
+  ``shift``, or dynamic shifting by ``mu``) in diffusers' field names: what
+  :class:`~steindiff.integrations.diffusers_scheduler.SteinDiffScheduler`, the pipeline helpers below and the
+  diffusers export use.  The config is read, and refused naming the field, by the one reader of flow configs that
   :func:`~steindiff.integrations.diffusers.process_from_scheduler` uses; its levels are those of
   :class:`~steindiff.schedules.FlowSchedule`.
 - :func:`flow_pipeline_model`: a flow pipeline's transformer as a VE denoiser (:class:`~steindiff.models.FlowDenoiser`,
   velocity prediction), under classifier-free guidance (SD3) or with FLUX's embedded guidance, as the pipeline
-  calls it: the :class:`~steindiff.integrations.diffusers.PipelineModel` that :func:`calibrate_flow_pipeline` fits.
+  calls it: the :class:`~steindiff.integrations.diffusers.PipelineModel` that
+  :func:`~steindiff.integrations.diffusers_scheduler.calibrate_scheduler` fits.
 - :func:`pipeline_mu`: the resolution shift ``mu`` a pipeline passes to its scheduler for an image size.
 """
 

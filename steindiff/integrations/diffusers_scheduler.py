@@ -297,7 +297,7 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         cfg, name = _config_of(config)
         if name != cls.__name__ and "process" not in kwargs:
             if is_flow_scheduler(config):
-                flow = flow_scheduler_config(cfg)  # refuses what it cannot represent, naming the field
+                flow = flow_scheduler_config(config)  # refuses what it cannot represent, naming the field
                 cfg = {k: v for k, v in cfg.items() if k not in ("prediction_type", "shift")}
                 cfg.update(flow.as_dict(), process="flow", prediction_type="flow_prediction")
             else:
