@@ -237,7 +237,9 @@ class ContinuousVPProcess(NoiseProcess):
         return torch.acos(c.clamp(-1, 1)) * 2 / math.pi * (1 + s) - s
 
 
-#: ``1 - t_max`` of the default :class:`FlowProcess`: its ``t_max`` stands in for ``t = 1`` (no VE noise level).
+#: ``1 - t_max`` of the default :class:`FlowProcess`: its ``t_max`` stands in for ``t = 1`` (no VE noise level),
+#: wherever steindiff starts a flow there (:func:`~steindiff.integrations.diffusers.process_from_scheduler`, the
+#: diffusers scheduler and pipelines, the built-in flow models); ``benchmarks/flow_t1.py`` measures what it costs.
 FLOW_T_DELTA = 1e-6
 
 
@@ -264,7 +266,7 @@ class FlowProcess(NoiseProcess):
 
     name = "flow"
 
-    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-6, schedule: Any = None):
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - FLOW_T_DELTA, schedule: Any = None):
         if not (0 < t_min < t_max < 1):
             raise ValueError(f"need 0 < t_min < t_max < 1 (t = 1 has no VE noise level), got t_min={t_min}, "
                              f"t_max={t_max}")

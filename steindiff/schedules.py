@@ -15,7 +15,7 @@ import torch
 from .noise import DiscreteVPProcess, FlowProcess, NoiseProcess
 
 __all__ = ["SCHEDULES", "get_sigmas", "karras_sigmas", "logsnr_sigmas", "time_sigmas", "validate_sigmas",
-           "flow_time_shift", "flow_shift_mu", "FlowSchedule", "FLOW_GRIDS", "FLOW_SPACINGS"]
+           "flow_time_shift", "flow_shift_mu", "FlowSchedule", "FLOW_GRIDS", "FLOW_SPACINGS", "FLOW_SHIFT_TYPES"]
 
 SCHEDULES = ("karras", "logsnr", "time", "flow")
 
@@ -73,6 +73,10 @@ def time_sigmas(n: int, process: NoiseProcess, final_zero: bool = True) -> torch
     return _append_zero(torch.linspace(process.sigma_max, process.sigma_min, n, dtype=torch.float64), final_zero)
 
 
+#: diffusers' ``time_shift_type``: how a dynamic (resolution) shift ``mu`` acts (:func:`flow_time_shift`).
+FLOW_SHIFT_TYPES = ("exponential", "linear")
+
+
 def flow_time_shift(t: torch.Tensor | float, shift: float = 1.0, *, mu: float | None = None,
                     kind: str = "exponential") -> torch.Tensor:
     """The time shift of flow-matching samplers (Esser et al. 2024, Eq. 23): with a static ``shift``
@@ -88,7 +92,7 @@ def flow_time_shift(t: torch.Tensor | float, shift: float = 1.0, *, mu: float | 
         return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     if kind == "linear":
         return mu / (mu + (1 / t - 1))
-    raise ValueError(f"unknown time shift kind {kind!r}; choose exponential or linear")
+    raise ValueError(f"unknown time shift kind {kind!r}; choose {' or '.join(FLOW_SHIFT_TYPES)}")
 
 
 def flow_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
@@ -135,9 +139,9 @@ class FlowSchedule:
     def __post_init__(self) -> None:
         if not (isinstance(self.shift, (int, float)) and self.shift > 0):
             raise ValueError(f"shift must be a number > 0, got {self.shift!r}")
-        if self.shift_type not in ("exponential", "linear"):
-            raise ValueError(f"unknown time_shift_type {self.shift_type!r}: diffusers knows 'exponential' and "
-                             "'linear'")
+        if self.shift_type not in FLOW_SHIFT_TYPES:
+            raise ValueError(f"unknown time_shift_type {self.shift_type!r}: diffusers knows "
+                             f"{' and '.join(map(repr, FLOW_SHIFT_TYPES))}")
         if self.grid not in FLOW_GRIDS:
             raise ValueError(f"unknown flow grid {self.grid!r}; choose one of {', '.join(FLOW_GRIDS)}")
         if self.spacing is not None and self.spacing not in FLOW_SPACINGS:
@@ -154,20 +158,33 @@ class FlowSchedule:
         if self.dynamic and self.shift_type == "linear" and self.mu is not None and not self.mu > 0:
             raise ValueError(f"a linear time shift needs mu > 0, got {self.mu}")
 
-    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
+    def shifted(self, u: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """The schedule's time shift of flow times ``u`` (float64), as ``set_timesteps`` applies it to its grid, or to
+        the ``sigmas`` a pipeline passes (:func:`flow_time_shift`)."""
+        return self._shift(u, inverse=False)
+
+    def unshifted(self, t: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """The inverse of :meth:`shifted`: every shift maps ``1/t - 1`` to ``(1/t - 1) / a`` (``a``: ``shift``,
+        ``e^mu`` or ``mu``), undone by the inverse factor (``1/shift``, ``-mu`` exponential, ``1/mu`` linear)."""
+        return self._shift(t, inverse=True)
+
+    def _shift(self, u: torch.Tensor | Sequence[float], inverse: bool) -> torch.Tensor:
+        u = torch.as_tensor(u, dtype=torch.float64)
         if self.grid == "dpm":  # DPM-Solver: a static shift, e^mu when mu is passed (exponential only)
             if self.mu is not None and self.shift_type != "exponential":
                 raise ValueError("DPMSolverMultistepScheduler's mu needs time_shift_type='exponential', got "
                                  f"{self.shift_type!r}")
-            return flow_time_shift(u, math.exp(self.mu) if self.mu is not None else self.shift)
+            a = math.exp(self.mu) if self.mu is not None else self.shift
+            return flow_time_shift(u, 1 / a if inverse else a)
         if self.dynamic:
             if self.mu is None:
-                raise ValueError("this flow schedule uses dynamic shifting (use_dynamic_shifting=True): its noise "
-                                 "levels need the resolution shift mu, which the pipeline passes to set_timesteps; "
-                                 "pass mu=..., or image_seq_len=... to compute it from the image size "
-                                 "(steindiff.schedules.flow_shift_mu)")
-            return flow_time_shift(u, mu=self.mu, kind=self.shift_type)
-        return flow_time_shift(u, self.shift)
+                raise ValueError("mu must be given when the scheduler config sets use_dynamic_shifting=True: the "
+                                 "noise levels then depend on the image size (the pipeline passes mu to set_timesteps; "
+                                 "pass mu=..., or image_seq_len=... to compute it from the image size, "
+                                 "steindiff.schedules.flow_shift_mu)")
+            mu = self.mu if not inverse else (-self.mu if self.shift_type == "exponential" else 1 / self.mu)
+            return flow_time_shift(u, mu=mu, kind=self.shift_type)
+        return flow_time_shift(u, 1 / self.shift if inverse else self.shift)
 
     def times(self, n: int) -> torch.Tensor:
         """The ``n`` flow times of ``n`` steps (decreasing, float64; the final ``t = 0`` not included)."""
@@ -181,7 +198,7 @@ class FlowSchedule:
             u = (1 - torch.linspace(1.0, 1 / N, n + 1, dtype=torch.float64)).flip(0)[:-1]
         else:
             u = torch.linspace(1.0, 1 / N, n + 1, dtype=torch.float64)[:-1]
-        t = self._shifted(u)
+        t = self.shifted(u)
         if self.shift_terminal is not None:  # stretched so that the last level is shift_terminal
             if n < 2:
                 raise ValueError("shift_terminal stretches the levels between t = 1 and the last one: it needs at "

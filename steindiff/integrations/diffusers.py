@@ -26,9 +26,10 @@ reproduces, are refused with a ValueError naming the field.  :func:`sample_pipel
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -48,7 +49,7 @@ from ..noise import (
 )
 from ..plan import SamplingPlan, make_plan
 from ..sampling import sample
-from ..schedules import FlowSchedule, flow_shift_mu
+from ..schedules import FLOW_SHIFT_TYPES, FlowSchedule, flow_shift_mu
 from ..stabilizers import Stabilizer, registry
 from ._calibration import Calibration, as_plan, canonical_solver, check_plan, refuse_with_stabilizer
 
@@ -89,9 +90,22 @@ def _refuse(cls: str, field: str, value: Any, why: str) -> None:
     raise ValueError(f"{cls or 'flow scheduler config'}: {field}={value!r} is not supported: {why}")
 
 
-def _flow_process(cfg: dict, cls: str, mu: float | None, image_seq_len: int | None,
-                  t_max: float | None) -> FlowProcess:
-    """:func:`process_from_scheduler` of a flow-matching scheduler (see there)."""
+#: Settings of a flow-matching scheduler config that no steindiff schedule reproduces: refused, naming the field,
+#: when set.  With ``use_flow_sigmas`` the multistep schedulers' spacings (:data:`FLOW_SIGMAS_REFUSED`) too.
+FLOW_REFUSED = {
+    "stochastic_sampling": "it re-noises each step (an SDE sampler), not a probability-flow ODE solve",
+    "invert_sigmas": "it runs the schedule backwards (Mochi), not a probability-flow ODE solve",
+    "thresholding": "dynamic thresholding changes the model's prediction",
+}
+FLOW_SIGMAS_REFUSED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+#: The fields (and diffusers' defaults) that give a dynamic shift's ``mu`` for an image size (``calculate_shift``).
+FLOW_RESOLUTION_FIELDS = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def _flow_schedule(cfg: Mapping, cls: str) -> tuple[FlowSchedule, dict]:
+    """The reading of a flow-matching scheduler config, for every part of steindiff that reads one: its
+    :class:`~steindiff.schedules.FlowSchedule` (``mu`` not set) and its :data:`FLOW_RESOLUTION_FIELDS`.  Refuses
+    (ValueError naming the field) what no steindiff schedule reproduces (see :func:`process_from_scheduler`)."""
     name = cls or "flow scheduler config"
     if "FlowMatch" in cls and cls not in FLOW_SCHEDULERS:
         raise ValueError(f"flow-matching scheduler {cls} is not supported: steindiff reads the configs of "
@@ -106,59 +120,71 @@ def _flow_process(cfg: dict, cls: str, mu: float | None, image_seq_len: int | No
     if multistep and not cfg.get("use_flow_sigmas"):
         _refuse(name, "use_flow_sigmas", cfg.get("use_flow_sigmas"), "a flow model (prediction_type="
                 "'flow_prediction') needs the flow sigmas of use_flow_sigmas=True")
-    pred = cfg.get("prediction_type", "flow_prediction")
-    if multistep and pred != "flow_prediction":
-        _refuse(name, "prediction_type", pred, "a flow-sigma schedule is read for a velocity model "
+    pred = cfg.get("prediction_type", "flow_prediction" if multistep else None)
+    if pred not in ((None, "flow_prediction") if not multistep else ("flow_prediction",)):
+        _refuse(name, "prediction_type", pred, "a flow scheduler's model predicts the velocity "
                 "(prediction_type='flow_prediction')")
-    n = int(cfg.get("num_train_timesteps", 1000))
-    grid = "euler"
+    for setting, why in FLOW_REFUSED.items():
+        if cfg.get(setting):
+            _refuse(name, setting, cfg[setting], why)
+    grid, spacing = "euler", [k for k in ("karras", "exponential", "beta") if cfg.get(f"use_{k}_sigmas")]
     if multistep:
         grid = "dpm" if "DPM" in cls or "algorithm_type" in cfg else "unipc"
-        for field in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
-            if cfg.get(field):
-                _refuse(name, field, cfg[field], "with use_flow_sigmas the multistep schedulers build these levels "
+        for setting in FLOW_SIGMAS_REFUSED:
+            if cfg.get(setting):
+                _refuse(name, setting, cfg[setting], "with use_flow_sigmas the multistep schedulers build these levels "
                         "from their VP beta table, which a flow model was not trained on")
         if cfg.get("final_sigmas_type", "zero") != "zero":
             _refuse(name, "final_sigmas_type", cfg["final_sigmas_type"], "the flow schedule ends at t = 0 "
                     "('zero'); 'sigma_min' repeats or replaces its last level")
-        if cfg.get("thresholding"):
-            _refuse(name, "thresholding", True, "dynamic thresholding changes the model's prediction")
         if grid == "dpm" and cfg.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
             _refuse(name, "algorithm_type", cfg["algorithm_type"], "steindiff's dpmpp_2m/3m are the deterministic "
                     "data-prediction DPM-Solver++ ('dpmsolver++')")
-        shift = float(cfg.get("flow_shift", 1.0) or 1.0)
-    else:
-        shift = float(cfg.get("shift", 1.0) if cfg.get("shift") is not None else 1.0)
-        for field in ("stochastic_sampling", "invert_sigmas"):
-            if cfg.get(field):
-                _refuse(name, field, cfg[field], "stochastic_sampling re-noises each step (an SDE sampler), "
-                        "invert_sigmas runs the schedule backwards (Mochi): neither is a probability-flow ODE solve")
-    spacing = [k for k in ("karras", "exponential", "beta") if not multistep and cfg.get(f"use_{k}_sigmas")]
     if len(spacing) > 1:
         raise ValueError(f"{name}: only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be "
                          "set (diffusers refuses it too)")
     dynamic = bool(cfg.get("use_dynamic_shifting"))
     kind = cfg.get("time_shift_type", "exponential")
-    if kind not in ("exponential", "linear"):
-        _refuse(name, "time_shift_type", kind, "diffusers' time shifts are 'exponential' and 'linear'")
+    if kind not in FLOW_SHIFT_TYPES:
+        _refuse(name, "time_shift_type", kind,
+                f"diffusers' time shifts are {' and '.join(map(repr, FLOW_SHIFT_TYPES))}")
+    key = "flow_shift" if multistep else "shift"
+    shift = cfg.get(key, 1.0)
+    if shift is None and dynamic:  # unused: mu shifts instead
+        shift = 1.0
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not shift > 0:
+        _refuse(name, key, shift, "the shift must be a number > 0")
+    n = cfg.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or n != int(n) or n < 2:
+        _refuse(name, "num_train_timesteps", n, "the training table needs a whole number of timesteps, at least 2")
+    term = cfg.get("shift_terminal")
+    schedule = FlowSchedule(shift=float(shift), dynamic=dynamic, shift_type=kind,
+                            shift_terminal=float(term) if term else None, grid=grid,
+                            spacing=spacing[0] if not multistep and spacing else None,
+                            num_train_timesteps=int(n))
+    resolution = {k: type(v)(cfg[k]) if cfg.get(k) is not None else v for k, v in FLOW_RESOLUTION_FIELDS.items()}
+    return schedule, resolution
+
+
+def _flow_process(cfg: dict, cls: str, mu: float | None, image_seq_len: int | None,
+                  t_max: float | None) -> FlowProcess:
+    """:func:`process_from_scheduler` of a flow-matching scheduler (see there)."""
+    schedule, resolution = _flow_schedule(cfg, cls)
+    name = cls or "flow scheduler config"
     if mu is not None and image_seq_len is not None:
         raise ValueError("pass mu or image_seq_len, not both")
     if image_seq_len is not None:
-        if not dynamic:
+        if not schedule.dynamic:
             raise ValueError(f"image_seq_len={image_seq_len} was given but {name} does not set use_dynamic_shifting: "
                              "its shift does not depend on the image size")
-        keys = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
-        mu = flow_shift_mu(int(image_seq_len), **{k: (cfg.get(k) if cfg.get(k) is not None else v)
-                                                  for k, v in keys.items()})
-    if mu is not None and not dynamic:
+        mu = flow_shift_mu(int(image_seq_len), **resolution)
+    if mu is not None and not schedule.dynamic:
         raise ValueError(f"mu={mu} was given but {name} does not set use_dynamic_shifting: its shift is the static "
-                         f"{'flow_shift' if multistep else 'shift'}={shift:g}")
-    term = cfg.get("shift_terminal")
-    schedule = FlowSchedule(shift=shift, dynamic=dynamic, mu=None if mu is None else float(mu), shift_type=kind,
-                            shift_terminal=float(term) if term else None, grid=grid,
-                            spacing=spacing[0] if spacing else None, num_train_timesteps=n)
+                         f"{'shift' if schedule.grid == 'euler' else 'flow_shift'}={schedule.shift:g}")
+    if mu is not None:
+        schedule = replace(schedule, mu=float(mu))
     delta = FLOW_T_DELTA if t_max is None else 1.0 - float(t_max)
-    return FlowProcess(1.0 / n, 1.0 - delta, schedule)
+    return FlowProcess(1.0 / schedule.num_train_timesteps, 1.0 - delta, schedule)
 
 
 def process_from_scheduler(scheduler_or_config: Any, *, mu: float | None = None, image_seq_len: int | None = None,

@@ -1,64 +1,57 @@
 """Flow-matching diffusers pipelines (Stable Diffusion 3, FLUX): their scheduler configs and transformers.
 
-- :func:`flow_scheduler_config` reads a flow-matching scheduler config (``FlowMatchEulerDiscreteScheduler`` and
-  the multistep schedulers with ``use_flow_sigmas``) as a :class:`FlowSchedulerConfig`: the time shift (static
-  ``shift``, or dynamic shifting by ``mu``) and diffusers' default flow schedule, exactly as
-  ``FlowMatchEulerDiscreteScheduler.set_timesteps`` computes them (in float64).  A field we cannot represent
-  exactly (``invert_sigmas``, ``shift_terminal``, ``use_karras_sigmas``, ..., an unknown ``time_shift_type``)
-  is refused, naming it.
+- :func:`flow_scheduler_config`: a flow-matching scheduler config (``FlowMatchEulerDiscreteScheduler`` and the
+  multistep schedulers with ``use_flow_sigmas``) as a :class:`FlowSchedulerConfig`, its time shift (static
+  ``shift``, or dynamic shifting by ``mu``) in diffusers' field names: what
+  :class:`~steindiff.integrations.diffusers_scheduler.SteinDiffScheduler`, the pipeline helpers below and the
+  diffusers export use.  The config is read, and refused naming the field, by the one reader of flow configs that
+  :func:`~steindiff.integrations.diffusers.process_from_scheduler` uses; its levels are those of
+  :class:`~steindiff.schedules.FlowSchedule`.
 - :func:`flow_pipeline_model`: a flow pipeline's transformer as a VE denoiser (:class:`~steindiff.models.FlowDenoiser`,
   velocity prediction), under classifier-free guidance (SD3) or with FLUX's embedded guidance, as the pipeline
-  calls it: the :class:`~steindiff.integrations.diffusers.PipelineModel` that :func:`calibrate_flow_pipeline` fits.
+  calls it: the :class:`~steindiff.integrations.diffusers.PipelineModel` that
+  :func:`~steindiff.integrations.diffusers_scheduler.calibrate_scheduler` fits.
 - :func:`pipeline_mu`: the resolution shift ``mu`` a pipeline passes to its scheduler for an image size.
-
-This reading of flow configs is this module's own; ``process_from_scheduler`` still refuses flow schedulers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..models.denoisers import FlowDenoiser
-from ..noise import FlowProcess
-from ..schedules import flow_time_shift
-from .diffusers import UNCOND_PREFIX, CFGDenoiser, PipelineModel, _batch_to, _config_of, pipeline_model
+from ..noise import FLOW_T_DELTA, FlowProcess
+from ..schedules import FlowSchedule, flow_shift_mu
+from .diffusers import (
+    UNCOND_PREFIX,
+    CFGDenoiser,
+    PipelineModel,
+    _batch_to,
+    _config_of,
+    _flow_schedule,
+    _refuse,
+    is_flow_scheduler,
+    pipeline_model,
+)
 
-__all__ = ["FlowSchedulerConfig", "flow_scheduler_config", "is_flow_config", "flow_pipeline_model", "pipeline_mu",
-           "pipeline_schedule_kwargs", "FlowPipelineModel", "FLOW_T_MAX", "UNSUPPORTED_FLOW_FIELDS", "encode_prompts",
-           "any_pipeline_model", "image_size"]
-
-#: The flow time taken for diffusers' first level ``t = 1``, which has no VE noise level (``sigma = inf``):
-#: ``sigma_max = t / (1 - t) = 1e4``.  The network sees ``t = 0.9999`` there instead of 1.
-FLOW_T_MAX = 1.0 - 1e-4
-
-#: Flow scheduler fields that change the schedule in ways this reading does not represent, with their neutral value.
-UNSUPPORTED_FLOW_FIELDS = {"invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
-                           "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False,
-                           "use_lu_lambdas": False, "use_exponential_sigmas_flow": False, "thresholding": False}
-TIME_SHIFT_TYPES = ("exponential", "linear")
-FLOW_PREDICTIONS = (None, "flow_prediction", "velocity")
-
-
-def is_flow_config(cfg: Mapping, cls: str = "") -> bool:
-    """Whether a scheduler config describes a flow-matching scheduler (``FlowMatch*``, ``use_flow_sigmas``, or a
-    ``shift`` without a beta schedule): the same test ``process_from_scheduler`` refuses them by."""
-    return bool("FlowMatch" in cls or cfg.get("use_flow_sigmas") or ("shift" in cfg and "beta_schedule" not in cfg)
-                or cfg.get("prediction_type") == "flow_prediction")
+__all__ = ["FlowSchedulerConfig", "flow_scheduler_config", "flow_pipeline_model", "pipeline_mu",
+           "pipeline_schedule_kwargs", "FlowPipelineModel", "encode_prompts", "any_pipeline_model", "image_size"]
 
 
 @dataclass(frozen=True)
 class FlowSchedulerConfig:
-    """What a flow-matching scheduler config says about sampling: the time shift and the training table's size.
+    """What a flow-matching scheduler config says about sampling, in its own field names: the time shift and the
+    training table's size.
 
     ``shift``: the static shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, Eq. 23); with
     ``use_dynamic_shifting`` the shift comes from ``mu`` instead (FLUX), ``exponential`` or ``linear``
     (``time_shift_type``).  ``base_shift``, ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len`` give
-    ``mu`` for an image sequence length (:meth:`mu`).
+    ``mu`` for an image sequence length (:meth:`mu`).  :meth:`schedule` is the
+    :class:`~steindiff.schedules.FlowSchedule` of a ``set_timesteps(..., mu=mu)`` call.
     """
 
     num_train_timesteps: int = 1000
@@ -71,46 +64,18 @@ class FlowSchedulerConfig:
     time_shift_type: str = "exponential"
 
     def mu(self, image_seq_len: int, *, max_shift: float | None = None) -> float:
-        """diffusers' ``calculate_shift``: ``mu`` linear in the image sequence length, ``base_shift`` at
-        ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len``."""
-        top = self.max_shift if max_shift is None else max_shift
-        m = (top - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
-        return float(image_seq_len * m + self.base_shift - m * self.base_image_seq_len)
+        """diffusers' ``calculate_shift`` (:func:`~steindiff.schedules.flow_shift_mu`) with this config's fields
+        (``max_shift``: the pipeline's own, where it passes one)."""
+        return flow_shift_mu(image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift,
+                             self.max_shift if max_shift is None else max_shift)
 
-    def shifted(self, t: torch.Tensor | Sequence[float], mu: float | None = None) -> torch.Tensor:
-        """The time shift of ``set_timesteps`` (float64): dynamic with ``mu`` when ``use_dynamic_shifting``
-        (``mu`` then required), else the static ``shift`` (``mu`` ignored, as diffusers ignores it)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        if self.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("mu must be given when the scheduler config sets use_dynamic_shifting=True: the time "
-                                 "shift then depends on the image size (the pipeline passes mu; diffusers raises the "
-                                 "same error)")
-            return flow_time_shift(t, mu=float(mu), kind=self.time_shift_type)
-        return flow_time_shift(t, self.shift)
-
-    def unshifted(self, t: torch.Tensor | Sequence[float], mu: float | None = None) -> torch.Tensor:
-        """The inverse of :meth:`shifted`: the shift is a Moebius map of ``1/t - 1`` by a factor, undone by the
-        inverse factor (``1/shift``; ``-mu`` exponential, ``1/mu`` linear)."""
-        t = torch.as_tensor(t, dtype=torch.float64)
-        if self.use_dynamic_shifting:
-            if mu is None:
-                raise ValueError("mu must be given when the scheduler config sets use_dynamic_shifting=True")
-            inv = -float(mu) if self.time_shift_type == "exponential" else 1.0 / float(mu)
-            return flow_time_shift(t, mu=inv, kind=self.time_shift_type)
-        return flow_time_shift(t, 1.0 / self.shift)
-
-    def default_times(self, n: int, mu: float | None = None) -> torch.Tensor:
-        """The ``n`` flow times of ``FlowMatchEulerDiscreteScheduler.set_timesteps(n, mu=mu)`` (before the final
-        0): uniform in ``t`` from the table's first level to its last (``1/num_train_timesteps``, shifted once when
-        the shift is static), then shifted."""
-        if n < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {n}")
-        t_first = 1.0  # shift(1) = 1 for every shift
-        t_last = 1.0 / self.num_train_timesteps
-        if not self.use_dynamic_shifting:
-            t_last = float(flow_time_shift(torch.tensor(t_last, dtype=torch.float64), self.shift))
-        return self.shifted(torch.linspace(t_first, t_last, n, dtype=torch.float64), mu)
+    def schedule(self, mu: float | None = None) -> FlowSchedule:
+        """FlowMatchEuler's levels of ``set_timesteps(n, mu=mu)`` (``times(n)``) and the shift it applies to the
+        sigmas a pipeline passes (``shifted``): ``mu`` is required with dynamic shifting, ignored without (as
+        diffusers ignores it)."""
+        return FlowSchedule(shift=self.shift, dynamic=self.use_dynamic_shifting,
+                            mu=float(mu) if self.use_dynamic_shifting and mu is not None else None,
+                            shift_type=self.time_shift_type, num_train_timesteps=self.num_train_timesteps)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -119,40 +84,28 @@ class FlowSchedulerConfig:
 def flow_scheduler_config(scheduler_or_config: Any) -> FlowSchedulerConfig:
     """A flow-matching scheduler (or its config) as a :class:`FlowSchedulerConfig`.
 
-    Reads ``FlowMatchEulerDiscreteScheduler``/``FlowMatchHeunDiscreteScheduler`` fields (``shift``,
-    ``use_dynamic_shifting``, ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len``,
-    ``time_shift_type``) and the multistep schedulers' ``use_flow_sigmas`` with ``flow_shift``.  Raises
-    ValueError naming the field for a config that is not a flow config, a ``prediction_type`` other than flow
-    prediction, an unknown ``time_shift_type`` and a non-neutral field of :data:`UNSUPPORTED_FLOW_FIELDS`.
+    Read as :func:`~steindiff.integrations.diffusers.process_from_scheduler` reads it (``shift``, or
+    ``flow_shift`` with ``use_flow_sigmas``; ``use_dynamic_shifting``, ``time_shift_type`` and the resolution
+    fields): ValueError naming the field for what that refuses, for a config that is not a flow config, and for
+    FlowMatchEuler's ``shift_terminal`` and Karras, exponential or beta spacings, which this record does not hold
+    (``process_from_scheduler`` reproduces them).
     """
+    if not is_flow_scheduler(scheduler_or_config):
+        name = _config_of(scheduler_or_config)[1] or "(config)"
+        raise ValueError(f"scheduler {name} is not a flow-matching scheduler (no FlowMatch class, use_flow_sigmas, "
+                         "flow_prediction or shift without a beta schedule)")
     cfg, cls = _config_of(scheduler_or_config)
-    name = cls or "(config)"
-    if not is_flow_config(cfg, cls):
-        raise ValueError(f"scheduler {name} is not a flow-matching scheduler (no FlowMatch class, use_flow_sigmas or "
-                         "shift without a beta schedule)")
-    for key, neutral in UNSUPPORTED_FLOW_FIELDS.items():
-        if key in cfg and cfg[key] not in (neutral, None) and not (neutral is None and cfg[key] in (0, 0.0)):
-            raise ValueError(f"scheduler {name} sets {key}={cfg[key]!r}, which steindiff cannot represent exactly "
-                             f"(supported: {key}={neutral!r})")
-    pred = cfg.get("prediction_type")
-    if pred not in FLOW_PREDICTIONS:
-        raise ValueError(f"scheduler {name} has prediction_type={pred!r}; a flow scheduler's model predicts the "
-                         "velocity (flow_prediction)")
-    kind = cfg.get("time_shift_type", "exponential")
-    if kind not in TIME_SHIFT_TYPES:
-        raise ValueError(f"scheduler {name} has time_shift_type={kind!r}; supported: {', '.join(TIME_SHIFT_TYPES)}")
-    shift = cfg.get("flow_shift", 1.0) if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
-    if shift is None or not float(shift) > 0:
-        raise ValueError(f"scheduler {name} has shift={shift!r}; it must be > 0")
-    n = int(cfg.get("num_train_timesteps", 1000))
-    if n < 2:
-        raise ValueError(f"scheduler {name} has num_train_timesteps={n}; need at least 2")
-    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-    return FlowSchedulerConfig(
-        num_train_timesteps=n, shift=float(shift), use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
-        base_shift=0.5 if base_shift is None else float(base_shift), max_shift=1.15 if max_shift is None else
-        float(max_shift), base_image_seq_len=int(cfg.get("base_image_seq_len", 256)),
-        max_image_seq_len=int(cfg.get("max_image_seq_len", 4096)), time_shift_type=str(kind))
+    if cfg.get("process") == "flow":  # a SteinDiffScheduler's config: its flow fields are FlowMatchEuler's
+        cls = "FlowMatchEulerDiscreteScheduler"
+    schedule, resolution = _flow_schedule(cfg, cls)
+    why = ("a FlowSchedulerConfig (SteinDiffScheduler, the flow pipeline helpers, the diffusers export) holds the "
+           "time shift only; steindiff.integrations.diffusers.process_from_scheduler reproduces it")
+    if schedule.shift_terminal is not None:
+        _refuse(cls, "shift_terminal", cfg["shift_terminal"], why)
+    if schedule.spacing is not None:
+        _refuse(cls, f"use_{schedule.spacing}_sigmas", cfg[f"use_{schedule.spacing}_sigmas"], why)
+    return FlowSchedulerConfig(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift,
+                               use_dynamic_shifting=schedule.dynamic, time_shift_type=schedule.shift_type, **resolution)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -233,7 +186,7 @@ def flow_pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor, pooled_prompt
                         negative_prompt_embeds: torch.Tensor | None = None,
                         negative_pooled_prompt_embeds: torch.Tensor | None = None, guidance_scale: float = 1.0,
                         height: int | None = None, width: int | None = None, text_ids: torch.Tensor | None = None,
-                        t_max: float = FLOW_T_MAX) -> FlowPipelineModel:
+                        t_max: float = 1.0 - FLOW_T_DELTA) -> FlowPipelineModel:
     """The model a flow pipeline samples (Stable Diffusion 3: ``transformer(hidden_states, timestep=1000 t,
     encoder_hidden_states, pooled_projections)``; FLUX: packed latents, ``timestep=t``, ``txt_ids``/``img_ids`` and,
     when the transformer embeds it, ``guidance``), as a VE denoiser with its conditioning.
@@ -242,7 +195,8 @@ def flow_pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor, pooled_prompt
     the velocity, which the denoised estimate is affine in).  FLUX: ``guidance_scale`` is the embedded guidance
     (no second pass), as ``FluxPipeline`` uses it.  ``height``/``width``: the image size in pixels (default: the
     transformer's ``sample_size`` times the VAE's factor).  The process is a :class:`~steindiff.noise.FlowProcess`
-    from ``1/num_train_timesteps`` to ``t_max`` (:data:`FLOW_T_MAX`: diffusers' ``t = 1`` has no VE level).
+    from ``1/num_train_timesteps`` to ``t_max`` (diffusers' ``t = 1`` has no VE level: ``1 - FLOW_T_DELTA``,
+    :data:`steindiff.noise.FLOW_T_DELTA`, as everywhere in steindiff).
     """
     transformer = getattr(pipe, "transformer", None)
     if transformer is None or getattr(pipe, "scheduler", None) is None:
@@ -325,7 +279,7 @@ def encode_prompts(pipe: Any, prompts: Sequence[str], *, negative_prompt: str = 
 
 
 def any_pipeline_model(pipe: Any, *, guidance_scale: float = 1.0, height: int | None = None, width: int | None = None,
-                       t_max: float = FLOW_T_MAX, **embeds: Any) -> PipelineModel:
+                       t_max: float = 1.0 - FLOW_T_DELTA, **embeds: Any) -> PipelineModel:
     """The model a pipeline samples, for a UNet pipeline (:func:`~steindiff.integrations.diffusers.pipeline_model`,
     fractional timesteps) or a flow one (:func:`flow_pipeline_model`), with the embeddings of
     :func:`encode_prompts`; ``height``/``width`` in pixels set the latent size."""

@@ -39,7 +39,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..models.denoisers import FlowDenoiser
-from ..noise import FlowProcess, NoiseProcess
+from ..noise import FLOW_T_DELTA, FlowProcess, NoiseProcess
 from ..plan import SamplingPlan
 from ..sampling import steps as solve_steps
 from ..schedules import SCHEDULES, get_sigmas, validate_sigmas
@@ -53,16 +53,15 @@ from .diffusers import (
     _recorded_conditioning,
     _stderr_notice,
     denoiser_from_diffusers,
+    is_flow_scheduler,
     process_from_scheduler,
 )
 from .diffusers_flow import (
-    FLOW_T_MAX,
     FlowSchedulerConfig,
     any_pipeline_model,
     encode_prompts,
     flow_scheduler_config,
     image_size,
-    is_flow_config,
     pipeline_schedule_kwargs,
 )
 
@@ -186,7 +185,8 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
     and ``prediction_type``, the flow shift (``shift``, ``use_dynamic_shifting``, ``base_shift``, ``max_shift``,
     ``base_image_seq_len``, ``max_image_seq_len``, ``time_shift_type``).  ``timestep_type``: ``interp``
     (fractional timesteps, the default) or ``round`` (VP).  ``flow_t_max``: the flow time taken for diffusers'
-    first level ``t = 1``, which has no VE noise level.  ``state_dtype``: the solver state's dtype (``float64``;
+    first level ``t = 1``, which has no VE noise level (default ``1 - FLOW_T_DELTA``, as everywhere in steindiff:
+    :data:`steindiff.noise.FLOW_T_DELTA`).  ``state_dtype``: the solver state's dtype (``float64``;
     ``float32`` where the device has no float64).
 
     Latents: ``init_noise_sigma`` is 1 and ``scale_model_input`` returns its input: the pipeline's latents are
@@ -223,7 +223,7 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
-        flow_t_max: float = FLOW_T_MAX,
+        flow_t_max: float = 1.0 - FLOW_T_DELTA,
         state_dtype: str = "float64",
     ):
         if process not in ("vp", "flow"):
@@ -296,8 +296,8 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("from_config needs the pipeline's scheduler config")
         cfg, name = _config_of(config)
         if name != cls.__name__ and "process" not in kwargs:
-            if is_flow_config(cfg, name):
-                flow = flow_scheduler_config(cfg)  # refuses what it cannot represent, naming the field
+            if is_flow_scheduler(config):
+                flow = flow_scheduler_config(config)  # refuses what it cannot represent, naming the field
                 cfg = {k: v for k, v in cfg.items() if k not in ("prediction_type", "shift")}
                 cfg.update(flow.as_dict(), process="flow", prediction_type="flow_prediction")
             else:
@@ -396,11 +396,11 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         default levels, shifted; times above ``flow_t_max`` (diffusers' ``t = 1``) are taken at ``flow_t_max``."""
         flow = self.flow
         if sigmas is not None:
-            t = flow.shifted(torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1), mu)
+            t = flow.schedule(mu).shifted(torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1))
         elif timesteps is not None:
             t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1) / flow.num_train_timesteps
         else:
-            t = flow.default_times(int(n), mu)
+            t = flow.schedule(mu).times(int(n))
         if not bool(((t > 0) & (t <= 1)).all()):
             raise ValueError(f"flow times must be in (0, 1], got {_fmt(t)}")
         return t.clamp(max=self.process.t_max)
@@ -668,7 +668,7 @@ def conditioning_free_model(pipe: Any, rec: Mapping) -> Any:
               "negative_pooled_prompt_embeds": z[0]}
     if getattr(pipe, "transformer", None) is None:
         embeds = {k: embeds[k] for k in ("prompt_embeds", "negative_prompt_embeds")}
-    t_max = FLOW_T_MAX
+    t_max = 1.0 - FLOW_T_DELTA
     if getattr(pipe, "transformer", None) is not None and made.get("process", "").startswith("FlowProcess"):
         t_max = float(re.search(r"t_max=([-+0-9.eE]+)", made["process"]).group(1))
     return any_pipeline_model(pipe, guidance_scale=g, height=made.get("height"), width=made.get("width"), t_max=t_max,

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 from ..noise import FlowProcess
 from ._calibration import as_plan
-from .diffusers_flow import flow_scheduler_config, is_flow_config
+from .diffusers import is_flow_scheduler
+from .diffusers_flow import flow_scheduler_config
 
 __all__ = ["FORMATS", "Export", "export_calibration"]
 
@@ -51,8 +52,7 @@ class Export:
 def _kind(meta: Mapping, scheduler_config: Mapping | None) -> str | None:
     """``flow``, ``vp`` or ``None`` (unknown: not made by calibrate-pipeline and no scheduler config given)."""
     if scheduler_config is not None:
-        cls = str(scheduler_config.get("_class_name", ""))
-        return "flow" if is_flow_config(scheduler_config, cls) or scheduler_config.get("process") == "flow" else "vp"
+        return "flow" if is_flow_scheduler(scheduler_config) or scheduler_config.get("process") == "flow" else "vp"
     made = meta.get("pipeline")
     if isinstance(made, Mapping) and made.get("process"):
         return "flow" if str(made["process"]).startswith("FlowProcess") else "vp"
@@ -130,7 +130,7 @@ def export_calibration(calibration: Any, fmt: str, *, scheduler_config: Mapping 
             raise ValueError("the scheduler config sets use_dynamic_shifting=True: the export needs mu (the resolution "
                              "shift the calibration was made for)")
     t = FlowProcess.sigma_to_t(sigmas[:-1])
-    given = flow.unshifted(t, mu)
+    given = flow.schedule(mu).unshifted(t)
     where = f" at {made['height']}x{made['width']} pixels" if made.get("height") else ""
     mu_text = f", mu={float(mu):.6g}" if flow.use_dynamic_shifting else ""
     usage = (f"diffusers: FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=SIGMAS{mu_text}), i.e. "
