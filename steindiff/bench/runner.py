@@ -228,9 +228,10 @@ def merge_results(shards: Sequence[dict]) -> dict:
         for k, v in sh["config"].items():
             if isinstance(v, list) and isinstance(config.get(k), list):
                 config[k] = config[k] + [x for x in v if x not in config[k]]
-            elif k == "calibration" and isinstance(v, dict):
+            elif k == "calibration" and isinstance(v, dict):  # shards without a calibrated cell have none
+                config[k] = merged = dict(config.get(k) or {})
                 for m, opts in v.items():
-                    if config[k].setdefault(m, opts) != opts:
+                    if merged.setdefault(m, opts) != opts:
                         raise ValueError(f"the shards calibrated {m} with different options")
             elif config.get(k) != v:
                 raise ValueError(f"the shards differ in {k!r}: {config.get(k)!r} and {v!r}")

@@ -245,3 +245,25 @@ def test_every_schedule_must_start_at_the_shared_noise_level(monkeypatch):
     monkeypatch.setattr(R, "load_model", lambda name: spec)
     with pytest.raises(ValueError, match="starts at sigma 999, not at the process's sigma_max"):
         R.validate_grid(["dpm-flow"], ["euler"], [3], ["flow"], ["ve"], ["none"], [0], 10)
+
+
+def test_merge_results_unites_shards_with_and_without_calibrated_cells():
+    """Shards of one grid merge whatever their order: a shard with no calibrated cell has no calibration
+    options; shards that calibrated one model differently are refused; the inputs are left as they were."""
+    from steindiff.bench.runner import merge_results
+
+    def shard(solver, cal=None):
+        config = {"models": ["m"], "solvers": [solver], "n": 10}
+        if cal is not None:
+            config["calibration"] = {"m": cal}
+        return {"schema": SCHEMA, "machine": {"wall_s_total": 1.0}, "config": config, "command": solver,
+                "rows": [{"model": "m", "solver": solver, "schedule": "karras", "coords": "ve", "nfe_budget": 4,
+                          "stabilizer": "none", "seed": 0}]}
+
+    plain, cal = shard("euler"), shard("unipc", {"n": 256})
+    merged = merge_results([plain, cal])
+    assert merged["config"]["calibration"] == {"m": {"n": 256}} and merged["config"]["solvers"] == ["euler", "unipc"]
+    assert "calibration" not in plain["config"] and len(merged["rows"]) == 2
+    assert merge_results([cal, plain])["config"]["calibration"] == {"m": {"n": 256}}
+    with pytest.raises(ValueError, match="calibrated m with different options"):
+        merge_results([cal, shard("heun", {"n": 128})])
