@@ -110,3 +110,28 @@ def test_conditioning_rows_follow_the_timed_batch():
     opts = cal.calibration_options(spec, objective="trajectory", n=16, ref_steps=8, max_solves=2)
     estimate_fit(spec, base, opts, extra_args={"label": torch.arange(16)})
     assert seen and all(b == rows for b, rows in seen)
+
+
+def test_a_gradient_fit_is_counted_by_its_adam_steps_within_its_time_budget():
+    """The gradient fit's estimate: the reference solve, then Adam steps whose cost grows with their number and
+    with the mini-batch, one fit per learning rate, capped by the time budget; the derivative-free count is
+    another (it does not depend on the Adam steps)."""
+    from steindiff.fit_estimate import fit_seconds
+
+    spec = load_model("gmm:toy2d")
+    units = {"ref_step_s": 0.01, "solve_s": 0.1, "pass_s": 0.02}
+
+    def est(max_seconds=None, **g):
+        o = cal.calibration_options(spec, objective="trajectory", n=256, ref_steps=50, fit_method="gradient",
+                                    gradient_options=g or None, max_seconds=max_seconds or 1e9)
+        return fit_seconds(o, **units)
+
+    few, many = est(max_iters=10, lr=0.03), est(max_iters=100, lr=0.03)
+    assert many - few == pytest.approx(90 * 2.5 * 0.1 * 64 / 128 * 1.2)  # per Adam step: 2.5 solves of a batch
+    assert est(max_iters=100, lr=[0.03, 0.1]) - est(max_iters=0, lr=[0.03, 0.1]) == pytest.approx(2 * (many - est(
+        max_iters=0, lr=0.03)))  # one fit per learning rate
+    assert est(max_iters=100, batch_size=32, lr=0.03) < many
+    assert est(max_seconds=5.0, max_iters=10_000, lr=0.03) < est(max_seconds=50.0, max_iters=10_000, lr=0.03) < \
+        est(max_iters=10_000, lr=0.03)
+    plain = cal.calibration_options(spec, objective="trajectory", n=256, ref_steps=50, max_seconds=1e9)
+    assert "gradient" not in plain and fit_seconds(plain, **units) != few
