@@ -3,7 +3,7 @@
 # side-by-side cost ratios and small grids on the digits and patches U-Nets.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
 #        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
-#        flow-t1|digits-flow|diagnose|engine|all], or patches
+#        flow-t1|digits-flow|digits-flow-eval|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
@@ -131,13 +131,14 @@ if [[ $what == calibrated || $what == calibrated-digits || $what == calibrated-d
     --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations \
     --calibration-seconds 600
 fi
-if [[ $what == digits-flow || $what == all ]]; then
+if [[ $what == digits-flow || $what == digits-flow-eval || $what == all ]]; then
   # the shipped rectified-flow digits model (steindiff train --objective flow: the digits U-Net, its data and its 1947
   # iterations) beside the EDM one: plain euler and dpmpp_2m on the EDM grid's karras and logsnr levels and on the flow
   # model's own flow schedule, NFE 3-6; the calibrated sampler on the flow schedule (a calibration costs about 10
   # CPU-minutes per cell here), shipped in steindiff/weights/digits_flow/calibrations (fitted with the options of its
   # defaults.json); the fine solve; the comparison with the EDM model's grid (calibrated-digits, digits-fine).
-  find steindiff/weights/digits_flow/calibrations -name "*-nfe*.json" -delete
+  # digits-flow-eval: evaluates the shipped calibrations instead of refitting them
+  [[ $what == digits-flow-eval ]] || find steindiff/weights/digits_flow/calibrations -name "*-nfe*.json" -delete
   tmp=$out/.shards-calibrated-digits-flow; rm -rf "$tmp"; mkdir -p "$tmp"
   common=(--model digits-flow --nfe 3,4,5,6 --coords ve --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --no-progress)
   files=()

@@ -40,7 +40,7 @@ def test_shipped_patches_model_carries_its_split_metrics_and_calibrations():
     assert cfg["weights"]["dtype"] == "float16" and spec.info["calibrations"].endswith("calibrations")
 
 
-@pytest.mark.parametrize("name", ["digits", "patches"])
+@pytest.mark.parametrize("name", ["digits", "digits-flow", "patches"])
 def test_shipped_models_sample_by_default_with_a_shipped_calibration(name):
     """Each shipped model declares the solver, schedule and NFE it samples with unless told
     (``sampling_defaults.json``), and a calibration ships for exactly that, with the options it declares: so
