@@ -65,8 +65,8 @@ def model_sigma_bounds(base: SamplingPlan, window: float = DEFAULT_WINDOW) -> li
 def ld3_plan(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, ref: ReferenceSolve, *,
              sigma_min: float, pairs: int = DEFAULT_PAIRS, radius: float = DEFAULT_RADIUS,
              window: float = DEFAULT_WINDOW, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             lr: float = 0.03, batch_size: int = 10, max_iters: int = 200, max_seconds: float = 600.0,
-             val_every: int = 5, patience: int = 8, seed: int = 0, extra_args: dict | None = None,
+             lr: float = 0.03, batch_size: int = 10, max_iters: int = 300, max_seconds: float = 600.0,
+             val_every: int = 10, patience: int = 8, seed: int = 0, extra_args: dict | None = None,
              progress: bool = False) -> SamplingPlan:
     """LD3's plan for the plain plan ``base`` (its solver, its number of steps), fitted to the teacher ``ref``
     (the fine solve of ``noise``) on the first ``pairs`` of them, the first half fitting and the second
