@@ -1,6 +1,7 @@
 """LD3 (steindiff.peers.ld3): built on the gradient engine, the plan it returns, its parameters and its window,
 its soft teacher forcing, and that its fit moves the few-step solve toward the teacher."""
 
+import json
 import math
 
 import pytest
@@ -90,3 +91,21 @@ def test_ld3_is_a_bench_peer_and_refuses_bad_input(pairs):
         ld3_plan(GMM, base, noise[:10], ref, sigma_min=SIGMA_MIN)
     with pytest.raises(ValueError, match="radius"):
         ld3_plan(GMM, base, noise, ref, sigma_min=SIGMA_MIN, radius=-1)
+
+
+def test_bench_runs_ld3_beside_gits(tmp_path, capsys):
+    from steindiff.cli import main
+
+    j, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert main(["bench", "--model", "gmm:toy2d", "--solvers", "euler", "--nfe", "3", "--schedules", "karras",
+                 "--coords", "ve", "--stabilizers", "none,peer:ld3", "--peers", "gits,ld3", "--seeds", "0", "--n",
+                 "32", "--ref-steps", "20", "--calibration-solves", "5", "--no-progress", "--json-out", str(j),
+                 "--markdown", str(md)]) == 0
+    capsys.readouterr()
+    res = json.loads(j.read_text())
+    rows = {r["stabilizer"]: r for r in res["rows"]}
+    assert set(rows) == {"none", "peer:gits", "peer:ld3"}
+    ld3 = rows["peer:ld3"]
+    assert ld3["status"] == "ok" and ld3["nfe"] == rows["none"]["nfe"]
+    assert ld3["peer"]["name"] == "ld3" and ld3["peer"]["record"]["params"] == ["steps", "model_sigmas"]
+    assert "### peer:ld3 (a peer)" in md.read_text()
