@@ -307,7 +307,10 @@ def summarize(result: dict) -> dict:
             for label, b in per.items():
                 b["gap_closed"] = (bp["mean"] - b["mean"]) / (bp["mean"] - fs["mean"]) if bp["mean"] != fs["mean"] \
                     else None
-            best[str(nfe)] = {"room": room, "fine": fs, "configs": per}
+            ours = [lb for lb in per if lb != "plain" and not lb.startswith(PREFIX)]  # the calibrated sampler's
+            top = min(ours, key=lambda lb: per[lb]["mean"]) if ours else None
+            best[str(nfe)] = {"room": room, "fine": fs, "configs": per,
+                              "best_calibrated": None if top is None else {"config": top, **per[top]}}
         tally = {}
         for label in configs:
             if label == "plain":
@@ -372,6 +375,11 @@ def markdown(result: dict, summary: dict) -> str:
                 gap = "" if label == "plain" or c["gap_closed"] is None else f", {100 * c['gap_closed']:.0f}%"
                 cells.append(f"{c['mean']:.4g}±{c['std']:.2g} ({c['where']}{gap})")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(b.get("best_calibrated") for b in s["best"].values()):
+            lines.append("| best calibrated | " + " | ".join(
+                "-" if b["best_calibrated"] is None else
+                f"{b['best_calibrated']['config']}, {100 * (b['best_calibrated']['gap_closed'] or 0):.0f}%"
+                for b in s["best"].values()) + " |")
         lines.append("| fine solve | " + " | ".join(f"{b['fine']['mean']:.4g}±{b['fine']['std']:.2g}"
                                                    + ("" if b["room"] else " (no room)") for b in s["best"].values())
                      + " |")
