@@ -349,8 +349,8 @@ def markdown(result: dict, summary: dict) -> str:
              f"Machine: {result['machine'].get('platform')}, {result['machine'].get('cpu_count')} CPUs, "
              f"{result['torch_threads']} torch thread(s) per process; `OMP_NUM_THREADS={result['omp_num_threads']}`. "
              "Models driven as a user's own (`benchmarks/gradient_fit_study.py`: an exact mixture as a plain "
-             "`torch.nn.Module`, so no `gmm:*` special case applies). Evaluation seeds "
-             f"{result['models'][0]['seeds']}, calibration noise seed {CALIBRATION_SEED}. Values are excess over "
+             "`torch.nn.Module`, so no `gmm:*` special case applies). Evaluation seeds per model below, "
+             f"calibration noise seed {CALIBRATION_SEED}. Values are excess over "
              "the metric's floor, mean ± standard deviation over seeds; lower is better (precision, recall: floor "
              "minus value). The fits minimise the L2 distance to the teacher's samples unless the configuration "
              "says otherwise; none uses a metric's features.", ""]
@@ -360,7 +360,8 @@ def markdown(result: dict, summary: dict) -> str:
         lines += [f"## {mres['model']}", "",
                   "Teacher(s): " + "; ".join(f"{t['solver']} {t['steps']} log-SNR steps on {t['n']} calibration "
                                              f"samples, {t['cpu_s']:.0f} s CPU, converged to {t['convergence_rms']:.2g}"
-                                             for t in mres["teachers"]) + f". Fine solve: {mres['reference']}.", "",
+                                             for t in mres["teachers"]) + f". Fine solve: {mres['reference']}. "
+                  f"Evaluation seeds {mres['seeds']}, {mres['n_eval']} samples each.", "",
                   f"### Gap closed on {p} (best over solvers and schedules at each NFE)", "",
                   "| config | " + " | ".join(f"NFE {k}" for k in s["best"]) + " |",
                   "|---|" + "---|" * len(s["best"])]
