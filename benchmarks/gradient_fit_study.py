@@ -18,13 +18,17 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
 - ``grad:<params>``: the gradient fit of ``<params>`` (``+``-separated from steps, gamma, model_sigmas,
   history), with options ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
   ``teacher=<solver>:<steps>`` (the fine solve it fits to), ``n=`` (calibration batch), ``lr=``, ``iters=``,
-  ``batch=``.
+  ``batch=``;
+- ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
+  :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
+  (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps).
 
 Per NFE the summary gives the best plain configuration over solvers and schedules, the fine solve (the
 teacher-grade reference: 1000 dpmpp_3m Karras steps for mixtures, 100 for images), each configuration's best
 over solvers and schedules, and the gap closed ``(best plain - best calibrated) / (best plain - fine solve)``
 on the primary metric; per cell the protocol's verdict of each configuration against plain on every metric
-(``steindiff.bench.runner.verdict``).  Calibration CPU time (``time.process_time``) is recorded per fit; the
+(``steindiff.bench.runner.verdict``), and of each fitted configuration against ``peer:ld3`` when it ran.
+Calibration CPU time (``time.process_time``) is recorded per fit; the
 teacher's once per model (each cell reuses it, as ``steindiff bench`` does).
 
     python benchmarks/gradient_fit_study.py --models gmm:image64 --json-out out.json --markdown out.md
@@ -45,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 import steindiff as sd
+from steindiff.bench.peers import PREFIX, fit_peer, peer_name
 from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
 from steindiff.gradient_fit import PARAMS
@@ -84,6 +89,9 @@ def parse_config(text: str) -> dict:
     cfg: dict = {"label": text, "name": name}
     if name in ("plain", "derivative-free"):
         cfg["method"] = name
+    elif name.startswith(PREFIX):
+        peer_name(name)  # raises for an unknown peer
+        cfg["method"] = "peer"
     elif name.startswith("grad:"):
         params = name[5:].split("+")
         bad = [p for p in params if p not in PARAMS]
@@ -91,7 +99,8 @@ def parse_config(text: str) -> dict:
             raise ValueError(f"config {text!r}: unknown parameter(s) {bad}; choose from {', '.join(PARAMS)}")
         cfg.update(method="gradient", params=params)
     else:
-        raise ValueError(f"unknown configuration {text!r}: plain, derivative-free or grad:<params>[@k=v]")
+        raise ValueError(f"unknown configuration {text!r}: plain, derivative-free, peer:<name> or "
+                         "grad:<params>[@k=v]")
     for o in opts:
         k, _, v = o.partition("=")
         if k == "teacher":
@@ -143,13 +152,17 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                 if teacher_cache else None
             if cached is not None and cached.exists():
                 teachers[key] = torch.load(cached, weights_only=False)
+                teachers[key].setdefault("noise", sd.prior_noise((key[2], *spec.sample_shape),
+                                                                 float(spec.process.sigma_max), spec.process,
+                                                                 seed=CALIBRATION_SEED, dtype=dtype))
                 return teachers[key]
             t0, w0 = time.process_time(), time.perf_counter()
             noise = sd.prior_noise((key[2], *spec.sample_shape), float(spec.process.sigma_max), spec.process,
                                    seed=CALIBRATION_SEED, dtype=dtype)
             ref = reference_solve(user.denoiser, noise, float(spec.process.sigma_max), float(spec.process.sigma_min),
                                   solver=key[0], steps=key[1], keep=key[2] // 2)
-            teachers[key] = {"ref": ref, "cpu_s": time.process_time() - t0, "wall_s": time.perf_counter() - w0,
+            teachers[key] = {"ref": ref, "noise": noise, "cpu_s": time.process_time() - t0,
+                             "wall_s": time.perf_counter() - w0,
                              "solver": key[0], "steps": key[1], "n": key[2], "convergence_rms": ref.convergence}
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +186,18 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                 plans[(solver, schedule, nfe, cfg["label"])] = plan
                 rec.update(source="shipped", chosen=c["chosen"], val_ratio=c["val_ratio"], wall_s=c["wall_s"],
                            cpu_s=None, teacher=[c["reference"]["solver"], c["reference"]["steps"]], n=c["n"])
+            elif cfg["method"] == "peer":
+                tch = teacher(cfg)
+                t0, w0 = time.process_time(), time.perf_counter()
+                plan = fit_peer(cfg["name"], user.denoiser, base, tch["noise"], tch["ref"],
+                                sigma_min=float(spec.process.sigma_min))
+                plans[(solver, schedule, nfe, cfg["label"])] = plan
+                pname = plan.meta["peer"]["name"]
+                rec.update(source="fitted", chosen="peer", val_ratio=None, cpu_s=time.process_time() - t0,
+                           wall_s=time.perf_counter() - w0, teacher=[tch["solver"], tch["steps"]], n=tch["n"],
+                           distance=plan.meta["peer"]["distance"],
+                           record={k: v for k, v in plan.meta.get(pname, {}).items() if k != "path"},
+                           sigmas=plan.sigmas.tolist(), model_sigmas=plan.model_sigmas)
             else:
                 tch = teacher(cfg)
                 opts = {"n": tch["n"], "seed": CALIBRATION_SEED, "dtype": dtype, "ref": tch["ref"],
@@ -221,7 +246,7 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
         bar.update()
     bar.close()
     return {"model": name, "kind": kind, "metrics": list(metric_names), "primary": metric_names[0],
-            "teachers": [{k: v for k, v in t.items() if k != "ref"} for t in teachers.values()],
+            "teachers": [{k: v for k, v in t.items() if k not in ("ref", "noise")} for t in teachers.values()],
             "fits": fits, "rows": rows, "seeds": seeds, "n_eval": n_eval,
             "reference": {"solver": "dpmpp_3m", "steps": 1000 if kind == "mixture" else 100, "schedule": "karras"}}
 
@@ -282,7 +307,10 @@ def summarize(result: dict) -> dict:
             for label, b in per.items():
                 b["gap_closed"] = (bp["mean"] - b["mean"]) / (bp["mean"] - fs["mean"]) if bp["mean"] != fs["mean"] \
                     else None
-            best[str(nfe)] = {"room": room, "fine": fs, "configs": per}
+            ours = [lb for lb in per if lb != "plain" and not lb.startswith(PREFIX)]  # the calibrated sampler's
+            top = min(ours, key=lambda lb: per[lb]["mean"]) if ours else None
+            best[str(nfe)] = {"room": room, "fine": fs, "configs": per,
+                              "best_calibrated": None if top is None else {"config": top, **per[top]}}
         tally = {}
         for label in configs:
             if label == "plain":
@@ -299,7 +327,18 @@ def summarize(result: dict) -> dict:
                                "chosen_not_plain": sum(f["chosen"] != "plain" for f in mres["fits"]
                                                        if f["config"] == label),
                                "fits": sum(f["config"] == label for f in mres["fits"])}
+        versus = {}  # each fitted configuration against LD3 in the same cell, on the primary metric
+        if "peer:ld3" in configs:
+            for label in configs:
+                if label in ("plain", "peer:ld3"):
+                    continue
+                vs = [verdict(cells[k[:3] + ("peer:ld3",)][primary], st[primary])
+                      for k, st in cells.items() if k[3] == label and k[:3] + ("peer:ld3",) in cells]
+                # LD3 at its floor leaves no room to beat it, but a configuration can still be worse there
+                words = ["hurts" if v["worse_at_floor"] else v["verdict"] for v in vs]
+                versus[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed", "n/a")}
         out[mres["model"]] = {"primary": primary, "fine": fine, "best": best, "tally": tally, "cost": cost,
+                              "versus_ld3": versus,
                               "cells": {"/".join(map(str, k)): v for k, v in cells.items()}, "verdicts": verdicts}
     return out
 
@@ -310,8 +349,8 @@ def markdown(result: dict, summary: dict) -> str:
              f"Machine: {result['machine'].get('platform')}, {result['machine'].get('cpu_count')} CPUs, "
              f"{result['torch_threads']} torch thread(s) per process; `OMP_NUM_THREADS={result['omp_num_threads']}`. "
              "Models driven as a user's own (`benchmarks/gradient_fit_study.py`: an exact mixture as a plain "
-             "`torch.nn.Module`, so no `gmm:*` special case applies). Evaluation seeds "
-             f"{result['models'][0]['seeds']}, calibration noise seed {CALIBRATION_SEED}. Values are excess over "
+             "`torch.nn.Module`, so no `gmm:*` special case applies). Evaluation seeds per model below, "
+             f"calibration noise seed {CALIBRATION_SEED}. Values are excess over "
              "the metric's floor, mean ± standard deviation over seeds; lower is better (precision, recall: floor "
              "minus value). The fits minimise the L2 distance to the teacher's samples unless the configuration "
              "says otherwise; none uses a metric's features.", ""]
@@ -321,7 +360,8 @@ def markdown(result: dict, summary: dict) -> str:
         lines += [f"## {mres['model']}", "",
                   "Teacher(s): " + "; ".join(f"{t['solver']} {t['steps']} log-SNR steps on {t['n']} calibration "
                                              f"samples, {t['cpu_s']:.0f} s CPU, converged to {t['convergence_rms']:.2g}"
-                                             for t in mres["teachers"]) + f". Fine solve: {mres['reference']}.", "",
+                                             for t in mres["teachers"]) + f". Fine solve: {mres['reference']}. "
+                  f"Evaluation seeds {mres['seeds']}, {mres['n_eval']} samples each.", "",
                   f"### Gap closed on {p} (best over solvers and schedules at each NFE)", "",
                   "| config | " + " | ".join(f"NFE {k}" for k in s["best"]) + " |",
                   "|---|" + "---|" * len(s["best"])]
@@ -336,6 +376,11 @@ def markdown(result: dict, summary: dict) -> str:
                 gap = "" if label == "plain" or c["gap_closed"] is None else f", {100 * c['gap_closed']:.0f}%"
                 cells.append(f"{c['mean']:.4g}±{c['std']:.2g} ({c['where']}{gap})")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(b.get("best_calibrated") for b in s["best"].values()):
+            lines.append("| best calibrated | " + " | ".join(
+                "-" if b["best_calibrated"] is None else
+                f"{b['best_calibrated']['config']}, {100 * (b['best_calibrated']['gap_closed'] or 0):.0f}%"
+                for b in s["best"].values()) + " |")
         lines.append("| fine solve | " + " | ".join(f"{b['fine']['mean']:.4g}±{b['fine']['std']:.2g}"
                                                    + ("" if b["room"] else " (no room)") for b in s["best"].values())
                      + " |")
@@ -345,6 +390,12 @@ def markdown(result: dict, summary: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{t[m]['helps']}/{t[m]['tie']}/{t[m]['hurts']}"
                                                       + (f" ({t[m]['failed']} failed)" if t[m]["failed"] else "")
                                                       for m in mres["metrics"]) + " |")
+        if s.get("versus_ld3"):
+            lines += ["", f"### Against peer:ld3 in the same cell on {p} (better / ties / worse, protocol rules with "
+                      "LD3's seed spread; worse at LD3's floor counts as worse)", "",
+                      "| config | better | ties | worse | failed |", "|---|---|---|---|---|"]
+            for label, v in s["versus_ld3"].items():
+                lines.append(f"| {label} | {v['helps']} | {v['tie'] + v['n/a']} | {v['hurts']} | {v['failed']} |")
         lines += ["", "### Calibration cost (CPU seconds per cell, the shared teacher not included) and choices", "",
                   "| config | median CPU s | max CPU s | chosen over plain |", "|---|---|---|---|"]
         for label, c in s["cost"].items():

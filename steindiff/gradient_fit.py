@@ -103,7 +103,8 @@ class _Theta:
     """The fitted parameters as float64 tensors, and the plan they decode to."""
 
     def __init__(self, base: SamplingPlan, params: tuple[str, ...], sigma_floor: float, gammas0: list[float],
-                 plain_tail: int, history_depth: int, gamma_bounds: tuple[float, float]):
+                 plain_tail: int, history_depth: int, gamma_bounds: tuple[float, float],
+                 model_sigma_bound: float | Sequence[float] = _BOUNDS["model_sigmas"]):
         self.base, self.params, self.bounds = base, params, gamma_bounds
         self.P = _Params(base, "both", sigma_floor, gammas0, plain_tail)
         n = self.n = base.steps
@@ -115,6 +116,11 @@ class _Theta:
             self.tensors["gamma"] = torch.tensor(gammas0[: self.P.ng], dtype=f64)
         if "model_sigmas" in params:
             self.tensors["model_sigmas"] = torch.zeros(n, dtype=f64)
+        bound = torch.as_tensor(model_sigma_bound, dtype=f64)
+        if bound.ndim > 1 or (bound.ndim == 1 and len(bound) != n) or not bool((bound >= 0).all()):
+            raise ValueError(f"model_sigma_bound must be one bound >= 0 or {n} of them (one per level), got "
+                             f"{model_sigma_bound!r}")
+        self.ms_bound = bound.expand(n)
         self.hist_index = [(k, j) for k in range(1, n) for j in range(1, min(history_depth, k) + 1)]
         if "history" in params and self.hist_index:
             self.tensors["history"] = torch.zeros(len(self.hist_index), dtype=f64)
@@ -171,6 +177,8 @@ class _Theta:
                 t.copy_(torch.minimum(torch.maximum(t, self.z_lo), self.z_hi))
             elif k == "gamma":
                 t.clamp_(*self.bounds)
+            elif k == "model_sigmas":
+                t.copy_(torch.minimum(torch.maximum(t, -self.ms_bound), self.ms_bound))
             else:
                 t.clamp_(-_BOUNDS[k], _BOUNDS[k])
 
@@ -242,7 +250,8 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
                  features: Callable[[torch.Tensor], torch.Tensor] | None = None, residual_weight: float = 0.0,
                  teacher_ball: float = 0.0, gammas0: list[float] | None = None,
                  gamma_bounds: tuple[float, float] = (0.5, 1.5), plain_tail: int = 2, history_depth: int = 2,
-                 lr: float = 0.03, batch_size: int = 64, max_iters: int = 300, max_seconds: float = 60.0,
+                 model_sigma_bound: float | Sequence[float] = _BOUNDS["model_sigmas"], lr: float = 0.03,
+                 batch_size: int = 64, max_iters: int = 300, max_seconds: float = 60.0,
                  val_every: int = 10, patience: int = 8, explode: float = 100.0, checkpoint: bool | None = None,
                  seed: int = 0, extra_args: dict | None = None, val_extra_args: dict | None = None,
                  progress: bool = False) -> tuple[SamplingPlan, dict]:
@@ -250,7 +259,9 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
     teacher's samples from the same noise), early-stopped on ``val_noise``/``val_target`` (module docstring).
 
     ``gammas0``: starting gammas (default all 1).  ``plain_tail``: final steps whose gamma stays 1.
-    ``history_depth``: past denoised outputs each ``history`` correction reaches back to.  Budget: at most
+    ``history_depth``: past denoised outputs each ``history`` correction reaches back to.  ``model_sigma_bound``:
+    the largest ``|delta_j|`` of ``model_sigmas`` (one bound, or one per level; 0 keeps a level's model input
+    fixed).  Budget: at most
     ``max_iters`` Adam steps (learning rate ``lr``, ``batch_size`` pairs each) and ``max_seconds``; it also stops
     after ``patience`` held-out checks without improvement.  ``explode``: a training loss above this many times
     the starting one stops the fit.  ``checkpoint``: recompute each step's activations in the backward pass
@@ -279,7 +290,7 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
         if checkpoint is None:
             checkpoint = noise.is_cuda
         theta = _Theta(base, params, sigma_floor, list(gammas0 or [1.0] * base.steps), plain_tail, history_depth,
-                       gamma_bounds)
+                       gamma_bounds, model_sigma_bound)
         info: dict[str, Any] = {"method": "gradient", "params": list(params), "fitted": sorted(theta.tensors),
                                 "distance": describe_loss(loss, features, residual_weight, teacher_ball), "iters": 0,
                                 "stopped": "max_iters", "checkpoint": checkpoint,

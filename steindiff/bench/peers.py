@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..peers import gits_plan
+from ..peers import gits_plan, ld3_plan
 from ..plan import SamplingPlan
 from ..trajectory import ReferenceSolve
 
@@ -82,3 +82,15 @@ def _gits(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.T
 register_peer(Peer("gits", _gits, "Chen et al. 2024, arXiv 2405.11326 (GITS)",
                    "L2 between one solver step from the teacher's state and the teacher's next state, on a grid of "
                    "60 of the teacher's noise levels (dynamic programming, later jumps weighted 1.15x each)"))
+
+
+def _ld3(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, teacher: ReferenceSolve, *,
+         sigma_min: float, extra_args: dict | None = None) -> SamplingPlan:
+    """LD3 with the paper's settings (:func:`~steindiff.peers.ld3.ld3_plan`: 100 teacher pairs, radius 1, L2)."""
+    return ld3_plan(model, base, noise, teacher, sigma_min=sigma_min, extra_args=extra_args)
+
+
+register_peer(Peer("ld3", _ld3, "Tong et al. 2025, arXiv 2405.15506 (LD3)",
+                   "L2 (LPIPS is unavailable offline) between the few-step solve and the teacher's final samples, "
+                   "on 100 teacher pairs (50 fit, 50 early-stop), the start free within r sigma_T = sigma_T of the "
+                   "teacher's noise (soft teacher forcing)"))
