@@ -718,7 +718,7 @@ SUITE = ("tests", "--ignore=tests/test_mutation_check.py")
 
 
 def _pytest_args(tests: list[str]) -> list[str]:
-    return ["-x", "-rf", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
+    return ["-x", "-rfE", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
 
 
 def _run_forked(copy: Path, tests: list[str], timeout: float) -> tuple[int | None, str]:
@@ -775,7 +775,9 @@ def _run_subprocess(copy: Path, tests: list[str], timeout: float) -> tuple[int |
 def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True) -> dict:
     t0 = time.perf_counter()
     rc, out = (_run_forked if fork else _run_subprocess)(copy, tests, timeout)
-    failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+    # a test that fails, or errors in its setup (a fixture that calls the mutated code), catches the mutation;
+    # a collection error (the suite could not run) is an error
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?)\b", out)}
     if rc == 0:
         outcome = "survived"
@@ -920,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: {command}",
         "Each mutation changes one line in a temporary copy; "
         + ("the whole suite (tests/, without tests/test_mutation_check.py)" if args.suite else "the listed tests")
-        + " runs with pytest -x"
+        + " run with pytest -x"
         + (" (each run a fork of one process with the third-party modules preloaded)." if fork
            else " (one interpreter per run)."),
         "",
@@ -928,8 +930,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['id']} | {r['group']} | {r['path'].removeprefix('steindiff/')} | {r['what']} | "
-                     f"{r['outcome']} | {r['caught_by'] or '-'} | {r['passed']} | {r['seconds']} |")
+        cells = [r["id"], r["group"], r["path"].removeprefix("steindiff/"), r["what"], r["outcome"],
+                 r["caught_by"] or "-", r["passed"], r["seconds"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     survivors = [r for r in results if r["outcome"] != "caught"]
     if survivors:
         lines += ["",
