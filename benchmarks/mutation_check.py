@@ -721,7 +721,7 @@ def _pytest_args(tests: list[str]) -> list[str]:
     return ["-x", "-rfE", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
 
 
-def _run_forked(copy: Path, tests: list[str], timeout: float) -> tuple[int | None, str]:
+def _run_forked(copy: Path, tests: list[str], timeout: float, plugins: list | None = None) -> tuple[int | None, str]:
     """pytest.main in a forked child (cwd and sys.path on the copy), its output to a file."""
     out_file = copy.parent / "pytest-output.txt"
     with open(out_file, "wb") as fh:
@@ -736,7 +736,7 @@ def _run_forked(copy: Path, tests: list[str], timeout: float) -> tuple[int | Non
                 os.environ.update(_env(copy))
                 import pytest
 
-                rc = int(pytest.main(_pytest_args(tests)))
+                rc = int(pytest.main(_pytest_args(tests), plugins=plugins or []))
                 mod = sys.modules.get("steindiff")
                 if mod is not None and not str(mod.__file__).startswith(str(copy)):
                     print(f"mutation_check: imported {mod.__file__}, not the copy", flush=True)
@@ -772,9 +772,9 @@ def _run_subprocess(copy: Path, tests: list[str], timeout: float) -> tuple[int |
         return None, out
 
 
-def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True) -> dict:
+def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True, plugins: list | None = None) -> dict:
     t0 = time.perf_counter()
-    rc, out = (_run_forked if fork else _run_subprocess)(copy, tests, timeout)
+    rc, out = _run_forked(copy, tests, timeout, plugins) if fork else _run_subprocess(copy, tests, timeout)
     # a test that fails, or errors in its setup (a fixture that calls the mutated code), catches the mutation;
     # a collection error (the suite could not run) is an error
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
@@ -820,6 +820,119 @@ def select(mutations: list[Mutation], *, groups: str | None = None, only: str | 
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# --suite-traced: the whole suite once, traced, then each mutation against the test files that run its line
+# --------------------------------------------------------------------------------------------
+def watched_lines(root: Path, m: Mutation) -> tuple[list[int], bool]:
+    """The lines whose execution runs the mutated statement (all of a simple statement, the header of a compound
+    one) and whether it runs at import (a ``def``/``class`` line: default values; or module level)."""
+    import ast
+
+    text = (root / m.path).read_text()
+    line = text[: text.index(m.find)].count("\n") + 1
+    tree = ast.parse(text)
+    parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+    stmts = [n for n in ast.walk(tree) if isinstance(n, ast.stmt) and n.lineno <= line <= n.end_lineno]
+    node = max(stmts, key=lambda n: n.lineno)
+    import_time = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or isinstance(
+        parents.get(node), ast.Module)
+    bodies = [b for f in ("body", "orelse", "finalbody", "handlers") for b in getattr(node, f, []) or []]
+    end = min([b.lineno for b in bodies], default=node.end_lineno + 1) - 1 if bodies else node.end_lineno
+    return list(range(node.lineno, max(end, line) + 1)), import_time
+
+
+def make_tracer(watch: dict[str, set[int]], out_file: Path):
+    """A pytest plugin that records which test files execute the ``watch``ed lines (``{abs file: lines}``): in a
+    test's setup, call or teardown, in the collection of a test file, or in a session-scoped fixture (then every
+    file whose tests use it).  Test files that start a process are recorded too (their children are not traced).
+    Written to ``out_file`` at the end of the session."""
+    import multiprocessing.process
+    import threading
+
+    import pytest
+
+    class Tracer:
+        def __init__(self) -> None:
+            self.where: str | None = None
+            self.hits: dict[str, set] = {}
+            self.spawners: set = set()
+            self.users: dict[str, set] = {}
+
+        def _global(self, frame, event, arg):
+            return self._local if frame.f_code.co_filename in watch else None
+
+        def _local(self, frame, event, arg):
+            if event == "line" and frame.f_lineno in watch[frame.f_code.co_filename]:
+                self.hits.setdefault(f"{frame.f_code.co_filename}:{frame.f_lineno}", set()).add(self.where)
+            return self._local
+
+        def _note_spawn(self, orig):
+            def wrapped(*a, **k):
+                self.spawners.add(self.where)
+                return orig(*a, **k)
+            return wrapped
+
+        def pytest_configure(self, config) -> None:
+            subprocess.Popen.__init__ = self._note_spawn(subprocess.Popen.__init__)
+            multiprocessing.process.BaseProcess.start = self._note_spawn(multiprocessing.process.BaseProcess.start)
+            threading.settrace(self._global)
+            sys.settrace(self._global)
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_make_collect_report(self, collector):
+            prev, self.where = self.where, (collector.nodeid.split("::")[0] if collector.nodeid else self.where)
+            yield
+            self.where = prev
+
+        def pytest_collection_modifyitems(self, items) -> None:
+            for it in items:
+                for f in getattr(it, "fixturenames", ()):
+                    self.users.setdefault(f, set()).add(it.nodeid.split("::")[0])
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_protocol(self, item, nextitem):
+            self.where = item.nodeid.split("::")[0]
+            yield
+            self.where = None
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_fixture_setup(self, fixturedef, request):
+            prev = self.where
+            if fixturedef.scope in ("session", "package"):
+                self.where = f"fixture:{fixturedef.argname}"
+            yield
+            self.where = prev
+
+        def pytest_sessionfinish(self, session) -> None:
+            sys.settrace(None)
+            threading.settrace(None)
+
+            def files(ws: set) -> list:
+                out: set = set()
+                for w in ws:
+                    out |= self.users.get(w[len("fixture:"):], set()) if w and w.startswith("fixture:") else {w}
+                return sorted(out, key=str)
+
+            out_file.write_text(json.dumps({"hits": {k: files(v) for k, v in self.hits.items()},
+                                            "spawners": files(self.spawners)}))
+
+    return Tracer()
+
+
+def traced_selection(copy: Path, trace: dict, m: Mutation) -> tuple[str, ...]:
+    """The test files that can see mutation ``m``: those that ran its statement in the traced baseline and those
+    that start processes; the whole suite where the statement runs at import or outside any test file."""
+    lines, import_time = watched_lines(copy, m)
+    if import_time:
+        return SUITE
+    where: set = set(trace["spawners"])
+    for ln in lines:
+        where |= set(trace["hits"].get(f"{copy / m.path}:{ln}", []))
+    if any(w is None or not w.endswith(".py") for w in where):  # outside a test file, e.g. a conftest at import
+        return SUITE
+    return tuple(sorted(w for w in where if w != "tests/test_mutation_check.py"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
@@ -832,6 +945,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", action="store_true",
                    help="run the whole test suite (tests/, without this script's own test) for each mutation "
                         "instead of its targeted tests")
+    p.add_argument("--suite-traced", action="store_true",
+                   help="as --suite, faster: the whole suite runs once on the unmutated copy with a line tracer (the "
+                        "baseline), then each mutation runs the test files that executed its line there, plus those "
+                        "that start processes (the whole suite for a line run at import); a mutation no test "
+                        "executes survives without a run")
     p.add_argument("--list", action="store_true", help="list the selected mutations and exit")
     p.add_argument("--check", action="store_true",
                    help="only check that every selected mutation applies to the current source")
@@ -842,7 +960,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a fresh interpreter per pytest run instead of a fork of a preloaded "
                         "one (slower; no fork needed)")
     args = p.parse_args(argv)
-    timeout = args.timeout if args.timeout is not None else (1200.0 if args.suite else 300.0)
+    whole = args.suite or args.suite_traced
+    timeout = args.timeout if args.timeout is not None else (1200.0 if whole else 300.0)
+    if args.suite and args.suite_traced:
+        p.error("--suite and --suite-traced exclude each other")
+    if args.suite_traced and (args.subprocess or not hasattr(os, "fork")):
+        p.error("--suite-traced needs the forked runs (no --subprocess)")
 
     try:
         muts = select(MUTATIONS, groups=args.group, only=args.only, survivors_of=args.survivors_of)
@@ -881,7 +1004,24 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         baseline = None
-        if not args.no_baseline:
+        trace = None
+        if args.suite_traced:
+            watch: dict[str, set[int]] = {}
+            for m in muts:
+                watch.setdefault(str(copy / m.path), set()).update(watched_lines(copy, m)[0])
+            trace_file = tmp / "trace.json"
+            print("baseline: the whole suite on the unmutated copy, traced ...", file=sys.stderr, flush=True)
+            baseline = run_pytest(copy, list(SUITE), timeout * 3, fork, plugins=[make_tracer(watch, trace_file)])
+            baseline["tests"] = list(SUITE)
+            trace = json.loads(trace_file.read_text()) if trace_file.is_file() else None
+            if trace is None or baseline["outcome"] != "survived":
+                print(f"mutation_check: the traced baseline fails ({baseline['outcome']})\n"
+                      f"{baseline.get('tail') or baseline['caught_by']}", file=sys.stderr)
+                return 1
+            baseline["outcome"] = "passed"
+            baseline["spawners"] = trace["spawners"]
+            muts = [dataclasses.replace(m, tests=traced_selection(copy, trace, m)) for m in muts]
+        elif not args.no_baseline:
             union = list(dict.fromkeys(t for m in muts for t in m.tests))
             print(f"baseline: {len(union)} test selections on the unmutated copy ...", file=sys.stderr, flush=True)
             baseline = run_pytest(copy, union, timeout * 3, fork)
@@ -896,6 +1036,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, m in enumerate(muts, 1):
             target = copy / m.path
             original = target.read_text()
+            if not m.tests:  # --suite-traced: no test runs the mutated line
+                r = {"outcome": "survived", "rc": None, "seconds": 0.0, "caught_by": None, "passed": 0, "failed": 0,
+                     "tail": None, "note": "no test executes this line"}
+                results.append({"id": m.id, "group": m.group, "path": m.path, "what": m.what, "find": m.find,
+                                "replace": m.replace, "tests": [], **r})
+                print(f"[{i}/{len(muts)}] {m.id}: survived (no test executes it)", file=sys.stderr, flush=True)
+                continue
             target.write_text(apply(original, m))
             try:
                 r = run_pytest(copy, list(m.tests), timeout, fork)
@@ -921,7 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Total {total} s ({os.cpu_count()} CPUs, shared; Python {platform.python_version()}).",
         f"Command: {command}",
         "Each mutation changes one line in a temporary copy; "
-        + ("the whole suite (tests/, without tests/test_mutation_check.py)" if args.suite else "the listed tests")
+        + ("the whole suite (tests/, without tests/test_mutation_check.py)" if args.suite else
+           "the test files that executed the mutated line in a traced run of the whole suite (plus those that start "
+           "processes)" if args.suite_traced else "the listed tests")
         + " run with pytest -x"
         + (" (each run a fork of one process with the third-party modules preloaded)." if fork
            else " (one interpreter per run)."),
