@@ -14,11 +14,11 @@ when a test fails, *survived* when they all pass, *error* when pytest could not 
 failed).  A baseline run of every selected test on the unmutated copy comes first: a failing baseline
 makes the whole check meaningless.
 
-    python benchmarks/mutation_check.py                  # run all, print the table
+    python benchmarks/mutation_check.py                  # the core group, print the table
     python benchmarks/mutation_check.py --json out.json  # and write the results as JSON
     python benchmarks/mutation_check.py --only sw2-sqrt,energy-sigma2
-    python benchmarks/mutation_check.py --group audit    # the audit's groups (or e.g. --group cache,choice)
-    python benchmarks/mutation_check.py --group audit --suite --survivors-of out.json  # survivors, whole suite
+    python benchmarks/mutation_check.py --group audit    # the audit's groups (or e.g. --group cache,choice; all)
+    python benchmarks/mutation_check.py --suite-traced --survivors-of out.json  # the survivors against the suite
     python benchmarks/mutation_check.py --check          # only check that every mutation applies
     python benchmarks/mutation_check.py --list --group checkpoint
 
@@ -772,11 +772,10 @@ def _run_subprocess(copy: Path, tests: list[str], timeout: float) -> tuple[int |
         return None, out
 
 
-def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True, plugins: list | None = None) -> dict:
-    t0 = time.perf_counter()
-    rc, out = _run_forked(copy, tests, timeout, plugins) if fork else _run_subprocess(copy, tests, timeout)
-    # a test that fails, or errors in its setup (a fixture that calls the mutated code), catches the mutation;
-    # a collection error (the suite could not run) is an error
+def outcome_of(rc: int | None, out: str) -> dict:
+    """What a pytest run says about a mutation: ``caught`` when a test fails or errors in its setup (a fixture that
+    calls the mutated code), ``survived`` when all pass, ``error`` when the suite could not run (a collection error:
+    exit status 2), ``timeout`` when it was stopped; the first failing test and the counts."""
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?)\b", out)}
     if rc == 0:
@@ -785,25 +784,30 @@ def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True, 
         outcome = "caught"
     else:
         outcome = "timeout" if rc is None else "error"
-    return {"outcome": outcome, "rc": rc, "seconds": round(time.perf_counter() - t0, 1),
-            "caught_by": failed[0] if failed else None,
+    return {"outcome": outcome, "rc": rc, "caught_by": failed[0] if failed else None,
             "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
             "tail": None if outcome in ("caught", "survived") else out[-2000:]}
 
 
+def run_pytest(copy: Path, tests: list[str], timeout: float, fork: bool = True, plugins: list | None = None) -> dict:
+    t0 = time.perf_counter()
+    rc, out = _run_forked(copy, tests, timeout, plugins) if fork else _run_subprocess(copy, tests, timeout)
+    return {"seconds": round(time.perf_counter() - t0, 1), **outcome_of(rc, out)}
+
+
 def select(mutations: list[Mutation], *, groups: str | None = None, only: str | None = None,
            survivors_of: str | None = None) -> list[Mutation]:
-    """The mutations named by ``--group`` (group names; ``audit``: every group but ``core``), ``--only`` (ids) and
-    ``--survivors-of`` (the ids not caught in an earlier ``--json`` file), all that apply; ``ValueError`` for an
-    unknown name."""
+    """The mutations named by ``--group`` (group names; ``audit``: every group but ``core``; ``all``), ``--only``
+    (ids) and ``--survivors-of`` (the ids not caught in an earlier ``--json`` file), all that apply; ``ValueError``
+    for an unknown name."""
     out = list(mutations)
     if groups:
         names = [g.strip() for g in groups.split(",") if g.strip()]
-        known = {m.group for m in mutations} | {"audit"}
+        known = {m.group for m in mutations} | {"audit", "all"}
         unknown = [g for g in names if g not in known]
         if unknown:
             raise ValueError(f"unknown group(s): {', '.join(unknown)} (groups: {', '.join(sorted(known))})")
-        out = [m for m in out if m.group in names or ("audit" in names and m.group != "core")]
+        out = [m for m in out if m.group in names or "all" in names or ("audit" in names and m.group != "core")]
     if only:
         wanted = [s.strip() for s in only.split(",") if s.strip()]
         unknown = [w for w in wanted if w not in {m.id for m in mutations}]
@@ -938,8 +942,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--only", metavar="IDS", help="comma-separated mutation ids to run (default: all)")
     p.add_argument("--group", metavar="NAMES",
-                   help="comma-separated groups to run: core (the project's list), audit (every other group), or "
-                        f"one of {', '.join(AUDIT_GROUPS)}")
+                   help="comma-separated groups to run: core (the project's list; the default unless --only, "
+                        "--survivors-of or --check names others), audit (every other group), all, or one of "
+                        f"{', '.join(AUDIT_GROUPS)}")
     p.add_argument("--survivors-of", metavar="FILE",
                    help="only the mutations not caught in an earlier --json FILE (e.g. to rerun them with --suite)")
     p.add_argument("--suite", action="store_true",
@@ -968,7 +973,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--suite-traced needs the forked runs (no --subprocess)")
 
     try:
-        muts = select(MUTATIONS, groups=args.group, only=args.only, survivors_of=args.survivors_of)
+        groups = args.group or (None if (args.only or args.survivors_of or args.check) else "core")
+        muts = select(MUTATIONS, groups=groups, only=args.only, survivors_of=args.survivors_of)
     except ValueError as e:
         p.error(str(e))
     problems = check_mutations(mutations=muts)
