@@ -19,7 +19,7 @@ def test_lists_shipped_and_cached_calibrations(tmp_path, capsys, monkeypatch):
     assert main(["calibrations", "--calibration-dir", str(tmp_path), "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     shipped = [r for r in listing["calibrations"] if r["where"] == "shipped"]
-    assert {r["model"] for r in shipped} == {"digits", "patches"}
+    assert {r["model"] for r in shipped} == {"digits", "digits-flow", "patches"}
     assert ("patches", "dpmpp_2m", "logsnr", 8) in {(r["model"], r["solver"], r["schedule"], r["nfe"]) for r in shipped}
     assert all(r["wall_s"] > 0 and r["options"]["n"] > 0 for r in shipped)
     assert listing["sampling_defaults"]["patches"] == {"solver": "dpmpp_2m", "schedule": "logsnr", "nfe": 8, "n": 64,
