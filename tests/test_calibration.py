@@ -241,3 +241,133 @@ def test_progress_bars_say_what_the_calibration_is_doing(toy, capsys):
     err = capsys.readouterr().err
     assert "calibrating: reference solve" in err and "calibrating: fit 1/2" in err and "calibrating: fit 2/2" in err
     assert "dpmpp_2m:" not in err and "fit euler" not in err  # not the bare solvers' names
+
+
+# ---------------------------------------------------------------- the cache key, the file name, the conditioning
+
+
+def _key_variants(toy):
+    """(name, key) pairs: the key of one request, then one key per field of it changed by a real request."""
+    import dataclasses
+
+    from steindiff.calibration import calibration_key, conditioning_digest
+
+    base = make_plan(toy.process, "unipc", 4, "karras")
+    w = torch.arange(1, len(toy.gmm.weights) + 1, dtype=toy.gmm.weights.dtype)
+    other_weights = GaussianMixture(toy.gmm.means, w / w.sum(), basis=toy.gmm.basis, lam=toy.gmm.lam, s2=toy.gmm.s2)
+    spec2 = ModelSpec(toy.name, other_weights, toy.process, toy.sample_shape, gmm=other_weights, info=toy.info)
+    renamed = ModelSpec("gmm:renamed", toy.denoiser, toy.process, toy.sample_shape, gmm=toy.gmm, info=toy.info)
+    key = calibration_key(toy, base, options=FAST)
+    out = [("fingerprint", calibration_key(spec2, base, options=FAST)),
+           ("model", calibration_key(renamed, base, options=FAST)),
+           ("solver", calibration_key(toy, dataclasses.replace(base, solver="dpmpp_2m"), options=FAST)),
+           ("solver_options", calibration_key(toy, dataclasses.replace(base, solver_options={"order": 3}),
+                                              options=FAST)),
+           ("schedule", calibration_key(toy, dataclasses.replace(base, schedule="custom"), options=FAST)),
+           ("nfe", calibration_key(toy, make_plan(toy.process, "unipc", 5, "karras"), options=FAST)),
+           ("base_sigmas", calibration_key(toy, make_plan(toy.process, "unipc", 4, "karras", rho=5.0),
+                                           options=FAST)),
+           ("coords", calibration_key(toy, dataclasses.replace(base, coords="vp"), options=FAST)),
+           ("conditioning", calibration_key(toy, base, conditioning=conditioning_digest({"y": torch.tensor([1])}),
+                                            options=FAST))]
+    for opt, value in (("fit", "gamma"), ("n", 48), ("seed", 7), ("dtype", torch.float32), ("ref_solver", "heun"),
+                       ("ref_steps", 41), ("max_solves", 31), ("max_seconds", 5.0), ("guards", ["significance"]),
+                       ("objective", "variant")):
+        out.append((f"options.{opt}", calibration_key(toy, base, options={**FAST, opt: value})))
+    return key, out
+
+
+def test_every_field_of_the_cache_key_is_another_file(toy, tmp_path):
+    """Each field of a request (the model's contents and name, the solver and its options, the schedule, NFE, noise
+    levels, coordinates, conditioning and every calibration option) changes the key and the file it names."""
+    from steindiff.calibration import cache_file
+
+    key, variants = _key_variants(toy)
+    assert key == json.loads(json.dumps(key))  # a file records it as it is
+    path = cache_file(tmp_path, key)
+    assert path.parent == tmp_path and path.name.startswith("gmm_toy2d-unipc-karras-nfe4-")
+    names = {path.name}
+    for field, other in variants:
+        head, _, sub = field.partition(".")
+        assert other[head] != key[head], field
+        if sub:
+            assert other["options"][sub] != key["options"][sub], field
+        changed = {k for k in key if other[k] != key[k]}
+        assert changed == ({head, "base_sigmas"} if head == "nfe" else {head}), field  # only that field changed
+        names.add(cache_file(tmp_path, other).name)
+    assert len(names) == len(variants) + 1
+    assert cache_file(tmp_path, key) == path  # the same request, the same file
+
+
+def test_the_key_records_the_options_resolved_as_calibrate_runs_them(toy):
+    from steindiff.calibration import calibration_key
+
+    base = make_plan(toy.process, "euler", 4, "karras")
+    key = calibration_key(toy, base, options={**FAST, "fit": "steps", "dtype": torch.float64, "seed": 11})
+    o = key["options"]
+    assert (o["fit"], o["dtype"], o["seed"], o["n"], o["ref_steps"], o["max_solves"]) == (
+        "steps", "float64", 11, 64, 40, 30)
+    assert o["guards"] == list(cal.default_guards(toy)) == ["residual", "distribution", "significance"]
+    assert o["objective"] == "trajectory"
+    default = calibration_key(toy, base)["options"]
+    assert (default["fit"], default["seed"], default["n"], default["dtype"]) == (
+        "both", cal.CALIBRATION_SEED, 512, "float64")  # gmm:toy2d's own dtype (its calibration_defaults)
+    plain = ModelSpec("mine", toy.denoiser, toy.process, toy.sample_shape)
+    assert calibration_key(plain, base)["options"]["dtype"] == "float32"
+    assert key["coords"] == "ve" and key["solver_options"] == {} and key["fingerprint"] == model_fingerprint(toy)
+    assert key["base_sigmas"] == [round(float(s), 12) for s in base.sigmas] and key["nfe"] == 4
+
+
+def test_conditioning_digest_hashes_values_not_just_types_or_shapes():
+    from steindiff.calibration import conditioning_digest as dig
+
+    y = torch.tensor([1, 2, 3])
+    assert dig(None) is None and dig({}) is None
+    assert dig({"y": y}) == dig({"y": torch.tensor([1, 2, 3])})  # the same values: the same calibration
+    assert dig({"y": y}) != dig({"y": torch.tensor([1, 2, 4])})  # other labels, same dtype and shape
+    assert dig({"y": y}) != dig({"y": y.to(torch.int32)})  # same values, other dtype
+    assert dig({"y": torch.zeros(2, 3)}) != dig({"y": torch.zeros(3, 2)})  # same bytes, other shape
+    assert dig({"y": y}) != dig({"z": y})  # the name matters
+    assert dig({"g": 3.0}) != dig({"g": 7.5}) and dig({"g": 3}) != dig({"g": 3.0})  # non-tensors by value
+    assert dig({"p": "a cat"}) != dig({"p": "a dog"})
+    assert dig({"a": 1, "b": 2}) == dig({"b": 2, "a": 1})  # not the order of the dict
+    assert dig({"a": 1, "b": 2}) != dig({"a": 2, "b": 1})
+    assert dig({"e": torch.ones(2, 2)}) != dig({"e": torch.ones(2, 2) + 1e-6})
+
+
+def test_calibrate_draws_its_noise_from_the_seed_it_records(toy, monkeypatch):
+    """The calibration noise is the prior draw of ``seed`` (as generate draws it), and the record names that
+    seed; another seed is other noise."""
+    from steindiff.sampling import prior_noise
+    from steindiff.trajectory import TrajectoryFit
+
+    seen = []
+
+    def fake_fit(model, base, noise, **kw):
+        seen.append(noise)
+        return TrajectoryFit(make_plan(toy.process, "euler", 3, "karras"), {"chosen": "plain"})
+
+    monkeypatch.setattr(cal, "fit_trajectory", fake_fit)
+    for seed in (5, 6, cal.CALIBRATION_SEED):
+        sched = calibrate(toy, solver="euler", nfe=3, seed=seed, n=8, dtype=torch.float64)
+        assert sched.meta["calibration"]["seed"] == seed
+        expected = prior_noise((8, *toy.sample_shape), float(make_plan(toy.process, "euler", 3).sigmas[0]),
+                               toy.process, seed=seed, dtype=torch.float64)
+        assert torch.equal(seen[-1], expected)
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_a_cached_calibration_runs_its_own_noise_levels(toy, tmp_path):
+    """A file's fitted noise levels, gammas and coordinates are the plan it gives (not the base schedule's)."""
+    from steindiff.stabilizers.schedule import GammaSchedule
+
+    base = make_plan(toy.process, "euler", 3, "karras")
+    fitted = [float(base.sigmas[0]), 3.0, 0.2, 0.0]
+    meta = {"model": toy.name, "solver": "euler", "nfe": 3, "schedule": "karras"}
+    sched = GammaSchedule([0.9, 1.1, 1.0], "vp", {**meta, "sigmas": fitted})
+    sched.save(tmp_path / "c.json")
+    plan = plan_from_schedule(load_gamma_schedule(tmp_path / "c.json"), base)
+    assert plan.sigmas.tolist() == fitted and plan.schedule == "fitted"
+    assert plan.gammas == [0.9, 1.1, 1.0] and plan.coords == "vp" and plan.solver == "euler"
+    same = plan_from_schedule(GammaSchedule([1.0] * 3, "ve", {"sigmas": base.sigmas.tolist()}), base)
+    assert torch.equal(same.sigmas, base.sigmas) and same.schedule == "karras"
