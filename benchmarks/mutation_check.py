@@ -716,8 +716,13 @@ def preload() -> None:
 SUITE = ("tests", "--ignore=tests/test_mutation_check.py")
 
 
+#: Tests left out of every run (``--deselect``): tests that fail without any mutation, for reasons the report names.
+DESELECTED: list[str] = []
+
+
 def _pytest_args(tests: list[str]) -> list[str]:
-    return ["-x", "-rfE", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
+    return ["-x", "-rfE", "-p", "no:cacheprovider", "-p", "no:warnings",
+            *(a for t in DESELECTED for a in ("--deselect", t)), *tests]
 
 
 def _run_forked(copy: Path, tests: list[str], timeout: float, plugins: list | None = None) -> tuple[int | None, str]:
@@ -958,12 +963,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="only check that every selected mutation applies to the current source")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline run (not for reports)")
+    p.add_argument("--deselect", action="append", default=[], metavar="NODEID",
+                   help="leave this test out of every run, the baseline's too (repeatable): for a test that fails "
+                        "without any mutation; the recorded command names it")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per pytest run (default 300; 1200 with --suite)")
     p.add_argument("--subprocess", action="store_true",
                    help="a fresh interpreter per pytest run instead of a fork of a preloaded "
                         "one (slower; no fork needed)")
     args = p.parse_args(argv)
+    DESELECTED[:] = args.deselect
     whole = args.suite or args.suite_traced
     timeout = args.timeout if args.timeout is not None else (1200.0 if whole else 300.0)
     if args.suite and args.suite_traced:

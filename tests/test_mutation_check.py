@@ -69,6 +69,12 @@ def test_a_mutation_spanning_two_lines_is_refused(mc):
     assert mc.check_mutations(mutations=[two]) == ["two: not a one-line mutation"]
 
 
+def test_deselected_tests_are_left_out_of_every_run(mc, monkeypatch):
+    monkeypatch.setattr(mc, "DESELECTED", ["tests/a.py::test_x"])
+    args = mc._pytest_args(["tests/b.py"])
+    assert args[-3:] == ["--deselect", "tests/a.py::test_x", "tests/b.py"] and "-x" in args
+
+
 def test_outcome_of_a_pytest_run(mc):
     assert mc.outcome_of(0, "3 passed")["outcome"] == "survived"
     failed = mc.outcome_of(1, "FAILED tests/a.py::test_x - assert 1 == 2\n1 failed, 2 passed")
