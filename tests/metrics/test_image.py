@@ -299,3 +299,33 @@ def test_image_metrics_compare_the_samples_with_the_held_out_images(ref):
     assert (p, r) != (p3, r3)
     m3 = M.image_metrics(x, ref, floor_draws=1)  # k = 3 by default (Kynkaanniemi et al.)
     assert (m3["precision"], m3["recall"]) == (p3, r3)
+
+
+def test_image_metrics_floors_are_real_training_images_against_the_held_out_ones(ref):
+    """Each *_floor is the same metric of as many training images as samples (drawn with ``seed``, averaged over
+    ``floor_draws`` draws), against the same held-out images; all training images once when there are no more
+    than samples; memorization_floor is the held-out images' own rate."""
+    small = {"heldout": ref["heldout"][:40], "heldout_labels": ref["heldout_labels"][:40],
+             "train": ref["train"][:50], "train_labels": ref["train_labels"][:50]}
+    g = torch.Generator().manual_seed(4)
+    x = (ref["train"][100:120] + 0.3 * torch.randn(20, 1, 8, 8, generator=g)).clamp(-1, 1)
+    f_h, _ = M.digits_features(small["heldout"])
+    f_tr, y_tr = M.digits_features(small["train"])
+
+    def scores(f, y, seed):
+        p, r = M.precision_recall(f_h, f, 3)
+        return {"digits_fid": M.frechet_distance(f, f_h), "digits_kid": M.kid(f, f_h, seed=seed),
+                "class_tv": M.class_tv(y, small["heldout_labels"]), "precision": p, "recall": r}
+
+    for seed, draws in ((0, 3), (5, 2)):
+        m = M.image_metrics(x, small, seed=seed, floor_draws=draws)
+        gen = torch.Generator().manual_seed(seed)
+        picks = [torch.randperm(50, generator=gen)[:20] for _ in range(draws)]
+        expected = [scores(f_tr[i], y_tr[i], seed) for i in picks]
+        for key in expected[0]:
+            assert m[f"{key}_floor"] == pytest.approx(float(np.mean([e[key] for e in expected])), rel=1e-12), key
+        assert (m["n"], m["n_floor"], m["n_heldout"]) == (20, 20, 40)
+        assert m["memorization_floor"] == M.memorization_rate(small["heldout"], small["train"])
+    many = (ref["train"][100:170] + 0.3 * torch.randn(70, 1, 8, 8, generator=g)).clamp(-1, 1)
+    m = M.image_metrics(many, small, floor_draws=4)  # more samples than training images: all of them, once
+    assert m["n_floor"] == 50 and m["digits_fid_floor"] == pytest.approx(M.frechet_distance(f_tr, f_h), rel=1e-6)
