@@ -371,3 +371,41 @@ def test_a_cached_calibration_runs_its_own_noise_levels(toy, tmp_path):
     assert plan.gammas == [0.9, 1.1, 1.0] and plan.coords == "vp" and plan.solver == "euler"
     same = plan_from_schedule(GammaSchedule([1.0] * 3, "ve", {"sigmas": base.sigmas.tolist()}), base)
     assert torch.equal(same.sigmas, base.sigmas) and same.schedule == "karras"
+
+
+def test_calibration_options_resolve_given_then_the_models_then_the_librarys_defaults(toy):
+    mine = ModelSpec("mine", toy.denoiser, toy.process, toy.sample_shape,
+                     info={"calibration_defaults": {"n": 40, "ref_steps": 50}})
+    o = cal.calibration_options(mine)
+    assert (o["n"], o["ref_steps"]) == (40, 50)  # the model's own
+    assert (o["max_solves"], o["max_seconds"], o["ref_solver"], o["dtype"]) == (200, 60.0, "dpmpp_2m", "float32")
+    assert (o["seed"], o["fit"], o["objective"]) == (cal.CALIBRATION_SEED, "both", "trajectory")
+    o = cal.calibration_options(mine, n=24, ref_steps=None, max_solves=9, dtype=torch.float64, guards="residual,modes")
+    assert (o["n"], o["ref_steps"], o["max_solves"], o["dtype"]) == (24, 50, 9, "float64")  # None: not given
+    assert o["guards"] == ["residual", "modes"]
+    plain = ModelSpec("plain", toy.denoiser, toy.process, toy.sample_shape)
+    assert cal.calibration_options(plain)["n"] == 512 and cal.calibration_options(plain, variant="stein")["n"] == 1000
+    assert cal.calibration_options(plain, variant="reference")["objective"] == "reference"
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cal.calibration_options(plain, dtype=torch.float16)
+    assert cal.calibration_options(plain) == cal.calibration_options(plain, **cal.calibration_options(plain))
+
+
+def test_per_sample_conditioning_is_tiled_to_the_calibration_batch(toy, monkeypatch):
+    """Labels for fewer samples than the calibration batch are cycled in order (the user's proportions); scalars,
+    non-tensors and tensors of the batch's size pass as they are."""
+    from steindiff.trajectory import TrajectoryFit
+
+    seen = []
+
+    def fake_fit(model, base, noise, **kw):
+        seen.append(kw["extra_args"])
+        return TrajectoryFit(make_plan(toy.process, "euler", 3, "karras"), {"chosen": "plain"})
+
+    monkeypatch.setattr(cal, "fit_trajectory", fake_fit)
+    y, full, scale = torch.tensor([3, 1, 4]), torch.arange(8), torch.tensor(2.0)
+    calibrate(toy, solver="euler", nfe=3, n=8, dtype=torch.float64,
+              extra_args={"y": y, "full": full, "scale": scale, "w": 7.5})
+    got = seen[-1]
+    assert got["y"].tolist() == [3, 1, 4, 3, 1, 4, 3, 1] and torch.equal(got["full"], full)
+    assert got["scale"] is scale and got["w"] == 7.5
