@@ -272,8 +272,9 @@ def _key_variants(toy):
                                             options=FAST))]
     for opt, value in (("fit", "gamma"), ("n", 48), ("seed", 7), ("dtype", torch.float32), ("ref_solver", "heun"),
                        ("ref_steps", 41), ("max_solves", 31), ("max_seconds", 5.0), ("guards", ["significance"]),
-                       ("objective", "variant")):
-        out.append((f"options.{opt}", calibration_key(toy, base, options={**FAST, opt: value})))
+                       ("objective", "variant"), ("fit_method", "gradient")):
+        out.append((f"options.{'gradient' if opt == 'fit_method' else opt}",
+                    calibration_key(toy, base, options={**FAST, opt: value})))
     return key, out
 
 
@@ -291,7 +292,7 @@ def test_every_field_of_the_cache_key_is_another_file(toy, tmp_path):
         head, _, sub = field.partition(".")
         assert other[head] != key[head], field
         if sub:
-            assert other["options"][sub] != key["options"][sub], field
+            assert other["options"].get(sub) != key["options"].get(sub), field
         changed = {k for k in key if other[k] != key[k]}
         assert changed == ({head, "base_sigmas"} if head == "nfe" else {head}), field  # only that field changed
         names.add(cache_file(tmp_path, other).name)
@@ -409,3 +410,22 @@ def test_per_sample_conditioning_is_tiled_to_the_calibration_batch(toy, monkeypa
     got = seen[-1]
     assert got["y"].tolist() == [3, 1, 4, 3, 1, 4, 3, 1] and torch.equal(got["full"], full)
     assert got["scale"] is scale and got["w"] == 7.5
+
+
+def test_the_gradient_fits_options_are_part_of_the_key(toy):
+    """Absent for the derivative-free fit (the keys of files made before the gradient fit stay valid); for the
+    gradient fit its parameters, distance and optimiser options each name another calibration."""
+    from steindiff.calibration import calibration_key
+
+    base = make_plan(toy.process, "euler", 4, "karras")
+
+    def key(**kw):
+        return calibration_key(toy, base, options={**FAST, "fit_method": "gradient", **kw})
+
+    assert "gradient" not in calibration_key(toy, base, options=FAST)["options"]
+    g = key()["options"]["gradient"]
+    assert g["params"] == ["steps", "gamma"] and g["gradient_options"] == {}
+    variants = [key(params=("steps", "gamma", "history")), key(params=("gamma",)), key(teacher_ball=0.1),
+                key(residual_weight=0.5), key(gradient_options={"lr": 0.01})]
+    assert len({json.dumps(k, sort_keys=True) for k in [key(), *variants]}) == len(variants) + 1
+    assert key(params=("gamma", "steps")) == key()  # the same parameters in another order
