@@ -4,6 +4,7 @@ refused, two models sharing one calibration, a calibration made with other optio
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +227,62 @@ def test_the_model_fingerprint_changes_with_every_part_of_the_model():
     torch.nn.init.zeros_(zeros.weight), torch.nn.init.ones_(ones.weight)
     zeros.bias.data.zero_(), ones.bias.data.zero_()
     assert fingerprint(zeros) != fingerprint(ones)  # one architecture, other values
+
+
+SCALE = 2.0
+
+
+def test_fingerprint_of_a_function_follows_what_determines_its_output():
+    """A function's code, default arguments, closure values and the globals it reads; a partial's arguments; a
+    bound method's object; the values and keys of the containers it holds.  Equal contents, equal fingerprints."""
+    import functools
+
+    global SCALE
+
+    def make(k, offset=0.0):
+        def f(x, s, shift=offset):
+            return k * x + shift
+        return f
+
+    base = fingerprint(make(2.0))
+    assert fingerprint(make(2.0)) == base
+    assert fingerprint(make(3.0)) != base  # a closure value
+    assert fingerprint(make(2.0, 1.0)) != base  # a default argument
+
+    def g(x, s):
+        return SCALE * x
+
+    def h(x, s):
+        return SCALE * x + 0
+
+    before = fingerprint(g)
+    assert fingerprint(h) != before  # the code
+    SCALE = 3.0
+    try:
+        assert fingerprint(g) != before  # a global it reads
+    finally:
+        SCALE = 2.0
+    assert fingerprint(g) == before
+
+    def fn(x, s, a=1.0, table=None):
+        return x
+
+    p = fingerprint(functools.partial(fn, a=2.0))
+    assert p != fingerprint(functools.partial(fn, a=3.0)) and p == fingerprint(functools.partial(fn, a=2.0))
+    assert fingerprint(functools.partial(fn, table={"a": 1, "b": 2})) != \
+        fingerprint(functools.partial(fn, table={"a": 2, "b": 1}))
+    assert fingerprint(functools.partial(fn, table={"a": 1})) != fingerprint(functools.partial(fn, table={"b": 1}))
+    assert fingerprint(functools.partial(fn, table=[1, 2])) != fingerprint(functools.partial(fn, table=[2, 1]))
+    assert fingerprint(functools.partial(fn, table={"a": 1, "b": 2})) == \
+        fingerprint(functools.partial(fn, table={"b": 2, "a": 1}))
+
+    class Model:
+        def __init__(self, w):
+            self.w = w
+
+        def __call__(self, x, s):
+            return self.w * x
+
+    assert fingerprint(Model(1.0).__call__) != fingerprint(Model(2.0).__call__)
+    assert fingerprint(Model(torch.ones(3))) != fingerprint(Model(torch.ones(3) * 2))
+    assert fingerprint(Model(np.ones(3))) != fingerprint(Model(np.zeros(3)))
