@@ -329,3 +329,19 @@ def test_image_metrics_floors_are_real_training_images_against_the_held_out_ones
     many = (ref["train"][100:170] + 0.3 * torch.randn(70, 1, 8, 8, generator=g)).clamp(-1, 1)
     m = M.image_metrics(many, small, floor_draws=4)  # more samples than training images: all of them, once
     assert m["n_floor"] == 50 and m["digits_fid_floor"] == pytest.approx(M.frechet_distance(f_tr, f_h), rel=1e-6)
+
+
+def test_class_tv_and_nearest_distance_against_direct_formulas():
+    """class_tv: half the L1 distance of the two label histograms, each normalised by its own count; the nearest
+    training image's distance: RMS per pixel, and memorisation counts distances strictly below the threshold."""
+    assert M.class_tv(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])) == pytest.approx(0.375)
+    assert M.class_tv(torch.tensor([9, 9]), torch.tensor([0, 9, 9, 9])) == pytest.approx(0.25)
+    train = torch.zeros(3, 1, 8, 8)
+    train[1] += 0.5
+    train[2] -= 0.4
+    x = torch.stack([torch.full((1, 8, 8), 0.3), torch.full((1, 8, 8), -0.05)])
+    d = M.nearest_distance(x, train)
+    assert d.tolist() == pytest.approx([0.2, 0.05], abs=1e-7)  # to 0.5, and to 0
+    assert M.memorization_rate(x, train, threshold=0.2 + 1e-6) == 1.0
+    assert M.memorization_rate(x, train, threshold=0.1) == 0.5
+    assert M.memorization_rate(x, train, threshold=0.05 - 1e-6) == 0.0
