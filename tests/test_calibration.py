@@ -342,20 +342,27 @@ def test_calibrate_draws_its_noise_from_the_seed_it_records(toy, monkeypatch):
     from steindiff.sampling import prior_noise
     from steindiff.trajectory import TrajectoryFit
 
-    seen = []
+    seen, kws = [], []
 
     def fake_fit(model, base, noise, **kw):
         seen.append(noise)
+        kws.append(kw)
         return TrajectoryFit(make_plan(toy.process, "euler", 3, "karras"), {"chosen": "plain"})
 
     monkeypatch.setattr(cal, "fit_trajectory", fake_fit)
+    calibrate(toy, solver="euler", nfe=3, n=8, fit="steps", ref_solver="heun", ref_steps=31, max_solves=17,
+              max_seconds=4.0, guards="significance")
+    kw = kws[-1]
+    assert kw["sigma_min"] == toy.process.sigma_min and kw["fit"] == "steps" and list(kw["guards"]) == ["significance"]
+    assert (kw["ref_solver"], kw["ref_steps"], kw["max_solves"], kw["max_seconds"]) == ("heun", 31, 17, 4.0)
+    assert seen[-1].dtype == torch.float64  # gmm:toy2d's own calibration dtype
     for seed in (5, 6, cal.CALIBRATION_SEED):
         sched = calibrate(toy, solver="euler", nfe=3, seed=seed, n=8, dtype=torch.float64)
         assert sched.meta["calibration"]["seed"] == seed
         expected = prior_noise((8, *toy.sample_shape), float(make_plan(toy.process, "euler", 3).sigmas[0]),
                                toy.process, seed=seed, dtype=torch.float64)
         assert torch.equal(seen[-1], expected)
-    assert not torch.equal(seen[0], seen[1])
+    assert not torch.equal(seen[-3], seen[-2])  # seeds 5 and 6
 
 
 def test_a_cached_calibration_runs_its_own_noise_levels(toy, tmp_path):
