@@ -436,3 +436,29 @@ def test_the_gradient_fits_options_are_part_of_the_key(toy):
                 key(residual_weight=0.5), key(gradient_options={"lr": 0.01})]
     assert len({json.dumps(k, sort_keys=True) for k in [key(), *variants]}) == len(variants) + 1
     assert key(params=("gamma", "steps")) == key()  # the same parameters in another order
+
+
+def test_a_file_made_for_another_key_is_never_used(toy, tmp_path):
+    """A file at a request's path whose recorded key differs from the request (in any field, or no key at all) is
+    refused with a notice naming the difference; only the exact key is read."""
+    from steindiff.calibration import cache_file, calibration_key
+    from steindiff.stabilizers.schedule import GammaSchedule
+
+    base = make_plan(toy.process, "euler", 3, "karras")
+    key = calibration_key(toy, base, options=FAST)
+    path = cache_file(tmp_path, key)
+    meta = {"model": toy.name, "solver": "euler", "nfe": 3, "schedule": "karras", "sigmas": base.sigmas.tolist()}
+
+    def read(recorded):
+        GammaSchedule([0.8, 1.0, 1.0], "ve", {**meta, **({"key": recorded} if recorded is not None else {})}).save(path)
+        notices = []
+        plan = calibrated_plan(toy, base, cache_dir=tmp_path, calibrate_missing="never", notice=notices.append, **FAST)
+        return plan, notices
+
+    plan, notices = read(key)
+    assert plan.gammas == [0.8, 1.0, 1.0] and notices == []
+    for recorded, says in (({**key, "fingerprint": "0" * 16}, "fingerprint"), ({**key, "nfe": 4}, "nfe"),
+                           ({**key, "options": {**key["options"], "seed": 1}}, "seed"), (None, "no key")):
+        plan, notices = read(recorded)
+        assert plan is base and notices, recorded
+        assert "another configuration" in notices[0] and says in notices[0] and "plain solver" in notices[0]
