@@ -79,6 +79,12 @@ def test_statistics_see_noise_and_blur_on_images():
     ("denoised", 0.105, 0.1, 0.0, 0.0, False), ("denoised", 0.1, 0.1, 0.0, 0.0, True),
     ("modes", 0.16, 0.1, 0.05, 0.0, False), ("modes", 0.14, 0.1, 0.05, 0.0, True),
     ("elbo", float("nan"), 0.1, 0.05, 0.0, False),
+    # denoised: a relative tolerance (2.0 * 1.1 = 2.2); modes: an absolute one (2.0 + 0.1 = 2.1)
+    ("denoised", 2.15, 2.0, 0.1, 0.0, True), ("denoised", 2.25, 2.0, 0.1, 0.0, False),
+    ("modes", 2.15, 2.0, 0.1, 0.0, False), ("modes", 2.05, 2.0, 0.1, 0.0, True),
+    # two-sided checks: a tolerance is a floor under the band, not added to it
+    ("spectrum", -0.04, 0.01, 0.05, 0.0, True), ("spectrum", 0.06, 0.01, 0.05, 0.0, False),
+    ("residual_tail", -0.3, 0.25, 0.05, 0.0, False), ("residual_tail", -0.25, 0.25, 0.05, 0.0, True),
 ])
 def test_judge(check, cand, plain, tol, margin, ok):
     assert judge(check, cand, plain, tol, margin) is ok
