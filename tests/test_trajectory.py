@@ -734,6 +734,9 @@ def test_the_default_significance_threshold_is_a_z_of_two(n_better, passes):
     rec = validate_candidates(halve, CalibrationBatch(noise, ref_solve, 40), cands, sigma_min=0.002,
                               guards=("significance",))
     assert rec["significance"] == 2.0 and rec["chosen"] == ("damped" if passes else "plain")
+    chosen = rec["candidates"][rec["chosen"]]["val_rms"]
+    assert rec["val_ratio"] == pytest.approx(chosen / rec["candidates"]["plain"]["val_rms"], rel=1e-12)
+    assert (rec["val_ratio"] < 1) is passes and (rec["n_fit"], rec["n_val"]) == (40, 40)
 
 
 def test_fit_defaults_and_the_budget_split_between_the_two_refinements(monkeypatch):
@@ -769,3 +772,19 @@ def test_fit_defaults_and_the_budget_split_between_the_two_refinements(monkeypat
     assert [(c["max_solves"], c["max_seconds"], c["reg_residual"]) for c in calls] == [(3, 5.0, 0.0), (3, 5.0, 0.5)]
     assert all(tuple(c["gamma_bounds"]) == (0.7, 1.2) and c["sigma_floor"] == 0.01 and c["fit"] == "gamma"
                and c["plain_tail"] == 1 for c in calls)
+
+
+def test_a_closed_form_that_is_not_finite_keeps_gamma_one():
+    """Where the reference at a step's next level is not finite the coefficient is undefined: gamma 1 there,
+    not a bound; the other steps are unaffected."""
+    plan = SamplingPlan("euler", [80.0, 5.0, 0.4, 0.03, 0.0], "custom")
+    noise = prior_noise((8, 4), 80.0, seed=0, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002)
+    good = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(0.5, 1.5), plain_tail=1)
+    states = ref.states.clone()
+    near = (ref.sigmas - 0.4).abs() < 0.05  # the levels around 0.4: the second step's target
+    states[near] = math.inf
+    bad = closed_form_gammas(gaussian_denoiser, noise, plan, ReferenceSolve(ref.sigmas, states, ref.final, "inf",
+                                                                            ref.steps, 0.0, 0.0),
+                             gamma_bounds=(0.5, 1.5), plain_tail=1)
+    assert bad[1] == 1.0 != good[1] and bad[0] == good[0]
