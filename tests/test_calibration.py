@@ -377,6 +377,11 @@ def test_a_cached_calibration_runs_its_own_noise_levels(toy, tmp_path):
     plan = plan_from_schedule(load_gamma_schedule(tmp_path / "c.json"), base)
     assert plan.sigmas.tolist() == fitted and plan.schedule == "fitted"
     assert plan.gammas == [0.9, 1.1, 1.0] and plan.coords == "vp" and plan.solver == "euler"
+    extra = GammaSchedule([0.9, 1.1, 1.0], "ve", {**meta, "sigmas": fitted}, model_sigmas=[70.0, 2.5, 0.25],
+                          history=[[], [0.1], [0.0, 0.2]])
+    extra.save(tmp_path / "e.json")
+    plan = plan_from_schedule(load_gamma_schedule(tmp_path / "e.json"), base)
+    assert plan.model_sigmas == [70.0, 2.5, 0.25] and plan.history == [[], [0.1], [0.0, 0.2]]
     same = plan_from_schedule(GammaSchedule([1.0] * 3, "ve", {"sigmas": base.sigmas.tolist()}), base)
     assert torch.equal(same.sigmas, base.sigmas) and same.schedule == "karras"
 

@@ -788,3 +788,18 @@ def test_a_closed_form_that_is_not_finite_keeps_gamma_one():
                                                                             ref.steps, 0.0, 0.0),
                              gamma_bounds=(0.5, 1.5), plain_tail=1)
     assert bad[1] == 1.0 != good[1] and bad[0] == good[0]
+
+
+def test_validation_distances_are_rms_per_coordinate_and_per_sample():
+    """val_rms: RMS over every coordinate of every validation sample; val_max: the farthest sample's RMS over its
+    coordinates (3 coordinates here, so per coordinate and per sample differ)."""
+    from steindiff.trajectory import score_candidates
+
+    x = torch.linspace(-2.0, 3.0, 30, dtype=torch.float64).reshape(10, 3)
+    ref = 0.55 * x + 0.01 * torch.arange(30, dtype=torch.float64).reshape(10, 3)
+    sc = score_candidates(halve, {"plain": one_step(1.0), "damped": one_step(0.8)}, x, ref, sigma_min=0.002,
+                          ref_residual=1.0)
+    for name, c in (("plain", 0.5), ("damped", 0.6)):
+        diff = c * x - ref
+        assert sc[name]["val_rms"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-12)
+        assert sc[name]["val_max"] == pytest.approx(float(diff.pow(2).mean(1).sqrt().max()), rel=1e-12)
