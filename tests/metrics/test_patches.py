@@ -166,6 +166,11 @@ def test_patch_metrics_cache_is_per_seed_and_sample_count(ref):
     shared = dict(small)
     got = {s: P.patch_metrics(x, shared, seed=s, **kw) for s in (0, 1)}
     assert got == fresh
+    from steindiff.metrics.mixture import sliced_w2
+
+    for s in (0, 1):  # pixel_sw2: against as many held-out patches as samples, drawn with the seed
+        sub = small["heldout"][torch.randperm(40, generator=torch.Generator().manual_seed(s))[:10]]
+        assert fresh[s]["pixel_sw2"] == pytest.approx(sliced_w2(x, sub, seed=s), rel=1e-12)
     assert fresh[0]["pixel_sw2_floor"] != fresh[1]["pixel_sw2_floor"]  # the seed draws other floors
     assert P.patch_metrics(x[:6], shared, seed=0, **kw) == P.patch_metrics(x[:6], dict(small), seed=0, **kw)
     assert P.patch_metrics(x, shared, seed=0, floor_draws=1) == P.patch_metrics(x, dict(small), seed=0, floor_draws=1)
