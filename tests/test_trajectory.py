@@ -803,3 +803,20 @@ def test_validation_distances_are_rms_per_coordinate_and_per_sample():
         diff = c * x - ref
         assert sc[name]["val_rms"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-12)
         assert sc[name]["val_max"] == pytest.approx(float(diff.pow(2).mean(1).sqrt().max()), rel=1e-12)
+
+
+def test_a_reference_solve_of_other_noise_is_refused():
+    """A reference given to the fit must be of the same batch: its final samples one per sample, its states those
+    of the fit part at least."""
+    from steindiff.trajectory import calibration_batch
+
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((10, 3), 80.0, seed=1, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002, steps=20)
+    assert calibration_batch(gaussian_denoiser, base, noise, sigma_min=0.002, ref=ref).n_fit == 5
+    short = ReferenceSolve(ref.sigmas, ref.states, ref.final[:8], "exact", 20, 0.0, 0.0)
+    few_states = ReferenceSolve(ref.sigmas, ref.states[:, :4], ref.final, "exact", 20, 0.0, 0.0)
+    for bad in (short, few_states):
+        with pytest.raises(ValueError, match="does not match the calibration batch"):
+            calibration_batch(gaussian_denoiser, base, noise, sigma_min=0.002, ref=bad)
+    calibration_batch(gaussian_denoiser, base, noise, sigma_min=0.002, ref=few_states, keep_states=False)
