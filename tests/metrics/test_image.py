@@ -345,3 +345,13 @@ def test_class_tv_and_nearest_distance_against_direct_formulas():
     assert M.memorization_rate(x, train, threshold=0.2 + 1e-6) == 1.0
     assert M.memorization_rate(x, train, threshold=0.1) == 0.5
     assert M.memorization_rate(x, train, threshold=0.05 - 1e-6) == 0.0
+
+
+def test_features_see_images_clamped_to_the_data_range(ref):
+    """Samples beyond [-1, 1] are judged as the images they display: the same features and labels as clamped."""
+    x = 3 * ref["heldout"][:16]
+    f, y = M.digits_features(x)
+    fc, yc = M.digits_features(x.clamp(-1, 1))
+    assert torch.equal(f, fc) and torch.equal(y, yc)
+    with torch.no_grad():  # the clamp matters: the network itself sees the difference
+        assert not torch.allclose(M.load_digits_classifier().features(x).double(), f)
