@@ -170,3 +170,13 @@ def test_statistics_are_the_documented_deviations_from_the_reference():
     assert s["elbo"] == pytest.approx(0.5 - 0.3, rel=1e-12) and s["elbo_value"] == pytest.approx(0.5, rel=1e-12)
     same = statistics(ref, ref)
     assert same["residual"] == same["residual_tail"] == same["modes"] == same["spectrum"] == same["elbo"] == 0.0
+    # without clusters given, the modes check makes them from the reference's samples (k-means, MODES clusters)
+    from steindiff.guards import MODES, kmeans
+
+    spread = torch.randn(40, 3, generator=g, dtype=torch.float64) * torch.tensor([4.0, 1.0, 0.2], dtype=torch.float64)
+    other = torch.randn(40, 3, generator=g, dtype=torch.float64) + 3.0
+    bare = SampleStats(r_ref.repeat(2), d_ref.repeat(2, 1), spread)
+    got = statistics(SampleStats(r.repeat(2), d.repeat(2, 1), other), bare)["modes"]
+    c = kmeans(spread, MODES)
+    assert torch.equal(bare.centroids, c)
+    assert got == pytest.approx(float(0.5 * (mode_histogram(other, c) - mode_histogram(spread, c)).abs().sum()))

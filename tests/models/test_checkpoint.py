@@ -314,3 +314,17 @@ def test_every_architecture_field_survives_the_round_trip(tmp_path):
         assert getattr(net.config, f.name) == getattr(cfg, f.name), f.name
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items()) and not net.training
     assert config["precond"] == {"type": "edm", "sigma_data": 0.5} and config["data"]["shape"] == [3, 8, 8]
+
+
+def test_weights_that_do_not_fit_the_architecture_are_refused_by_name(tmp_path):
+    """A tensor of another shape, a missing one, an extra one: each a CheckpointError naming the tensor."""
+    state = random_state(TINY)
+    name = sorted(k for k in state if state[k].ndim == 4)[0]
+    cases = {"shape mismatch": {**state, name: torch.zeros(1, *state[name].shape[1:])},
+             "missing": {k: v for k, v in state.items() if k != name},
+             "unexpected": {**state, "extra.weight": torch.zeros(2)}}
+    for what, bad in cases.items():
+        path = write(tmp_path / what.replace(" ", "-"), TINY, {"type": "edm", "sigma_data": 0.5},
+                     {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}, bad)
+        with pytest.raises(C.CheckpointError, match=rf"do not match the architecture in config\.json: .*{what}"):
+            C.load_checkpoint(path)
