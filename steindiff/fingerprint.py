@@ -35,7 +35,7 @@ _MODULE_SKIP = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_
 # tensor bytes are hashed once per tensor and version (a large model is read once per process)
 # (keyed by id: tensors compare elementwise, so they cannot be dictionary keys; the weak reference tells a
 # live tensor from a new one at a reused address)
-_tensor_digests: dict[int, tuple[weakref.ref, int, bytes]] = {}
+_tensor_digests: dict[int, tuple[weakref.ref, tuple, bytes]] = {}
 
 
 class AmbiguousIdentity(ValueError):
@@ -43,7 +43,10 @@ class AmbiguousIdentity(ValueError):
 
 
 def _tensor_digest(t: torch.Tensor) -> bytes:
-    version = getattr(t, "_version", 0)
+    # the version counts in-place changes; the data pointer, dtype and layout see ``t.data = other`` (what
+    # ``module.float()`` and weight swaps do), which leaves the version as it was
+    version = (getattr(t, "_version", 0), t.data_ptr() if t.device.type != "meta" else 0, t.dtype, tuple(t.shape),
+               t.stride(), str(t.device))
     hit = _tensor_digests.get(id(t))
     if hit is not None and hit[0]() is t and hit[1] == version:
         return hit[2]

@@ -241,3 +241,229 @@ def test_progress_bars_say_what_the_calibration_is_doing(toy, capsys):
     err = capsys.readouterr().err
     assert "calibrating: reference solve" in err and "calibrating: fit 1/2" in err and "calibrating: fit 2/2" in err
     assert "dpmpp_2m:" not in err and "fit euler" not in err  # not the bare solvers' names
+
+
+# ---------------------------------------------------------------- the cache key, the file name, the conditioning
+
+
+def _key_variants(toy):
+    """(name, key) pairs: the key of one request, then one key per field of it changed by a real request."""
+    import dataclasses
+
+    from steindiff.calibration import calibration_key, conditioning_digest
+
+    base = make_plan(toy.process, "unipc", 4, "karras")
+    w = torch.arange(1, len(toy.gmm.weights) + 1, dtype=toy.gmm.weights.dtype)
+    other_weights = GaussianMixture(toy.gmm.means, w / w.sum(), basis=toy.gmm.basis, lam=toy.gmm.lam, s2=toy.gmm.s2)
+    spec2 = ModelSpec(toy.name, other_weights, toy.process, toy.sample_shape, gmm=other_weights, info=toy.info)
+    renamed = ModelSpec("gmm:renamed", toy.denoiser, toy.process, toy.sample_shape, gmm=toy.gmm, info=toy.info)
+    key = calibration_key(toy, base, options=FAST)
+    out = [("fingerprint", calibration_key(spec2, base, options=FAST)),
+           ("model", calibration_key(renamed, base, options=FAST)),
+           ("solver", calibration_key(toy, dataclasses.replace(base, solver="dpmpp_2m"), options=FAST)),
+           ("solver_options", calibration_key(toy, dataclasses.replace(base, solver_options={"order": 3}),
+                                              options=FAST)),
+           ("schedule", calibration_key(toy, dataclasses.replace(base, schedule="custom"), options=FAST)),
+           ("nfe", calibration_key(toy, make_plan(toy.process, "unipc", 5, "karras"), options=FAST)),
+           ("base_sigmas", calibration_key(toy, make_plan(toy.process, "unipc", 4, "karras", rho=5.0),
+                                           options=FAST)),
+           ("coords", calibration_key(toy, dataclasses.replace(base, coords="vp"), options=FAST)),
+           ("conditioning", calibration_key(toy, base, conditioning=conditioning_digest({"y": torch.tensor([1])}),
+                                            options=FAST))]
+    for opt, value in (("fit", "gamma"), ("n", 48), ("seed", 7), ("dtype", torch.float32), ("ref_solver", "heun"),
+                       ("ref_steps", 41), ("max_solves", 31), ("max_seconds", 5.0), ("guards", ["significance"]),
+                       ("objective", "variant"), ("fit_method", "gradient")):
+        out.append((f"options.{'gradient' if opt == 'fit_method' else opt}",
+                    calibration_key(toy, base, options={**FAST, opt: value})))
+    return key, out
+
+
+def test_every_field_of_the_cache_key_is_another_file(toy, tmp_path):
+    """Each field of a request (the model's contents and name, the solver and its options, the schedule, NFE, noise
+    levels, coordinates, conditioning and every calibration option) changes the key and the file it names."""
+    from steindiff.calibration import cache_file
+
+    key, variants = _key_variants(toy)
+    assert key == json.loads(json.dumps(key))  # a file records it as it is
+    path = cache_file(tmp_path, key)
+    assert path.parent == tmp_path and path.name.startswith("gmm_toy2d-unipc-karras-nfe4-")
+    names = {path.name}
+    for field, other in variants:
+        head, _, sub = field.partition(".")
+        assert other[head] != key[head], field
+        if sub:
+            assert other["options"].get(sub) != key["options"].get(sub), field
+        changed = {k for k in key if other[k] != key[k]}
+        assert changed == ({head, "base_sigmas"} if head == "nfe" else {head}), field  # only that field changed
+        names.add(cache_file(tmp_path, other).name)
+    assert len(names) == len(variants) + 1
+    assert cache_file(tmp_path, key) == path  # the same request, the same file
+
+
+def test_the_key_records_the_options_resolved_as_calibrate_runs_them(toy):
+    from steindiff.calibration import calibration_key
+
+    base = make_plan(toy.process, "euler", 4, "karras")
+    key = calibration_key(toy, base, options={**FAST, "fit": "steps", "dtype": torch.float64, "seed": 11})
+    o = key["options"]
+    assert (o["fit"], o["dtype"], o["seed"], o["n"], o["ref_steps"], o["max_solves"]) == (
+        "steps", "float64", 11, 64, 40, 30)
+    assert o["guards"] == list(cal.default_guards(toy)) == ["residual", "distribution", "significance"]
+    assert o["objective"] == "trajectory"
+    default = calibration_key(toy, base)["options"]
+    assert (default["fit"], default["seed"], default["n"], default["dtype"]) == (
+        "both", cal.CALIBRATION_SEED, 512, "float64")  # gmm:toy2d's own dtype (its calibration_defaults)
+    plain = ModelSpec("mine", toy.denoiser, toy.process, toy.sample_shape)
+    assert calibration_key(plain, base)["options"]["dtype"] == "float32"
+    assert key["coords"] == "ve" and key["solver_options"] == {} and key["fingerprint"] == model_fingerprint(toy)
+    assert key["base_sigmas"] == [round(float(s), 12) for s in base.sigmas] and key["nfe"] == 4
+
+
+def test_conditioning_digest_hashes_values_not_just_types_or_shapes():
+    from steindiff.calibration import conditioning_digest as dig
+
+    y = torch.tensor([1, 2, 3])
+    assert dig(None) is None and dig({}) is None
+    assert dig({"y": y}) == dig({"y": torch.tensor([1, 2, 3])})  # the same values: the same calibration
+    assert dig({"y": y}) != dig({"y": torch.tensor([1, 2, 4])})  # other labels, same dtype and shape
+    assert dig({"y": y}) != dig({"y": y.to(torch.int32)})  # same values, other dtype
+    assert dig({"y": torch.zeros(2, 3)}) != dig({"y": torch.zeros(3, 2)})  # same bytes, other shape
+    assert dig({"y": y}) != dig({"z": y})  # the name matters
+    assert dig({"g": 3.0}) != dig({"g": 7.5}) and dig({"g": 3}) != dig({"g": 3.0})  # non-tensors by value
+    assert dig({"p": "a cat"}) != dig({"p": "a dog"})
+    assert dig({"a": 1, "b": 2}) == dig({"b": 2, "a": 1})  # not the order of the dict
+    assert dig({"a": 1, "b": 2}) != dig({"a": 2, "b": 1})
+    assert dig({"e": torch.ones(2, 2)}) != dig({"e": torch.ones(2, 2) + 1e-6})
+
+
+def test_calibrate_draws_its_noise_from_the_seed_it_records(toy, monkeypatch):
+    """The calibration noise is the prior draw of ``seed`` (as generate draws it), and the record names that
+    seed; another seed is other noise."""
+    from steindiff.sampling import prior_noise
+    from steindiff.trajectory import TrajectoryFit
+
+    seen, kws = [], []
+
+    def fake_fit(model, base, noise, **kw):
+        seen.append(noise)
+        kws.append(kw)
+        return TrajectoryFit(make_plan(toy.process, "euler", 3, "karras"), {"chosen": "plain"})
+
+    monkeypatch.setattr(cal, "fit_trajectory", fake_fit)
+    calibrate(toy, solver="euler", nfe=3, n=8, fit="steps", ref_solver="heun", ref_steps=31, max_solves=17,
+              max_seconds=4.0, guards="significance")
+    kw = kws[-1]
+    assert kw["sigma_min"] == toy.process.sigma_min and kw["fit"] == "steps" and list(kw["guards"]) == ["significance"]
+    assert (kw["ref_solver"], kw["ref_steps"], kw["max_solves"], kw["max_seconds"]) == ("heun", 31, 17, 4.0)
+    assert seen[-1].dtype == torch.float64  # gmm:toy2d's own calibration dtype
+    for seed in (5, 6, cal.CALIBRATION_SEED):
+        sched = calibrate(toy, solver="euler", nfe=3, seed=seed, n=8, dtype=torch.float64)
+        assert sched.meta["calibration"]["seed"] == seed
+        expected = prior_noise((8, *toy.sample_shape), float(make_plan(toy.process, "euler", 3).sigmas[0]),
+                               toy.process, seed=seed, dtype=torch.float64)
+        assert torch.equal(seen[-1], expected)
+    assert not torch.equal(seen[-3], seen[-2])  # seeds 5 and 6
+
+
+def test_a_cached_calibration_runs_its_own_noise_levels(toy, tmp_path):
+    """A file's fitted noise levels, gammas and coordinates are the plan it gives (not the base schedule's)."""
+    from steindiff.stabilizers.schedule import GammaSchedule
+
+    base = make_plan(toy.process, "euler", 3, "karras")
+    fitted = [float(base.sigmas[0]), 3.0, 0.2, 0.0]
+    meta = {"model": toy.name, "solver": "euler", "nfe": 3, "schedule": "karras"}
+    sched = GammaSchedule([0.9, 1.1, 1.0], "vp", {**meta, "sigmas": fitted})
+    sched.save(tmp_path / "c.json")
+    plan = plan_from_schedule(load_gamma_schedule(tmp_path / "c.json"), base)
+    assert plan.sigmas.tolist() == fitted and plan.schedule == "fitted"
+    assert plan.gammas == [0.9, 1.1, 1.0] and plan.coords == "vp" and plan.solver == "euler"
+    extra = GammaSchedule([0.9, 1.1, 1.0], "ve", {**meta, "sigmas": fitted}, model_sigmas=[70.0, 2.5, 0.25],
+                          history=[[], [0.1], [0.0, 0.2]])
+    extra.save(tmp_path / "e.json")
+    plan = plan_from_schedule(load_gamma_schedule(tmp_path / "e.json"), base)
+    assert plan.model_sigmas == [70.0, 2.5, 0.25] and plan.history == [[], [0.1], [0.0, 0.2]]
+    same = plan_from_schedule(GammaSchedule([1.0] * 3, "ve", {"sigmas": base.sigmas.tolist()}), base)
+    assert torch.equal(same.sigmas, base.sigmas) and same.schedule == "karras"
+
+
+def test_calibration_options_resolve_given_then_the_models_then_the_librarys_defaults(toy):
+    mine = ModelSpec("mine", toy.denoiser, toy.process, toy.sample_shape,
+                     info={"calibration_defaults": {"n": 40, "ref_steps": 50}})
+    o = cal.calibration_options(mine)
+    assert (o["n"], o["ref_steps"]) == (40, 50)  # the model's own
+    assert (o["max_solves"], o["max_seconds"], o["ref_solver"], o["dtype"]) == (200, 60.0, "dpmpp_2m", "float32")
+    assert (o["seed"], o["fit"], o["objective"]) == (cal.CALIBRATION_SEED, "both", "trajectory")
+    o = cal.calibration_options(mine, n=24, ref_steps=None, max_solves=9, dtype=torch.float64, guards="residual,modes")
+    assert (o["n"], o["ref_steps"], o["max_solves"], o["dtype"]) == (24, 50, 9, "float64")  # None: not given
+    assert o["guards"] == ["residual", "modes"]
+    plain = ModelSpec("plain", toy.denoiser, toy.process, toy.sample_shape)
+    assert cal.calibration_options(plain)["n"] == 512 and cal.calibration_options(plain, variant="stein")["n"] == 1000
+    assert cal.calibration_options(plain, variant="reference")["objective"] == "reference"
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cal.calibration_options(plain, dtype=torch.float16)
+    assert cal.calibration_options(plain) == cal.calibration_options(plain, **cal.calibration_options(plain))
+
+
+def test_per_sample_conditioning_is_tiled_to_the_calibration_batch(toy, monkeypatch):
+    """Labels for fewer samples than the calibration batch are cycled in order (the user's proportions); scalars,
+    non-tensors and tensors of the batch's size pass as they are."""
+    from steindiff.trajectory import TrajectoryFit
+
+    seen = []
+
+    def fake_fit(model, base, noise, **kw):
+        seen.append(kw["extra_args"])
+        return TrajectoryFit(make_plan(toy.process, "euler", 3, "karras"), {"chosen": "plain"})
+
+    monkeypatch.setattr(cal, "fit_trajectory", fake_fit)
+    y, full, scale = torch.tensor([3, 1, 4]), torch.arange(8), torch.tensor(2.0)
+    calibrate(toy, solver="euler", nfe=3, n=8, dtype=torch.float64,
+              extra_args={"y": y, "full": full, "scale": scale, "w": 7.5})
+    got = seen[-1]
+    assert got["y"].tolist() == [3, 1, 4, 3, 1, 4, 3, 1] and torch.equal(got["full"], full)
+    assert got["scale"] is scale and got["w"] == 7.5
+
+
+def test_the_gradient_fits_options_are_part_of_the_key(toy):
+    """Absent for the derivative-free fit (the keys of files made before the gradient fit stay valid); for the
+    gradient fit its parameters, distance and optimiser options each name another calibration."""
+    from steindiff.calibration import calibration_key
+
+    base = make_plan(toy.process, "euler", 4, "karras")
+
+    def key(**kw):
+        return calibration_key(toy, base, options={**FAST, "fit_method": "gradient", **kw})
+
+    assert "gradient" not in calibration_key(toy, base, options=FAST)["options"]
+    g = key()["options"]["gradient"]
+    assert g["params"] == ["steps", "gamma"] and g["gradient_options"] == {}
+    variants = [key(params=("steps", "gamma", "history")), key(params=("gamma",)), key(teacher_ball=0.1),
+                key(residual_weight=0.5), key(gradient_options={"lr": 0.01})]
+    assert len({json.dumps(k, sort_keys=True) for k in [key(), *variants]}) == len(variants) + 1
+    assert key(params=("gamma", "steps")) == key()  # the same parameters in another order
+
+
+def test_a_file_made_for_another_key_is_never_used(toy, tmp_path):
+    """A file at a request's path whose recorded key differs from the request (in any field, or no key at all) is
+    refused with a notice naming the difference; only the exact key is read."""
+    from steindiff.calibration import cache_file, calibration_key
+    from steindiff.stabilizers.schedule import GammaSchedule
+
+    base = make_plan(toy.process, "euler", 3, "karras")
+    key = calibration_key(toy, base, options=FAST)
+    path = cache_file(tmp_path, key)
+    meta = {"model": toy.name, "solver": "euler", "nfe": 3, "schedule": "karras", "sigmas": base.sigmas.tolist()}
+
+    def read(recorded):
+        GammaSchedule([0.8, 1.0, 1.0], "ve", {**meta, **({"key": recorded} if recorded is not None else {})}).save(path)
+        notices = []
+        plan = calibrated_plan(toy, base, cache_dir=tmp_path, calibrate_missing="never", notice=notices.append, **FAST)
+        return plan, notices
+
+    plan, notices = read(key)
+    assert plan.gammas == [0.8, 1.0, 1.0] and notices == []
+    for recorded, says in (({**key, "fingerprint": "0" * 16}, "fingerprint"), ({**key, "nfe": 4}, "nfe"),
+                           ({**key, "options": {**key["options"], "seed": 1}}, "seed"), (None, "no key")):
+        plan, notices = read(recorded)
+        assert plan is base and notices, recorded
+        assert "another configuration" in notices[0] and says in notices[0] and "plain solver" in notices[0]

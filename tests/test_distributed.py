@@ -322,3 +322,21 @@ def test_a_run_draws_new_global_probes_at_every_step_from_the_stabilizers_seed(t
     for v in drawn:
         torch.testing.assert_close(v, draw_probes((5, 2), 2, "gaussian", gen, torch.float64), rtol=0, atol=0)
     assert not torch.allclose(drawn[0], drawn[1])
+
+
+def test_a_shard_records_the_trajectory_of_gamma_and_of_gamma_before_the_clip(tmp_path):
+    """Each shard keeps, per step, the gamma applied and the raw coefficient before the clip (they differ where the
+    clip acted), its samples' global indices and the plan's noise levels, as one process records them."""
+    kw = dict(n=6, solver="euler", nfe=4, seed=1)
+    opts = {"probes": 2, "seed": 0, "gamma_max": 1.0, "gamma_min": 0.95}
+    sample_distributed("gmm:toy2d", tmp_path / "a", stabilizer_name="stein", stabilizer_options=opts,
+                       dtype=torch.float64, **kw)
+    spec = load_model("gmm:toy2d")
+    one = generate(spec, **kw, stabilizer=make_stabilizer("stein", spec, **opts), dtype=torch.float64)
+    with np.load(tmp_path / "a" / shard_name(0)) as z:
+        raw, gam = [r.get("gamma_raw", r["gamma"]) for r in one.trace], [r["gamma"] for r in one.trace]
+        np.testing.assert_allclose(z["gamma_raw"], raw, rtol=1e-12)
+        np.testing.assert_allclose(z["gammas"], gam, rtol=1e-12)
+        assert not np.allclose(z["gammas"], z["gamma_raw"])  # the clip acted somewhere
+        assert z["indices"].tolist() == list(range(6)) and np.allclose(z["sigmas"], one.sigmas)
+        np.testing.assert_allclose(z["samples"], one.x.numpy(), rtol=1e-12, atol=1e-12)

@@ -79,6 +79,12 @@ def test_statistics_see_noise_and_blur_on_images():
     ("denoised", 0.105, 0.1, 0.0, 0.0, False), ("denoised", 0.1, 0.1, 0.0, 0.0, True),
     ("modes", 0.16, 0.1, 0.05, 0.0, False), ("modes", 0.14, 0.1, 0.05, 0.0, True),
     ("elbo", float("nan"), 0.1, 0.05, 0.0, False),
+    # denoised: a relative tolerance (2.0 * 1.1 = 2.2); modes: an absolute one (2.0 + 0.1 = 2.1)
+    ("denoised", 2.15, 2.0, 0.1, 0.0, True), ("denoised", 2.25, 2.0, 0.1, 0.0, False),
+    ("modes", 2.15, 2.0, 0.1, 0.0, False), ("modes", 2.05, 2.0, 0.1, 0.0, True),
+    # two-sided checks: a tolerance is a floor under the band, not added to it
+    ("spectrum", -0.04, 0.01, 0.05, 0.0, True), ("spectrum", 0.06, 0.01, 0.05, 0.0, False),
+    ("residual_tail", -0.3, 0.25, 0.05, 0.0, False), ("residual_tail", -0.25, 0.25, 0.05, 0.0, True),
 ])
 def test_judge(check, cand, plain, tol, margin, ok):
     assert judge(check, cand, plain, tol, margin) is ok
@@ -130,3 +136,47 @@ def test_choose_candidate_refuses_records_without_a_check():
     old = {"plain": {"val_rms": 1.0}, "refined": {"val_rms": 0.5, "passed_distribution_check": True}}
     with pytest.raises(ValueError, match="without the elbo check"):
         choose_candidate(old, ("distribution", "elbo"))
+
+
+def test_statistics_are_the_documented_deviations_from_the_reference():
+    """Each deviation written out: residual the ratio of the batch RMS (of per-sample RMS residuals) minus 1,
+    residual_tail the ratio of 90th percentiles minus 1, denoised the sliced W2 of the denoised sets, modes the total
+    variation of the histograms over the reference's clusters, spectrum log10 of the highest band's power ratio,
+    elbo the difference of the mean losses."""
+    from steindiff.guards import SampleStats, mode_histogram
+    from steindiff.metrics import sliced_w2
+
+    g = torch.Generator().manual_seed(0)
+    r_ref = torch.linspace(0.5, 1.5, 20, dtype=torch.float64)
+    r = torch.cat([torch.full((17,), 0.8, dtype=torch.float64), torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64)])
+    d_ref, d = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g) + 0.5
+    centroids = torch.tensor([[-5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]], dtype=torch.float64)
+    x_ref = torch.cat([centroids[i].expand(n, 3) for i, n in ((0, 10), (1, 6), (2, 4))])
+    x = torch.cat([centroids[i].expand(n, 3) for i, n in ((0, 4), (1, 10), (2, 6))])
+    ref = SampleStats(r_ref, d_ref, x_ref, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64),
+                      torch.full((20,), 0.3, dtype=torch.float64), centroids)
+    cand = SampleStats(r, d, x, torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64),
+                       torch.linspace(0.0, 1.0, 20, dtype=torch.float64))
+    s = statistics(cand, ref)
+    rms = float(r.pow(2).mean().sqrt())
+    assert s["residual"] == pytest.approx(rms / float(r_ref.pow(2).mean().sqrt()) - 1, rel=1e-12)
+    assert s["residual_value"] == pytest.approx(rms, rel=1e-12)
+    q = float(torch.quantile(r, 0.9)) / float(torch.quantile(r_ref, 0.9))
+    assert q > 1.5 and s["residual_tail"] == pytest.approx(q - 1, rel=1e-12)  # the noisy few, the mean hides them
+    assert s["denoised"] == pytest.approx(sliced_w2(d, d_ref), rel=1e-12) and s["denoised"] > 0
+    assert mode_histogram(x, centroids).tolist() == [0.2, 0.5, 0.3]
+    assert s["modes"] == pytest.approx(0.5 * (0.3 + 0.2 + 0.1), rel=1e-12)
+    assert s["spectrum"] == pytest.approx(math.log10(0.5), rel=1e-12)
+    assert s["elbo"] == pytest.approx(0.5 - 0.3, rel=1e-12) and s["elbo_value"] == pytest.approx(0.5, rel=1e-12)
+    same = statistics(ref, ref)
+    assert same["residual"] == same["residual_tail"] == same["modes"] == same["spectrum"] == same["elbo"] == 0.0
+    # without clusters given, the modes check makes them from the reference's samples (k-means, MODES clusters)
+    from steindiff.guards import MODES, kmeans
+
+    spread = torch.randn(40, 3, generator=g, dtype=torch.float64) * torch.tensor([4.0, 1.0, 0.2], dtype=torch.float64)
+    other = torch.randn(40, 3, generator=g, dtype=torch.float64) + 3.0
+    bare = SampleStats(r_ref.repeat(2), d_ref.repeat(2, 1), spread)
+    got = statistics(SampleStats(r.repeat(2), d.repeat(2, 1), other), bare)["modes"]
+    c = kmeans(spread, MODES)
+    assert torch.equal(bare.centroids, c)
+    assert got == pytest.approx(float(0.5 * (mode_histogram(other, c) - mode_histogram(spread, c)).abs().sum()))

@@ -4,6 +4,7 @@ refused, two models sharing one calibration, a calibration made with other optio
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,3 +179,110 @@ def test_calibrate_is_the_function():
     import importlib
 
     assert importlib.import_module("steindiff.calibration") is cal
+
+
+def test_the_model_fingerprint_changes_with_every_part_of_the_model():
+    """Weights, mixture weights and covariances, buffers, the noise process and the sample shape each change the
+    model's fingerprint; the same contents in new objects keep it."""
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
+
+    def spec(gmm=None, process=None, shape=(2,), **kw):
+        gmm = gmm if gmm is not None else GaussianMixture(means.clone(), s2=0.05)
+        return ModelSpec("m", gmm, process or VEProcess(0.002, 80.0), shape, **kw)
+
+    ref = cal.model_fingerprint(spec())
+    assert cal.model_fingerprint(spec()) == ref
+    others = {
+        "weights": spec(GaussianMixture(means.clone(), torch.tensor([0.3, 0.7]), s2=0.05)),
+        "means": spec(GaussianMixture(means + 1e-6, s2=0.05)),
+        "s2": spec(GaussianMixture(means.clone(), s2=0.06)),
+        "sigma_max": spec(process=VEProcess(0.002, 40.0)),
+        "sigma_min": spec(process=VEProcess(0.01, 80.0)),
+        "process": spec(process=DiscreteVPProcess()),
+        "shape": spec(shape=(1, 2)),
+        "user": spec(fingerprint="v1"),
+    }
+    prints = {k: cal.model_fingerprint(v) for k, v in others.items()}
+    assert ref not in prints.values() and len(set(prints.values())) == len(prints), prints
+    assert cal.model_fingerprint(spec(fingerprint="v2")) != prints["user"]
+
+    net = torch.nn.BatchNorm1d(2)
+    a = fingerprint(net)
+    net.running_mean += 1e-3  # a buffer, not a parameter
+    b = fingerprint(net)
+    with torch.no_grad():
+        net.weight[1] = 2.0
+    assert len({a, b, fingerprint(net)}) == 3
+    lin = torch.nn.Linear(2, 2).double()
+    before = fingerprint(lin)
+    lin.float()  # in place, by assigning each parameter's .data
+    assert fingerprint(lin) != before  # the same weights, rounded: another model
+    same = torch.nn.Linear(2, 2)
+    same.load_state_dict(lin.state_dict())
+    assert fingerprint(same) == fingerprint(lin)
+    lin.weight.data = torch.ones(2, 2)  # new weights without an in-place change: not the memoised digest
+    same.load_state_dict(lin.state_dict())
+    assert fingerprint(lin) == fingerprint(same) != before
+    zeros, ones = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.nn.init.zeros_(zeros.weight), torch.nn.init.ones_(ones.weight)
+    zeros.bias.data.zero_(), ones.bias.data.zero_()
+    assert fingerprint(zeros) != fingerprint(ones)  # one architecture, other values
+
+
+SCALE = 2.0
+
+
+def test_fingerprint_of_a_function_follows_what_determines_its_output():
+    """A function's code, default arguments, closure values and the globals it reads; a partial's arguments; a
+    bound method's object; the values and keys of the containers it holds.  Equal contents, equal fingerprints."""
+    import functools
+
+    global SCALE
+
+    def make(k, offset=0.0):
+        def f(x, s, shift=offset):
+            return k * x + shift
+        return f
+
+    base = fingerprint(make(2.0))
+    assert fingerprint(make(2.0)) == base
+    assert fingerprint(make(3.0)) != base  # a closure value
+    assert fingerprint(make(2.0, 1.0)) != base  # a default argument
+
+    def g(x, s):
+        return SCALE * x
+
+    def h(x, s):
+        return SCALE * x + 0
+
+    before = fingerprint(g)
+    assert fingerprint(h) != before  # the code
+    SCALE = 3.0
+    try:
+        assert fingerprint(g) != before  # a global it reads
+    finally:
+        SCALE = 2.0
+    assert fingerprint(g) == before
+
+    def fn(x, s, a=1.0, table=None):
+        return x
+
+    p = fingerprint(functools.partial(fn, a=2.0))
+    assert p != fingerprint(functools.partial(fn, a=3.0)) and p == fingerprint(functools.partial(fn, a=2.0))
+    assert fingerprint(functools.partial(fn, table={"a": 1, "b": 2})) != \
+        fingerprint(functools.partial(fn, table={"a": 2, "b": 1}))
+    assert fingerprint(functools.partial(fn, table={"a": 1})) != fingerprint(functools.partial(fn, table={"b": 1}))
+    assert fingerprint(functools.partial(fn, table=[1, 2])) != fingerprint(functools.partial(fn, table=[2, 1]))
+    assert fingerprint(functools.partial(fn, table={"a": 1, "b": 2})) == \
+        fingerprint(functools.partial(fn, table={"b": 2, "a": 1}))
+
+    class Model:
+        def __init__(self, w):
+            self.w = w
+
+        def __call__(self, x, s):
+            return self.w * x
+
+    assert fingerprint(Model(1.0).__call__) != fingerprint(Model(2.0).__call__)
+    assert fingerprint(Model(torch.ones(3))) != fingerprint(Model(torch.ones(3) * 2))
+    assert fingerprint(Model(np.ones(3))) != fingerprint(Model(np.zeros(3)))

@@ -698,3 +698,125 @@ def test_fit_splits_per_sample_extra_args_with_the_batch():
     assert rec["candidates"]["plain"]["val_rms"] == pytest.approx(_rms(plain_val, ref.final[6:]), rel=1e-12)
     assert rec["candidates"]["plain"]["residual_noise"] == pytest.approx(
         residual_noise(model, plain_val, 0.002, {"y": y[6:]}), rel=1e-12)
+
+
+def _mixed_gains_case(n_better: int):
+    """40 samples of |x| 0.5 to 2; the reference at (0.6 +- 0.05) x, so that the gain in squared distance of the
+    candidate (gamma 0.6: 0.7 x) over plain (0.5 x) is +-0.02 x^2: positive on ``n_better`` samples."""
+    x = torch.linspace(0.5, 2.0, 40, dtype=torch.float64)[:, None]
+    e = torch.full((40, 1), -0.05, dtype=torch.float64)
+    e[torch.linspace(0, 39, n_better).round().long()] = 0.05
+    return x, (0.6 + e) * x
+
+
+@pytest.mark.parametrize("n_better,passes", [(26, False), (29, True)])
+def test_the_default_significance_threshold_is_a_z_of_two(n_better, passes):
+    """By default a candidate must beat plain with a Wilcoxon z above 2: z = 1.65 (26 of 40 samples closer) is
+    within the validation noise and keeps the plain plan; z = 2.49 (29 of 40) replaces it."""
+    from steindiff.trajectory import choose_candidate, score_candidates, validate_candidates
+
+    x, ref = _mixed_gains_case(n_better)
+    d_plain, d_cand = (0.5 * x - ref).pow(2).mean(1), (0.7 * x - ref).pow(2).mean(1)
+    z = wilcoxon_z(d_plain, d_cand)
+    assert (1.5 < z < 1.8) if not passes else (2.3 < z < 2.7)
+    cands = {"plain": one_step(1.0), "damped": one_step(0.6)}
+    sc = score_candidates(halve, cands, x, ref, sigma_min=0.002, ref_residual=1.0)
+    assert sc["damped"]["val_rank_z"] == pytest.approx(z, rel=1e-9)
+    assert sc["damped"]["val_rms"] < sc["plain"]["val_rms"]  # closer on the mean either way
+    assert sc["damped"]["passed_significance_check"] is passes
+    assert choose_candidate(sc, ("significance",)) == ("damped" if passes else "plain")
+    # the validation step of every fit method has the same default
+    noise = torch.cat([x, x])  # the fit part, then the validation part
+    ref_solve = ReferenceSolve(torch.tensor([1.0, 0.0], dtype=torch.float64), torch.zeros(2, 40, 1),
+                               torch.cat([ref, ref]), "given", 1, 0.0, 0.0)
+    from steindiff.trajectory import CalibrationBatch
+
+    rec = validate_candidates(halve, CalibrationBatch(noise, ref_solve, 40), cands, sigma_min=0.002,
+                              guards=("significance",))
+    assert rec["significance"] == 2.0 and rec["chosen"] == ("damped" if passes else "plain")
+    chosen = rec["candidates"][rec["chosen"]]["val_rms"]
+    assert rec["val_ratio"] == pytest.approx(chosen / rec["candidates"]["plain"]["val_rms"], rel=1e-12)
+    assert (rec["val_ratio"] < 1) is passes and (rec["n_fit"], rec["n_val"]) == (40, 40)
+
+
+def test_fit_defaults_and_the_budget_split_between_the_two_refinements(monkeypatch):
+    """fit_trajectory's documented defaults, as recorded, and what each refinement is given: half the solves and
+    half the seconds (a calibration stays within max_solves and max_seconds), the bounds, the floor, the fit mode,
+    one refinement on the distance alone and one with the residual-noise term."""
+    import steindiff.trajectory as T
+
+    calls = []
+
+    def fake_refine(model, x, target, base, start, **kw):
+        calls.append(kw)
+        return SamplingPlan(base.solver, base.sigmas, base.schedule, list(start)), {"solves": 0}
+
+    monkeypatch.setattr(T, "refine", fake_refine)
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((8, 3), 80.0, seed=1, dtype=torch.float64)
+    rec = fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.002).record
+    assert (rec["n_fit"], rec["n_val"]) == (4, 4)
+    assert rec["reference"]["solver"] == "dpmpp_2m" and rec["reference"]["steps"] == 200
+    assert rec["gamma_bounds"] == [0.5, 1.5] and rec["plain_tail"] == 2
+    assert (rec["reg_gamma"], rec["reg_steps"], rec["reg_residual"]) == (1e-2, 1e-3, 2.0)
+    assert (rec["residual_tolerance"], rec["significance"]) == (1.05, 2.0)
+    assert rec["guards"] == ["distribution", "significance"] and rec["fit"] == "both"
+    assert [c["reg_residual"] for c in calls] == [0.0, 2.0]
+    for c in calls:
+        assert (c["max_solves"], c["max_seconds"]) == (100, 30.0)
+        assert tuple(c["gamma_bounds"]) == (0.5, 1.5) and c["sigma_floor"] == 0.002 and c["fit"] == "both"
+        assert c["plain_tail"] == 2 and (c["reg_gamma"], c["reg_steps"]) == (1e-2, 1e-3)
+    calls.clear()
+    fit_trajectory(gaussian_denoiser, base, noise, sigma_min=0.01, fit="gamma", max_solves=7, max_seconds=10.0,
+                   gamma_bounds=(0.7, 1.2), plain_tail=1, reg_residual=0.5)
+    assert [(c["max_solves"], c["max_seconds"], c["reg_residual"]) for c in calls] == [(3, 5.0, 0.0), (3, 5.0, 0.5)]
+    assert all(tuple(c["gamma_bounds"]) == (0.7, 1.2) and c["sigma_floor"] == 0.01 and c["fit"] == "gamma"
+               and c["plain_tail"] == 1 for c in calls)
+
+
+def test_a_closed_form_that_is_not_finite_keeps_gamma_one():
+    """Where the reference at a step's next level is not finite the coefficient is undefined: gamma 1 there,
+    not a bound; the other steps are unaffected."""
+    plan = SamplingPlan("euler", [80.0, 5.0, 0.4, 0.03, 0.0], "custom")
+    noise = prior_noise((8, 4), 80.0, seed=0, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002)
+    good = closed_form_gammas(gaussian_denoiser, noise, plan, ref, gamma_bounds=(0.5, 1.5), plain_tail=1)
+    states = ref.states.clone()
+    near = (ref.sigmas - 0.4).abs() < 0.05  # the levels around 0.4: the second step's target
+    states[near] = math.inf
+    bad = closed_form_gammas(gaussian_denoiser, noise, plan, ReferenceSolve(ref.sigmas, states, ref.final, "inf",
+                                                                            ref.steps, 0.0, 0.0),
+                             gamma_bounds=(0.5, 1.5), plain_tail=1)
+    assert bad[1] == 1.0 != good[1] and bad[0] == good[0]
+
+
+def test_validation_distances_are_rms_per_coordinate_and_per_sample():
+    """val_rms: RMS over every coordinate of every validation sample; val_max: the farthest sample's RMS over its
+    coordinates (3 coordinates here, so per coordinate and per sample differ)."""
+    from steindiff.trajectory import score_candidates
+
+    x = torch.linspace(-2.0, 3.0, 30, dtype=torch.float64).reshape(10, 3)
+    ref = 0.55 * x + 0.01 * torch.arange(30, dtype=torch.float64).reshape(10, 3)
+    sc = score_candidates(halve, {"plain": one_step(1.0), "damped": one_step(0.8)}, x, ref, sigma_min=0.002,
+                          ref_residual=1.0)
+    for name, c in (("plain", 0.5), ("damped", 0.6)):
+        diff = c * x - ref
+        assert sc[name]["val_rms"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-12)
+        assert sc[name]["val_max"] == pytest.approx(float(diff.pow(2).mean(1).sqrt().max()), rel=1e-12)
+
+
+def test_a_reference_solve_of_other_noise_is_refused():
+    """A reference given to the fit must be of the same batch: its final samples one per sample, its states those
+    of the fit part at least."""
+    from steindiff.trajectory import calibration_batch
+
+    base = make_plan(VEProcess(), "euler", 4, "karras")
+    noise = prior_noise((10, 3), 80.0, seed=1, dtype=torch.float64)
+    ref = exact_reference(noise, 80.0, 0.002, steps=20)
+    assert calibration_batch(gaussian_denoiser, base, noise, sigma_min=0.002, ref=ref).n_fit == 5
+    short = ReferenceSolve(ref.sigmas, ref.states, ref.final[:8], "exact", 20, 0.0, 0.0)
+    few_states = ReferenceSolve(ref.sigmas, ref.states[:, :4], ref.final, "exact", 20, 0.0, 0.0)
+    for bad in (short, few_states):
+        with pytest.raises(ValueError, match="does not match the calibration batch"):
+            calibration_batch(gaussian_denoiser, base, noise, sigma_min=0.002, ref=bad)
+    calibration_batch(gaussian_denoiser, base, noise, sigma_min=0.002, ref=few_states, keep_states=False)

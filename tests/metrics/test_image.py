@@ -299,3 +299,59 @@ def test_image_metrics_compare_the_samples_with_the_held_out_images(ref):
     assert (p, r) != (p3, r3)
     m3 = M.image_metrics(x, ref, floor_draws=1)  # k = 3 by default (Kynkaanniemi et al.)
     assert (m3["precision"], m3["recall"]) == (p3, r3)
+
+
+def test_image_metrics_floors_are_real_training_images_against_the_held_out_ones(ref):
+    """Each *_floor is the same metric of as many training images as samples (drawn with ``seed``, averaged over
+    ``floor_draws`` draws), against the same held-out images; all training images once when there are no more
+    than samples; memorization_floor is the held-out images' own rate."""
+    small = {"heldout": ref["heldout"][:40], "heldout_labels": ref["heldout_labels"][:40],
+             "train": ref["train"][:50], "train_labels": ref["train_labels"][:50]}
+    g = torch.Generator().manual_seed(4)
+    x = (ref["train"][100:120] + 0.3 * torch.randn(20, 1, 8, 8, generator=g)).clamp(-1, 1)
+    f_h, _ = M.digits_features(small["heldout"])
+    f_tr, y_tr = M.digits_features(small["train"])
+
+    def scores(f, y, seed):
+        p, r = M.precision_recall(f_h, f, 3)
+        return {"digits_fid": M.frechet_distance(f, f_h), "digits_kid": M.kid(f, f_h, seed=seed),
+                "class_tv": M.class_tv(y, small["heldout_labels"]), "precision": p, "recall": r}
+
+    for seed, draws in ((0, 3), (5, 2)):
+        m = M.image_metrics(x, small, seed=seed, floor_draws=draws)
+        gen = torch.Generator().manual_seed(seed)
+        picks = [torch.randperm(50, generator=gen)[:20] for _ in range(draws)]
+        expected = [scores(f_tr[i], y_tr[i], seed) for i in picks]
+        for key in expected[0]:
+            assert m[f"{key}_floor"] == pytest.approx(float(np.mean([e[key] for e in expected])), rel=1e-12), key
+        assert (m["n"], m["n_floor"], m["n_heldout"]) == (20, 20, 40)
+        assert m["memorization_floor"] == M.memorization_rate(small["heldout"], small["train"])
+    many = (ref["train"][100:170] + 0.3 * torch.randn(70, 1, 8, 8, generator=g)).clamp(-1, 1)
+    m = M.image_metrics(many, small, floor_draws=4)  # more samples than training images: all of them, once
+    assert m["n_floor"] == 50 and m["digits_fid_floor"] == pytest.approx(M.frechet_distance(f_tr, f_h), rel=1e-6)
+
+
+def test_class_tv_and_nearest_distance_against_direct_formulas():
+    """class_tv: half the L1 distance of the two label histograms, each normalised by its own count; the nearest
+    training image's distance: RMS per pixel, and memorisation counts distances strictly below the threshold."""
+    assert M.class_tv(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])) == pytest.approx(0.375)
+    assert M.class_tv(torch.tensor([9, 9]), torch.tensor([0, 9, 9, 9])) == pytest.approx(0.25)
+    train = torch.zeros(3, 1, 8, 8)
+    train[1] += 0.5
+    train[2] -= 0.4
+    x = torch.stack([torch.full((1, 8, 8), 0.3), torch.full((1, 8, 8), -0.05)])
+    d = M.nearest_distance(x, train)
+    assert d.tolist() == pytest.approx([0.2, 0.05], abs=1e-7)  # to 0.5, and to 0
+    assert M.memorization_rate(x, train, threshold=0.2 + 1e-6) == 1.0
+    assert M.memorization_rate(x, train, threshold=0.1) == 0.5
+    assert M.memorization_rate(x, train, threshold=0.05 - 1e-6) == 0.0
+
+
+def test_features_see_images_clamped_to_the_data_range(ref):
+    """Samples beyond [-1, 1] are judged as the images they display: the same features and labels as clamped."""
+    x = 3 * ref["heldout"][:16]
+    f, y = M.digits_features(x)
+    fc, yc = M.digits_features(x.clamp(-1, 1))
+    assert torch.equal(f, fc) and torch.equal(y, yc)
+    with torch.no_grad():  # the clamp matters: the network itself sees the difference
+        assert not torch.allclose(M.load_digits_classifier().features(x).double(), f)

@@ -145,3 +145,32 @@ def test_patch_metrics_spectrum_is_the_rms_of_the_band_errors(ref):
     assert half["spectrum_bands"] == pytest.approx((bands - math.log10(4)).tolist(), rel=1e-9)
     # samples are judged as images in [-1, 1]: values beyond are clamped first, for every metric
     assert P.patch_metrics(3 * x, ref) == P.patch_metrics((3 * x).clamp(-1, 1), ref)
+
+
+def test_spectrum_error_is_the_log10_power_ratio_per_band():
+    """Scaling images by a scales every band's power by a^2: the error is 2 log10(a) in every band."""
+    x = torch.randn(20, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for a in (2.0, 10.0, 0.5):
+        e = P.spectrum_error(a * x, x, bands=4)
+        assert e.shape == (4,)
+        torch.testing.assert_close(e, torch.full((4,), 2 * math.log10(a), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_patch_metrics_cache_is_per_seed_and_sample_count(ref):
+    """The held-out side and the floors are cached in ``info`` per sample count, seed and number of floor draws: a
+    call with another seed gives what it gives on a fresh ``info``, never the first seed's subset and floors."""
+    small = {k: (v[:40] if k == "heldout" else v[:60] if k == "train" else v) for k, v in ref.items()}
+    x = small["train"][:10] * 0.9
+    kw = {"floor_draws": 2}
+    fresh = {s: P.patch_metrics(x, dict(small), seed=s, **kw) for s in (0, 1)}
+    shared = dict(small)
+    got = {s: P.patch_metrics(x, shared, seed=s, **kw) for s in (0, 1)}
+    assert got == fresh
+    from steindiff.metrics.mixture import sliced_w2
+
+    for s in (0, 1):  # pixel_sw2: against as many held-out patches as samples, drawn with the seed
+        sub = small["heldout"][torch.randperm(40, generator=torch.Generator().manual_seed(s))[:10]]
+        assert fresh[s]["pixel_sw2"] == pytest.approx(sliced_w2(x, sub, seed=s), rel=1e-12)
+    assert fresh[0]["pixel_sw2_floor"] != fresh[1]["pixel_sw2_floor"]  # the seed draws other floors
+    assert P.patch_metrics(x[:6], shared, seed=0, **kw) == P.patch_metrics(x[:6], dict(small), seed=0, **kw)
+    assert P.patch_metrics(x, shared, seed=0, floor_draws=1) == P.patch_metrics(x, dict(small), seed=0, floor_draws=1)

@@ -237,3 +237,94 @@ def test_edm_denoiser_at_sigma_data_scale_is_not_the_half_default(tmp_path):
         out = spec.denoiser(x, torch.full((2,), 2.0, dtype=torch.float64))
     torch.testing.assert_close(out, 0.5 * x, rtol=1e-6, atol=1e-7)
     assert math.isclose(spec.denoiser.sigma_data, 2.0)
+
+
+@pytest.mark.parametrize("prediction,time_scale", [("velocity", 1000.0), ("x0", 1.0), ("epsilon", 250.0)])
+def test_flow_checkpoint_uses_its_prediction_time_scale_noise_range_and_shift(tmp_path, prediction, time_scale):
+    """Flow matching (x_t = (1 - t) x0 + t eps, t = sigma / (1 + sigma)): the network sees x_t = x / (1 + sigma) and
+    t * time_scale; its output F gives D = x_t - t F (velocity), F (x0) or (x_t - t F) / (1 - t) (epsilon).  The
+    process spans the checkpoint's VE range, and its ``flow`` schedule has the recorded shift."""
+    from steindiff.models import FlowDenoiser
+    from steindiff.noise import FlowProcess
+
+    state = random_state(TINY_VP, seed=4)
+    path = write(tmp_path / "flow", TINY_VP, {"type": "flow", "prediction": prediction, "time_scale": time_scale},
+                 {"type": "flow", "sigma_min": 0.01, "sigma_max": 60.0, "shift": 3.0}, state)
+    spec = load_model(str(path))
+    assert isinstance(spec.denoiser, FlowDenoiser) and isinstance(spec.process, FlowProcess)
+    assert spec.denoiser.prediction == prediction and spec.denoiser.time_scale == time_scale
+    assert spec.process.sigma_min == pytest.approx(0.01, rel=1e-12)
+    assert float(spec.process.t_to_sigma(spec.process.t_max)) == pytest.approx(60.0, rel=1e-9)
+    assert spec.process.schedule.shift == 3.0
+    x, sigma = x_and_sigma(4)
+    seen = Inputs(spec.denoiser.net)
+    with torch.no_grad():
+        out = spec.denoiser(x, sigma)
+    (x_in, t_in), = seen.calls
+    s = sigma.reshape(-1, 1, 1, 1)
+    t = s / (1 + s)
+    torch.testing.assert_close(x_in.double(), x / (1 + s), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(t_in.double(), (sigma / (1 + sigma)) * time_scale, rtol=1e-6, atol=1e-6)
+    net = UNet(TINY_VP).eval()
+    net.load_state_dict(state)
+    with torch.no_grad():
+        F = net((x / (1 + s)).float(), ((sigma / (1 + sigma)) * time_scale).float()).double()
+    x_t = x / (1 + s)
+    expected = {"velocity": x_t - t * F, "x0": F, "epsilon": (x_t - t * F) / (1 - t)}
+    torch.testing.assert_close(out, expected[prediction], rtol=1e-4, atol=1e-4)
+    assert all((out - v).abs().max() > 1e-2 for k, v in expected.items() if k != prediction)
+    default = write(tmp_path / "flow1", TINY_VP, {"type": "flow", "prediction": prediction, "time_scale": time_scale},
+                    {"type": "flow", "sigma_min": 0.01, "sigma_max": 60.0}, state)
+    assert load_model(str(default)).process.schedule.shift == 1.0
+
+
+def test_the_split_keeps_each_images_label(tmp_path):
+    """Labels of a .npz dataset follow their images into the held-out and training parts (class_tv compares the
+    samples with the held-out labels)."""
+    x = np.random.default_rng(1).uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32)
+    y = np.arange(10) % 4
+    np.savez(tmp_path / "imgs.npz", x=x, y=y)
+    from steindiff.data import load_dataset
+
+    ds = load_dataset(str(tmp_path / "imgs.npz"))
+    held = [0, 3, 4]
+    data = {"source": str(tmp_path / "imgs.npz"), "shape": [1, 8, 8], "fingerprint": ds.fingerprint(),
+            "holdout": {"n": 3, "seed": 0, "indices": held}}
+    info = load_model(str(write(tmp_path / "ck", TINY, {"type": "edm", "sigma_data": 0.5},
+                                {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}, data=data))).info
+    rest = [i for i in range(10) if i not in held]
+    assert info["heldout_labels"].tolist() == y[held].tolist() and info["train_labels"].tolist() == y[rest].tolist()
+    assert torch.equal(info["heldout"], torch.from_numpy(x[held])) and len(info["train"]) == 7
+
+
+def test_every_architecture_field_survives_the_round_trip(tmp_path):
+    """A U-Net config with every field away from its default comes back field by field, with its weights."""
+    import dataclasses
+
+    cfg = UNetConfig(in_channels=3, model_channels=12, channel_mult=(1, 3), num_blocks=2, attn_levels=(0, 1),
+                     dropout=0.1, embedding="positional", fourier_scale=4.0, num_classes=3, groups=4)
+    default = UNetConfig()
+    assert all(getattr(cfg, f.name) != getattr(default, f.name) for f in dataclasses.fields(UNetConfig))
+    state = random_state(cfg, seed=5)
+    path = write(tmp_path / "all", cfg, {"type": "edm", "sigma_data": 0.5},
+                 {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}, state,
+                 data={"source": "none.npy", "shape": [3, 8, 8]})
+    net, config = C.load_checkpoint(path)
+    for f in dataclasses.fields(UNetConfig):
+        assert getattr(net.config, f.name) == getattr(cfg, f.name), f.name
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items()) and not net.training
+    assert config["precond"] == {"type": "edm", "sigma_data": 0.5} and config["data"]["shape"] == [3, 8, 8]
+
+
+def test_weights_that_do_not_fit_the_architecture_are_refused_by_name(tmp_path):
+    """A tensor of another shape, a missing one, an extra one: each a CheckpointError naming the tensor."""
+    state = random_state(TINY)
+    name = sorted(k for k in state if state[k].ndim == 4)[0]
+    cases = {"shape mismatch": {**state, name: torch.zeros(1, *state[name].shape[1:])},
+             "missing": {k: v for k, v in state.items() if k != name},
+             "unexpected": {**state, "extra.weight": torch.zeros(2)}}
+    for what, bad in cases.items():
+        path = write(tmp_path / what.replace(" ", "-"), TINY, {"type": "edm", "sigma_data": 0.5},
+                     {"type": "ve", "sigma_min": 0.002, "sigma_max": 80.0}, bad)
+        with pytest.raises(C.CheckpointError, match=rf"do not match the architecture in config\.json: .*{what}"):
+            C.load_checkpoint(path)

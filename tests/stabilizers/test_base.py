@@ -225,3 +225,30 @@ def test_energy_matching_reads_back_once_per_step(read_backs):
     with read_backs() as r:
         n = sum(1 for _ in gen)
     assert n == 3 and r.count == n
+
+
+REDUCED = [("stein", {}), ("stein-energy", {}), ("stein-sc", {}), ("stein", {"per_sample": True}),
+           ("stein-energy", {"per_sample": True})]
+
+
+@pytest.mark.parametrize("name,opts", REDUCED)
+def test_batch_means_are_global_sums_over_the_global_count(name, opts):
+    """The means of a step are the all-reduced sums divided by the all-reduced sample count: with ``reduce``
+    summing three identical ranks (3 x every sum, the count too) every recorded mean, gamma and sample equals one
+    process's; the first step's s_uu and s_xu are the batch means of u.u and u.x_c, u = x - T(x) (Euler, VE)."""
+    spec = load_model("gmm:toy2d")
+    sig = get_sigmas("karras", 4, spec.process)
+    x = prior_noise((10, 2), float(sig[0]), spec.process, seed=1, dtype=torch.float64)
+    one = run(spec, x, sig, "euler", name, **opts)
+    three = run(spec, x, sig, "euler", name, reduce=lambda t: 3 * t, **opts)
+    torch.testing.assert_close(three.x, one.x, rtol=1e-12, atol=1e-12)
+    for a, b in zip(one.trace, three.trace):
+        for k in ("gamma", "gamma_raw", *(k for k in a if k.startswith("s_"))):
+            assert b[k] == pytest.approx(a[k], rel=1e-12, abs=1e-300), k
+    s0, s1 = float(sig[0]), float(sig[1])
+    with torch.no_grad():
+        d = spec.denoiser(x, torch.full((10,), s0, dtype=torch.float64))
+    u = x - (d + (s1 / s0) * (x - d))
+    rec = one.trace[0]
+    assert rec["s_uu"] == pytest.approx(float(u.pow(2).sum(1).mean()), rel=1e-12)
+    assert rec["s_xu"] == pytest.approx(float((u * x).sum(1).mean()), rel=1e-12)
