@@ -419,7 +419,12 @@ def gradient_fit_options(options: dict) -> dict | None:
            **describe_loss(options.get("loss") or "l2", feats, float(options.get("residual_weight") or 0),
                            float(options.get("teacher_ball") or 0))}
     if feats is not None:
-        out["features"] = f"{out['features']}:{fingerprint(feats)}"
+        try:
+            digest = fingerprint(feats)
+        except AmbiguousIdentity as e:  # the message names fingerprint=, which is the model's
+            raise ValueError(f"the features function {out['features']!r} cannot be identified for the cache key "
+                             f"({e}); make it a module or a plain function of the inputs") from None
+        out["features"] = f"{out['features']}:{digest}"
     out["gradient_options"] = dict(sorted((options.get("gradient_options") or {}).items()))
     return out
 

@@ -467,3 +467,28 @@ def test_a_file_made_for_another_key_is_never_used(toy, tmp_path):
         plan, notices = read(recorded)
         assert plan is base and notices, recorded
         assert "another configuration" in notices[0] and says in notices[0] and "plain solver" in notices[0]
+
+
+def test_a_feature_function_keys_the_cache_by_its_contents_or_is_refused_by_name():
+    """The gradient fit's feature function is part of the key by what it computes; one that cannot be read is
+    refused naming the features function (not the model)."""
+    import io
+
+    spec = load_model("gmm:toy2d")
+
+    def key(features):
+        return cal.calibration_options(spec, fit_method="gradient", loss="features", features=features)["gradient"]
+
+    first, second = key(lambda x: x[..., :1]), key(lambda x: x[..., 1:])
+    assert first["features"].split(":")[0].endswith("<lambda>") and first != second
+    assert key(lambda x: x[..., :1]) == first
+
+    class Opaque:
+        def __init__(self):
+            self.stream = io.BytesIO()
+
+        def __call__(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="features function 'Opaque' cannot be identified"):
+        key(Opaque())
