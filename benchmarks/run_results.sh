@@ -87,10 +87,6 @@ if [[ $what == calibrated || $what == calibrated-image64-flow || $what == all ]]
     sharded calibrated-image64-flow --model gmm:image64-flow --nfe 3,4,5,6,8,10 --schedules karras,logsnr,flow \
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}" \
     --calibration-seconds 600
-  # EDM's Heun (trapezoid in sigma) against heun_flow (in flow time, FlowMatchHeun's) from t = 1 - 1e-6
-  steindiff bench --model gmm:image64-flow --solvers heun,heun_flow --nfe 3,5,9,15 --schedules flow,karras,logsnr \
-    --coords ve --stabilizers none --seeds 0,1,2 --n 1000 --no-progress --json-out $out/heun-image64-flow.json \
-    --markdown $out/heun-image64-flow.md --title "gmm:image64-flow: EDM's Heun against Heun in flow time"
   # the same model with UniPC's flow-sigma grid as its flow schedule (diffusers' best flow configuration's levels)
   SOLVERS=unipc,dpmpp_2m TITLE="gmm:image64-flow on UniPC's flow grid: the calibrated sampler" \
     sharded calibrated-image64-flow-unipc --model gmm:image64-flow-unipc --nfe 3,4,5,6,8,10 --schedules flow \
