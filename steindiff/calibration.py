@@ -271,6 +271,8 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
     out["guards"] = [g for g in guards.split(",") if g] if isinstance(guards, str) else list(guards)
     # the gradient fit's options, normalised (a feature function by its fingerprint); absent for the
     # derivative-free fit, whose keys stay those of the files made before the gradient fit existed
+    if out["fit_method"] not in FIT_METHODS:  # before the key: a misspelt method must not read another fit's file
+        raise ValueError(f"fit_method must be one of {', '.join(FIT_METHODS)}, got {out['fit_method']!r}")
     gradient = gradient_fit_options(out) or resolved_gradient
     for k in _GRADIENT_OPTIONS:
         out.pop(k, None)

@@ -492,3 +492,12 @@ def test_a_feature_function_keys_the_cache_by_its_contents_or_is_refused_by_name
 
     with pytest.raises(ValueError, match=r"features function '\S*Opaque' cannot be identified"):
         key(Opaque())
+
+
+def test_a_misspelt_fit_method_is_refused_before_any_cache_lookup(tmp_path):
+    """A fit method that does not exist never falls back to the derivative-free key (and its shipped files)."""
+    spec = load_model("digits")
+    base = make_plan(spec.process, "dpmpp_2m", 10, "karras")
+    with pytest.raises(ValueError, match="fit_method must be one of .*'gradeint'"):
+        calibrated_plan(spec, base, cache_dir=tmp_path, calibrate_missing="never", fit_method="gradeint")
+    assert list(tmp_path.iterdir()) == []
