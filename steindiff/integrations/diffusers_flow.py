@@ -25,7 +25,7 @@ from torch import nn
 
 from ..models.denoisers import FlowDenoiser
 from ..noise import FLOW_T_DELTA, FlowProcess
-from ..schedules import FlowSchedule, flow_shift_mu
+from ..schedules import FLOW_GRIDS, FlowSchedule, flow_shift_mu
 from .diffusers import (
     UNCOND_PREFIX,
     CFGDenoiser,
@@ -50,8 +50,11 @@ class FlowSchedulerConfig:
     ``shift``: the static shift ``t' = shift t / (1 + (shift - 1) t)`` (Esser et al. 2024, Eq. 23); with
     ``use_dynamic_shifting`` the shift comes from ``mu`` instead (FLUX), ``exponential`` or ``linear``
     (``time_shift_type``).  ``base_shift``, ``max_shift``, ``base_image_seq_len`` and ``max_image_seq_len`` give
-    ``mu`` for an image sequence length (:meth:`mu`).  :meth:`schedule` is the
-    :class:`~steindiff.schedules.FlowSchedule` of a ``set_timesteps(..., mu=mu)`` call.
+    ``mu`` for an image sequence length (:meth:`mu`).  ``grid``: whose levels ``set_timesteps(n)`` makes
+    (:class:`~steindiff.schedules.FlowSchedule`): ``euler`` (``FlowMatchEulerDiscreteScheduler`` and
+    ``FlowMatchHeunDiscreteScheduler``), ``dpm`` or ``unipc`` (``DPMSolverMultistepScheduler`` or
+    ``UniPCMultistepScheduler`` with ``use_flow_sigmas``); the scheduler's class, not a field of its config.
+    :meth:`schedule` is the :class:`~steindiff.schedules.FlowSchedule` of a ``set_timesteps(..., mu=mu)`` call.
     """
 
     num_train_timesteps: int = 1000
@@ -62,6 +65,7 @@ class FlowSchedulerConfig:
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     time_shift_type: str = "exponential"
+    grid: str = "euler"
 
     def mu(self, image_seq_len: int, *, max_shift: float | None = None) -> float:
         """diffusers' ``calculate_shift`` (:func:`~steindiff.schedules.flow_shift_mu`) with this config's fields
@@ -70,12 +74,13 @@ class FlowSchedulerConfig:
                              self.max_shift if max_shift is None else max_shift)
 
     def schedule(self, mu: float | None = None) -> FlowSchedule:
-        """FlowMatchEuler's levels of ``set_timesteps(n, mu=mu)`` (``times(n)``) and the shift it applies to the
-        sigmas a pipeline passes (``shifted``): ``mu`` is required with dynamic shifting, ignored without (as
-        diffusers ignores it)."""
+        """The scheduler's levels of ``set_timesteps(n, mu=mu)`` (``times(n)``, on its ``grid``) and the shift it
+        applies to the sigmas a pipeline passes (``shifted``): ``mu`` is required with dynamic shifting, ignored
+        without (as diffusers ignores it)."""
         return FlowSchedule(shift=self.shift, dynamic=self.use_dynamic_shifting,
                             mu=float(mu) if self.use_dynamic_shifting and mu is not None else None,
-                            shift_type=self.time_shift_type, num_train_timesteps=self.num_train_timesteps)
+                            shift_type=self.time_shift_type, grid=self.grid,
+                            num_train_timesteps=self.num_train_timesteps)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -95,8 +100,11 @@ def flow_scheduler_config(scheduler_or_config: Any) -> FlowSchedulerConfig:
         raise ValueError(f"scheduler {name} is not a flow-matching scheduler (no FlowMatch class, use_flow_sigmas, "
                          "flow_prediction or shift without a beta schedule)")
     cfg, cls = _config_of(scheduler_or_config)
-    if cfg.get("process") == "flow":  # a SteinDiffScheduler's config: its flow fields are FlowMatchEuler's
-        cls = "FlowMatchEulerDiscreteScheduler"
+    grid = None
+    if cfg.get("process") == "flow":  # a SteinDiffScheduler's config: FlowMatchEuler's fields and the grid it steps
+        cls, grid = "FlowMatchEulerDiscreteScheduler", cfg.get("flow_grid", "euler")
+        if grid not in FLOW_GRIDS:
+            _refuse("SteinDiffScheduler", "flow_grid", grid, f"the flow grids are {', '.join(FLOW_GRIDS)}")
     schedule, resolution = _flow_schedule(cfg, cls)
     why = ("a FlowSchedulerConfig (SteinDiffScheduler, the flow pipeline helpers, the diffusers export) holds the "
            "time shift only; steindiff.integrations.diffusers.process_from_scheduler reproduces it")
@@ -105,7 +113,8 @@ def flow_scheduler_config(scheduler_or_config: Any) -> FlowSchedulerConfig:
     if schedule.spacing is not None:
         _refuse(cls, f"use_{schedule.spacing}_sigmas", cfg[f"use_{schedule.spacing}_sigmas"], why)
     return FlowSchedulerConfig(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift,
-                               use_dynamic_shifting=schedule.dynamic, time_shift_type=schedule.shift_type, **resolution)
+                               use_dynamic_shifting=schedule.dynamic, time_shift_type=schedule.shift_type,
+                               grid=grid or schedule.grid, **resolution)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -172,8 +172,8 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
 
     ``solver``: any of :data:`steindiff.solvers.SOLVERS` (default: the calibration's, else ``dpmpp_2m``), with
     ``solver_options``.  ``schedule``: ``karras`` (``rho``), ``logsnr`` or ``time``; for flow models also
-    ``flow``, diffusers' own flow schedule (``FlowMatchEulerDiscreteScheduler``'s levels, shifted by ``shift`` or
-    ``mu``; the default there).  For flow models ``karras`` and ``logsnr`` span the range of the shifted flow
+    ``flow``, diffusers' own flow schedule (the levels of the scheduler the config came from, shifted by ``shift``
+    or ``mu``; the default there).  For flow models ``karras`` and ``logsnr`` span the range of the shifted flow
     levels (as diffusers' ``use_karras_sigmas``), so ``mu`` moves them too.  ``num_inference_steps`` is the number
     of solver steps; Heun evaluates the model ``2 n - 1`` times (``order`` 2), as diffusers' Heun scheduler.
     ``calibration``: a calibration file, plan or record (:func:`calibration_record`); ``guidance_scale``: the
@@ -183,7 +183,10 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
     The remaining fields are the pipeline's scheduler config, read by :meth:`from_config`: ``process`` (``vp`` or
     ``flow``), the VP betas (``num_train_timesteps``, ``beta_*``, ``trained_betas``, ``rescale_betas_zero_snr``)
     and ``prediction_type``, the flow shift (``shift``, ``use_dynamic_shifting``, ``base_shift``, ``max_shift``,
-    ``base_image_seq_len``, ``max_image_seq_len``, ``time_shift_type``).  ``timestep_type``: ``interp``
+    ``base_image_seq_len``, ``max_image_seq_len``, ``time_shift_type``) and ``flow_grid``, whose levels the
+    ``flow`` schedule steps (``euler``: ``FlowMatchEulerDiscreteScheduler``'s and ``FlowMatchHeunDiscreteScheduler``'s;
+    ``dpm``, ``unipc``: ``DPMSolverMultistepScheduler``'s or ``UniPCMultistepScheduler``'s with ``use_flow_sigmas``,
+    so that swapping one of those for this scheduler keeps the pipeline's levels).  ``timestep_type``: ``interp``
     (fractional timesteps, the default) or ``round`` (VP).  ``flow_t_max``: the flow time taken for diffusers'
     first level ``t = 1``, which has no VE noise level (default ``1 - FLOW_T_DELTA``, as everywhere in steindiff:
     :data:`steindiff.noise.FLOW_T_DELTA`).  ``state_dtype``: the solver state's dtype (``float64``;
@@ -223,6 +226,7 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
+        flow_grid: str = "euler",
         flow_t_max: float = 1.0 - FLOW_T_DELTA,
         state_dtype: str = "float64",
     ):
@@ -233,7 +237,8 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         self.flow: FlowSchedulerConfig | None = None
         if process == "flow":
             self.flow = flow_scheduler_config({
-                "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": num_train_timesteps,
+                "_class_name": "FlowMatchEulerDiscreteScheduler", "process": "flow", "flow_grid": flow_grid,
+                "num_train_timesteps": num_train_timesteps,
                 "shift": shift, "use_dynamic_shifting": use_dynamic_shifting, "base_shift": base_shift,
                 "max_shift": max_shift, "base_image_seq_len": base_image_seq_len,
                 "max_image_seq_len": max_image_seq_len, "time_shift_type": time_shift_type,
@@ -299,7 +304,8 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
             if is_flow_scheduler(config):
                 flow = flow_scheduler_config(config)  # refuses what it cannot represent, naming the field
                 cfg = {k: v for k, v in cfg.items() if k not in ("prediction_type", "shift")}
-                cfg.update(flow.as_dict(), process="flow", prediction_type="flow_prediction")
+                fields = flow.as_dict()
+                cfg.update(fields, flow_grid=fields.pop("grid"), process="flow", prediction_type="flow_prediction")
             else:
                 if cfg.get("thresholding"):
                     raise ValueError(f"scheduler {name} sets thresholding=True (dynamic thresholding), which "
@@ -460,7 +466,7 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
             else:
                 ref = recorded if recorded is not None else sig[:1]
                 bad.append(f"it was made from the noise levels {_fmt(ref)}, this call's are {_fmt(base.sigmas)} "
-                           "(another schedule, shift or step count)")
+                           "(another schedule, shift, flow grid or step count)")
         if bad:
             raise ValueError("calibration does not match this pipeline call: " + "; ".join(bad))
         return SamplingPlan(rec["solver"], sig, "fitted", rec.get("gammas"), rec.get("coords", "ve"),

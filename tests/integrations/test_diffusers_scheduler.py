@@ -361,6 +361,33 @@ def test_flow_config_schedule_equals_diffusers():
         torch.testing.assert_close(schedule.shifted(schedule.unshifted(t)), t)
 
 
+@pytest.mark.parametrize("theirs", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_a_multistep_flow_config_keeps_its_own_levels(theirs, shift):
+    """Swapped in for DPM-Solver or UniPC with use_flow_sigmas (as Wan and Sana ship), the scheduler steps that
+    scheduler's levels, not FlowMatchEuler's (which end near t = 0 where these end near t = 0.4 at 5 steps), and
+    its saved config keeps them."""
+    ref = getattr(diffusers, theirs)(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
+    ref.set_timesteps(5)
+    ours = SteinDiffScheduler.from_config(ref.config, solver="dpmpp_2m")
+    assert ours.config.flow_grid == ("dpm" if "DPM" in theirs else "unipc")
+    ours.set_timesteps(5)
+    t = sd.noise.FlowProcess.sigma_to_t(ours.plan.sigmas)
+    torch.testing.assert_close(t[1:], ref.sigmas[1:].double(), rtol=1e-6, atol=1e-7)
+    assert float(t[0]) == pytest.approx(min(float(ref.sigmas[0]), 1 - FLOW_T_DELTA), rel=1e-6)
+    euler = SteinDiffScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=shift).config)
+    euler.set_timesteps(5)
+    assert float(euler.plan.sigmas[-2]) < 0.5 * float(ours.plan.sigmas[-2])  # the grids differ where it matters
+    again = SteinDiffScheduler.from_config(ours.config)
+    again.set_timesteps(5)
+    torch.testing.assert_close(again.plan.sigmas, ours.plan.sigmas)
+    # a calibration made on one grid is refused on the other, naming the grid
+    with pytest.raises(ValueError, match="another schedule, shift, flow grid or step count"):
+        SteinDiffScheduler.from_config(euler.config, calibration=hand_calibration(ours, 5)).set_timesteps(5)
+    with pytest.raises(ValueError, match="flow_grid='midpoint' is not supported"):
+        SteinDiffScheduler.from_config(ours.config, flow_grid="midpoint")
+
+
 def test_refusals_name_the_mismatch(sd3_pipe):
     config = tp.flow_scheduler("sd3").config
     plan = hand_calibration(SteinDiffScheduler.from_config(config), 4)
@@ -376,7 +403,8 @@ def test_refusals_name_the_mismatch(sd3_pipe):
     sch = SteinDiffScheduler.from_config(config, calibration=plan, guidance_scale=5)
     with pytest.raises(ValueError, match=r"it has 4 steps, this call asks for 6 \(num_inference_steps\)"):
         sch.set_timesteps(6)
-    with pytest.raises(ValueError, match=r"made from the noise levels .* \(another schedule, shift or step count\)"):
+    with pytest.raises(ValueError,
+                       match=r"made from the noise levels .* \(another schedule, shift, flow grid or step count\)"):
         sch.set_timesteps(sigmas=[1.0, 0.5, 0.3, 0.2])
     # another shift in the scheduler config than the calibration recorded
     rec = {**sch.calibration, "pipeline": {"scheduler": {"shift": 3.0}, "sample_shape": [4, 8, 8], "height": 8,
