@@ -815,8 +815,9 @@ def sample_pipeline(
     refuse_with_stabilizer(calibration, stabilizer)
     flux = False
     if getattr(pipe, "transformer", None) is not None:
-        from .diffusers_flow import _is_flux, flow_pipeline_model, image_size
+        from .diffusers_flow import _is_flux, check_flow_pipeline, flow_pipeline_model, image_size
 
+        check_flow_pipeline(pipe)  # a transformer of another kind is refused, naming it
         flux = _is_flux(pipe)
         _refuse_arguments(pipe, "a flow pipeline, conditioned by prompt embeddings", class_labels=class_labels,
                           negative_class_labels=negative_class_labels,

@@ -39,7 +39,8 @@ from .diffusers import (
 )
 
 __all__ = ["FlowSchedulerConfig", "flow_scheduler_config", "flow_pipeline_model", "pipeline_mu",
-           "pipeline_schedule_kwargs", "FlowPipelineModel", "encode_prompts", "any_pipeline_model", "image_size"]
+           "pipeline_schedule_kwargs", "FlowPipelineModel", "encode_prompts", "any_pipeline_model", "image_size",
+           "check_flow_pipeline", "FLOW_TRANSFORMERS"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,19 @@ FLOW_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 def _is_flux(pipe: Any) -> bool:
     return "Flux" in type(pipe).__name__ or "Flux" in type(getattr(pipe, "transformer", None)).__name__
+
+
+def check_flow_pipeline(pipe: Any) -> str:
+    """The class name of a flow pipeline's transformer; ValueError naming it unless it is one of
+    :data:`FLOW_TRANSFORMERS`, or when the pipeline lacks a transformer or a scheduler."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or getattr(pipe, "scheduler", None) is None:
+        raise ValueError("a flow pipeline needs a `transformer` and a `scheduler`")
+    kind = type(transformer).__name__
+    if kind not in FLOW_TRANSFORMERS:
+        raise ValueError(f"transformer {kind} is not supported: steindiff's flow pipelines are Stable Diffusion 3 "
+                         "(SD3Transformer2DModel) and FLUX (FluxTransformer2DModel)")
+    return kind
 
 
 def _latent_hw(pipe: Any, height: int, width: int) -> tuple[int, int]:
@@ -202,13 +216,8 @@ def flow_pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor, pooled_prompt
     from ``1/num_train_timesteps`` to ``t_max`` (diffusers' ``t = 1`` has no VE level: ``1 - FLOW_T_DELTA``,
     :data:`steindiff.noise.FLOW_T_DELTA`, as everywhere in steindiff).
     """
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None or getattr(pipe, "scheduler", None) is None:
-        raise ValueError("a flow pipeline needs a `transformer` and a `scheduler`")
-    kind = type(transformer).__name__
-    if kind not in FLOW_TRANSFORMERS:
-        raise ValueError(f"transformer {kind} is not supported: steindiff's flow pipelines are Stable Diffusion 3 "
-                         "(SD3Transformer2DModel) and FLUX (FluxTransformer2DModel)")
+    kind = check_flow_pipeline(pipe)
+    transformer = pipe.transformer
     cfg = flow_scheduler_config(pipe.scheduler)
     flux = _is_flux(pipe)
     tcfg = transformer.config
