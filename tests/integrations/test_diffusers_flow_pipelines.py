@@ -25,16 +25,6 @@ G = 3.0
 SMALL = {"n": 8, "ref_steps": 8, "max_solves": 2, "max_seconds": 10.0}
 
 
-@pytest.fixture(scope="module")
-def sd3_pipe():
-    return tp.stable_diffusion_3()
-
-
-@pytest.fixture(scope="module")
-def flux_pipe():
-    return tp.flux()
-
-
 def pipe_of(which, sd3_pipe, flux_pipe):
     return sd3_pipe if which == "sd3" else flux_pipe
 

@@ -34,21 +34,6 @@ G = 3.0
 SMALL = {"n": 8, "ref_steps": 8, "max_solves": 2, "max_seconds": 10.0}
 
 
-@pytest.fixture(scope="module")
-def sd_pipe():
-    return tp.stable_diffusion()
-
-
-@pytest.fixture(scope="module")
-def sd3_pipe():
-    return tp.stable_diffusion_3()
-
-
-@pytest.fixture(scope="module")
-def flux_pipe():
-    return tp.flux()
-
-
 def embeds(pipe, k=2):
     return encode_prompts(pipe, ["a cat", "dogs"][:k], guidance_scale=G, max_sequence_length=8) \
         if getattr(pipe, "transformer", None) is not None else encode_prompts(pipe, ["a cat", "dogs"][:k],
