@@ -654,9 +654,11 @@ def _flow_mismatch(plan: SamplingPlan, pipe: Any, pm: PipelineModel, size: tuple
     here = _plain_plan(pipe, pm, size, plan.solver, plan.nfe, schedule, rho, plan.solver_options)[0].sigmas
     if torch.allclose(here, torch.as_tensor(base, dtype=torch.float64), rtol=1e-6, atol=1e-9):
         return []
-    fmt = ", ".join(f"{float(s):.5g}" for s in base)
-    return [f"it was made from the noise levels [{fmt}], this call's are "
-            f"[{', '.join(f'{float(s):.5g}' for s in here)}] (another shift, image size or schedule)"]
+    def fmt(levels: Any) -> str:
+        return "[" + ", ".join(f"{float(s):.5g}" for s in levels) + "]"
+
+    return [f"it was made from the noise levels {fmt(base)}, this call's are {fmt(here)} (another shift, image size "
+            "or schedule)"]
 
 
 def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | None, nfe: int | None,
