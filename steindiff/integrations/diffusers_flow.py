@@ -39,7 +39,8 @@ from .diffusers import (
 )
 
 __all__ = ["FlowSchedulerConfig", "flow_scheduler_config", "flow_pipeline_model", "pipeline_mu",
-           "pipeline_schedule_kwargs", "FlowPipelineModel", "encode_prompts", "any_pipeline_model", "image_size"]
+           "pipeline_schedule_kwargs", "FlowPipelineModel", "encode_prompts", "any_pipeline_model", "image_size",
+           "check_flow_pipeline", "FLOW_TRANSFORMERS"]
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,25 @@ def flow_scheduler_config(scheduler_or_config: Any) -> FlowSchedulerConfig:
 # ------------------------------------------------------------------------------------------------------------
 # pipelines
 # ------------------------------------------------------------------------------------------------------------
+#: The transformers of the flow pipelines steindiff samples (Stable Diffusion 3, FLUX).
+FLOW_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
 def _is_flux(pipe: Any) -> bool:
     return "Flux" in type(pipe).__name__ or "Flux" in type(getattr(pipe, "transformer", None)).__name__
+
+
+def check_flow_pipeline(pipe: Any) -> str:
+    """The class name of a flow pipeline's transformer; ValueError naming it unless it is one of
+    :data:`FLOW_TRANSFORMERS`, or when the pipeline lacks a transformer or a scheduler."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or getattr(pipe, "scheduler", None) is None:
+        raise ValueError("a flow pipeline needs a `transformer` and a `scheduler`")
+    kind = type(transformer).__name__
+    if kind not in FLOW_TRANSFORMERS:
+        raise ValueError(f"transformer {kind} is not supported: steindiff's flow pipelines are Stable Diffusion 3 "
+                         "(SD3Transformer2DModel) and FLUX (FluxTransformer2DModel)")
+    return kind
 
 
 def _latent_hw(pipe: Any, height: int, width: int) -> tuple[int, int]:
@@ -207,15 +225,10 @@ def flow_pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor, pooled_prompt
     from ``1/num_train_timesteps`` to ``t_max`` (diffusers' ``t = 1`` has no VE level: ``1 - FLOW_T_DELTA``,
     :data:`steindiff.noise.FLOW_T_DELTA`, as everywhere in steindiff).
     """
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None or getattr(pipe, "scheduler", None) is None:
-        raise ValueError("a flow pipeline needs a `transformer` and a `scheduler`")
+    kind = check_flow_pipeline(pipe)
+    transformer = pipe.transformer
     cfg = flow_scheduler_config(pipe.scheduler)
     flux = _is_flux(pipe)
-    kind = type(transformer).__name__
-    if kind not in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
-        raise ValueError(f"transformer {kind} is not supported: steindiff's flow pipelines are Stable Diffusion 3 "
-                         "(SD3Transformer2DModel) and FLUX (FluxTransformer2DModel)")
     tcfg = transformer.config
     h, w = _latent_hw(pipe, *image_size(pipe, height, width))
     device = getattr(transformer, "device", torch.device("cpu"))
@@ -305,10 +318,12 @@ def any_pipeline_model(pipe: Any, *, guidance_scale: float = 1.0, height: int | 
 
 
 def image_size(pipe: Any, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-    """The image size in pixels a pipeline makes by default (its denoiser's ``sample_size`` times the VAE's
-    factor), unless given."""
+    """The image size in pixels a pipeline makes by default, unless given: its ``default_sample_size`` (SD3,
+    FLUX), else its denoiser's ``sample_size``, times the VAE's factor."""
     f = int(getattr(pipe, "vae_scale_factor", 8))
     net = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    size = net.config.get("sample_size", 64) if net is not None else 64
+    size = getattr(pipe, "default_sample_size", None)
+    if size is None:
+        size = net.config.get("sample_size", 64) if net is not None else 64
     hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
     return int(height or hw[0] * f), int(width or hw[1] * f)

@@ -66,7 +66,7 @@ from .diffusers_flow import (
 )
 
 __all__ = ["SteinDiffScheduler", "SteinDiffSchedulerOutput", "calibration_record", "calibrate_scheduler",
-           "conditioning_free_model"]
+           "conditioning_free_model", "pipeline_plan"]
 
 FLOW_SCHEDULES = ("flow", *(s for s in SCHEDULES if s != "flow"))
 VP_SCHEDULES = tuple(s for s in SCHEDULES if s != "flow")  # 'flow' needs a FlowProcess
@@ -665,6 +665,21 @@ def _pipeline_record(pipe: Any, sched: SteinDiffScheduler, pm: Any, height: int,
             "guidance_scale": float(guidance_scale), "num_inference_steps": None}
 
 
+def pipeline_plan(pipe: Any, num_inference_steps: int, *, solver: str = DEFAULT_SOLVER, schedule: str | None = None,
+                  rho: float = 7.0, solver_options: dict | None = None, height: int | None = None,
+                  width: int | None = None) -> tuple[SteinDiffScheduler, SamplingPlan, float | None]:
+    """The plain plan a :class:`SteinDiffScheduler` built from ``pipe``'s scheduler config (without a calibration)
+    steps a pipeline call of ``num_inference_steps`` at ``height x width`` pixels (default :func:`image_size`) with:
+    :meth:`SteinDiffScheduler.plan_for` of what the pipeline passes ``set_timesteps`` (flow: its ``mu`` and, for
+    FLUX, its sigmas; :func:`pipeline_schedule_kwargs`).  Returns the scheduler, the plan and that ``mu``."""
+    sched = SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=schedule, rho=rho,
+                                           solver_options=solver_options, calibration=None, guidance_scale=None)
+    height, width = image_size(pipe, height, width)
+    kwargs = pipeline_schedule_kwargs(pipe, num_inference_steps, height, width) if sched.flow is not None else {}
+    base = sched.plan_for(None if "sigmas" in kwargs else num_inference_steps, **kwargs)
+    return sched, base, kwargs.get("mu")
+
+
 def conditioning_free_model(pipe: Any, rec: Mapping) -> Any:
     """The model a calibration record was fitted on, rebuilt with placeholder conditioning: its weights, latent
     shape and process make the same :func:`~steindiff.calibration.model_fingerprint` (conditioning is not part of
@@ -711,8 +726,9 @@ def calibrate_scheduler(
     classifier-free guidance at ``guidance_scale`` for Stable Diffusion and SD3, embedded guidance for FLUX) over the
     pipeline's own encoding of ``prompts`` (or ``embeddings``, the keyword arguments of
     :func:`~.diffusers_flow.encode_prompts`).  The plain plan it refines is the scheduler's for this call
-    (:meth:`SteinDiffScheduler.plan_for` with what the pipeline passes ``set_timesteps`` at ``height x width``: its
-    ``mu`` and, for FLUX, its sigmas).  The calibrated sampler of :func:`steindiff.calibration.calibrated_plan`
+    (:func:`pipeline_plan`: :meth:`SteinDiffScheduler.plan_for` with what the pipeline passes ``set_timesteps`` at
+    ``height x width``: its ``mu`` and, for FLUX, its sigmas).  The calibrated sampler of
+    :func:`steindiff.calibration.calibrated_plan`
     (through :func:`~steindiff.integrations.diffusers.calibrate_pipeline`'s cache, keyed by the weights, the latent
     shape, the process, the plan and the conditioning: the guidance scale and a hash of the embeddings) fits it on
     first use; ``options`` go to :func:`steindiff.calibration.calibrate` (``n``, ``ref_steps``, ``max_solves``,
@@ -722,11 +738,9 @@ def calibrate_scheduler(
 
     if prompts is None and embeddings is None:
         raise ValueError("give prompts (encoded by the pipeline) or embeddings")
-    sched = SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=schedule, rho=rho,
-                                           solver_options=solver_options)
+    sched, base, mu = pipeline_plan(pipe, num_inference_steps, solver=solver, schedule=schedule, rho=rho,
+                                    solver_options=solver_options, height=height, width=width)
     height, width = image_size(pipe, height, width)
-    kwargs = pipeline_schedule_kwargs(pipe, num_inference_steps, height, width) if sched.flow is not None else {}
-    base = sched.plan_for(None if "sigmas" in kwargs else num_inference_steps, **kwargs)
     embeds = dict(embeddings) if embeddings is not None else encode_prompts(
         pipe, prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale)
     pm = any_pipeline_model(pipe, guidance_scale=guidance_scale, height=height, width=width,
@@ -738,7 +752,7 @@ def calibrate_scheduler(
                        progress=progress, notice=notice, options=options)
     if plan.gammas is None:  # nothing cached and not calibrating: the plain scheduler
         return sched
-    plan.meta["pipeline"] = {**_pipeline_record(pipe, sched, pm, height, width, kwargs.get("mu"), guidance_scale),
+    plan.meta["pipeline"] = {**_pipeline_record(pipe, sched, pm, height, width, mu, guidance_scale),
                              "num_inference_steps": int(num_inference_steps)}
     g = pm.conditioning().get("embedded_guidance") or pm.guidance_scale
     return SteinDiffScheduler.from_config(pipe.scheduler.config, solver=solver, schedule=sched.schedule, rho=rho,

@@ -1,7 +1,7 @@
 """SteinDiffScheduler inside unmodified diffusers pipelines (Stable Diffusion, SD3, FLUX; text-to-image and
-image-to-image), plain and calibrated: the pipelines' latents equal steindiff's own solve of the same model
-(``sample_pipeline`` for the UNet pipeline, ``steindiff.sample`` on the transformer's FlowDenoiser for the flow
-ones); refusals name the mismatch.  Tiny random pipelines built offline (tiny_pipelines.py), float64."""
+image-to-image), plain and calibrated: the pipelines' latents equal steindiff's own solve of the same model,
+``sample_pipeline``; sample_pipeline on the flow pipelines (its arguments, latents, decoding); refusals name the
+mismatch.  Tiny random pipelines built offline (tiny_pipelines.py), float64."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import steindiff as sd  # noqa: E402
 from steindiff.integrations.diffusers import sample_pipeline  # noqa: E402
 from steindiff.integrations.diffusers_flow import (  # noqa: E402
     encode_prompts,
-    flow_pipeline_model,
     flow_scheduler_config,
     pipeline_schedule_kwargs,
 )
@@ -30,25 +29,9 @@ from steindiff.integrations.diffusers_scheduler import (  # noqa: E402
 )
 from steindiff.noise import FLOW_T_DELTA  # noqa: E402
 from steindiff.plan import SamplingPlan  # noqa: E402
-from steindiff.stabilizers.schedule import GammaSchedule  # noqa: E402
 
 G = 3.0
 SMALL = {"n": 8, "ref_steps": 8, "max_solves": 2, "max_seconds": 10.0}
-
-
-@pytest.fixture(scope="module")
-def sd_pipe():
-    return tp.stable_diffusion()
-
-
-@pytest.fixture(scope="module")
-def sd3_pipe():
-    return tp.stable_diffusion_3()
-
-
-@pytest.fixture(scope="module")
-def flux_pipe():
-    return tp.flux()
 
 
 def embeds(pipe, k=2):
@@ -69,16 +52,11 @@ def noise(pipe, n=2):
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 
-def flow_reference(pipe, emb, lat, plan, sigmas=None, gammas=None):
-    """steindiff.sample on the pipeline's transformer as a FlowDenoiser, from the pipeline's latents."""
-    pm = flow_pipeline_model(pipe, guidance_scale=G, height=8, width=8, **emb)
-    sig = plan.sigmas if sigmas is None else sigmas
-    gam = plan.gammas if gammas is None else gammas
-    stab = None if gam is None else GammaSchedule(gam, plan.coords)
-    x = lat * pm.process.prior_scale(float(sig[0]))
-    res = sd.sample(pm.model, x, sig, plan.solver, stabilizer=stab, extra_args=pm.extra_args(lat.shape[0]),
-                    dtype=torch.float64)
-    return pm.process.to_vp(res.x, float(sig[-1])), res.nfe
+def reference(pipe, emb, lat, **kw):
+    """sample_pipeline of the same call: float64, from the pipeline's latents, 8x8 pixels for the flow pipelines."""
+    size = dict(height=8, width=8) if getattr(pipe, "transformer", None) is not None else {}
+    return sample_pipeline(pipe, **emb, guidance_scale=G, latents=lat, dtype=torch.float64, output_type="latent",
+                           **size, **kw)
 
 
 def hand_calibration(sched, n, **kw) -> SamplingPlan:
@@ -118,7 +96,7 @@ def test_stable_diffusion_pipeline_equals_sample_pipeline(sd_pipe, solver):
 
 @pytest.mark.parametrize("which,solver", [("sd3", "dpmpp_2m"), ("sd3", "heun"), ("flux", "dpmpp_2m"),
                                           ("flux", "unipc"), ("flux", "euler")])
-def test_flow_pipelines_equal_steindiff_on_the_flow_denoiser(which, solver, sd3_pipe, flux_pipe):
+def test_flow_pipelines_equal_sample_pipeline(which, solver, sd3_pipe, flux_pipe):
     pipe = sd3_pipe if which == "sd3" else flux_pipe
     pipe.scheduler = SteinDiffScheduler.from_config(tp.flow_scheduler(which).config, solver=solver)
     emb = embeds(pipe)
@@ -126,9 +104,10 @@ def test_flow_pipelines_equal_steindiff_on_the_flow_denoiser(which, solver, sd3_
     out = pipe(**call_kwargs(pipe, emb), guidance_scale=G, num_inference_steps=4, latents=lat,
                output_type="latent").images
     sch = pipe.scheduler
-    ref, nfe = flow_reference(pipe, emb, lat, sch.plan)
-    assert nfe == len(sch.timesteps) == (7 if solver == "heun" else 4)
-    assert rel(out, ref) < 1e-9
+    ref = reference(pipe, emb, lat, solver=solver, nfe=sch.nfe)  # its default plan: the scheduler's for this call
+    assert ref.nfe == len(sch.timesteps) == (7 if solver == "heun" else 4)
+    assert rel(out, ref.latents) < 1e-9
+    torch.testing.assert_close(ref.sigmas, sch.plan.sigmas)
     # diffusers' flow levels (its first, t = 1, taken at 1 - FLOW_T_DELTA), shifted as the pipeline asked
     kw = pipeline_schedule_kwargs(pipe, 4, 8, 8)
     schedule = flow_scheduler_config(tp.flow_scheduler(which)).schedule(kw.get("mu"))
@@ -189,7 +168,7 @@ def test_calibrated_stable_diffusion_equals_sample_pipeline(sd_pipe):
 
 
 @pytest.mark.parametrize("which", ["sd3", "flux"])
-def test_calibrated_flow_pipelines_equal_steindiff(which, sd3_pipe, flux_pipe):
+def test_calibrated_flow_pipelines_equal_sample_pipeline(which, sd3_pipe, flux_pipe):
     pipe = sd3_pipe if which == "sd3" else flux_pipe
     config = tp.flow_scheduler(which).config
     plan = hand_calibration(SteinDiffScheduler.from_config(config, solver="dpmpp_2m"), None,
@@ -199,10 +178,11 @@ def test_calibrated_flow_pipelines_equal_steindiff(which, sd3_pipe, flux_pipe):
     emb, lat = embeds(pipe), noise(pipe)
     out = pipe(**call_kwargs(pipe, emb), guidance_scale=G, num_inference_steps=4, latents=lat,
                output_type="latent").images
-    ref, nfe = flow_reference(pipe, emb, lat, plan)
-    assert nfe == 4 and rel(out, ref) < 1e-9
-    plain, _ = flow_reference(pipe, emb, lat, plan, sigmas=torch.as_tensor(plan.meta["base_sigmas"]), gammas=[1.0] * 4)
-    assert rel(out, plain) > 1e-3
+    ref = reference(pipe, emb, lat, calibration=plan)
+    assert ref.nfe == 4 and rel(out, ref.latents) < 1e-9
+    plain = reference(pipe, emb, lat, solver="dpmpp_2m", nfe=4)
+    torch.testing.assert_close(plain.sigmas, torch.as_tensor(plan.meta["base_sigmas"], dtype=torch.float64))
+    assert rel(out, plain.latents) > 1e-3  # the calibration changed the solve
     # FLUX: another image size is another mu, and the calibration is refused naming it
     if which == "flux":
         mu8, mu16 = (pipeline_schedule_kwargs(pipe, 4, s, s)["mu"] for s in (8, 16))
@@ -247,17 +227,13 @@ def test_img2img_pipelines_start_the_solve_at_their_strength(which, solver, cali
     assert i0 == 2 and sch.begin_index == i0 * sch.order  # strength 0.6 of 5 steps: the last 3
     sig = sch.plan.sigmas[i0:]
     gam = None if plan is None else plan.gammas[i0:]
-    if which == "sd":
-        if calibrated:  # the calibration's tail: its own levels and gammas from that step on
-            tail = SamplingPlan(solver, sig, "fitted", gam)
-            ref = sample_pipeline(pipe, **emb, guidance_scale=G, calibration=tail, latents=seen["x"],
-                                  dtype=torch.float64, output_type="latent").latents
-        else:
-            ref = sample_pipeline(pipe, **emb, guidance_scale=G, solver=solver, schedule=sig, latents=seen["x"],
-                                  dtype=torch.float64, output_type="latent").latents
+    if calibrated:  # the calibration's tail: its own levels and gammas from that step on
+        ref = sample_pipeline(pipe, **emb, guidance_scale=G, calibration=SamplingPlan(solver, sig, "fitted", gam),
+                              latents=seen["x"], dtype=torch.float64, output_type="latent")
     else:
-        ref, _ = flow_reference(pipe, emb, seen["x"], sch.plan, sigmas=sig, gammas=gam)
-    assert rel(out, ref) < 1e-9
+        ref = sample_pipeline(pipe, **emb, guidance_scale=G, solver=solver, schedule=sig, latents=seen["x"],
+                              dtype=torch.float64, output_type="latent")
+    assert rel(out, ref.latents) < 1e-9
 
 
 def test_noising_matches_diffusers_own(sd3_pipe):

@@ -128,7 +128,8 @@ def stable_diffusion_3(img2img: bool = False, scheduler=None, image_size: int = 
 
 def flux(scheduler=None):
     """FluxPipeline: a one-layer FLUX transformer (guidance embedding on) on 1x8x8 latents packed to 16 tokens of 4,
-    a CLIP and a small T5 encoder, FLUX's dynamic shifting."""
+    a CLIP and a small T5 encoder, FLUX's dynamic shifting.  Its default image is 8x8 pixels (``default_sample_size``
+    8; the real pipeline's 128 would be 4096 tokens here)."""
     import diffusers
     from transformers import CLIPTextModel
 
@@ -140,6 +141,8 @@ def flux(scheduler=None):
     clip = CLIPTextModel(_clip_config())
     t5 = _t5(9)
     sched = scheduler or flow_scheduler("flux")
-    return _done(diffusers.FluxPipeline(scheduler=sched, vae=_vae(1, shift_factor=0.06, scaling_factor=1.5),
-                                        text_encoder=clip, tokenizer=tokenizer(), text_encoder_2=t5,
-                                        tokenizer_2=tokenizer(max_length=8), transformer=transformer))
+    pipe = diffusers.FluxPipeline(scheduler=sched, vae=_vae(1, shift_factor=0.06, scaling_factor=1.5),
+                                  text_encoder=clip, tokenizer=tokenizer(), text_encoder_2=t5,
+                                  tokenizer_2=tokenizer(max_length=8), transformer=transformer)
+    pipe.default_sample_size = 8
+    return _done(pipe)
