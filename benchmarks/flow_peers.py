@@ -226,6 +226,17 @@ def summarize(peers_result: dict, bench: dict) -> dict:
     ref = [r for r in peers_result["rows"] if r["framework"] == "reference"]
     ref_stats = {m: statistics.fmean(excess(r["metrics"], m) for r in ref) for m in METRICS
                  if all(excess(r["metrics"], m) is not None for r in ref)} if ref else {}
+    ref_sw2 = [excess(r["metrics"], "sw2") for r in ref]
+    if len(ref_sw2) > 1 and None not in ref_sw2:
+        # room below diffusers' best: more than both seed spreads above the fine solve (the calibrated
+        # sampler's gap-closed rule: a cell has no room where the baseline is within the fine solve's spread)
+        fine = {"mean": statistics.fmean(ref_sw2), "std": statistics.stdev(ref_sw2)}
+        ref_stats["sw2_std"] = fine["std"]
+        for b in best.values():
+            d = b.get("diffusers")
+            if d:
+                e = d["excess"]["sw2"]
+                d["room_vs_fine"] = e["mean"] - fine["mean"] > e["std"] + fine["std"]
     return {"cells": stats, "best": best, "reference": ref_stats}
 
 
@@ -273,18 +284,22 @@ def markdown(peers_result: dict, bench: dict, command: str) -> str:
     ]
     if summ["reference"]:
         r = summ["reference"]
-        lines += [f"The reference solve itself (the fine solve's floor): excess sw2 {r['sw2']:.4f}, excess NLL "
+        spread = f" ± {r['sw2_std']:.4f} over seeds" if "sw2_std" in r else ""
+        lines += [f"The reference solve itself (the fine solve's floor): excess sw2 {r['sw2']:.4f}{spread}, excess NLL "
                   f"{r['nll']:.3f}, excess mode TV {r['mode_tv']:.3f}.", ""]
     lines += [
         "## Best per NFE (excess sliced W2)",
         "",
         "Verdicts of the best steindiff configuration against the best diffusers one at the same NFE budget, with the "
         "protocol's rule (`+` lower by more than the diffusers configuration's seed spread, `−` higher by more than "
-        "2% plus that spread, `=` tie, `°` diffusers already at the floor): on sw2, then NLL, mode TV, MMD.",
+        "2% plus that spread, `=` tie, `°` diffusers already at the floor): on sw2, then NLL, mode TV, MMD. "
+        "`room below diffusers`: whether the best diffusers configuration is above the fine solve by more than "
+        "both seed spreads; where it is not, even the fine solve would tie with it.",
         "",
-        "| NFE | best diffusers | excess sw2 | best steindiff plain | excess sw2 | vs diffusers | best steindiff "
-        "calibrated | excess sw2 | vs diffusers (sw2, nll, mode, mmd) | calibrated below diffusers (seeds) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| NFE | best diffusers | excess sw2 | room below diffusers | best steindiff plain | excess sw2 | vs diffusers "
+        "| best steindiff calibrated | excess sw2 | vs diffusers (sw2, nll, mode, mmd) | calibrated below diffusers "
+        "(seeds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mark = {"helps": "+", "hurts": "−", "tie": "=", "failed": "✗", "n/a": "?"}
 
@@ -294,12 +309,13 @@ def markdown(peers_result: dict, bench: dict, command: str) -> str:
         return " ".join(("°" if not v[m]["room"] and v[m]["verdict"] == "tie" else mark[v[m]["verdict"]])
                         for m in metrics if m in v)
 
-    counts = {"helps": 0, "tie": 0, "hurts": 0, "room": 0}
+    counts = {"helps": 0, "tie": 0, "hurts": 0, "room": 0, "room_vs_fine": 0, "helps_vs_fine": 0}
     all4 = ["sw2", "nll", "mode_tv", "mmd"]
     for nfe in nfes:
         b = summ["best"].get(nfe, {})
         d, s, c = b.get("diffusers"), b.get("steindiff"), b.get("calibrated")
-        cols = [f"{d['label']} | {_fmt(d['excess']['sw2'])}" if d else "- | -",
+        room = "-" if not d or "room_vs_fine" not in d else ("yes" if d["room_vs_fine"] else "no")
+        cols = [f"{d['label']} | {_fmt(d['excess']['sw2'])} | {room}" if d else "- | - | -",
                 f"{s['label']} | {_fmt(s['excess']['sw2'])} | {marks(s.get('vs_diffusers'), ['sw2'])}" if s
                 else "- | - | -",
                 f"{c['label']} | {_fmt(c['excess']['sw2'])} | {marks(c.get('vs_diffusers'), all4)}" if c
@@ -310,8 +326,13 @@ def markdown(peers_result: dict, bench: dict, command: str) -> str:
             v = c["vs_diffusers"]["sw2"]
             counts[v["verdict"] if v["verdict"] in counts else "tie"] += 1
             counts["room"] += int(v["room"])
+            if d.get("room_vs_fine"):
+                counts["room_vs_fine"] += 1
+                counts["helps_vs_fine"] += v["verdict"] == "helps"
     lines += ["", f"Best calibrated against best diffusers on excess sw2: {counts['helps']} better, {counts['tie']} "
-              f"ties, {counts['hurts']} worse, of {len(nfes)} NFE budgets ({counts['room']} with room).", ""]
+              f"ties, {counts['hurts']} worse, of {len(nfes)} NFE budgets ({counts['room']} with room by the "
+              f"protocol's rule; {counts['room_vs_fine']} with room below diffusers' best, better in "
+              f"{counts['helps_vs_fine']} of those).", ""]
     for metric, title in (("sw2", "Excess sliced W2"), ("nll", "Excess NLL (|nll - floor|)"),
                           ("mode_tv", "Excess mode TV"), ("traj_err", "Distance to the reference solve (traj_err)")):
         lines += [f"## diffusers: {title}, mean ± seed std", "",

@@ -37,6 +37,22 @@ def test_diffusers_flow_euler_on_the_bench_noise_is_steindiff_euler(fp, tmp_path
         fp.run({**bench, "config": {**bench["config"], "models": ["gmm:toy2d"]}}, peers, progress=False)
 
 
+def test_room_below_diffusers_is_measured_against_the_fine_solve(fp):
+    bench = run_grid(["gmm:toy2d-flow"], ["euler"], [3], ["flow"], ["ve"], ["none"], [0, 1, 2], 200,
+                     progress=False, ref_steps=40)
+    peers = [fp.Peer("FlowMatchEulerDiscreteScheduler", "FlowMatchEuler shift 1", {"shift": 1.0})]
+    res = fp.run(bench, peers, progress=False)
+    summ = fp.summarize(res, bench)
+    fine = [fp.excess(r["metrics"], "sw2") for r in res["rows"] if r["framework"] == "reference"]
+    d = summ["best"][3]["diffusers"]["excess"]["sw2"]
+    gap, spreads = d["mean"] - sum(fine) / 3, d["std"] + summ["reference"]["sw2_std"]
+    assert summ["reference"]["sw2_std"] > 0 and len(fine) == 3
+    assert summ["best"][3]["diffusers"]["room_vs_fine"] == (gap > spreads)
+    # Euler at NFE 3 on a 2-d mixture is far from its fine solve: room, said in the table
+    assert gap > spreads
+    assert "| yes |" in fp.markdown(res, bench, "cmd")
+
+
 def test_digits_compare_picks_best_and_gap(load_benchmark):
     dc = load_benchmark("digits_flow_compare")
 
