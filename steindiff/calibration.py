@@ -541,7 +541,9 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
         est = estimate_fit(spec, base, opts, extra_args=tiled)
     report("fitting it again")
     say_fit = notice if notice is not None else (lambda m: None)  # what is fitted is news, not a warning
-    say_fit(f"steindiff: calibrating {what} once (fit: {opts['fit']}; {est}, measured on this machine); "
+    g = opts.get("gradient")
+    how = f"gradient fit of {'+'.join(g['params'])}" if g else f"fit: {opts['fit']}"
+    say_fit(f"steindiff: calibrating {what} once ({how}; {est}, measured on this machine); "
             f"cached in {root}")
     call = {k: v for k, v in opts.items() if k != "gradient"}
     call.update((k, options[k]) for k in _GRADIENT_OPTIONS if k in options)

@@ -502,10 +502,11 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
              stabilizers: Sequence[str] = ("none", "stein"), probes_list: Sequence[int] = (1, 5), n: int = 1000,
              repeats: int = 5, coords: str = "ve", seed: int = 0, progress: bool = True,
              device: str | torch.device | None = None, jacobian_batch: int | None = None,
-             jacobian_precision: str = "fp32") -> list[dict]:
+             jacobian_precision: str = "fp32", calibration: dict | None = None) -> list[dict]:
     """Wall-clock seconds per sample of ``none`` and each stabilizer at equal NFE, measured in one
     process with the repeats interleaved (``none, stein P=1, stein P=5, ...`` then again), medians,
-    after one untimed warm-up round.
+    after one untimed warm-up round.  ``calibration``: options of the ``cal:trajectory`` fit, as in
+    :func:`run_grid` (fitted before the timing).
 
     Peak memory: on CUDA each entry has ``peak_mem_bytes``, the largest
     ``torch.cuda.max_memory_allocated`` of its timed runs (statistics reset before each), and
@@ -538,7 +539,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
                         fitted[TRAJECTORY] = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
                                                              calibrate_missing="always", notice=lambda m: None,
-                                                             **calibration_options(spec))
+                                                             **{**calibration_options(spec), **(calibration or {})})
                 for label in (s for s in stabilizers if s.startswith(PREFIX)):
                     opts = calibration_options(spec)
                     fitted[label] = fit_peer(label, spec.denoiser, base_plan, _noise(spec, opts["n"], opts["seed"]),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.peers import PEERS, PREFIX
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_params
 from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
@@ -71,6 +72,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="cal:trajectory: time budget of the refinement per cell, which stops it first on a slow "
                         "machine (default: 45 for mixtures, 40 for image models); raise it for a fit that ends on "
                         "--calibration-solves alone, the same on every machine")
+    p.add_argument("--fit-method", default=None, choices=FIT_METHODS,
+                   help="cal:trajectory: how the calibration is fitted (default: derivative-free, as --stabilizer "
+                        "auto; gradient: backpropagation through the solve, for models with gradients)")
+    p.add_argument("--fit-params", default=None, metavar="P[,P...]",
+                   help=f"cal:trajectory with --fit-method gradient: what to fit, from {', '.join(PARAMS)} (default "
+                        f"{','.join(DEFAULT_PARAMS)})")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
@@ -145,6 +152,12 @@ def run(args: argparse.Namespace) -> int:
             if not args.calibration_seconds > 0 or args.calibration_seconds == float("inf"):
                 raise UsageError(f"--calibration-seconds must be a positive number, got {args.calibration_seconds}")
             calibration["max_seconds"] = args.calibration_seconds
+        if args.fit_params is not None and args.fit_method != "gradient":
+            raise UsageError("--fit-params needs --fit-method gradient")
+        if args.fit_method == "gradient":
+            with usage_errors(ValueError):
+                calibration.update(fit_method="gradient",
+                                   params=list(check_params(args.fit_params or DEFAULT_PARAMS)))
         device = common.device_from_args(args)
         with usage_errors(ValueError, TypeError):
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
@@ -156,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             entries = run_cost(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"][0], grid["stabilizers"],
                                cost_probes, args.n, args.repeats, grid["coords"][0], grid["seeds"][0], progress,
                                device=device, jacobian_batch=args.jacobian_batch,
-                               jacobian_precision=args.jacobian_precision)
+                               jacobian_precision=args.jacobian_precision, calibration=calibration or None)
             machine["wall_s_total"] = time.perf_counter() - t0
             result = {"schema": SCHEMA, "machine": machine,
                       "config": {**grid, "n": args.n, "cost_probes": cost_probes, "repeats": args.repeats},
@@ -220,7 +233,8 @@ def _command(args: argparse.Namespace) -> str:
              ("--jacobian-precision", None if args.jacobian_precision == "fp32" else args.jacobian_precision),
              ("--device", None if args.device == "auto" else args.device),
              ("--calibration-dir", args.calibration_dir), ("--calibration-solves", args.calibration_solves),
-             ("--calibration-seconds", args.calibration_seconds)]
+             ("--calibration-seconds", args.calibration_seconds), ("--fit-method", args.fit_method),
+             ("--fit-params", args.fit_params)]
     return _spell(["steindiff", "bench"], opts + _outputs(args))
 
 

@@ -51,6 +51,7 @@ def test_bench_cost_mode(tmp_path, capsys):
     ["--model", "gmm:nope"], ["--nfe", "3,x"], ["--nfe", "0"], ["--seeds", ""], ["--n", "1"], ["--probes", "0"],
     ["--ref-solver", "nope"], ["--plots", "/nonexistent-dir/plots"], ["--markdown", "/nonexistent-dir/r.md"],
     ["--calibration-solves", "0"], ["--calibration-seconds", "-1"], ["--calibration-seconds", "nan"],
+    ["--fit-params", "steps"], ["--fit-method", "gradient", "--fit-params", "steps,colour"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
     j = tmp_path / "r.json"
@@ -123,6 +124,27 @@ def test_calibration_budget_options_reach_the_fit_and_the_recorded_command(tmp_p
     cal = next(r for r in res["rows"] if r["stabilizer"] == "cal:trajectory")["calibration"]
     assert cal["solves"] <= 6  # two refinements of at most 6 // 2 solves each
     assert "--calibration-solves 6 --calibration-seconds 500.0" in res["command"]
+
+
+def test_the_gradient_fit_runs_in_the_grid_and_in_the_cost_ratios(tmp_path, capsys):
+    """--fit-method gradient --fit-params: every cal:trajectory cell is the gradient fit of those parameters
+    (recorded in the grid's config, each row's calibration and the command), applied at the plain NFE."""
+    j, c = tmp_path / "r.json", tmp_path / "c.json"
+    args = [a if a != "none,stein" else "none,cal:trajectory" for a in TINY]
+    fit = ["--fit-method", "gradient", "--fit-params", "steps,model_sigmas"]
+    assert main(["bench", *args, *fit, "--json-out", str(j)]) == 0
+    res = json.loads(j.read_text())
+    assert res["config"]["calibration"]["gmm:toy2d"]["fit_method"] == "gradient"
+    rows = [r for r in res["rows"] if r["stabilizer"] == "cal:trajectory"]
+    assert rows and all(r["calibration"]["fit_method"] == "gradient" for r in rows)
+    assert all(r["calibration"]["params"] == ["steps", "model_sigmas"] for r in rows)
+    plain = {r["nfe_budget"]: r["nfe"] for r in res["rows"] if r["stabilizer"] == "none"}
+    assert all(r["nfe"] == plain[r["nfe_budget"]] and r["extra_passes"] == 0 for r in rows)
+    assert "--fit-method gradient --fit-params steps,model_sigmas" in res["command"]
+    assert "gradient fit of steps+model_sigmas" in capsys.readouterr().err
+    assert main(["bench", *args, *fit, "--cost", "--repeats", "1", "--json-out", str(c)]) == 0
+    cost = json.loads(c.read_text())["cost"]
+    assert any(e["stabilizer"] == "cal:trajectory" and e["ratio"] > 0 for e in cost)
 
 
 def test_auto_is_the_calibrated_sampler(tmp_path, capsys):
