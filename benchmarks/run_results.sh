@@ -3,6 +3,7 @@
 # side-by-side cost ratios and small grids on the digits and patches U-Nets.
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
 #        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
+#        calibrated-image64-gradient|
 #        flow-t1|digits-flow|digits-flow-eval|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
 # Every output is written atomically.
@@ -77,6 +78,14 @@ if [[ $what == calibrated || $what == calibrated-image64 || $what == all ]]; the
   TITLE="gmm:image64: the calibrated sampler against vanilla solvers" sharded calibrated-image64 \
     --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}"
+fi
+if [[ $what == calibrated-image64-gradient || $what == all ]]; then
+  # the same grid with the gradient fit of the calibrated sampler (steps and model levels), for the evidence rule
+  # of --stabilizer auto (benchmarks/select_auto.py) beside the derivative-free fit's grid above
+  TITLE="gmm:image64: the calibrated sampler fitted by gradients against vanilla solvers" \
+    sharded calibrated-image64-gradient --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve \
+    --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient --fit-params steps,model_sigmas \
+    --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated || $what == calibrated-image64-flow || $what == all ]]; then
   # the same mixture as a flow-matching model (gmm:image64-flow: its exact velocity behind FlowDenoiser, from
