@@ -18,7 +18,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
 - ``grad:<params>``: the gradient fit of ``<params>`` (``+``-separated from steps, gamma, model_sigmas,
   history), with options ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
   ``teacher=<solver>:<steps>`` (the fine solve it fits to), ``n=`` (calibration batch), ``lr=``, ``iters=``,
-  ``batch=``;
+  ``batch=``, ``lap=<w0/w1/...>`` (the distance in the bands of a Laplacian pyramid with these weights, finest
+  first: :class:`steindiff.distances.LaplacianPyramid`);
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
   (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps).
@@ -49,9 +50,11 @@ import torch
 from tqdm.auto import tqdm
 
 import steindiff as sd
+from steindiff.bench.auto import auto_rule
 from steindiff.bench.peers import PREFIX, fit_peer, peer_name
 from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
+from steindiff.distances import LaplacianPyramid
 from steindiff.gradient_fit import PARAMS
 from steindiff.io import save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics, traj_err
@@ -110,8 +113,11 @@ def parse_config(text: str) -> dict:
             cfg[k] = float(v)
         elif k in ("n", "iters", "batch"):
             cfg[k] = int(v)
+        elif k == "lap":
+            cfg["lap"] = tuple(float(w) for w in v.split("/"))
         else:
-            raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch)")
+            raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
+                             "lap)")
     if cfg["method"] != "gradient" and len(opts) and any(not o.startswith(("teacher=", "n=")) for o in opts):
         raise ValueError(f"config {text!r}: only gradient fits take fit options")
     return cfg
@@ -205,6 +211,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                 if cfg["method"] == "gradient":
                     opts.update(fit_method="gradient", params=cfg["params"], teacher_ball=cfg.get("ball", 0.0),
                                 residual_weight=cfg.get("residual", 0.0),
+                                **({"loss": "features", "features": LaplacianPyramid(cfg["lap"])}
+                                   if "lap" in cfg else {}),
                                 gradient_options={"max_iters": cfg.get("iters", d["iters"]),
                                                   "batch_size": cfg.get("batch", d["batch"]),
                                                   **({"lr": cfg["lr"]} if "lr" in cfg else {})})
@@ -337,10 +345,40 @@ def summarize(result: dict) -> dict:
                 # LD3 at its floor leaves no room to beat it, but a configuration can still be worse there
                 words = ["hurts" if v["worse_at_floor"] else v["verdict"] for v in vs]
                 versus[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed", "n/a")}
+        # the evidence rule of --stabilizer auto (steindiff.bench.auto) over this model's cells
+        rule_cells = [{"model": mres["model"], "solver": k[0], "schedule": k[1], "nfe_budget": k[2],
+                       "stabilizer": k[3], "coords": "-", "primary": primary,
+                       "verdicts": {m: verdict(cells[k[:3] + ("plain",)][m], st[m]) for m in metrics}}
+                      for k, st in cells.items() if k[3] != "plain"]
+        evidence = {label: auto_rule(rule_cells, label) for label in configs if label != "plain"}
         out[mres["model"]] = {"primary": primary, "fine": fine, "best": best, "tally": tally, "cost": cost,
-                              "versus_ld3": versus,
+                              "versus_ld3": versus, "evidence": evidence, "rule_cells": rule_cells,
                               "cells": {"/".join(map(str, k)): v for k, v in cells.items()}, "verdicts": verdicts}
     return out
+
+
+EVIDENCE_TEXT = ("`steindiff.bench.auto.auto_rule`, as `benchmarks/select_auto.py` applies it to benchmark grids: "
+                 "a configuration qualifies when on the primary metric it is worse than plain in no cell, helps in "
+                 "at least 80% of the cells at NFE <= 8 that have room, and its secondary metrics are none worse "
+                 "in at least 90% of the cells.")
+
+
+def _evidence_table(evidence: dict) -> list[str]:
+    lines = ["| config | cells | worse on the primary metric | helps at NFE <= 8 (of cells with room) | "
+             "secondaries not worse | qualifies |", "|---|---|---|---|---|---|"]
+    for label, r in evidence.items():
+        worse = f"{r['worse_cells']}" + (f" ({r['first_worse']})" if r["first_worse"] else "")
+        lines.append(f"| {label} | {r['cells']} | {worse} | {r['helps_small_nfe']}/{r['room_small_nfe']} "
+                     f"({r['helps_pct']:.0f}%) | {r['cells'] - r['secondary_worse_cells']}/{r['cells']} "
+                     f"({r['secondary_ok_pct']:.0f}%) | {'yes' if r['qualifies'] else 'no'} |")
+    return lines
+
+
+def evidence_over_models(summary: dict) -> dict:
+    """The evidence rule over every model's cells together (the rule is stated for the whole grid)."""
+    cells = [c for s in summary.values() for c in s["rule_cells"]]
+    labels = list(dict.fromkeys(c["stabilizer"] for c in cells))
+    return {label: auto_rule(cells, label) for label in labels}
 
 
 def markdown(result: dict, summary: dict) -> str:
@@ -396,6 +434,8 @@ def markdown(result: dict, summary: dict) -> str:
                       "| config | better | ties | worse | failed |", "|---|---|---|---|---|"]
             for label, v in s["versus_ld3"].items():
                 lines.append(f"| {label} | {v['helps']} | {v['tie'] + v['n/a']} | {v['hurts']} | {v['failed']} |")
+        lines += ["", "### The evidence rule of `--stabilizer auto` on this model's cells", "",
+                  EVIDENCE_TEXT, ""] + _evidence_table(s["evidence"])
         lines += ["", "### Calibration cost (CPU seconds per cell, the shared teacher not included) and choices", "",
                   "| config | median CPU s | max CPU s | chosen over plain |", "|---|---|---|---|"]
         for label, c in s["cost"].items():
@@ -411,6 +451,10 @@ def markdown(result: dict, summary: dict) -> str:
                 vals.append("failed" if st is None else f"{st['mean']:.4g}±{st['std']:.2g}")
             lines.append(f"| {solver} | {schedule} | {nfe} | " + " | ".join(vals) + " |")
         lines.append("")
+    if len(summary) > 1:
+        lines += ["## The evidence rule of `--stabilizer auto` over all models together", "",
+                  EVIDENCE_TEXT + " Cells of configurations run on only some models count where they ran.", ""]
+        lines += _evidence_table(evidence_over_models(summary)) + [""]
     return "\n".join(lines) + "\n"
 
 
