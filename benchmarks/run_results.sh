@@ -114,6 +114,11 @@ if [[ $what == calibrated || $what == calibrated-cost || $what == all ]]; then
   steindiff bench --model gmm:image64 --cost --solvers euler,dpmpp_2m --nfe 5,10 --stabilizers none,cal:trajectory \
     --repeats 7 --n 1000 --device cpu --no-progress --json-out $out/cost-calibrated-image64.json \
     --markdown $out/cost-calibrated-image64.md --title "Cost of the calibrated sampler on gmm:image64"
+  # the same for the gradient fit, whose plans may also move the model's noise levels and add history terms
+  steindiff bench --model gmm:image64 --cost --solvers euler,dpmpp_2m --nfe 5,10 --stabilizers none,cal:trajectory \
+    --fit-method gradient --fit-params steps,model_sigmas,history --repeats 7 --n 1000 --device cpu --no-progress \
+    --json-out $out/cost-calibrated-gradient-image64.json --markdown $out/cost-calibrated-gradient-image64.md \
+    --title "Cost of the calibrated sampler fitted by gradients (steps, model levels, history) on gmm:image64"
 fi
 if [[ $what == calibrated || $what == calibrated-toy2d || $what == all ]]; then
   steindiff bench --model gmm:toy2d --solvers $SOLVERS --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
