@@ -3,25 +3,76 @@
 NFE <= 8, worse in none, secondary metrics not worse in >= 90%).
 
     python benchmarks/select_auto.py docs/results/variants-image64.json docs/results/digits.json [--json]
+
+With ``--versus BASE.json`` (one results file each side, the same grid): two candidates that both qualify, head
+to head: the protocol's verdict of each stabilizer cell of the results against the same cell of ``BASE``
+(``helps``: the results' candidate is better by more than BASE's seed spread), per metric.
+
+    python benchmarks/select_auto.py docs/results/calibrated-image64-gradient.json \
+        --versus docs/results/calibrated-image64.json
 """
 
 import argparse
 import json
 import sys
 
-from steindiff.bench.auto import evaluate_candidates
+from steindiff.bench.auto import SECONDARY, evaluate_candidates
+from steindiff.bench.runner import label_of, summarize, verdict
+
+
+def head_to_head(result: dict, base: dict) -> list[dict]:
+    """Per model and stabilizer label: verdict counts of ``result``'s cells against ``base``'s same cells."""
+    here, there = summarize(result), summarize(base)
+    cells = {(c["model"], label_of(c), c["solver"], c["schedule"], c["nfe_budget"]): c for c in there["cells"]}
+    out: dict[tuple, dict] = {}
+    for c in here["cells"]:
+        if c["stabilizer"] == "none":
+            continue
+        other = cells.get((c["model"], label_of(c), c["solver"], c["schedule"], c["nfe_budget"]))
+        if other is None:
+            continue
+        primary = here["primary"][c["model"]]
+        row = out.setdefault((c["model"], label_of(c)), {"model": c["model"], "label": label_of(c), "cells": 0,
+                                                         "metrics": {}})
+        row["cells"] += 1
+        for m in (primary, *SECONDARY.get(primary, ())):
+            if m in c["excess"] and m in other["excess"]:
+                v = verdict(other["excess"][m], c["excess"][m])["verdict"]
+                tally = row["metrics"].setdefault(m, {"helps": 0, "tie": 0, "hurts": 0, "failed": 0, "n/a": 0})
+                tally[v] += 1
+    if not out:
+        raise ValueError("no stabilizer cell of the results is in the base results (another grid?)")
+    return list(out.values())
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="steindiff.bench/1 JSON files")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--versus", default=None, metavar="BASE",
+                   help="compare the (one) results file's stabilizer cells with BASE's, head to head")
     args = p.parse_args()
     try:
         results = [json.load(open(f)) for f in args.results]
+        base = json.load(open(args.versus)) if args.versus else None
+        if base is not None and len(results) != 1:
+            raise ValueError("--versus compares one results file with BASE")
+        rows = head_to_head(results[0], base) if base is not None else None
     except (OSError, ValueError) as e:
         print(f"select_auto: error: {e}", file=sys.stderr)
         return 2
+    if rows is not None:
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"Against {args.versus}, cell by cell (better / ties / worse, the protocol's rule with the base's "
+              "seed spread):")
+        for r in rows:
+            print(f"- {r['model']} {r['label']}, {r['cells']} cells: " + "; ".join(
+                f"{m} {t['helps']}/{t['tie'] + t['n/a']}/{t['hurts']}" + (f" ({t['failed']} failed)" if t["failed"]
+                                                                         else "")
+                for m, t in r["metrics"].items()))
+        return 0
     rows = evaluate_candidates(results)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -44,3 +44,34 @@ def test_auto_is_what_the_committed_evidence_admits():
     r = rows["cal:trajectory/ve"]
     assert r["cells"] == 216  # 72 cells per grid
     assert (registry.AUTO == registry.CALIBRATED) == r["qualifies"]
+
+
+def test_head_to_head_compares_the_same_cells_of_two_grids(load_benchmark):
+    """benchmarks/select_auto.py --versus: each stabilizer cell against the same cell of the base grid, by the
+    protocol's rule with the base's spread: a grid against itself ties everywhere; against a base whose
+    candidate is far worse on sliced W2 it is better there and only there."""
+    import copy
+
+    import pytest
+
+    from steindiff.bench.runner import run_grid
+
+    sa = load_benchmark("select_auto")
+    res = run_grid(["gmm:toy2d"], ["euler"], [3, 4], ["karras"], ["ve"], ["none", "stein"], [0, 1], 200,
+                   progress=False, ref_steps=40)
+    same = sa.head_to_head(res, res)
+    assert [(r["label"], r["cells"]) for r in same] == [("stein/ve", 2)]
+    assert all(t["tie"] == 2 for t in same[0]["metrics"].values())
+    worse = copy.deepcopy(res)
+    for row in worse["rows"]:
+        if row["stabilizer"] == "stein":
+            row["metrics"]["sw2"] += 1.0
+    (r,) = sa.head_to_head(res, worse)
+    assert r["metrics"]["sw2"]["helps"] == 2 and r["metrics"]["nll"]["tie"] == 2
+    (r,) = sa.head_to_head(worse, res)
+    assert r["metrics"]["sw2"]["hurts"] == 2
+    other = copy.deepcopy(res)
+    for row in other["rows"]:
+        row["solver"] = "heun"
+    with pytest.raises(ValueError, match="another grid"):
+        sa.head_to_head(res, other)
