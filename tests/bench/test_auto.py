@@ -65,7 +65,7 @@ def test_head_to_head_compares_the_same_cells_of_two_grids(load_benchmark):
     worse = copy.deepcopy(res)
     for row in worse["rows"]:
         if row["stabilizer"] == "stein":
-            row["metrics"]["sw2"] += 1.0
+            row["metrics"]["sw2"] += 1e3  # beyond any seed spread of the literal method here
     (r,) = sa.head_to_head(res, worse)
     assert r["metrics"]["sw2"]["helps"] == 2 and r["metrics"]["nll"]["tie"] == 2
     (r,) = sa.head_to_head(worse, res)
