@@ -6,7 +6,8 @@ NFE <= 8, worse in none, secondary metrics not worse in >= 90%).
 
 With ``--versus BASE.json`` (one results file each side, the same grid): two candidates that both qualify, head
 to head: the protocol's verdict of each stabilizer cell of the results against the same cell of ``BASE``
-(``helps``: the results' candidate is better by more than BASE's seed spread), per metric.
+(``helps``: the results' candidate is better by more than BASE's seed spread; worse where BASE is at its floor
+counts as worse), per metric.
 
     python benchmarks/select_auto.py docs/results/calibrated-image64-gradient.json \
         --versus docs/results/calibrated-image64.json
@@ -37,7 +38,8 @@ def head_to_head(result: dict, base: dict) -> list[dict]:
         row["cells"] += 1
         for m in (primary, *SECONDARY.get(primary, ())):
             if m in c["excess"] and m in other["excess"]:
-                v = verdict(other["excess"][m], c["excess"][m])["verdict"]
+                v = verdict(other["excess"][m], c["excess"][m])
+                v = "hurts" if v["worse_at_floor"] else v["verdict"]  # worse where the base is at its floor
                 tally = row["metrics"].setdefault(m, {"helps": 0, "tie": 0, "hurts": 0, "failed": 0, "n/a": 0})
                 tally[v] += 1
     if not out:
