@@ -436,11 +436,11 @@ def test_the_gradient_fits_options_are_part_of_the_key(toy):
 
     assert "gradient" not in calibration_key(toy, base, options=FAST)["options"]
     g = key()["options"]["gradient"]
-    assert g["params"] == ["steps", "gamma"] and g["gradient_options"] == {}
+    assert g["params"] == ["steps", "model_sigmas"] and g["gradient_options"] == {}
     variants = [key(params=("steps", "gamma", "history")), key(params=("gamma",)), key(teacher_ball=0.1),
                 key(residual_weight=0.5), key(gradient_options={"lr": 0.01})]
     assert len({json.dumps(k, sort_keys=True) for k in [key(), *variants]}) == len(variants) + 1
-    assert key(params=("gamma", "steps")) == key()  # the same parameters in another order
+    assert key(params=("model_sigmas", "steps")) == key()  # the same parameters in another order
 
 
 def test_a_file_made_for_another_key_is_never_used(toy, tmp_path):
