@@ -5,16 +5,19 @@ For each model, solver, schedule and NFE, every configuration is calibrated once
 (``steindiff.calibrate`` on calibration noise, seed 12345), then sampled from the evaluation seeds' noise
 (disjoint from the calibration noise) and judged with every metric of the benchmark
 (``steindiff.bench.runner``: mixtures ``sw2`` (primary), ``nll``, ``mode_tv``, ``mmd``, ``traj_err``; digits
-``digits_fid`` (primary), ``digits_kid``, ``precision``, ``recall``, ``traj_err``), each as its excess over
-its floor.  The models are driven as a user's own would be: an exact mixture wrapped in a plain
-``torch.nn.Module`` (no ``gmm:*`` special case applies: no residual guard, no mixture fast path), the digits
-U-Net as shipped but without its shipped calibrations.
+``digits_fid`` (primary), ``digits_kid``, ``precision``, ``recall``, ``traj_err``; photo patches ``patch_fd``
+(primary), ``spectrum``, ``pixel_sw2``, ``traj_err``; the primary is the runner's
+:func:`~steindiff.bench.runner.primary_metric`), each as its excess over its floor.  The models are driven as a
+user's own would be: an exact mixture wrapped in a plain ``torch.nn.Module`` (no ``gmm:*`` special case applies:
+no residual guard, no mixture fast path), the image U-Nets (digits, patches) as shipped but without their
+shipped calibrations.
 
 Configurations (``--configs``, comma-separated, each ``name[@option=value...]``):
 
 - ``plain``: the plain solver;
-- ``derivative-free``: the library's derivative-free fit (``fit_method="derivative-free"``); with
-  ``--df-shipped`` (digits) the calibrations shipped with the model are used instead of refitting;
+- ``derivative-free``: the library's derivative-free fit (``fit_method="derivative-free"``), option ``solves=``
+  (its budget of whole solves; default 200 mixtures, 120 images); with ``--df-shipped`` (digits) the
+  calibrations shipped with the model are used instead of refitting;
 - ``grad:<params>``: the gradient fit of ``<params>`` (``+``-separated from steps, gamma, model_sigmas,
   history), with options ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
   ``teacher=<solver>:<steps>`` (the fine solve it fits to), ``n=`` (calibration batch), ``lr=``, ``iters=``,
@@ -49,8 +52,9 @@ import torch
 from tqdm.auto import tqdm
 
 import steindiff as sd
+from steindiff.bench import runner
 from steindiff.bench.peers import PREFIX, fit_peer, peer_name
-from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
+from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, primary_metric, verdict
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
 from steindiff.gradient_fit import PARAMS
 from steindiff.io import save_json
@@ -64,7 +68,10 @@ PARAM_SETS = ("steps", "steps+gamma", "steps+model_sigmas", "steps+gamma+model_s
               "steps+gamma+model_sigmas+history")
 DEFAULT_CONFIGS = ("plain", "derivative-free", *(f"grad:{p}" for p in PARAM_SETS))
 MIXTURE_METRICS = ("sw2", "nll", "mode_tv", "mmd", "traj_err")
-IMAGE_METRICS = ("digits_fid", "digits_kid", "precision", "recall", "traj_err")
+#: Digits: the digits metrics the study reports (the runner's ``class_tv`` and ``memorization`` left out).
+DIGITS_METRICS = ("digits_fid", "digits_kid", "precision", "recall", "traj_err")
+#: Photo patches: the runner's image metrics that are not digits metrics (``patch_fd``, ``spectrum``, ``pixel_sw2``).
+PATCH_METRICS = (*(m for m in runner.IMAGE_METRICS if m not in runner.DIGITS_METRICS), "traj_err")
 #: Per kind of model: calibration batch, teacher (solver, steps), gradient-fit budget.
 DEFAULTS = {"mixture": {"n": 512, "teacher": ("dpmpp_2m", 200), "iters": 300, "batch": 64},
             "image": {"n": 256, "teacher": ("dpmpp_2m", 100), "iters": 150, "batch": 32}}
@@ -108,12 +115,15 @@ def parse_config(text: str) -> dict:
             cfg["teacher"] = (solver, int(steps))
         elif k in ("ball", "residual", "lr"):
             cfg[k] = float(v)
-        elif k in ("n", "iters", "batch"):
+        elif k in ("n", "iters", "batch", "solves"):
             cfg[k] = int(v)
         else:
-            raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch)")
-    if cfg["method"] != "gradient" and len(opts) and any(not o.startswith(("teacher=", "n=")) for o in opts):
-        raise ValueError(f"config {text!r}: only gradient fits take fit options")
+            raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
+                             "solves)")
+    allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves=")}.get(cfg["method"],
+                                                                                      ("teacher=", "n="))
+    if allowed is not None and any(not o.startswith(allowed) for o in opts):
+        raise ValueError(f"config {text!r}: only gradient fits take fit options (derivative-free: solves=)")
     return cfg
 
 
@@ -121,6 +131,19 @@ def user_model(spec: ModelSpec) -> ModelSpec:
     """``spec`` as a user's model: no mixture, no shipped calibrations, no reference data."""
     den = OpaqueMixture(spec.gmm) if spec.gmm is not None else spec.denoiser
     return ModelSpec(name=f"user:{spec.name}", denoiser=den, process=spec.process, sample_shape=spec.sample_shape)
+
+
+def metric_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The metrics the study reports for ``spec``, its primary (:func:`~steindiff.bench.runner.primary_metric`)
+    first: :data:`MIXTURE_METRICS`, :data:`DIGITS_METRICS` or :data:`PATCH_METRICS`."""
+    if runner.model_kind(spec) is None:
+        raise ValueError(f"model {spec.name!r} is neither a mixture nor an image model with reference images: "
+                         "the study has no metric for it")
+    primary = primary_metric(spec)
+    names = next((m for m in (MIXTURE_METRICS, DIGITS_METRICS, PATCH_METRICS) if m[0] == primary), None)
+    if names is None:
+        raise ValueError(f"model {spec.name!r}: the study has no metric set for its primary metric {primary!r}")
+    return names
 
 
 def metrics_of(spec: ModelSpec, x: torch.Tensor, seed: int, ref: torch.Tensor, floors: dict) -> dict:
@@ -142,7 +165,7 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
     d = DEFAULTS[kind]
     dtype = torch.float64 if kind == "mixture" else torch.float32
     user = user_model(spec)
-    metric_names = MIXTURE_METRICS if kind == "mixture" else IMAGE_METRICS
+    names = metric_names(spec)
     teachers: dict[tuple, dict] = {}
 
     def teacher(cfg: dict):
@@ -209,7 +232,7 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                                                   "batch_size": cfg.get("batch", d["batch"]),
                                                   **({"lr": cfg["lr"]} if "lr" in cfg else {})})
                 else:
-                    opts.update(max_solves=200 if kind == "mixture" else 120)
+                    opts.update(max_solves=cfg.get("solves", 200 if kind == "mixture" else 120))
                 t0, w0 = time.process_time(), time.perf_counter()
                 sched = sd.calibrate(user, base, **opts)
                 cpu, wall = time.process_time() - t0, time.perf_counter() - w0
@@ -233,19 +256,19 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
         floors = _floors(spec, n_eval, seed)
         fine = metrics_of(spec, ref, seed, ref, floors)
         rows.append({"model": name, "seed": seed, "config": "fine", "metrics": fine,
-                     "excess": {m: excess(fine, m) for m in metric_names}})
+                     "excess": {m: excess(fine, m) for m in names}})
         for (solver, schedule, nfe, label), plan in plans.items():
             x = sd.sample(user.denoiser, noise, plan.sigmas, plan.get_solver(), stabilizer=plan.stabilizer()).x
             row = {"model": name, "seed": seed, "solver": solver, "schedule": schedule, "nfe": nfe, "config": label}
             try:
                 m = metrics_of(spec, x, seed, ref, floors)
-                row.update(metrics=m, excess={k: excess(m, k) for k in metric_names}, status="ok")
+                row.update(metrics=m, excess={k: excess(m, k) for k in names}, status="ok")
             except ValueError as e:  # non-finite samples are a result
                 row.update(metrics={}, excess={}, status=f"failed: {e}")
             rows.append(row)
         bar.update()
     bar.close()
-    return {"model": name, "kind": kind, "metrics": list(metric_names), "primary": metric_names[0],
+    return {"model": name, "kind": kind, "metrics": list(names), "primary": names[0],
             "teachers": [{k: v for k, v in t.items() if k not in ("ref", "noise")} for t in teachers.values()],
             "fits": fits, "rows": rows, "seeds": seeds, "n_eval": n_eval,
             "reference": {"solver": "dpmpp_3m", "steps": 1000 if kind == "mixture" else 100, "schedule": "karras"}}
