@@ -24,7 +24,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   ``batch=``;
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
-  (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps).
+  (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps);
+  option ``iters=`` (LD3) caps LD3's Adam steps (the paper's 300 otherwise).
 
 Per NFE the summary gives the best plain configuration over solvers and schedules, the fine solve (the
 teacher-grade reference: 1000 dpmpp_3m Karras steps for mixtures, 100 for images), each configuration's best
@@ -120,10 +121,12 @@ def parse_config(text: str) -> dict:
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
                              "solves)")
-    allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves=")}.get(cfg["method"],
-                                                                                      ("teacher=", "n="))
+    allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves="),
+               "peer": ("teacher=", "n=", "iters=") if name == "peer:ld3" else ("teacher=", "n=")}.get(
+        cfg["method"], ("teacher=", "n="))
     if allowed is not None and any(not o.startswith(allowed) for o in opts):
-        raise ValueError(f"config {text!r}: only gradient fits take fit options (derivative-free: solves=)")
+        raise ValueError(f"config {text!r}: only gradient fits take fit options (derivative-free: solves=; "
+                         "peer:ld3: iters=)")
     return cfg
 
 
@@ -213,7 +216,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                 tch = teacher(cfg)
                 t0, w0 = time.process_time(), time.perf_counter()
                 plan = fit_peer(cfg["name"], user.denoiser, base, tch["noise"], tch["ref"],
-                                sigma_min=float(spec.process.sigma_min))
+                                sigma_min=float(spec.process.sigma_min),
+                                **({"max_iters": cfg["iters"]} if "iters" in cfg else {}))
                 plans[(solver, schedule, nfe, cfg["label"])] = plan
                 pname = plan.meta["peer"]["name"]
                 rec.update(source="fitted", chosen="peer", val_ratio=None, cpu_s=time.process_time() - t0,
@@ -252,7 +256,14 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                       f"stopped {rec.get('stopped')}", file=sys.stderr, flush=True)
     for seed in seeds:
         noise = _noise(spec, n_eval, seed)
-        ref = _reference(spec, noise, "dpmpp_3m", 1000)
+        cached = Path(teacher_cache) / f"{name.replace(':', '_')}-fine-{seed}-{n_eval}.pt" if teacher_cache else None
+        if cached is not None and cached.exists():
+            ref = torch.load(cached)
+        else:
+            ref = _reference(spec, noise, "dpmpp_3m", 1000)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(ref, cached)
         floors = _floors(spec, n_eval, seed)
         fine = metrics_of(spec, ref, seed, ref, floors)
         rows.append({"model": name, "seed": seed, "config": "fine", "metrics": fine,
@@ -460,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log", action="store_true", help="one line per fit on standard error")
     p.add_argument("--teacher-cache", default=None,
-                   help="folder where the teachers' fine solves are kept and reused (shards of one model share them)")
+                   help="folder where the teachers' fine solves, and the evaluation seeds' fine solves, are kept and "
+                        "reused (shards of one model share them)")
     args = p.parse_args(argv)
     command = "python benchmarks/gradient_fit_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:

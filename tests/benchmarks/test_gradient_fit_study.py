@@ -54,3 +54,7 @@ def test_each_models_metrics_are_the_runners(study):
         study.metric_names(ModelSpec(name="bare", denoiser=spec.denoiser, process=spec.process,
                                      sample_shape=spec.sample_shape))
     assert study.parse_config("derivative-free@solves=40@n=128")["solves"] == 40
+    assert study.parse_config("peer:ld3@iters=50")["iters"] == 50
+    for bad in ("peer:gits@iters=50", "plain@solves=3", "peer:ld3@ball=1"):
+        with pytest.raises(ValueError):
+            study.parse_config(bad)
