@@ -285,9 +285,14 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
             "reference": {"solver": "dpmpp_3m", "steps": 1000 if kind == "mixture" else 100, "schedule": "karras"}}
 
 
+def _cell_key(r: dict) -> tuple:
+    return r["solver"], r["schedule"], r["nfe"], r["config"]
+
+
 def merge_models(parts: list[dict]) -> list[dict]:
-    """Runs of the same model on other cells (shards) as one: their fits and rows together, the fine solve's
-    rows and the teachers once."""
+    """Runs of the same model on other cells or configurations (shards) as one: their fits and rows together,
+    the fine solve's rows and the teachers once, and a configuration that ran in several shards (``plain``
+    beside each set of fits) once per cell."""
     out: dict[str, dict] = {}
     for m in parts:
         if m["model"] not in out:
@@ -296,8 +301,10 @@ def merge_models(parts: list[dict]) -> list[dict]:
         o = out[m["model"]]
         if o["seeds"] != m["seeds"] or o["n_eval"] != m["n_eval"]:
             raise ValueError(f"cannot merge runs of {m['model']} with other evaluation seeds or sizes")
-        o["fits"] += m["fits"]
-        o["rows"] += [r for r in m["rows"] if r["config"] != "fine"]
+        fit_keys = {_cell_key(f) for f in o["fits"]}
+        row_keys = {(_cell_key(r), r["seed"]) for r in o["rows"] if r["config"] != "fine"}
+        o["fits"] += [f for f in m["fits"] if _cell_key(f) not in fit_keys]
+        o["rows"] += [r for r in m["rows"] if r["config"] != "fine" and (_cell_key(r), r["seed"]) not in row_keys]
         o["teachers"] += [t for t in m["teachers"] if t not in o["teachers"]]
         o["wall_s"] = o.get("wall_s", 0) + m.get("wall_s", 0)
     return list(out.values())
@@ -361,16 +368,18 @@ def summarize(result: dict) -> dict:
                                "chosen_not_plain": sum(f["chosen"] != "plain" for f in mres["fits"]
                                                        if f["config"] == label),
                                "fits": sum(f["config"] == label for f in mres["fits"])}
-        versus = {}  # each fitted configuration against LD3 in the same cell, on the primary metric
-        if "peer:ld3" in configs:
+        # each other configuration against each LD3 run (any options) in the same cell, on the primary metric
+        versus: dict[str, dict] = {}
+        for ld3 in (lb for lb in configs if lb.split("@")[0] == "peer:ld3"):
             for label in configs:
-                if label in ("plain", "peer:ld3"):
+                if label == "plain" or label.split("@")[0] == "peer:ld3":
                     continue
-                vs = [verdict(cells[k[:3] + ("peer:ld3",)][primary], st[primary])
-                      for k, st in cells.items() if k[3] == label and k[:3] + ("peer:ld3",) in cells]
+                vs = [verdict(cells[k[:3] + (ld3,)][primary], st[primary])
+                      for k, st in cells.items() if k[3] == label and k[:3] + (ld3,) in cells]
                 # LD3 at its floor leaves no room to beat it, but a configuration can still be worse there
                 words = ["hurts" if v["worse_at_floor"] else v["verdict"] for v in vs]
-                versus[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed", "n/a")}
+                versus.setdefault(ld3, {})[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed",
+                                                                                  "n/a")}
         out[mres["model"]] = {"primary": primary, "fine": fine, "best": best, "tally": tally, "cost": cost,
                               "versus_ld3": versus,
                               "cells": {"/".join(map(str, k)): v for k, v in cells.items()}, "verdicts": verdicts}
@@ -424,12 +433,15 @@ def markdown(result: dict, summary: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{t[m]['helps']}/{t[m]['tie']}/{t[m]['hurts']}"
                                                       + (f" ({t[m]['failed']} failed)" if t[m]["failed"] else "")
                                                       for m in mres["metrics"]) + " |")
-        if s.get("versus_ld3"):
-            lines += ["", f"### Against peer:ld3 in the same cell on {p} (better / ties / worse, protocol rules with "
+        for ld3, against in s.get("versus_ld3", {}).items():
+            lines += ["", f"### Against {ld3} in the same cell on {p} (better / ties / worse, protocol rules with "
                       "LD3's seed spread; worse at LD3's floor counts as worse)", "",
                       "| config | better | ties | worse | failed |", "|---|---|---|---|---|"]
-            for label, v in s["versus_ld3"].items():
+            for label, v in against.items():
                 lines.append(f"| {label} | {v['helps']} | {v['tie'] + v['n/a']} | {v['hurts']} | {v['failed']} |")
+        trades = [(k, [m for m in mres["metrics"] if m != p and v[m] == "hurts"]) for k, v in s["verdicts"].items()]
+        lines += ["", "### Hidden trades: cells where a secondary metric is worse than plain beyond spread", ""]
+        lines += [f"- {k}: {', '.join(ms)}" for k, ms in trades if ms] or ["- none"]
         lines += ["", "### Calibration cost (CPU seconds per cell, the shared teacher not included) and choices", "",
                   "| config | median CPU s | max CPU s | chosen over plain |", "|---|---|---|---|"]
         for label, c in s["cost"].items():

@@ -40,6 +40,10 @@ def test_a_tiny_study_runs_and_merges(study, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)["gmm:toy2d"]
     assert {k.split("/")[0] for k in summary["cells"]} == {"euler", "dpmpp_2m"}
     assert "Gap closed on sw2" in (tmp_path / "all.md").read_text()
+    assert study.main(["--merge", str(tmp_path / "euler.json"), str(tmp_path / "euler.json"), "--json-out",
+                       str(tmp_path / "twice.json"), "--markdown", "", "--json"]) == 0
+    twice = json.loads(capsys.readouterr().out)["gmm:toy2d"]  # a configuration in two shards counts once
+    assert all(len(c["sw2"]["per_seed"]) == 2 for c in twice["cells"].values())
     assert study.main(["--configs", "nonsense"]) == 2
 
 
