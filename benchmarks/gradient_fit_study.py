@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:
             parts = [json.load(open(f)) for f in args.merge]
             result = {**parts[0], "models": merge_models([m for part in parts for m in part["models"]]),
-                      "command": " && ".join(part["command"] for part in parts)}
+                      "command": " && ".join([*(part["command"] for part in parts), command])}
         else:
             configs = [parse_config(c) for c in args.configs.split(",") if c]
             cells = [(s, sc, int(k)) for s in args.solvers.split(",") for sc in args.schedules.split(",")
