@@ -5,16 +5,19 @@ For each model, solver, schedule and NFE, every configuration is calibrated once
 (``steindiff.calibrate`` on calibration noise, seed 12345), then sampled from the evaluation seeds' noise
 (disjoint from the calibration noise) and judged with every metric of the benchmark
 (``steindiff.bench.runner``: mixtures ``sw2`` (primary), ``nll``, ``mode_tv``, ``mmd``, ``traj_err``; digits
-``digits_fid`` (primary), ``digits_kid``, ``precision``, ``recall``, ``traj_err``), each as its excess over
-its floor.  The models are driven as a user's own would be: an exact mixture wrapped in a plain
-``torch.nn.Module`` (no ``gmm:*`` special case applies: no residual guard, no mixture fast path), the digits
-U-Net as shipped but without its shipped calibrations.
+``digits_fid`` (primary), ``digits_kid``, ``precision``, ``recall``, ``traj_err``; photo patches ``patch_fd``
+(primary), ``spectrum``, ``pixel_sw2``, ``traj_err``; the primary is the runner's
+:func:`~steindiff.bench.runner.primary_metric`), each as its excess over its floor.  The models are driven as a
+user's own would be: an exact mixture wrapped in a plain ``torch.nn.Module`` (no ``gmm:*`` special case applies:
+no residual guard, no mixture fast path), the image U-Nets (digits, patches) as shipped but without their
+shipped calibrations.
 
 Configurations (``--configs``, comma-separated, each ``name[@option=value...]``):
 
 - ``plain``: the plain solver;
-- ``derivative-free``: the library's derivative-free fit (``fit_method="derivative-free"``); with
-  ``--df-shipped`` (digits) the calibrations shipped with the model are used instead of refitting;
+- ``derivative-free``: the library's derivative-free fit (``fit_method="derivative-free"``), option ``solves=``
+  (its budget of whole solves; default 200 mixtures, 120 images); with ``--df-shipped`` (digits) the
+  calibrations shipped with the model are used instead of refitting;
 - ``grad:<params>``: the gradient fit of ``<params>`` (``+``-separated from steps, gamma, model_sigmas,
   history), with options ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
   ``teacher=<solver>:<steps>`` (the fine solve it fits to), ``n=`` (calibration batch), ``lr=``, ``iters=``,
@@ -22,7 +25,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   first: :class:`steindiff.distances.LaplacianPyramid`);
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
-  (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps).
+  (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps);
+  option ``iters=`` (LD3) caps LD3's Adam steps (the paper's 300 otherwise).
 
 Per NFE the summary gives the best plain configuration over solvers and schedules, the fine solve (the
 teacher-grade reference: 1000 dpmpp_3m Karras steps for mixtures, 100 for images), each configuration's best
@@ -50,9 +54,10 @@ import torch
 from tqdm.auto import tqdm
 
 import steindiff as sd
+from steindiff.bench import runner
 from steindiff.bench.auto import auto_rule
 from steindiff.bench.peers import PREFIX, fit_peer, peer_name
-from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
+from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, primary_metric, verdict
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
 from steindiff.distances import LaplacianPyramid
 from steindiff.gradient_fit import PARAMS
@@ -67,7 +72,10 @@ PARAM_SETS = ("steps", "steps+gamma", "steps+model_sigmas", "steps+gamma+model_s
               "steps+gamma+model_sigmas+history")
 DEFAULT_CONFIGS = ("plain", "derivative-free", *(f"grad:{p}" for p in PARAM_SETS))
 MIXTURE_METRICS = ("sw2", "nll", "mode_tv", "mmd", "traj_err")
-IMAGE_METRICS = ("digits_fid", "digits_kid", "precision", "recall", "traj_err")
+#: Digits: the digits metrics the study reports (the runner's ``class_tv`` and ``memorization`` left out).
+DIGITS_METRICS = ("digits_fid", "digits_kid", "precision", "recall", "traj_err")
+#: Photo patches: the runner's image metrics that are not digits metrics (``patch_fd``, ``spectrum``, ``pixel_sw2``).
+PATCH_METRICS = (*(m for m in runner.IMAGE_METRICS if m not in runner.DIGITS_METRICS), "traj_err")
 #: Per kind of model: calibration batch, teacher (solver, steps), gradient-fit budget.
 DEFAULTS = {"mixture": {"n": 512, "teacher": ("dpmpp_2m", 200), "iters": 300, "batch": 64},
             "image": {"n": 256, "teacher": ("dpmpp_2m", 100), "iters": 150, "batch": 32}}
@@ -111,15 +119,19 @@ def parse_config(text: str) -> dict:
             cfg["teacher"] = (solver, int(steps))
         elif k in ("ball", "residual", "lr"):
             cfg[k] = float(v)
-        elif k in ("n", "iters", "batch"):
+        elif k in ("n", "iters", "batch", "solves"):
             cfg[k] = int(v)
         elif k == "lap":
             cfg["lap"] = tuple(float(w) for w in v.split("/"))
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
-                             "lap)")
-    if cfg["method"] != "gradient" and len(opts) and any(not o.startswith(("teacher=", "n=")) for o in opts):
-        raise ValueError(f"config {text!r}: only gradient fits take fit options")
+                             "solves, lap)")
+    allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves="),
+               "peer": ("teacher=", "n=", "iters=") if name == "peer:ld3" else ("teacher=", "n=")}.get(
+        cfg["method"], ("teacher=", "n="))
+    if allowed is not None and any(not o.startswith(allowed) for o in opts):
+        raise ValueError(f"config {text!r}: only gradient fits take fit options (derivative-free: solves=; "
+                         "peer:ld3: iters=)")
     return cfg
 
 
@@ -127,6 +139,19 @@ def user_model(spec: ModelSpec) -> ModelSpec:
     """``spec`` as a user's model: no mixture, no shipped calibrations, no reference data."""
     den = OpaqueMixture(spec.gmm) if spec.gmm is not None else spec.denoiser
     return ModelSpec(name=f"user:{spec.name}", denoiser=den, process=spec.process, sample_shape=spec.sample_shape)
+
+
+def metric_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The metrics the study reports for ``spec``, its primary (:func:`~steindiff.bench.runner.primary_metric`)
+    first: :data:`MIXTURE_METRICS`, :data:`DIGITS_METRICS` or :data:`PATCH_METRICS`."""
+    if runner.model_kind(spec) is None:
+        raise ValueError(f"model {spec.name!r} is neither a mixture nor an image model with reference images: "
+                         "the study has no metric for it")
+    primary = primary_metric(spec)
+    names = next((m for m in (MIXTURE_METRICS, DIGITS_METRICS, PATCH_METRICS) if m[0] == primary), None)
+    if names is None:
+        raise ValueError(f"model {spec.name!r}: the study has no metric set for its primary metric {primary!r}")
+    return names
 
 
 def metrics_of(spec: ModelSpec, x: torch.Tensor, seed: int, ref: torch.Tensor, floors: dict) -> dict:
@@ -148,7 +173,7 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
     d = DEFAULTS[kind]
     dtype = torch.float64 if kind == "mixture" else torch.float32
     user = user_model(spec)
-    metric_names = MIXTURE_METRICS if kind == "mixture" else IMAGE_METRICS
+    names = metric_names(spec)
     teachers: dict[tuple, dict] = {}
 
     def teacher(cfg: dict):
@@ -196,7 +221,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                 tch = teacher(cfg)
                 t0, w0 = time.process_time(), time.perf_counter()
                 plan = fit_peer(cfg["name"], user.denoiser, base, tch["noise"], tch["ref"],
-                                sigma_min=float(spec.process.sigma_min))
+                                sigma_min=float(spec.process.sigma_min),
+                                **({"max_iters": cfg["iters"]} if "iters" in cfg else {}))
                 plans[(solver, schedule, nfe, cfg["label"])] = plan
                 pname = plan.meta["peer"]["name"]
                 rec.update(source="fitted", chosen="peer", val_ratio=None, cpu_s=time.process_time() - t0,
@@ -217,7 +243,7 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                                                   "batch_size": cfg.get("batch", d["batch"]),
                                                   **({"lr": cfg["lr"]} if "lr" in cfg else {})})
                 else:
-                    opts.update(max_solves=200 if kind == "mixture" else 120)
+                    opts.update(max_solves=cfg.get("solves", 200 if kind == "mixture" else 120))
                 t0, w0 = time.process_time(), time.perf_counter()
                 sched = sd.calibrate(user, base, **opts)
                 cpu, wall = time.process_time() - t0, time.perf_counter() - w0
@@ -237,31 +263,43 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                       f"stopped {rec.get('stopped')}", file=sys.stderr, flush=True)
     for seed in seeds:
         noise = _noise(spec, n_eval, seed)
-        ref = _reference(spec, noise, "dpmpp_3m", 1000)
+        cached = Path(teacher_cache) / f"{name.replace(':', '_')}-fine-{seed}-{n_eval}.pt" if teacher_cache else None
+        if cached is not None and cached.exists():
+            ref = torch.load(cached)
+        else:
+            ref = _reference(spec, noise, "dpmpp_3m", 1000)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(ref, cached)
         floors = _floors(spec, n_eval, seed)
         fine = metrics_of(spec, ref, seed, ref, floors)
         rows.append({"model": name, "seed": seed, "config": "fine", "metrics": fine,
-                     "excess": {m: excess(fine, m) for m in metric_names}})
+                     "excess": {m: excess(fine, m) for m in names}})
         for (solver, schedule, nfe, label), plan in plans.items():
             x = sd.sample(user.denoiser, noise, plan.sigmas, plan.get_solver(), stabilizer=plan.stabilizer()).x
             row = {"model": name, "seed": seed, "solver": solver, "schedule": schedule, "nfe": nfe, "config": label}
             try:
                 m = metrics_of(spec, x, seed, ref, floors)
-                row.update(metrics=m, excess={k: excess(m, k) for k in metric_names}, status="ok")
+                row.update(metrics=m, excess={k: excess(m, k) for k in names}, status="ok")
             except ValueError as e:  # non-finite samples are a result
                 row.update(metrics={}, excess={}, status=f"failed: {e}")
             rows.append(row)
         bar.update()
     bar.close()
-    return {"model": name, "kind": kind, "metrics": list(metric_names), "primary": metric_names[0],
+    return {"model": name, "kind": kind, "metrics": list(names), "primary": names[0],
             "teachers": [{k: v for k, v in t.items() if k not in ("ref", "noise")} for t in teachers.values()],
             "fits": fits, "rows": rows, "seeds": seeds, "n_eval": n_eval,
             "reference": {"solver": "dpmpp_3m", "steps": 1000 if kind == "mixture" else 100, "schedule": "karras"}}
 
 
+def _cell_key(r: dict) -> tuple:
+    return r["solver"], r["schedule"], r["nfe"], r["config"]
+
+
 def merge_models(parts: list[dict]) -> list[dict]:
-    """Runs of the same model on other cells (shards) as one: their fits and rows together, the fine solve's
-    rows and the teachers once."""
+    """Runs of the same model on other cells or configurations (shards) as one: their fits and rows together,
+    the fine solve's rows and the teachers once, and a configuration that ran in several shards (``plain``
+    beside each set of fits) once per cell."""
     out: dict[str, dict] = {}
     for m in parts:
         if m["model"] not in out:
@@ -270,8 +308,10 @@ def merge_models(parts: list[dict]) -> list[dict]:
         o = out[m["model"]]
         if o["seeds"] != m["seeds"] or o["n_eval"] != m["n_eval"]:
             raise ValueError(f"cannot merge runs of {m['model']} with other evaluation seeds or sizes")
-        o["fits"] += m["fits"]
-        o["rows"] += [r for r in m["rows"] if r["config"] != "fine"]
+        fit_keys = {_cell_key(f) for f in o["fits"]}
+        row_keys = {(_cell_key(r), r["seed"]) for r in o["rows"] if r["config"] != "fine"}
+        o["fits"] += [f for f in m["fits"] if _cell_key(f) not in fit_keys]
+        o["rows"] += [r for r in m["rows"] if r["config"] != "fine" and (_cell_key(r), r["seed"]) not in row_keys]
         o["teachers"] += [t for t in m["teachers"] if t not in o["teachers"]]
         o["wall_s"] = o.get("wall_s", 0) + m.get("wall_s", 0)
     return list(out.values())
@@ -335,16 +375,18 @@ def summarize(result: dict) -> dict:
                                "chosen_not_plain": sum(f["chosen"] != "plain" for f in mres["fits"]
                                                        if f["config"] == label),
                                "fits": sum(f["config"] == label for f in mres["fits"])}
-        versus = {}  # each fitted configuration against LD3 in the same cell, on the primary metric
-        if "peer:ld3" in configs:
+        # each other configuration against each LD3 run (any options) in the same cell, on the primary metric
+        versus: dict[str, dict] = {}
+        for ld3 in (lb for lb in configs if lb.split("@")[0] == "peer:ld3"):
             for label in configs:
-                if label in ("plain", "peer:ld3"):
+                if label == "plain" or label.split("@")[0] == "peer:ld3":
                     continue
-                vs = [verdict(cells[k[:3] + ("peer:ld3",)][primary], st[primary])
-                      for k, st in cells.items() if k[3] == label and k[:3] + ("peer:ld3",) in cells]
+                vs = [verdict(cells[k[:3] + (ld3,)][primary], st[primary])
+                      for k, st in cells.items() if k[3] == label and k[:3] + (ld3,) in cells]
                 # LD3 at its floor leaves no room to beat it, but a configuration can still be worse there
                 words = ["hurts" if v["worse_at_floor"] else v["verdict"] for v in vs]
-                versus[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed", "n/a")}
+                versus.setdefault(ld3, {})[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed",
+                                                                                  "n/a")}
         # the evidence rule of --stabilizer auto (steindiff.bench.auto) over this model's cells
         rule_cells = [{"model": mres["model"], "solver": k[0], "schedule": k[1], "nfe_budget": k[2],
                        "stabilizer": k[3], "coords": "-", "primary": primary,
@@ -428,14 +470,17 @@ def markdown(result: dict, summary: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{t[m]['helps']}/{t[m]['tie']}/{t[m]['hurts']}"
                                                       + (f" ({t[m]['failed']} failed)" if t[m]["failed"] else "")
                                                       for m in mres["metrics"]) + " |")
-        if s.get("versus_ld3"):
-            lines += ["", f"### Against peer:ld3 in the same cell on {p} (better / ties / worse, protocol rules with "
+        for ld3, against in s.get("versus_ld3", {}).items():
+            lines += ["", f"### Against {ld3} in the same cell on {p} (better / ties / worse, protocol rules with "
                       "LD3's seed spread; worse at LD3's floor counts as worse)", "",
                       "| config | better | ties | worse | failed |", "|---|---|---|---|---|"]
-            for label, v in s["versus_ld3"].items():
+            for label, v in against.items():
                 lines.append(f"| {label} | {v['helps']} | {v['tie'] + v['n/a']} | {v['hurts']} | {v['failed']} |")
         lines += ["", "### The evidence rule of `--stabilizer auto` on this model's cells", "",
                   EVIDENCE_TEXT, ""] + _evidence_table(s["evidence"])
+        trades = [(k, [m for m in mres["metrics"] if m != p and v[m] == "hurts"]) for k, v in s["verdicts"].items()]
+        lines += ["", "### Hidden trades: cells where a secondary metric is worse than plain beyond spread", ""]
+        lines += [f"- {k}: {', '.join(ms)}" for k, ms in trades if ms] or ["- none"]
         lines += ["", "### Calibration cost (CPU seconds per cell, the shared teacher not included) and choices", "",
                   "| config | median CPU s | max CPU s | chosen over plain |", "|---|---|---|---|"]
         for label, c in s["cost"].items():
@@ -481,14 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log", action="store_true", help="one line per fit on standard error")
     p.add_argument("--teacher-cache", default=None,
-                   help="folder where the teachers' fine solves are kept and reused (shards of one model share them)")
+                   help="folder where the teachers' fine solves, and the evaluation seeds' fine solves, are kept and "
+                        "reused (shards of one model share them)")
     args = p.parse_args(argv)
     command = "python benchmarks/gradient_fit_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         if args.merge:
             parts = [json.load(open(f)) for f in args.merge]
             result = {**parts[0], "models": merge_models([m for part in parts for m in part["models"]]),
-                      "command": " && ".join(part["command"] for part in parts)}
+                      "command": " && ".join([*(part["command"] for part in parts), command])}
         else:
             configs = [parse_config(c) for c in args.configs.split(",") if c]
             cells = [(s, sc, int(k)) for s in args.solvers.split(",") for sc in args.schedules.split(",")

@@ -5,7 +5,9 @@
 #        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
 #        calibrated-image64-gradient|
 #        flow-t1|digits-flow|digits-flow-eval|diagnose|engine|all], or patches
-# (not part of all: a GPU job, after benchmarks/train_patches.sh).  Default all: about 50 minutes on one CPU thread, plus about 12 for digits.
+# (not part of all: a GPU job, after benchmarks/train_patches.sh), or patches-cpu (not part of all: the gradient-fit
+# study on the patches U-Net at CPU scale, about 75 minutes on one CPU thread, estimated).  Default all: about 50 minutes on one
+# CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -195,6 +197,28 @@ if [[ $what == patches ]]; then
     --seeds 0,1 --n 500 --device "${DEVICE:-auto}" --no-progress --json-out $out/patches-fine.json \
     --markdown $out/patches-fine.md \
     --title "patches U-Net: the fine solve (50 dpmpp_2m steps) against the real-vs-real floor"
+fi
+if [[ $what == patches-cpu ]]; then
+  # the gradient-fit study on the patches U-Net, reduced to what one CPU thread affords (docs/calibrated-sampler-
+  # gradient.md): dpmpp_2m/Karras at NFE 4, 5, 6, calibration on 128 samples, short fits, 2 seeds of 100 samples;
+  # one run per NFE, then the gradient fits and LD3 at three times the budget, sharing the teacher and the fine
+  # solves through the cache, then merged
+  tmp=$out/.shards-patches-cpu; rm -rf "$tmp"; mkdir -p "$tmp"
+  C=plain,derivative-free@n=128@solves=24,grad:steps+gamma@n=128@iters=20@batch=12
+  C=$C,grad:steps+model_sigmas@n=128@iters=20@batch=12,grad:steps+history@n=128@iters=20@batch=12
+  C=$C,peer:ld3@n=128@iters=50,peer:gits@n=128
+  for k in 4 5 6; do
+    python benchmarks/gradient_fit_study.py --models patches --solvers dpmpp_2m --schedules karras --nfe $k \
+      --configs $C --seeds 3,4 --n 100 --threads 1 --log --no-progress --teacher-cache "$tmp/teachers" \
+      --json-out "$tmp/nfe$k.json" --markdown "" > "$tmp/nfe$k.log" 2>&1
+  done
+  L=plain,grad:steps+gamma@n=128@iters=60@batch=12,grad:steps+history@n=128@iters=60@batch=12,peer:ld3@n=128@iters=150
+  python benchmarks/gradient_fit_study.py --models patches --solvers dpmpp_2m --schedules karras --nfe 4,5,6 \
+    --configs $L --seeds 3,4 --n 100 --threads 1 --log --no-progress --teacher-cache "$tmp/teachers" \
+    --json-out "$tmp/long.json" --markdown "" > "$tmp/long.log" 2>&1
+  python benchmarks/gradient_fit_study.py --merge "$tmp/nfe4.json" "$tmp/nfe5.json" "$tmp/nfe6.json" "$tmp/long.json" \
+    --json-out $out/gradient-fit-study-patches.json --markdown $out/gradient-fit-study-patches.md > /dev/null
+  rm -rf "$tmp"
 fi
 if [[ $what == diagnose || $what == all ]]; then
   steindiff diagnose --model gmm:image64 --solver dpmpp_2m --nfe 6 --n 256 --no-progress \

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +25,7 @@ __all__ = ["Peer", "PEERS", "PREFIX", "register_peer", "peer_name", "fit_peer"]
 #: The stabilizer label of a peer's rows: ``peer:<name>``.
 PREFIX = "peer:"
 
-#: ``fit(model, base, noise, teacher, *, sigma_min, extra_args) -> SamplingPlan``
+#: ``fit(model, base, noise, teacher, *, sigma_min, extra_args, **options) -> SamplingPlan``
 PeerFit = Callable[..., SamplingPlan]
 
 
@@ -61,22 +61,27 @@ def peer_name(label: str) -> str | None:
 
 
 def fit_peer(label: str, model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor,
-             teacher: ReferenceSolve, *, sigma_min: float, extra_args: dict | None = None) -> SamplingPlan:
+             teacher: ReferenceSolve, *, sigma_min: float, extra_args: dict | None = None,
+             **options: Any) -> SamplingPlan:
     """The plan of peer ``label`` (``peer:<name>`` or ``<name>``) for the plain plan ``base``; its
-    ``meta["peer"]`` records the peer, the distance its fit minimised and the fit's wall time."""
+    ``meta["peer"]`` records the peer, the distance its fit minimised, the options and the fit's wall time.
+    ``options`` go to the peer's fit in place of the paper's settings (LD3: the keywords of
+    :func:`~steindiff.peers.ld3.ld3_plan`, e.g. a smaller ``max_iters``; GITS: of
+    :func:`~steindiff.peers.gits.gits_plan`)."""
     name = peer_name(label if label.startswith(PREFIX) else PREFIX + label)
     peer = PEERS[name]
     t0 = time.perf_counter()
-    plan = peer.fit(model, base, noise, teacher, sigma_min=sigma_min, extra_args=extra_args)
-    plan.meta["peer"] = {"name": name, "paper": peer.paper, "distance": peer.distance,
+    plan = peer.fit(model, base, noise, teacher, sigma_min=sigma_min, extra_args=extra_args, **options)
+    plan.meta["peer"] = {"name": name, "paper": peer.paper, "distance": peer.distance, "options": dict(options),
                          "wall_s": time.perf_counter() - t0}
     return plan
 
 
 def _gits(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, teacher: ReferenceSolve, *,
-          sigma_min: float, extra_args: dict | None = None) -> SamplingPlan:
-    """GITS with the paper's settings (:func:`~steindiff.peers.gits.gits_plan`); the noise is the teacher's."""
-    return gits_plan(model, base, teacher, extra_args=extra_args)
+          sigma_min: float, extra_args: dict | None = None, **options: Any) -> SamplingPlan:
+    """GITS with the paper's settings unless ``options`` says otherwise (:func:`~steindiff.peers.gits.gits_plan`);
+    the noise is the teacher's."""
+    return gits_plan(model, base, teacher, extra_args=extra_args, **options)
 
 
 register_peer(Peer("gits", _gits, "Chen et al. 2024, arXiv 2405.11326 (GITS)",
@@ -85,9 +90,10 @@ register_peer(Peer("gits", _gits, "Chen et al. 2024, arXiv 2405.11326 (GITS)",
 
 
 def _ld3(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, teacher: ReferenceSolve, *,
-         sigma_min: float, extra_args: dict | None = None) -> SamplingPlan:
-    """LD3 with the paper's settings (:func:`~steindiff.peers.ld3.ld3_plan`: 100 teacher pairs, radius 1, L2)."""
-    return ld3_plan(model, base, noise, teacher, sigma_min=sigma_min, extra_args=extra_args)
+         sigma_min: float, extra_args: dict | None = None, **options: Any) -> SamplingPlan:
+    """LD3 with the paper's settings unless ``options`` says otherwise (:func:`~steindiff.peers.ld3.ld3_plan`:
+    100 teacher pairs, radius 1, L2, 300 steps)."""
+    return ld3_plan(model, base, noise, teacher, sigma_min=sigma_min, extra_args=extra_args, **options)
 
 
 register_peer(Peer("ld3", _ld3, "Tong et al. 2025, arXiv 2405.15506 (LD3)",

@@ -74,6 +74,12 @@ def test_another_peer_plugs_in(monkeypatch):
     assert by["peer:same"]["peer"]["name"] == "same" and by["peer:same"]["peer"]["distance"] == "none"
     base = make_plan(VEProcess(), "euler", 3)
     assert fit_peer("peer:same", None, base, torch.zeros(1), None, sigma_min=0.002).meta["peer"]["name"] == "same"
+    seen = {}
+    monkeypatch.setitem(peers_module.PEERS, "opts", Peer("opts", lambda model, base, noise, teacher, **kw:
+                                                         seen.update(kw) or make_plan(VEProcess(), "euler", 3),
+                                                         "none", "none"))
+    plan = fit_peer("peer:opts", None, base, torch.zeros(1), None, sigma_min=0.002, max_iters=7)
+    assert seen["max_iters"] == 7 and plan.meta["peer"]["options"] == {"max_iters": 7}
 
 
 def test_bench_cli_peers_option(tmp_path, capsys):

@@ -40,4 +40,25 @@ def test_a_tiny_study_runs_and_merges(study, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)["gmm:toy2d"]
     assert {k.split("/")[0] for k in summary["cells"]} == {"euler", "dpmpp_2m"}
     assert "Gap closed on sw2" in (tmp_path / "all.md").read_text()
+    assert study.main(["--merge", str(tmp_path / "euler.json"), str(tmp_path / "euler.json"), "--json-out",
+                       str(tmp_path / "twice.json"), "--markdown", "", "--json"]) == 0
+    twice = json.loads(capsys.readouterr().out)["gmm:toy2d"]  # a configuration in two shards counts once
+    assert all(len(c["sw2"]["per_seed"]) == 2 for c in twice["cells"].values())
     assert study.main(["--configs", "nonsense"]) == 2
+
+
+def test_each_models_metrics_are_the_runners(study):
+    from steindiff.models.registry import ModelSpec, load_model
+
+    assert study.metric_names(load_model("gmm:toy2d")) == study.MIXTURE_METRICS
+    assert study.metric_names(load_model("digits")) == study.DIGITS_METRICS
+    assert study.metric_names(load_model("patches")) == ("patch_fd", "spectrum", "pixel_sw2", "traj_err")
+    spec = load_model("patches")
+    with pytest.raises(ValueError, match="neither a mixture nor an image model"):
+        study.metric_names(ModelSpec(name="bare", denoiser=spec.denoiser, process=spec.process,
+                                     sample_shape=spec.sample_shape))
+    assert study.parse_config("derivative-free@solves=40@n=128")["solves"] == 40
+    assert study.parse_config("peer:ld3@iters=50")["iters"] == 50
+    for bad in ("peer:gits@iters=50", "plain@solves=3", "peer:ld3@ball=1"):
+        with pytest.raises(ValueError):
+            study.parse_config(bad)
