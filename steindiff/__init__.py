@@ -6,7 +6,7 @@ and the imports have no cycle, imports inside functions included (``tests/test_l
 0. foundations: file output (``io``), devices, figures (``plotting``), model fingerprints (``fingerprint``),
    noise processes (``noise``: alpha, sigma, log-SNR, VP <-> VE);
 1. noise-level schedules, solvers (one step operator each), image datasets (``data``), metrics of
-   samples;
+   samples, feature maps for the gradient fit's distance (``distances``);
 2. models: denoisers and adapters, exact mixtures, the U-Net, checkpoints, named models;
 3. stabilizers: the :class:`~steindiff.stabilizers.Stabilizer` contract and its implementations;
 4. the sampling plan (``plan``: a budget to noise levels) and the sampling loop (``sampling``);

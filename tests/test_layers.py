@@ -12,7 +12,7 @@ ROOT = Path(steindiff.__file__).resolve().parent
 LAYERS = (
     ("steindiff._version", "steindiff._forward_ad", "steindiff.io", "steindiff.device", "steindiff.plotting",
      "steindiff.noise", "steindiff.fingerprint"),
-    ("steindiff.schedules", "steindiff.solvers", "steindiff.data", "steindiff.metrics"),
+    ("steindiff.schedules", "steindiff.solvers", "steindiff.data", "steindiff.metrics", "steindiff.distances"),
     ("steindiff.models",),
     ("steindiff.stabilizers",),
     ("steindiff.plan", "steindiff.sampling"),

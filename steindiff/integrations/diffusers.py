@@ -9,37 +9,35 @@
   ``class_labels``, ``pooled_projections``, ...) go to the network.
 - :class:`CFGDenoiser`: classifier-free guidance in VE coordinates,
   ``D = D_u + s (D_c - D_u)``, conditional and unconditional halves in one batched call.
-- :func:`sample_pipeline`: sample a diffusers pipeline, a UNet one (Stable Diffusion and its relatives) or a flow
-  one (Stable Diffusion 3, FLUX), with a steindiff solver (and stabilizer, or a calibrated sampler), decoding
-  through the pipeline's VAE when it has one.
-- :func:`calibrate_pipeline`: the calibrated sampler of issue 9 (:mod:`steindiff.calibration`) for a
+- :func:`calibrate_pipeline`: the calibrated sampler (:mod:`steindiff.calibration`) for a UNet
   pipeline, over the user's prompt embeddings (or class labels) and guidance scale, cached by the
-  UNet's weights and that conditioning.  :func:`pipeline_model` builds the model both of them use.
+  UNet's weights and that conditioning.  :func:`pipeline_model` builds the model it fits, which
+  :func:`~.diffusers_pipeline.sample_pipeline` samples.
 
 Schedulers: VP (DDPM-family) ones, DDPM, DDIM, PNDM, Euler, Heun, DPM-Solver, UniPC, ... with
 ``prediction_type`` ``epsilon``, ``v_prediction`` or ``sample``; and flow-matching ones,
 ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, and DPM-Solver or UniPC with
 ``use_flow_sigmas=True``.  VE schedulers, and settings of a flow scheduler that no steindiff schedule
-reproduces, are refused with a ValueError naming the field.  :func:`sample_pipeline` takes UNet pipelines and the
-flow pipelines of SD3 and FLUX (:mod:`.diffusers_flow`); :func:`calibrate_pipeline` takes UNet pipelines (flow
-pipelines: ``stabilizer="auto"`` in :func:`sample_pipeline`, or :func:`.diffusers_scheduler.calibrate_scheduler`).
+reproduces, are refused with a ValueError naming the field.  :func:`~.diffusers_pipeline.sample_pipeline` takes
+UNet pipelines and the flow pipelines of SD3 and FLUX (:mod:`.diffusers_flow`); :func:`calibrate_pipeline` takes
+UNet pipelines (flow pipelines: ``stabilizer="auto"`` in ``sample_pipeline``, or
+:func:`.diffusers_scheduler.calibrate_scheduler`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import calibrated_plan, conditioning_digest, model_fingerprint
+from ..calibration import calibrated_plan, conditioning_digest
 from ..models.denoisers import FlowDenoiser, VPDenoiser
 from ..models.registry import ModelSpec
 from ..noise import (
@@ -51,14 +49,9 @@ from ..noise import (
     zero_snr_alphas_cumprod,
 )
 from ..plan import SamplingPlan, make_plan
-from ..sampling import sample
 from ..schedules import FLOW_SHIFT_TYPES, FlowSchedule, flow_shift_mu
-from ..solvers import get_solver, steps_for_nfe
-from ..stabilizers import Stabilizer, registry
-from ._calibration import Calibration, as_plan, canonical_solver, check_plan, refuse_with_stabilizer
 
 __all__ = ["denoiser_from_diffusers", "process_from_scheduler", "is_flow_scheduler", "flow_time_scale", "CFGDenoiser",
-           "sample_pipeline", "PipelineSample",
            "PREDICTION_TYPE_MAP", "pipeline_model", "PipelineModel", "calibrate_pipeline", "UNCOND_PREFIX"]
 
 #: diffusers ``prediction_type`` -> :class:`VPDenoiser` prediction
@@ -376,7 +369,7 @@ class CFGDenoiser(nn.Module):
     conditional half and ``"uncond:" + key`` (:data:`UNCOND_PREFIX`) for the unconditional one, e.g.
     ``model(x, sigma, **{"encoder_hidden_states": c, "uncond:encoder_hidden_states": u})``.  Being
     per-sample extra arguments, they are split and cycled with the batch by the sampler and the
-    calibration (:func:`steindiff.calibration.calibrate`); this is how :func:`sample_pipeline` and
+    calibration (:func:`steindiff.calibration.calibrate`); this is how :func:`~.diffusers_pipeline.sample_pipeline` and
     :func:`calibrate_pipeline` condition the model.  Other extra arguments go to both halves.
     """
 
@@ -422,27 +415,6 @@ class CFGDenoiser(nn.Module):
         return d_u + self.scale * (d_c - d_u)
 
 
-@dataclass
-class PipelineSample:
-    """Output of :func:`sample_pipeline`.
-
-    ``images``: as ``output_type`` asks (``latent``: the final latents; ``pt``: ``(B, C, H, W)`` in
-    [0, 1]; ``np``: ``(B, H, W, C)`` float32 in [0, 1]; ``pil``: a list of PIL images).
-    ``latents``: the final latents (VP coordinates at ``sigmas[-1]``; at ``sigma = 0`` the clean latents),
-    before the VAE's scaling.  ``plan``: the sampling plan that ran (solver, noise levels and, for a
-    calibrated sampler, its per-step gammas).
-    """
-
-    images: Any
-    latents: torch.Tensor
-    sigmas: torch.Tensor
-    nfe: int
-    extra_passes: int = 0
-    trace: list[dict] = field(default_factory=list)
-    wall_s: float = 0.0
-    plan: SamplingPlan | None = None
-
-
 def _sample_shape(unet: Any) -> tuple[int, ...]:
     cfg = getattr(unet, "config", None)
     if not isinstance(cfg, Mapping) or cfg.get("in_channels") is None or cfg.get("sample_size") is None:
@@ -454,8 +426,9 @@ def _sample_shape(unet: Any) -> tuple[int, ...]:
 
 @dataclass
 class PipelineModel:
-    """What a pipeline's UNet is sampled as (:func:`pipeline_model`), shared by :func:`sample_pipeline` and
-    :func:`calibrate_pipeline` so that a calibration is fitted on exactly the model it is applied to.
+    """What a pipeline's UNet is sampled as (:func:`pipeline_model`), shared by
+    :func:`~.diffusers_pipeline.sample_pipeline` and :func:`calibrate_pipeline` so that a calibration is fitted
+    on exactly the model it is applied to.
 
     ``denoiser``: the UNet as a VE denoiser (:func:`denoiser_from_diffusers`).  ``model``: that
     denoiser, or a :class:`CFGDenoiser` over it when ``guidance_scale > 1``.  ``cond``: the
@@ -504,7 +477,7 @@ def pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor | None = None,
                    negative_class_labels: Any = None, guidance_scale: float = 1.0,
                    timestep: Literal["interp", "round"] = "interp",
                    sample_shape: Sequence[int] | None = None) -> PipelineModel:
-    """The model :func:`sample_pipeline` samples, with its conditioning (:class:`PipelineModel`).
+    """The model :func:`~.diffusers_pipeline.sample_pipeline` samples, with its conditioning (:class:`PipelineModel`).
 
     ``prompt_embeds`` go to the UNet as ``encoder_hidden_states``, ``class_labels`` as ``class_labels``.
     With ``guidance_scale > 1`` (diffusers' convention) the model is a :class:`CFGDenoiser` and needs
@@ -516,7 +489,8 @@ def pipeline_model(pipe: Any, *, prompt_embeds: torch.Tensor | None = None,
     scheduler = getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None:
         raise ValueError("the pipeline needs a `unet` and a `scheduler` (for a flow pipeline, SD3 or FLUX: "
-                         "sample_pipeline, or calibrate_scheduler from steindiff.integrations.diffusers_scheduler)")
+                         "sample_pipeline from steindiff.integrations.diffusers_pipeline, or calibrate_scheduler from "
+                         "steindiff.integrations.diffusers_scheduler)")
     den = denoiser_from_diffusers(unet, scheduler, timestep=timestep)
     device = getattr(unet, "device", torch.device("cpu"))
     guided = float(guidance_scale) > 1.0
@@ -606,11 +580,11 @@ def calibrate_pipeline(
     """The calibrated sampler (issue 9; :func:`steindiff.calibration.calibrated_plan`, trajectory objective)
     of a diffusers pipeline, over the user's conditioning: fitted on first use and cached.
 
-    The model is the one :func:`sample_pipeline` samples with the same arguments (:func:`pipeline_model`:
-    the UNet as a VE denoiser, under classifier-free guidance when ``guidance_scale > 1``).  The
-    calibration batch sees ``prompt_embeds`` (a batch of embeddings, one per prompt; with guidance,
-    ``negative_prompt_embeds`` of batch 1 or the same batch) and ``class_labels`` cycled to its size, so
-    in the user's proportions.  The cache (``cache_dir``, default
+    The model is the one :func:`~.diffusers_pipeline.sample_pipeline` samples with the same arguments
+    (:func:`pipeline_model`: the UNet as a VE denoiser, under classifier-free guidance when
+    ``guidance_scale > 1``).  The calibration batch sees ``prompt_embeds`` (a batch of embeddings, one per
+    prompt; with guidance, ``negative_prompt_embeds`` of batch 1 or the same batch) and ``class_labels``
+    cycled to its size, so in the user's proportions.  The cache (``cache_dir``, default
     :func:`steindiff.calibration.default_cache_dir`) is keyed by the UNet's weights, the latent shape, the
     process, ``solver``, the base noise levels (``nfe``, ``schedule``: ``karras``, ``logsnr``, ``time``
     or explicit VE sigmas) and :meth:`PipelineModel.conditioning_key`: the guidance scale, a hash of the
@@ -633,321 +607,3 @@ def calibrate_pipeline(
     base = _base_plan(pm.process, solver, nfe, schedule, rho, solver_options)
     return _calibrated(pm, base, cache_dir=cache_dir, calibrate_missing=calibrate_missing, dtype=dtype,
                        progress=progress, notice=notice, options=options)
-
-
-def _flow_mismatch(plan: SamplingPlan, pipe: Any, pm: PipelineModel, size: tuple[int, int], rho: float) -> list[str]:
-    """What makes a calibration another flow pipeline call's than this one (at ``size`` pixels): the resolution
-    shift ``mu`` it records, else the plain levels it was fitted from (``meta["base_sigmas"]``) against this call's
-    plain levels of its schedule (the pipeline's shift or ``mu``, the step count), as the scheduler checks them."""
-    from .diffusers_flow import pipeline_mu
-    from .diffusers_scheduler import FLOW_SCHEDULES
-
-    made = plan.meta.get("pipeline") if isinstance(plan.meta.get("pipeline"), Mapping) else {}
-    mu = pipeline_mu(pipe, *size)
-    if made.get("mu") is not None and mu is not None and not math.isclose(float(made["mu"]), mu, rel_tol=1e-6):
-        where = f" ({made['height']}x{made['width']} pixels)" if made.get("height") else ""
-        return [f"it was made for the resolution shift mu={float(made['mu']):.6g}{where}, this call's is "
-                f"mu={mu:.6g} ({size[0]}x{size[1]} pixels)"]
-    base, schedule = plan.meta.get("base_sigmas"), plan.meta.get("schedule")
-    if base is None or schedule not in FLOW_SCHEDULES or len(base) != len(plan.sigmas):
-        return []
-    here = _plain_plan(pipe, pm, size, plan.solver, plan.nfe, schedule, rho, plan.solver_options)[0].sigmas
-    if torch.allclose(here, torch.as_tensor(base, dtype=torch.float64), rtol=1e-6, atol=1e-9):
-        return []
-    def fmt(levels: Any) -> str:
-        return "[" + ", ".join(f"{float(s):.5g}" for s in levels) + "]"
-
-    return [f"it was made from the noise levels {fmt(base)}, this call's are {fmt(here)} (another shift, image size "
-            "or schedule)"]
-
-
-def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | None, nfe: int | None,
-                  schedule: str | Sequence[float] | torch.Tensor | None, solver_options: dict | None,
-                  flow_call: tuple[Any, tuple[int, int], float] | None = None) -> SamplingPlan:
-    """The plan of ``calibration`` for this pipeline model, refused (ValueError naming both values) when it
-    was made for another solver, NFE, schedule, guidance scale (FLUX: embedded guidance) or network; for a flow
-    pipeline (``flow_call``: the pipeline, the image size and ``rho``) also another resolution shift or shift
-    (:func:`_flow_mismatch`)."""
-    plan = as_plan(calibration, solver=solver or DEFAULT_SOLVER)
-    bad = []
-    made_for = canonical_solver(plan.solver, plan.solver_options)
-    if solver is not None and canonical_solver(solver, solver_options) != made_for:
-        bad.append(f"it was made for solver {plan.solver!r}, requested {solver!r}")
-    if solver_options is not None and dict(solver_options) != dict(plan.solver_options):
-        bad.append(f"it was made with solver options {plan.solver_options!r}, requested {dict(solver_options)!r}")
-    if nfe is not None and int(nfe) != plan.nfe:
-        bad.append(f"it was made for NFE {plan.nfe}, requested {nfe}")
-    if isinstance(schedule, str):
-        made = plan.meta.get("schedule", plan.schedule)
-        if schedule != made:
-            bad.append(f"it was made for the {made!r} schedule, requested {schedule!r}")
-    rec = _recorded_conditioning(plan.meta)
-    if rec is not None and float(rec.get("guidance_scale", 1.0)) != pm.guidance_scale:
-        bad.append(f"it was made for guidance scale {float(rec.get('guidance_scale', 1.0)):g}, "
-                   f"requested {pm.guidance_scale:g}")
-    embedded = getattr(pm, "embedded_guidance", None)
-    if rec is not None and rec.get("embedded_guidance") is not None and rec["embedded_guidance"] != embedded:
-        bad.append(f"it was made for embedded guidance (FLUX guidance_scale) {float(rec['embedded_guidance']):g}, "
-                   f"requested {embedded}")
-    if flow_call is not None and not bad:
-        bad += _flow_mismatch(plan, flow_call[0], pm, flow_call[1], flow_call[2])
-    if bad:
-        raise ValueError("calibration does not match this pipeline run: " + "; ".join(bad))
-    if schedule is not None and not isinstance(schedule, str):
-        check_plan(plan, schedule, solver=plan.solver, solver_options=plan.solver_options, what="schedule")
-    fp = plan.meta.get("fingerprint")
-    if fp is not None:
-        here = model_fingerprint(pm.spec())
-        if fp != here:
-            net = pm.name.removeprefix("diffusers:")
-            raise ValueError(f"calibration was made for another model: its fingerprint is {fp}, this pipeline's {net} "
-                             f"(weights, latent shape {pm.sample_shape}, noise process) gives {here}")
-    return plan
-
-
-def _plain_plan(pipe: Any, pm: PipelineModel, size: tuple[int, int] | None, solver: str, nfe: int,
-                schedule: str | Sequence[float] | torch.Tensor | None, rho: float,
-                solver_options: dict | None) -> tuple[SamplingPlan, Any, float | None]:
-    """:func:`sample_pipeline`'s plain plan, with the scheduler and ``mu`` of a flow pipeline (else ``None``).  UNet
-    pipelines (``size`` ``None``) and explicit sigmas: :func:`~steindiff.plan.make_plan` (default ``karras``).  Flow
-    pipelines with a named schedule (default ``flow``): the levels :class:`SteinDiffScheduler` steps this call with,
-    from the pipeline's scheduler config at ``size`` pixels (:func:`~.diffusers_scheduler.pipeline_plan`), over the
-    steps that fit ``nfe``."""
-    if size is None or (schedule is not None and not isinstance(schedule, str)):
-        sched = DEFAULT_SCHEDULE if schedule is None else schedule
-        return _base_plan(pm.process, solver, nfe, sched, rho, solver_options), None, None
-    from .diffusers_scheduler import pipeline_plan
-
-    steps = steps_for_nfe(get_solver(solver, **(solver_options or {})), nfe)
-    sched, plan, mu = pipeline_plan(pipe, steps, solver=solver, schedule=schedule, rho=rho,
-                                    solver_options=solver_options, height=size[0], width=size[1])
-    if repr(sched.process) != repr(pm.process):
-        raise RuntimeError(f"internal: the pipeline model's process {pm.process!r} is not the scheduler's "
-                           f"{sched.process!r}")
-    return plan, sched, mu
-
-
-def _refuse_arguments(pipe: Any, kind: str, **given: Any) -> None:
-    """Refuse the arguments (given as not ``None``) that a ``kind`` pipeline does not take, naming them."""
-    named = [k for k, v in given.items() if v is not None]
-    if named:
-        raise ValueError(f"{', '.join(named)} {'does' if len(named) == 1 else 'do'} not apply to "
-                         f"{type(pipe).__name__} ({kind})")
-
-
-def sample_pipeline(
-    pipe: Any,
-    *,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    pooled_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    text_ids: torch.Tensor | None = None,
-    class_labels: torch.Tensor | None = None,
-    negative_class_labels: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int | None = None,
-    solver: str | None = None,
-    nfe: int | None = None,
-    schedule: str | Sequence[float] | torch.Tensor | None = None,
-    rho: float = 7.0,
-    stabilizer: Stabilizer | str | None = None,
-    calibration: Calibration | None = None,
-    calibration_dir: str | os.PathLike | None = None,
-    calibrate: bool | str = "if-quick",
-    calibration_options: dict | None = None,
-    latents: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    output_type: Literal["latent", "pt", "np", "pil"] = "pt",
-    dtype: torch.dtype = torch.float32,
-    timestep: Literal["interp", "round"] = "interp",
-    solver_options: dict | None = None,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = False,
-) -> PipelineSample:
-    """Sample a diffusers pipeline with a steindiff solver and stabilizer, or with a calibrated sampler: a UNet
-    pipeline (``unet`` and ``scheduler``, optionally ``vae``: Stable Diffusion and its relatives) or a flow one
-    (``transformer`` and a flow-matching ``scheduler``: Stable Diffusion 3, FLUX).
-
-    Conditioning and guidance: the keyword arguments of :func:`~.diffusers_flow.encode_prompts`, so
-    ``sample_pipeline(pipe, **encode_prompts(pipe, prompts, guidance_scale=g), guidance_scale=g)`` works for every
-    kind.  UNet pipelines: as :func:`pipeline_model` (``prompt_embeds``, ``class_labels`` and their negatives).  Flow
-    pipelines: as :func:`~.diffusers_flow.flow_pipeline_model` (``prompt_embeds`` and ``pooled_prompt_embeds``, their
-    negatives for SD3's classifier-free guidance; FLUX: ``text_ids``, and ``guidance_scale`` is its embedded
-    guidance).  Batch: ``latents.shape[0]``, else ``batch_size``, else the conditioning's batch, else 1.
-    ``height``/``width``: the image size in pixels (default: the pipeline's, or, for a UNet or SD3, the size of
-    ``latents``).
-
-    ``latents``: as passed to the pipeline, i.e. the noise it starts from: unit-variance noise (UNet: the VP
-    latent at ``sigma_max``, before ``init_noise_sigma``; flow: ``x_t`` at ``t = 1``; FLUX: packed, ``(B, tokens,
-    4 C)``); converted to VE by dividing by ``alpha(sigma_max)``.  Without them they are drawn as the pipeline draws
-    them (``randn_tensor`` in the UNet's dtype, in the prompt embeddings' for a flow pipeline; FLUX packs them),
-    from ``generator`` or ``seed`` (default 0).
-    ``solver`` (default ``dpmpp_2m``) and ``nfe`` (model passes, default 10) make the plain plan over ``schedule``:
-    UNet pipelines ``karras`` (default), ``logsnr``, ``time``; flow pipelines ``flow`` (default: the levels
-    :class:`~.diffusers_scheduler.SteinDiffScheduler` steps this pipeline call with, from the pipeline's scheduler
-    config: its shift, or FLUX's resolution shift ``mu`` for this image size; see
-    :func:`~.diffusers_scheduler.pipeline_plan`), or ``karras``, ``logsnr``, ``time`` over the range of those
-    levels; for both, explicit VE sigmas.  ``stabilizer``: a stabilizer object or name
-    (:func:`steindiff.stabilizers.make_stabilizer`); ``"auto"``, when it is the calibrated sampler
-    (:data:`steindiff.stabilizers.registry.AUTO`), calibrates the plain plan over this call's conditioning
-    (:func:`steindiff.calibration.calibrated_plan`, as :func:`calibrate_pipeline` does; cache ``calibration_dir``;
-    ``calibrate``: when a missing calibration is fitted, ``"if-quick"`` by default, as every entry point:
-    :data:`steindiff.calibration.CALIBRATE_WHEN`; ``False`` only reads the cache; ``calibration_options`` go to
-    :func:`steindiff.calibration.calibrate`).
-    ``calibration``: a calibrated sampler to apply (a :class:`~steindiff.plan.SamplingPlan` from
-    :func:`calibrate_pipeline` or ``stabilizer="auto"``, a :class:`~steindiff.stabilizers.schedule.GammaSchedule`
-    or the path of a calibration file, e.g. one saved by ``SteinDiffScheduler.save_calibration``): its solver, noise
-    levels and gammas are used; ``solver``, ``nfe``, ``schedule`` and ``solver_options``, when given, must agree
-    with it, and its guidance scale and model fingerprint must be this run's; for a flow pipeline also its
-    resolution shift ``mu`` and the plain levels it was fitted from (ValueError naming both values otherwise).  Not
-    together with ``stabilizer``.
-    ``output_type``: ``latent`` (no decoding), ``pt``, ``np`` or ``pil`` (decoded through ``pipe.vae`` as the
-    pipeline decodes, ``vae.decode(latents / scaling_factor + shift_factor)``, FLUX's latents unpacked first, then
-    mapped from [-1, 1] to [0, 1]).
-
-    Refused with a ValueError naming it: a pipeline with neither a UNet nor a supported transformer, arguments of
-    the other kind of pipeline, and latents whose shape is not that of the image size.
-    """
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    refuse_with_stabilizer(calibration, stabilizer)
-    flux = False
-    if getattr(pipe, "transformer", None) is not None:
-        from .diffusers_flow import _is_flux, check_flow_pipeline, flow_pipeline_model, image_size
-
-        check_flow_pipeline(pipe)  # a transformer of another kind is refused, naming it
-        flux = _is_flux(pipe)
-        _refuse_arguments(pipe, "a flow pipeline, conditioned by prompt embeddings", class_labels=class_labels,
-                          negative_class_labels=negative_class_labels,
-                          **({} if flux else {"text_ids": text_ids}))
-        if timestep != "interp":
-            raise ValueError(f"timestep={timestep!r} applies to UNet pipelines: a flow transformer takes continuous "
-                             "times")
-        if prompt_embeds is None or pooled_prompt_embeds is None:
-            raise ValueError(f"{type(pipe).__name__} needs prompt_embeds and pooled_prompt_embeds, e.g. "
-                             "**encode_prompts(pipe, prompts, guidance_scale=...)")
-        if latents is not None and latents.ndim == 4 and not flux and height is None and width is None:
-            f = int(getattr(pipe, "vae_scale_factor", 8))
-            height, width = int(latents.shape[2]) * f, int(latents.shape[3]) * f
-        size: tuple[int, int] | None = image_size(pipe, height, width)
-        cfg = dict(pipe.scheduler.config)  # a SteinDiffScheduler's config keeps where it takes t = 1
-        t_max = float(cfg["flow_t_max"]) if cfg.get("process") == "flow" else 1.0 - FLOW_T_DELTA
-        pm = flow_pipeline_model(pipe, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                                 negative_prompt_embeds=negative_prompt_embeds,
-                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                 guidance_scale=guidance_scale, height=size[0], width=size[1], text_ids=text_ids,
-                                 t_max=t_max)
-        latent_dtype = torch.as_tensor(prompt_embeds).dtype  # the pipelines draw their noise in this dtype
-    else:
-        _refuse_arguments(pipe, "a UNet pipeline", pooled_prompt_embeds=pooled_prompt_embeds,
-                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, text_ids=text_ids)
-        size = None
-        shape = None if latents is None else tuple(latents.shape[1:])
-        if shape is None and height is not None and width is not None and getattr(pipe, "unet", None) is not None:
-            f = int(getattr(pipe, "vae_scale_factor", 8))
-            shape = (int(pipe.unet.config.in_channels), int(height) // f, int(width) // f)
-        pm = pipeline_model(pipe, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                            class_labels=class_labels, negative_class_labels=negative_class_labels,
-                            guidance_scale=guidance_scale, timestep=timestep, sample_shape=shape)
-        latent_dtype = getattr(pipe.unet, "dtype", torch.float32)
-    if latents is not None and tuple(latents.shape[1:]) != tuple(pm.sample_shape):
-        where = f"{size[0]}x{size[1]} pixels" if size is not None else f"height={height}, width={width}"
-        raise ValueError(f"latents of shape {tuple(latents.shape[1:])} per sample do not match the image size "
-                         f"({where}), whose latents are {tuple(pm.sample_shape)}: pass height and width")
-
-    sched = mu = None
-    if calibration is not None:
-        plan = _applied_plan(pm, calibration, solver=solver, nfe=nfe, schedule=schedule, solver_options=solver_options,
-                             flow_call=None if size is None else (pipe, size, rho))
-        stabilizer = plan.stabilizer()
-    else:
-        plan, sched, mu = _plain_plan(pipe, pm, size, solver or DEFAULT_SOLVER, DEFAULT_NFE if nfe is None else nfe,
-                                      schedule, rho, solver_options)
-        if registry.resolves_to_calibrated(stabilizer):
-            # the calibration's dtype is its own option (calibration_options), not the state's
-            plan = _calibrated(pm, plan, cache_dir=calibration_dir, calibrate_missing=calibrate, dtype=None,
-                               progress=progress, notice=_stderr_notice, options=calibration_options or {})
-            if sched is not None and plan.gammas is not None:  # what SteinDiffScheduler checks a calibration against
-                from .diffusers_scheduler import _pipeline_record
-
-                plan.meta["pipeline"] = {**_pipeline_record(pipe, sched, pm, size[0], size[1], mu, guidance_scale),
-                                         "num_inference_steps": plan.steps}
-            stabilizer = plan.stabilizer()
-        elif isinstance(stabilizer, str):
-            stabilizer = registry.make_stabilizer(stabilizer)
-    sigmas = plan.sigmas
-
-    # batch size and conditioning
-    if latents is not None:
-        n = latents.shape[0]
-    elif batch_size is not None:
-        n = int(batch_size)
-    else:
-        n = pm.batch or 1
-    if n < 1:
-        raise ValueError(f"batch size must be >= 1, got {n}")
-    extra_args = pm.extra_args(n)
-
-    # initial state, VE coordinates
-    net = getattr(pipe, "transformer", None) or pipe.unet
-    device = getattr(net, "device", torch.device("cpu"))
-    if latents is None:
-        latents = _draw_latents(pipe, pm, n, size if flux else None, generator, seed, device, latent_dtype)
-    x = latents.to(device=device, dtype=dtype) * pm.process.prior_scale(float(sigmas[0]))
-
-    res = sample(pm.model, x, sigmas, plan.get_solver(), stabilizer=stabilizer, extra_args=extra_args,
-                 callback=callback, progress=progress, dtype=dtype)
-    out_latents = pm.process.to_vp(res.x, float(sigmas[-1]))
-    images = _decode(pipe, out_latents, output_type, unpack=size if flux else None)
-    return PipelineSample(images, out_latents, sigmas, res.nfe, res.extra_passes, res.trace, res.wall_s, plan)
-
-
-def _draw_latents(pipe: Any, pm: PipelineModel, n: int, flux_size: tuple[int, int] | None,
-                  generator: torch.Generator | None, seed: int | None, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The noise a pipeline starts from, drawn as its ``prepare_latents`` draws it: ``randn_tensor`` of the latent
-    shape; FLUX (``flux_size``: the image size) draws ``(n, C, h, w)`` and packs it to ``(n, tokens, 4 C)``."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    if generator is None:
-        generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
-    if flux_size is None:
-        return randn_tensor((n, *pm.sample_shape), generator=generator, device=device, dtype=dtype)
-    from .diffusers_flow import _latent_hw
-
-    c = int(pipe.transformer.config.in_channels) // 4
-    h, w = _latent_hw(pipe, *flux_size)
-    z = randn_tensor((n, c, h, w), generator=generator, device=device, dtype=dtype)
-    return pipe._pack_latents(z, n, c, h, w)
-
-
-def _decode(pipe: Any, latents: torch.Tensor, output_type: str, unpack: tuple[int, int] | None = None) -> Any:
-    """The pipeline's decoding of its final latents: ``unpack`` (FLUX: the image size) unpacks them first
-    (``pipe._unpack_latents``), then ``vae.decode(latents / scaling_factor + shift_factor)``, mapped to [0, 1]."""
-    if output_type == "latent":
-        return latents
-    vae = getattr(pipe, "vae", None)
-    with torch.no_grad():
-        if unpack is not None:
-            latents = pipe._unpack_latents(latents, unpack[0], unpack[1], pipe.vae_scale_factor)
-        if vae is not None:
-            vcfg = vae.config
-            z = latents.to(getattr(vae, "dtype", latents.dtype)) / float(vcfg.get("scaling_factor", 1.0) or 1.0)
-            if vcfg.get("shift_factor") is not None:
-                z = z + float(vcfg["shift_factor"])
-            img = vae.decode(z).sample
-        else:
-            img = latents
-        img = (img.float() / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return img
-    arr = img.cpu().permute(0, 2, 3, 1).numpy()
-    if output_type == "np":
-        return arr
-    from PIL import Image
-
-    arr8 = (arr * 255).round().astype("uint8")
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr8]

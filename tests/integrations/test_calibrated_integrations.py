@@ -138,8 +138,8 @@ from steindiff.integrations.diffusers import (  # noqa: E402
     calibrate_pipeline,
     denoiser_from_diffusers,
     pipeline_model,
-    sample_pipeline,
 )
+from steindiff.integrations.diffusers_pipeline import sample_pipeline  # noqa: E402
 
 
 def tiny_cond_unet(seed: int = 1) -> torch.nn.Module:

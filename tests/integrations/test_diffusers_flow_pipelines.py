@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 import tiny_pipelines as tp  # noqa: E402
 
 import steindiff.stabilizers.registry as reg  # noqa: E402
-from steindiff.integrations.diffusers import sample_pipeline  # noqa: E402
 from steindiff.integrations.diffusers_flow import encode_prompts, pipeline_mu  # noqa: E402
+from steindiff.integrations.diffusers_pipeline import sample_pipeline  # noqa: E402
 from steindiff.integrations.diffusers_scheduler import SteinDiffScheduler, pipeline_plan  # noqa: E402
 from steindiff.plan import SamplingPlan  # noqa: E402
 

@@ -18,8 +18,8 @@ from steindiff.integrations.diffusers import (  # noqa: E402
     CFGDenoiser,
     denoiser_from_diffusers,
     process_from_scheduler,
-    sample_pipeline,
 )
+from steindiff.integrations.diffusers_pipeline import sample_pipeline  # noqa: E402
 from steindiff.stabilizers import SteinStabilizer  # noqa: E402
 
 

@@ -16,12 +16,12 @@ pytest.importorskip("transformers")
 import tiny_pipelines as tp  # noqa: E402
 
 import steindiff as sd  # noqa: E402
-from steindiff.integrations.diffusers import sample_pipeline  # noqa: E402
 from steindiff.integrations.diffusers_flow import (  # noqa: E402
     encode_prompts,
     flow_scheduler_config,
     pipeline_schedule_kwargs,
 )
+from steindiff.integrations.diffusers_pipeline import sample_pipeline  # noqa: E402
 from steindiff.integrations.diffusers_scheduler import (  # noqa: E402
     SteinDiffScheduler,
     _evaluation_layout,
