@@ -42,7 +42,7 @@ from .diffusers_flow import (
     image_size,
     pipeline_mu,
 )
-from .diffusers_scheduler import FLOW_SCHEDULES, _pipeline_record, pipeline_plan
+from .diffusers_scheduler import FLOW_SCHEDULES, _fmt, _pipeline_record, pipeline_plan
 
 __all__ = ["sample_pipeline", "PipelineSample"]
 
@@ -84,11 +84,8 @@ def _flow_mismatch(plan: SamplingPlan, pipe: Any, pm: PipelineModel, size: tuple
     here = _plain_plan(pipe, pm, size, plan.solver, plan.nfe, schedule, rho, plan.solver_options)[0].sigmas
     if torch.allclose(here, torch.as_tensor(base, dtype=torch.float64), rtol=1e-6, atol=1e-9):
         return []
-    def fmt(levels: Any) -> str:
-        return "[" + ", ".join(f"{float(s):.5g}" for s in levels) + "]"
-
-    return [f"it was made from the noise levels {fmt(base)}, this call's are {fmt(here)} (another shift, image size "
-            "or schedule)"]
+    return [f"it was made from the noise levels {_fmt(base)}, this call's are {_fmt(here)} (another shift, image "
+            "size or schedule)"]
 
 
 def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | None, nfe: int | None,
@@ -298,7 +295,6 @@ def sample_pipeline(
             plan = _calibrated(pm, plan, cache_dir=calibration_dir, calibrate_missing=calibrate, dtype=None,
                                progress=progress, notice=_stderr_notice, options=calibration_options or {})
             if sched is not None and plan.gammas is not None:  # what SteinDiffScheduler checks a calibration against
-
                 plan.meta["pipeline"] = {**_pipeline_record(pipe, sched, pm, size[0], size[1], mu, guidance_scale),
                                          "num_inference_steps": plan.steps}
             stabilizer = plan.stabilizer()
