@@ -22,7 +22,9 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   history), with options ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
   ``teacher=<solver>:<steps>`` (the fine solve it fits to), ``n=`` (calibration batch), ``lr=``, ``iters=``,
   ``batch=``, ``lap=<w0/w1/...>`` (the distance in the bands of a Laplacian pyramid with these weights, finest
-  first: :class:`steindiff.distances.LaplacianPyramid`);
+  first: :class:`steindiff.distances.LaplacianPyramid`), ``feat=<s0/s1/...>`` (the distance in the model's own
+  network's activations at these noise levels: :class:`steindiff.distances.DenoiserFeatures`) with ``pix=<w>``
+  (its pixel L2 weight);
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
   (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps);
@@ -59,7 +61,7 @@ from steindiff.bench.auto import auto_rule
 from steindiff.bench.peers import PREFIX, fit_peer, peer_name
 from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, primary_metric, verdict
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
-from steindiff.distances import LaplacianPyramid
+from steindiff.distances import DenoiserFeatures, LaplacianPyramid
 from steindiff.gradient_fit import PARAMS
 from steindiff.io import save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics, traj_err
@@ -123,9 +125,13 @@ def parse_config(text: str) -> dict:
             cfg[k] = int(v)
         elif k == "lap":
             cfg["lap"] = tuple(float(w) for w in v.split("/"))
+        elif k == "feat":
+            cfg["feat"] = tuple(float(w) for w in v.split("/"))
+        elif k == "pix":
+            cfg["pix"] = float(v)
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
-                             "solves, lap)")
+                             "solves, lap, feat, pix)")
     allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves="),
                "peer": ("teacher=", "n=", "iters=") if name == "peer:ld3" else ("teacher=", "n=")}.get(
         cfg["method"], ("teacher=", "n="))
@@ -239,6 +245,9 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                                 residual_weight=cfg.get("residual", 0.0),
                                 **({"loss": "features", "features": LaplacianPyramid(cfg["lap"])}
                                    if "lap" in cfg else {}),
+                                **({"loss": "features", "features": DenoiserFeatures(
+                                    user.denoiser, cfg["feat"], pixel_weight=cfg.get("pix", 0.0))}
+                                   if "feat" in cfg else {}),
                                 gradient_options={"max_iters": cfg.get("iters", d["iters"]),
                                                   "batch_size": cfg.get("batch", d["batch"]),
                                                   **({"lr": cfg["lr"]} if "lr" in cfg else {})})
@@ -254,6 +263,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                            teacher=[tch["solver"], tch["steps"]], n=tch["n"], iters=g.get("iters"),
                            best_iter=g.get("best_iter"), stopped=g.get("stopped"),
                            candidates={k: v["val_rms"] for k, v in c["candidates"].items()},
+                           failed_guards={k: [g for g in c.get("guards", []) if v.get(f"passed_{g}_check") is False]
+                                          for k, v in c["candidates"].items() if k != "plain"},
                            requires=sched.requires)
             fits.append(rec)
             bar.update()
@@ -385,8 +396,9 @@ def summarize(result: dict) -> dict:
                       for k, st in cells.items() if k[3] == label and k[:3] + (ld3,) in cells]
                 # LD3 at its floor leaves no room to beat it, but a configuration can still be worse there
                 words = ["hurts" if v["worse_at_floor"] else v["verdict"] for v in vs]
-                versus.setdefault(ld3, {})[label] = {w: words.count(w) for w in ("helps", "tie", "hurts", "failed",
-                                                                                  "n/a")}
+                versus.setdefault(ld3, {})[label] = {**{w: words.count(w) for w in ("helps", "tie", "hurts",
+                                                                                     "failed", "n/a")},
+                                                     "room": sum(bool(v["room"]) for v in vs)}
         # the evidence rule of --stabilizer auto (steindiff.bench.auto) over this model's cells
         rule_cells = [{"model": mres["model"], "solver": k[0], "schedule": k[1], "nfe_budget": k[2],
                        "stabilizer": k[3], "coords": "-", "primary": primary,
@@ -472,10 +484,15 @@ def markdown(result: dict, summary: dict) -> str:
                                                       for m in mres["metrics"]) + " |")
         for ld3, against in s.get("versus_ld3", {}).items():
             lines += ["", f"### Against {ld3} in the same cell on {p} (better / ties / worse, protocol rules with "
-                      "LD3's seed spread; worse at LD3's floor counts as worse)", "",
-                      "| config | better | ties | worse | failed |", "|---|---|---|---|---|"]
+                      "LD3's seed spread; worse at LD3's floor counts as worse). LD3 has room where its excess "
+                      "is above its own seed spread: only there can a configuration be better than it", "",
+                      "| config | better | ties | worse | failed | LD3 has room | better where LD3 has room |",
+                      "|---|---|---|---|---|---|---|"]
             for label, v in against.items():
-                lines.append(f"| {label} | {v['helps']} | {v['tie'] + v['n/a']} | {v['hurts']} | {v['failed']} |")
+                room = v.get("room")
+                share = "-" if not room else f"{v['helps']}/{room} ({100 * v['helps'] / room:.0f}%)"
+                lines.append(f"| {label} | {v['helps']} | {v['tie'] + v['n/a']} | {v['hurts']} | {v['failed']} | "
+                             f"{'-' if room is None else room} | {share} |")
         lines += ["", "### The evidence rule of `--stabilizer auto` on this model's cells", "",
                   EVIDENCE_TEXT, ""] + _evidence_table(s["evidence"])
         trades = [(k, [m for m in mres["metrics"] if m != p and v[m] == "hurts"]) for k, v in s["verdicts"].items()]
