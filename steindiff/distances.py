@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DenoiserFeatures", "LaplacianPyramid"]
+__all__ = ["DenoiserFeatures", "LaplacianPyramid", "parse_distance"]
 
 
 class LaplacianPyramid(nn.Module):
@@ -70,10 +70,15 @@ class DenoiserFeatures(nn.Module):
     (``network.named_modules()``); default the first half of its 2-D convolutions in the order a forward pass
     runs them (a U-Net's encoder: the features it extracts, not the image it rebuilds).  ``extra_args`` of a
     conditional model are not passed: the features are the unconditional model's.
+
+    The defaults (``sigmas=(0.5,)``, ``pixel_weight=10``, the two parts then of about the same size on the
+    digits model) are the measured ones (docs/calibrated-sampler-gradient.md): at ``sigma = 0.5`` the network
+    does not see faint pixel noise, and a fit to the features alone can keep some, which the calibration's
+    residual guard then rejects; the pixel term removes it.
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], sigmas: Sequence[float] = (0.5,), *,
-                 network: nn.Module | None = None, layers: Sequence[str] | None = None, pixel_weight: float = 0.0):
+                 network: nn.Module | None = None, layers: Sequence[str] | None = None, pixel_weight: float = 10.0):
         super().__init__()
         net = network if network is not None else denoiser
         if not isinstance(net, nn.Module):
@@ -134,3 +139,25 @@ class DenoiserFeatures(nn.Module):
         if self.pixel_weight > 0:
             out.append(x.reshape(len(x), -1) * (self.pixel_weight / x[0].numel()) ** 0.5)
         return torch.cat([o.to(x.dtype) for o in out], dim=1)
+
+
+def parse_distance(text: str, denoiser: Callable[..., torch.Tensor] | None = None) -> nn.Module | None:
+    """A distance named on the command line: ``l2`` (``None``: the fit's own L2), ``pyramid:W0/W1/...``
+    (:class:`LaplacianPyramid` with these weights, finest band first) or ``denoiser[:S0/S1/...[:PIXEL_WEIGHT]]``
+    (:class:`DenoiserFeatures` of ``denoiser`` at these noise levels, default ``0.5`` and ``10``)."""
+    name, _, rest = text.strip().partition(":")
+    try:
+        if name == "l2" and not rest:
+            return None
+        if name == "pyramid" and rest:
+            return LaplacianPyramid([float(w) for w in rest.split("/")])
+        if name == "denoiser":
+            sig, _, pix = rest.partition(":")
+            if denoiser is None:
+                raise ValueError("the denoiser distance needs the model")
+            return DenoiserFeatures(denoiser, [float(v) for v in sig.split("/")] if sig else (0.5,),
+                                    pixel_weight=float(pix) if pix else 10.0)
+    except ValueError as e:
+        raise ValueError(f"distance {text!r}: {e}") from None
+    raise ValueError(f"unknown distance {text!r}: l2, pyramid:W0/W1/... (band weights, finest first) or "
+                     "denoiser[:S0/S1/...[:PIXEL_WEIGHT]] (the model's own features at noise levels S)")

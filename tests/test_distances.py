@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steindiff.calibration import gradient_fit_options
-from steindiff.distances import DenoiserFeatures, LaplacianPyramid
+from steindiff.distances import DenoiserFeatures, LaplacianPyramid, parse_distance
 
 
 def split(f: torch.Tensor, shape: tuple[int, ...], weights: list[float]) -> list[torch.Tensor]:
@@ -107,7 +107,8 @@ def test_denoiser_features_carry_gradients_and_named_layers():
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     (f(x) - f(target)).pow(2).sum().backward()
-    assert f(x).shape == (2, (3 + 2) * 16) and x.grad is not None and x.grad.abs().sum() > 0
+    assert f(x).shape == (2, (3 + 2) * 16 + 2 * 16)  # both layers' activations, then the pixels
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_denoiser_features_key_a_gradient_fit_by_their_noise_levels():
@@ -133,3 +134,21 @@ def test_denoiser_features_refuse_bad_input():
     with pytest.raises(ValueError, match="runs no 2-D convolution"):
         DenoiserFeatures(lambda x, s: flat(x).reshape(x.shape), network=flat)(torch.zeros(1, 1, 2, 2,
                                                                                          dtype=torch.float64))
+
+
+def test_a_distance_is_parsed_from_its_name():
+    net = TwoConvs()
+    assert parse_distance("l2") is None
+    lap = parse_distance("pyramid:3/1/1")
+    assert isinstance(lap, LaplacianPyramid) and lap.weights.tolist() == [3.0, 1.0, 1.0]
+    d = parse_distance("denoiser", net)
+    assert isinstance(d, DenoiserFeatures) and d.sigmas == [0.5] and d.pixel_weight == 10.0
+    d = parse_distance("denoiser:0.1/2:0", net)
+    assert d.sigmas == [0.1, 2.0] and d.pixel_weight == 0.0
+    for bad, match in (("lpips", "unknown distance 'lpips'"), ("pyramid", "unknown distance"),
+                       ("pyramid:3/x", "could not convert"), ("denoiser:-1", "positive noise levels"),
+                       ("l2:1", "unknown distance")):
+        with pytest.raises(ValueError, match=match):
+            parse_distance(bad, net)
+    with pytest.raises(ValueError, match="needs the model"):
+        parse_distance("denoiser")

@@ -236,3 +236,23 @@ def test_cli_calibrate_with_the_gradient_fit(tmp_path, capsys):
     assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--params", "steps",
                  "--out", str(tmp_path / "d.json")]) == 2
     assert "options of --fit-method gradient" in capsys.readouterr().err
+
+
+def test_cli_calibrate_with_a_named_distance(tmp_path, capsys):
+    """--distance names the fit's distance; the calibration records it; bad names are refused before any work."""
+    from steindiff.cli import main
+
+    out = tmp_path / "c.json"
+    base = ["calibrate", "--model", "digits", "--solver", "euler", "--nfe", "3", "--n", "8", "--ref-steps", "8",
+            "--calibration-dir", str(tmp_path / "cache"), "--no-progress"]
+    rc = main([*base, "--fit-method", "gradient", "--params", "steps", "--max-iters", "2",
+               "--distance", "denoiser:0.5:1", "--out", str(out), "--json"])
+    assert rc == 0
+    cal = json.loads(capsys.readouterr().out)["calibration"]
+    assert cal["distance"]["loss"] == "features" and cal["distance"]["features"] == "DenoiserFeatures"
+    assert json.loads(out.read_text())["calibration"]["distance"] == cal["distance"]
+    assert main([*base, "--fit-method", "gradient", "--distance", "lpips", "--out", str(tmp_path / "d.json")]) == 2
+    assert "unknown distance 'lpips'" in capsys.readouterr().err
+    assert main([*base, "--distance", "pyramid:2/1/1", "--out", str(tmp_path / "e.json")]) == 2
+    assert "--distance" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists() and not (tmp_path / "e.json").exists()

@@ -27,6 +27,7 @@ from ..calibration import (
     default_cache_dir,
     stamp_fit,
 )
+from ..distances import parse_distance
 from ..fit_estimate import estimate_fit
 from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_params
 from ..io import check_writable
@@ -56,6 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "fraction of its noise's norm (0: off)")
     p.add_argument("--residual-weight", type=float, default=0.0,
                    help="--fit-method gradient: weight of the residual-noise term of the loss (0: off)")
+    p.add_argument("--distance", default="l2",
+                   help="--fit-method gradient: what the fit minimises to the teacher's samples: l2; "
+                        "pyramid:W0/W1/... (a Laplacian pyramid's bands, finest first, weighted); "
+                        "denoiser[:S0/S1/...[:PIXEL_WEIGHT]] (images: the model's own network's activations at "
+                        "noise levels S, default 0.5, plus PIXEL_WEIGHT, default 10, times the pixel L2)")
     p.add_argument("--ref-solver", default=None,
                    help="trajectory: solver of the fine reference solve (the teacher; default: the model's, else "
                         "dpmpp_2m), e.g. unipc with --ref-steps 20")
@@ -141,9 +147,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: got {v}; --ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1")
     gradient = args.fit_method == "gradient"
     if not gradient and (args.params is not None or args.teacher_ball or args.residual_weight
-                         or args.max_iters is not None or args.batch_size is not None):
-        raise UsageError("--params, --teacher-ball, --residual-weight, --max-iters and --batch-size are options of "
-                         "--fit-method gradient")
+                         or args.max_iters is not None or args.batch_size is not None or args.distance != "l2"):
+        raise UsageError("--params, --teacher-ball, --residual-weight, --distance, --max-iters and --batch-size are "
+                         "options of --fit-method gradient")
     if gradient and args.objective != "trajectory":
         raise UsageError(f"--fit-method gradient fits the trajectory objective, not --objective {args.objective}")
     for name, v in (("--max-iters", args.max_iters), ("--batch-size", args.batch_size)):
@@ -162,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     device = common.device_from_args(args)
     spec = common.model_on_device(common.resolve_model(args), device)
     common.resolve_sampling(args, spec)
+    if gradient and args.distance != "l2":
+        with usage_errors(ValueError):
+            features = parse_distance(args.distance, spec.denoiser)
+        fit_options.update(loss="features", features=features)
     with usage_errors(ValueError):
         plain = make_plan(spec.process, args.solver, args.nfe, args.schedule, rho=args.rho)
     base = dataclasses.replace(plain, coords=args.coords)
