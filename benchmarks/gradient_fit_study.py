@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--models", default="gmm:image64,digits", help="comma-separated model names")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names (default gmm:image64,digits; with --merge, keep only these)")
     p.add_argument("--solvers", default="dpmpp_2m,unipc")
     p.add_argument("--schedules", default="karras,logsnr")
     p.add_argument("--nfe", default="4,5,6")
@@ -550,7 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.merge:
             parts = [json.load(open(f)) for f in args.merge]
-            result = {**parts[0], "models": merge_models([m for part in parts for m in part["models"]]),
+            keep = None if args.models is None else set(args.models.split(","))
+            models = merge_models([m for part in parts for m in part["models"] if keep is None or m["model"] in keep])
+            if not models:
+                raise ValueError(f"no runs of {args.models} in {', '.join(args.merge)}")
+            result = {**parts[0], "models": models,
                       "command": " && ".join([*(part["command"] for part in parts), command])}
         else:
             configs = [parse_config(c) for c in args.configs.split(",") if c]
@@ -559,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
             result = {"schema": SCHEMA, "machine": machine_info(), "torch_threads": args.threads,
                       "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "command": command, "models": []}
-            for name in args.models.split(","):
+            for name in (args.models or "gmm:image64,digits").split(","):
                 kind_image = not name.startswith("gmm:")
                 seeds = [int(s) for s in (args.seeds or ("3,4,5" if kind_image else "0,1,2")).split(",")]
                 n = args.n or (400 if kind_image else 1000)

@@ -15,6 +15,8 @@ def test_configurations_parse_and_bad_ones_are_refused(study):
     c = study.parse_config("grad:steps+history@ball=0.05@teacher=unipc:20@n=128")
     assert c["method"] == "gradient" and c["params"] == ["steps", "history"]
     assert c["ball"] == 0.05 and c["teacher"] == ("unipc", 20) and c["n"] == 128
+    c = study.parse_config("grad:steps+model_sigmas@feat=0.1/1@pix=10")
+    assert c["feat"] == (0.1, 1.0) and c["pix"] == 10.0
     assert study.parse_config("plain")["method"] == "plain"
     for bad in ("grad:steps+warp", "magic", "grad:steps@foo=1", "derivative-free@ball=0.1"):
         with pytest.raises(ValueError):
@@ -44,6 +46,12 @@ def test_a_tiny_study_runs_and_merges(study, tmp_path, capsys):
                        str(tmp_path / "twice.json"), "--markdown", "", "--json"]) == 0
     twice = json.loads(capsys.readouterr().out)["gmm:toy2d"]  # a configuration in two shards counts once
     assert all(len(c["sw2"]["per_seed"]) == 2 for c in twice["cells"].values())
+    assert study.main(["--merge", str(tmp_path / "euler.json"), "--models", "gmm:toy2d", "--json-out",
+                       str(tmp_path / "kept.json"), "--markdown", "", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"gmm:toy2d"}
+    assert study.main(["--merge", str(tmp_path / "euler.json"), "--models", "digits", "--json-out",
+                       str(tmp_path / "none.json"), "--markdown", ""]) == 2
+    assert "no runs of digits" in capsys.readouterr().err and not (tmp_path / "none.json").exists()
     assert study.main(["--configs", "nonsense"]) == 2
 
 
