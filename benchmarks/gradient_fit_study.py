@@ -24,7 +24,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   ``batch=``, ``lap=<w0/w1/...>`` (the distance in the bands of a Laplacian pyramid with these weights, finest
   first: :class:`steindiff.distances.LaplacianPyramid`), ``feat=<s0/s1/...>`` (the distance in the model's own
   network's activations at these noise levels: :class:`steindiff.distances.DenoiserFeatures`) with ``pix=<w>``
-  (its pixel L2 weight);
+  (its pixel L2 weight), ``guards=<g1/g2/...>`` (the calibration's guards instead of the default; ``none``: the
+  candidate closest to the teacher is kept whatever the checks say);
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
   (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps);
@@ -129,10 +130,12 @@ def parse_config(text: str) -> dict:
             cfg["feat"] = tuple(float(w) for w in v.split("/"))
         elif k == "pix":
             cfg["pix"] = float(v)
+        elif k == "guards":
+            cfg["guards"] = tuple(g for g in v.split("/") if g and g != "none")
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
-                             "solves, lap, feat, pix)")
-    allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves="),
+                             "solves, lap, feat, pix, guards)")
+    allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves=", "guards="),
                "peer": ("teacher=", "n=", "iters=") if name == "peer:ld3" else ("teacher=", "n=")}.get(
         cfg["method"], ("teacher=", "n="))
     if allowed is not None and any(not o.startswith(allowed) for o in opts):
@@ -240,6 +243,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                 tch = teacher(cfg)
                 opts = {"n": tch["n"], "seed": CALIBRATION_SEED, "dtype": dtype, "ref": tch["ref"],
                         "ref_solver": tch["solver"], "ref_steps": tch["steps"], "max_seconds": 1e9}
+                if "guards" in cfg:
+                    opts["guards"] = cfg["guards"]
                 if cfg["method"] == "gradient":
                     opts.update(fit_method="gradient", params=cfg["params"], teacher_ball=cfg.get("ball", 0.0),
                                 residual_weight=cfg.get("residual", 0.0),
