@@ -17,6 +17,9 @@ def test_configurations_parse_and_bad_ones_are_refused(study):
     assert c["ball"] == 0.05 and c["teacher"] == ("unipc", 20) and c["n"] == 128
     c = study.parse_config("grad:steps+model_sigmas@feat=0.1/1@pix=10")
     assert c["feat"] == (0.1, 1.0) and c["pix"] == 10.0
+    assert study.parse_config("grad:steps@guards=distribution/significance")["guards"] == ("distribution",
+                                                                                          "significance")
+    assert study.parse_config("derivative-free@guards=none")["guards"] == ()
     assert study.parse_config("plain")["method"] == "plain"
     for bad in ("grad:steps+warp", "magic", "grad:steps@foo=1", "derivative-free@ball=0.1"):
         with pytest.raises(ValueError):
