@@ -135,6 +135,8 @@ def parse_config(text: str) -> dict:
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
                              "solves, lap, feat, pix, guards)")
+    if "lap" in cfg and "feat" in cfg:
+        raise ValueError(f"config {text!r}: lap= and feat= are two distances, choose one")
     allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves=", "guards="),
                "peer": ("teacher=", "n=", "iters=") if name == "peer:ld3" else ("teacher=", "n=")}.get(
         cfg["method"], ("teacher=", "n="))

@@ -68,8 +68,9 @@ class DenoiserFeatures(nn.Module):
     ``denoiser``: the model ``D(x, sigma)`` being calibrated; ``network``: the ``nn.Module`` whose layers are
     hooked (default ``denoiser`` itself, which must then be a module); ``layers``: names of its submodules
     (``network.named_modules()``); default the first half of its 2-D convolutions in the order a forward pass
-    runs them (a U-Net's encoder: the features it extracts, not the image it rebuilds).  ``extra_args`` of a
-    conditional model are not passed: the features are the unconditional model's.
+    runs them (a U-Net's encoder: the features it extracts, not the image it rebuilds), found by a one-sample pass
+    on each call, so that nothing about the map changes once it has run (its fingerprint keys a calibration).
+    ``extra_args`` of a conditional model are not passed: the features are the unconditional model's.
 
     The defaults (``sigmas=(0.5,)``, ``pixel_weight=10``, the two parts then of about the same size on the
     digits model) are the measured ones (docs/calibrated-sampler-gradient.md): at ``sigma = 0.5`` the network
@@ -116,8 +117,7 @@ class DenoiserFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"DenoiserFeatures takes images (n, c, h, w), got shape {tuple(x.shape)}")
-        if self.layers is None:
-            self.layers = self._default_layers(x)
+        layers = self.layers if self.layers is not None else self._default_layers(x)
         modules = dict(self.network.named_modules())
         out: list[torch.Tensor] = []
 
@@ -129,7 +129,7 @@ class DenoiserFeatures(nn.Module):
                 a = a.reshape(len(a), -1)
                 out.append(a / a.norm(dim=1, keepdim=True).clamp_min(1e-10))
 
-        hooks = [modules[n].register_forward_hook(keep) for n in self.layers]
+        hooks = [modules[n].register_forward_hook(keep) for n in layers]
         try:
             for s in self.sigmas:
                 self.denoiser(x, torch.full((len(x),), s, dtype=x.dtype, device=x.device))
@@ -155,8 +155,9 @@ def parse_distance(text: str, denoiser: Callable[..., torch.Tensor] | None = Non
             sig, _, pix = rest.partition(":")
             if denoiser is None:
                 raise ValueError("the denoiser distance needs the model")
-            return DenoiserFeatures(denoiser, [float(v) for v in sig.split("/")] if sig else (0.5,),
-                                    pixel_weight=float(pix) if pix else 10.0)
+            given = {"sigmas": [float(v) for v in sig.split("/")] if sig else None,
+                     "pixel_weight": float(pix) if pix else None}
+            return DenoiserFeatures(denoiser, **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise ValueError(f"distance {text!r}: {e}") from None
     raise ValueError(f"unknown distance {text!r}: l2, pyramid:W0/W1/... (band weights, finest first) or "

@@ -89,7 +89,7 @@ def test_denoiser_features_are_the_normalised_activations_of_the_hooked_layers()
     y = torch.randn(4, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     f = DenoiserFeatures(net, sigmas=(0.5, 2.0), pixel_weight=3.0)
     fx, fy = f(x), f(y)
-    assert f.layers == ["conv_a"]  # the first half of the convolutions in the order they run
+    assert f._default_layers(x) == ["conv_a"]  # the first half of the convolutions in the order they run
     # the distance by hand: per noise level, the mean over pixels of the normalised activations' squared
     # difference, plus the weighted mean squared pixel difference
     want = torch.zeros(4, dtype=torch.float64)
@@ -116,6 +116,9 @@ def test_denoiser_features_key_a_gradient_fit_by_their_noise_levels():
     a, b, again = (gradient_fit_options({"fit_method": "gradient", "loss": "features",
                                          "features": DenoiserFeatures(net, s)}) for s in ((0.5,), (1.0,), (0.5,)))
     assert a["features"].startswith("DenoiserFeatures:") and a == again and a["features"] != b["features"]
+    f = DenoiserFeatures(net, (0.5,))
+    f(torch.randn(2, 2, 4, 4, dtype=torch.float64))  # running it changes nothing that keys the calibration
+    assert gradient_fit_options({"fit_method": "gradient", "loss": "features", "features": f}) == a
 
 
 def test_denoiser_features_refuse_bad_input():
