@@ -68,7 +68,7 @@ from steindiff.io import save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics, traj_err
 from steindiff.models.registry import ModelSpec, load_model
 from steindiff.stabilizers.schedule import load_gamma_schedule
-from steindiff.trajectory import reference_solve
+from steindiff.trajectory import passes_guard, reference_solve
 
 SCHEMA = "steindiff.gradient-fit-study/1"
 PARAM_SETS = ("steps", "steps+gamma", "steps+model_sigmas", "steps+gamma+model_sigmas", "steps+history",
@@ -270,7 +270,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                            teacher=[tch["solver"], tch["steps"]], n=tch["n"], iters=g.get("iters"),
                            best_iter=g.get("best_iter"), stopped=g.get("stopped"),
                            candidates={k: v["val_rms"] for k, v in c["candidates"].items()},
-                           failed_guards={k: [g for g in c.get("guards", []) if v.get(f"passed_{g}_check") is False]
+                           failed_guards={k: [g for g in c.get("guards", [])
+                                              if not passes_guard(v, c["candidates"]["plain"], g)]
                                           for k, v in c["candidates"].items() if k != "plain"},
                            requires=sched.requires)
             fits.append(rec)

@@ -29,6 +29,14 @@ and how often the kept one is bad (a hidden trade) or better than plain on the p
 /tmp/guards-patches.json --json-out docs/results/guards-study.json --markdown docs/results/guards-study.md
 
 CPU scale: small calibration batches and refinement budgets per kind of model (:data:`SETTINGS`).
+
+``--fit-method gradient`` studies the gradient fit instead (:func:`steindiff.gradient_fit.fit_trajectory_gradient`
+of ``--fit-params``; one candidate against plain), with the calibration settings ``steindiff bench`` uses
+(:data:`GRADIENT_SETTINGS`), so its cells are the bench's cells as a user's model would see them:
+
+    OMP_NUM_THREADS=1 python benchmarks/guards_study.py --models gmm:image64 --fit-method gradient \\
+        --solvers euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm --nfe 3,4,5,6,8,10 --schedule logsnr \\
+        --json-out /tmp/guards-gradient-logsnr.json
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import torch
 
 from steindiff.bench.runner import _floors, excess, machine_info, verdict
 from steindiff.calibration import CALIBRATION_SEED
+from steindiff.gradient_fit import check_params, fit_trajectory_gradient
 from steindiff.guards import CHECKS, MARGINS, TOLERANCES, judge
 from steindiff.io import atomic_path, save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics
@@ -67,6 +76,12 @@ SETTINGS = {
     "patches": {"n_cal": 64, "ref_steps": 100, "max_solves": 40, "max_seconds": 60.0, "n_eval": 128,
                 "dtype": torch.float32},
 }
+#: The gradient fit's calibration per kind of model, as ``steindiff bench`` runs it
+#: (:func:`steindiff.bench.runner.calibration_options`, float32 calibration states as
+#: :data:`steindiff.calibration.CALIBRATION_DEFAULTS`); evaluation as :data:`SETTINGS`.
+GRADIENT_SETTINGS = {"mixture": {"n_cal": 512, "ref_steps": 200, "max_seconds": 45.0},
+                     "digits": {"n_cal": 256, "ref_steps": 100, "max_seconds": 40.0},
+                     "patches": {"n_cal": 64, "ref_steps": 100, "max_seconds": 120.0}}
 PRIMARY = {"mixture": "sw2", "digits": "digits_fid", "patches": "patch_fd"}
 SECONDARY = {"mixture": ("nll", "mode_tv"), "digits": ("digits_kid", "precision", "recall"),
              "patches": ("spectrum", "pixel_sw2")}
@@ -84,7 +99,14 @@ GUARD_SETS = {"distribution+significance": DEFAULT_GUARDS,
               "+elbo+modes": ("elbo", "modes", *DEFAULT_GUARDS),
               "+residual+modes+spectrum": ("residual", "modes", "spectrum", *DEFAULT_GUARDS),
               "+residual+spectrum": ("residual", "spectrum", *DEFAULT_GUARDS),
-              "+elbo+residual": ("elbo", "residual", *DEFAULT_GUARDS)}
+              "+elbo+residual": ("elbo", "residual", *DEFAULT_GUARDS),
+              # thresholds of their own (steindiff.trajectory.parse_guard)
+              "+residual:margin=0": ("residual:margin=0", *DEFAULT_GUARDS),
+              "+residual:margin=0.1": ("residual:margin=0.1", *DEFAULT_GUARDS),
+              "+residual+modes:tolerance=0.02": ("residual", "modes:tolerance=0.02", *DEFAULT_GUARDS),
+              "+residual:margin=0+modes:tolerance=0.02": ("residual:margin=0", "modes:tolerance=0.02",
+                                                          *DEFAULT_GUARDS),
+              "+residual:margin=0+modes:tolerance=0": ("residual:margin=0", "modes:tolerance=0", *DEFAULT_GUARDS)}
 
 
 def kind_of(spec: ModelSpec) -> str:
@@ -143,16 +165,19 @@ def evaluate(spec: ModelSpec, kind: str, model: Callable, plan: SamplingPlan, no
 
 
 def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: str, seeds: Sequence[int],
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, fit_method: str = "derivative-free",
+              fit_params: Sequence[str] = ("steps", "model_sigmas")) -> list[dict]:
     spec = load_model(name)
     kind = kind_of(spec)
     st = SETTINGS[kind]
+    gradient = fit_method == "gradient"
+    cal = {**st, **GRADIENT_SETTINGS[kind], "dtype": torch.float32} if gradient else st
     model = opaque(spec.denoiser)
-    dtype, n_cal = st["dtype"], st["n_cal"]
+    dtype, n_cal = st["dtype"], cal["n_cal"]
     smax, smin = float(spec.process.sigma_max), float(spec.process.sigma_min)
     t0 = time.perf_counter()
-    cal_noise = prior_noise((n_cal, *spec.sample_shape), smax, spec.process, seed=CALIBRATION_SEED, dtype=dtype)
-    ref = reference_solve(model, cal_noise, smax, smin, steps=st["ref_steps"], keep=n_cal // 2)
+    cal_noise = prior_noise((n_cal, *spec.sample_shape), smax, spec.process, seed=CALIBRATION_SEED, dtype=cal["dtype"])
+    ref = reference_solve(model, cal_noise, smax, smin, steps=cal["ref_steps"], keep=n_cal // 2)
     ref_s = time.perf_counter() - t0
     print(f"{name}: reference solve {ref_s:.0f} s", flush=True)
     noises = {s: prior_noise((st["n_eval"], *spec.sample_shape), smax, spec.process, seed=s, dtype=dtype)
@@ -162,25 +187,32 @@ def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: 
     for solver, nfe in itertools.product(solvers, nfes):
         base = make_plan(spec.process, solver, nfe, schedule)
         t1 = time.perf_counter()
-        fit = fit_trajectory(model, base, cal_noise, sigma_min=smin, ref=ref, guards=GUARDS,
-                             max_solves=st["max_solves"], max_seconds=st["max_seconds"])
+        if gradient:
+            fit = fit_trajectory_gradient(model, base, cal_noise, sigma_min=smin, ref=ref, guards=GUARDS,
+                                          params=fit_params, max_seconds=cal["max_seconds"])
+        else:
+            fit = fit_trajectory(model, base, cal_noise, sigma_min=smin, ref=ref, guards=GUARDS,
+                                 max_solves=st["max_solves"], max_seconds=st["max_seconds"])
         cal_s = time.perf_counter() - t1
         rec = fit.record
         t2 = time.perf_counter()
         cands = {}
         for cname, c in rec["candidates"].items():
-            plan = SamplingPlan(solver, torch.tensor(c["sigmas"], dtype=torch.float64), "fitted", c["gammas"])
+            plan = SamplingPlan(solver, torch.tensor(c["sigmas"], dtype=torch.float64), "fitted", c["gammas"],
+                                model_sigmas=c.get("model_sigmas"), history=c.get("history"))
             cands[cname] = {k: c.get(k) for k in ("val_rms", "val_sw2", "val_rank_z", "residual_noise", "checks")}
             cands[cname]["passed"] = {g: bool(c[f"passed_{g}_check"]) for g in GUARDS}
             cands[cname]["metrics"] = evaluate(spec, kind, model, plan, noises, floors)
         row = {"model": name, "kind": kind, "solver": solver, "schedule": schedule, "nfe": nfe,
-               "calibration_s": cal_s, "evaluation_s": time.perf_counter() - t2, "candidates": cands,
-               "chosen_by_record": rec["chosen"]}
+               "fit_method": fit_method, "calibration_s": cal_s, "evaluation_s": time.perf_counter() - t2,
+               "candidates": cands, "chosen_by_record": rec["chosen"]}
+        if gradient:
+            row["fit_params"] = list(fit_params)
         label(row)
         rows.append(row)
         bad = [k for k, c in cands.items() if c.get("bad")]
-        print(f"{name} {solver} NFE {nfe}: calibration {cal_s:.0f} s, evaluation {row['evaluation_s']:.0f} s; "
-              f"bad candidates: {', '.join(bad) or 'none'}", flush=True)
+        print(f"{name} {solver} {schedule} NFE {nfe}: calibration {cal_s:.0f} s, evaluation {row['evaluation_s']:.0f} "
+              f"s; bad candidates: {', '.join(bad) or 'none'}", flush=True)
     for r in rows:
         r["reference_s"] = ref_s
     return rows
@@ -253,7 +285,7 @@ def choices(rows: Sequence[dict], guards: Sequence[str], margins: dict[str, floa
     out = {"cells": 0, "plain": 0, "trades": 0, "primary_helps": 0, "primary_hurts": 0, "ratios": []}
     for r in rows:
         plain = r["candidates"]["plain"]
-        cands = {k: {"val_rms": c["val_rms"],
+        cands = {k: {"val_rms": c["val_rms"], "checks": c.get("checks"),
                      **{f"passed_{g}_check": k == "plain" or not _rejects(c, plain, g, None, (margins or {}).get(g))
                         for g in GUARDS}}
                  for k, c in r["candidates"].items()}
@@ -301,14 +333,20 @@ def markdown(result: dict) -> str:
     rows, an = result["rows"], result["analysis"]
     groups = list(an["checks"])
     cfg = result["config"]
+    gradient = cfg.get("fit_method") == "gradient"
     lines = ["# Data-free guards of the calibrated sampler: which checks catch hidden trades", "",
              "Regenerate with:", "", "```", *result["commands"], "```", "",
              f"Cells: {len(rows)} (models {', '.join(cfg['models'])}; solvers {', '.join(cfg['solvers'])}; NFE "
              f"{', '.join(map(str, cfg['nfe']))}; {cfg['schedule']} steps; evaluation seeds {cfg['seeds']}). Every "
              "model is calibrated as an opaque Python function. Settings per kind of model (calibration batch, half "
              "of it validating; fine-solve steps; refinement budget; evaluation samples per seed): "
-             + "; ".join(f"{k}: n {v['n_cal']}, {v['ref_steps']} steps, {v['max_solves']} solves or "
-                         f"{v['max_seconds']:.0f} s, {v['n_eval']} samples" for k, v in cfg["settings"].items()) + ".",
+             + "; ".join(f"{k}: n {v['n_cal']}, {v['ref_steps']} steps, "
+                         + (f"{v['max_seconds']:.0f} s" if gradient else
+                            f"{v['max_solves']} solves or {v['max_seconds']:.0f} s")
+                         + f", {v['n_eval']} samples" for k, v in cfg["settings"].items()) + "."
+             + (f" Candidates: the gradient fit of {' + '.join(cfg['fit_params'])} "
+                "(steindiff.gradient_fit.fit_trajectory_gradient, the settings `steindiff bench` uses) against plain."
+                if gradient else ""),
              f"Run time: {result['wall_s'] / 60:.0f} min of wall time, summed over the runs (calibration, evaluation "
              f"and metrics; {result['machine'].get('torch_threads')} torch thread per process, on a shared 2-core "
              "machine under other load: per-cell times are in the JSON).", "",
@@ -383,9 +421,10 @@ def markdown(result: dict) -> str:
             if name == "plain":
                 continue
             rej = [g for g in ("distribution", "significance", *CHECKS) if _rejects(c, r["candidates"]["plain"], g)]
-            tab.append([r["model"], r["solver"], str(r["nfe"]), name, c["primary"],
+            tab.append([r["model"], r["solver"], r.get("schedule", cfg["schedule"]), str(r["nfe"]), name, c["primary"],
                         ", ".join(c["worse"]) or "–", ", ".join(rej) or "–"])
-    lines += _table(["model", "solver", "NFE", "candidate", "primary vs plain", "worse", "rejected by"], tab)
+    lines += _table(["model", "solver", "schedule", "NFE", "candidate", "primary vs plain", "worse", "rejected by"],
+                    tab)
     return "\n".join(lines) + "\n"
 
 
@@ -396,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nfe", default="3,4,5,6")
     p.add_argument("--schedule", default="karras")
     p.add_argument("--seeds", default="0,1,2", help="evaluation seeds")
+    p.add_argument("--fit-method", choices=("derivative-free", "gradient"), default="derivative-free",
+                   help="which fit produces the candidates (gradient: the bench's calibration settings)")
+    p.add_argument("--fit-params", default="steps,model_sigmas", metavar="P[,P...]",
+                   help="--fit-method gradient: what to fit (steindiff.gradient_fit.PARAMS)")
     p.add_argument("--from", dest="from_files", default=None, metavar="FILE[,FILE...]",
                    help="merge saved results (their rows) and report, without running")
     p.add_argument("--json-out", default=None)
@@ -408,6 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dict(parts[0]["config"])
         for k in ("models", "solvers", "nfe"):
             cfg[k] = list(dict.fromkeys(x for part in parts for x in part["config"][k]))
+        cfg["schedule"] = ", ".join(dict.fromkeys(part["config"]["schedule"] for part in parts))
+        methods = {part["config"].get("fit_method", "derivative-free") for part in parts}
+        if len(methods) > 1:
+            raise SystemExit(f"cannot merge studies of different fit methods ({', '.join(sorted(methods))})")
         result = {"schema": SCHEMA, "machine": parts[0]["machine"], "config": cfg,
                   "commands": [c for part in parts for c in part["commands"]] + [command],
                   "wall_s": sum(part["wall_s"] for part in parts), "rows": rows}
@@ -418,10 +465,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         solvers = [s for s in args.solvers.split(",") if s]
         nfes = [int(v) for v in args.nfe.split(",") if v]
         seeds = [int(v) for v in args.seeds.split(",") if v]
-        rows = [r for m in models for r in run_model(m, solvers, nfes, args.schedule, seeds)]
+        params = check_params(args.fit_params)
+        rows = [r for m in models for r in run_model(m, solvers, nfes, args.schedule, seeds,
+                                                     fit_method=args.fit_method, fit_params=params)]
         settings = {kind_of(load_model(m)): SETTINGS[kind_of(load_model(m))] for m in models}
+        if args.fit_method == "gradient":
+            settings = {k: {**v, **GRADIENT_SETTINGS[k], "dtype": v["dtype"], "max_solves": 0}
+                        for k, v in settings.items()}
         result = {"schema": SCHEMA, "machine": machine_info(),
                   "config": {"models": models, "solvers": solvers, "nfe": nfes, "schedule": args.schedule,
+                             "fit_method": args.fit_method,
+                             **({"fit_params": list(params)} if args.fit_method == "gradient" else {}),
                              "seeds": seeds, "calibration_seed": CALIBRATION_SEED,
                              "settings": {k: {**v, "dtype": str(v["dtype"])} for k, v in settings.items()}},
                   "commands": [command], "wall_s": time.perf_counter() - t0, "rows": rows}

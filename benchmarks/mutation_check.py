@@ -214,8 +214,8 @@ MUTATIONS: list[Mutation] = [
       "time schedule: trailing spacing off by one timestep"),
     # ---- calibrated sampler: the validation choice and the plain tail
     M("guard-any", "steindiff/trajectory.py",
-      "(k == \"plain\" or all(v[f\"passed_{g}_check\"] for g in guards))",
-      "(k == \"plain\" or any(v[f\"passed_{g}_check\"] for g in guards))",
+      "(k == \"plain\" or all(passes_guard(v, plain, g) for g in guards))",
+      "(k == \"plain\" or any(passes_guard(v, plain, g) for g in guards))",
       ("tests/test_trajectory.py::test_choose_candidate_applies_exactly_the_named_guards",),
       "calibration choice: a candidate must pass every named guard, not one of them"),
     M("plain-tail", "steindiff/trajectory.py",

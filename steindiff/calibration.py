@@ -45,7 +45,7 @@ from .plan import SamplingPlan, make_plan
 from .sampling import prior_noise
 from .stabilizers import make_stabilizer
 from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
-from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, fit_trajectory
+from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, check_guards, fit_trajectory
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "calibration_options", "cache_file",
            "conditioning_digest", "default_cache_dir", "default_guards", "plan_from_schedule", "OBJECTIVES",
@@ -268,7 +268,7 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
     if out["dtype"] not in ("float32", "float64"):
         raise ValueError(f"calibration dtype must be float32 or float64, got {dt!r}")
     guards = default_guards(spec) if out["guards"] is None else out["guards"]
-    out["guards"] = [g for g in guards.split(",") if g] if isinstance(guards, str) else list(guards)
+    out["guards"] = list(check_guards(guards))  # canonical: one spelling per guard, one cache key
     # the gradient fit's options, normalised (a feature function by its fingerprint); absent for the
     # derivative-free fit, whose keys stay those of the files made before the gradient fit existed
     if out["fit_method"] not in FIT_METHODS:  # before the key: a misspelt method must not read another fit's file

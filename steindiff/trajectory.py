@@ -64,6 +64,7 @@ from .stabilizers.schedule import GammaSchedule
 
 __all__ = ["ReferenceSolve", "reference_solve", "closed_form_gammas", "refine", "residual_noise", "fit_trajectory",
            "TrajectoryFit", "FIT_MODES", "GUARDS", "DEFAULT_GUARDS", "SIGNIFICANCE_TEST", "choose_candidate",
+           "check_guards", "parse_guard", "passes_guard",
            "score_candidates", "CalibrationBatch", "calibration_batch", "validate_candidates"]
 
 FIT_MODES = ("gamma", "steps", "both")
@@ -368,27 +369,82 @@ def _rank_z(d_plain: torch.Tensor, d_cand: torch.Tensor) -> float:
     return (w - n * (n + 1) / 4) / math.sqrt(var) if var > 0 else 0.0
 
 
-def _check_guards(guards: Sequence[str]) -> tuple[str, ...]:
+def parse_guard(guard: str) -> tuple[str, dict[str, float]]:
+    """A guard as ``guards`` names it: a check of :data:`GUARDS`, and for a data-free check of
+    :mod:`steindiff.guards` optionally the thresholds it is judged at (:func:`steindiff.guards.judge`),
+    ``name[:tolerance=T][:margin=M]``, e.g. ``residual:margin=0`` or ``modes:tolerance=0.02``; a threshold left
+    out is the library's (:data:`~steindiff.guards.TOLERANCES`, :data:`~steindiff.guards.MARGINS`).
+    Returns ``(name, {"tolerance": T, "margin": M})`` with the thresholds given."""
+    if not isinstance(guard, str) or not guard.strip():
+        raise ValueError(f"a calibration guard is a check's name, got {guard!r}")
+    name, *parts = [t.strip() for t in guard.split(":")]
+    if name not in GUARDS:
+        raise ValueError(f"unknown calibration guard {name!r}; choose from {', '.join(GUARDS)}")
+    settings: dict[str, float] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if name not in CHECKS:
+            raise ValueError(f"the {name!r} guard takes no thresholds, got {guard!r}")
+        if not eq or key not in ("tolerance", "margin") or key in settings:
+            raise ValueError(f"guard {guard!r}: thresholds are written name:tolerance=T:margin=M, each at most once")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"guard {guard!r}: {key} must be a number, got {value!r}") from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"guard {guard!r}: {key} must be a finite number >= 0, got {value!r}")
+        settings[key] = v
+    return name, settings
+
+
+def _canonical_guard(guard: str) -> str:
+    name, settings = parse_guard(guard)
+    return ":".join([name, *(f"{k}={settings[k]:g}" for k in ("tolerance", "margin") if k in settings)])
+
+
+def check_guards(guards: str | Sequence[str]) -> tuple[str, ...]:
+    """``guards`` (a sequence, or one comma-separated string) in canonical form (:func:`parse_guard`), each once;
+    an unknown or malformed guard, or a check named twice with other thresholds, is refused."""
     if isinstance(guards, str):
         guards = [g for g in guards.split(",") if g]
-    unknown = [g for g in guards if g not in GUARDS]
+    unknown = [g for g in guards if not isinstance(g, str) or g.split(":")[0].strip() not in GUARDS]
     if unknown:
         raise ValueError(f"unknown calibration guard(s) {', '.join(map(repr, unknown))}; "
                          f"choose from {', '.join(GUARDS)}")
-    return tuple(dict.fromkeys(guards))
+    out = tuple(dict.fromkeys(_canonical_guard(g) for g in guards))
+    names = [parse_guard(g)[0] for g in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"calibration guard(s) {', '.join(map(repr, twice))} named twice with other thresholds")
+    return out
+
+
+def passes_guard(score: dict, plain: dict, guard: str) -> bool:
+    """Does a candidate's validation record ``score`` (:func:`score_candidates`) pass ``guard``
+    (:func:`parse_guard`): its recorded ``passed_<check>_check`` flag, or, for a guard with its own thresholds,
+    its check judged anew from the recorded deviations against the plain solver's (``plain``, its record)."""
+    name, settings = parse_guard(guard)
+    if not settings:
+        return bool(score[f"passed_{name}_check"])
+    if score.get("checks") is None:  # non-finite samples
+        return False
+    return judge(name, score["checks"].get(name), (plain.get("checks") or {}).get(name),
+                 settings.get("tolerance"), settings.get("margin"))
 
 
 def choose_candidate(scores: dict[str, dict], guards: Sequence[str] = DEFAULT_GUARDS) -> str:
     """The validation choice of :func:`fit_trajectory`: among the candidates with finite samples that pass
-    every check in ``guards`` (their ``passed_<guard>_check`` flags), the one closest to the reference's
-    final samples (``val_rms``); plain always passes, and wins ties."""
-    guards = _check_guards(guards)
-    missing = sorted({g for k, v in scores.items() for g in guards if k != "plain" and f"passed_{g}_check" not in v})
+    every check in ``guards`` (:func:`passes_guard`), the one closest to the reference's final samples
+    (``val_rms``); plain always passes, and wins ties."""
+    guards = check_guards(guards)
+    names = [parse_guard(g)[0] for g in guards]
+    missing = sorted({g for k, v in scores.items() for g in names if k != "plain" and f"passed_{g}_check" not in v})
     if missing:
         raise ValueError(f"the candidates were scored without the {', '.join(missing)} check(s) (made before "
                          "they existed): score them again (score_candidates) to choose under these guards")
+    plain = scores["plain"]
     ok = {k: v for k, v in scores.items()
-          if v["val_rms"] is not None and (k == "plain" or all(v[f"passed_{g}_check"] for g in guards))}
+          if v["val_rms"] is not None and (k == "plain" or all(passes_guard(v, plain, g) for g in guards))}
     return min(ok, key=lambda k: (ok[k]["val_rms"], k != "plain"))
 
 
@@ -524,13 +580,14 @@ def validate_candidates(model: Callable[..., torch.Tensor], batch: CalibrationBa
                         significance: float = 2.0, guards: Sequence[str] = DEFAULT_GUARDS) -> dict:
     """Score ``candidates`` (``plain`` among them) on the validation part (:func:`score_candidates`) and choose
     under ``guards`` (:func:`choose_candidate`): the part of a calibration record every fit method shares."""
-    guards = _check_guards(guards)
+    guards = check_guards(guards)
+    names = [parse_guard(g)[0] for g in guards]
     val = batch.val
     ref_val = batch.ref.final[val]
     r_ref = residual_noise(model, ref_val, sigma_min, batch.part(val))
     scores = score_candidates(model, candidates, batch.noise[val], ref_val, sigma_min=sigma_min,
                               residual_tolerance=residual_tolerance, significance=significance,
-                              ref_residual=r_ref, checks=(*CHEAP_CHECKS, *(g for g in guards if g in CHECKS)),
+                              ref_residual=r_ref, checks=(*CHEAP_CHECKS, *(n for n in names if n in CHECKS)),
                               extra_args=batch.part(val))
     chosen = choose_candidate(scores, guards)
     ref = batch.ref
@@ -568,7 +625,7 @@ def fit_trajectory(model: Callable[..., torch.Tensor], base: SamplingPlan, noise
     """
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-    guards = _check_guards(guards)
+    guards = check_guards(guards)
     if int(plain_tail) != plain_tail or plain_tail < 1:
         raise ValueError(f"plain_tail must be a whole number of final steps >= 1, got {plain_tail}")
     t0 = time.perf_counter()

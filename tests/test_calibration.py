@@ -319,6 +319,21 @@ def test_the_key_records_the_options_resolved_as_calibrate_runs_them(toy):
     assert key["base_sigmas"] == [round(float(s), 12) for s in base.sigmas] and key["nfe"] == 4
 
 
+def test_guard_thresholds_are_spelt_one_way_in_the_key_and_refused_before_any_work(toy):
+    """``residual:margin=0.0`` and ``residual:margin=0`` are one guard and one cache file; other thresholds are
+    another key; a malformed guard is refused by the options, before a fit starts."""
+    from steindiff.calibration import calibration_key
+
+    base = make_plan(toy.process, "euler", 4, "karras")
+    a = calibration_key(toy, base, options={**FAST, "guards": "residual:margin=0.0,distribution"})
+    b = calibration_key(toy, base, options={**FAST, "guards": ["residual:margin=0", "distribution"]})
+    c = calibration_key(toy, base, options={**FAST, "guards": "residual,distribution"})
+    assert a == b and a["options"]["guards"] == ["residual:margin=0", "distribution"]
+    assert c["options"]["guards"] == ["residual", "distribution"] and c != a
+    with pytest.raises(ValueError, match="thresholds are written"):
+        cal.calibrate(toy, base, **FAST, guards="residual:margin")
+
+
 def test_conditioning_digest_hashes_values_not_just_types_or_shapes():
     from steindiff.calibration import conditioning_digest as dig
 

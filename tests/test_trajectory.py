@@ -248,6 +248,46 @@ def test_choose_candidate_applies_exactly_the_named_guards():
         choose_candidate(scores, ("distribution", "nope"))
 
 
+def test_a_guard_with_thresholds_is_judged_anew_from_the_recorded_deviations():
+    """``residual:margin=0`` passes a candidate whose recorded deviation is no larger than plain's (the
+    library's margin of 0.2 passes 1.1 times plain's too); ``modes:tolerance=0.02`` an absolute excess over
+    plain's of at most 0.02; the recorded flags are not what decides."""
+    from steindiff.trajectory import choose_candidate, parse_guard, passes_guard
+
+    scores = _scores(plain=(1.0, True, True, True), noisier=(0.5, True, True, True), moved=(0.7, True, True, True))
+    scores["plain"]["checks"] = {"residual": 0.30, "modes": 0.05}
+    scores["noisier"]["checks"] = {"residual": -0.33, "modes": 0.05}  # 1.1x plain's size, the other side
+    scores["moved"]["checks"] = {"residual": 0.29, "modes": 0.08}
+    for v in scores.values():
+        v["passed_modes_check"] = True
+    plain = scores["plain"]
+    assert passes_guard(scores["noisier"], plain, "residual") and not passes_guard(scores["noisier"], plain,
+                                                                                    "residual:margin=0")
+    assert passes_guard(scores["noisier"], plain, "residual:margin=0.1")
+    assert not passes_guard(scores["moved"], plain, "modes:tolerance=0.02")
+    assert passes_guard(scores["moved"], plain, "modes:tolerance=0.03")
+    assert choose_candidate(scores, ("residual", "distribution")) == "noisier"
+    assert choose_candidate(scores, ("residual:margin=0", "distribution")) == "moved"
+    assert choose_candidate(scores, "residual:margin=0,modes:tolerance=0.02") == "plain"
+    scores["moved"]["checks"] = None  # non-finite samples fail a judged guard
+    assert not passes_guard(scores["moved"], plain, "modes:tolerance=0.5")
+    assert parse_guard("residual:tolerance=0.1:margin=0") == ("residual", {"tolerance": 0.1, "margin": 0.0})
+    assert parse_guard("significance") == ("significance", {})
+
+
+@pytest.mark.parametrize("guard, message", [
+    ("distribution:margin=0", "takes no thresholds"), ("residual:margin", "name:tolerance=T:margin=M"),
+    ("residual:width=1", "name:tolerance=T:margin=M"), ("residual:margin=0:margin=1", "at most once"),
+    ("modes:tolerance=lots", "must be a number"), ("modes:tolerance=-1", ">= 0"), ("resid", "unknown"),
+    ("residual:margin=0,residual", "named twice"),
+])
+def test_a_malformed_guard_is_refused_with_what_is_wrong(guard, message):
+    from steindiff.trajectory import choose_candidate
+
+    with pytest.raises(ValueError, match=message):
+        choose_candidate(_scores(plain=(1.0, True, True, True)), guard)
+
+
 def test_fit_records_its_guards_and_refuses_unknown_ones():
     gmm = get_gmm("gmm:toy2d")
     base = make_plan(VEProcess(), "euler", 4, "karras")

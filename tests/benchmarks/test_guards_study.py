@@ -59,5 +59,31 @@ def test_report_from_saved_results(study, rows, tmp_path, capsys):
     out, md = tmp_path / "all.json", tmp_path / "all.md"
     assert study.main(["--from", str(src), "--json-out", str(out), "--markdown", str(md)]) == 0
     text = md.read_text()
-    assert "## What the calibration keeps under each guard set" in text and "| gmm:toy2d | euler | 3 |" in text
+    assert "## What the calibration keeps under each guard set" in text and "| gmm:toy2d | euler | karras | 3 |" in text
     assert json.loads(out.read_text())["analysis"]["guard_sets"]["all"]["+residual"]["cells"] == 1
+
+
+def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
+    """``fit_method="gradient"``: the gradient fit of the named parameters against plain, each sampled with
+    everything it fitted (its decoupled model noise levels too), and a merge refuses mixed fit methods."""
+    study.GRADIENT_SETTINGS["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_seconds": 10.0}
+    (row,) = study.run_model("gmm:toy2d", ["euler"], [3], "logsnr", [0, 1], fit_method="gradient",
+                             fit_params=("steps", "model_sigmas"))
+    assert row["fit_method"] == "gradient" and row["fit_params"] == ["steps", "model_sigmas"]
+    assert set(row["candidates"]) == {"plain", "gradient"} and row["schedule"] == "logsnr"
+    grad = row["candidates"]["gradient"]
+    assert set(grad["passed"]) >= {"residual", "modes", "distribution", "significance"}
+    assert grad["metrics"]["sw2"]["per_seed"] != row["candidates"]["plain"]["metrics"]["sw2"]["per_seed"]
+    parts = []
+    for method, rows in (("gradient", [row]), ("derivative-free", [row])):
+        part = {"schema": study.SCHEMA, "machine": {}, "commands": ["..."], "wall_s": 1.0, "rows": rows,
+                "config": {"models": ["gmm:toy2d"], "solvers": ["euler"], "nfe": [3], "schedule": "logsnr",
+                           "seeds": [0, 1], "fit_method": method, "fit_params": ["steps", "model_sigmas"],
+                           "settings": {"mixture": {**study.SETTINGS["mixture"], "dtype": "float64"}}}}
+        parts.append(tmp_path / f"{method}.json")
+        parts[-1].write_text(json.dumps(part))
+    md = tmp_path / "one.md"
+    assert study.main(["--from", str(parts[0]), "--markdown", str(md)]) == 0
+    assert "the gradient fit of steps + model_sigmas" in md.read_text()
+    with pytest.raises(SystemExit, match="different fit methods"):
+        study.main(["--from", ",".join(map(str, parts)), "--markdown", str(tmp_path / "mixed.md")])
