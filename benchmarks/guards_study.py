@@ -32,7 +32,8 @@ CPU scale: small calibration batches and refinement budgets per kind of model (:
 
 ``--fit-method gradient`` studies the gradient fit instead (:func:`steindiff.gradient_fit.fit_trajectory_gradient`
 of ``--fit-params``; one candidate against plain), with the calibration settings ``steindiff bench`` uses
-(:data:`GRADIENT_SETTINGS`), so its cells are the bench's cells as a user's model would see them:
+for mixtures and digits (:data:`GRADIENT_SETTINGS`), so those cells are the bench's as a user's model would
+see them:
 
     OMP_NUM_THREADS=1 python benchmarks/guards_study.py --models gmm:image64 --fit-method gradient \\
         --solvers euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm --nfe 3,4,5,6,8,10 --schedule logsnr \\
@@ -76,9 +77,10 @@ SETTINGS = {
     "patches": {"n_cal": 64, "ref_steps": 100, "max_solves": 40, "max_seconds": 60.0, "n_eval": 128,
                 "dtype": torch.float32},
 }
-#: The gradient fit's calibration per kind of model, as ``steindiff bench`` runs it
+#: The gradient fit's calibration per kind of model: mixtures and digits as ``steindiff bench`` runs it
 #: (:func:`steindiff.bench.runner.calibration_options`, float32 calibration states as
-#: :data:`steindiff.calibration.CALIBRATION_DEFAULTS`); evaluation as :data:`SETTINGS`.
+#: :data:`steindiff.calibration.CALIBRATION_DEFAULTS`), patches with a smaller batch at CPU scale; evaluation as
+#: :data:`SETTINGS`.
 GRADIENT_SETTINGS = {"mixture": {"n_cal": 512, "ref_steps": 200, "max_seconds": 45.0},
                      "digits": {"n_cal": 256, "ref_steps": 100, "max_seconds": 40.0},
                      "patches": {"n_cal": 64, "ref_steps": 100, "max_seconds": 120.0}}
@@ -334,7 +336,8 @@ def markdown(result: dict) -> str:
     groups = list(an["checks"])
     cfg = result["config"]
     gradient = cfg.get("fit_method") == "gradient"
-    lines = ["# Data-free guards of the calibrated sampler: which checks catch hidden trades", "",
+    title = "Data-free guards of the calibrated sampler: which checks catch hidden trades"
+    lines = [f"# {title}" + (" (the gradient fit)" if gradient else ""), "",
              "Regenerate with:", "", "```", *result["commands"], "```", "",
              f"Cells: {len(rows)} (models {', '.join(cfg['models'])}; solvers {', '.join(cfg['solvers'])}; NFE "
              f"{', '.join(map(str, cfg['nfe']))}; {cfg['schedule']} steps; evaluation seeds {cfg['seeds']}). Every "
@@ -345,7 +348,8 @@ def markdown(result: dict) -> str:
                             f"{v['max_solves']} solves or {v['max_seconds']:.0f} s")
                          + f", {v['n_eval']} samples" for k, v in cfg["settings"].items()) + "."
              + (f" Candidates: the gradient fit of {' + '.join(cfg['fit_params'])} "
-                "(steindiff.gradient_fit.fit_trajectory_gradient, the settings `steindiff bench` uses) against plain."
+                "(steindiff.gradient_fit.fit_trajectory_gradient; mixtures and digits at the settings `steindiff "
+                "bench` uses, patches with a smaller batch) against plain."
                 if gradient else ""),
              f"Run time: {result['wall_s'] / 60:.0f} min of wall time, summed over the runs (calibration, evaluation "
              f"and metrics; {result['machine'].get('torch_threads')} torch thread per process, on a shared 2-core "
@@ -436,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--schedule", default="karras")
     p.add_argument("--seeds", default="0,1,2", help="evaluation seeds")
     p.add_argument("--fit-method", choices=("derivative-free", "gradient"), default="derivative-free",
-                   help="which fit produces the candidates (gradient: the bench's calibration settings)")
+                   help="which fit produces the candidates (gradient: GRADIENT_SETTINGS)")
     p.add_argument("--fit-params", default="steps,model_sigmas", metavar="P[,P...]",
                    help="--fit-method gradient: what to fit (steindiff.gradient_fit.PARAMS)")
     p.add_argument("--from", dest="from_files", default=None, metavar="FILE[,FILE...]",

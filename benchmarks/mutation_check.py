@@ -412,6 +412,10 @@ AUDIT: list[Mutation] = [
       "return (\"residual\", *DEFAULT_GUARDS)", "return DEFAULT_GUARDS",
       T_CAL, "the residual guard left out of the default guards (it is on for every model; the list no longer "
       "depends on the model, so the original inversion for mixtures cannot exist)", "cache"),
+    M("gradient-guards-dropped", "steindiff/calibration.py",
+      "        return GRADIENT_GUARDS", "        return (\"residual\", *DEFAULT_GUARDS)",
+      T_CAL, "the gradient fit judged under the derivative-free fit's guards (its default lets more trades through)",
+      "cache"),
     M("cache-file-digest", "steindiff/calibration.py",
       "digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]",
       "digest = hashlib.sha256(json.dumps(key[\"fingerprint\"]).encode()).hexdigest()[:16]",

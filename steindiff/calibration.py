@@ -48,7 +48,8 @@ from .stabilizers.schedule import GammaSchedule, load_gamma_schedule
 from .trajectory import DEFAULT_GUARDS, FIT_MODES, ReferenceSolve, check_guards, fit_trajectory
 
 __all__ = ["calibrate", "calibrated_plan", "calibration_key", "calibration_options", "cache_file",
-           "conditioning_digest", "default_cache_dir", "default_guards", "plan_from_schedule", "OBJECTIVES",
+           "conditioning_digest", "default_cache_dir", "default_guards", "GRADIENT_GUARDS", "plan_from_schedule",
+           "OBJECTIVES",
            "model_fingerprint", "CALIBRATION_SEED", "CALIBRATION_DEFAULTS", "CALIBRATE_WHEN", "QUICK_FIT_SECONDS",
            "calibrate_when", "stamp_fit", "list_calibrations", "options_summary",
            "gradient_fit_options"]
@@ -63,6 +64,14 @@ CALIBRATION_SEED = 12345
 #: ``guards``: :func:`default_guards`.  Every other option's default is in :func:`calibrate`'s signature.
 CALIBRATION_DEFAULTS: dict[str, Any] = {"n": None, "dtype": "float32", "ref_solver": "dpmpp_2m", "ref_steps": 200,
                                         "max_solves": 200, "max_seconds": 60.0, "guards": None}
+#: The gradient fit's guards when none are named (:func:`default_guards`): the residual check with no margin over
+#: the plain solver's deviation, and the mode histograms within 0.02 total variation of plain's.  Chosen by
+#: ``benchmarks/guards_study.py --fit-method gradient`` (docs/guards.md, 238 cells on five models driven as opaque
+#: callables): the guard set with the most cells better than plain among those that keep hidden trades to at
+#: most 5% of the cells on every model where any set can (all but digits).  The derivative-free fit's guards
+#: left 16 trades (7 of 72 ``gmm:image64`` cells); these leave 8 (3 of 72), and 152 cells better than plain
+#: instead of 164.
+GRADIENT_GUARDS = ("residual:margin=0", "modes:tolerance=0.02", "distribution", "significance")
 #: When a missing calibration is fitted (``calibrated_plan(calibrate_missing=)``, ``sample(calibrate=)``,
 #: ``--calibrate``): ``always``; ``if-quick``, the default everywhere: only when estimated to take at most
 #: :data:`QUICK_FIT_SECONDS` on this machine (else the plain solver, and the command that fits it); ``never``.
@@ -201,7 +210,8 @@ def calibrate(
     variant = variant or "stein-energy"
     fingerprint_ = model_fingerprint(spec)  # an unidentifiable model is refused before any work
     o = calibration_options(spec, objective=objective, n=n, dtype=dtype, ref_solver=ref_solver, ref_steps=ref_steps,
-                            max_solves=max_solves, max_seconds=max_seconds, guards=guards)
+                            max_solves=max_solves, max_seconds=max_seconds, guards=guards,
+                            fit_method=fit_method if fit_method in FIT_METHODS else None)
     n, dtype = o["n"], getattr(torch, o["dtype"])
     base = plan if plan is not None else make_plan(spec.process, solver, nfe, schedule, rho=rho)
     if base.coords != coords:  # the coordinates of the rescaled update are part of the plan
@@ -267,12 +277,12 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
     out["dtype"] = str(dt).removeprefix("torch.") if isinstance(dt, torch.dtype) else str(dt)
     if out["dtype"] not in ("float32", "float64"):
         raise ValueError(f"calibration dtype must be float32 or float64, got {dt!r}")
-    guards = default_guards(spec) if out["guards"] is None else out["guards"]
+    if out["fit_method"] not in FIT_METHODS:  # before the key: a misspelt method must not read another fit's file
+        raise ValueError(f"fit_method must be one of {', '.join(FIT_METHODS)}, got {out['fit_method']!r}")
+    guards = default_guards(spec, out["fit_method"]) if out["guards"] is None else out["guards"]
     out["guards"] = list(check_guards(guards))  # canonical: one spelling per guard, one cache key
     # the gradient fit's options, normalised (a feature function by its fingerprint); absent for the
     # derivative-free fit, whose keys stay those of the files made before the gradient fit existed
-    if out["fit_method"] not in FIT_METHODS:  # before the key: a misspelt method must not read another fit's file
-        raise ValueError(f"fit_method must be one of {', '.join(FIT_METHODS)}, got {out['fit_method']!r}")
     gradient = gradient_fit_options(out) or resolved_gradient
     for k in _GRADIENT_OPTIONS:
         out.pop(k, None)
@@ -281,10 +291,11 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(out.items())}
 
 
-def default_guards(spec: ModelSpec) -> tuple[str, ...]:
+def default_guards(spec: ModelSpec, fit_method: str = "derivative-free") -> tuple[str, ...]:
     """The checks a trajectory calibration applies unless told otherwise, the same for every model (``spec``
-    is not looked at: a user's model is judged as a built-in one): ``residual``, ``distribution`` and
-    ``significance`` (:data:`~steindiff.trajectory.GUARDS`, :mod:`steindiff.guards`).
+    is not looked at: a user's model is judged as a built-in one).  The derivative-free fit: ``residual``,
+    ``distribution`` and ``significance`` (:data:`~steindiff.trajectory.GUARDS`, :mod:`steindiff.guards`); the
+    gradient fit: :data:`GRADIENT_GUARDS`.
 
     Chosen by ``benchmarks/guards_study.py`` (docs/guards.md), which calibrates three mixtures as opaque
     callables, the digits U-Net and the patches U-Net at NFE 3-6 (70 cells) and counts the cells whose kept
@@ -295,6 +306,8 @@ def default_guards(spec: ModelSpec) -> tuple[str, ...]:
     cells better than plain on the primary metric 53 -> 49.  The ``elbo`` check (the model's likelihood bound)
     made the same choices at 16 model passes per candidate instead of one.
     """
+    if fit_method == "gradient":
+        return GRADIENT_GUARDS
     return ("residual", *DEFAULT_GUARDS)
 
 

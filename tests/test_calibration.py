@@ -157,6 +157,26 @@ def test_default_guards_are_the_same_for_every_model(toy):
     assert sched.meta["calibration"]["guards"] == ["significance"]
 
 
+def test_the_gradient_fit_has_its_own_default_guards_for_every_model(toy):
+    """The gradient fit's default (GRADIENT_GUARDS) is stricter than the derivative-free fit's, the same for a
+    mixture and an opaque callable, in its calibration record and in its cache key."""
+    from steindiff.calibration import calibration_key
+    from steindiff.models.registry import ModelSpec
+    from steindiff.trajectory import choose_candidate
+
+    opaque = ModelSpec("mine", lambda x, s: toy.denoiser(x, s), toy.process, toy.sample_shape)
+    assert cal.default_guards(toy, "gradient") == cal.default_guards(opaque, "gradient") == cal.GRADIENT_GUARDS == (
+        "residual:margin=0", "modes:tolerance=0.02", "distribution", "significance")
+    base = make_plan(toy.process, "euler", 4, "karras")
+    grad = calibration_key(toy, base, options={**FAST, "fit_method": "gradient"})["options"]
+    assert grad["guards"] == list(cal.GRADIENT_GUARDS)
+    assert calibration_key(toy, base, options=FAST)["options"]["guards"] == ["residual", "distribution", "significance"]
+    rec = calibrate(toy, base, fit_method="gradient", dtype=torch.float64, n=64, ref_steps=40, max_seconds=5,
+                    gradient_options={"max_iters": 5}).meta["calibration"]
+    assert rec["guards"] == list(cal.GRADIENT_GUARDS)
+    assert rec["chosen"] == choose_candidate(rec["candidates"], rec["guards"])
+
+
 def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards():
     """Each shipped file's choice is the one its recorded candidates give under the default guards, and
     its candidates were scored with the current significance test."""

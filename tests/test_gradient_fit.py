@@ -149,8 +149,8 @@ def test_calibrate_with_the_gradient_fit_records_it_and_round_trips(tmp_path):
     cal = sched.meta["calibration"]
     assert cal["fit_method"] == "gradient" and cal["params"] == list(ALL) and "cpu_s" in cal
     assert cal["distance"] == {"loss": "l2", "features": None, "residual_weight": 0.0, "teacher_ball": 0.0}
-    assert set(cal["candidates"]) == {"plain", "gradient"} and cal["guards"] == ["residual", "distribution",
-                                                                                  "significance"]
+    assert set(cal["candidates"]) == {"plain", "gradient"} and cal["guards"] == [
+        "residual:margin=0", "modes:tolerance=0.02", "distribution", "significance"]  # the gradient fit's default
     tries = cal["gradient"]["tries"]  # one fit per default learning rate; the lower held-out loss is the candidate
     assert [t["lr"] for t in tries] == [0.03, 0.1]
     assert cal["gradient"]["val_best"] == min(t["val_best"] for t in tries)

@@ -19,6 +19,7 @@ import torch
 
 from ..calibration import (
     CALIBRATION_SEED,
+    GRADIENT_GUARDS,
     OBJECTIVES,
     cache_file,
     calibrate,
@@ -91,7 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"trajectory: the checks a fitted candidate must pass on the validation half to replace the "
                         f"plain solver, comma-separated from {', '.join(GUARDS)}; a data-free check may carry "
                         "its own thresholds, NAME:tolerance=T:margin=M, e.g. residual:margin=0 (default, for every "
-                        f"model: residual,{','.join(DEFAULT_GUARDS)}; docs/guards.md)")
+                        f"model: residual,{','.join(DEFAULT_GUARDS)}; with --fit-method gradient: "
+                        f"{','.join(GRADIENT_GUARDS)}; docs/guards.md)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", default=None, help="also write the calibration to this JSON file (for sample "
                    "--gamma-schedule; the only destination of the variant and reference objectives)")
