@@ -331,7 +331,8 @@ def merge_models(parts: list[dict]) -> list[dict]:
         row_keys = {(_cell_key(r), r["seed"]) for r in o["rows"] if r["config"] != "fine"}
         o["fits"] += [f for f in m["fits"] if _cell_key(f) not in fit_keys]
         o["rows"] += [r for r in m["rows"] if r["config"] != "fine" and (_cell_key(r), r["seed"]) not in row_keys]
-        o["teachers"] += [t for t in m["teachers"] if t not in o["teachers"]]
+        seen = {(t["solver"], t["steps"], t["n"]) for t in o["teachers"]}  # one teacher, whatever it cost
+        o["teachers"] += [t for t in m["teachers"] if (t["solver"], t["steps"], t["n"]) not in seen]
         o["wall_s"] = o.get("wall_s", 0) + m.get("wall_s", 0)
     return list(out.values())
 
