@@ -304,6 +304,7 @@ def _calibration_summary(meta: dict) -> dict:
             "val_rms": {k: v.get("val_rms") for k, v in cand.items()}, "n": c.get("n"), "seed": c.get("seed"),
             "solves": sum(v.get("solves", 0) for v in c.get("refine", {}).values()), "fit": c.get("fit"),
             "device": c.get("device", "cpu"), "fit_method": c.get("fit_method", "derivative-free"),
+            "guards": c.get("guards"),
             **({"params": c["params"], "iters": c.get("gradient", {}).get("iters")} if "params" in c else {})}
 
 

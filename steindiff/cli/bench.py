@@ -33,6 +33,7 @@ from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
 from ..stabilizers import STABILIZERS
+from ..trajectory import check_guards
 from . import UsageError, common, usage_errors
 
 PROTOCOL_SOLVERS = "euler,heun,dpmpp_2m,dpmpp_3m,unipc,ipndm"
@@ -72,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="cal:trajectory: time budget of the refinement per cell, which stops it first on a slow "
                         "machine (default: 45 for mixtures, 40 for image models); raise it for a fit that ends on "
                         "--calibration-solves alone, the same on every machine")
+    p.add_argument("--calibration-guards", default=None, metavar="G[,G...]",
+                   help="cal:trajectory: the checks a fitted candidate must pass to replace the plain solver, as "
+                        "`steindiff calibrate --guards` takes them (default: the fit method's, docs/guards.md)")
     p.add_argument("--fit-method", default=None, choices=FIT_METHODS,
                    help="cal:trajectory: how the calibration is fitted (default: derivative-free, as --stabilizer "
                         "auto; gradient: backpropagation through the solve, for models with gradients)")
@@ -152,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.calibration_seconds > 0 or args.calibration_seconds == float("inf"):
                 raise UsageError(f"--calibration-seconds must be a positive number, got {args.calibration_seconds}")
             calibration["max_seconds"] = args.calibration_seconds
+        if args.calibration_guards is not None:
+            with usage_errors(ValueError):
+                calibration["guards"] = list(check_guards(args.calibration_guards))
         if args.fit_params is not None and args.fit_method != "gradient":
             raise UsageError("--fit-params needs --fit-method gradient")
         if args.fit_method == "gradient":

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from steindiff.calibration import GRADIENT_GUARDS
 from steindiff.cli import main
 
 TINY = ["--model", "gmm:toy2d", "--solvers", "euler", "--nfe", "3", "--schedules", "karras", "--coords", "ve",
@@ -52,6 +53,7 @@ def test_bench_cost_mode(tmp_path, capsys):
     ["--ref-solver", "nope"], ["--plots", "/nonexistent-dir/plots"], ["--markdown", "/nonexistent-dir/r.md"],
     ["--calibration-solves", "0"], ["--calibration-seconds", "-1"], ["--calibration-seconds", "nan"],
     ["--fit-params", "steps"], ["--fit-method", "gradient", "--fit-params", "steps,colour"],
+    ["--calibration-guards", "residual,nope"], ["--calibration-guards", "modes:tolerance=x"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
     j = tmp_path / "r.json"
@@ -142,6 +144,12 @@ def test_the_gradient_fit_runs_in_the_grid_and_in_the_cost_ratios(tmp_path, caps
     assert all(r["nfe"] == plain[r["nfe_budget"]] and r["extra_passes"] == 0 for r in rows)
     assert "--fit-method gradient --fit-params steps,model_sigmas" in res["command"]
     assert "gradient fit of steps+model_sigmas" in capsys.readouterr().err
+    assert all(r["calibration"]["guards"] == list(GRADIENT_GUARDS) for r in rows)  # the gradient fit's default
+    g = tmp_path / "g.json"
+    assert main(["bench", *args, *fit, "--calibration-guards", "residual:margin=0.0,distribution", "--json-out",
+                 str(g)]) == 0
+    rows = [r for r in json.loads(g.read_text())["rows"] if r["stabilizer"] == "cal:trajectory"]
+    assert rows and all(r["calibration"]["guards"] == ["residual:margin=0", "distribution"] for r in rows)
     assert main(["bench", *args, *fit, "--cost", "--repeats", "1", "--json-out", str(c)]) == 0
     cost = json.loads(c.read_text())["cost"]
     assert any(e["stabilizer"] == "cal:trajectory" and e["ratio"] > 0 for e in cost)
