@@ -211,7 +211,7 @@ def calibrate(
     fingerprint_ = model_fingerprint(spec)  # an unidentifiable model is refused before any work
     o = calibration_options(spec, objective=objective, n=n, dtype=dtype, ref_solver=ref_solver, ref_steps=ref_steps,
                             max_solves=max_solves, max_seconds=max_seconds, guards=guards,
-                            fit_method=fit_method if fit_method in FIT_METHODS else None)
+                            fit_method=fit_method)
     n, dtype = o["n"], getattr(torch, o["dtype"])
     base = plan if plan is not None else make_plan(spec.process, solver, nfe, schedule, rho=rho)
     if base.coords != coords:  # the coordinates of the rescaled update are part of the plan

@@ -426,7 +426,10 @@ def passes_guard(score: dict, plain: dict, guard: str) -> bool:
     name, settings = parse_guard(guard)
     if not settings:
         return bool(score[f"passed_{name}_check"])
-    if score.get("checks") is None:  # non-finite samples
+    if "checks" not in score or "checks" not in plain:
+        raise ValueError(f"the guard {guard!r} is judged from the checks' deviations, which this record lacks (made "
+                         "before they were recorded): score the candidates again (score_candidates)")
+    if score["checks"] is None:  # non-finite samples
         return False
     return judge(name, score["checks"].get(name), (plain.get("checks") or {}).get(name),
                  settings.get("tolerance"), settings.get("margin"))

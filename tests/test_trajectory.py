@@ -271,6 +271,10 @@ def test_a_guard_with_thresholds_is_judged_anew_from_the_recorded_deviations():
     assert choose_candidate(scores, "residual:margin=0,modes:tolerance=0.02") == "plain"
     scores["moved"]["checks"] = None  # non-finite samples fail a judged guard
     assert not passes_guard(scores["moved"], plain, "modes:tolerance=0.5")
+    del scores["moved"]["checks"]  # a record without the deviations cannot be judged anew
+    with pytest.raises(ValueError, match="score the candidates again"):
+        choose_candidate(scores, "modes:tolerance=0.5")
+    assert choose_candidate(scores, "modes") == "noisier"  # the recorded flags still decide a plain name
     assert parse_guard("residual:tolerance=0.1:margin=0") == ("residual", {"tolerance": 0.1, "margin": 0.0})
     assert parse_guard("significance") == ("significance", {})
 
