@@ -32,7 +32,7 @@ CPU scale: small calibration batches and refinement budgets per kind of model (:
 
 ``--fit-method gradient`` studies the gradient fit instead (:func:`steindiff.gradient_fit.fit_trajectory_gradient`
 of ``--fit-params``; one candidate against plain), with the calibration settings ``steindiff bench`` uses
-for mixtures and digits (:data:`GRADIENT_SETTINGS`), so those cells are the bench's as a user's model would
+for mixtures and digits (:func:`gradient_settings`), so those cells are the bench's as a user's model would
 see them:
 
     OMP_NUM_THREADS=1 python benchmarks/guards_study.py --models gmm:image64 --fit-method gradient \\
@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from steindiff.bench.runner import _floors, excess, machine_info, verdict
-from steindiff.calibration import CALIBRATION_SEED
+from steindiff.bench.runner import calibration_options as bench_calibration_options
+from steindiff.calibration import CALIBRATION_DEFAULTS, CALIBRATION_SEED
 from steindiff.gradient_fit import check_params, fit_trajectory_gradient
 from steindiff.guards import CHECKS, MARGINS, TOLERANCES, judge
 from steindiff.io import atomic_path, save_json
@@ -77,13 +78,9 @@ SETTINGS = {
     "patches": {"n_cal": 64, "ref_steps": 100, "max_solves": 40, "max_seconds": 60.0, "n_eval": 128,
                 "dtype": torch.float32},
 }
-#: The gradient fit's calibration per kind of model: mixtures and digits as ``steindiff bench`` runs it
-#: (:func:`steindiff.bench.runner.calibration_options`, float32 calibration states as
-#: :data:`steindiff.calibration.CALIBRATION_DEFAULTS`), patches with a smaller batch at CPU scale; evaluation as
-#: :data:`SETTINGS`.
-GRADIENT_SETTINGS = {"mixture": {"n_cal": 512, "ref_steps": 200, "max_seconds": 45.0},
-                     "digits": {"n_cal": 256, "ref_steps": 100, "max_seconds": 40.0},
-                     "patches": {"n_cal": 64, "ref_steps": 100, "max_seconds": 120.0}}
+#: Where the gradient fit's calibration departs from the bench's (:func:`gradient_settings`), per kind of model:
+#: patches with a smaller batch and more time, at CPU scale.
+GRADIENT_OVERRIDES: dict[str, dict] = {"patches": {"n_cal": 64, "max_seconds": 120.0}}
 PRIMARY = {"mixture": "sw2", "digits": "digits_fid", "patches": "patch_fd"}
 SECONDARY = {"mixture": ("nll", "mode_tv"), "digits": ("digits_kid", "precision", "recall"),
              "patches": ("spectrum", "pixel_sw2")}
@@ -109,6 +106,15 @@ GUARD_SETS = {"distribution+significance": DEFAULT_GUARDS,
               "+residual:margin=0+modes:tolerance=0.02": ("residual:margin=0", "modes:tolerance=0.02",
                                                           *DEFAULT_GUARDS),
               "+residual:margin=0+modes:tolerance=0": ("residual:margin=0", "modes:tolerance=0", *DEFAULT_GUARDS)}
+
+
+def gradient_settings(spec: ModelSpec, kind: str) -> dict:
+    """The gradient fit's calibration batch, fine-solve steps and time budget: those ``steindiff bench`` uses
+    (:func:`steindiff.bench.runner.calibration_options`), unless :data:`GRADIENT_OVERRIDES` says otherwise;
+    calibration states in the library's default dtype (:data:`steindiff.calibration.CALIBRATION_DEFAULTS`)."""
+    bench = bench_calibration_options(spec)
+    return {"n_cal": bench["n"], "ref_steps": bench["ref_steps"], "max_seconds": bench["max_seconds"],
+            "dtype": getattr(torch, CALIBRATION_DEFAULTS["dtype"]), **GRADIENT_OVERRIDES.get(kind, {})}
 
 
 def kind_of(spec: ModelSpec) -> str:
@@ -173,7 +179,7 @@ def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: 
     kind = kind_of(spec)
     st = SETTINGS[kind]
     gradient = fit_method == "gradient"
-    cal = {**st, **GRADIENT_SETTINGS[kind], "dtype": torch.float32} if gradient else st
+    cal = gradient_settings(spec, kind) if gradient else st
     model = opaque(spec.denoiser)
     dtype, n_cal = st["dtype"], cal["n_cal"]
     smax, smin = float(spec.process.sigma_max), float(spec.process.sigma_min)
@@ -440,9 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--schedule", default="karras")
     p.add_argument("--seeds", default="0,1,2", help="evaluation seeds")
     p.add_argument("--fit-method", choices=("derivative-free", "gradient"), default="derivative-free",
-                   help="which fit produces the candidates (gradient: GRADIENT_SETTINGS)")
-    p.add_argument("--fit-params", default="steps,model_sigmas", metavar="P[,P...]",
-                   help="--fit-method gradient: what to fit (steindiff.gradient_fit.PARAMS)")
+                   help="which fit produces the candidates (gradient: at the bench's settings, gradient_settings)")
+    p.add_argument("--fit-params", default=None, metavar="P[,P...]",
+                   help="--fit-method gradient: what to fit (steindiff.gradient_fit.PARAMS; default "
+                        "steps,model_sigmas)")
     p.add_argument("--from", dest="from_files", default=None, metavar="FILE[,FILE...]",
                    help="merge saved results (their rows) and report, without running")
     p.add_argument("--json-out", default=None)
@@ -469,13 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         solvers = [s for s in args.solvers.split(",") if s]
         nfes = [int(v) for v in args.nfe.split(",") if v]
         seeds = [int(v) for v in args.seeds.split(",") if v]
-        params = check_params(args.fit_params)
+        if args.fit_params is not None and args.fit_method != "gradient":
+            p.error("--fit-params needs --fit-method gradient")
+        params = check_params(args.fit_params or "steps,model_sigmas")
         rows = [r for m in models for r in run_model(m, solvers, nfes, args.schedule, seeds,
                                                      fit_method=args.fit_method, fit_params=params)]
-        settings = {kind_of(load_model(m)): SETTINGS[kind_of(load_model(m))] for m in models}
-        if args.fit_method == "gradient":
-            settings = {k: {**v, **GRADIENT_SETTINGS[k], "dtype": v["dtype"], "max_solves": 0}
-                        for k, v in settings.items()}
+        settings = {}
+        for m in models:
+            spec = load_model(m)
+            kind = kind_of(spec)  # evaluation as SETTINGS; the gradient fit's calibration as the bench's
+            settings[kind] = {**SETTINGS[kind], **({k: v for k, v in gradient_settings(spec, kind).items()
+                                                   if k != "dtype"} if args.fit_method == "gradient" else {})}
         result = {"schema": SCHEMA, "machine": machine_info(),
                   "config": {"models": models, "solvers": solvers, "nfe": nfes, "schedule": args.schedule,
                              "fit_method": args.fit_method,

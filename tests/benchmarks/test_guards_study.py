@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from steindiff.models.registry import load_model
+
 
 @pytest.fixture(scope="module")
 def study(load_benchmark):
@@ -66,7 +68,9 @@ def test_report_from_saved_results(study, rows, tmp_path, capsys):
 def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
     """``fit_method="gradient"``: the gradient fit of the named parameters against plain, each sampled with
     everything it fitted (its decoupled model noise levels too), and a merge refuses mixed fit methods."""
-    study.GRADIENT_SETTINGS["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_seconds": 10.0}
+    assert study.gradient_settings(load_model("gmm:toy2d"), "mixture") == {
+        "n_cal": 512, "ref_steps": 200, "max_seconds": 45.0, "dtype": torch.float32}  # the bench's calibration
+    study.GRADIENT_OVERRIDES["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_seconds": 10.0}
     (row,) = study.run_model("gmm:toy2d", ["euler"], [3], "logsnr", [0, 1], fit_method="gradient",
                              fit_params=("steps", "model_sigmas"))
     assert row["fit_method"] == "gradient" and row["fit_params"] == ["steps", "model_sigmas"]
