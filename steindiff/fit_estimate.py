@@ -19,9 +19,10 @@ along a line through the two largest batches timed (its slope between no cost pe
 per pass).
 
 A gradient fit (``fit_method="gradient"``) is counted as the reference solve, then its Adam steps (at most
-``max_iters`` per learning rate, each about 2.5 plain solves of a mini-batch, within ``max_seconds``) and the
-validation.  Measured at NFE 5: within 1.7-1.8x above the real time on the digits U-Net; on a model whose passes
-cost almost nothing (``gmm:image64``) the fixed per-step overhead dominates and the estimate is 0.4-0.7x of it.
+``max_iters`` per learning rate, each about 2.5 plain solves of a mini-batch, plus 3 model passes of it for a
+feature distance and 3 for a residual-noise term, within ``max_seconds``) and the validation.  Measured at NFE
+5 with the L2 distance: within 1.7-1.8x above the real time on the digits U-Net; on a model whose passes cost
+almost nothing (``gmm:image64``) the fixed per-step overhead dominates and the estimate is 0.4-0.7x of it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
         n_fit = max(int(options["n"]) * (1 - _VALIDATION), 1)
         batch = min(int(g.get("batch_size", GRADIENT_BATCH)), n_fit / 2)
         per_iter = 2.5 * solve_s * batch / n_fit
+        # a feature distance and the residual-noise term each run a network on the samples, forward and
+        # backward: about 3 model passes of the mini-batch per Adam step (a feature function cheaper than the
+        # model, which is not timed here, makes this an overestimate)
+        extra_passes = 3 * ((gradient.get("loss") == "features") + (float(gradient.get("residual_weight") or 0) > 0))
+        per_iter += extra_passes * pass_s * batch / n_fit
         iters = fits * int(g.get("max_iters", GRADIENT_ITERS))
         fit = iters * per_iter * 1.2  # and the held-out solves every few steps
         if max_seconds is not None:

@@ -135,3 +135,26 @@ def test_a_gradient_fit_is_counted_by_its_adam_steps_within_its_time_budget():
         est(max_iters=10_000, lr=0.03)
     plain = cal.calibration_options(spec, objective="trajectory", n=256, ref_steps=50, max_seconds=1e9)
     assert "gradient" not in plain and fit_seconds(plain, **units) != few
+
+
+def test_a_feature_distance_and_the_residual_term_each_add_three_model_passes_per_adam_step():
+    """Each runs a network forward and backward on the mini-batch: about 3 model passes of it per Adam step."""
+    from steindiff.distances import LaplacianPyramid
+    from steindiff.fit_estimate import fit_seconds
+
+    spec = load_model("gmm:toy2d")
+    units = {"ref_step_s": 0.01, "solve_s": 0.1, "pass_s": 0.02}
+
+    def est(iters, **loss):
+        o = cal.calibration_options(spec, objective="trajectory", n=256, ref_steps=50, fit_method="gradient",
+                                    gradient_options={"max_iters": iters, "lr": 0.03}, max_seconds=1e9, **loss)
+        return fit_seconds(o, **units)
+
+    per_step_passes = 3 * 0.02 * 64 / 128 * 1.2  # 3 passes of a 64-pair batch (pass_s is on the 128-sample fit half)
+    l2 = est(100) - est(0)
+    feats = est(100, loss="features", features=LaplacianPyramid((1.0, 1.0))) - est(0, loss="features",
+                                                                                  features=LaplacianPyramid((1.0, 1.0)))
+    both = est(100, loss="features", features=LaplacianPyramid((1.0, 1.0)), residual_weight=1.0) - est(
+        0, loss="features", features=LaplacianPyramid((1.0, 1.0)), residual_weight=1.0)
+    assert feats - l2 == pytest.approx(100 * per_step_passes)
+    assert both - l2 == pytest.approx(200 * per_step_passes)

@@ -8,7 +8,6 @@ It sits above :mod:`.diffusers`, :mod:`.diffusers_flow` and :mod:`.diffusers_sch
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -42,7 +41,7 @@ from .diffusers_flow import (
     image_size,
     pipeline_mu,
 )
-from .diffusers_scheduler import FLOW_SCHEDULES, _fmt, _pipeline_record, pipeline_plan
+from .diffusers_scheduler import FLOW_SCHEDULES, _pipeline_record, base_mismatch, pipeline_plan
 
 __all__ = ["sample_pipeline", "PipelineSample"]
 
@@ -69,23 +68,18 @@ class PipelineSample:
 
 
 def _flow_mismatch(plan: SamplingPlan, pipe: Any, pm: PipelineModel, size: tuple[int, int], rho: float) -> list[str]:
-    """What makes a calibration another flow pipeline call's than this one (at ``size`` pixels): the resolution
-    shift ``mu`` it records, else the plain levels it was fitted from (``meta["base_sigmas"]``) against this call's
-    plain levels of its schedule (the pipeline's shift or ``mu``, the step count), as the scheduler checks them."""
+    """What makes a calibration another flow pipeline call's than this one (at ``size`` pixels): the plain
+    levels it was fitted from (``meta["base_sigmas"]``) against this call's plain levels of its schedule (the
+    pipeline's shift or ``mu``, the step count), named by the resolution shift ``mu`` where it records one
+    (:func:`~steindiff.integrations.diffusers_scheduler.base_mismatch`, the scheduler's check)."""
     made = plan.meta.get("pipeline") if isinstance(plan.meta.get("pipeline"), Mapping) else {}
-    mu = pipeline_mu(pipe, *size)
-    if made.get("mu") is not None and mu is not None and not math.isclose(float(made["mu"]), mu, rel_tol=1e-6):
-        where = f" ({made['height']}x{made['width']} pixels)" if made.get("height") else ""
-        return [f"it was made for the resolution shift mu={float(made['mu']):.6g}{where}, this call's is "
-                f"mu={mu:.6g} ({size[0]}x{size[1]} pixels)"]
     base, schedule = plan.meta.get("base_sigmas"), plan.meta.get("schedule")
     if base is None or schedule not in FLOW_SCHEDULES or len(base) != len(plan.sigmas):
         return []
     here = _plain_plan(pipe, pm, size, plan.solver, plan.nfe, schedule, rho, plan.solver_options)[0].sigmas
-    if torch.allclose(here, torch.as_tensor(base, dtype=torch.float64), rtol=1e-6, atol=1e-9):
-        return []
-    return [f"it was made from the noise levels {_fmt(base)}, this call's are {_fmt(here)} (another shift, image "
-            "size or schedule)"]
+    why = base_mismatch(made, base, here, pipeline_mu(pipe, *size), here_size=f"{size[0]}x{size[1]} pixels",
+                        cause="another shift, image size or schedule")
+    return [why] if why else []
 
 
 def _applied_plan(pm: PipelineModel, calibration: Calibration, *, solver: str | None, nfe: int | None,

@@ -164,6 +164,23 @@ def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{float(v):.5g}" for v in values) + "]"
 
 
+def base_mismatch(made: Mapping, recorded: Sequence[float] | torch.Tensor, here: torch.Tensor, mu: float | None,
+                  here_size: str = "another image size", cause: str = "another schedule or step count") -> str | None:
+    """Why a calibration fitted from the plain noise levels ``recorded`` is not this call's, whose plain levels
+    are ``here`` (``None``: they match, to 1e-6).  The one check of :class:`SteinDiffScheduler` and
+    ``sample_pipeline``: a flow calibration that records its resolution shift (``made["mu"]``, from
+    ``pipeline_record``) is named by it when this call's ``mu`` is another; otherwise both level lists are named
+    and ``cause`` says what differs."""
+    rec = torch.as_tensor(recorded, dtype=torch.float64)
+    if len(rec) == len(here) and torch.allclose(here, rec, rtol=1e-6, atol=1e-9):
+        return None
+    if made.get("mu") is not None and mu is not None and not math.isclose(float(made["mu"]), float(mu), rel_tol=1e-6):
+        where = f" ({made['height']}x{made['width']} pixels)" if made.get("height") else ""
+        return (f"it was made for the resolution shift mu={float(made['mu']):.6g}{where}, this call's is "
+                f"mu={float(mu):.6g} ({here_size})")
+    return f"it was made from the noise levels {_fmt(rec)}, this call's are {_fmt(here)} ({cause})"
+
+
 class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
     """steindiff's solvers (and calibrated samplers) as a diffusers scheduler.
 
@@ -454,19 +471,14 @@ class SteinDiffScheduler(SchedulerMixin, ConfigMixin):
         recorded = rec.get("base_sigmas")
         if len(sig) != len(base.sigmas):
             bad.append(f"it has {len(sig) - 1} steps, this call asks for {base.steps} (num_inference_steps)")
-        elif not (torch.allclose(base.sigmas, torch.as_tensor(recorded, dtype=torch.float64), rtol=1e-6, atol=1e-9)
-                  if recorded is not None and len(recorded) == len(sig)
-                  else math.isclose(float(base.sigmas[0]), float(sig[0]), rel_tol=1e-6)):
-            made = rec.get("pipeline") or {}
-            if (self.flow is not None and self.flow.use_dynamic_shifting and made.get("mu") is not None
-                    and mu is not None and not math.isclose(float(made["mu"]), float(mu), rel_tol=1e-6)):
-                where = f" ({made['height']}x{made['width']} pixels)" if made.get("height") else ""
-                bad.append(f"it was made for the resolution shift mu={float(made['mu']):.6g}{where}, this call "
-                           f"passes mu={float(mu):.6g} (another image size)")
-            else:
-                ref = recorded if recorded is not None else sig[:1]
-                bad.append(f"it was made from the noise levels {_fmt(ref)}, this call's are {_fmt(base.sigmas)} "
-                           "(another schedule, shift, flow grid or step count)")
+        elif recorded is not None and len(recorded) == len(sig):
+            dynamic = self.flow is not None and self.flow.use_dynamic_shifting
+            why = base_mismatch(rec.get("pipeline") or {}, recorded, base.sigmas, mu if dynamic else None,
+                                cause="another schedule, shift, flow grid or step count")
+            bad += [why] if why else []
+        elif not math.isclose(float(base.sigmas[0]), float(sig[0]), rel_tol=1e-6):  # a file without base_sigmas
+            bad.append(f"it was made from the noise levels {_fmt(sig[:1])}, this call's are {_fmt(base.sigmas)} "
+                       "(another schedule, shift, flow grid or step count)")
         if bad:
             raise ValueError("calibration does not match this pipeline call: " + "; ".join(bad))
         return SamplingPlan(rec["solver"], sig, "fitted", rec.get("gammas"), rec.get("coords", "ve"),

@@ -189,7 +189,7 @@ def test_calibrated_flow_pipelines_equal_sample_pipeline(which, sd3_pipe, flux_p
         pipe.scheduler = SteinDiffScheduler.from_config(config, calibration={
             **pipe.scheduler.calibration, "pipeline": {"mu": mu8, "height": 8, "width": 8}})
         with pytest.raises(ValueError, match=re.escape(f"made for the resolution shift mu={mu8:.6g} (8x8 pixels), this "
-                                                       f"call passes mu={mu16:.6g} (another image size)")):
+                                                       f"call's is mu={mu16:.6g} (another image size)")):
             pipe(**{**call_kwargs(pipe, emb), "height": 16, "width": 16}, guidance_scale=G, num_inference_steps=4,
                  output_type="latent")
 
