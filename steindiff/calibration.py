@@ -256,8 +256,10 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
     """Every option of :func:`calibrate` that changes its result, resolved the one way all entry points
     resolve them: ``options`` given (not ``None``), else the model's own defaults
     (``spec.info["calibration_defaults"]``), else :data:`CALIBRATION_DEFAULTS`, else :func:`calibrate`'s
-    signature.  Values are normalised for a file (a dtype by name, guards as a list); this is the ``options``
-    part of a calibration's cache key (:func:`calibration_key`)."""
+    signature.  A model's own ``guards`` are those of its shipped calibrations, all fitted without derivatives:
+    the gradient fit takes its own (:func:`default_guards`) unless ``guards`` are given.  Values are normalised
+    for a file (a dtype by name, guards as a list); this is the ``options`` part of a calibration's cache key
+    (:func:`calibration_key`)."""
     params = _CALIBRATE_PARAMETERS
     options = dict(options)
     resolved_gradient = options.pop("gradient", None)  # already resolved: calibration_options is idempotent
@@ -266,7 +268,10 @@ def calibration_options(spec: ModelSpec, **options: Any) -> dict[str, Any]:
         raise ValueError(f"unknown calibration option(s) {', '.join(unknown)}; see steindiff.calibrate")
     out = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in _NOT_OPTIONS}
     out.update(CALIBRATION_DEFAULTS)
-    out.update((spec.info or {}).get("calibration_defaults") or {})
+    model_defaults = dict((spec.info or {}).get("calibration_defaults") or {})
+    if options.get("fit_method") == "gradient":  # a model's pinned guards are its derivative-free calibrations'
+        model_defaults.pop("guards", None)
+    out.update(model_defaults)
     out.update({k: v for k, v in options.items() if v is not None and k not in _NOT_OPTIONS})
     if out["objective"] is None:
         out["objective"] = "trajectory" if out["variant"] is None else (

@@ -177,6 +177,18 @@ def test_the_gradient_fit_has_its_own_default_guards_for_every_model(toy):
     assert rec["chosen"] == choose_candidate(rec["candidates"], rec["guards"])
 
 
+def test_a_models_pinned_guards_are_its_derivative_free_calibrations_not_the_gradient_fits():
+    """digits pins the guards its shipped (derivative-free) calibrations were chosen under; the gradient fit on
+    it takes its own default, and guards given by the caller win for both fits."""
+    spec = load_model("digits")
+    pinned = spec.info["calibration_defaults"]["guards"]
+    assert cal.calibration_options(spec)["guards"] == pinned != list(cal.GRADIENT_GUARDS)
+    assert cal.calibration_options(spec, fit_method="gradient")["guards"] == list(cal.GRADIENT_GUARDS)
+    assert cal.calibration_options(spec, fit_method="gradient", guards=["significance"])["guards"] == ["significance"]
+    resolved = cal.calibration_options(spec, fit_method="gradient")
+    assert cal.calibration_options(spec, **resolved) == resolved  # idempotent
+
+
 def test_shipped_digits_calibrations_are_chosen_under_the_models_default_guards():
     """Each shipped file's choice is the one its recorded candidates give under the default guards, and
     its candidates were scored with the current significance test."""
