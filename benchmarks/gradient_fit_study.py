@@ -19,7 +19,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   (its budget of whole solves; default 200 mixtures, 120 images); with ``--df-shipped`` (digits) the
   calibrations shipped with the model are used instead of refitting;
 - ``grad:<params>``: the gradient fit of ``<params>`` (``+``-separated from steps, gamma, model_sigmas,
-  history), with options ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
+  history; several sets separated by ``/`` are each fitted and compete in the validation), with options
+  ``ball=`` (soft teacher forcing radius), ``residual=`` (residual-noise weight),
   ``teacher=<solver>:<steps>`` (the fine solve it fits to), ``n=`` (calibration batch), ``lr=``, ``iters=``,
   ``batch=``, ``lap=<w0/w1/...>`` (the distance in the bands of a Laplacian pyramid with these weights, finest
   first: :class:`steindiff.distances.LaplacianPyramid`), ``feat=<s0/s1/...>`` (the distance in the model's own
@@ -107,11 +108,11 @@ def parse_config(text: str) -> dict:
         peer_name(name)  # raises for an unknown peer
         cfg["method"] = "peer"
     elif name.startswith("grad:"):
-        params = name[5:].split("+")
-        bad = [p for p in params if p not in PARAMS]
-        if bad or not params:
+        sets = [ps.split("+") for ps in name[5:].split("/")]
+        bad = [p for ps in sets for p in ps if p not in PARAMS]
+        if bad or not all(sets):
             raise ValueError(f"config {text!r}: unknown parameter(s) {bad}; choose from {', '.join(PARAMS)}")
-        cfg.update(method="gradient", params=params)
+        cfg.update(method="gradient", params=sets[0] if len(sets) == 1 else sets)
     else:
         raise ValueError(f"unknown configuration {text!r}: plain, derivative-free, peer:<name> or "
                          "grad:<params>[@k=v]")

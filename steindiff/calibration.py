@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 from .fingerprint import AmbiguousIdentity, fingerprint
 from .fit_estimate import FitEstimate, estimate_fit
 from .generate import generate
-from .gradient_fit import DEFAULT_PARAMS, FIT_METHODS, LOSSES, check_params, describe_loss, fit_trajectory_gradient
+from .gradient_fit import (
+    DEFAULT_PARAMS,
+    FIT_METHODS,
+    LOSSES,
+    check_param_sets,
+    describe_loss,
+    fit_trajectory_gradient,
+    params_record,
+)
 from .io import check_writable
 from .metrics import sliced_w2
 from .models.registry import ModelSpec
@@ -195,7 +203,8 @@ def calibrate(
     (``spec.info["calibration_defaults"]``): :func:`calibration_options` resolves them, for every entry point.
     ``fit_method``: ``derivative-free`` (default: finite differences of whole solves, any model) or ``gradient``
     (:func:`~steindiff.gradient_fit.fit_trajectory_gradient`, a differentiable model), which takes ``params``
-    (from :data:`~steindiff.gradient_fit.PARAMS`, default :data:`~steindiff.gradient_fit.DEFAULT_PARAMS`), ``loss``
+    (from :data:`~steindiff.gradient_fit.PARAMS`, default :data:`~steindiff.gradient_fit.DEFAULT_PARAMS`; several
+    sets compete as candidates, :func:`~steindiff.gradient_fit.check_param_sets`), ``loss``
     (``l2``, or ``features`` with a ``features(x) -> tensor`` function), ``residual_weight``, ``teacher_ball`` (soft
     teacher forcing) and ``gradient_options`` (``lr``, ``batch_size``, ``max_iters``, ...); its teacher is
     ``ref_solver``/``ref_steps`` and its time budget ``max_seconds``.
@@ -233,7 +242,7 @@ def calibrate(
             raise ValueError(f"{', '.join(given)}: options of the gradient fit (objective='trajectory', "
                              f"fit_method='gradient'); this calibration is {objective!r}, {fit_method!r}")
     else:
-        gradient["params"] = check_params(DEFAULT_PARAMS if params is None else params)
+        gradient["params"] = check_param_sets(DEFAULT_PARAMS if params is None else params)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if objective == "trajectory":
@@ -435,7 +444,7 @@ def gradient_fit_options(options: dict) -> dict | None:
     if options.get("fit_method", "derivative-free") != "gradient":
         return None
     feats = options.get("features")
-    out = {"params": list(check_params(options.get("params") or DEFAULT_PARAMS)),
+    out = {"params": params_record(check_param_sets(options.get("params") or DEFAULT_PARAMS)),
            **describe_loss(options.get("loss") or "l2", feats, float(options.get("residual_weight") or 0),
                            float(options.get("teacher_ball") or 0))}
     if feats is not None:
@@ -560,7 +569,8 @@ def calibrated_plan(spec: ModelSpec, base: SamplingPlan, *, cache_dir: str | os.
     report("fitting it again")
     say_fit = notice if notice is not None else (lambda m: None)  # what is fitted is news, not a warning
     g = opts.get("gradient")
-    how = f"gradient fit of {'+'.join(g['params'])}" if g else f"fit: {opts['fit']}"
+    how = f"gradient fit of {' or '.join('+'.join(ps) for ps in check_param_sets(g['params']))}" if g \
+        else f"fit: {opts['fit']}"
     say_fit(f"steindiff: calibrating {what} once ({how}; {est}, measured on this machine); "
             f"cached in {root}")
     call = {k: v for k, v in opts.items() if k != "gradient"}

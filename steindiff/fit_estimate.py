@@ -20,7 +20,8 @@ per pass).
 
 A gradient fit (``fit_method="gradient"``) is counted as the reference solve, then its Adam steps (at most
 ``max_iters`` per learning rate, each about 2.5 plain solves of a mini-batch, plus 3 model passes of it for a
-feature distance and 3 for a residual-noise term, within ``max_seconds``) and the validation.  Measured at NFE
+feature distance and 3 for a residual-noise term; one fit per learning rate and parameter set, all within
+``max_seconds``) and the validation.  Measured at NFE
 5 with the L2 distance: within 1.7-1.8x above the real time on the digits U-Net; on a model whose passes cost
 almost nothing (``gmm:image64``) the fixed per-step overhead dominates and the estimate is 0.4-0.7x of it.
 """
@@ -37,7 +38,7 @@ import torch
 
 from .device import exact_float32
 from .gradient_fit import DEFAULT_LRS as GRADIENT_LRS
-from .gradient_fit import gradient_fit
+from .gradient_fit import check_param_sets, gradient_fit
 from .models.registry import ModelSpec
 from .plan import SamplingPlan
 from .sampling import prior_noise, sample, steps
@@ -100,7 +101,7 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
         # unipc NFE 5, 30 and 100 steps); one fit per learning rate
         g = gradient.get("gradient_options") or {}
         lrs = g.get("lr", GRADIENT_LRS)
-        fits = 1 if isinstance(lrs, (int, float)) else len(lrs)
+        fits = (1 if isinstance(lrs, (int, float)) else len(lrs)) * len(check_param_sets(gradient["params"]))
         n_fit = max(int(options["n"]) * (1 - _VALIDATION), 1)
         batch = min(int(g.get("batch_size", GRADIENT_BATCH)), n_fit / 2)
         per_iter = 2.5 * solve_s * batch / n_fit

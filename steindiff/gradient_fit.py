@@ -57,7 +57,7 @@ from .stabilizers.schedule import GammaSchedule
 from .trajectory import DEFAULT_GUARDS, ReferenceSolve, TrajectoryFit, _Params, calibration_batch, validate_candidates
 
 __all__ = ["gradient_fit", "fit_trajectory_gradient", "PARAMS", "DEFAULT_PARAMS", "DEFAULT_LRS", "LOSSES",
-           "FIT_METHODS", "check_params", "describe_loss"]
+           "FIT_METHODS", "check_params", "check_param_sets", "params_record", "describe_loss"]
 
 #: What the gradient fit can fit (module docstring).
 PARAMS = ("steps", "gamma", "model_sigmas", "history")
@@ -91,6 +91,33 @@ def check_params(params: str | Sequence[str]) -> tuple[str, ...]:
         raise ValueError(f"unknown or no gradient-fit parameter(s) {', '.join(map(repr, unknown)) or '(none)'}; "
                          f"choose from {', '.join(PARAMS)}")
     return tuple(p for p in PARAMS if p in params)
+
+
+def check_param_sets(params: str | Sequence[str] | Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    """One or several parameter sets, each competing as its own candidate (:func:`fit_trajectory_gradient`):
+    a sequence of names is one set; a sequence of sequences, or a string with sets separated by ``/``
+    (``"steps,gamma/steps,history"``), is several.  Each set as :func:`check_params` gives it, in the given
+    order, a set named twice once."""
+    if isinstance(params, str):
+        sets: list = [p for p in params.split("/") if p.strip()]
+    elif params and all(not isinstance(p, str) for p in params):
+        sets = list(params)
+    else:
+        sets = [params]
+    if not sets:
+        raise ValueError("no gradient-fit parameter set given")
+    return tuple(dict.fromkeys(check_params(s) for s in sets))
+
+
+def params_record(sets: tuple[tuple[str, ...], ...]) -> list:
+    """Parameter sets as a calibration file and its cache key write them: one set as a list of names (as
+    before several sets existed), several as a list of such lists."""
+    return list(sets[0]) if len(sets) == 1 else [list(s) for s in sets]
+
+
+def candidate_name(params: tuple[str, ...], several: bool) -> str:
+    """The validation candidate of a parameter set: ``gradient``, or ``gradient:steps+gamma`` among several."""
+    return f"gradient:{'+'.join(params)}" if several else "gradient"
 
 
 def describe_loss(loss: str, features: Callable | None, residual_weight: float, teacher_ball: float) -> dict:
@@ -431,8 +458,8 @@ def gradient_fit(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: 
 
 @exact_float32()
 def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPlan, noise: torch.Tensor, *,
-                            sigma_min: float, params: str | Sequence[str] = DEFAULT_PARAMS, loss: str = "l2",
-                            features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            sigma_min: float, params: str | Sequence[str] | Sequence[Sequence[str]] = DEFAULT_PARAMS,
+                            loss: str = "l2", features: Callable[[torch.Tensor], torch.Tensor] | None = None,
                             residual_weight: float = 0.0, teacher_ball: float = 0.0, validation: float = 0.5,
                             holdout: float = 0.5, ref: ReferenceSolve | None = None, ref_solver: str = "dpmpp_2m",
                             ref_steps: int = 200, gamma_bounds: tuple[float, float] = (0.5, 1.5), plain_tail: int = 2,
@@ -442,14 +469,15 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
                             **options: Any) -> TrajectoryFit:
     """The trajectory calibration fitted by gradients: the same split, teacher and validation choice as
     :func:`steindiff.trajectory.fit_trajectory` (:func:`~steindiff.trajectory.calibration_batch`,
-    :func:`~steindiff.trajectory.validate_candidates`), with one candidate, :func:`gradient_fit` of ``params``
-    on the fit part (its last ``holdout`` fraction early-stops the fit), competing with the plain plan on the
-    validation part under ``guards``.  ``lr``: one fit per learning rate (default :data:`DEFAULT_LRS`), the one
-    with the lower held-out loss is the candidate (the fit lands in different basins of the schedule from one
-    learning rate to another; each fit is recorded).  ``max_seconds`` is shared between them.  ``options`` go
-    to :func:`gradient_fit` (``batch_size``, ``max_iters``, ``history_depth``, ``val_every``, ``patience``,
-    ``checkpoint``, ``seed``)."""
-    params = check_params(params)
+    :func:`~steindiff.trajectory.validate_candidates`), with one candidate per parameter set, :func:`gradient_fit`
+    of ``params`` on the fit part (its last ``holdout`` fraction early-stops the fit), competing with the plain
+    plan on the validation part under ``guards``.  ``params``: one set, or several (:func:`check_param_sets`),
+    each a candidate (``gradient:<set>``); the validation keeps the closest to the teacher that passes the guards.
+    ``lr``: one fit per learning rate and set (default :data:`DEFAULT_LRS`), the one with the lower held-out loss
+    is the set's candidate (the fit lands in different basins of the schedule from one learning rate to another;
+    each fit is recorded).  ``max_seconds`` is shared between them.  ``options`` go to :func:`gradient_fit`
+    (``batch_size``, ``max_iters``, ``history_depth``, ``val_every``, ``patience``, ``checkpoint``, ``seed``)."""
+    sets = check_param_sets(params)
     lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
     if not lrs or not all(v > 0 for v in lrs):
         raise ValueError(f"lr must be a positive learning rate or a non-empty sequence of them, got {lr!r}")
@@ -466,23 +494,32 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
         raise ValueError(f"the fit part of {batch.n_fit} samples is too small to hold out {holdout:.0%} of it")
     train, held = slice(0, n_train), slice(n_train, batch.n_fit)
     final = batch.ref.final
-    fits = [gradient_fit(model, base, noise[train], final[train], val_noise=noise[held], val_target=final[held],
-                         sigma_floor=sigma_min, params=params, loss=loss, features=features,
-                         residual_weight=residual_weight, teacher_ball=teacher_ball, gamma_bounds=gamma_bounds,
-                         plain_tail=plain_tail, max_seconds=max_seconds / len(lrs), lr=v, extra_args=batch.part(train),
-                         val_extra_args=batch.part(held), progress=progress, **options) for v in lrs]
-    best = min(range(len(fits)), key=lambda j: fits[j][1]["val_best"])
-    fitted, info = fits[best]
-    info = {**info, "lr": lrs[best], "tries": [
-        {"lr": v, **{k: f[1][k] for k in ("val_start", "val_best", "best_iter", "iters", "stopped", "wall_s")}}
-        for v, f in zip(lrs, fits)]}
+    several = len(sets) > 1
     plain = SamplingPlan(base.solver, base.sigmas, base.schedule, [1.0] * base.steps, base.coords, base.solver_options)
-    candidates = {"plain": plain, "gradient": fitted}
+    candidates: dict[str, SamplingPlan] = {"plain": plain}
+    infos: dict[str, dict] = {}
+    for ps in sets:
+        fits = [gradient_fit(model, base, noise[train], final[train], val_noise=noise[held], val_target=final[held],
+                             sigma_floor=sigma_min, params=ps, loss=loss, features=features,
+                             residual_weight=residual_weight, teacher_ball=teacher_ball, gamma_bounds=gamma_bounds,
+                             plain_tail=plain_tail, max_seconds=max_seconds / (len(lrs) * len(sets)), lr=v,
+                             extra_args=batch.part(train), val_extra_args=batch.part(held), progress=progress,
+                             **options) for v in lrs]
+        best = min(range(len(fits)), key=lambda j: fits[j][1]["val_best"])
+        name = candidate_name(ps, several)
+        candidates[name], info = fits[best]
+        infos[name] = {**info, "lr": lrs[best], "tries": [
+            {"lr": v, **{k: f[1][k] for k in ("val_start", "val_best", "best_iter", "iters", "stopped", "wall_s")}}
+            for v, f in zip(lrs, fits)]}
     chosen = validate_candidates(model, batch, candidates, sigma_min=sigma_min, residual_tolerance=residual_tolerance,
                                  significance=significance, guards=guards)
     for name, plan in candidates.items():  # what each candidate carries beyond gammas and noise levels
         chosen["candidates"][name].update(model_sigmas=plan.model_sigmas, history=plan.history)
-    record = {"fit_method": "gradient", "params": list(params), "distance": info["distance"], **chosen,
+    first = next(iter(infos))
+    gradient = infos.get(chosen["chosen"], infos[first])  # the kept set's fit (plain kept: the first set's)
+    if several:
+        gradient = {**gradient, "sets": infos}
+    record = {"fit_method": "gradient", "params": params_record(sets), "distance": infos[first]["distance"], **chosen,
               "gamma_bounds": list(gamma_bounds), "plain_tail": plain_tail, "n_train": n_train,
-              "n_holdout": batch.n_fit - n_train, "gradient": info, "wall_s": time.perf_counter() - t0}
+              "n_holdout": batch.n_fit - n_train, "gradient": gradient, "wall_s": time.perf_counter() - t0}
     return TrajectoryFit(candidates[chosen["chosen"]], record)

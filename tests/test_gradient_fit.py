@@ -256,3 +256,67 @@ def test_cli_calibrate_with_a_named_distance(tmp_path, capsys):
     assert main([*base, "--distance", "pyramid:2/1/1", "--out", str(tmp_path / "e.json")]) == 2
     assert "--distance" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_several_parameter_sets_are_spelt_one_way():
+    from steindiff.gradient_fit import check_param_sets, params_record
+
+    assert check_param_sets("steps,gamma") == check_param_sets(["steps", "gamma"]) == (("steps", "gamma"),)
+    several = check_param_sets("steps,gamma/history,steps/gamma,steps")  # a set named twice counts once
+    assert several == check_param_sets([("steps", "gamma"), ["steps", "history"]]) == (
+        ("steps", "gamma"), ("steps", "history"))
+    assert params_record(several) == [["steps", "gamma"], ["steps", "history"]]
+    assert params_record(check_param_sets("gamma,steps")) == ["steps", "gamma"]  # one set: as before
+    with pytest.raises(ValueError, match="unknown or no gradient-fit parameter.*'warp'"):
+        check_param_sets("steps/warp")
+    with pytest.raises(ValueError, match="no gradient-fit parameter set"):
+        check_param_sets("/")
+
+
+def test_several_parameter_sets_each_fit_one_candidate_and_the_validation_keeps_the_closest(pairs):
+    """Each set is fitted as it would be alone (same seed, same learning rates) and competes with plain and the
+    other sets on the validation half under the guards: the kept candidate is the closest that passes."""
+    from steindiff.trajectory import choose_candidate
+
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "euler", 4, "karras")
+    opts = {"sigma_min": 0.002, "ref": ref, "max_iters": 20, "val_every": 5, "lr": 0.03}
+    both = fit_trajectory_gradient(GMM, base, noise, params="steps,gamma/steps,history", **opts).record
+    assert set(both["candidates"]) == {"plain", "gradient:steps+gamma", "gradient:steps+history"}
+    assert both["params"] == [["steps", "gamma"], ["steps", "history"]]
+    assert set(both["gradient"]["sets"]) == {"gradient:steps+gamma", "gradient:steps+history"}
+    assert both["chosen"] == choose_candidate(both["candidates"], both["guards"]) != "plain"
+    alone = fit_trajectory_gradient(GMM, base, noise, params="steps,history", **opts).record
+    assert both["candidates"]["gradient:steps+history"]["val_rms"] == pytest.approx(
+        alone["candidates"]["gradient"]["val_rms"], rel=1e-9)
+    assert both["gradient"]["sets"]["gradient:steps+history"]["val_best"] == pytest.approx(
+        alone["gradient"]["val_best"], rel=1e-9)
+
+
+def test_several_parameter_sets_through_calibrate_the_cache_and_the_cli(tmp_path, capsys):
+    from steindiff.cli import main
+    from steindiff.fit_estimate import fit_seconds
+
+    spec = load_model("gmm:toy2d")
+    base = sd.make_plan(spec.process, "euler", 3, "karras")
+    one = calibration_key(spec, base, options={"fit_method": "gradient", "params": "steps,gamma"})
+    two = calibration_key(spec, base, options={"fit_method": "gradient", "params": "steps,gamma/steps,history"})
+    assert one["options"]["gradient"]["params"] == ["steps", "gamma"]
+    assert two["options"]["gradient"]["params"] == [["steps", "gamma"], ["steps", "history"]] and one != two
+    units = {"ref_step_s": 0.01, "solve_s": 0.1, "pass_s": 0.02}
+    opts = {"fit_method": "gradient", "gradient_options": {"max_iters": 100}, "max_seconds": 1e9, "ref_steps": 10}
+    t0 = fit_seconds(sd.calibration.calibration_options(spec, **{**opts, "gradient_options": {"max_iters": 0}}),
+                     **units)
+    t1 = fit_seconds(sd.calibration.calibration_options(spec, params="steps", **opts), **units)
+    t2 = fit_seconds(sd.calibration.calibration_options(spec, params="steps/gamma", **opts), **units)
+    assert t2 - t0 == pytest.approx(2 * (t1 - t0))  # the Adam steps of each set
+    out = tmp_path / "c.json"
+    rc = main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "32", "--ref-steps", "20",
+               "--fit-method", "gradient", "--params", "steps,gamma/steps,history", "--max-iters", "5",
+               "--out", str(out), "--no-progress", "--json"])
+    assert rc == 0
+    cal = json.loads(capsys.readouterr().out)["calibration"]
+    assert cal["params"] == [["steps", "gamma"], ["steps", "history"]]
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--fit-method", "gradient",
+                 "--params", "steps/warp", "--out", str(tmp_path / "d.json")]) == 2
+    assert "'warp'" in capsys.readouterr().err and not (tmp_path / "d.json").exists()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.peers import PEERS, PREFIX
-from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_params
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_param_sets, params_record
 from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
@@ -79,9 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-method", default=None, choices=FIT_METHODS,
                    help="cal:trajectory: how the calibration is fitted (default: derivative-free, as --stabilizer "
                         "auto; gradient: backpropagation through the solve, for models with gradients)")
-    p.add_argument("--fit-params", default=None, metavar="P[,P...]",
+    p.add_argument("--fit-params", default=None, metavar="P[,P...][/P,...]",
                    help=f"cal:trajectory with --fit-method gradient: what to fit, from {', '.join(PARAMS)} (default "
-                        f"{','.join(DEFAULT_PARAMS)})")
+                        f"{','.join(DEFAULT_PARAMS)}; several sets separated by /, each a candidate)")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         if args.fit_method == "gradient":
             with usage_errors(ValueError):
                 calibration.update(fit_method="gradient",
-                                   params=list(check_params(args.fit_params or DEFAULT_PARAMS)))
+                                   params=params_record(check_param_sets(args.fit_params or DEFAULT_PARAMS)))
         device = common.device_from_args(args)
         with usage_errors(ValueError, TypeError):
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],

@@ -30,7 +30,7 @@ from ..calibration import (
 )
 from ..distances import parse_distance
 from ..fit_estimate import estimate_fit
-from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_params
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_param_sets
 from ..io import check_writable
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default=None,
                    help=f"--fit-method gradient: what to fit, comma-separated from {', '.join(PARAMS)} (default "
                         f"{','.join(DEFAULT_PARAMS)}): interior noise levels, per-step gamma, the noise level given "
-                        "to the model at each step, corrections over past denoised outputs")
+                        "to the model at each step, corrections over past denoised outputs; several sets "
+                        "separated by / (steps,gamma/steps,history) are each fitted, and the validation keeps the "
+                        "best that passes the guards")
     p.add_argument("--teacher-ball", type=float, default=0.0,
                    help="--fit-method gradient: soft teacher forcing, each fit sample's start may move within this "
                         "fraction of its noise's norm (0: off)")
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     fit_options = {}
     if gradient:
         with usage_errors(ValueError):
-            params = check_params(args.params) if args.params is not None else DEFAULT_PARAMS
+            params = check_param_sets(args.params) if args.params is not None else (DEFAULT_PARAMS,)
         opts = {k: v for k, v in (("max_iters", args.max_iters), ("batch_size", args.batch_size)) if v is not None}
         fit_options = {"fit_method": "gradient", "params": params, "teacher_ball": args.teacher_ball,
                        "residual_weight": args.residual_weight, "gradient_options": opts or None}
