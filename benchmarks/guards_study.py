@@ -79,8 +79,9 @@ SETTINGS = {
                 "dtype": torch.float32},
 }
 #: Where the gradient fit's calibration departs from the bench's (:func:`gradient_settings`), per kind of model:
-#: patches with a smaller batch and more time, at CPU scale.
-GRADIENT_OVERRIDES: dict[str, dict] = {"patches": {"n_cal": 64, "max_seconds": 120.0}}
+#: patches with a smaller calibration batch, 120 s and the fit's default Adam steps, at CPU scale.
+GRADIENT_OVERRIDES: dict[str, dict] = {"patches": {"n_cal": 64, "max_seconds": 120.0, "max_iters": 300,
+                                                   "batch_size": 64}}
 PRIMARY = {"mixture": "sw2", "digits": "digits_fid", "patches": "patch_fd"}
 SECONDARY = {"mixture": ("nll", "mode_tv"), "digits": ("digits_kid", "precision", "recall"),
              "patches": ("spectrum", "pixel_sw2")}
@@ -112,9 +113,10 @@ def gradient_settings(spec: ModelSpec, kind: str) -> dict:
     """The gradient fit's calibration batch, fine-solve steps and time budget: those ``steindiff bench`` uses
     (:func:`steindiff.bench.runner.calibration_options`), unless :data:`GRADIENT_OVERRIDES` says otherwise;
     calibration states in the library's default dtype (:data:`steindiff.calibration.CALIBRATION_DEFAULTS`)."""
-    bench = bench_calibration_options(spec)
+    bench = bench_calibration_options(spec, "gradient")
     return {"n_cal": bench["n"], "ref_steps": bench["ref_steps"], "max_seconds": bench["max_seconds"],
-            "dtype": getattr(torch, CALIBRATION_DEFAULTS["dtype"]), **GRADIENT_OVERRIDES.get(kind, {})}
+            **bench.get("gradient_options", {}), "dtype": getattr(torch, CALIBRATION_DEFAULTS["dtype"]),
+            **GRADIENT_OVERRIDES.get(kind, {})}
 
 
 def kind_of(spec: ModelSpec) -> str:
@@ -174,12 +176,15 @@ def evaluate(spec: ModelSpec, kind: str, model: Callable, plan: SamplingPlan, no
 
 def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: str, seeds: Sequence[int],
               progress: bool = True, fit_method: str = "derivative-free",
-              fit_params: Sequence[str] = ("steps", "model_sigmas")) -> list[dict]:
+              fit_params: Sequence[str] = ("steps", "model_sigmas"), budget: dict | None = None) -> list[dict]:
+    """``budget``: the gradient fit's ``max_seconds``, ``max_iters`` and ``batch_size`` where they depart from
+    :func:`gradient_settings`."""
     spec = load_model(name)
     kind = kind_of(spec)
     st = SETTINGS[kind]
     gradient = fit_method == "gradient"
-    cal = gradient_settings(spec, kind) if gradient else st
+    cal = {**gradient_settings(spec, kind), **(budget or {})} if gradient else st
+    options = {k: cal[k] for k in ("max_iters", "batch_size") if k in cal}
     model = opaque(spec.denoiser)
     dtype, n_cal = st["dtype"], cal["n_cal"]
     smax, smin = float(spec.process.sigma_max), float(spec.process.sigma_min)
@@ -197,7 +202,7 @@ def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: 
         t1 = time.perf_counter()
         if gradient:
             fit = fit_trajectory_gradient(model, base, cal_noise, sigma_min=smin, ref=ref, guards=GUARDS,
-                                          params=fit_params, max_seconds=cal["max_seconds"])
+                                          params=fit_params, max_seconds=cal["max_seconds"], **options)
         else:
             fit = fit_trajectory(model, base, cal_noise, sigma_min=smin, ref=ref, guards=GUARDS,
                                  max_solves=st["max_solves"], max_seconds=st["max_seconds"])
@@ -216,6 +221,7 @@ def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: 
                "candidates": cands, "chosen_by_record": rec["chosen"]}
         if gradient:
             row["fit_params"] = list(fit_params)
+            row["adam_steps"] = [t["iters"] for t in rec["gradient"]["tries"]]  # per learning rate
         label(row)
         rows.append(row)
         bad = [k for k, c in cands.items() if c.get("bad")]
@@ -350,7 +356,8 @@ def markdown(result: dict) -> str:
              "model is calibrated as an opaque Python function. Settings per kind of model (calibration batch, half "
              "of it validating; fine-solve steps; refinement budget; evaluation samples per seed): "
              + "; ".join(f"{k}: n {v['n_cal']}, {v['ref_steps']} steps, "
-                         + (f"{v['max_seconds']:.0f} s" if gradient else
+                         + ((f"{v['max_iters']} Adam steps of {v['batch_size']} per learning rate within "
+                             if "max_iters" in v else "") + f"{v['max_seconds']:.0f} s" if gradient else
                             f"{v['max_solves']} solves or {v['max_seconds']:.0f} s")
                          + f", {v['n_eval']} samples" for k, v in cfg["settings"].items()) + "."
              + (f" Candidates: the gradient fit of {' + '.join(cfg['fit_params'])} "
@@ -450,15 +457,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fit-params", default=None, metavar="P[,P...]",
                    help="--fit-method gradient: what to fit (steindiff.gradient_fit.PARAMS; default "
                         "steps,model_sigmas)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="--fit-method gradient: the fit's time budget per cell (default: the bench's)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="--fit-method gradient: Adam steps per learning rate (default: the fit's, 300)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="--fit-method gradient: teacher pairs per Adam step (default: the fit's, 64)")
     p.add_argument("--from", dest="from_files", default=None, metavar="FILE[,FILE...]",
-                   help="merge saved results (their rows) and report, without running")
+                   help="merge saved results (their rows; a cell in a later file replaces the same cell in an "
+                        "earlier one) and report, without running")
     p.add_argument("--json-out", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/guards_study.py", *(argv if argv is not None else sys.argv[1:])])
     if args.from_files:
         parts = [json.loads(Path(f).read_text()) for f in args.from_files.split(",")]
-        rows = [r for part in parts for r in part["rows"]]
+        # a cell run again in a later part replaces the earlier run (as its settings replace the earlier ones)
+        cells = {(r["model"], r["solver"], r["schedule"], r["nfe"]): r for part in parts for r in part["rows"]}
+        rows = list(cells.values())
         cfg = dict(parts[0]["config"])
         for k in ("models", "solvers", "nfe"):
             cfg[k] = list(dict.fromkeys(x for part in parts for x in part["config"][k]))
@@ -478,14 +494,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = [int(v) for v in args.seeds.split(",") if v]
         if args.fit_params is not None and args.fit_method != "gradient":
             p.error("--fit-params needs --fit-method gradient")
+        budget = {k: v for k, v in (("max_seconds", args.max_seconds), ("max_iters", args.max_iters),
+                                    ("batch_size", args.batch_size)) if v is not None}
+        if budget and args.fit_method != "gradient":
+            p.error("--max-seconds, --max-iters and --batch-size need --fit-method gradient")
+        if any(not v > 0 for v in budget.values()):
+            p.error(f"the gradient fit's budget must be positive, got {budget}")
         params = check_params(args.fit_params or "steps,model_sigmas")
         rows = [r for m in models for r in run_model(m, solvers, nfes, args.schedule, seeds,
-                                                     fit_method=args.fit_method, fit_params=params)]
+                                                     fit_method=args.fit_method, fit_params=params, budget=budget)]
         settings = {}
         for m in models:
             spec = load_model(m)
             kind = kind_of(spec)  # evaluation as SETTINGS; the gradient fit's calibration as the bench's
-            settings[kind] = {**SETTINGS[kind], **({k: v for k, v in gradient_settings(spec, kind).items()
+            settings[kind] = {**SETTINGS[kind], **({k: v for k, v in {**gradient_settings(spec, kind), **budget}.items()
                                                    if k != "dtype"} if args.fit_method == "gradient" else {})}
         result = {"schema": SCHEMA, "machine": machine_info(),
                   "config": {"models": models, "solvers": solvers, "nfe": nfes, "schedule": args.schedule,

@@ -266,12 +266,21 @@ def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) ->
     return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=_dtype(spec)).x
 
 
-def calibration_options(spec: ModelSpec) -> dict[str, Any]:
+#: The gradient fit's budget on image models: the gradient-fit study's (150 Adam steps of 32 teacher pairs per
+#: learning rate), capped at 600 s.  The bench's 40 s cut digits fits short and left more hidden trades
+#: (benchmarks/guards_study.py --fit-method gradient, docs/guards.md).
+IMAGE_GRADIENT_BUDGET: dict[str, Any] = {"max_seconds": 600.0, "gradient_options": {"max_iters": 150,
+                                                                                    "batch_size": 32}}
+
+
+def calibration_options(spec: ModelSpec, fit_method: str | None = None) -> dict[str, Any]:
     """Defaults of the ``cal:trajectory`` calibration per kind of model: batch ``n`` (half validates),
-    calibration seed (disjoint from evaluation seeds), fine-solve steps and the refinement's budget."""
+    calibration seed (disjoint from evaluation seeds), fine-solve steps and the refinement's budget; for the
+    gradient fit on image models its own budget (:data:`IMAGE_GRADIENT_BUDGET`)."""
     if model_kind(spec) == "mixture":
         return {"n": 512, "seed": CALIBRATION_SEED, "ref_steps": 200, "max_solves": 200, "max_seconds": 45.0}
-    return {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 40.0}
+    opts = {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 40.0}
+    return {**opts, **IMAGE_GRADIENT_BUDGET} if fit_method == "gradient" else opts
 
 
 def _calibration_reference(spec: ModelSpec, opts: dict):
@@ -407,7 +416,7 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
         cal_dir = tmp if calibration_dir is None else calibration_dir  # default: a temporary folder
         for m in models:
             spec = specs[m]
-            cal_opts = {**calibration_options(spec), **(calibration or {})}
+            cal_opts = {**calibration_options(spec, (calibration or {}).get("fit_method")), **(calibration or {})}
             cal_cache: dict[tuple, Any] = {}
             cal_ref: list = []
             cal_config[spec.name] = cal_opts
@@ -540,7 +549,8 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
                         fitted[TRAJECTORY] = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
                                                              calibrate_missing="always", notice=lambda m: None,
-                                                             **{**calibration_options(spec), **(calibration or {})})
+                                                             **{**calibration_options(spec, (calibration or {}).get(
+                                                                 "fit_method")), **(calibration or {})})
                 for label in (s for s in stabilizers if s.startswith(PREFIX)):
                     opts = calibration_options(spec)
                     fitted[label] = fit_peer(label, spec.denoiser, base_plan, _noise(spec, opts["n"], opts["seed"]),

@@ -70,10 +70,13 @@ def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
     everything it fitted (its decoupled model noise levels too), and a merge refuses mixed fit methods."""
     assert study.gradient_settings(load_model("gmm:toy2d"), "mixture") == {
         "n_cal": 512, "ref_steps": 200, "max_seconds": 45.0, "dtype": torch.float32}  # the bench's calibration
+    digits = study.gradient_settings(load_model("digits"), "digits")  # the bench's budget for image models
+    assert (digits["max_iters"], digits["batch_size"], digits["max_seconds"]) == (150, 32, 600.0)
     study.GRADIENT_OVERRIDES["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_seconds": 10.0}
     (row,) = study.run_model("gmm:toy2d", ["euler"], [3], "logsnr", [0, 1], fit_method="gradient",
-                             fit_params=("steps", "model_sigmas"))
+                             fit_params=("steps", "model_sigmas"), budget={"max_iters": 7})
     assert row["fit_method"] == "gradient" and row["fit_params"] == ["steps", "model_sigmas"]
+    assert len(row["adam_steps"]) == 2 and max(row["adam_steps"]) <= 7  # one fit per learning rate, within budget
     assert set(row["candidates"]) == {"plain", "gradient"} and row["schedule"] == "logsnr"
     grad = row["candidates"]["gradient"]
     assert set(grad["passed"]) >= {"residual", "modes", "distribution", "significance"}

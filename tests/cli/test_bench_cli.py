@@ -53,6 +53,7 @@ def test_bench_cost_mode(tmp_path, capsys):
     ["--ref-solver", "nope"], ["--plots", "/nonexistent-dir/plots"], ["--markdown", "/nonexistent-dir/r.md"],
     ["--calibration-solves", "0"], ["--calibration-seconds", "-1"], ["--calibration-seconds", "nan"],
     ["--fit-params", "steps"], ["--fit-method", "gradient", "--fit-params", "steps,colour"],
+    ["--fit-method", "gradient", "--fit-params", "steps/steps,colour"],
     ["--calibration-guards", "residual,nope"], ["--calibration-guards", "modes:tolerance=x"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
