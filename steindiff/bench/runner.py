@@ -266,21 +266,26 @@ def _reference(spec: ModelSpec, noise: torch.Tensor, solver: str, steps: int) ->
     return generate(spec, solver=solver, sigmas=sigmas, noise=noise, n=noise.shape[0], dtype=_dtype(spec)).x
 
 
-#: The gradient fit's budget on image models: the gradient-fit study's (150 Adam steps of 32 teacher pairs per
-#: learning rate), capped at 600 s.  The bench's 40 s cut digits fits short and left more hidden trades
-#: (benchmarks/guards_study.py --fit-method gradient, docs/guards.md).
-IMAGE_GRADIENT_BUDGET: dict[str, Any] = {"max_seconds": 600.0, "gradient_options": {"max_iters": 150,
-                                                                                    "batch_size": 32}}
+#: The gradient fit's budget per kind of model, in Adam steps per learning rate (and parameter set), with a time
+#: cap: the gradient-fit study's (300 steps of 64 teacher pairs on mixtures, 150 of 32 on image models).  A time
+#: budget alone made the fits depend on the machine's load: the bench's 40 s cut digits fits short and left more
+#: hidden trades (benchmarks/guards_study.py --fit-method gradient, docs/guards.md).
+GRADIENT_BUDGET: dict[str, dict[str, Any]] = {
+    "mixture": {"max_seconds": 600.0, "gradient_options": {"max_iters": 300, "batch_size": 64}},
+    "image": {"max_seconds": 600.0, "gradient_options": {"max_iters": 150, "batch_size": 32}},
+}
 
 
 def calibration_options(spec: ModelSpec, fit_method: str | None = None) -> dict[str, Any]:
     """Defaults of the ``cal:trajectory`` calibration per kind of model: batch ``n`` (half validates),
     calibration seed (disjoint from evaluation seeds), fine-solve steps and the refinement's budget; for the
-    gradient fit on image models its own budget (:data:`IMAGE_GRADIENT_BUDGET`)."""
-    if model_kind(spec) == "mixture":
-        return {"n": 512, "seed": CALIBRATION_SEED, "ref_steps": 200, "max_solves": 200, "max_seconds": 45.0}
-    opts = {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 40.0}
-    return {**opts, **IMAGE_GRADIENT_BUDGET} if fit_method == "gradient" else opts
+    gradient fit its own budget (:data:`GRADIENT_BUDGET`)."""
+    kind = "mixture" if model_kind(spec) == "mixture" else "image"
+    if kind == "mixture":
+        opts = {"n": 512, "seed": CALIBRATION_SEED, "ref_steps": 200, "max_solves": 200, "max_seconds": 45.0}
+    else:
+        opts = {"n": 256, "seed": CALIBRATION_SEED, "ref_steps": 100, "max_solves": 120, "max_seconds": 40.0}
+    return {**opts, **GRADIENT_BUDGET[kind]} if fit_method == "gradient" else opts
 
 
 def _calibration_reference(spec: ModelSpec, opts: dict):
