@@ -416,6 +416,10 @@ AUDIT: list[Mutation] = [
       "        return GRADIENT_GUARDS", "        return (\"residual\", *DEFAULT_GUARDS)",
       T_CAL, "the gradient fit judged under the derivative-free fit's guards (its default lets more trades through)",
       "cache"),
+    M("gradient-sets-first-only", "steindiff/gradient_fit.py",
+      "    for ps in sets:", "    for ps in sets[:1]:",
+      ("tests/test_gradient_fit.py",), "several parameter sets asked for, only the first fitted and offered to the "
+      "validation", "cache"),
     M("cache-file-digest", "steindiff/calibration.py",
       "digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]",
       "digest = hashlib.sha256(json.dumps(key[\"fingerprint\"]).encode()).hexdigest()[:16]",
