@@ -77,8 +77,8 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {"n": None, "dtype": "float32", "ref_solv
 #: ``benchmarks/guards_study.py --fit-method gradient`` (docs/guards.md, 238 cells on five models driven as opaque
 #: callables): the guard set with the most cells better than plain among those that keep hidden trades to at
 #: most 5% of the cells on every model where any set can (all but digits).  The derivative-free fit's guards
-#: left 16 trades (7 of 72 ``gmm:image64`` cells); these leave 8 (3 of 72), and 152 cells better than plain
-#: instead of 164.
+#: left 15 trades (7 of 72 ``gmm:image64`` cells); these leave 7 (3 of 72), and 153 cells better than plain
+#: instead of 165.
 GRADIENT_GUARDS = ("residual:margin=0", "modes:tolerance=0.02", "distribution", "significance")
 #: When a missing calibration is fitted (``calibrated_plan(calibrate_missing=)``, ``sample(calibrate=)``,
 #: ``--calibrate``): ``always``; ``if-quick``, the default everywhere: only when estimated to take at most
