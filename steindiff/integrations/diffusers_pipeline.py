@@ -41,7 +41,7 @@ from .diffusers_flow import (
     image_size,
     pipeline_mu,
 )
-from .diffusers_scheduler import FLOW_SCHEDULES, _pipeline_record, base_mismatch, pipeline_plan
+from .diffusers_scheduler import FLOW_SCHEDULES, _pipeline_record, base_mismatch, mu_mismatch, pipeline_plan
 
 __all__ = ["sample_pipeline", "PipelineSample"]
 
@@ -74,11 +74,12 @@ def _flow_mismatch(plan: SamplingPlan, pipe: Any, pm: PipelineModel, size: tuple
     (:func:`~steindiff.integrations.diffusers_scheduler.base_mismatch`, the scheduler's check)."""
     made = plan.meta.get("pipeline") if isinstance(plan.meta.get("pipeline"), Mapping) else {}
     base, schedule = plan.meta.get("base_sigmas"), plan.meta.get("schedule")
+    mu, where = pipeline_mu(pipe, *size), f"{size[0]}x{size[1]} pixels"
     if base is None or schedule not in FLOW_SCHEDULES or len(base) != len(plan.sigmas):
-        return []
-    here = _plain_plan(pipe, pm, size, plan.solver, plan.nfe, schedule, rho, plan.solver_options)[0].sigmas
-    why = base_mismatch(made, base, here, pipeline_mu(pipe, *size), here_size=f"{size[0]}x{size[1]} pixels",
-                        cause="another shift, image size or schedule")
+        why = mu_mismatch(made, mu, where)  # no plain levels to compare: the resolution shift alone
+    else:
+        here = _plain_plan(pipe, pm, size, plan.solver, plan.nfe, schedule, rho, plan.solver_options)[0].sigmas
+        why = base_mismatch(made, base, here, mu, here_size=where, cause="another shift, image size or schedule")
     return [why] if why else []
 
 

@@ -174,11 +174,18 @@ def base_mismatch(made: Mapping, recorded: Sequence[float] | torch.Tensor, here:
     rec = torch.as_tensor(recorded, dtype=torch.float64)
     if len(rec) == len(here) and torch.allclose(here, rec, rtol=1e-6, atol=1e-9):
         return None
-    if made.get("mu") is not None and mu is not None and not math.isclose(float(made["mu"]), float(mu), rel_tol=1e-6):
-        where = f" ({made['height']}x{made['width']} pixels)" if made.get("height") else ""
-        return (f"it was made for the resolution shift mu={float(made['mu']):.6g}{where}, this call's is "
-                f"mu={float(mu):.6g} ({here_size})")
-    return f"it was made from the noise levels {_fmt(rec)}, this call's are {_fmt(here)} ({cause})"
+    return mu_mismatch(made, mu, here_size) or \
+        f"it was made from the noise levels {_fmt(rec)}, this call's are {_fmt(here)} ({cause})"
+
+
+def mu_mismatch(made: Mapping, mu: float | None, here_size: str = "another image size") -> str | None:
+    """The resolution shift a flow calibration records (``made["mu"]``) against this call's ``mu``: why they
+    differ, else ``None`` (also when either is unknown)."""
+    if made.get("mu") is None or mu is None or math.isclose(float(made["mu"]), float(mu), rel_tol=1e-6):
+        return None
+    where = f" ({made['height']}x{made['width']} pixels)" if made.get("height") else ""
+    return (f"it was made for the resolution shift mu={float(made['mu']):.6g}{where}, this call's is "
+            f"mu={float(mu):.6g} ({here_size})")
 
 
 class SteinDiffScheduler(SchedulerMixin, ConfigMixin):

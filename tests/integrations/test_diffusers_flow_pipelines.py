@@ -165,6 +165,10 @@ def test_mismatched_calibrations_are_refused_naming_the_mismatch(sd3_pipe, flux_
     with pytest.raises(ValueError, match=re.escape(f"made for the resolution shift mu={mu8:.6g} (8x8 pixels), this "
                                                    f"call's is mu={mu16:.6g} (16x16 pixels)")):
         sample_pipeline(flux_pipe, **embf, calibration=fplan, height=16, width=16, **kw)
+    bare = SamplingPlan(fplan.solver, fplan.sigmas, fplan.schedule, fplan.gammas,
+                        meta={k: v for k, v in fplan.meta.items() if k != "base_sigmas"})
+    with pytest.raises(ValueError, match=re.escape(f"resolution shift mu={mu8:.6g} (8x8 pixels)")):  # mu alone
+        sample_pipeline(flux_pipe, **embf, calibration=bare, height=16, width=16, **kw)
     embedded = SamplingPlan(fplan.solver, fplan.sigmas, fplan.schedule, fplan.gammas, meta={
         **fplan.meta, "diffusers": {"integration": "diffusers", "guidance_scale": 1.0, "embedded_guidance": 5.0}})
     with pytest.raises(ValueError, match=re.escape("made for embedded guidance (FLUX guidance_scale) 5, requested 3")):
