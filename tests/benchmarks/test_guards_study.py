@@ -68,8 +68,9 @@ def test_report_from_saved_results(study, rows, tmp_path, capsys):
 def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
     """``fit_method="gradient"``: the gradient fit of the named parameters against plain, each sampled with
     everything it fitted (its decoupled model noise levels too), and a merge refuses mixed fit methods."""
-    assert study.gradient_settings(load_model("gmm:toy2d"), "mixture") == {
-        "n_cal": 512, "ref_steps": 200, "max_seconds": 45.0, "dtype": torch.float32}  # the bench's calibration
+    assert study.gradient_settings(load_model("gmm:toy2d"), "mixture") == {  # the bench's calibration
+        "n_cal": 512, "ref_steps": 200, "max_seconds": 600.0, "max_iters": 300, "batch_size": 64,
+        "dtype": torch.float32}
     digits = study.gradient_settings(load_model("digits"), "digits")  # the bench's budget for image models
     assert (digits["max_iters"], digits["batch_size"], digits["max_seconds"]) == (150, 32, 600.0)
     study.GRADIENT_OVERRIDES["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_seconds": 10.0}
