@@ -460,9 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="--fit-method gradient: the fit's time budget per cell (default: the bench's)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="--fit-method gradient: Adam steps per learning rate (default: the fit's, 300)")
+                   help="--fit-method gradient: Adam steps per learning rate (default: the bench's, "
+                        "steindiff.bench.runner.GRADIENT_BUDGET)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="--fit-method gradient: teacher pairs per Adam step (default: the fit's, 64)")
+                   help="--fit-method gradient: teacher pairs per Adam step (default: the bench's)")
     p.add_argument("--from", dest="from_files", default=None, metavar="FILE[,FILE...]",
                    help="merge saved results (their rows; a cell in a later file replaces the same cell in an "
                         "earlier one) and report, without running")
