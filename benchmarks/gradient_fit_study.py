@@ -26,7 +26,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   first: :class:`steindiff.distances.LaplacianPyramid`), ``feat=<s0/s1/...>`` (the distance in the model's own
   network's activations at these noise levels: :class:`steindiff.distances.DenoiserFeatures`) with ``pix=<w>``
   (its pixel L2 weight), ``guards=<g1/g2/...>`` (the calibration's guards instead of the default; ``none``: the
-  candidate closest to the teacher is kept whatever the checks say);
+  candidate closest to the teacher is kept whatever the checks say), ``start=gits`` (the fit starts from GITS's
+  levels, which also compete as a candidate);
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
   (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps);
@@ -133,9 +134,11 @@ def parse_config(text: str) -> dict:
             cfg["pix"] = float(v)
         elif k == "guards":
             cfg["guards"] = tuple(g for g in v.split("/") if g and g != "none")
+        elif k == "start":
+            cfg["start"] = v
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "
-                             "solves, lap, feat, pix, guards)")
+                             "solves, lap, feat, pix, guards, start)")
     if "lap" in cfg and "feat" in cfg:
         raise ValueError(f"config {text!r}: lap= and feat= are two distances, choose one")
     allowed = {"gradient": None, "derivative-free": ("teacher=", "n=", "solves=", "guards="),
@@ -258,7 +261,8 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                                    if "feat" in cfg else {}),
                                 gradient_options={"max_iters": cfg.get("iters", d["iters"]),
                                                   "batch_size": cfg.get("batch", d["batch"]),
-                                                  **({"lr": cfg["lr"]} if "lr" in cfg else {})})
+                                                  **({"lr": cfg["lr"]} if "lr" in cfg else {}),
+                                                  **({"start": cfg["start"]} if "start" in cfg else {})})
                 else:
                     opts.update(max_solves=cfg.get("solves", 200 if kind == "mixture" else 120))
                 t0, w0 = time.process_time(), time.perf_counter()

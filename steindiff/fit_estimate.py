@@ -21,7 +21,8 @@ per pass).
 A gradient fit (``fit_method="gradient"``) is counted as the reference solve, then its Adam steps (at most
 ``max_iters`` per learning rate, each about 2.5 plain solves of a mini-batch, plus 3 model passes of it for a
 feature distance and 3 for a residual-noise term; one fit per learning rate and parameter set, all within
-``max_seconds``) and the validation.  Measured at NFE
+``max_seconds``; with ``start="gits"``, GITS's cost matrix first: a model pass of the fit half per level of its
+grid) and the validation.  Measured at NFE
 5 with the L2 distance: within 1.7-1.8x above the real time on the digits U-Net; on a model whose passes cost
 almost nothing (``gmm:image64``) the fixed per-step overhead dominates and the estimate is 0.4-0.7x of it.
 """
@@ -40,6 +41,7 @@ from .device import exact_float32
 from .gradient_fit import DEFAULT_LRS as GRADIENT_LRS
 from .gradient_fit import check_param_sets, gradient_fit
 from .models.registry import ModelSpec
+from .peers.gits import DEFAULT_LEVELS as GITS_LEVELS
 from .plan import SamplingPlan
 from .sampling import prior_noise, sample, steps
 from .schedules import logsnr_sigmas
@@ -114,6 +116,8 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
         fit = iters * per_iter * 1.2  # and the held-out solves every few steps
         if max_seconds is not None:
             fit = min(fit, float(max_seconds) + per_iter)
+        if g.get("start") == "gits":  # GITS's cost matrix: one model pass of the fit half per level of its grid
+            fit += GITS_LEVELS * pass_s * (1 - _VALIDATION)
         return reference + fit + 2 * (solve_s + pass_s) + pass_s
     per_refinement = max(max_solves // 2, 1)
     refine = 0.0

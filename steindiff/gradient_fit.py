@@ -30,6 +30,9 @@ x)`` the residual noise one more denoising pass removes (one extra model pass pe
 start may move within ``||x'_0 - x_0|| <= r ||x_0||`` (a free offset per sample, projected onto the ball
 after every step, used only during the fit: the fitted plan starts from the user's noise).
 
+Start: the plain plan, or (``start="gits"`` in :func:`fit_trajectory_gradient`) the noise levels GITS finds by
+dynamic programming on the teacher's trajectories (Chen et al. 2024), a better basin for the few-step levels.
+
 Early stopping: every ``val_every`` steps the plan (no offsets) is solved from held-out noise; the
 parameters with the lowest held-out loss are kept.  A non-finite or exploding loss stops the fit with a
 message in ``info["stopped"]``; the best held-out parameters so far (at worst the starting plan) are
@@ -57,7 +60,7 @@ from .stabilizers.schedule import GammaSchedule
 from .trajectory import DEFAULT_GUARDS, ReferenceSolve, TrajectoryFit, _Params, calibration_batch, validate_candidates
 
 __all__ = ["gradient_fit", "fit_trajectory_gradient", "PARAMS", "DEFAULT_PARAMS", "DEFAULT_LRS", "LOSSES",
-           "FIT_METHODS", "check_params", "check_param_sets", "params_record", "describe_loss"]
+           "FIT_METHODS", "STARTS", "check_params", "check_param_sets", "params_record", "describe_loss"]
 
 #: What the gradient fit can fit (module docstring).
 PARAMS = ("steps", "gamma", "model_sigmas", "history")
@@ -73,6 +76,9 @@ LOSSES = ("l2", "features")
 DEFAULT_LRS = (0.03, 0.1)
 #: How a trajectory calibration is fitted: finite differences of whole solves, or gradients through the solve.
 FIT_METHODS = ("derivative-free", "gradient")
+#: Where the fit starts (:func:`fit_trajectory_gradient`'s ``start``): the plain plan's noise levels, or GITS's
+#: levels searched on the teacher's trajectories of the fit part (:func:`steindiff.peers.gits.gits_plan`).
+STARTS = ("plain", "gits")
 
 _BOUNDS = {"model_sigmas": 0.5, "history": 1.0}  # |delta_j| (log ratio) and |c_kj| stay within these
 #: Learning rate of each kind of parameter relative to ``lr``: the log-gaps range over a few units (the last
@@ -474,11 +480,18 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
     of ``params`` on the fit part (its last ``holdout`` fraction early-stops the fit), competing with the plain
     plan on the validation part under ``guards``.  ``params``: one set, or several (:func:`check_param_sets`),
     each a candidate (``gradient:<set>``); the validation keeps the closest to the teacher that passes the guards.
+    ``start`` (in ``options``, :data:`STARTS`): ``"plain"`` (default) starts every fit from ``base``;
+    ``"gits"`` first searches GITS's noise levels (:func:`steindiff.peers.gits.gits_plan`) on the teacher's
+    trajectories of the fit part only, adds that plan as the candidate ``gits`` and starts every fit from it
+    (the parameters' boxes are then around its levels; record ``start``).
     ``lr``: one fit per learning rate and set (default :data:`DEFAULT_LRS`), the one with the lower held-out loss
     is the set's candidate (the fit lands in different basins of the schedule from one learning rate to another;
     each fit is recorded).  ``max_seconds`` is shared between them.  ``options`` go to :func:`gradient_fit`
     (``batch_size``, ``max_iters``, ``history_depth``, ``val_every``, ``patience``, ``checkpoint``, ``seed``)."""
     sets = check_param_sets(params)
+    start = options.pop("start", "plain")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
     if not lrs or not all(v > 0 for v in lrs):
         raise ValueError(f"lr must be a positive learning rate or a non-empty sequence of them, got {lr!r}")
@@ -488,8 +501,8 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
         raise ValueError(f"plain_tail must be a whole number of final steps >= 1, got {plain_tail}")
     t0 = time.perf_counter()
     batch = calibration_batch(model, base, noise, sigma_min=sigma_min, validation=validation, ref=ref,
-                              ref_solver=ref_solver, ref_steps=ref_steps, keep_states=False, extra_args=extra_args,
-                              progress=progress)
+                              ref_solver=ref_solver, ref_steps=ref_steps, keep_states=start == "gits",
+                              extra_args=extra_args, progress=progress)
     n_train = batch.n_fit - max(1, int(round(batch.n_fit * holdout)))
     if n_train < 1:
         raise ValueError(f"the fit part of {batch.n_fit} samples is too small to hold out {holdout:.0%} of it")
@@ -499,8 +512,16 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
     plain = SamplingPlan(base.solver, base.sigmas, base.schedule, [1.0] * base.steps, base.coords, base.solver_options)
     candidates: dict[str, SamplingPlan] = {"plain": plain}
     infos: dict[str, dict] = {}
+    fit_base, start_record = base, {"name": "plain"}
+    if start == "gits":  # GITS's levels from the fit part's trajectories: a candidate, and where every set starts
+        from .peers.gits import gits_plan
+        g = gits_plan(model, base, batch.ref, n=batch.n_fit, extra_args=batch.extra_args, progress=progress)
+        fit_base = candidates["gits"] = SamplingPlan(base.solver, g.sigmas, "gits", [1.0] * base.steps, base.coords,
+                                                     base.solver_options)
+        start_record = {"name": "gits", "sigmas": [float(s) for s in g.sigmas],
+                        **{k: v for k, v in g.meta["gits"].items() if k not in ("path", "plain_path", "teacher")}}
     for ps in sets:
-        fits = [gradient_fit(model, base, noise[train], final[train], val_noise=noise[held], val_target=final[held],
+        fits = [gradient_fit(model, fit_base, noise[train], final[train], val_noise=noise[held], val_target=final[held],
                              sigma_floor=sigma_min, params=ps, loss=loss, features=features,
                              residual_weight=residual_weight, teacher_ball=teacher_ball, gamma_bounds=gamma_bounds,
                              plain_tail=plain_tail, max_seconds=max_seconds / (len(lrs) * len(sets)), lr=v,
@@ -523,4 +544,6 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
     record = {"fit_method": "gradient", "params": params_record(sets), "distance": infos[first]["distance"], **chosen,
               "gamma_bounds": list(gamma_bounds), "plain_tail": plain_tail, "n_train": n_train,
               "n_holdout": batch.n_fit - n_train, "gradient": gradient, "wall_s": time.perf_counter() - t0}
+    if start != "plain":  # absent for the plain start: files as before
+        record["start"] = start_record
     return TrajectoryFit(candidates[chosen["chosen"]], record)

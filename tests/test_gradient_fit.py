@@ -320,3 +320,53 @@ def test_several_parameter_sets_through_calibrate_the_cache_and_the_cli(tmp_path
     assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--fit-method", "gradient",
                  "--params", "steps/warp", "--out", str(tmp_path / "d.json")]) == 2
     assert "'warp'" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
+
+
+def test_a_gits_start_searches_the_fit_part_competes_and_is_where_the_fit_begins(pairs):
+    """start="gits": GITS's levels from the fit part's trajectories are a candidate, and the fit starts there
+    (fitting only gamma keeps them); the validation part is never searched."""
+    from steindiff.peers.gits import gits_plan
+    from steindiff.trajectory import choose_candidate
+
+    noise, ref = pairs
+    base = sd.make_plan(sd.VEProcess(), "euler", 4, "karras")
+    opts = {"sigma_min": 0.002, "ref": ref, "max_iters": 10, "val_every": 5, "lr": 0.03}
+    rec = fit_trajectory_gradient(GMM, base, noise, params="gamma", start="gits", **opts)
+    start = rec.record["start"]
+    assert start["name"] == "gits" and start["n"] == rec.record["n_fit"] == 80
+    searched = gits_plan(GMM, base, ref, n=80)
+    assert start["sigmas"] == pytest.approx(searched.sigmas.tolist(), rel=1e-12)
+    assert start["sigmas"] != pytest.approx(base.sigmas.tolist())
+    assert set(rec.record["candidates"]) == {"plain", "gits", "gradient"}
+    assert rec.record["chosen"] == choose_candidate(rec.record["candidates"], rec.record["guards"])
+    if rec.record["chosen"] != "plain":  # gamma alone never moves the levels it starts from
+        assert rec.plan.sigmas.tolist() == pytest.approx(start["sigmas"], rel=1e-12)
+    plain = fit_trajectory_gradient(GMM, base, noise, params="gamma", **opts).record
+    assert "start" not in plain and "gits" not in plain["candidates"]
+    with pytest.raises(ValueError, match="start must be one of plain, gits"):
+        fit_trajectory_gradient(GMM, base, noise, params="gamma", start="ld3", **opts)
+
+
+def test_a_gits_start_through_the_cache_key_the_estimate_and_the_cli(tmp_path, capsys):
+    from steindiff.cli import main
+    from steindiff.fit_estimate import fit_seconds
+
+    spec = load_model("gmm:toy2d")
+    base = sd.make_plan(spec.process, "euler", 3, "karras")
+    plain = calibration_key(spec, base, options={"fit_method": "gradient"})
+    gits = calibration_key(spec, base, options={"fit_method": "gradient", "gradient_options": {"start": "gits"}})
+    assert gits["options"]["gradient"] != plain["options"]["gradient"]
+    units = {"ref_step_s": 0.01, "solve_s": 0.1, "pass_s": 0.02}
+    t = [fit_seconds(sd.calibration.calibration_options(spec, fit_method="gradient", gradient_options=g), **units)
+         for g in (None, {"start": "gits"})]
+    assert t[1] > t[0]
+    out = tmp_path / "c.json"
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "32", "--ref-steps",
+                 "20", "--fit-method", "gradient", "--start", "gits", "--max-iters", "5", "--out", str(out),
+                 "--no-progress", "--json"]) == 0
+    cal = json.loads(capsys.readouterr().out)["calibration"]
+    assert cal["start"]["name"] == "gits" and "gits" in cal["candidates"]
+    assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--start", "gits",
+                 "--out", str(tmp_path / "d.json")]) == 2
+    assert "--start are options of --fit-method gradient" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists()

@@ -288,6 +288,16 @@ def calibration_options(spec: ModelSpec, fit_method: str | None = None) -> dict[
     return {**opts, **GRADIENT_BUDGET[kind]} if fit_method == "gradient" else opts
 
 
+def cell_calibration(spec: ModelSpec, calibration: dict | None) -> dict[str, Any]:
+    """The ``cal:trajectory`` options of a grid's cells: :func:`calibration_options` overridden by the bench's
+    ``calibration`` (the command line's), ``gradient_options`` merged key by key (a start given keeps the budget)."""
+    given = dict(calibration or {})
+    opts = calibration_options(spec, given.get("fit_method"))
+    if "gradient_options" in given:
+        given["gradient_options"] = {**opts.get("gradient_options", {}), **(given["gradient_options"] or {})}
+    return {**opts, **given}
+
+
 def _calibration_reference(spec: ModelSpec, opts: dict):
     """The fine solve of a model's calibration noise, shared by every ``cal:trajectory`` cell of a grid
     (it depends only on the model and the noise); its states are kept for the fit half of the batch."""
@@ -319,7 +329,8 @@ def _calibration_summary(meta: dict) -> dict:
             "solves": sum(v.get("solves", 0) for v in c.get("refine", {}).values()), "fit": c.get("fit"),
             "device": c.get("device", "cpu"), "fit_method": c.get("fit_method", "derivative-free"),
             "guards": c.get("guards"),
-            **({"params": c["params"], "iters": c.get("gradient", {}).get("iters")} if "params" in c else {})}
+            **({"params": c["params"], "iters": c.get("gradient", {}).get("iters"),
+                "start": c.get("start", {}).get("name", "plain")} if "params" in c else {})}
 
 
 def _reason(e: BaseException) -> str:
@@ -421,7 +432,7 @@ def run_grid(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
         cal_dir = tmp if calibration_dir is None else calibration_dir  # default: a temporary folder
         for m in models:
             spec = specs[m]
-            cal_opts = {**calibration_options(spec, (calibration or {}).get("fit_method")), **(calibration or {})}
+            cal_opts = cell_calibration(spec, calibration)
             cal_cache: dict[tuple, Any] = {}
             cal_ref: list = []
             cal_config[spec.name] = cal_opts
@@ -554,8 +565,7 @@ def run_cost(models: Sequence[str], solvers: Sequence[str], nfes: Sequence[int],
                     with tempfile.TemporaryDirectory(prefix="steindiff-cal-") as tmp:
                         fitted[TRAJECTORY] = calibrated_plan(spec, base_plan, cache_dir=tmp, dtype=_dtype(spec),
                                                              calibrate_missing="always", notice=lambda m: None,
-                                                             **{**calibration_options(spec, (calibration or {}).get(
-                                                                 "fit_method")), **(calibration or {})})
+                                                             **cell_calibration(spec, calibration))
                 for label in (s for s in stabilizers if s.startswith(PREFIX)):
                     opts = calibration_options(spec)
                     fitted[label] = fit_peer(label, spec.denoiser, base_plan, _noise(spec, opts["n"], opts["seed"]),

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.peers import PEERS, PREFIX
-from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_param_sets, params_record
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, STARTS, check_param_sets, params_record
 from ..io import save_json, to_jsonable
 from ..schedules import SCHEDULES
 from ..solvers import SOLVERS
@@ -82,6 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-params", default=None, metavar="P[,P...][/P,...]",
                    help=f"cal:trajectory with --fit-method gradient: what to fit, from {', '.join(PARAMS)} (default "
                         f"{','.join(DEFAULT_PARAMS)}; several sets separated by /, each a candidate)")
+    p.add_argument("--fit-start", default=None, choices=STARTS,
+                   help="cal:trajectory with --fit-method gradient: where the fit starts (default plain; gits: "
+                        "the levels GITS finds on the teacher's trajectories, also a candidate)")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")
@@ -159,12 +162,15 @@ def run(args: argparse.Namespace) -> int:
         if args.calibration_guards is not None:
             with usage_errors(ValueError):
                 calibration["guards"] = list(check_guards(args.calibration_guards))
-        if args.fit_params is not None and args.fit_method != "gradient":
-            raise UsageError("--fit-params needs --fit-method gradient")
+        for flag, v in (("--fit-params", args.fit_params), ("--fit-start", args.fit_start)):
+            if v is not None and args.fit_method != "gradient":
+                raise UsageError(f"{flag} needs --fit-method gradient")
         if args.fit_method == "gradient":
             with usage_errors(ValueError):
                 calibration.update(fit_method="gradient",
                                    params=params_record(check_param_sets(args.fit_params or DEFAULT_PARAMS)))
+            if args.fit_start is not None:
+                calibration["gradient_options"] = {"start": args.fit_start}
         device = common.device_from_args(args)
         with usage_errors(ValueError, TypeError):
             validate_grid(grid["models"], grid["solvers"], grid["nfes"], grid["schedules"], grid["coords"],
@@ -241,7 +247,7 @@ def _command(args: argparse.Namespace) -> str:
              ("--device", None if args.device == "auto" else args.device),
              ("--calibration-dir", args.calibration_dir), ("--calibration-solves", args.calibration_solves),
              ("--calibration-seconds", args.calibration_seconds), ("--fit-method", args.fit_method),
-             ("--fit-params", args.fit_params)]
+             ("--fit-params", args.fit_params), ("--fit-start", args.fit_start)]
     return _spell(["steindiff", "bench"], opts + _outputs(args))
 
 

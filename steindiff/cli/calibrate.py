@@ -30,7 +30,7 @@ from ..calibration import (
 )
 from ..distances import parse_distance
 from ..fit_estimate import estimate_fit
-from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, check_param_sets
+from ..gradient_fit import DEFAULT_PARAMS, FIT_METHODS, PARAMS, STARTS, check_param_sets
 from ..io import check_writable
 from ..plan import make_plan
 from ..stabilizers import STABILIZERS
@@ -72,6 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--fit-method gradient: Adam steps (default 300)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="--fit-method gradient: teacher pairs per Adam step (default 64)")
+    p.add_argument("--start", default=None, choices=STARTS,
+                   help="--fit-method gradient: where the fit starts: plain (the plain schedule's noise levels; "
+                        "default) or gits (the levels GITS finds on the teacher's trajectories, which also compete "
+                        "as a candidate)")
     p.add_argument("--stabilizer", default="stein-energy",
                    help=f"--objective variant: the stabilizer run on the calibration batch "
                         f"({', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))})")
@@ -152,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag}: got {v}; --ref-steps must be >= 4, --max-seconds > 0 and --max-solves >= 1")
     gradient = args.fit_method == "gradient"
     if not gradient and (args.params is not None or args.teacher_ball or args.residual_weight
-                         or args.max_iters is not None or args.batch_size is not None or args.distance != "l2"):
-        raise UsageError("--params, --teacher-ball, --residual-weight, --distance, --max-iters and --batch-size are "
-                         "options of --fit-method gradient")
+                         or args.max_iters is not None or args.batch_size is not None or args.distance != "l2"
+                         or args.start is not None):
+        raise UsageError("--params, --teacher-ball, --residual-weight, --distance, --max-iters, --batch-size and "
+                         "--start are options of --fit-method gradient")
     if gradient and args.objective != "trajectory":
         raise UsageError(f"--fit-method gradient fits the trajectory objective, not --objective {args.objective}")
     for name, v in (("--max-iters", args.max_iters), ("--batch-size", args.batch_size)):
@@ -167,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     if gradient:
         with usage_errors(ValueError):
             params = check_param_sets(args.params) if args.params is not None else (DEFAULT_PARAMS,)
-        opts = {k: v for k, v in (("max_iters", args.max_iters), ("batch_size", args.batch_size)) if v is not None}
+        opts = {k: v for k, v in (("max_iters", args.max_iters), ("batch_size", args.batch_size),
+                                  ("start", args.start)) if v is not None}
         fit_options = {"fit_method": "gradient", "params": params, "teacher_ball": args.teacher_ball,
                        "residual_weight": args.residual_weight, "gradient_options": opts or None}
     device = common.device_from_args(args)

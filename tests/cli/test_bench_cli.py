@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from steindiff.bench.runner import GRADIENT_BUDGET
 from steindiff.calibration import GRADIENT_GUARDS
 from steindiff.cli import main
 
@@ -53,7 +54,7 @@ def test_bench_cost_mode(tmp_path, capsys):
     ["--ref-solver", "nope"], ["--plots", "/nonexistent-dir/plots"], ["--markdown", "/nonexistent-dir/r.md"],
     ["--calibration-solves", "0"], ["--calibration-seconds", "-1"], ["--calibration-seconds", "nan"],
     ["--fit-params", "steps"], ["--fit-method", "gradient", "--fit-params", "steps,colour"],
-    ["--fit-method", "gradient", "--fit-params", "steps/steps,colour"],
+    ["--fit-method", "gradient", "--fit-params", "steps/steps,colour"], ["--fit-start", "gits"],
     ["--calibration-guards", "residual,nope"], ["--calibration-guards", "modes:tolerance=x"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, bad):
@@ -146,6 +147,15 @@ def test_the_gradient_fit_runs_in_the_grid_and_in_the_cost_ratios(tmp_path, caps
     assert "--fit-method gradient --fit-params steps,model_sigmas" in res["command"]
     assert "gradient fit of steps+model_sigmas" in capsys.readouterr().err
     assert all(r["calibration"]["guards"] == list(GRADIENT_GUARDS) for r in rows)  # the gradient fit's default
+    assert all(r["calibration"]["start"] == "plain" for r in rows)
+    s = tmp_path / "s.json"  # a GITS start keeps the bench's Adam-step budget
+    assert main(["bench", *args, *fit, "--fit-start", "gits", "--json-out", str(s)]) == 0
+    res = json.loads(s.read_text())
+    assert res["config"]["calibration"]["gmm:toy2d"]["gradient_options"] == {**GRADIENT_BUDGET["mixture"][
+        "gradient_options"], "start": "gits"}
+    rows = [r for r in res["rows"] if r["stabilizer"] == "cal:trajectory"]
+    assert rows and all(r["calibration"]["start"] == "gits" for r in rows)
+    assert "--fit-start gits" in res["command"]
     g = tmp_path / "g.json"
     assert main(["bench", *args, *fit, "--calibration-guards", "residual:margin=0.0,distribution", "--json-out",
                  str(g)]) == 0
