@@ -4,6 +4,7 @@
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
 #        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
 #        calibrated-image64-gradient|calibrated-image64-gradient-dfguards|calibrated-image64-gradient-sets|
+#        calibrated-image64-gradient-gits|
 #        flow-t1|digits-flow|digits-flow-eval|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh), or patches-cpu (not part of all: the gradient-fit
 # study on the patches U-Net at CPU scale, about 75 minutes on one CPU thread, estimated).  Default all: about 50 minutes on one
@@ -95,6 +96,13 @@ if [[ $what == calibrated-image64-gradient-sets ]]; then
     sharded calibrated-image64-gradient-sets --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient \
     --fit-params steps,gamma/steps,model_sigmas/steps,history --device "${DEVICE:-auto}"
+fi
+if [[ $what == calibrated-image64-gradient-gits ]]; then
+  # the same grid with every fit starting from the levels GITS finds on the teacher's trajectories (also a candidate)
+  TITLE="gmm:image64: the gradient fit started from GITS's levels" \
+    sharded calibrated-image64-gradient-gits --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
+    --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient \
+    --fit-params steps,model_sigmas --fit-start gits --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated-image64-gradient-dfguards ]]; then
   # the same gradient fits judged under the derivative-free fit's guards, beside the grid above: what the gradient

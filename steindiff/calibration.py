@@ -39,6 +39,7 @@ from .fit_estimate import FitEstimate, estimate_fit
 from .generate import generate
 from .gradient_fit import (
     DEFAULT_PARAMS,
+    DEFAULT_START,
     FIT_METHODS,
     LOSSES,
     check_param_sets,
@@ -454,7 +455,9 @@ def gradient_fit_options(options: dict) -> dict | None:
             raise ValueError(f"the features function {out['features']!r} cannot be identified for the cache key "
                              f"({e}); make it a module or a plain function of the inputs") from None
         out["features"] = f"{out['features']}:{digest}"
-    out["gradient_options"] = dict(sorted((options.get("gradient_options") or {}).items()))
+    given = dict(options.get("gradient_options") or {})
+    out["start"] = given.pop("start", DEFAULT_START)  # always named: a change of default never reuses a file
+    out["gradient_options"] = dict(sorted(given.items()))
     return out
 
 

@@ -116,7 +116,7 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
         fit = iters * per_iter * 1.2  # and the held-out solves every few steps
         if max_seconds is not None:
             fit = min(fit, float(max_seconds) + per_iter)
-        if g.get("start") == "gits":  # GITS's cost matrix: one model pass of the fit half per level of its grid
+        if gradient.get("start") == "gits":  # GITS's cost matrix: one model pass of the fit half per level of its grid
             fit += GITS_LEVELS * pass_s * (1 - _VALIDATION)
         return reference + fit + 2 * (solve_s + pass_s) + pass_s
     per_refinement = max(max_solves // 2, 1)

@@ -60,7 +60,7 @@ from .stabilizers.schedule import GammaSchedule
 from .trajectory import DEFAULT_GUARDS, ReferenceSolve, TrajectoryFit, _Params, calibration_batch, validate_candidates
 
 __all__ = ["gradient_fit", "fit_trajectory_gradient", "PARAMS", "DEFAULT_PARAMS", "DEFAULT_LRS", "LOSSES",
-           "FIT_METHODS", "STARTS", "check_params", "check_param_sets", "params_record", "describe_loss"]
+           "FIT_METHODS", "STARTS", "DEFAULT_START", "check_params", "check_param_sets", "params_record", "describe_loss"]
 
 #: What the gradient fit can fit (module docstring).
 PARAMS = ("steps", "gamma", "model_sigmas", "history")
@@ -79,6 +79,7 @@ FIT_METHODS = ("derivative-free", "gradient")
 #: Where the fit starts (:func:`fit_trajectory_gradient`'s ``start``): the plain plan's noise levels, or GITS's
 #: levels searched on the teacher's trajectories of the fit part (:func:`steindiff.peers.gits.gits_plan`).
 STARTS = ("plain", "gits")
+DEFAULT_START = "plain"
 
 _BOUNDS = {"model_sigmas": 0.5, "history": 1.0}  # |delta_j| (log ratio) and |c_kj| stay within these
 #: Learning rate of each kind of parameter relative to ``lr``: the log-gaps range over a few units (the last
@@ -480,7 +481,8 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
     of ``params`` on the fit part (its last ``holdout`` fraction early-stops the fit), competing with the plain
     plan on the validation part under ``guards``.  ``params``: one set, or several (:func:`check_param_sets`),
     each a candidate (``gradient:<set>``); the validation keeps the closest to the teacher that passes the guards.
-    ``start`` (in ``options``, :data:`STARTS`): ``"plain"`` (default) starts every fit from ``base``;
+    ``start`` (in ``options``, :data:`STARTS`, default :data:`DEFAULT_START`): ``"plain"`` starts every fit from
+    ``base``;
     ``"gits"`` first searches GITS's noise levels (:func:`steindiff.peers.gits.gits_plan`) on the teacher's
     trajectories of the fit part only, adds that plan as the candidate ``gits`` and starts every fit from it
     (the parameters' boxes are then around its levels; record ``start``).
@@ -489,7 +491,7 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
     each fit is recorded).  ``max_seconds`` is shared between them.  ``options`` go to :func:`gradient_fit`
     (``batch_size``, ``max_iters``, ``history_depth``, ``val_every``, ``patience``, ``checkpoint``, ``seed``)."""
     sets = check_param_sets(params)
-    start = options.pop("start", "plain")
+    start = options.pop("start", DEFAULT_START)
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
