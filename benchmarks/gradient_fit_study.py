@@ -65,7 +65,7 @@ from steindiff.bench.peers import PREFIX, fit_peer, peer_name
 from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, primary_metric, verdict
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
 from steindiff.distances import DenoiserFeatures, LaplacianPyramid
-from steindiff.gradient_fit import PARAMS
+from steindiff.gradient_fit import PARAMS, STARTS
 from steindiff.io import save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics, traj_err
 from steindiff.models.registry import ModelSpec, load_model
@@ -135,6 +135,8 @@ def parse_config(text: str) -> dict:
         elif k == "guards":
             cfg["guards"] = tuple(g for g in v.split("/") if g and g != "none")
         elif k == "start":
+            if v not in STARTS:
+                raise ValueError(f"config {text!r}: start must be one of {', '.join(STARTS)}")
             cfg["start"] = v
         else:
             raise ValueError(f"config {text!r}: unknown option {k!r} (ball, residual, teacher, n, lr, iters, batch, "

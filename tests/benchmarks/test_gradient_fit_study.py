@@ -21,8 +21,9 @@ def test_configurations_parse_and_bad_ones_are_refused(study):
                                                                                           "significance")
     assert study.parse_config("derivative-free@guards=none")["guards"] == ()
     assert study.parse_config("plain")["method"] == "plain"
+    assert study.parse_config("grad:steps@start=gits")["start"] == "gits"
     for bad in ("grad:steps+warp", "magic", "grad:steps@foo=1", "derivative-free@ball=0.1",
-                "grad:steps@lap=2/1/1@feat=0.5"):
+                "grad:steps@lap=2/1/1@feat=0.5", "derivative-free@start=gits", "grad:steps@start=ld3"):
         with pytest.raises(ValueError):
             study.parse_config(bad)
 

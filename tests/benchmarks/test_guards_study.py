@@ -82,6 +82,11 @@ def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
     grad = row["candidates"]["gradient"]
     assert set(grad["passed"]) >= {"residual", "modes", "distribution", "significance"}
     assert grad["metrics"]["sw2"]["per_seed"] != row["candidates"]["plain"]["metrics"]["sw2"]["per_seed"]
+    (gits,) = study.run_model("gmm:toy2d", ["euler"], [3], "logsnr", [0], fit_method="gradient",
+                              fit_params=("steps",), budget={"max_iters": 3, "start": "gits"})
+    assert set(gits["candidates"]) == {"plain", "gits", "gradient"}  # GITS's levels judged as a candidate too
+    assert gits["candidates"]["gits"]["metrics"]["sw2"]["per_seed"] != gits["candidates"]["plain"]["metrics"][
+        "sw2"]["per_seed"]
     parts = []
     for method, rows in (("gradient", [row]), ("derivative-free", [row])):
         part = {"schema": study.SCHEMA, "machine": {}, "commands": ["..."], "wall_s": 1.0, "rows": rows,
