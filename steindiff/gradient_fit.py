@@ -60,7 +60,8 @@ from .stabilizers.schedule import GammaSchedule
 from .trajectory import DEFAULT_GUARDS, ReferenceSolve, TrajectoryFit, _Params, calibration_batch, validate_candidates
 
 __all__ = ["gradient_fit", "fit_trajectory_gradient", "PARAMS", "DEFAULT_PARAMS", "DEFAULT_LRS", "LOSSES",
-           "FIT_METHODS", "STARTS", "DEFAULT_START", "check_params", "check_param_sets", "params_record", "describe_loss"]
+           "FIT_METHODS", "STARTS", "DEFAULT_START", "check_params", "check_param_sets", "params_record",
+           "describe_loss"]
 
 #: What the gradient fit can fit (module docstring).
 PARAMS = ("steps", "gamma", "model_sigmas", "history")
