@@ -27,7 +27,8 @@ Configurations (``--configs``, comma-separated, each ``name[@option=value...]``)
   network's activations at these noise levels: :class:`steindiff.distances.DenoiserFeatures`) with ``pix=<w>``
   (its pixel L2 weight), ``guards=<g1/g2/...>`` (the calibration's guards instead of the default; ``none``: the
   candidate closest to the teacher is kept whatever the checks say), ``start=gits`` (the fit starts from GITS's
-  levels, which also compete as a candidate);
+  levels, which also compete as a candidate; without it the fit starts from the plain levels, as in the study's
+  committed rows, whatever the library's default);
 - ``peer:<name>``: a peer of :mod:`steindiff.bench.peers` (``peer:ld3``, ``peer:gits``), fitted by
   :func:`steindiff.bench.peers.fit_peer` from the same calibration noise and the same teacher as the fits above
   (the peer's own settings: LD3 takes the first 100 teacher pairs, GITS the trajectories the teacher keeps);
@@ -113,7 +114,7 @@ def parse_config(text: str) -> dict:
         bad = [p for ps in sets for p in ps if p not in PARAMS]
         if bad or not all(sets):
             raise ValueError(f"config {text!r}: unknown parameter(s) {bad}; choose from {', '.join(PARAMS)}")
-        cfg.update(method="gradient", params=sets[0] if len(sets) == 1 else sets)
+        cfg.update(method="gradient", params=sets[0] if len(sets) == 1 else sets, start="plain")
     else:
         raise ValueError(f"unknown configuration {text!r}: plain, derivative-free, peer:<name> or "
                          "grad:<params>[@k=v]")
@@ -264,7 +265,7 @@ def run_model(name: str, cells: list[tuple[str, str, int]], configs: list[dict],
                                 gradient_options={"max_iters": cfg.get("iters", d["iters"]),
                                                   "batch_size": cfg.get("batch", d["batch"]),
                                                   **({"lr": cfg["lr"]} if "lr" in cfg else {}),
-                                                  **({"start": cfg["start"]} if "start" in cfg else {})})
+                                                  "start": cfg["start"]})
                 else:
                     opts.update(max_solves=cfg.get("solves", 200 if kind == "mixture" else 120))
                 t0, w0 = time.process_time(), time.perf_counter()

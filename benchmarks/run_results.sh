@@ -4,7 +4,7 @@
 # Usage: benchmarks/run_results.sh [image64|toy2d|exact|cost|variants|digits|calibrated|calibrated-image64|
 #        calibrated-toy2d|calibrated-digits|calibrated-digits-eval|digits-fine|calibrated-cost|calibrated-image64-flow|
 #        calibrated-image64-gradient|calibrated-image64-gradient-dfguards|calibrated-image64-gradient-sets|
-#        calibrated-image64-gradient-gits|
+#        calibrated-image64-gradient-gits|calibrated-digits-gradient|
 #        flow-t1|digits-flow|digits-flow-eval|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh), or patches-cpu (not part of all: the gradient-fit
 # study on the patches U-Net at CPU scale, about 75 minutes on one CPU thread, estimated).  Default all: about 50 minutes on one
@@ -83,22 +83,24 @@ if [[ $what == calibrated || $what == calibrated-image64 || $what == all ]]; the
     --seeds 0,1,2 --n 1000 --mmd --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated-image64-gradient || $what == all ]]; then
-  # the same grid with the gradient fit of the calibrated sampler (steps and model levels), for the evidence rule
-  # of --stabilizer auto (benchmarks/select_auto.py) beside the derivative-free fit's grid above
+  # the same grid with the gradient fit of the calibrated sampler (steps and model levels) started from the plain
+  # levels, for the evidence rule of --stabilizer auto (benchmarks/select_auto.py) beside the derivative-free fit's
+  # grid above; calibrated-image64-gradient-gits is the same from GITS's levels (the gradient fit's default start)
   TITLE="gmm:image64: the calibrated sampler fitted by gradients against vanilla solvers" \
     sharded calibrated-image64-gradient --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve \
     --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient --fit-params steps,model_sigmas \
-    --device "${DEVICE:-auto}"
+    --fit-start plain --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated-image64-gradient-sets ]]; then
   # the same grid with three parameter sets fitted per cell, the validation keeping the best that passes the guards
   TITLE="gmm:image64: the gradient fit of three parameter sets, the validation choosing" \
     sharded calibrated-image64-gradient-sets --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient \
-    --fit-params steps,gamma/steps,model_sigmas/steps,history --device "${DEVICE:-auto}"
+    --fit-params steps,gamma/steps,model_sigmas/steps,history --fit-start plain --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated-image64-gradient-gits ]]; then
-  # the same grid with every fit starting from the levels GITS finds on the teacher's trajectories (also a candidate)
+  # the same grid with every fit starting from the levels GITS finds on the teacher's trajectories (also a candidate):
+  # the gradient fit's default
   TITLE="gmm:image64: the gradient fit started from GITS's levels" \
     sharded calibrated-image64-gradient-gits --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient \
@@ -110,7 +112,8 @@ if [[ $what == calibrated-image64-gradient-dfguards ]]; then
   TITLE="gmm:image64: the gradient fit under the derivative-free fit's guards" \
     sharded calibrated-image64-gradient-dfguards --model gmm:image64 --nfe 3,4,5,6,8,10 --schedules karras,logsnr \
     --coords ve --stabilizers none,cal:trajectory --seeds 0,1,2 --n 1000 --mmd --fit-method gradient \
-    --fit-params steps,model_sigmas --calibration-guards residual,distribution,significance --device "${DEVICE:-auto}"
+    --fit-params steps,model_sigmas --fit-start plain --calibration-guards residual,distribution,significance \
+    --device "${DEVICE:-auto}"
 fi
 if [[ $what == calibrated || $what == calibrated-image64-flow || $what == all ]]; then
   # the same mixture as a flow-matching model (gmm:image64-flow: its exact velocity behind FlowDenoiser, from
@@ -165,6 +168,14 @@ if [[ $what == calibrated || $what == calibrated-digits || $what == calibrated-d
     --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve --stabilizers none,cal:trajectory \
     --seeds 3,4,5 --n 400 --device "${DEVICE:-auto}" --calibration-dir steindiff/weights/digits/calibrations \
     --calibration-seconds 600
+fi
+if [[ $what == calibrated-digits-gradient ]]; then
+  # the digits grid of calibrated-digits with the gradient fit's defaults (steps and model levels, from GITS's
+  # levels), fitted into a temporary folder (the shipped calibrations are the derivative-free fit's): the evidence
+  # rule of --stabilizer auto on digits (benchmarks/select_auto.py). About 60 minutes on 2 CPU cores.
+  TITLE="digits U-Net: the calibrated sampler fitted by gradients against vanilla solvers" \
+    sharded calibrated-digits-gradient --model digits --nfe 3,4,5,6,8,10 --schedules karras,logsnr --coords ve \
+    --stabilizers none,cal:trajectory --seeds 3,4,5 --n 400 --fit-method gradient --device "${DEVICE:-auto}"
 fi
 if [[ $what == digits-flow || $what == digits-flow-eval || $what == all ]]; then
   # the shipped rectified-flow digits model (steindiff train --objective flow: the digits U-Net, its data and its 1947

@@ -149,8 +149,9 @@ def test_calibrate_with_the_gradient_fit_records_it_and_round_trips(tmp_path):
     cal = sched.meta["calibration"]
     assert cal["fit_method"] == "gradient" and cal["params"] == list(ALL) and "cpu_s" in cal
     assert cal["distance"] == {"loss": "l2", "features": None, "residual_weight": 0.0, "teacher_ball": 0.0}
-    assert set(cal["candidates"]) == {"plain", "gradient"} and cal["guards"] == [
+    assert set(cal["candidates"]) == {"plain", "gits", "gradient"} and cal["guards"] == [
         "residual:margin=0", "modes:tolerance=0.02", "distribution", "significance"]  # the gradient fit's default
+    assert cal["start"]["name"] == "gits"  # the default start
     tries = cal["gradient"]["tries"]  # one fit per default learning rate; the lower held-out loss is the candidate
     assert [t["lr"] for t in tries] == [0.03, 0.1]
     assert cal["gradient"]["val_best"] == min(t["val_best"] for t in tries)
@@ -280,7 +281,7 @@ def test_several_parameter_sets_each_fit_one_candidate_and_the_validation_keeps_
 
     noise, ref = pairs
     base = sd.make_plan(sd.VEProcess(), "euler", 4, "karras")
-    opts = {"sigma_min": 0.002, "ref": ref, "max_iters": 20, "val_every": 5, "lr": 0.03}
+    opts = {"sigma_min": 0.002, "ref": ref, "max_iters": 20, "val_every": 5, "lr": 0.03, "start": "plain"}
     both = fit_trajectory_gradient(GMM, base, noise, params="steps,gamma/steps,history", **opts).record
     assert set(both["candidates"]) == {"plain", "gradient:steps+gamma", "gradient:steps+history"}
     assert both["params"] == [["steps", "gamma"], ["steps", "history"]]
@@ -341,8 +342,8 @@ def test_a_gits_start_searches_the_fit_part_competes_and_is_where_the_fit_begins
     assert rec.record["chosen"] == choose_candidate(rec.record["candidates"], rec.record["guards"])
     if rec.record["chosen"] != "plain":  # gamma alone never moves the levels it starts from
         assert rec.plan.sigmas.tolist() == pytest.approx(start["sigmas"], rel=1e-12)
-    plain = fit_trajectory_gradient(GMM, base, noise, params="gamma", **opts).record
-    assert "start" not in plain and "gits" not in plain["candidates"]
+    plain = fit_trajectory_gradient(GMM, base, noise, params="gamma", start="plain", **opts).record
+    assert plain["start"] == {"name": "plain"} and "gits" not in plain["candidates"]
     with pytest.raises(ValueError, match="start must be one of plain, gits"):
         fit_trajectory_gradient(GMM, base, noise, params="gamma", start="ld3", **opts)
 
@@ -353,14 +354,16 @@ def test_a_gits_start_through_the_cache_key_the_estimate_and_the_cli(tmp_path, c
 
     spec = load_model("gmm:toy2d")
     base = sd.make_plan(spec.process, "euler", 3, "karras")
-    plain = calibration_key(spec, base, options={"fit_method": "gradient"})
+    default = calibration_key(spec, base, options={"fit_method": "gradient"})
+    plain = calibration_key(spec, base, options={"fit_method": "gradient", "gradient_options": {"start": "plain"}})
     gits = calibration_key(spec, base, options={"fit_method": "gradient", "gradient_options": {"start": "gits"}})
     assert (plain["options"]["gradient"]["start"], gits["options"]["gradient"]["start"]) == ("plain", "gits")
-    assert gits["options"]["gradient"]["gradient_options"] == {}  # the start is named once, whether given or not
+    assert default == gits and plain != gits  # the start is named once, whether given or not
+    assert gits["options"]["gradient"]["gradient_options"] == {}
     units = {"ref_step_s": 0.01, "solve_s": 0.1, "pass_s": 0.02}
     t = [fit_seconds(sd.calibration.calibration_options(spec, fit_method="gradient", gradient_options=g), **units)
-         for g in (None, {"start": "gits"})]
-    assert t[1] > t[0]
+         for g in ({"start": "plain"}, {"start": "gits"}, None)]
+    assert t[1] > t[0] and t[2] == t[1]  # GITS's cost matrix counted; the default start is gits
     out = tmp_path / "c.json"
     assert main(["calibrate", "--model", "gmm:toy2d", "--solver", "euler", "--nfe", "3", "--n", "32", "--ref-steps",
                  "20", "--fit-method", "gradient", "--start", "gits", "--max-iters", "5", "--out", str(out),

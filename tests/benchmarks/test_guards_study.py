@@ -75,7 +75,7 @@ def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
     assert (digits["max_iters"], digits["batch_size"], digits["max_seconds"]) == (150, 32, 600.0)
     study.GRADIENT_OVERRIDES["mixture"] = {"n_cal": 64, "ref_steps": 40, "max_seconds": 10.0}
     (row,) = study.run_model("gmm:toy2d", ["euler"], [3], "logsnr", [0, 1], fit_method="gradient",
-                             fit_params=("steps", "model_sigmas"), budget={"max_iters": 7})
+                             fit_params=("steps", "model_sigmas"), budget={"max_iters": 7, "start": "plain"})
     assert row["fit_method"] == "gradient" and row["fit_params"] == ["steps", "model_sigmas"]
     assert len(row["adam_steps"]) == 2 and max(row["adam_steps"]) <= 7  # one fit per learning rate, within budget
     assert set(row["candidates"]) == {"plain", "gradient"} and row["schedule"] == "logsnr"

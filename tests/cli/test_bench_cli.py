@@ -147,15 +147,15 @@ def test_the_gradient_fit_runs_in_the_grid_and_in_the_cost_ratios(tmp_path, caps
     assert "--fit-method gradient --fit-params steps,model_sigmas" in res["command"]
     assert "gradient fit of steps+model_sigmas" in capsys.readouterr().err
     assert all(r["calibration"]["guards"] == list(GRADIENT_GUARDS) for r in rows)  # the gradient fit's default
-    assert all(r["calibration"]["start"] == "plain" for r in rows)
-    s = tmp_path / "s.json"  # a GITS start keeps the bench's Adam-step budget
-    assert main(["bench", *args, *fit, "--fit-start", "gits", "--json-out", str(s)]) == 0
+    assert all(r["calibration"]["start"] == "gits" for r in rows)  # the default start
+    s = tmp_path / "s.json"  # another start keeps the bench's Adam-step budget
+    assert main(["bench", *args, *fit, "--fit-start", "plain", "--json-out", str(s)]) == 0
     res = json.loads(s.read_text())
     assert res["config"]["calibration"]["gmm:toy2d"]["gradient_options"] == {**GRADIENT_BUDGET["mixture"][
-        "gradient_options"], "start": "gits"}
+        "gradient_options"], "start": "plain"}
     rows = [r for r in res["rows"] if r["stabilizer"] == "cal:trajectory"]
-    assert rows and all(r["calibration"]["start"] == "gits" for r in rows)
-    assert "--fit-start gits" in res["command"]
+    assert rows and all(r["calibration"]["start"] == "plain" for r in rows)
+    assert "--fit-start plain" in res["command"]
     g = tmp_path / "g.json"
     assert main(["bench", *args, *fit, "--calibration-guards", "residual:margin=0.0,distribution", "--json-out",
                  str(g)]) == 0
