@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             x = runs[-1]
             print(f"{r}: {x['calibration_wall_s']:.0f} s wall, {x['calibration_cpu_s']:.0f} s CPU, "
                   f"{x['max_rss_mb']:.0f} MB peak, kept {x['chosen']}", flush=True)
-    result = {"schema": SCHEMA, "what": args.what, "command": shlex.join(["python", "benchmarks/calibration_time.py",
-                                                                          *(argv if argv is not None else sys.argv[1:])]),
+    given = argv if argv is not None else sys.argv[1:]
+    result = {"schema": SCHEMA, "what": args.what,
+              "command": shlex.join(["python", "benchmarks/calibration_time.py", *given]),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                           "gpu": None},
               "runs": runs}
