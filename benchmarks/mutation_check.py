@@ -420,6 +420,14 @@ AUDIT: list[Mutation] = [
       "    for ps in sets:", "    for ps in sets[:1]:",
       ("tests/test_gradient_fit.py",), "several parameter sets asked for, only the first fitted and offered to the "
       "validation", "cache"),
+    M("gradient-start-ignored", "steindiff/gradient_fit.py",
+      "        fits = [gradient_fit(model, fit_base, noise[train]", "        fits = [gradient_fit(model, base, noise[train]",
+      ("tests/test_gradient_fit.py",), "GITS's levels searched and offered, but every fit started from the plain "
+      "levels", "cache"),
+    M("gits-start-sees-validation", "steindiff/gradient_fit.py",
+      "g = gits_plan(model, base, batch.ref, n=batch.n_fit,", "g = gits_plan(model, base, batch.ref, n=None,",
+      ("tests/test_gradient_fit.py",), "GITS's search reads every trajectory the teacher kept (the validation "
+      "half too, when it keeps them)", "cache"),
     M("cache-file-digest", "steindiff/calibration.py",
       "digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]",
       "digest = hashlib.sha256(json.dumps(key[\"fingerprint\"]).encode()).hexdigest()[:16]",

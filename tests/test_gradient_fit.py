@@ -340,7 +340,10 @@ def test_a_gits_start_searches_the_fit_part_competes_and_is_where_the_fit_begins
     assert start["sigmas"] != pytest.approx(base.sigmas.tolist())
     assert set(rec.record["candidates"]) == {"plain", "gits", "gradient"}
     assert rec.record["chosen"] == choose_candidate(rec.record["candidates"], rec.record["guards"])
-    if rec.record["chosen"] != "plain":  # gamma alone never moves the levels it starts from
+    cands = rec.record["candidates"]  # gamma alone never moves the levels it starts from
+    assert cands["gradient"]["sigmas"] == pytest.approx(start["sigmas"], rel=1e-12) == cands["gits"]["sigmas"]
+    assert cands["gradient"]["gammas"] != [1.0] * 4
+    if rec.record["chosen"] != "plain":
         assert rec.plan.sigmas.tolist() == pytest.approx(start["sigmas"], rel=1e-12)
     plain = fit_trajectory_gradient(GMM, base, noise, params="gamma", start="plain", **opts).record
     assert plain["start"] == {"name": "plain"} and "gits" not in plain["candidates"]
