@@ -7,7 +7,7 @@
 #        calibrated-image64-gradient-gits|calibrated-digits-gradient|
 #        flow-t1|digits-flow|digits-flow-eval|diagnose|engine|all], or patches
 # (not part of all: a GPU job, after benchmarks/train_patches.sh), or patches-cpu (not part of all: the gradient-fit
-# study on the patches U-Net at CPU scale, about 75 minutes on one CPU thread, estimated).  Default all: about 50 minutes on one
+# study on the patches U-Net at CPU scale, about 100 minutes on one CPU thread, estimated).  Default all: about 50 minutes on one
 # CPU thread, plus about 12 for digits.
 # Every output is written atomically.
 set -euo pipefail
@@ -250,7 +250,13 @@ if [[ $what == patches-cpu ]]; then
   python benchmarks/gradient_fit_study.py --models patches --solvers dpmpp_2m --schedules karras --nfe 4,5,6 \
     --configs $L --seeds 3,4 --n 100 --threads 1 --log --no-progress --teacher-cache "$tmp/teachers" \
     --json-out "$tmp/long.json" --markdown "" > "$tmp/long.log" 2>&1
+  G=plain,peer:gits@n=128,grad:steps+model_sigmas@n=128@iters=60@batch=12@start=gits
+  G=$G,grad:steps+gamma@n=128@iters=60@batch=12@start=gits  # the gradient fit's default start, GITS's levels
+  python benchmarks/gradient_fit_study.py --models patches --solvers dpmpp_2m --schedules karras --nfe 4,5,6 \
+    --configs $G --seeds 3,4 --n 100 --threads 1 --log --no-progress --teacher-cache "$tmp/teachers" \
+    --json-out "$tmp/gits.json" --markdown "" > "$tmp/gits.log" 2>&1
   python benchmarks/gradient_fit_study.py --merge "$tmp/nfe4.json" "$tmp/nfe5.json" "$tmp/nfe6.json" "$tmp/long.json" \
+    "$tmp/gits.json" \
     --json-out $out/gradient-fit-study-patches.json --markdown $out/gradient-fit-study-patches.md > /dev/null
   rm -rf "$tmp"
 fi
