@@ -362,7 +362,10 @@ def markdown(result: dict) -> str:
                          + f", {v['n_eval']} samples" for k, v in cfg["settings"].items()) + "."
              + (f" Candidates: the gradient fit of {' + '.join(cfg['fit_params'])} "
                 "(steindiff.gradient_fit.fit_trajectory_gradient; mixtures and digits at the settings `steindiff "
-                "bench` uses, patches with a smaller batch) against plain."
+                "bench` uses, patches with a smaller batch)"
+                + (", from GITS's levels, which are a candidate too," if any(
+                    v.get("start") == "gits" for v in cfg["settings"].values()) else ", from the plain levels,")
+                + " against plain."
                 if gradient else ""),
              f"Run time: {result['wall_s'] / 60:.0f} min of wall time, summed over the runs (calibration, evaluation "
              f"and metrics; {result['machine'].get('torch_threads')} torch thread per process, on a shared 2-core "
