@@ -421,7 +421,8 @@ AUDIT: list[Mutation] = [
       ("tests/test_gradient_fit.py",), "several parameter sets asked for, only the first fitted and offered to the "
       "validation", "cache"),
     M("gradient-start-ignored", "steindiff/gradient_fit.py",
-      "        fits = [gradient_fit(model, fit_base, noise[train]", "        fits = [gradient_fit(model, base, noise[train]",
+      "        fits = [gradient_fit(model, fit_base, noise[train]",
+      "        fits = [gradient_fit(model, base, noise[train]",
       ("tests/test_gradient_fit.py",), "GITS's levels searched and offered, but every fit started from the plain "
       "levels", "cache"),
     M("gits-start-sees-validation", "steindiff/gradient_fit.py",
