@@ -11,7 +11,8 @@ and the imports have no cycle, imports inside functions included (``tests/test_l
 3. stabilizers: the :class:`~steindiff.stabilizers.Stabilizer` contract and its implementations;
 4. the sampling plan (``plan``: a budget to noise levels) and the sampling loop (``sampling``);
 5. what runs the loop: generation from a named model, the trajectory calibration (derivative-free and
-   gradient fits) and the estimate of its duration (``fit_estimate``), diagnostics;
+   gradient fits) and the estimate of its duration (``fit_estimate``), the peers' fits (``peers``: GITS,
+   whose levels the gradient fit starts from, and LD3), diagnostics;
 6. calibration files and the calibrated sampler (``calibration``), multi-process sampling, training;
 7. the public ``sample`` (``api``), the benchmark, the diffusers and k-diffusion integrations;
 8. the command line.
