@@ -83,8 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"cal:trajectory with --fit-method gradient: what to fit, from {', '.join(PARAMS)} (default "
                         f"{','.join(DEFAULT_PARAMS)}; several sets separated by /, each a candidate)")
     p.add_argument("--fit-start", default=None, choices=STARTS,
-                   help="cal:trajectory with --fit-method gradient: where the fit starts (default plain; gits: "
-                        "the levels GITS finds on the teacher's trajectories, also a candidate)")
+                   help="cal:trajectory with --fit-method gradient: where the fit starts (default gits: the levels "
+                        "GITS finds on the teacher's trajectories, also a candidate; plain: the plain schedule's)")
     p.add_argument("--cost", action="store_true", help="measure wall-clock ratios stabilizer/none instead of the grid "
                    "(first schedule and coords, first seed)")
     p.add_argument("--cost-probes", default="1,5", help="probe counts of stein for --cost")

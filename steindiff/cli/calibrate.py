@@ -73,9 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="--fit-method gradient: teacher pairs per Adam step (default 64)")
     p.add_argument("--start", default=None, choices=STARTS,
-                   help="--fit-method gradient: where the fit starts: plain (the plain schedule's noise levels; "
-                        "default) or gits (the levels GITS finds on the teacher's trajectories, which also compete "
-                        "as a candidate)")
+                   help="--fit-method gradient: where the fit starts: gits (default: the levels GITS finds on the "
+                        "teacher's trajectories, which also compete as a candidate) or plain (the plain schedule's "
+                        "noise levels)")
     p.add_argument("--stabilizer", default="stein-energy",
                    help=f"--objective variant: the stabilizer run on the calibration batch "
                         f"({', '.join(k for k in STABILIZERS if k not in ('none', 'auto'))})")
