@@ -57,7 +57,7 @@ import torch
 from steindiff.bench.runner import _floors, excess, machine_info, verdict
 from steindiff.bench.runner import calibration_options as bench_calibration_options
 from steindiff.calibration import CALIBRATION_DEFAULTS, CALIBRATION_SEED
-from steindiff.gradient_fit import check_params, fit_trajectory_gradient
+from steindiff.gradient_fit import STARTS, check_params, fit_trajectory_gradient
 from steindiff.guards import CHECKS, MARGINS, TOLERANCES, judge
 from steindiff.io import atomic_path, save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics
@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "steindiff.bench.runner.GRADIENT_BUDGET)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="--fit-method gradient: teacher pairs per Adam step (default: the bench's)")
-    p.add_argument("--fit-start", default=None, choices=("plain", "gits"),
+    p.add_argument("--fit-start", default=None, choices=STARTS,
                    help="--fit-method gradient: where the fit starts (default plain, as in the committed study, "
                         "though the library's default is gits: GITS's levels, also a candidate)")
     p.add_argument("--from", dest="from_files", default=None, metavar="FILE[,FILE...]",

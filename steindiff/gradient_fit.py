@@ -497,6 +497,9 @@ def fit_trajectory_gradient(model: Callable[..., torch.Tensor], base: SamplingPl
     start = options.pop("start", DEFAULT_START)
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    if start == "gits" and ref is not None and ref.states.shape[1] < round(noise.shape[0] * (1 - validation)):
+        raise ValueError("start='gits' searches the teacher's trajectories of the fit part, but the reference solve "
+                         "given keeps too few of them: solve it with keep= the fit part, or pass start='plain'")
     lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(v) for v in lr]
     if not lrs or not all(v > 0 for v in lrs):
         raise ValueError(f"lr must be a positive learning rate or a non-empty sequence of them, got {lr!r}")

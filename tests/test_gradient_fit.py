@@ -349,6 +349,11 @@ def test_a_gits_start_searches_the_fit_part_competes_and_is_where_the_fit_begins
     assert plain["start"] == {"name": "plain"} and "gits" not in plain["candidates"]
     with pytest.raises(ValueError, match="start must be one of plain, gits"):
         fit_trajectory_gradient(GMM, base, noise, params="gamma", start="ld3", **opts)
+    bare = reference_solve(GMM, noise, 80.0, 0.002, steps=60, keep=0)  # no trajectories to search
+    with pytest.raises(ValueError, match="keeps too few of them.*start='plain'"):
+        fit_trajectory_gradient(GMM, base, noise, params="gamma", **{**opts, "ref": bare})
+    assert fit_trajectory_gradient(GMM, base, noise, params="gamma", start="plain",
+                                   **{**opts, "ref": bare}).record["start"] == {"name": "plain"}
 
 
 def test_a_gits_start_through_the_cache_key_the_estimate_and_the_cli(tmp_path, capsys):
