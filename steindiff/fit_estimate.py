@@ -22,7 +22,8 @@ A gradient fit (``fit_method="gradient"``) is counted as the reference solve, th
 ``max_iters`` per learning rate, each about 2.5 plain solves of a mini-batch, plus 3 model passes of it for a
 feature distance and 3 for a residual-noise term; one fit per learning rate and parameter set, all within
 ``max_seconds``; with ``start="gits"``, GITS's cost matrix first: a model pass of the fit half per level of its
-grid) and the validation.  Measured at NFE
+grid, and for a solver that evaluates the model at a step's end, such as ``heun``, one more per jump,
+:func:`gits_passes`) and the validation.  Measured at NFE
 5 with the L2 distance: within 1.7-1.8x above the real time on the digits U-Net; on a model whose passes cost
 almost nothing (``gmm:image64``) the fixed per-step overhead dominates and the estimate is 0.4-0.7x of it.
 """
@@ -90,9 +91,19 @@ def describe_seconds(s: float) -> str:
     return f"about {s / 3600:.1f} h"
 
 
-def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, pass_s: float) -> float:
+def gits_passes(solver: str, levels: int = GITS_LEVELS) -> float:
+    """Model passes per sample of GITS's cost matrix on a grid of ``levels`` noise levels above 0
+    (:func:`steindiff.peers.gits.gits_cost_matrix`): one per level, and for a solver with a pass at the step's
+    end (``heun``) one more per jump between two levels above 0, ``levels (levels - 1) / 2`` of them."""
+    end_passes = get_solver(solver).nfe([2.0, 1.0]) - 1
+    return levels + end_passes * levels * (levels - 1) / 2
+
+
+def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, pass_s: float,
+                solver: str = "euler") -> float:
     """The fit's duration from the time of its units (module docstring); ``options`` as resolved by
-    :func:`steindiff.calibration.calibration_options`."""
+    :func:`steindiff.calibration.calibration_options`; ``solver``: the solver being fitted (it sets the model
+    passes of GITS's cost matrix, :func:`gits_passes`)."""
     ref_steps, max_solves, max_seconds = int(options["ref_steps"]), int(options["max_solves"]), options["max_seconds"]
     reference = (ref_steps + ref_steps // 2) * ref_step_s
     validation = 4 * (solve_s + pass_s) + pass_s
@@ -116,8 +127,8 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
         fit = iters * per_iter * 1.2  # and the held-out solves every few steps
         if max_seconds is not None:
             fit = min(fit, float(max_seconds) + per_iter)
-        if gradient.get("start") == "gits":  # GITS's cost matrix: one model pass of the fit half per level of its grid
-            fit += GITS_LEVELS * pass_s * (1 - _VALIDATION)
+        if gradient.get("start") == "gits":  # GITS's cost matrix on the fit half (pass_s is on the whole batch)
+            fit += gits_passes(solver) * pass_s
         return reference + fit + 2 * (solve_s + pass_s) + pass_s
     per_refinement = max(max_solves // 2, 1)
     refine = 0.0
@@ -220,7 +231,7 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
     ref_solver = get_solver(options["ref_solver"])
     passes_per_ref_step = ref_solver.nfe(ref_sigmas) / (len(ref_sigmas) - 1)
     est = FitEstimate(fit_seconds(options, ref_step_s=t_full * passes_per_ref_step, solve_s=t_fit * base.nfe,
-                                  pass_s=t_fit),
+                                  pass_s=t_fit, solver=base.solver),
                       t_full * passes_per_ref_step, t_fit * base.nfe, t_fit, n, batch, False, 0.0)
     if (probe_seconds is None or batch == n) and (precise_below is None or est.seconds < precise_below):
         # the units themselves, with the solvers' own overhead: steps of the reference solve, one plain solve;
@@ -232,7 +243,8 @@ def estimate_fit(spec: ModelSpec, base: SamplingPlan, options: dict[str, Any], *
         ref_step_s = _step_time(model, noise, ref_sigmas, ref_solver, extra_n, device)
         solve_s = _timed(lambda: sample(model, noise[:n_fit], base.sigmas, base.get_solver(), extra_args=extra_fit),
                          device)
-        est = FitEstimate(fit_seconds(options, ref_step_s=ref_step_s, solve_s=solve_s, pass_s=t_fit),
+        est = FitEstimate(fit_seconds(options, ref_step_s=ref_step_s, solve_s=solve_s, pass_s=t_fit,
+                                      solver=base.solver),
                           ref_step_s, solve_s, t_fit, n, n, True, 0.0)
     est.probe_s = time.perf_counter() - t_start
     return est

@@ -158,3 +158,28 @@ def test_a_feature_distance_and_the_residual_term_each_add_three_model_passes_pe
         0, loss="features", features=LaplacianPyramid((1.0, 1.0)), residual_weight=1.0)
     assert feats - l2 == pytest.approx(100 * per_step_passes)
     assert both - l2 == pytest.approx(200 * per_step_passes)
+
+
+def test_a_gits_start_counts_one_pass_per_level_and_heun_one_more_per_jump():
+    """GITS's cost matrix (steindiff.peers.gits.gits_cost_matrix) runs one model pass of the fit half per level
+    of its grid; heun evaluates the model at each jump's end too, one more pass per jump between two levels
+    above 0.  The estimate counts what the cost matrix counts on a real grid."""
+    from steindiff.fit_estimate import fit_seconds, gits_passes
+    from steindiff.peers.gits import gits_cost_matrix
+
+    spec = load_model("gmm:toy2d")
+    units = {"ref_step_s": 0.01, "solve_s": 0.1, "pass_s": 0.02}
+    sig = [80.0, 10.0, 2.0, 0.5, 0.1, 0.0]
+    states = torch.randn(len(sig), 8, 2, dtype=torch.float64)
+    for solver in ("euler", "heun", "dpmpp_2m"):
+        _, passes = gits_cost_matrix(spec.denoiser, solver, sig, states)
+        assert gits_passes(solver, levels=len(sig) - 1) == passes
+    assert gits_passes("heun") > 10 * gits_passes("euler") == 10 * gits_passes("unipc")
+
+    def est(start, solver):
+        o = cal.calibration_options(spec, objective="trajectory", n=256, ref_steps=50, fit_method="gradient",
+                                    gradient_options={"max_iters": 10, "lr": 0.03, "start": start}, max_seconds=1e9)
+        return fit_seconds(o, **units, solver=solver)
+
+    for solver in ("euler", "heun"):
+        assert est("gits", solver) - est("plain", solver) == pytest.approx(gits_passes(solver) * units["pass_s"])
