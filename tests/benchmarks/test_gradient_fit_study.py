@@ -75,3 +75,33 @@ def test_each_models_metrics_are_the_runners(study):
     for bad in ("peer:gits@iters=50", "plain@solves=3", "peer:ld3@ball=1"):
         with pytest.raises(ValueError):
             study.parse_config(bad)
+
+
+def test_ld3_above_the_fine_solve_and_trades_as_the_fine_solve(study):
+    """Against LD3 the summary also counts the cells where LD3 is above the fine solve beyond both spreads (the
+    gap's room rule), and marks each hidden trade's metric by whether the fine solve is as bad there."""
+    def row(config, seed, sw2, nll, **cell):
+        return {"model": "m", "seed": seed, "config": config, "excess": {"sw2": sw2, "nll": nll}, "status": "ok",
+                **cell}
+
+    rows = [row("fine", s, 0.01 + 0.001 * s, 0.5 + 0.01 * s) for s in (0, 1, 2)]
+    for nfe, ld3 in ((3, 0.2), (4, 0.0105)):  # LD3 far above the fine solve at NFE 3, on it at NFE 4
+        cell = {"solver": "euler", "schedule": "karras", "nfe": nfe}
+        for s in (0, 1, 2):
+            rows += [row("plain", s, 1.0 + 0.01 * s, 0.1 + 0.001 * s, **cell),
+                     row("peer:ld3", s, ld3 + 0.001 * s, 0.1 + 0.001 * s, **cell),
+                     row("grad", s, 0.05 + 0.001 * s, 0.49 + 0.001 * s, **cell)]  # NLL worse than plain, as fine
+    summ = study.summarize({"models": [{"model": "m", "metrics": ["sw2", "nll"], "primary": "sw2", "rows": rows,
+                                        "fits": []}]})["m"]
+    v = summ["versus_ld3"]["peer:ld3"]["grad"]
+    assert (v["helps"], v["above_fine"], v["helps_above_fine"]) == (1, 1, 1)
+    assert v["hurts"] == 1  # at NFE 4 LD3 sits on the fine solve and grad is worse than it
+    assert summ["trades"]["euler/karras/3/grad"] == {"nll": True}  # worse than plain, no worse than the fine solve
+    assert study.above_fine({"mean": 0.2, "std": 0.01}, {"mean": 0.01, "std": 0.01})
+    assert not study.above_fine({"mean": 0.02, "std": 0.01}, {"mean": 0.01, "std": 0.01})
+    assert study.worse_than({"mean": 0.1, "std": 0.01}, {"mean": 0.5, "std": 0.01})
+    assert "better where LD3 is above the fine solve" in study.markdown(
+        {"command": "c", "machine": {}, "torch_threads": 1, "omp_num_threads": "1",
+         "models": [{"model": "m", "metrics": ["sw2", "nll"], "primary": "sw2", "rows": rows, "fits": [],
+                     "teachers": [], "reference": {}, "seeds": [0, 1, 2], "n_eval": 10}]},
+        {"m": summ})
