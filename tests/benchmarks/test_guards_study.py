@@ -100,3 +100,33 @@ def test_the_gradient_fit_is_studied_with_its_one_candidate(study, tmp_path):
     assert "the gradient fit of steps + model_sigmas" in md.read_text()
     with pytest.raises(SystemExit, match="different fit methods"):
         study.main(["--from", ",".join(map(str, parts)), "--markdown", str(tmp_path / "mixed.md")])
+
+
+def test_trades_as_the_fine_solve_are_told_apart(study, rows, tmp_path):
+    """A hidden trade is *as the fine solve* when every metric it makes worse than plain is no worse than the
+    fine solve's from the same evaluation noise; ``--fine`` measures the fine solve and the report counts them."""
+    plain, fine_recall = {"mean": -0.06, "std": 0.01}, {"mean": -0.02, "std": 0.01}
+    toward = {"worse": ["recall"], "metrics": {"recall": {"mean": -0.03, "std": 0.01}}}
+    beyond = {"worse": ["recall"], "metrics": {"recall": {"mean": 0.05, "std": 0.01}}}
+    assert study.verdict(plain, toward["metrics"]["recall"])["worse_at_floor"]  # a trade by the protocol
+    assert study.as_fine(toward, {"recall": fine_recall}) and not study.as_fine(beyond, {"recall": fine_recall})
+    assert not study.as_fine(toward, None) and not study.as_fine({"worse": [], "metrics": {}}, {"recall": fine_recall})
+
+    part = {"schema": study.SCHEMA, "machine": {}, "config": {"models": ["gmm:toy2d"], "solvers": ["euler"],
+                                                               "nfe": [3], "schedule": "karras", "seeds": [0, 1],
+                                                               "settings": {"mixture": {**study.SETTINGS["mixture"],
+                                                                                        "dtype": "float64"}}},
+            "commands": ["python benchmarks/guards_study.py ..."], "wall_s": 1.0, "rows": rows}
+    src, out, md = tmp_path / "part.json", tmp_path / "fine.json", tmp_path / "fine.md"
+    src.write_text(json.dumps(part))
+    assert study.main(["--from", str(src), "--fine", "--json-out", str(out), "--markdown", str(md)]) == 0
+    res = json.loads(out.read_text())
+    fine = res["fine"]["gmm:toy2d"]
+    assert set(fine) == {"sw2", "nll", "mode_tv"} and len(fine["sw2"]["per_seed"]) == 2
+    assert fine["sw2"]["mean"] < rows[0]["candidates"]["plain"]["metrics"]["sw2"]["mean"]  # euler at NFE 3 is far off
+    kept = res["analysis"]["guard_sets"]["all"]["+residual"]
+    assert 0 <= kept["trades_as_fine"] <= kept["trades"]
+    assert "## The fine solve on the evaluation noise" in md.read_text()
+    again = tmp_path / "again.json"  # a merged file keeps its fine solve without measuring it again
+    assert study.main(["--from", str(out), "--json-out", str(again), "--markdown", str(tmp_path / "a.md")]) == 0
+    assert json.loads(again.read_text())["fine"] == res["fine"]
