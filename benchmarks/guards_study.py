@@ -107,7 +107,12 @@ GUARD_SETS = {"distribution+significance": DEFAULT_GUARDS,
               "+residual+modes:tolerance=0.02": ("residual", "modes:tolerance=0.02", *DEFAULT_GUARDS),
               "+residual:margin=0+modes:tolerance=0.02": ("residual:margin=0", "modes:tolerance=0.02",
                                                           *DEFAULT_GUARDS),
-              "+residual:margin=0+modes:tolerance=0": ("residual:margin=0", "modes:tolerance=0", *DEFAULT_GUARDS)}
+              "+residual:margin=0+modes:tolerance=0": ("residual:margin=0", "modes:tolerance=0", *DEFAULT_GUARDS),
+              # the gradient fit's thresholds, waived where the candidate dominates plain after one more denoising
+              # pass (its denoised distance at most 1/K of plain's)
+              **{f"+residual:margin=0:dominance={k}+modes:tolerance=0.02:dominance={k}":
+                 (f"residual:margin=0:dominance={k}", f"modes:tolerance=0.02:dominance={k}", *DEFAULT_GUARDS)
+                 for k in (2, 3, 4, 6)}}
 
 
 def gradient_settings(spec: ModelSpec, kind: str) -> dict:

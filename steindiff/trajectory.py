@@ -372,9 +372,11 @@ def _rank_z(d_plain: torch.Tensor, d_cand: torch.Tensor) -> float:
 def parse_guard(guard: str) -> tuple[str, dict[str, float]]:
     """A guard as ``guards`` names it: a check of :data:`GUARDS`, and for a data-free check of
     :mod:`steindiff.guards` optionally the thresholds it is judged at (:func:`steindiff.guards.judge`),
-    ``name[:tolerance=T][:margin=M]``, e.g. ``residual:margin=0`` or ``modes:tolerance=0.02``; a threshold left
-    out is the library's (:data:`~steindiff.guards.TOLERANCES`, :data:`~steindiff.guards.MARGINS`).
-    Returns ``(name, {"tolerance": T, "margin": M})`` with the thresholds given."""
+    ``name[:tolerance=T][:margin=M][:dominance=K]``, e.g. ``residual:margin=0`` or ``modes:tolerance=0.02``; a
+    threshold left out is the library's (:data:`~steindiff.guards.TOLERANCES`, :data:`~steindiff.guards.MARGINS`).
+    ``dominance=K`` (``K >= 1``) waives the check for a candidate whose ``denoised`` distance to the reference
+    is at most ``1/K`` of the plain solver's (:func:`passes_guard`).  Returns ``(name, {"tolerance": T, "margin":
+    M, "dominance": K})`` with the thresholds given."""
     if not isinstance(guard, str) or not guard.strip():
         raise ValueError(f"a calibration guard is a check's name, got {guard!r}")
     name, *parts = [t.strip() for t in guard.split(":")]
@@ -385,21 +387,29 @@ def parse_guard(guard: str) -> tuple[str, dict[str, float]]:
         key, eq, value = part.partition("=")
         if name not in CHECKS:
             raise ValueError(f"the {name!r} guard takes no thresholds, got {guard!r}")
-        if not eq or key not in ("tolerance", "margin") or key in settings:
-            raise ValueError(f"guard {guard!r}: thresholds are written name:tolerance=T:margin=M, each at most once")
+        if not eq or key not in _THRESHOLDS or key in settings:
+            raise ValueError(f"guard {guard!r}: thresholds are written name:tolerance=T:margin=M:dominance=K, each "
+                             "at most once")
         try:
             v = float(value)
         except ValueError:
             raise ValueError(f"guard {guard!r}: {key} must be a number, got {value!r}") from None
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"guard {guard!r}: {key} must be a finite number >= 0, got {value!r}")
+        if key == "dominance" and v < 1:
+            raise ValueError(f"guard {guard!r}: dominance must be at least 1 (a candidate at most 1/K as far as "
+                             f"plain from the reference after one more denoising pass), got {value!r}")
         settings[key] = v
     return name, settings
 
 
+#: The thresholds a data-free guard may carry (:func:`parse_guard`), in canonical order.
+_THRESHOLDS = ("tolerance", "margin", "dominance")
+
+
 def _canonical_guard(guard: str) -> str:
     name, settings = parse_guard(guard)
-    return ":".join([name, *(f"{k}={settings[k]:g}" for k in ("tolerance", "margin") if k in settings)])
+    return ":".join([name, *(f"{k}={settings[k]:g}" for k in _THRESHOLDS if k in settings)])
 
 
 def check_guards(guards: str | Sequence[str]) -> tuple[str, ...]:
@@ -422,7 +432,12 @@ def check_guards(guards: str | Sequence[str]) -> tuple[str, ...]:
 def passes_guard(score: dict, plain: dict, guard: str) -> bool:
     """Does a candidate's validation record ``score`` (:func:`score_candidates`) pass ``guard``
     (:func:`parse_guard`): its recorded ``passed_<check>_check`` flag, or, for a guard with its own thresholds,
-    its check judged anew from the recorded deviations against the plain solver's (``plain``, its record)."""
+    its check judged anew from the recorded deviations against the plain solver's (``plain``, its record).
+
+    With ``dominance=K`` the check is waived when, after one more denoising pass, the candidate's samples are at
+    least ``K`` times closer to the reference's as a set than the plain solver's (the ``denoised`` check's
+    sliced-W2 distances): the plain solver is then too far off for its deviations to be a yardstick (a solver
+    whose samples diverge can have a mode histogram or residual level near the reference's by chance)."""
     name, settings = parse_guard(guard)
     if not settings:
         return bool(score[f"passed_{name}_check"])
@@ -431,7 +446,12 @@ def passes_guard(score: dict, plain: dict, guard: str) -> bool:
                          "before they were recorded): score the candidates again (score_candidates)")
     if score["checks"] is None:  # non-finite samples
         return False
-    return judge(name, score["checks"].get(name), (plain.get("checks") or {}).get(name),
+    plain_checks = plain.get("checks") or {}
+    if "dominance" in settings:
+        d, d_plain = score["checks"].get("denoised"), plain_checks.get("denoised")
+        if d is not None and d_plain is not None and math.isfinite(d) and d * settings["dominance"] <= d_plain:
+            return True
+    return judge(name, score["checks"].get(name), plain_checks.get(name),
                  settings.get("tolerance"), settings.get("margin"))
 
 

@@ -279,9 +279,36 @@ def test_a_guard_with_thresholds_is_judged_anew_from_the_recorded_deviations():
     assert parse_guard("significance") == ("significance", {})
 
 
+def test_dominance_waives_a_check_for_a_candidate_far_closer_than_plain_after_one_more_denoising_pass():
+    """``dominance=K``: a candidate whose ``denoised`` distance is at most 1/K of plain's passes the check
+    whatever its deviation (plain is too far off to be a yardstick); at 1/K plus a little it is judged as
+    without; plain that diverged (an infinite distance) is dominated by any finite candidate."""
+    from steindiff.trajectory import check_guards, choose_candidate, parse_guard, passes_guard
+
+    scores = _scores(plain=(1.0, True, True, True), close=(0.1, True, True, True))
+    scores["plain"]["checks"] = {"residual": 0.04, "modes": 0.15, "denoised": 0.4}
+    scores["close"]["checks"] = {"residual": 0.18, "modes": 0.44, "denoised": 0.1}
+    for v in scores.values():
+        v["passed_modes_check"] = True
+    plain = scores["plain"]
+    assert not passes_guard(scores["close"], plain, "residual:margin=0")
+    assert passes_guard(scores["close"], plain, "residual:margin=0:dominance=4")
+    assert passes_guard(scores["close"], plain, "modes:tolerance=0.02:dominance=4")
+    assert not passes_guard(scores["close"], plain, "residual:margin=0:dominance=4.5")  # 0.1 * 4.5 > 0.4
+    assert choose_candidate(scores, ("residual:margin=0", "modes:tolerance=0.02")) == "plain"
+    assert choose_candidate(scores, ("residual:margin=0:dominance=4", "modes:tolerance=0.02:dominance=4")) == "close"
+    plain["checks"]["denoised"] = float("inf")
+    assert passes_guard(scores["close"], plain, "residual:margin=0:dominance=100")
+    del scores["close"]["checks"]["denoised"]  # without the distance nothing is waived
+    assert not passes_guard(scores["close"], plain, "residual:margin=0:dominance=4")
+    assert parse_guard("modes:dominance=4:tolerance=0.02") == ("modes", {"dominance": 4.0, "tolerance": 0.02})
+    assert check_guards("modes:dominance=4:tolerance=0.02") == ("modes:tolerance=0.02:dominance=4",)
+
+
 @pytest.mark.parametrize("guard, message", [
     ("distribution:margin=0", "takes no thresholds"), ("residual:margin", "name:tolerance=T:margin=M"),
-    ("residual:width=1", "name:tolerance=T:margin=M"), ("residual:margin=0:margin=1", "at most once"),
+    ("residual:width=1", "name:tolerance=T:margin=M"), ("residual:dominance=0.5", "at least 1"),
+    ("residual:margin=0:margin=1", "at most once"),
     ("modes:tolerance=lots", "must be a number"), ("modes:tolerance=-1", ">= 0"), ("resid", "unknown"),
     ("residual:margin=0,residual", "named twice"),
 ])

@@ -97,8 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guards", default=None,
                    help=f"trajectory: the checks a fitted candidate must pass on the validation half to replace the "
                         f"plain solver, comma-separated from {', '.join(GUARDS)}; a data-free check may carry "
-                        "its own thresholds, NAME:tolerance=T:margin=M, e.g. residual:margin=0 (default, for every "
-                        f"model: residual,{','.join(DEFAULT_GUARDS)}; with --fit-method gradient: "
+                        "its own thresholds, NAME:tolerance=T:margin=M:dominance=K, e.g. residual:margin=0 "
+                        f"(default, for every model: residual,{','.join(DEFAULT_GUARDS)}; with --fit-method gradient: "
                         f"{','.join(GRADIENT_GUARDS)}; docs/guards.md)")
     p.add_argument("--probes", type=int, default=5, help="--objective variant: Hutchinson probes per step")
     p.add_argument("--out", default=None, help="also write the calibration to this JSON file (for sample "
