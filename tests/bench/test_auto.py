@@ -75,3 +75,38 @@ def test_head_to_head_compares_the_same_cells_of_two_grids(load_benchmark):
         row["solver"] = "heun"
     with pytest.raises(ValueError, match="another grid"):
         sa.head_to_head(res, other)
+
+
+def test_cells_with_room_split_by_the_fine_solve(load_benchmark):
+    """benchmarks/select_auto.py --fine: the evidence rule's cells with room, split by whether vanilla is above
+    the fine solve beyond both spreads, and the cells without a help counted by why; the counts add up to the
+    rule's own, a kept plain plan is read from the rows, and a fine solve from other seeds is refused."""
+    import copy
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from steindiff.bench.auto import evaluate_candidates
+
+    sa = load_benchmark("select_auto")
+    root = Path(__file__).resolve().parents[2] / "docs" / "results"
+    grid = json.loads((root / "calibrated-digits-gradient.json").read_text())
+    fine = json.loads((root / "digits-fine.json").read_text())
+    (r,) = sa.fine_room(grid, fine)
+    (rule,) = [x for x in evaluate_candidates([grid]) if x["label"] == r["label"]]
+    assert (r["room"], r["helps"]) == (rule["room_small_nfe"], rule["helps_small_nfe"])
+    assert r["helps_above_fine"] <= r["above_fine"] <= r["room"]
+    assert r["helps"] + sum(r["not_helps"].values()) == r["room"]
+    assert r["room"] - r["above_fine"] == r["not_helps"]["within_fine"] + (r["helps"] - r["helps_above_fine"])
+    plain_everywhere = copy.deepcopy(grid)
+    for row in plain_everywhere["rows"]:
+        if row["stabilizer"] != "none":
+            row["calibration"] = {**row.get("calibration", {}), "chosen": "plain"}
+    (p,) = sa.fine_room(plain_everywhere, fine)
+    assert p["not_helps"]["other"] == 0 and p["not_helps"]["kept_plain"] == r["above_fine"] - r["helps_above_fine"]
+    other = copy.deepcopy(fine)
+    for row in other["rows"]:
+        row["seed"] += 100
+    with pytest.raises(ValueError, match="seeds"):
+        sa.fine_room(grid, other)
