@@ -127,7 +127,7 @@ def fit_seconds(options: dict[str, Any], *, ref_step_s: float, solve_s: float, p
         fit = iters * per_iter * 1.2  # and the held-out solves every few steps
         if max_seconds is not None:
             fit = min(fit, float(max_seconds) + per_iter)
-        if gradient.get("start") == "gits":  # GITS's cost matrix on the fit half (pass_s is on the whole batch)
+        if gradient.get("start") == "gits":  # GITS's cost matrix, on the fit half as pass_s is
             fit += gits_passes(solver) * pass_s
         return reference + fit + 2 * (solve_s + pass_s) + pass_s
     per_refinement = max(max_solves // 2, 1)
