@@ -31,9 +31,12 @@ from steindiff.plan import SamplingPlan
 from steindiff.sampling import sample
 from steindiff.trajectory import passes_guard
 
-#: The guard sets each candidate is judged under: the gradient fit's default, and the same without ``dominance``.
+#: The guard sets each candidate is judged under: the gradient fit's default, the same without ``dominance``, and
+#: with ``dominance=4`` on the mode check too (rejected: it let mode-collapsed ``heun`` plans through).
 GUARD_SETS = {"default": GRADIENT_GUARDS,
-              "without dominance": tuple(g.replace(":dominance=4", "") for g in GRADIENT_GUARDS)}
+              "without dominance": tuple(g.split(":dominance=")[0] for g in GRADIENT_GUARDS),
+              "dominance=4 on both": ("residual:margin=0:dominance=4", "modes:tolerance=0.02:dominance=4",
+                                      "distribution", "significance")}
 IMAGE_METRICS = {"digits": ("digits_fid", "digits_kid", "precision", "recall"),
                  "patches": ("patch_fd", "spectrum", "pixel_sw2")}
 

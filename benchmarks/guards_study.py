@@ -112,7 +112,10 @@ GUARD_SETS = {"distribution+significance": DEFAULT_GUARDS,
               # pass (its denoised distance at most 1/K of plain's)
               **{f"+residual:margin=0:dominance={k}+modes:tolerance=0.02:dominance={k}":
                  (f"residual:margin=0:dominance={k}", f"modes:tolerance=0.02:dominance={k}", *DEFAULT_GUARDS)
-                 for k in (2, 3, 4, 6)}}
+                 for k in (2, 3, 4, 6)},
+              # the residual check alone waived so
+              **{f"+residual:margin=0:dominance={k}+modes:tolerance=0.02":
+                 (f"residual:margin=0:dominance={k}", "modes:tolerance=0.02", *DEFAULT_GUARDS) for k in (2, 3, 4, 6)}}
 
 
 def gradient_settings(spec: ModelSpec, kind: str) -> dict:
