@@ -166,7 +166,7 @@ def test_the_gradient_fit_has_its_own_default_guards_for_every_model(toy):
 
     opaque = ModelSpec("mine", lambda x, s: toy.denoiser(x, s), toy.process, toy.sample_shape)
     assert cal.default_guards(toy, "gradient") == cal.default_guards(opaque, "gradient") == cal.GRADIENT_GUARDS == (
-        "residual:margin=0:dominance=3", "modes:tolerance=0.02", "distribution", "significance")
+        "residual:margin=0:dominance=4", "modes:tolerance=0.02", "distribution", "significance")
     base = make_plan(toy.process, "euler", 4, "karras")
     grad = calibration_key(toy, base, options={**FAST, "fit_method": "gradient"})["options"]
     assert grad["guards"] == list(cal.GRADIENT_GUARDS)

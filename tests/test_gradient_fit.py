@@ -150,7 +150,7 @@ def test_calibrate_with_the_gradient_fit_records_it_and_round_trips(tmp_path):
     assert cal["fit_method"] == "gradient" and cal["params"] == list(ALL) and "cpu_s" in cal
     assert cal["distance"] == {"loss": "l2", "features": None, "residual_weight": 0.0, "teacher_ball": 0.0}
     assert set(cal["candidates"]) == {"plain", "gits", "gradient"} and cal["guards"] == [
-        "residual:margin=0:dominance=3", "modes:tolerance=0.02", "distribution", "significance"]
+        "residual:margin=0:dominance=4", "modes:tolerance=0.02", "distribution", "significance"]
     assert cal["start"]["name"] == "gits"  # the default start
     tries = cal["gradient"]["tries"]  # one fit per default learning rate; the lower held-out loss is the candidate
     assert [t["lr"] for t in tries] == [0.03, 0.1]
