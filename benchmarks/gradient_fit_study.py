@@ -63,7 +63,16 @@ import steindiff as sd
 from steindiff.bench import runner
 from steindiff.bench.auto import auto_rule
 from steindiff.bench.peers import PREFIX, fit_peer, peer_name
-from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, primary_metric, verdict
+from steindiff.bench.runner import (
+    _floors,
+    _noise,
+    _reference,
+    excess,
+    machine_info,
+    primary_metric,
+    verdict,
+    worse_than,
+)
 from steindiff.calibration import CALIBRATION_SEED, cache_file, calibration_key, plan_from_schedule
 from steindiff.distances import DenoiserFeatures, LaplacianPyramid
 from steindiff.gradient_fit import PARAMS, STARTS
@@ -349,13 +358,6 @@ def above_fine(st: dict | None, fine: dict) -> bool:
     """Is a configuration's excess above the fine solve's beyond both seed spreads (the rule by which a cell has
     room for the gap closed)?  A failed configuration counts as above."""
     return st is None or st["mean"] - fine["mean"] > st["std"] + fine["std"]
-
-
-def worse_than(ref: dict, st: dict | None) -> bool:
-    """Is ``st`` worse than ``ref`` beyond ``ref``'s spread, by the protocol's hurts rule (:func:`verdict`, a
-    metric made worse where ``ref`` sits at its floor counting as worse)?"""
-    v = verdict(ref, st)
-    return v["verdict"] in ("hurts", "failed") or v["worse_at_floor"]
 
 
 def summarize(result: dict) -> dict:

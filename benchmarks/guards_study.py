@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from steindiff.bench.runner import _floors, excess, machine_info, verdict
+from steindiff.bench.runner import _floors, excess, machine_info, verdict, worse_than
 from steindiff.bench.runner import calibration_options as bench_calibration_options
 from steindiff.calibration import CALIBRATION_DEFAULTS, CALIBRATION_SEED
 from steindiff.gradient_fit import STARTS, check_params, fit_trajectory_gradient
@@ -207,12 +207,7 @@ def as_fine(c: dict, fine: dict | None) -> bool:
     without the fine solve's metrics."""
     if not fine or not c.get("worse") or "failed" in c["worse"]:
         return False
-    return all(not _worse_than(fine[m], c["metrics"][m]) for m in c["worse"])
-
-
-def _worse_than(ref: dict, st: dict) -> bool:
-    v = verdict(ref, st)
-    return v["verdict"] in ("hurts", "failed") or v["worse_at_floor"]
+    return all(not worse_than(fine[m], c["metrics"][m]) for m in c["worse"])
 
 
 def run_model(name: str, solvers: Sequence[str], nfes: Sequence[int], schedule: str, seeds: Sequence[int],

@@ -67,9 +67,9 @@ from ..stabilizers import STABILIZERS, make_stabilizer
 from ..stabilizers.registry import resolves_to_calibrated
 from .peers import PEERS, PREFIX, fit_peer, peer_name
 
-__all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "excess",
-           "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS", "DIGITS_METRICS",
-           "IMAGE_REF_STEPS"]
+__all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "worse_than",
+           "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS",
+           "DIGITS_METRICS", "IMAGE_REF_STEPS"]
 
 SCHEMA = "steindiff.bench/1"
 #: The calibrated sampler's label: trajectory calibration (:mod:`steindiff.trajectory`) fitted once per
@@ -684,6 +684,13 @@ def verdict(vanilla: dict | None, stabilized: dict | None) -> dict:
     else:
         v = "tie"
     return {"verdict": v, "room": True, "worse_at_floor": False}
+
+
+def worse_than(reference: dict | None, other: dict | None) -> bool:
+    """Is ``other`` worse than ``reference`` beyond ``reference``'s seed spread: :func:`verdict`'s ``hurts``
+    or ``failed``, or past the hurt threshold where ``reference`` sits at its floor?"""
+    v = verdict(reference, other)
+    return v["verdict"] in ("hurts", "failed") or v["worse_at_floor"]
 
 
 def _cells(rows: Iterable[dict]) -> dict[tuple, dict]:

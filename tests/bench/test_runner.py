@@ -285,3 +285,15 @@ def test_the_gradient_fit_gets_the_studied_budget_in_adam_steps():
     assert mix["gradient_options"] == {"max_iters": 300, "batch_size": 64} and mix["n"] == 512
     plain = calibration_options(mixture)
     assert plain["max_seconds"] == 45.0 and "gradient_options" not in plain
+
+
+def test_worse_than_is_the_hurts_rule_with_worse_at_the_floor():
+    """``worse_than(reference, other)``: hurts or failed against ``reference``, or past the hurt threshold where
+    ``reference`` sits at its floor (a negative excess, e.g. recall above the held-out data's)."""
+    from steindiff.bench.runner import worse_than
+
+    ref = {"mean": 1.0, "std": 0.1}
+    assert worse_than(ref, {"mean": 1.2, "std": 0.0}) and not worse_than(ref, {"mean": 1.1, "std": 0.0})
+    assert worse_than(ref, None)  # failed
+    floor = {"mean": -0.06, "std": 0.01}
+    assert worse_than(floor, {"mean": -0.03, "std": 0.01}) and not worse_than(floor, {"mean": -0.055, "std": 0.0})
