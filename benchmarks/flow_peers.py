@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from steindiff.bench.runner import _floors, _noise, _reference, excess, machine_info, verdict
+from steindiff.bench.runner import _floors, _noise, _reference, above_fine, excess, machine_info, verdict
 from steindiff.io import save_json, save_text
 from steindiff.metrics import mixture_metrics
 from steindiff.models.registry import FLOW_GRID_SUFFIXES, FLOW_SUFFIX, load_model
@@ -236,7 +236,7 @@ def summarize(peers_result: dict, bench: dict) -> dict:
             d = b.get("diffusers")
             if d:
                 e = d["excess"]["sw2"]
-                d["room_vs_fine"] = e["mean"] - fine["mean"] > e["std"] + fine["std"]
+                d["room_vs_fine"] = above_fine(e, fine)
     return {"cells": stats, "best": best, "reference": ref_stats}
 
 

@@ -67,6 +67,7 @@ from steindiff.bench.runner import (
     _floors,
     _noise,
     _reference,
+    above_fine,
     excess,
     machine_info,
     primary_metric,
@@ -354,12 +355,6 @@ def merge_models(parts: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def above_fine(st: dict | None, fine: dict) -> bool:
-    """Is a configuration's excess above the fine solve's beyond both seed spreads (the rule by which a cell has
-    room for the gap closed)?  A failed configuration counts as above."""
-    return st is None or st["mean"] - fine["mean"] > st["std"] + fine["std"]
-
-
 def summarize(result: dict) -> dict:
     """Per model: cell statistics, verdicts against plain, best per NFE and the gap closed."""
     out = {}
@@ -394,7 +389,7 @@ def summarize(result: dict) -> dict:
                 if cand:
                     per[label] = dict(zip(("mean", "std", "where"), min(cand)))
             bp, fs = per["plain"], fine[primary]
-            room = bp["mean"] - fs["mean"] > bp["std"] + fs["std"]
+            room = above_fine(bp, fs)
             for label, b in per.items():
                 b["gap_closed"] = (bp["mean"] - b["mean"]) / (bp["mean"] - fs["mean"]) if bp["mean"] != fs["mean"] \
                     else None

@@ -27,7 +27,7 @@ from steindiff.calibration import GRADIENT_GUARDS
 from steindiff.io import save_json
 from steindiff.metrics import image_model_metrics, mixture_metrics
 from steindiff.models.registry import load_model
-from steindiff.plan import SamplingPlan
+from steindiff.plan import SamplingPlan, make_plan
 from steindiff.sampling import sample
 from steindiff.trajectory import passes_guard
 
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [c.split("/") for c in args.cells.split(",") if c]
         if any(len(c) != 3 or not c[2].isdigit() for c in cells):
             raise ValueError(f"cells are solver/schedule/NFE, got {args.cells!r}")
+        for solver, schedule, nfe in cells:  # an unknown solver or schedule stops here, before any fit
+            make_plan(spec.process, solver, int(nfe), schedule)
         seeds = [int(s) for s in args.seeds.split(",")]
     except (ValueError, KeyError) as e:
         print(f"guard_rejections: error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ import json
 import sys
 
 from steindiff.bench.auto import SECONDARY, evaluate_candidates
-from steindiff.bench.runner import label_of, summarize, verdict
+from steindiff.bench.runner import above_fine, label_of, summarize, verdict
 
 
 def head_to_head(result: dict, base: dict) -> list[dict]:
@@ -86,7 +86,7 @@ def fine_room(result: dict, fine: dict, max_nfe: int = 8) -> list[dict]:
         if not verd["room"]:
             continue
         fv, vv = f["excess"][primary], v["excess"][primary]
-        above = vv["mean"] - fv["mean"] > vv["std"] + fv["std"]
+        above = above_fine(vv, fv)
         row = out.setdefault((c["model"], label_of(c)), {"model": c["model"], "label": label_of(c), "room": 0,
                                                          "above_fine": 0, "helps_above_fine": 0, "helps": 0,
                                                          "not_helps": {"within_fine": 0, "kept_plain": 0,

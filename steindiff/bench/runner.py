@@ -67,9 +67,9 @@ from ..stabilizers import STABILIZERS, make_stabilizer
 from ..stabilizers.registry import resolves_to_calibrated
 from .peers import PEERS, PREFIX, fit_peer, peer_name
 
-__all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "worse_than",
-           "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric", "IMAGE_METRICS",
-           "DIGITS_METRICS", "IMAGE_REF_STEPS"]
+__all__ = ["SCHEMA", "COORDS", "METRICS", "validate_grid", "run_grid", "run_cost", "summarize", "verdict", "above_fine",
+           "worse_than", "excess", "machine_info", "row_key", "label_of", "model_kind", "primary_metric",
+           "IMAGE_METRICS", "DIGITS_METRICS", "IMAGE_REF_STEPS"]
 
 SCHEMA = "steindiff.bench/1"
 #: The calibrated sampler's label: trajectory calibration (:mod:`steindiff.trajectory`) fitted once per
@@ -684,6 +684,13 @@ def verdict(vanilla: dict | None, stabilized: dict | None) -> dict:
     else:
         v = "tie"
     return {"verdict": v, "room": True, "worse_at_floor": False}
+
+
+def above_fine(st: dict | None, fine: dict) -> bool:
+    """Is an excess (``{"mean", "std"}`` over seeds) above the fine solve's beyond both seed spreads: the rule by
+    which a cell has room for the gap closed (``benchmark-protocol.md``)?  A failed configuration (``None``)
+    counts as above."""
+    return st is None or st["mean"] - fine["mean"] > st["std"] + fine["std"]
 
 
 def worse_than(reference: dict | None, other: dict | None) -> bool:

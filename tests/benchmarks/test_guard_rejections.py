@@ -35,3 +35,5 @@ def test_candidates_are_judged_and_scored(gr, tmp_path, monkeypatch, capsys):
                     assert (g in c["rejected_by"][s]) == (not passes_guard(c, cands["plain"], g))
     assert "euler/karras/3 gradient" in capsys.readouterr().out
     assert gr.main(["--cells", "euler/karras"]) == 2
+    assert gr.main(["--model", "gmm:toy2d", "--cells", "nope/karras/3", "--json-out", str(tmp_path / "x.json")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
